@@ -42,7 +42,7 @@ def test_ingest_bytes_stores_links_and_reports_failures(session: Session, settin
     # Uploading the same bytes again adds nothing; a re-encode is a near-duplicate of the first.
     again = ingest_bytes(session, embedder, [("again.png", good), ("near.jpg", reencode(good, "JPEG", quality=80))],
                          settings=settings)
-    assert [(o.outcome, o.image_id) for o in again][0] == ("linked", outcomes[0].image_id)
+    assert (again[0].outcome, again[0].image_id) == ("linked", outcomes[0].image_id)
     assert again[1].outcome == "duplicate" and again[1].canonical_id == outcomes[0].image_id
     too_big = ingest_bytes(session, embedder, [("big.png", good)], settings=settings.model_copy(
         update={"max_upload_bytes": 10}))
