@@ -65,14 +65,10 @@ def _resnet_build(*, cache_dir: str | None = None, **kw: Any) -> Embedder:
 _SPECS: dict[str, ModelSpec] = {
     s.name: s
     for s in [
-        _open_clip_spec(
-            DEFAULT_CLIP, "ViT-B-32", "laion2b_s34b_b79k", 512, "CLIP ViT-B/32, LAION-2B (default)"
-        ),
+        _open_clip_spec(DEFAULT_CLIP, "ViT-B-32", "laion2b_s34b_b79k", 512, "CLIP ViT-B/32, LAION-2B (default)"),
         _open_clip_spec("clip-vit-b-16", "ViT-B-16", "laion2b_s34b_b88k", 512, "CLIP ViT-B/16, LAION-2B"),
         _open_clip_spec("clip-vit-l-14", "ViT-L-14", "laion2b_s32b_b82k", 768, "CLIP ViT-L/14, LAION-2B"),
-        _open_clip_spec(
-            "siglip-vit-b-16", "hf-hub:timm/ViT-B-16-SigLIP", None, 768, "SigLIP ViT-B/16, WebLI"
-        ),
+        _open_clip_spec("siglip-vit-b-16", "hf-hub:timm/ViT-B-16-SigLIP", None, 768, "SigLIP ViT-B/16, WebLI"),
         _open_clip_spec(
             TINY_TEST, openclip.TINY_CONFIG_NAME, None, 64, "tiny random-init CLIP for tests", test_only=True
         ),
