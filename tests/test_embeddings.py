@@ -289,3 +289,12 @@ def test_text_cache_reuses_vectors(tiny: Embedder) -> None:
     assert counting.calls == 3
     cache.get(counting, "a cat")  # type: ignore[arg-type]
     assert counting.calls == 4 and len(cache) == 2
+
+
+def test_auto_precision_is_fp32_on_cpu(tiny: Embedder) -> None:
+    from imsrc.embeddings.base import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"  # see the decision note in base.py
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    with pytest.raises(ValueError):
+        resolve_precision("int4", torch.device("cpu"))
