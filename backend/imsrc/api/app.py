@@ -1,0 +1,51 @@
+"""create_app(): the FastAPI application. Heavy objects are made once in the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from imsrc import __version__
+from imsrc.api import system
+from imsrc.api.errors import install_error_handlers
+from imsrc.config import Settings, get_settings
+from imsrc.db.session import Database, open_database
+
+FRONTEND_DIR = Path(__file__).resolve().parents[3] / "frontend"
+
+
+def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = database is None
+        app.state.database = database or open_database(settings)
+        try:
+            yield
+        finally:
+            if owned:
+                app.state.database.dispose()
+
+    app = FastAPI(
+        title="imsrc",
+        version=__version__,
+        description="Self-hosted image similarity search on PostgreSQL + pgvector.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    if database is not None:
+        app.state.database = database
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    install_error_handlers(app)
+    app.include_router(system.router)
+    if FRONTEND_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")
+    return app

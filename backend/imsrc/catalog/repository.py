@@ -1,0 +1,150 @@
+"""All catalog SQL. Repositories take a Session and never commit; the caller's unit of work does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from imsrc.catalog.models import Category, EmbeddingModel, Image
+from imsrc.errors import NotFoundError
+
+# HNSW indexes `vector` up to 2,000 dimensions and `halfvec` up to 4,000: wider models index a halfvec cast.
+HNSW_MAX_VECTOR_DIM = 2000
+
+
+def embedding_expr(dimension: int) -> str:
+    """The SQL expression every per-model index and query uses, so the planner can match them."""
+    if dimension <= HNSW_MAX_VECTOR_DIM:
+        return f"(embedding::vector({int(dimension)}))"
+    return f"(embedding::halfvec({int(dimension)}))"
+
+
+def opclass(dimension: int) -> str:
+    return "vector_cosine_ops" if dimension <= HNSW_MAX_VECTOR_DIM else "halfvec_cosine_ops"
+
+
+class CategoryRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, category_id: int) -> Category:
+        category = self.session.get(Category, category_id)
+        if category is None:
+            raise NotFoundError(f"category {category_id} does not exist")
+        return category
+
+    def by_name(self, name: str) -> Category | None:
+        stmt = select(Category).where(func.lower(Category.name) == name.strip().lower())
+        return self.session.scalars(stmt).first()
+
+    def get_or_create(self, name: str, *, description: str | None = None, automatic: bool = False) -> Category:
+        """Race-safe: a concurrent creator of the same name wins and we return its row."""
+        clean = name.strip()
+        row = self.session.execute(
+            text(
+                "INSERT INTO categories (name, description, is_automatic) VALUES (:n, :d, :a) "
+                "ON CONFLICT ((lower(name))) DO NOTHING RETURNING id"
+            ),
+            {"n": clean, "d": description, "a": automatic},
+        ).first()
+        if row is not None:
+            return self.get(int(row[0]))
+        existing = self.by_name(clean)
+        assert existing is not None
+        return existing
+
+    def list_with_counts(self) -> list[dict[str, Any]]:
+        rows = self.session.execute(text("SELECT * FROM catalog_categories ORDER BY lower(name)"))
+        return [dict(r._mapping) for r in rows]
+
+
+class ModelRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def by_name(self, name: str) -> EmbeddingModel | None:
+        return self.session.scalars(select(EmbeddingModel).where(EmbeddingModel.name == name)).first()
+
+    def active(self) -> EmbeddingModel | None:
+        return self.session.scalars(select(EmbeddingModel).where(EmbeddingModel.is_active)).first()
+
+    def list(self) -> list[EmbeddingModel]:
+        return list(self.session.scalars(select(EmbeddingModel).order_by(EmbeddingModel.id)))
+
+    def register(
+        self, *, name: str, dimension: int, family: str, params: dict[str, Any], supports_text: bool
+    ) -> EmbeddingModel:
+        """Insert the model if new (race-safe) and make sure its HNSW index exists."""
+        self.session.execute(
+            text(
+                "INSERT INTO embedding_models (name, dimension, family, params, supports_text) "
+                "VALUES (:n, :d, :f, CAST(:p AS jsonb), :t) ON CONFLICT (name) DO NOTHING"
+            ),
+            {"n": name, "d": dimension, "f": family, "p": _json(params), "t": supports_text},
+        )
+        model = self.by_name(name)
+        assert model is not None
+        self.ensure_index(model)
+        return model
+
+    def ensure_index(self, model: EmbeddingModel) -> None:
+        # A partial index per model: each model's vectors get their own HNSW graph of the right dimension.
+        self.session.execute(
+            text(
+                f"CREATE INDEX IF NOT EXISTS ix_embeddings_hnsw_m{int(model.id)} ON embeddings "
+                f"USING hnsw ({embedding_expr(model.dimension)} {opclass(model.dimension)}) "
+                f"WHERE model_id = {int(model.id)}"
+            )
+        )
+
+    def set_active(self, model: EmbeddingModel) -> None:
+        self.session.execute(text("UPDATE embedding_models SET is_active = false WHERE is_active AND id <> :i"),
+                             {"i": model.id})
+        self.session.execute(text("UPDATE embedding_models SET is_active = true WHERE id = :i"), {"i": model.id})
+        self.session.refresh(model)
+
+    def remove(self, model: EmbeddingModel) -> None:
+        """Drop one model's vectors, prototypes and index; nothing else."""
+        self.session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_hnsw_m{int(model.id)}"))
+        self.session.execute(text("DELETE FROM embedding_models WHERE id = :i"), {"i": model.id})
+
+    def embedded_count(self, model_id: int) -> int:
+        return int(self.session.execute(text("SELECT count(*) FROM embeddings WHERE model_id = :m"),
+                                        {"m": model_id}).scalar_one())
+
+
+class StatsRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def counts(self) -> dict[str, Any]:
+        row = self.session.execute(
+            text(
+                "SELECT (SELECT count(*) FROM images) AS images,"
+                " (SELECT count(*) FROM images WHERE canonical_id IS NOT NULL) AS duplicates,"
+                " (SELECT count(*) FROM image_blobs) AS stored_originals,"
+                " (SELECT count(*) FROM categories) AS categories,"
+                " (SELECT count(*) FROM embeddings) AS embeddings,"
+                " (SELECT coalesce(sum(byte_size), 0) FROM images)::bigint AS image_bytes,"
+                " pg_database_size(current_database()) AS database_bytes"
+            )
+        ).one()
+        return dict(row._mapping)
+
+    def models(self) -> list[dict[str, Any]]:
+        rows = self.session.execute(
+            text("SELECT name, dimension, family, supports_text, is_active, embedded_images "
+                 "FROM catalog_models ORDER BY id")
+        )
+        return [dict(r._mapping) for r in rows]
+
+    def image_count(self) -> int:
+        return int(self.session.scalar(select(func.count()).select_from(Image)) or 0)
+
+
+def _json(value: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)

@@ -1,0 +1,121 @@
+"""The `imsrc` command. Every command reads the same settings; errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from imsrc.cli import db_commands
+from imsrc.cli.context import CliContext
+from imsrc.cli.output import err_console, print_csv, print_json, print_table
+from imsrc.errors import ImsrcError
+
+app = typer.Typer(
+    name="imsrc",
+    help="Self-hosted image similarity search on PostgreSQL + pgvector.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(db_commands.app, name="db")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+@app.callback()
+def _root(ctx: typer.Context, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    ctx.obj = CliContext()
+
+
+@app.command()
+def migrate(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Apply pending schema migrations (alembic upgrade head)."""
+    db = ctx.obj.database(migrate=True)
+    if as_json:
+        print_json({"revision": db.revision})
+    else:
+        err_console.print(f"schema at revision {db.revision}")
+
+
+@app.command()
+def sql(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help="One read-only SQL statement.")],
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
+) -> None:
+    """Run read-only SQL against the catalog as the imsrc_reader role."""
+    from imsrc.catalog.readonly_sql import reader_url, run_readonly
+
+    db = ctx.obj.database()
+    result = run_readonly(reader_url(ctx.obj.settings, db.url), query)
+    if as_json:
+        print_json([dict(zip(result.columns, row, strict=True)) for row in result.rows])
+    elif as_csv:
+        print_csv(result.columns, result.rows)
+    else:
+        print_table(result.columns, result.rows)
+
+
+@app.command()
+def stats(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Counts of images, categories, embeddings and models."""
+    from imsrc.catalog.repository import StatsRepository
+
+    db = ctx.obj.database()
+    with db.session() as session:
+        repo = StatsRepository(session)
+        data = {"counts": repo.counts(), "models": repo.models(), "schema_revision": db.revision}
+    if as_json:
+        print_json(data)
+        return
+    print_table(["what", "count"], [[k, v] for k, v in data["counts"].items()], title="Catalog")
+    if data["models"]:
+        cols = list(data["models"][0].keys())
+        print_table(cols, [[m[c] for c in cols] for m in data["models"]], title="Models")
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default IMSRC_HOST, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default IMSRC_PORT, 8000).")] = None,
+) -> None:
+    """Run the web page and REST API."""
+    import socket
+
+    import uvicorn
+
+    from imsrc.api.app import create_app
+
+    settings = ctx.obj.settings
+    host = host or settings.host
+    port = port or settings.port
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ImsrcError(f"cannot listen on {host}:{port} ({exc.strerror}); use --port or IMSRC_PORT") from exc
+    db = ctx.obj.database()
+    err_console.print(f"imsrc serving on http://{host}:{port}  (API docs at /docs)")
+    uvicorn.run(create_app(settings, database=db), host=host, port=port, log_level="info")
+
+
+def main() -> None:
+    try:
+        app()
+    except ImsrcError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

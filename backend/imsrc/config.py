@@ -1,0 +1,76 @@
+"""Settings, read from the environment (prefix IMSRC_) and from a .env file.
+
+Every field here is listed with its default in .env.example; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMSRC_", env_file=".env", extra="ignore")
+
+    # Database. Unset means: run the embedded PostgreSQL under data_dir/pg.
+    database_url: str | None = None
+    data_dir: Path = Path("./data")
+    # TCP port for the embedded server; 0 = unix socket only (POSIX) or a free port (Windows).
+    embedded_port: int = Field(default=0, ge=0, le=65535)
+    # `imsrc sql` logs in as the read-only role imsrc_reader: a full URL, or a password for it.
+    reader_url: str | None = None
+    reader_password: str | None = None
+    # Apply pending migrations automatically when a command needs the schema.
+    auto_migrate: bool = True
+
+    # Models.
+    model: str = "auto"
+    model_checkpoint: Path | None = None
+    model_cache_dir: Path | None = None
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    # Ingest.
+    workers: int = Field(default=0, ge=0)  # 0 = one per CPU core
+    batch_size: int = Field(default=32, ge=1, le=1024)
+    duplicate_threshold: int = Field(default=4, ge=0, le=32)
+    max_pixels: int = Field(default=89_478_485, ge=1)  # Pillow's own decompression-bomb limit
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    thumbnail_size: int = Field(default=256, ge=32, le=1024)
+
+    # Search.
+    search_backend: Literal["pgvector", "faiss"] = "pgvector"
+    search_categories: int = Field(default=3, ge=1)
+    search_k: int = Field(default=10, ge=1, le=1000)
+    max_prototypes: int = Field(default=4, ge=1, le=64)
+
+    # Server and security.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key: str | None = None
+    protect_reads: bool = False
+    cors_origins: list[str] = Field(default_factory=list)
+    url_fetch_allow_private: bool = False
+    url_fetch_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,151 @@
+"""Engine creation: resolve the database (embedded or IMSRC_DATABASE_URL), check pgvector, apply migrations."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+
+from imsrc.config import Settings
+from imsrc.errors import ConfigurationError, DatabaseUnavailableError, SchemaNotReadyError
+
+log = logging.getLogger(__name__)
+
+MIN_PGVECTOR = (0, 8, 0)
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _sqlalchemy_url(url: str) -> str:
+    """Accept plain libpq URLs (postgres://, postgresql://) and point SQLAlchemy at psycopg 3."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"IMSRC_DATABASE_URL is not a valid database URL: {url!r}") from exc
+    if parsed.get_backend_name() not in ("postgresql", "postgres"):
+        raise ConfigurationError(
+            f"IMSRC_DATABASE_URL must be a postgresql:// URL, got scheme {parsed.drivername!r}"
+        )
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """The libpq URL to use, starting the embedded server when no URL is configured."""
+    if settings.database_url:
+        _sqlalchemy_url(settings.database_url)  # validate early with a clear message
+        return settings.database_url
+    from imsrc.db.embedded import EmbeddedServer
+
+    server = EmbeddedServer(settings.resolved_data_dir, port=settings.embedded_port)
+    return server.start().url()
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    return create_engine(
+        _sqlalchemy_url(url),
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=20,
+        connect_args={"connect_timeout": 10, "application_name": "imsrc"},
+    )
+
+
+def describe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<invalid URL>"
+
+
+def check_server(engine: Engine) -> str:
+    """Connect and verify pgvector >= 0.8 is available. Returns the pgvector version."""
+    where = describe_url(engine.url.render_as_string(hide_password=False))
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT coalesce((SELECT extversion FROM pg_extension WHERE extname = 'vector'),"
+                    " (SELECT default_version FROM pg_available_extensions WHERE name = 'vector'))"
+                )
+            ).scalar()
+    except OperationalError as exc:
+        reason = _one_line(str(exc.orig) if exc.orig else str(exc))
+        raise DatabaseUnavailableError(
+            f"cannot connect to the database at {where} (IMSRC_DATABASE_URL): {reason}"
+        ) from exc
+    if row is None:
+        raise ConfigurationError(
+            f"the PostgreSQL server at {where} has no pgvector extension; install pgvector >= 0.8 "
+            "(e.g. the postgresql-NN-pgvector package) or unset IMSRC_DATABASE_URL to use the embedded server"
+        )
+    version = _parse_version(str(row))
+    if version < MIN_PGVECTOR:
+        raise ConfigurationError(
+            f"pgvector {row} on {where} is too old; imsrc needs pgvector >= 0.8 "
+            "(iterative index scans). Upgrade the extension package and run ALTER EXTENSION vector UPDATE"
+        )
+    return str(row)
+
+
+def _parse_version(value: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", value)[:3])
+
+
+def _one_line(message: str) -> str:
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else message
+
+
+# ---------------------------------------------------------------------------- migrations
+def alembic_config(url: str) -> Config:
+
+    cfg = Config(str(ROOT / "alembic.ini")) if (ROOT / "alembic.ini").exists() else Config()
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.attributes["database_url"] = _sqlalchemy_url(url)
+    return cfg
+
+
+def head_revision(url: str) -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except DBAPIError:
+        return None
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str = "base") -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
+
+
+def ensure_schema(engine: Engine, url: str, *, auto_migrate: bool) -> str:
+    """Bring the schema to head (or refuse clearly). Returns the revision in force."""
+    head = head_revision(url)
+    current = current_revision(engine)
+    if current == head:
+        return current or ""
+    if not auto_migrate:
+        raise SchemaNotReadyError(
+            f"the database schema is at {current or 'nothing'} but imsrc needs {head}; run `imsrc migrate`"
+        )
+    log.info("migrating database schema %s -> %s", current, head)
+    upgrade(url)
+    return head or ""

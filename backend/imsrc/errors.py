@@ -1,0 +1,45 @@
+"""Domain errors. Each carries its HTTP status and a short code; the API turns them into
+`{"error": {"code", "message"}}` in one handler and the CLI prints the message on one line."""
+
+from __future__ import annotations
+
+
+class ImsrcError(Exception):
+    status_code: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFoundError(ImsrcError):
+    status_code = 404
+    code = "not_found"
+
+
+class ConflictError(ImsrcError):
+    status_code = 409
+    code = "conflict"
+
+
+class InvalidInputError(ImsrcError):
+    status_code = 422
+    code = "invalid_input"
+
+
+class DatabaseUnavailableError(ImsrcError):
+    status_code = 503
+    code = "database_unavailable"
+
+
+class ConfigurationError(ImsrcError):
+    """A setting is wrong (bad URL, unwritable data directory, port in use, ...)."""
+
+    status_code = 500
+    code = "configuration_error"
+
+
+class SchemaNotReadyError(ImsrcError):
+    status_code = 503
+    code = "schema_not_ready"
