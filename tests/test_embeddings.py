@@ -153,9 +153,7 @@ def _top5(effnet: EfficientNetLite0Embedder, im: Image.Image) -> set[int]:
     return set(logits.topk(5, dim=1).indices[0].tolist())
 
 
-def test_efficientnet_imagenet_predictions(
-    effnet: EfficientNetLite0Embedder, photos: dict[str, Image.Image]
-) -> None:
+def test_efficientnet_imagenet_predictions(effnet: EfficientNetLite0Embedder, photos: dict[str, Image.Image]) -> None:
     assert _top5(effnet, photos["chelsea"]) & CAT_CLASSES
     assert ESPRESSO in _top5(effnet, photos["coffee"])
 
@@ -203,7 +201,7 @@ def test_resnet50_architecture_gives_pooled_2048d() -> None:
 
 def test_auto_falls_back_offline_with_one_warning(tmp_path: Path) -> None:
     start = time.monotonic()
-    name, warning = resolve_model_name("auto", None, cache_dir=str(tmp_path))
+    name, warning = resolve_model_name("auto", None, cache_dir=tmp_path)
     assert time.monotonic() - start < 2.0  # no network attempt
     assert name == "efficientnet-lite0"
     assert warning == AUTO_FALLBACK_WARNING
@@ -289,3 +287,12 @@ def test_text_cache_reuses_vectors(tiny: Embedder) -> None:
     assert counting.calls == 3
     cache.get(counting, "a cat")  # type: ignore[arg-type]
     assert counting.calls == 4 and len(cache) == 2
+
+
+def test_auto_precision_is_fp32_on_cpu(tiny: Embedder) -> None:
+    from imsrc.embeddings.base import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"  # see the decision note in base.py
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    with pytest.raises(ValueError):
+        resolve_precision("int4", torch.device("cpu"))

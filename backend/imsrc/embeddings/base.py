@@ -83,10 +83,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-# Decision for precision="auto" on CPU, from bench/embed/run.py on the 2-core AVX-512 dev box
-# (see BENCHMARKS.md, "Embedding throughput"): bf16 autocast was faster for the ViTs but NOT
-# neighbour-preserving for every model (top-10 overlap with fp32 below 1.0), so auto stays fp32 on CPU.
-# On CUDA fp16 autocast is the long-standing safe default for inference of these models.
+# precision="auto" on CPU stays fp32. bench/embed/run.py on the 2-core AMX dev box (BENCHMARKS.md,
+# "Embedding throughput"): bf16 weights are faster (EfficientNet-Lite0 b64 18 -> 35 img/s, ViT-B-32
+# b32 26 -> 135 img/s) but NOT neighbour-identical: top-1 neighbour changed for 1 of 64 queries and
+# top-10 overlap was 0.98-0.99 (min cosine to fp32 0.9956 for EfficientNet). The flips were between
+# near-tied edits of the same photo (own-photo recall unchanged), so bf16 is a fine opt-in for speed,
+# but the default must not make stored vectors depend on the CPU's bf16 support.
+# On CUDA fp16 autocast is the long-standing safe inference default for these models.
 CPU_AUTO_PRECISION: Literal["fp32", "bf16"] = "fp32"
 
 
@@ -136,7 +139,16 @@ class TorchEmbedder:
         self.preprocess = preprocess
         self.params = params
         self._channels_last = self.device.type == "cuda"
+        # bf16 on CPU casts the weights instead of using autocast: measured on the AMX dev box, autocast
+        # re-casts every weight on every call and was slower than fp32 at batch >= 8 (ViT-B-32 b32: 15-22
+        # vs 33 img/s), while bf16 weights ran at ~150 img/s. On CUDA autocast is the usual fast path.
+        self._weights_dtype = torch.bfloat16 if (self.precision == "bf16" and self.device.type == "cpu") else None
+        self._autocast_dtype: torch.dtype | None = None
+        if self._weights_dtype is None and self.precision != "fp32":
+            self._autocast_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         module = module.eval().to(self.device)
+        if self._weights_dtype is not None:
+            module = module.to(self._weights_dtype)
         if self._channels_last:
             module = module.to(memory_format=torch.channels_last)
         # Typed loosely: subclasses call architecture-specific methods (encode_image, extract_features).
@@ -149,17 +161,16 @@ class TorchEmbedder:
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
         with torch.inference_mode():
-            if self.precision == "fp32":
+            if self._autocast_dtype is None:
                 yield
             else:
-                dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-                with torch.autocast(device_type=self.device.type, dtype=dtype):
+                with torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype):
                     yield
 
     def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.ndim == 3:
             batch = batch.unsqueeze(0)
-        batch = batch.to(self.device, dtype=torch.float32, non_blocking=True)
+        batch = batch.to(self.device, dtype=self._weights_dtype or torch.float32, non_blocking=True)
         if self._channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch

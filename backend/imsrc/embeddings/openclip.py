@@ -124,9 +124,7 @@ def local_source(
         filename = filename or "open_clip_pytorch_model.bin"
         path = _hf_cached(repo, _hf_weight_names(filename), cache_dir)
     if path is None and cfg.get("url"):
-        candidate = os.path.join(
-            cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"])
-        )
+        candidate = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
         path = candidate if os.path.isfile(candidate) else None
     if path is None:
         return None

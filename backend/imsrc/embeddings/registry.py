@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ AUTO = "auto"
 DEFAULT_CLIP = "clip-vit-b-32"
 FALLBACK = "efficientnet-lite0"
 GENERIC_OPEN_CLIP = "open_clip:"
+PathArg = str | os.PathLike[str] | None  # Settings hold Paths; the builders want plain strings
 TINY_TEST = "open_clip-tiny-test"
 
 AUTO_FALLBACK_WARNING = (
@@ -65,14 +67,10 @@ def _resnet_build(*, cache_dir: str | None = None, **kw: Any) -> Embedder:
 _SPECS: dict[str, ModelSpec] = {
     s.name: s
     for s in [
-        _open_clip_spec(
-            DEFAULT_CLIP, "ViT-B-32", "laion2b_s34b_b79k", 512, "CLIP ViT-B/32, LAION-2B (default)"
-        ),
+        _open_clip_spec(DEFAULT_CLIP, "ViT-B-32", "laion2b_s34b_b79k", 512, "CLIP ViT-B/32, LAION-2B (default)"),
         _open_clip_spec("clip-vit-b-16", "ViT-B-16", "laion2b_s34b_b88k", 512, "CLIP ViT-B/16, LAION-2B"),
         _open_clip_spec("clip-vit-l-14", "ViT-L-14", "laion2b_s32b_b82k", 768, "CLIP ViT-L/14, LAION-2B"),
-        _open_clip_spec(
-            "siglip-vit-b-16", "hf-hub:timm/ViT-B-16-SigLIP", None, 768, "SigLIP ViT-B/16, WebLI"
-        ),
+        _open_clip_spec("siglip-vit-b-16", "hf-hub:timm/ViT-B-16-SigLIP", None, 768, "SigLIP ViT-B/16, WebLI"),
         _open_clip_spec(
             TINY_TEST, openclip.TINY_CONFIG_NAME, None, 64, "tiny random-init CLIP for tests", test_only=True
         ),
@@ -129,28 +127,31 @@ def get_spec(name: str) -> ModelSpec:
     raise UnknownModelError(name, registered_names())
 
 
-def weights_present(name: str, checkpoint: str | None = None, cache_dir: str | None = None) -> bool:
+def _s(path: PathArg) -> str | None:
+    return os.fspath(path) if path is not None else None
+
+
+def weights_present(name: str, checkpoint: PathArg = None, cache_dir: PathArg = None) -> bool:
     """Whether `name` can be built without network access. Never downloads."""
-    return get_spec(name).has_weights(checkpoint, cache_dir)
+    return get_spec(name).has_weights(_s(checkpoint), _s(cache_dir))
 
 
-def model_info(name: str, checkpoint: str | None = None, cache_dir: str | None = None) -> ModelInfo:
+def model_info(name: str, checkpoint: PathArg = None, cache_dir: PathArg = None) -> ModelInfo:
     s = get_spec(name)
-    present = s.has_weights(checkpoint, cache_dir)
+    present = s.has_weights(_s(checkpoint), _s(cache_dir))
     return ModelInfo(s.name, s.dimension, s.supports_text, present, s.family, s.description)
 
 
-def known_models(*, cache_dir: str | None = None, include_test: bool = False) -> list[ModelInfo]:
+def known_models(*, cache_dir: PathArg = None, include_test: bool = False) -> list[ModelInfo]:
     return [model_info(n, None, cache_dir) for n in registered_names(include_test=include_test)]
 
 
-def resolve_model_name(
-    setting: str, checkpoint: str | None = None, cache_dir: str | None = None
-) -> tuple[str, str | None]:
+def resolve_model_name(setting: str, checkpoint: PathArg = None, cache_dir: PathArg = None) -> tuple[str, str | None]:
     """Turn the IMSRC_MODEL setting into a concrete name, plus at most one warning for the user.
 
     'auto' is cached-or-not: it never tries the network, so it is instant offline.
     """
+    checkpoint, cache_dir = _s(checkpoint), _s(cache_dir)
     if setting != AUTO:
         get_spec(setting)  # unknown names fail here, with the list of known ones
         return setting, None
@@ -163,12 +164,13 @@ def build_embedder(
     name: str,
     *,
     device: str | None = None,
-    checkpoint: str | None = None,
+    checkpoint: PathArg = None,
     precision: str = "auto",
-    cache_dir: str | None = None,
+    cache_dir: PathArg = None,
     allow_download: bool = True,
 ) -> Embedder:
     """A fresh embedder, not shared. Most callers want get_embedder."""
+    checkpoint, cache_dir = _s(checkpoint), _s(cache_dir)
     if name == AUTO:
         name, _ = resolve_model_name(name, checkpoint, cache_dir)
     return get_spec(name).build(
@@ -188,12 +190,13 @@ def get_embedder(
     name: str,
     *,
     device: str | None = None,
-    checkpoint: str | None = None,
+    checkpoint: PathArg = None,
     precision: str = "auto",
-    cache_dir: str | None = None,
+    cache_dir: PathArg = None,
     allow_download: bool = True,
 ) -> Embedder:
     """The process-wide embedder for this configuration, loaded on first use (thread-safe)."""
+    checkpoint, cache_dir = _s(checkpoint), _s(cache_dir)
     if name == AUTO:
         name, _ = resolve_model_name(name, checkpoint, cache_dir)
     key = (name, device, checkpoint, precision, cache_dir)
