@@ -150,10 +150,22 @@ class _Stages:
     def _embed(self) -> None:
         while (job := self.to_embed.get()) is not None:
             t0 = time.perf_counter()
+            self._drop_known(job[0])
             embed_processed(self.embedder, job[0], pad_to=self.batch_size)
             self.seconds["embed"] += time.perf_counter() - t0
             self.put(self.to_write, job)
         self.put(self.to_write, None)
+
+    def _drop_known(self, batch: list[Processed]) -> None:
+        """Bytes already catalogued with this model's vector will only be linked: skip their forward pass."""
+        digests = [p.sha256 for p in batch if p.ok and p.sha256 is not None]
+        if not digests:
+            return
+        with self.database.session() as session:
+            known = IngestRepository(session).existing_by_sha(digests, self.ctx.model_id)
+        for p in batch:
+            if p.sha256 in known and known[p.sha256].has_embedding:
+                p.tensor = None
 
     def _write(self) -> None:
         while (job := self.to_write.get()) is not None:
