@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -12,6 +14,7 @@ from imsrc.config import Settings
 from imsrc.embeddings.registry import get_embedder
 from imsrc.ingest.duplicates import recompute_duplicates
 from imsrc.ingest.phash import PhashIndex
+from imsrc.ingest.repository import JobRepository
 from imsrc.ingest.service import ingest_bytes
 from tests.ingest_support import TEST_MODEL, make_image, reencode
 
@@ -117,3 +120,14 @@ def test_reader_role_can_read_the_ingest_tables(session: Session) -> None:
     for table in ("ingest_jobs", "ingest_files", "image_sources", "catalog_jobs", "catalog_image_sources"):
         assert session.execute(text("SELECT has_table_privilege('imsrc_reader', :t, 'SELECT')"),
                                {"t": table}).scalar_one(), table
+
+
+def test_failed_files_query(session: Session) -> None:
+    query = (Path(__file__).resolve().parents[1] / "db" / "queries" / "06_failed_files.sql").read_text()
+    jobs = JobRepository(session)
+    old = jobs.create(kind="index", job_key="q-old", paths=["/x"], options={}, model_id=None, model_name=None)
+    new = jobs.create(kind="index", job_key="q-new", paths=["/y"], options={}, model_id=None, model_name=None)
+    jobs.record_files(old, [("/x/a.jpg", "failed", "old reason", None, None, None)])
+    jobs.record_files(new, [("/y/b.jpg", "failed", "empty file (0 bytes)", None, None, 0),
+                            ("/y/c.jpg", "new", None, None, None, 10)])
+    assert [tuple(r) for r in session.execute(text(query))] == [("/y/b.jpg", "empty file (0 bytes)")]
