@@ -73,7 +73,8 @@ def test_backup_restore_into_empty_data_directory(create_database, scratch: Path
     rows = run_cli("sql", "SELECT count(*) AS n FROM catalog_embeddings", "--json", env=env)
     assert json.loads(rows.stdout) == [{"n": 3}]
     with psycopg.connect(url) as conn:
-        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_embeddings_hnsw_m1'").fetchone() == (1,)
+        found = conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_embeddings_hnsw_m1'").fetchone()
+        assert found == (1,)
 
     # A second restore over a catalog that holds images is refused without --force, and leaves it intact.
     again = run_cli("restore", str(dump), env=env)
