@@ -203,7 +203,7 @@ def run_job(database: Database, embedder: Embedder, spec: JobSpec, *, stop: thre
     stop = stop or threading.Event()
     started = time.monotonic()
     with database.session() as session:
-        model = ensure_model(session, embedder)
+        model = ensure_model(session, embedder, database.settings)
         model_id, model_name = model.id, model.name
     key = job_key(spec.kind, spec.paths, spec.options, model_name)
     control = database.sessions()  # holds the job's advisory lock for as long as the job runs
