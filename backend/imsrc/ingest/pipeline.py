@@ -11,6 +11,7 @@ mtime match what the catalog holds. Ctrl-C (the `stop` event) ends the job after
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -22,10 +23,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
 from imsrc.catalog.prototypes import PrototypeRepository
 from imsrc.db.session import Database
 from imsrc.embeddings.base import Embedder
-from imsrc.errors import ConflictError
+from imsrc.errors import ConflictError, ImsrcError
 from imsrc.ingest.decode import DecodeOptions, Processed, WorkItem
 from imsrc.ingest.phash import PhashIndex
 from imsrc.ingest.pool import InlinePool, OrderedPool
@@ -144,8 +148,11 @@ class _Stages:
     def _guard(self, target: Callable[[], None]) -> None:
         try:
             target()
+        except _Abort:
+            pass  # another stage failed first; its exception is the one to report
         except BaseException as exc:  # surfaced by the main thread
-            self.failure = exc
+            if self.failure is None:
+                self.failure = exc
 
     def _embed(self) -> None:
         while (job := self.to_embed.get()) is not None:
@@ -190,10 +197,8 @@ class _Stages:
     def finish(self) -> None:
         self.put(self.to_embed, None)
         for t in self.threads:
-            while t.is_alive():
+            while t.is_alive() and self.failure is None:
                 t.join(0.2)
-                if self.failure is not None and t.name == "imsrc-embed":
-                    break
         if self.failure is not None:
             raise self.failure
 
@@ -206,7 +211,11 @@ def run_job(database: Database, embedder: Embedder, spec: JobSpec, *, stop: thre
         model = ensure_model(session, embedder, database.settings)
         model_id, model_name = model.id, model.name
     key = job_key(spec.kind, spec.paths, spec.options, model_name)
-    control = database.sessions()  # holds the job's advisory lock for as long as the job runs
+    # The job's advisory lock belongs to one connection: keep it for the whole job (a pooled session would
+    # hand its connection back at every commit, and the lock with it).
+    lock_conn = database.engine.connect()
+    control = Session(bind=lock_conn, expire_on_commit=False)
+    locked: int | None = None
     try:
         jobs = JobRepository(control)
         existing = jobs.find_resumable(key)
@@ -217,7 +226,8 @@ def run_job(database: Database, embedder: Embedder, spec: JobSpec, *, stop: thre
                                  options={**spec.options, "model": model_name}, model_id=model_id,
                                  model_name=model_name)
             jobs.try_lock(job_id)
-        else:
+        locked = existing["id"] if existing is not None else job_id
+        if existing is not None:
             job_id = existing["id"]
             jobs.mark(job_id, "running")
         control.commit()
@@ -238,7 +248,12 @@ def run_job(database: Database, embedder: Embedder, spec: JobSpec, *, stop: thre
                           stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()})
     finally:
         control.rollback()
+        if locked is not None:
+            with contextlib.suppress(Exception):  # a dead connection has dropped the lock already
+                JobRepository(control).unlock(locked)
+                control.commit()
         control.close()
+        lock_conn.close()
 
 
 def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, job_id: int, model_id: int,
@@ -312,9 +327,13 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
                 raise stages.failure from None
             raise
     except BaseException as exc:
-        jobs.mark(job_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                  f"{type(exc).__name__}: {exc}"[:500])
+        control.rollback()
+        reason = _one_line(exc)
+        jobs.mark(job_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", reason[:500])
         control.commit()
+        if isinstance(exc, DBAPIError):  # the batch in flight rolled back; everything before it is kept
+            raise ImsrcError(f"job {job_id} stopped on a database error ({reason}); fix it and run the same "
+                             "command again to continue") from exc
         raise
     finally:
         pool.close(cancel=True)
@@ -326,6 +345,11 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
               if status == "interrupted" else None, finished=status == "completed")
     control.commit()
     return status, {**stages.seconds, "scan_and_lookup": feed_seconds}, stages.run_counts
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _count(count: Callable[[], int], progress: JobProgress, on_progress: Callable[[JobProgress], None] | None) -> None:
