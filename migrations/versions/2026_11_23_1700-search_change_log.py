@@ -1,7 +1,7 @@
 """Search: a change log of embeddings (for in-process indexes) and a small key/value state table.
 
 Revision ID: 0003_search
-Revises: 0001_catalog
+Revises: 0002_ingest
 Create Date: 2026-11-23 17:00
 
 Why the shapes:
@@ -26,7 +26,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql as pg
 
 revision: str = "0003_search"
-down_revision: str | None = "0001_catalog"
+down_revision: str | None = "0002_ingest"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
