@@ -22,7 +22,7 @@ from tests.search_data import gaussian_mixture, insert_images, make_catalog
 def test_tight_category_keeps_one_prototype_spread_one_gets_several() -> None:
     tight, _, _ = gaussian_mixture(1, 200, 32, spread=0.3)
     assert [r.kind for r in compute_prototypes(tight, max_prototypes=4, min_gain=0.02)] == ["mean"]
-    spread, labels, _ = gaussian_mixture(3, 100, 32, spread=0.3, seed=4)  # three groups under one name
+    spread, _labels, _ = gaussian_mixture(3, 100, 32, spread=0.3, seed=4)  # three groups under one name
     rows = compute_prototypes(spread, max_prototypes=4, min_gain=0.02)
     clusters = [r for r in rows if r.kind == "cluster"]
     assert len(clusters) == 3 and sorted(r.member_count for r in clusters) == [100, 100, 100]

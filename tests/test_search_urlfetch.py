@@ -17,7 +17,7 @@ PNG = make_image(1)
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    def do_GET(self) -> None:
         if self.path == "/img.png":
             self._send(200, PNG, "image/png")
         elif self.path == "/big":

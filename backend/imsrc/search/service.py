@@ -131,11 +131,13 @@ class SearchService:
     def search_url(self, url: str, options: SearchOptions) -> SearchResponse:
         model = self.model(options.model)
         started = time.perf_counter()
-        data = fetch_image_bytes(url, timeout_s=self.settings.url_fetch_timeout_s,
+        vector = self.embed_image(model, self._fetch(url))
+        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started)
+
+    def _fetch(self, url: str) -> bytes:
+        return fetch_image_bytes(url, timeout_s=self.settings.url_fetch_timeout_s,
                                  max_bytes=self.settings.max_upload_bytes,
                                  allow_private=self.settings.url_fetch_allow_private)
-        vector = self.embed_image(model, data)
-        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started)
 
     def search_text(self, query: str, options: SearchOptions) -> SearchResponse:
         model = self.model(options.model)
@@ -153,6 +155,10 @@ class SearchService:
                 raise NotFoundError(f"image {image_id} does not exist")
             raise NotFoundError(f"image {image_id} has no embedding for model {model.name} yet")
         return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started, exclude=image_id)
+
+    def categories_for_url(self, url: str, *, model_name: str | None = None,
+                           limit: int | None = None) -> CategoriesResponse:
+        return self.categories_for_image(self._fetch(url), model_name=model_name, limit=limit)
 
     def categories_for_image(self, data: bytes, *, model_name: str | None = None,
                              limit: int | None = None) -> CategoriesResponse:
