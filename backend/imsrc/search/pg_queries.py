@@ -76,13 +76,18 @@ class NeighbourRepository:
     # ------------------------------------------------------------------ neighbour queries
     @contextmanager
     def _plan(self, **settings: str) -> Iterator[None]:
-        for name, value in settings.items():
-            self.session.execute(text(f"SET LOCAL {name} = {value}"))
+        """Planner settings for one query, restored afterwards (two round trips, not one per setting)."""
+        names = list(settings)
+        get = ", ".join(f"current_setting(:n{i})" for i in range(len(names)))
+        put = ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(names)))
+        params = {f"n{i}": n for i, n in enumerate(names)}
+        before = self.session.execute(text(f"SELECT {get}, {put}"),
+                                      {**params, **{f"v{i}": settings[n] for i, n in enumerate(names)}}).one()
         try:
             yield
         finally:
-            for name in settings:
-                self.session.execute(text(f"SET LOCAL {name} TO DEFAULT"))
+            self.session.execute(text(f"SELECT {put}"),
+                                 {**params, **{f"v{i}": str(before[i]) for i in range(len(names))}})
 
     def per_category(self, model_id: int, dimension: int, query: str, categories: Sequence[tuple[int, bool]],
                      limit: int, ef_search: int) -> list[Hit]:

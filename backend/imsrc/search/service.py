@@ -10,7 +10,7 @@ import io
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,6 +30,7 @@ from imsrc.search.urlfetch import fetch_image_bytes
 
 EmbedderFactory = Callable[[str], object]
 MAX_FETCH = 10_000  # most candidates one stage-2 round asks for while skipping duplicates
+INDEX_CACHE_SECONDS = 10.0
 
 
 @contextmanager
@@ -51,6 +52,7 @@ class SearchRuntime:
     embedder_factory: EmbedderFactory
     prototypes: PrototypeCache
     faiss: FaissStore
+    _index_cache: dict[int, tuple[float, set[int]]] = field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings, embedder_factory: EmbedderFactory | None = None) -> SearchRuntime:
@@ -60,6 +62,16 @@ class SearchRuntime:
 
     def service(self, session: Session) -> SearchService:
         return SearchService(session, self)
+
+    def category_indexes(self, session: Session, model_id: int) -> set[int]:
+        """Which categories have a per-category HNSW index, cached for a few seconds. A stale answer only
+        costs speed, never correctness: without its index a branch is still an exact (sorted) scan."""
+        now = time.monotonic()
+        hit = self._index_cache.get(model_id)
+        if hit is None or now - hit[0] > INDEX_CACHE_SECONDS:
+            hit = (now, NeighbourRepository(session).category_indexes(model_id))
+            self._index_cache[model_id] = hit
+        return hit[1]
 
 
 def default_embedder_factory(settings: Settings) -> EmbedderFactory:
@@ -242,7 +254,7 @@ class SearchService:
         query = vector_literal(vector)
         if chosen is None:
             return neighbours.global_ann(model.id, model.dimension, query, limit, ef)
-        indexed = neighbours.category_indexes(model.id)
+        indexed = self.runtime.category_indexes(self.session, model.id)
         return neighbours.per_category(model.id, model.dimension, query, [(c, c in indexed) for c in chosen],
                                        limit, ef)
 
