@@ -66,21 +66,23 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
            "Plot: `bench/search/latency.png`; raw figures: `bench/search/results.json`.", ""]
     for size in results["sizes"]:
         b, s, st = size["build_s"], size["sizes"], size["stage1"]
-        out += [f"### {size['rows']:,} vectors", ""] + _table(size) + [
-            "",
+        summary = (
             f"Stage 1 ({st['categories']} of {p['categories']} categories): p50 {st['p50_ms']:.3f} ms; category "
-            f"recall (share of the true top-10 inside the chosen categories) {st['category_recall']:.3f}.",
+            f"recall (share of the true top-10 inside the chosen categories) {st['category_recall']:.3f}.")
+        builds = (
             f"Builds: COPY {b['copy_s']:.1f} s; pgvector HNSW over all {b['hnsw_global_build_s']:.1f} s "
             f"({s['hnsw_global_bytes'] / 2**20:.0f} MiB); per-category HNSW {b['hnsw_per_category_build_s']:.1f} s "
             f"({s['hnsw_per_category_bytes'] / 2**20:.0f} MiB); FAISS per-category {b['faiss_build_s']:.1f} s "
             f"(~{s['faiss_bytes'] / 2**20:.0f} MiB in memory); prototypes {b['prototypes_s']:.1f} s; "
-            f"embeddings table {s['embeddings_table_bytes'] / 2**20:.0f} MiB."
-            + (f" LIST-partitioned copy: {b['partition_copy_s']:.1f} s to copy, per-partition HNSW "
-               f"{b['partition_hnsw_build_s']:.1f} s ({s['partition_hnsw_bytes'] / 2**20:.0f} MiB)."
-               if "partition_hnsw_build_s" in b else ""), ""]
+            f"embeddings table {s['embeddings_table_bytes'] / 2**20:.0f} MiB.")
+        if "partition_hnsw_build_s" in b:
+            builds += (f" LIST-partitioned copy: {b['partition_copy_s']:.1f} s to copy, per-partition HNSW "
+                       f"{b['partition_hnsw_build_s']:.1f} s ({s['partition_hnsw_bytes'] / 2**20:.0f} MiB).")
+        out += [f"### {size['rows']:,} vectors", "", *_table(size), "", summary, builds, ""]
         cal = size.get("calibration")
         if cal:
-            out += [f"One category of {cal['rows_per_category']:,} rows: exact branch p50 {cal['exact_p50_ms']:.2f} ms, "
+            out += [f"One category of {cal['rows_per_category']:,} rows: exact branch p50 "
+                    f"{cal['exact_p50_ms']:.2f} ms, "
                     f"per-category HNSW branch p50 {cal['hnsw_p50_ms']:.2f} ms (recall@10 "
                     f"{cal['hnsw_recall_at_10']:.3f}).", ""]
     notes = results.get("notes")

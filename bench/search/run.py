@@ -39,6 +39,7 @@ from bench.search.variants import (  # noqa: E402
     ensure_calibration_indexes,
     query_partitions,
 )
+
 from imsrc.catalog.repository import embedding_expr  # noqa: E402
 from imsrc.config import Settings  # noqa: E402
 from imsrc.db.embedded import EmbeddedServer  # noqa: E402
@@ -51,6 +52,11 @@ from imsrc.search.stage1 import PrototypeCache, choose  # noqa: E402
 
 K = 10
 OUT = Path(__file__).resolve().parent
+Method = Callable[[str, np.ndarray, list[int], list[tuple[int, bool]]], list[int]]
+
+
+def _ids(hits: list[tuple[int, float]]) -> list[int]:
+    return [h[0] for h in hits]
 
 
 def plain_filter(session: Any, model_id: int, dim: int, q: str, cats: list[int], iterative: bool) -> list[int]:
@@ -146,9 +152,10 @@ def _measure(db: Database, model: Any, settings: Settings, queries: np.ndarray, 
     stage1_recall: list[float] = []
     stage1_ms: list[float] = []
 
-    def timed(label: str, fn: Callable[[], list[int]], truth: list[int]) -> None:
+    def timed(label: str, fn: Method, args_: tuple[str, np.ndarray, list[int], list[tuple[int, bool]]],
+              truth: list[int]) -> None:
         started = time.perf_counter()
-        got = fn()
+        got = fn(*args_)
         lat.setdefault(label, []).append((time.perf_counter() - started) * 1000)
         rec.setdefault(label, []).append(len(set(got) & set(truth)) / len(truth))
         rows.setdefault(label, []).append(len(got))
@@ -156,8 +163,33 @@ def _measure(db: Database, model: Any, settings: Settings, queries: np.ndarray, 
     with db.session() as session:
         nb = NeighbourRepository(session)
         matrix = prototypes.get(session, model.id)
+        ef = settings.search_ef_search
+        mid = model.id
+        # Each method: (query literal, query vector, categories, per-category plan) -> image ids.
+        routed: dict[str, Method] = {
+            "exact scan (pgvector)": lambda ql, q, cs, plan: _ids(nb.exact(mid, ql, K, None)),
+            "pgvector HNSW, no filter": lambda ql, q, cs, plan: _ids(nb.global_ann(mid, dim, ql, K, 40)),
+            "pgvector HNSW + plain filter (stage-1 categories)":
+                lambda ql, q, cs, plan: plain_filter(session, mid, dim, ql, cs, False),
+            "two-stage pgvector": lambda ql, q, cs, plan: _ids(nb.per_category(mid, dim, ql, plan, K, ef)),
+            "two-stage FAISS": lambda ql, q, cs, plan: _ids(faiss_index.search(q, cs, K, ef)),
+        }
+        filtered: dict[str, Method] = {
+            "filter: exact scan": lambda ql, q, cs, plan: _ids(nb.exact(mid, ql, K, cs)),
+            "filter: pgvector HNSW + plain filter": lambda ql, q, cs, plan: plain_filter(session, mid, dim, ql, cs,
+                                                                                          False),
+            "filter: pgvector HNSW + iterative scan":
+                lambda ql, q, cs, plan: plain_filter(session, mid, dim, ql, cs, True),
+            "filter: per-category pgvector": lambda ql, q, cs, plan: _ids(nb.per_category(mid, dim, ql, plan, K, ef)),
+            "filter: per-category FAISS": lambda ql, q, cs, plan: _ids(faiss_index.search(q, cs, K, ef)),
+        }
+        if args.partitions:
+            routed["two-stage pgvector, LIST partitions"] = \
+                lambda ql, q, cs, plan: query_partitions(session, dim, ql, cs, K, ef)
+            filtered["filter: pgvector LIST partitions"] = \
+                lambda ql, q, cs, plan: query_partitions(session, dim, ql, cs, K, ef)
         for warm in range(min(10, len(queries))):  # warm caches and plans; not measured
-            nb.exact(model.id, vector_literal(queries[warm]), K, None)
+            nb.exact(mid, vector_literal(queries[warm]), K, None)
         for i, q in enumerate(queries):
             ql = vector_literal(q)
             scores = vectors @ q
@@ -165,39 +197,15 @@ def _measure(db: Database, model: Any, settings: Settings, queries: np.ndarray, 
             started = time.perf_counter()
             chosen = [c.category_id for c in choose(matrix.score(q), count=args.fan_out, mass=0.9)]
             stage1_ms.append((time.perf_counter() - started) * 1000)
-            truth_cats = cats[np.isin(ids, truth)]
-            stage1_recall.append(float(np.isin(truth_cats, chosen).mean()))
-            indexed = nb.category_indexes(model.id)
-            plan = [(c, c in indexed) for c in chosen]
-            timed("exact scan (pgvector)", lambda: [h[0] for h in nb.exact(model.id, ql, K, None)], truth)
-            timed("pgvector HNSW, no filter", lambda: [h[0] for h in nb.global_ann(model.id, dim, ql, K, 40)], truth)
-            timed("pgvector HNSW + plain filter (stage-1 categories)",
-                  lambda: plain_filter(session, model.id, dim, ql, chosen, False), truth)
-            timed("two-stage pgvector", lambda: [h[0] for h in nb.per_category(
-                model.id, dim, ql, plan, K, settings.search_ef_search)], truth)
-            timed("two-stage FAISS", lambda: [h[0] for h in faiss_index.search(
-                q, chosen, K, settings.search_ef_search)], truth)
-            if args.partitions:
-                timed("two-stage pgvector, LIST partitions", lambda: query_partitions(
-                    session, dim, ql, chosen, K, settings.search_ef_search), truth)
+            stage1_recall.append(float(np.isin(cats[np.isin(ids, truth)], chosen).mean()))
+            indexed = nb.category_indexes(mid)
+            for label, fn in routed.items():
+                timed(label, fn, (ql, q, chosen, [(c, c in indexed) for c in chosen]), truth)
             # Explicit filter: 3 random categories, unrelated to the query.
             f = filters[i]
-            mask = np.isin(cats, f)
-            fscores = np.where(mask, scores, -np.inf)
-            ftruth = ids[np.argsort(-fscores, kind="stable")[:K]].tolist()
-            fplan = [(c, c in indexed) for c in f]
-            timed("filter: exact scan", lambda: [h[0] for h in nb.exact(model.id, ql, K, f)], ftruth)
-            timed("filter: pgvector HNSW + plain filter", lambda: plain_filter(session, model.id, dim, ql, f, False),
-                  ftruth)
-            timed("filter: pgvector HNSW + iterative scan",
-                  lambda: plain_filter(session, model.id, dim, ql, f, True), ftruth)
-            timed("filter: per-category pgvector", lambda: [h[0] for h in nb.per_category(
-                model.id, dim, ql, fplan, K, settings.search_ef_search)], ftruth)
-            timed("filter: per-category FAISS", lambda: [h[0] for h in faiss_index.search(
-                q, f, K, settings.search_ef_search)], ftruth)
-            if args.partitions:
-                timed("filter: pgvector LIST partitions", lambda: query_partitions(
-                    session, dim, ql, f, K, settings.search_ef_search), ftruth)
+            ftruth = ids[np.argsort(-np.where(np.isin(cats, f), scores, -np.inf), kind="stable")[:K]].tolist()
+            for label, fn in filtered.items():
+                timed(label, fn, (ql, q, f, [(c, c in indexed) for c in f]), ftruth)
     methods = {label: summarise(lat[label], rec[label], rows[label]) for label in lat}
     return {"methods": methods, "stage1": {"categories": args.fan_out, "category_recall": round(
         float(np.mean(stage1_recall)), 4), "p50_ms": round(statistics.median(stage1_ms), 3)},
