@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from imsrc.cli import data_commands, db_commands, ingest_commands, search_commands
+from imsrc.cli import backup_commands, data_commands, db_commands, ingest_commands, model_commands, search_commands
 from imsrc.cli.context import CliContext
 from imsrc.cli.output import err_console, print_csv, print_json, print_table
 from imsrc.errors import ImsrcError
@@ -21,6 +21,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db_commands.app, name="db")
+app.add_typer(model_commands.app, name="models")
+app.command("backup")(backup_commands.backup_command)
+app.command("restore")(backup_commands.restore_command)
 ingest_commands.register(app)
 search_commands.register(app)
 data_commands.register(app)
