@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from imsrc import __version__
-from imsrc.api import system
+from imsrc.api import categories, images, system, uploads
 from imsrc.api.errors import install_error_handlers
 from imsrc.config import Settings, get_settings
 from imsrc.db.session import Database, open_database
@@ -46,6 +46,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
                            allow_headers=["*"])
     install_error_handlers(app)
     app.include_router(system.router)
+    app.include_router(uploads.router)
+    app.include_router(images.router)
+    app.include_router(categories.router)
     if FRONTEND_DIR.is_dir():
         app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")
     return app
