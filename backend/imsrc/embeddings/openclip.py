@@ -1,0 +1,214 @@
+"""open_clip models (CLIP, SigLIP, ...): image and text embeddings in one space.
+
+Weights come from open_clip's own download/cache, from the Hugging Face cache, or from a local file.
+When they are already cached we hand open_clip the cached path instead of the tag, because open_clip's
+download path asks the Hub first and, offline, spends ~25 s in retries before falling back to the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torchvision import transforms as T
+
+from imsrc.embeddings.base import TorchEmbedder
+from imsrc.embeddings.errors import UnknownModelError, WeightsUnavailableError
+
+log = logging.getLogger(__name__)
+
+HF_HUB_PREFIX = "hf-hub:"
+# A deliberately tiny architecture for tests and benchmarks: random init, real forward passes.
+TINY_CONFIG_NAME = "imsrc-tiny-test"
+TINY_CONFIG: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+RANDOM_INIT_SEED = 0
+_tiny_lock = threading.Lock()
+_tiny_registered = False
+
+
+def ensure_tiny_config() -> None:
+    """Register TINY_CONFIG with open_clip (its registry only reads JSON files)."""
+    global _tiny_registered
+    with _tiny_lock:
+        if _tiny_registered or TINY_CONFIG_NAME in open_clip.list_models():
+            _tiny_registered = True
+            return
+        path = Path(tempfile.mkdtemp(prefix="imsrc-openclip-")) / f"{TINY_CONFIG_NAME}.json"
+        path.write_text(json.dumps(TINY_CONFIG))
+        open_clip.add_model_config(path)
+        _tiny_registered = True
+
+
+def _is_random(pretrained: str | None) -> bool:
+    return pretrained is None or pretrained.lower() in ("", "none", "random")
+
+
+def _hf_cached(repo: str, filenames: list[str], cache_dir: str | None) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for filename in filenames:
+        hit = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    return None
+
+
+def _hf_weight_names(filename: str) -> list[str]:
+    # Mirrors open_clip's preference for a safetensors twin of a .bin/.pth file.
+    if filename == "open_clip_pytorch_model.bin":
+        return ["open_clip_model.safetensors", filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
+
+
+def _tag_cfg(model: str, tag: str) -> dict[str, Any]:
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        known = [f"open_clip:{model}:{t}" for t in open_clip.list_pretrained_tags_by_model(model)]
+        raise UnknownModelError(f"open_clip:{model}:{tag}", known)
+    return dict(cfg)
+
+
+def _preprocess_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
+    # A file path carries no preprocessing metadata, so restate what the tag would have set.
+    return {
+        "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
+        "image_mean": cfg.get("mean"),
+        "image_std": cfg.get("std"),
+        "image_interpolation": cfg.get("interpolation"),
+        "image_resize_mode": cfg.get("resize_mode"),
+    }
+
+
+def local_source(
+    model: str, pretrained: str | None, checkpoint: str | None = None, cache_dir: str | None = None
+) -> dict[str, Any] | None:
+    """Arguments for open_clip.create_model_and_transforms that need no network, or None if not cached."""
+    if checkpoint:
+        if os.path.isdir(checkpoint):  # an exported open_clip folder: open_clip_config.json + weights
+            return {"model_name": f"local-dir:{checkpoint}"}
+        if not os.path.isfile(checkpoint):
+            return None
+        tagged = pretrained is not None and not _is_random(pretrained) and not model.startswith(HF_HUB_PREFIX)
+        extra = _tag_cfg(model, pretrained) if tagged and pretrained else {}
+        return {"model_name": model, "pretrained": checkpoint, **_preprocess_overrides(extra)}
+    if model.startswith(HF_HUB_PREFIX):
+        repo = model[len(HF_HUB_PREFIX) :]
+        config = _hf_cached(repo, ["open_clip_config.json"], cache_dir)
+        weights = _hf_cached(repo, _hf_weight_names("open_clip_pytorch_model.bin"), cache_dir)
+        if config and weights and Path(config).parent == Path(weights).parent:
+            return {"model_name": f"local-dir:{Path(config).parent}"}
+        return None
+    if _is_random(pretrained):
+        return {"model_name": model, "pretrained": None}
+    assert pretrained is not None
+    cfg = _tag_cfg(model, pretrained)
+    path: str | None = None
+    if cfg.get("hf_hub"):
+        # open_clip's convention: "org/repo/" means the default weights file, "org/repo/file" a named one.
+        repo, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or "open_clip_pytorch_model.bin"
+        path = _hf_cached(repo, _hf_weight_names(filename), cache_dir)
+    if path is None and cfg.get("url"):
+        candidate = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
+        path = candidate if os.path.isfile(candidate) else None
+    if path is None:
+        return None
+    return {"model_name": model, "pretrained": path, **_preprocess_overrides(cfg)}
+
+
+def weights_present(
+    model: str, pretrained: str | None, checkpoint: str | None = None, cache_dir: str | None = None
+) -> bool:
+    return local_source(model, pretrained, checkpoint, cache_dir) is not None
+
+
+def _crop_size(preprocess: Any, default: int = 224) -> int:
+    for t in getattr(preprocess, "transforms", []):
+        if isinstance(t, T.CenterCrop):
+            return int(t.size[0])
+    return default
+
+
+class OpenClipEmbedder(TorchEmbedder):
+    family = "open_clip"
+    supports_text = True
+
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        pretrained: str | None,
+        *,
+        device: str | torch.device | None = None,
+        precision: str = "auto",
+        checkpoint: str | None = None,
+        cache_dir: str | None = None,
+        allow_download: bool = True,
+    ) -> None:
+        if model == TINY_CONFIG_NAME:
+            ensure_tiny_config()
+        kwargs = local_source(model, pretrained, checkpoint, cache_dir)
+        if kwargs is None:
+            if checkpoint:
+                raise WeightsUnavailableError(name, f"checkpoint not found: {checkpoint}")
+            if not allow_download:
+                raise WeightsUnavailableError(name, "not in the local cache and downloads are disabled")
+            kwargs = {"model_name": model, "cache_dir": cache_dir}
+            if not model.startswith(HF_HUB_PREFIX):
+                kwargs["pretrained"] = pretrained
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "pretrained"}
+        random_init = kwargs.get("pretrained", "") is None
+        try:
+            # Seeded in a forked RNG so random-init models are identical in every process
+            # without disturbing the caller's global RNG stream.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                clip, _, preprocess = open_clip.create_model_and_transforms(**kwargs)
+        except (RuntimeError, FileNotFoundError, OSError) as exc:
+            raise WeightsUnavailableError(name, str(exc)) from exc
+        self._tokenizer = open_clip.get_tokenizer(kwargs["model_name"], cache_dir=cache_dir)
+        image_size = _crop_size(preprocess)
+        params: dict[str, Any] = {
+            "family": self.family,
+            "architecture": model,
+            "pretrained": "random-init" if random_init else (pretrained or model),
+            "image_size": image_size,
+            "preprocess": repr(preprocess).replace("\n", " "),
+        }
+        if random_init:
+            params["seed"] = RANDOM_INIT_SEED
+        # Warm-up pass on a blank image: learns the output width for any architecture and keeps the
+        # one-off allocation cost away from the first real request.
+        with torch.inference_mode():
+            probe = clip.eval().encode_image(torch.zeros(1, 3, image_size, image_size))
+        super().__init__(
+            name=name,
+            dimension=int(probe.shape[-1]),
+            module=clip,
+            preprocess=preprocess,
+            params=params,
+            device=device,
+            precision=precision,
+        )
+
+    def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.module.encode_image(batch)
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        tokens = self._tokenizer(texts).to(self.device)
+        return self.module.encode_text(tokens)
