@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.api.app import create_app
@@ -47,3 +48,17 @@ def test_unknown_route_is_json_error(client: TestClient) -> None:
     response = client.get("/api/nope")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+def test_status_reports_search_model_and_text_support(client: TestClient, session: Session) -> None:
+    # Nothing active in the catalog yet: the configured model (the tiny CLIP in tests) reads text.
+    body = client.get("/api/status").json()
+    assert body["search_model"] == {"name": "open_clip-tiny-test", "supports_text": True, "source": "settings"}
+    assert body["text_search"] is True
+    # An image-only model active in the catalog wins over the setting.
+    session.execute(text("UPDATE embedding_models SET is_active = false"))
+    session.execute(text("INSERT INTO embedding_models (name, dimension, family, supports_text, is_active) "
+                         "VALUES ('image-only-test', 4, 'test', false, true)"))
+    body = client.get("/api/status").json()
+    assert body["search_model"]["name"] == "image-only-test" and body["search_model"]["source"] == "catalog"
+    assert body["text_search"] is False and body["active_model"] == "image-only-test"

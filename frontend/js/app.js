@@ -98,7 +98,7 @@ export async function refreshModelPill() {
   const pill = document.querySelector("[data-model-pill]");
   try {
     const s = await status({ refresh: true });
-    const model = s.active_model || "no model yet";
+    const model = s.search_model?.name || "no model";
     pill.textContent = `${s.counts?.images ?? 0} images · ${model}`;
     pill.title = s.text_search ? "text search available" : "image search only";
   } catch {

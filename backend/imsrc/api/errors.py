@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imsrc.embeddings.errors import ModelError
 from imsrc.errors import ImsrcError
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImsrcError)
     async def _domain(_: Request, exc: ImsrcError) -> JSONResponse:
         return error_response(exc.status_code, exc.code, exc.message)
+
+    @app.exception_handler(ModelError)
+    async def _model(_: Request, exc: ModelError) -> JSONResponse:
+        # The model layer's errors carry their status and code too, without depending on imsrc.errors.
+        if exc.status_code >= 500:
+            log.error("model error: %s", exc)
+        return error_response(exc.status_code, exc.code, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

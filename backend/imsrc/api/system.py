@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from imsrc import __version__
-from imsrc.api.deps import DatabaseDep, SessionDep
+from imsrc.api.deps import DatabaseDep, SessionDep, SettingsDep
 from imsrc.catalog.repository import StatsRepository
+from imsrc.config import Settings
 from imsrc.db.engine import current_revision, head_revision
+from imsrc.embeddings import ModelError, model_info, resolve_model_name
 
 router = APIRouter(tags=["system"])
 
@@ -29,6 +31,13 @@ class ModelStatus(BaseModel):
     embedded_images: int
 
 
+class SearchModel(BaseModel):
+    name: str
+    supports_text: bool
+    source: str = Field(description="'catalog' (the active model in the database) or 'settings' (IMSRC_MODEL, "
+                                    "used once the first image is indexed)")
+
+
 class Status(BaseModel):
     version: str
     database: dict[str, Any]
@@ -37,6 +46,8 @@ class Status(BaseModel):
     counts: dict[str, int]
     models: list[ModelStatus]
     active_model: str | None
+    search_model: SearchModel | None = Field(description="the model searches use now")
+    text_search: bool = Field(description="whether text queries work with that model")
 
 
 @router.get("/health", response_model=Health)
@@ -45,9 +56,10 @@ def health() -> Health:
 
 
 @router.get("/api/status", response_model=Status)
-def status(session: SessionDep, db: DatabaseDep) -> Status:
+def status(session: SessionDep, db: DatabaseDep, settings: SettingsDep) -> Status:
     stats = StatsRepository(session)
     models = [ModelStatus(**m) for m in stats.models()]
+    search_model = _search_model(models, settings)
     return Status(
         version=__version__,
         database={
@@ -60,4 +72,18 @@ def status(session: SessionDep, db: DatabaseDep) -> Status:
         counts={k: int(v) for k, v in stats.counts().items()},
         models=models,
         active_model=next((m.name for m in models if m.is_active), None),
+        search_model=search_model,
+        text_search=bool(search_model and search_model.supports_text),
     )
+
+
+def _search_model(models: list[ModelStatus], settings: Settings) -> SearchModel | None:
+    active = next((m for m in models if m.is_active), None)
+    if active is not None:
+        return SearchModel(name=active.name, supports_text=active.supports_text, source="catalog")
+    try:
+        name, _ = resolve_model_name(settings.model, settings.model_checkpoint, settings.model_cache_dir)
+        info = model_info(name, settings.model_checkpoint, settings.model_cache_dir)
+    except ModelError:
+        return None  # a misconfigured model is reported by the commands that need it
+    return SearchModel(name=info.name, supports_text=info.supports_text, source="settings")

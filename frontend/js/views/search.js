@@ -10,8 +10,8 @@ const isUrl = (s) => /^https?:\/\/\S+$/i.test(s.trim());
 
 export async function render(root, { params, similar }) {
   const [st, cats] = await Promise.all([status().catch(() => null), categories().catch(() => [])]);
-  const activeModel = st?.models?.find((m) => m.is_active) || null;
-  const textOk = st ? Boolean(st.text_search ?? activeModel?.supports_text) : true;
+  const activeModel = st?.search_model || null;
+  const textOk = st ? Boolean(st.text_search) : true; // if status failed, let the server say no
   const empty = st && (st.counts?.images ?? 0) === 0;
 
   let imageFile = null; // the query image (not linkable: it only lives in this page)
