@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from imsrc.cli import db_commands
+from imsrc.cli import db_commands, ingest_commands
 from imsrc.cli.context import CliContext
 from imsrc.cli.output import err_console, print_csv, print_json, print_table
 from imsrc.errors import ImsrcError
@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db_commands.app, name="db")
+ingest_commands.register(app)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 

@@ -1,0 +1,224 @@
+"""Per-file work, run in worker processes (and in-process for uploads): read once, hash, decode, pHash,
+thumbnail, model preprocessing. Every failure becomes a one-line reason, never an exception."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import stat
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+Preprocess = Callable[[Image.Image], "object"]
+
+
+@dataclass(slots=True)
+class WorkItem:
+    """One thing to ingest: a file path to read, or bytes already in memory (uploads, demo data)."""
+
+    key: str  # what is recorded: the path (valid UTF-8) or the upload's name
+    path: str | None = None
+    data: bytes | None = None
+    category: str | None = None
+    fail_reason: str | None = None  # the scanner already knows it cannot be ingested
+
+
+@dataclass(slots=True)
+class Processed:
+    key: str
+    category: str | None
+    path: str | None
+    ok: bool
+    reason: str | None = None
+    sha256: bytes | None = None
+    byte_size: int = 0
+    mtime_ns: int = 0
+    data: bytes | None = None  # the original bytes, kept only when they are to be stored
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    phash: int | None = None  # 64 bits, first bit most significant (imagehash's order)
+    thumb: bytes | None = None
+    thumb_width: int = 0
+    thumb_height: int = 0
+    tensor: np.ndarray | None = None
+    vector: np.ndarray | None = None  # set by the parent after batched embedding
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    preprocess: Preprocess | None
+    max_pixels: int
+    thumbnail_size: int = 256
+    keep_bytes: bool = False
+    thumbnails: bool = True
+    phash: bool = True
+
+
+class DecodeFailure(Exception):
+    """A file that cannot be ingested; the message is the reason recorded for it."""
+
+
+def read_file(path: str) -> tuple[bytes, int, int]:
+    """(bytes, size, mtime_ns), read once. O_NONBLOCK so a FIFO swapped in after the scan cannot hang us."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError as exc:
+        if os.path.islink(path):
+            raise DecodeFailure("broken symbolic link (its target does not exist)") from exc
+        raise DecodeFailure("file disappeared before it could be read") from exc
+    except PermissionError as exc:
+        raise DecodeFailure("permission denied: the file cannot be read") from exc
+    except OSError as exc:
+        raise DecodeFailure(f"cannot open file: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DecodeFailure("not a regular file")
+        chunks: list[bytes] = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError as exc:
+        if exc.errno == errno.EISDIR:
+            raise DecodeFailure("not a regular file") from exc
+        raise DecodeFailure(f"cannot read file: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    return data, len(data), st.st_mtime_ns
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode fully, first frame, EXIF orientation applied. The pixel limit is an error, not a warning."""
+    if not data:
+        raise DecodeFailure("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise DecodeFailure(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+                    "(IMSRC_MAX_PIXELS)")
+            img.load()
+    except DecodeFailure:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeFailure(f"image over the pixel limit (IMSRC_MAX_PIXELS): {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise DecodeFailure("not a recognised image format (content is not JPEG, PNG, WebP, GIF, BMP or TIFF)") \
+            from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+        text = str(exc).strip() or type(exc).__name__
+        raise DecodeFailure(f"corrupt or truncated image data: {text}") from exc
+    fmt = img.format or "UNKNOWN"
+    with contextlib.suppress(Exception):  # a malformed EXIF block should not cost the whole image
+        ImageOps.exif_transpose(img, in_place=True)
+    img.format = fmt
+    return img
+
+
+def model_image(img: Image.Image) -> Image.Image:
+    """RGB for models and hashing. Transparent areas go on white (their hidden colour is arbitrary).
+
+    Search should embed query images through this too, so queries and the catalog see the same pixels."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = float(arr.max()) or 1.0
+        return Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def make_thumbnail(img: Image.Image, size: int) -> tuple[bytes, int, int]:
+    thumb = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB") \
+        if img.mode not in ("RGB", "RGBA") else img.copy()
+    thumb.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)  # never enlarges
+    buf = io.BytesIO()
+    thumb.save(buf, "WEBP", quality=80, method=4)
+    return buf.getvalue(), thumb.width, thumb.height
+
+
+def phash64(rgb: Image.Image) -> int:
+    return int(str(imagehash.phash(rgb, hash_size=8)), 16)
+
+
+def process(item: WorkItem, options: DecodeOptions) -> Processed:
+    out = Processed(key=item.key, category=item.category, path=item.path, ok=False)
+    try:
+        if item.fail_reason:
+            raise DecodeFailure(item.fail_reason)
+        if item.data is not None:
+            data, out.byte_size = item.data, len(item.data)
+        elif item.path is not None:
+            data, out.byte_size, out.mtime_ns = read_file(item.path)
+        else:
+            raise DecodeFailure("nothing to read")
+        out.sha256 = hashlib.sha256(data).digest()
+        img = open_image(data, options.max_pixels)
+        out.width, out.height, out.format = img.width, img.height, str(img.format)
+        rgb = model_image(img)
+        if options.phash:
+            out.phash = phash64(rgb)
+        if options.thumbnails:
+            out.thumb, out.thumb_width, out.thumb_height = make_thumbnail(img, options.thumbnail_size)
+        if options.preprocess is not None:
+            tensor = options.preprocess(rgb)
+            out.tensor = np.ascontiguousarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor,
+                                              dtype=np.float32)
+        if options.keep_bytes:
+            out.data = data
+        out.ok = True
+    except DecodeFailure as exc:
+        out.reason = str(exc)
+    except MemoryError:
+        out.reason = "out of memory while decoding this image"
+    except Exception as exc:  # a decoder bug must cost one file, not the run
+        out.reason = f"cannot process image: {type(exc).__name__}: {exc}"
+    return out
+
+
+# ------------------------------------------------------------------ worker processes
+_options: DecodeOptions | None = None
+
+
+def init_worker(options: DecodeOptions) -> None:
+    """Runs once in each worker process."""
+    import signal
+
+    global _options
+    # Ctrl-C goes to the whole process group; the parent decides when to stop, workers just finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # parallelism comes from the processes; threads here would fight the model
+    except ImportError:
+        pass
+    from imsrc.ingest.formats import configure_pillow
+
+    configure_pillow(options.max_pixels)
+    _options = options
+
+
+def process_chunk(items: list[WorkItem]) -> list[Processed]:
+    assert _options is not None, "init_worker was not run"
+    return [process(item, _options) for item in items]

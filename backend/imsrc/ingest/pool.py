@@ -1,0 +1,76 @@
+"""An ordered, bounded map over worker processes that survives a worker crashing on a poisoned file."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from imsrc.ingest.decode import DecodeOptions, Processed, WorkItem, init_worker, process_chunk
+
+CRASH_REASON = "the decoder crashed on this file (worker process died)"
+
+
+class OrderedPool:
+    """submit() chunks, then results() in submission order. At most max_pending chunks are in flight, so
+    memory stays flat however many files there are. Spawned (not forked) workers: the parent has torch
+    and its thread pools loaded, which do not survive fork safely."""
+
+    def __init__(self, workers: int, options: DecodeOptions, max_pending: int) -> None:
+        self.workers, self.options, self.max_pending = workers, options, max_pending
+        self._pending: deque[tuple[Future[list[Processed]], list[WorkItem]]] = deque()
+        self._executor = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=init_worker, initargs=(self.options,))
+
+    @property
+    def full(self) -> bool:
+        return len(self._pending) >= self.max_pending
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def submit(self, chunk: list[WorkItem]) -> None:
+        self._pending.append((self._executor.submit(process_chunk, chunk), chunk))
+
+    def head_ready(self) -> bool:
+        return bool(self._pending) and self._pending[0][0].done()
+
+    def pop(self) -> list[Processed]:
+        """The oldest chunk's results (waits for them)."""
+        future, chunk = self._pending.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            return self._recover(chunk)
+
+    def _recover(self, chunk: list[WorkItem]) -> list[Processed]:
+        # Which file killed the worker is unknown: redo the failed chunk and everything in flight one file
+        # per task on a fresh pool; a file that breaks the pool again on its own is the culprit.
+        rest = [c for _, c in self._pending]
+        self._pending.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._start()
+        results = [self._run_alone(item) for item in chunk]
+        for c in rest:
+            self.submit(c)
+        return results
+
+    def _run_alone(self, item: WorkItem) -> Processed:
+        try:
+            return self._executor.submit(process_chunk, [item]).result()[0]
+        except BrokenProcessPool:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._start()
+            return Processed(key=item.key, category=item.category, path=item.path, ok=False, reason=CRASH_REASON)
+
+    def drain(self) -> Iterator[list[Processed]]:
+        while self._pending:
+            yield self.pop()
+
+    def close(self, *, cancel: bool = False) -> None:
+        self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
