@@ -62,3 +62,11 @@ def test_status_reports_search_model_and_text_support(client: TestClient, sessio
     body = client.get("/api/status").json()
     assert body["search_model"]["name"] == "image-only-test" and body["search_model"]["source"] == "catalog"
     assert body["text_search"] is False and body["active_model"] == "image-only-test"
+
+
+def test_status_lists_recent_jobs(client: TestClient, session: Session) -> None:
+    session.execute(text("INSERT INTO ingest_jobs (kind, job_key, status, files_total, new_count, failed_count) "
+                         "VALUES ('index', 'status-test', 'completed', 3, 2, 1)"))
+    jobs = client.get("/api/status").json()["jobs"]
+    assert jobs[0]["kind"] == "index" and jobs[0]["status"] == "completed"
+    assert (jobs[0]["files_total"], jobs[0]["new"], jobs[0]["failed"]) == (3, 2, 1)

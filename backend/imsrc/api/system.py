@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter
@@ -13,8 +14,10 @@ from imsrc.catalog.repository import StatsRepository
 from imsrc.config import Settings
 from imsrc.db.engine import current_revision, head_revision
 from imsrc.embeddings import ModelError, model_info, resolve_model_name
+from imsrc.ingest.repository import JobRepository
 
 router = APIRouter(tags=["system"])
+RECENT_JOBS = 5
 
 
 class Health(BaseModel):
@@ -38,6 +41,22 @@ class SearchModel(BaseModel):
                                     "used once the first image is indexed)")
 
 
+class JobStatus(BaseModel):
+    id: int
+    kind: str
+    status: str
+    model_name: str | None
+    files_total: int | None
+    new: int
+    duplicates: int
+    linked: int
+    skipped: int
+    failed: int
+    message: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
 class Status(BaseModel):
     version: str
     database: dict[str, Any]
@@ -48,6 +67,7 @@ class Status(BaseModel):
     active_model: str | None
     search_model: SearchModel | None = Field(description="the model searches use now")
     text_search: bool = Field(description="whether text queries work with that model")
+    jobs: list[JobStatus] = Field(description="the most recent indexing jobs, newest first")
 
 
 @router.get("/health", response_model=Health)
@@ -74,6 +94,16 @@ def status(session: SessionDep, db: DatabaseDep, settings: SettingsDep) -> Statu
         active_model=next((m.name for m in models if m.is_active), None),
         search_model=search_model,
         text_search=bool(search_model and search_model.supports_text),
+        jobs=[_job(j) for j in JobRepository(session).recent(RECENT_JOBS)],
+    )
+
+
+def _job(row: dict[str, Any]) -> JobStatus:
+    return JobStatus(
+        id=row["id"], kind=row["kind"], status=row["status"], model_name=row["model_name"],
+        files_total=row["files_total"], new=row["new_count"], duplicates=row["duplicate_count"],
+        linked=row["linked_count"], skipped=row["skipped_count"], failed=row["failed_count"],
+        message=row["message"], started_at=row["started_at"], finished_at=row["finished_at"],
     )
 
 

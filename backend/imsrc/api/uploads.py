@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -11,14 +12,19 @@ from starlette.concurrency import run_in_threadpool
 from imsrc.api.auth import WriteAccess
 from imsrc.api.deps import DatabaseDep, SettingsDep
 from imsrc.api.multipart import UploadedFile, read_multipart
-from imsrc.catalog.schemas import UploadResponse, UploadResult
+from imsrc.catalog.repository import CategoryRepository
+from imsrc.catalog.schemas import CategoryRef, UploadResponse, UploadResult, image_thumbnail_url
 from imsrc.config import Settings
 from imsrc.db.session import Database
 from imsrc.errors import InvalidInputError
+from imsrc.ingest.model_choice import choose_model_name, load_embedder
+from imsrc.ingest.service import FileOutcome, ingest_bytes
 
 router = APIRouter(prefix="/api/images", tags=["images"])
 
 MAX_FILES_PER_UPLOAD = 1000
+# Most bytes read into memory at once while ingesting (files are on disk until then).
+CHUNK_BYTES = 256 * 1024 * 1024
 
 # The body is read by our own streaming parser, so FastAPI cannot infer it: describe it for /openapi.json.
 UPLOAD_BODY = {
@@ -73,4 +79,43 @@ async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep
 
 def ingest_uploads(db: Database, settings: Settings, files: list[UploadedFile],
                    category: str | None) -> list[UploadResult]:
-    raise NotImplementedError("wired to the ingest pipeline when it lands")
+    """All files in one unit of work: a crash (not a bad file) leaves nothing behind. Bad files are
+    reported per file by the pipeline. Bytes are read a chunk at a time, so memory stays bounded."""
+    outcomes: list[FileOutcome] = []
+    with db.session() as session:
+        name, _ = choose_model_name(session, settings)
+        embedder = load_embedder(settings, name)
+        for chunk in _chunks(files, settings.batch_size, CHUNK_BYTES):
+            payload = [(f.filename or "upload", f.path.read_bytes()) for f in chunk]
+            outcomes.extend(ingest_bytes(session, embedder, payload, settings=settings, category=category))
+        ref = None
+        if category is not None and any(o.outcome != "failed" for o in outcomes):
+            found = CategoryRepository(session).by_name(category)
+            ref = CategoryRef(id=found.id, name=found.name) if found is not None else None
+    return [_result(o, ref) for o in outcomes]
+
+
+def _chunks(files: list[UploadedFile], count: int, max_bytes: int) -> Iterator[list[UploadedFile]]:
+    chunk: list[UploadedFile] = []
+    size = 0
+    for f in files:
+        if chunk and (len(chunk) >= count or size + f.size > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(f)
+        size += f.size
+    if chunk:
+        yield chunk
+
+
+def _result(o: FileOutcome, category: CategoryRef | None) -> UploadResult:
+    thumb = image_thumbnail_url(o.image_id) if o.image_id is not None else None
+    if o.outcome == "new":
+        return UploadResult(filename=o.key, status="new", id=o.image_id, category=category, thumbnail_url=thumb)
+    if o.outcome == "duplicate":  # stored, and recorded as a near-duplicate of an earlier image
+        return UploadResult(filename=o.key, status="duplicate", id=o.image_id, duplicate_of=o.canonical_id,
+                            exact=False, category=category, thumbnail_url=thumb)
+    if o.outcome in ("linked", "skipped"):  # identical bytes were already catalogued: nothing new stored
+        return UploadResult(filename=o.key, status="duplicate", id=o.image_id, duplicate_of=o.image_id,
+                            exact=True, category=category, thumbnail_url=thumb)
+    return UploadResult(filename=o.key, status="failed", reason=o.reason or "could not be read as an image")

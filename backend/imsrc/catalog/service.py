@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from imsrc.catalog.image_repository import DuplicateFilter, ImageRepository
 from imsrc.catalog.models import Image
+from imsrc.catalog.prototypes import PrototypeRepository
 from imsrc.catalog.repository import CategoryRepository
 from imsrc.catalog.schemas import (
     CategoryRef,
@@ -149,17 +149,9 @@ class ImageService:
 
 
 def refresh_category_prototypes(session: Session, category_id: int) -> None:
-    """Keep a category's prototypes current after one of its images went away.
-
-    The search package owns prototype maths; when it is not installed (early branches) there is nothing to do.
-    """
-    try:
-        prototypes = importlib.import_module("imsrc.search.prototypes")
-    except ImportError:
-        return
-    update = getattr(prototypes, "refresh_category", None)
-    if update is not None:
-        update(session, category_id)
+    """Keep a category's prototypes current after one of its images went away (the mean drops it; a
+    category left empty loses its prototype)."""
+    PrototypeRepository(session).recompute_means([category_id])
 
 
 def _phash_hex(phash: str | None) -> str | None:

@@ -43,7 +43,7 @@ function statusPanel(st) {
     ["Stored originals", `${c.stored_originals ?? 0} · ${formatBytes(c.image_bytes)}`],
     ["Database", `${formatBytes(c.database_bytes)} · schema ${st.schema_revision || "?"}${st.database?.embedded ? " · embedded" : ""}`],
   ];
-  if (st.jobs?.length) rows.push(["Jobs", st.jobs.map((j) => `${j.kind || "job"} ${j.state || j.status || ""}`).join(", ")]);
+  if (st.jobs?.length) rows.push(["Jobs", st.jobs.map((j) => `#${j.id} ${j.kind} ${j.status} (${j.new} new, ${j.failed} failed)`).join(", ")]);
   return h("section.panel.status", { "aria-label": "Catalog status" },
     h("dl.stats", {}, rows.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, String(v))))));
 }
