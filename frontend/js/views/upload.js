@@ -19,7 +19,7 @@ export async function render(root) {
   const zone = h("div.dropzone", {},
     h("p.dropzone-title", {}, "Drop images here"),
     h("p.muted", {}, "JPEG, PNG, WebP, GIF, BMP or TIFF — as many as you like."),
-    pick);
+    pick, fileInput);
 
   root.append(
     h("h1.page-title", {}, "Upload"),
@@ -54,7 +54,7 @@ export async function render(root) {
         h("div.upload-info", {}, h("span.upload-name", {}, file.name), h("span.muted.small", {}, formatBytes(file.size)),
           bar),
         state);
-      list.prepend(row);
+      list.append(row);
       queue.push({ file, cat, bar, state, row, preview });
       counts.total += 1;
     }
