@@ -99,7 +99,8 @@ export async function refreshModelPill() {
   try {
     const s = await status({ refresh: true });
     const model = s.search_model?.name || "no model";
-    pill.textContent = `${s.counts?.images ?? 0} images · ${model}`;
+    const n = s.counts?.images ?? 0;
+    pill.textContent = `${n} image${n === 1 ? "" : "s"} · ${model}`;
     pill.title = s.text_search ? "text search available" : "image search only";
   } catch {
     pill.textContent = "server unreachable";

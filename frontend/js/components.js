@@ -4,7 +4,9 @@ import { formatScore, h, thumb } from "./dom.js";
 /** A result or catalog image as a link card. item: {id, thumbnail_url, score?, category?, duplicates?...} */
 export function imageCard(item, { showScore = true } = {}) {
   const category = typeof item.category === "string" ? item.category : item.category?.name;
-  const dupCount = Array.isArray(item.duplicates) ? item.duplicates.length : (item.duplicate_count || 0);
+  // search hits carry a count in `duplicates`; catalog listings call it duplicate_count
+  const dupCount = (Array.isArray(item.duplicates) ? item.duplicates.length : item.duplicates)
+    ?? item.duplicate_count ?? 0;
   const label = [
     item.original_name || `Image ${item.id}`,
     category ? `category ${category}` : null,
