@@ -70,3 +70,24 @@ def test_status_lists_recent_jobs(client: TestClient, session: Session) -> None:
     jobs = client.get("/api/status").json()["jobs"]
     assert jobs[0]["kind"] == "index" and jobs[0]["status"] == "completed"
     assert (jobs[0]["files_total"], jobs[0]["new"], jobs[0]["failed"]) == (3, 2, 1)
+
+
+def test_openapi_describes_images_and_categories(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path, methods in {
+        "/api/images": {"get", "post"},
+        "/api/images/{image_id}": {"get", "delete"},
+        "/api/images/{image_id}/file": {"get"},
+        "/api/images/{image_id}/thumbnail": {"get"},
+        "/api/categories": {"get", "post"},
+        "/api/categories/{category_id}": {"get", "patch"},
+    }.items():
+        assert methods <= set(paths[path]), path
+    upload = paths["/api/images"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["properties"]["file"]["items"]["format"] == "binary" and upload["required"] == ["file"]
+    listing = {p["name"]: p for p in paths["/api/images"]["get"]["parameters"]}
+    assert listing["page_size"]["schema"]["maximum"] == 200
+    assert set(listing["duplicates"]["schema"]["enum"]) == {"include", "exclude", "only"}
+    assert "ImageDetail" in spec["components"]["schemas"] and "CategoryDetail" in spec["components"]["schemas"]
+    assert paths["/api/images/{image_id}/thumbnail"]["get"]["responses"]["200"]["content"] == {"image/webp": {}}

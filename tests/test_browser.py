@@ -108,7 +108,7 @@ def test_upload_search_detail_and_text_search(browser: Any, server: str, images:
     page.wait_for_selector(".detail h1")
     assert page.inner_text(".detail h1") == "sunset.png"
     meta = page.inner_text(".meta")
-    assert "Scenery" in meta and "320 × 240" in meta and "open_clip-tiny-test" in meta
+    assert "Scenery" in meta and "320 \u00d7 240" in meta and "open_clip-tiny-test" in meta
     page.wait_for_selector(".similar .grid .card-link, .similar p.muted")
     similar_ids = page.eval_on_selector_all(".similar .card-link", "els => els.map(e => +e.dataset.imageId)")
     assert ids["harbour.png"] in similar_ids and ids["sunset.png"] not in similar_ids
