@@ -15,6 +15,7 @@ export async function render(root) {
                                                 maxlength: 200, placeholder: "none" });
   const list = h("ol.upload-list", { "aria-label": "Files", "aria-live": "polite" });
   const summary = h("p.upload-summary", { role: "status" });
+  const after = h("div.toolbar");
   const pick = h("button.btn.primary", { type: "button", onclick: () => fileInput.click() }, "Choose images…");
   const zone = h("div.dropzone", {},
     h("p.dropzone-title", {}, "Drop images here"),
@@ -29,7 +30,7 @@ export async function render(root) {
           h("span", {}, "Category (optional)"), category,
           h("datalist#upload-category-list", {}, cats.map((c) => h("option", { value: c.name }))))),
       zone),
-    summary, list);
+    summary, list, after);
 
   let queue = [];
   let running = 0;
@@ -114,7 +115,13 @@ export async function render(root) {
   }
 
   function done() {
-    categories({ refresh: true }).catch(() => {});
+    const last = category.value.trim();
+    clear(after);
+    after.append(h("a.btn", { href: "#/browse/all" }, "See all images"));
+    categories({ refresh: true }).then((cs) => {
+      const c = last && cs.find((x) => x.name.toLowerCase() === last.toLowerCase());
+      if (c) after.prepend(h("a.btn", { href: `#/browse/${c.id}` }, `Open “${c.name}”`));
+    }).catch(() => {});
     status({ refresh: true }).catch(() => {});
     refreshModelPill();
   }
