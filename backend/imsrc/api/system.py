@@ -68,6 +68,7 @@ class Status(BaseModel):
     search_model: SearchModel | None = Field(description="the model searches use now")
     text_search: bool = Field(description="whether text queries work with that model")
     jobs: list[JobStatus] = Field(description="the most recent indexing jobs, newest first")
+    max_upload_bytes: int = Field(description="largest file POST /api/images accepts (IMSRC_MAX_UPLOAD_BYTES)")
 
 
 @router.get("/health", response_model=Health)
@@ -95,6 +96,7 @@ def status(session: SessionDep, db: DatabaseDep, settings: SettingsDep) -> Statu
         search_model=search_model,
         text_search=bool(search_model and search_model.supports_text),
         jobs=[_job(j) for j in JobRepository(session).recent(RECENT_JOBS)],
+        max_upload_bytes=settings.max_upload_bytes,
     )
 
 

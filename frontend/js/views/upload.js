@@ -8,7 +8,8 @@ import { clear, dropTarget, formatBytes, h } from "../dom.js";
 const PARALLEL = 2;
 
 export async function render(root) {
-  const cats = await categories().catch(() => []);
+  const [cats, st] = await Promise.all([categories().catch(() => []), status().catch(() => null)]);
+  const limit = st?.max_upload_bytes ?? Infinity;
   const fileInput = h("input.visually-hidden#upload-files", { type: "file", accept: "image/*", multiple: true,
                                                              tabindex: "-1" });
   const category = h("input#upload-category", { type: "text", list: "upload-category-list", autocomplete: "off",
@@ -77,6 +78,13 @@ export async function render(root) {
   }
 
   async function send({ file, cat, bar, state, row, preview }) {
+    if (file.size > limit) { // refuse before sending: no point pushing megabytes the server will reject
+      row.classList.add("failed");
+      clear(state).append(h("span.tag.bad", {}, "failed"),
+                          ` larger than the server's upload limit of ${formatBytes(limit)}`);
+      counts.failed += 1;
+      return;
+    }
     state.textContent = "uploading";
     const fd = new FormData();
     fd.append("file", file, file.name);
