@@ -36,7 +36,7 @@ async function toError(response) {
     if (body?.error) ({ code, message } = body.error);
   } catch { /* not JSON */ }
   const err = new ApiError(response.status, code, message);
-  if (response.status === 401) window.dispatchEvent(new CustomEvent("imsrc:unauthorized", { detail: err }));
+  if (response.status === 401 || response.status === 403) window.dispatchEvent(new CustomEvent("imsrc:unauthorized", { detail: err }));
   return err;
 }
 
@@ -110,7 +110,7 @@ export function uploadWithProgress(url, formData, onProgress) {
       }
       const err = new ApiError(xhr.status, body?.error?.code || "http_error",
                                body?.error?.message || `${xhr.status} ${xhr.statusText}`);
-      if (xhr.status === 401) window.dispatchEvent(new CustomEvent("imsrc:unauthorized", { detail: err }));
+      if (xhr.status === 401 || xhr.status === 403) window.dispatchEvent(new CustomEvent("imsrc:unauthorized", { detail: err }));
       reject(err);
     });
     xhr.addEventListener("error", () => reject(new ApiError(0, "network", "the upload was interrupted")));

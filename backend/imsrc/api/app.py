@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from imsrc import __version__
 from imsrc.api import categories, images, system, uploads
 from imsrc.api.errors import install_error_handlers
+from imsrc.api.security import ApiKeyMiddleware
 from imsrc.config import Settings, get_settings
 from imsrc.db.session import Database, open_database
 
@@ -44,6 +45,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, protect_reads=settings.protect_reads)
     install_error_handlers(app)
     app.include_router(system.router)
     app.include_router(uploads.router)

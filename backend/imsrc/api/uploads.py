@@ -9,7 +9,6 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from imsrc.api.auth import WriteAccess
 from imsrc.api.deps import DatabaseDep, SettingsDep
 from imsrc.api.multipart import UploadedFile, read_multipart
 from imsrc.catalog.repository import CategoryRepository
@@ -57,7 +56,7 @@ UPLOAD_BODY = {
     responses={413: {"description": "a file is over IMSRC_MAX_UPLOAD_BYTES (error JSON)"},
                415: {"description": "not multipart/form-data (error JSON)"}},
 )
-async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep, _: WriteAccess) -> UploadResponse:
+async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep) -> UploadResponse:
     with tempfile.TemporaryDirectory(prefix="imsrc-upload-") as tmp:
         form = await read_multipart(request.headers.get("content-type"), request.stream(), Path(tmp),
                                     file_field="file", max_file_bytes=settings.max_upload_bytes,

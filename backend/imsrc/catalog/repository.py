@@ -158,7 +158,10 @@ class ModelRepository:
         self.session.execute(text("UPDATE embedding_models SET is_active = false WHERE is_active AND id <> :i"),
                              {"i": model.id})
         self.session.execute(text("UPDATE embedding_models SET is_active = true WHERE id = :i"), {"i": model.id})
-        self.session.refresh(model)
+        # The UPDATEs bypass the ORM: make every loaded model re-read its flag.
+        for obj in list(self.session.identity_map.values()):
+            if isinstance(obj, EmbeddingModel):
+                self.session.expire(obj, ["is_active"])
 
     def remove(self, model: EmbeddingModel) -> None:
         """Drop one model's vectors, prototypes and index; nothing else."""

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from imsrc.errors import ImsrcError
 
-class ModelError(Exception):
+
+class ModelError(ImsrcError):
+    """Subclass of ImsrcError so the API's one handler and the CLI's one-line errors cover model errors too."""
+
     status_code: int = 500
     code: str = "model_error"
 

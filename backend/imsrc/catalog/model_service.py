@@ -1,0 +1,139 @@
+"""Which embedding model a catalog uses, and managing models side by side (issue: spaces side by side).
+
+The active model is recorded in the catalog (embedding_models.is_active). IMSRC_MODEL only decides which model
+a catalog starts with; after that the catalog's own record wins, so a CLI and a web server with different
+environments still search the same space. Switching happens only through `use`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from imsrc.catalog.models import EmbeddingModel
+from imsrc.catalog.repository import ModelRepository
+from imsrc.config import Settings
+from imsrc.embeddings import Embedder, get_embedder, model_info, resolve_model_name
+from imsrc.embeddings.registry import registered_names
+from imsrc.errors import ConflictError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+
+def load_embedder(name: str, settings: Settings) -> Embedder:
+    """The process-wide embedder for `name`, built with the user's device/precision/weights settings."""
+    return get_embedder(
+        name,
+        device=None if settings.device == "auto" else settings.device,
+        checkpoint=settings.model_checkpoint,
+        precision=settings.precision,
+        cache_dir=settings.model_cache_dir,
+    )
+
+
+@dataclass
+class ModelChoice:
+    name: str
+    warning: str | None
+    registered: EmbeddingModel | None
+
+
+class ModelService:
+    def __init__(self, session: Session, settings: Settings) -> None:
+        self.session = session
+        self.settings = settings
+        self.models = ModelRepository(session)
+
+    def choose(self, requested: str | None = None) -> ModelChoice:
+        """An explicit name, else the catalog's active model, else IMSRC_MODEL (resolving 'auto')."""
+        if requested and requested != "auto":
+            name, warning = resolve_model_name(requested, self.settings.model_checkpoint, self.settings.model_cache_dir)
+            return ModelChoice(name, warning, self.models.by_name(name))
+        active = self.models.active()
+        if active is not None:
+            return ModelChoice(active.name, None, active)
+        name, warning = resolve_model_name(
+            requested or self.settings.model, self.settings.model_checkpoint, self.settings.model_cache_dir
+        )
+        return ModelChoice(name, warning, self.models.by_name(name))
+
+    def register(self, embedder: Embedder, *, activate_if_none: bool = True) -> EmbeddingModel:
+        """Record a model (and its HNSW index); the first model a catalog uses becomes its active model."""
+        model = self.models.register(
+            name=embedder.name,
+            dimension=embedder.dimension,
+            family=embedder.family,
+            params=dict(embedder.params),
+            supports_text=embedder.supports_text,
+        )
+        if activate_if_none and self.models.active() is None:
+            self.models.set_active(model)
+        return model
+
+    def add(self, name: str) -> EmbeddingModel:
+        """Register a model without activating it; `imsrc embed --model NAME` then fills in its vectors."""
+        info = model_info(name, self.settings.model_checkpoint, self.settings.model_cache_dir)
+        if info.dimension > 0 and info.weights_present:
+            existing = self.models.by_name(name)
+            if existing is not None:
+                return existing
+            return self.models.register(name=info.name, dimension=info.dimension, family=info.family,
+                                        params={"description": info.description}, supports_text=info.supports_text)
+        # Unknown dimension (generic hub ids) or weights still to download: load it once to learn the rest.
+        return self.register(load_embedder(name, self.settings), activate_if_none=False)
+
+    def use(self, name: str, *, force: bool = False) -> EmbeddingModel:
+        model = self.get(name)
+        missing = self.missing_count(model)
+        if missing and not force:
+            raise ConflictError(
+                f"model {name!r} has not embedded {missing} image(s) yet; run `imsrc embed --model {name}` first, "
+                "or pass --force to switch now (those images will not be found until embedded)"
+            )
+        self.models.set_active(model)
+        return model
+
+    def remove(self, name: str) -> None:
+        model = self.get(name)
+        if model.is_active and len(self.models.list()) > 1:
+            raise ConflictError(f"model {name!r} is the active model; `imsrc models use` another one first")
+        self.models.remove(model)
+
+    def get(self, name: str) -> EmbeddingModel:
+        model = self.models.by_name(name)
+        if model is None:
+            known = [m.name for m in self.models.list()]
+            raise NotFoundError(
+                f"model {name!r} is not in this catalog (registered: {', '.join(known) or 'none'}); "
+                f"add it with `imsrc models add {name}`"
+            )
+        return model
+
+    def missing_count(self, model: EmbeddingModel) -> int:
+        return int(self.session.execute(
+            text("SELECT count(*) FROM images i WHERE NOT EXISTS"
+                 " (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = :m)"),
+            {"m": model.id},
+        ).scalar_one())
+
+    def overview(self) -> list[dict[str, object]]:
+        """Known models merged with what this catalog holds, for `imsrc models list`."""
+        in_catalog = {m.name: m for m in self.models.list()}
+        rows: list[dict[str, object]] = []
+        for name in [*registered_names(), *[n for n in in_catalog if n not in registered_names()]]:
+            try:
+                info = model_info(name, self.settings.model_checkpoint, self.settings.model_cache_dir)
+                dimension, text_ok, present = info.dimension, info.supports_text, info.weights_present
+            except Exception:  # a catalog model this version no longer knows: still list it
+                old = in_catalog[name]
+                dimension, text_ok, present = old.dimension, old.supports_text, False
+            m = in_catalog.get(name)
+            rows.append({
+                "name": name, "dimension": m.dimension if m else dimension, "text": text_ok,
+                "weights_present": present, "in_catalog": m is not None, "active": bool(m and m.is_active),
+                "embedded": self.models.embedded_count(m.id) if m else 0,
+            })
+        return rows
