@@ -64,8 +64,9 @@ def test_upload_new_failed_duplicates_and_delete(committed: tuple[TestClient, Da
     detail = client.get(f"/api/images/{first}").json()
     assert detail["models"] == ["open_clip-tiny-test"] and detail["category"]["name"] == "Uploads"
     cat_id = detail["category"]["id"]
-    protos = client.get(f"/api/categories/{cat_id}").json()["prototypes"]
-    assert [(p["model"], p["kind"], p["member_count"]) for p in protos] == [("open_clip-tiny-test", "mean", 2)]
+    protos = {p["kind"]: p for p in client.get(f"/api/categories/{cat_id}").json()["prototypes"]}
+    assert (protos["mean"]["model"], protos["mean"]["member_count"]) == ("open_clip-tiny-test", 2)
+    assert protos["text"]["count"] == 1  # the tiny CLIP reads text: the category's name is a prototype too
 
     # identical bytes: nothing stored, pointed at the existing image; a re-encoding: a near-duplicate
     again = client.post("/api/images", files=[("file", ("copy.png", one, "image/png")),
@@ -81,8 +82,8 @@ def test_upload_new_failed_duplicates_and_delete(committed: tuple[TestClient, Da
     # deleting the canonical promotes the near-duplicate and keeps the mean prototype current
     deleted = client.delete(f"/api/images/{first}").json()
     assert deleted["new_canonical_id"] == near["id"]
-    protos = client.get(f"/api/categories/{cat_id}").json()["prototypes"]
-    assert protos[0]["member_count"] == 1
+    protos = {p["kind"]: p for p in client.get(f"/api/categories/{cat_id}").json()["prototypes"]}
+    assert protos["mean"]["member_count"] == 1
     assert _scalar(db, "SELECT count(*) FROM embeddings WHERE image_id = :i", i=first) == 0
 
 

@@ -77,8 +77,8 @@ def get_thumbnail(image_id: ImageId, request: Request, session: SessionDep, sett
 
 @router.delete("/{image_id}", response_model=DeletedImage, responses=ERRORS,
                summary="Delete an image with its thumbnail, vectors and stored bytes")
-def delete_image(image_id: ImageId, session: SessionDep) -> DeletedImage:
-    return ImageService(session).delete(image_id)
+def delete_image(image_id: ImageId, session: SessionDep, settings: SettingsDep) -> DeletedImage:
+    return ImageService(session).delete(image_id, settings)
 
 
 def _cache(settings: Settings, max_age: int) -> str:

@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 
 from imsrc.catalog.image_repository import DuplicateFilter, ImageRepository
 from imsrc.catalog.models import Image
-from imsrc.catalog.prototypes import PrototypeRepository
 from imsrc.catalog.repository import CategoryRepository
 from imsrc.catalog.schemas import (
     CategoryRef,
@@ -23,6 +22,7 @@ from imsrc.catalog.schemas import (
     image_file_url,
     image_thumbnail_url,
 )
+from imsrc.config import Settings
 from imsrc.errors import NotFoundError
 
 
@@ -140,18 +140,15 @@ class ImageService:
             raise NotFoundError(f"image {image_id} has no thumbnail")
         return found
 
-    def delete(self, image_id: int) -> DeletedImage:
+    def delete(self, image_id: int, settings: Settings) -> DeletedImage:
+        """Delete, then bring search up to date in the same unit of work: the category's prototypes,
+        per-category indexes and predictions (in-process FAISS indexes follow through the change log)."""
         outcome = self.images.delete(image_id)
-        if outcome.category_id is not None:
-            refresh_category_prototypes(self.session, outcome.category_id)
+        from imsrc.search.sync import sync_search  # search depends on the catalog, not the other way round
+
+        sync_search(self.session, settings, category_ids=[outcome.category_id] if outcome.category_id else [])
         return DeletedImage(id=outcome.image_id, new_canonical_id=outcome.new_canonical_id,
                             repointed=outcome.repointed)
-
-
-def refresh_category_prototypes(session: Session, category_id: int) -> None:
-    """Keep a category's prototypes current after one of its images went away (the mean drops it; a
-    category left empty loses its prototype)."""
-    PrototypeRepository(session).recompute_means([category_id])
 
 
 def _phash_hex(phash: str | None) -> str | None:

@@ -6,7 +6,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import (
     BarColumn,
@@ -21,7 +21,9 @@ from rich.progress import (
 from rich.text import Text
 
 from imsrc.cli.output import err_console
-from imsrc.ingest.pipeline import JobProgress
+
+if TYPE_CHECKING:
+    from imsrc.ingest.pipeline import JobProgress
 
 
 class RateColumn(ProgressColumn):

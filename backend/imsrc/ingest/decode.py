@@ -118,6 +118,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeFailure(f"image over the pixel limit (IMSRC_MAX_PIXELS): {exc}") from exc
     except UnidentifiedImageError as exc:
+        kind = sniff(data)
+        if kind:
+            raise DecodeFailure(f"corrupt or truncated image data: starts like a {kind} file but cannot be "
+                                "decoded") from exc
         raise DecodeFailure("not a recognised image format (content is not JPEG, PNG, WebP, GIF, BMP or TIFF)") \
             from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
@@ -128,6 +132,19 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         ImageOps.exif_transpose(img, in_place=True)
     img.format = fmt
     return img
+
+
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def sniff(data: bytes) -> str | None:
+    """The format a file's first bytes claim, to tell 'corrupt PNG' from 'not an image at all'."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[4:8] == b"ftyp":
+        return "HEIF/AVIF"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
 def model_image(img: Image.Image) -> Image.Image:
@@ -207,6 +224,7 @@ def init_worker(options: DecodeOptions) -> None:
     global _options
     # Ctrl-C goes to the whole process group; the parent decides when to stop, workers just finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     try:
         import torch
 
@@ -217,6 +235,24 @@ def init_worker(options: DecodeOptions) -> None:
 
     configure_pillow(options.max_pixels)
     _options = options
+
+
+def _exit_with_parent() -> None:
+    """A SIGKILLed parent cannot shut its pool down, and pool workers hold both ends of their task pipe,
+    so they would wait forever. Watch the parent's sentinel and leave when it dies."""
+    import multiprocessing
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="imsrc-parent-watch", daemon=True).start()
 
 
 def process_chunk(items: list[WorkItem]) -> list[Processed]:

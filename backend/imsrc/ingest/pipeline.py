@@ -12,6 +12,7 @@ mtime match what the catalog holds. Ctrl-C (the `stop` event) ends the job after
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -27,7 +28,7 @@ from imsrc.embeddings.base import Embedder
 from imsrc.errors import ConflictError
 from imsrc.ingest.decode import DecodeOptions, Processed, WorkItem
 from imsrc.ingest.phash import PhashIndex
-from imsrc.ingest.pool import OrderedPool
+from imsrc.ingest.pool import InlinePool, OrderedPool
 from imsrc.ingest.repository import IngestRepository, JobRepository
 from imsrc.ingest.scan import check_roots, count_files, scan
 from imsrc.ingest.service import OUTCOMES, IndexPhashMatcher, WriteContext, embed_processed, ensure_model, write_batch
@@ -72,6 +73,7 @@ class JobSpec:
     store_bytes: bool
     workers: int
     batch_size: int
+    inline_below: int = 48  # fewer files than this: decode in this process, skip starting workers
 
 
 def job_key(kind: str, paths: Iterable[str], options: dict[str, Any], model: str) -> str:
@@ -81,7 +83,7 @@ def job_key(kind: str, paths: Iterable[str], options: dict[str, Any], model: str
 
 def run_index_job(database: Database, embedder: Embedder, paths: list[str], *, category: str | None = None,
                   category_from_folder: bool = False, store: str = "reference", workers: int = 0,
-                  batch_size: int = 32, stop: threading.Event | None = None,
+                  batch_size: int = 32, inline_below: int = 48, stop: threading.Event | None = None,
                   on_progress: Callable[[JobProgress], None] | None = None) -> JobSummary:
     """Index folders/files. Commits once per batch (and to open and close the job): call it from a
     command boundary, never inside another unit of work."""
@@ -91,7 +93,8 @@ def run_index_job(database: Database, embedder: Embedder, paths: list[str], *, c
         kind="index", paths=roots,
         options={"category": category, "category_from_folder": category_from_folder, "store": store},
         items=lambda: scan(roots, category=category, category_from_folder=category_from_folder, counter=ignored),
-        count=lambda: count_files(roots), store_bytes=store == "copy", workers=workers, batch_size=batch_size)
+        count=lambda: count_files(roots), store_bytes=store == "copy", workers=workers, batch_size=batch_size,
+        inline_below=inline_below)
     summary = run_job(database, embedder, spec, stop=stop, on_progress=on_progress)
     summary.ignored_files = ignored[0]
     return summary
@@ -147,10 +150,22 @@ class _Stages:
     def _embed(self) -> None:
         while (job := self.to_embed.get()) is not None:
             t0 = time.perf_counter()
+            self._drop_known(job[0])
             embed_processed(self.embedder, job[0], pad_to=self.batch_size)
             self.seconds["embed"] += time.perf_counter() - t0
             self.put(self.to_write, job)
         self.put(self.to_write, None)
+
+    def _drop_known(self, batch: list[Processed]) -> None:
+        """Bytes already catalogued with this model's vector will only be linked: skip their forward pass."""
+        digests = [p.sha256 for p in batch if p.ok and p.sha256 is not None]
+        if not digests:
+            return
+        with self.database.session() as session:
+            known = IngestRepository(session).existing_by_sha(digests, self.ctx.model_id)
+        for p in batch:
+            if p.sha256 in known and known[p.sha256].has_embedding:
+                p.tensor = None
 
     def _write(self) -> None:
         while (job := self.to_write.get()) is not None:
@@ -238,7 +253,13 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
     options = DecodeOptions(preprocess=embedder.preprocess, max_pixels=database.settings.max_pixels,
                             thumbnail_size=database.settings.thumbnail_size, keep_bytes=spec.store_bytes)
     chunk_size = max(1, min(16, spec.batch_size // workers))
-    pool = OrderedPool(workers, options, max_pending=workers * 4)
+    todo: Iterator[tuple[list[WorkItem], int]] = _todo(spec.items(), jobs, sources, job_id, progress.resumed,
+                                                        control)
+    head = list(itertools.islice(todo, 2))
+    small = len(head) < 2 and sum(len(fresh) for fresh, _ in head) < spec.inline_below
+    todo = itertools.chain(head, todo)
+    pool: OrderedPool | InlinePool = InlinePool(options) if small else \
+        OrderedPool(workers, options, max_pending=workers * 4)
     ctx = WriteContext(model_id=model_id, store_bytes=spec.store_bytes, matcher=IndexPhashMatcher(index),
                        job_id=job_id)
     stages = _Stages(database, embedder, ctx, index, progress, spec.batch_size, on_progress)
@@ -262,7 +283,6 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
 
     try:
         try:
-            todo = _todo(spec.items(), jobs, sources, job_id, progress.resumed, control)
             while not stop.is_set():
                 t0 = time.perf_counter()
                 chunk = next(todo, None)
@@ -300,6 +320,9 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
         pool.close(cancel=True)
     with database.session() as session:
         PrototypeRepository(session).recompute_means(stages.touched)
+        from imsrc.search.sync import sync_search  # prototypes, automatic categories, indexes, predictions
+
+        sync_search(session, database.settings, model_id=model_id, category_ids=stages.touched, embedder=embedder)
     if progress.total is not None:
         jobs.set_total(job_id, progress.total)
     jobs.mark(job_id, status, "stopped by the user; run the same command again to continue"

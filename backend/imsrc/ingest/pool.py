@@ -21,7 +21,7 @@ class OrderedPool:
     def __init__(self, workers: int, options: DecodeOptions, max_pending: int) -> None:
         self.workers, self.options, self.max_pending = workers, options, max_pending
         self._pending: deque[tuple[Future[list[Processed]], list[WorkItem]]] = deque()
-        self._executor = self._start()
+        self._executor: ProcessPoolExecutor | None = None  # started on first use: a job may have nothing to do
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -35,6 +35,8 @@ class OrderedPool:
         return len(self._pending)
 
     def submit(self, chunk: list[WorkItem]) -> None:
+        if self._executor is None:
+            self._executor = self._start()
         self._pending.append((self._executor.submit(process_chunk, chunk), chunk))
 
     def head_ready(self) -> bool:
@@ -53,7 +55,7 @@ class OrderedPool:
         # per task on a fresh pool; a file that breaks the pool again on its own is the culprit.
         rest = [c for _, c in self._pending]
         self._pending.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.close(cancel=True)
         self._executor = self._start()
         results = [self._run_alone(item) for item in chunk]
         for c in rest:
@@ -62,9 +64,10 @@ class OrderedPool:
 
     def _run_alone(self, item: WorkItem) -> Processed:
         try:
+            assert self._executor is not None
             return self._executor.submit(process_chunk, [item]).result()[0]
         except BrokenProcessPool:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self.close(cancel=True)
             self._executor = self._start()
             return Processed(key=item.key, category=item.category, path=item.path, ok=False, reason=CRASH_REASON)
 
@@ -73,4 +76,36 @@ class OrderedPool:
             yield self.pop()
 
     def close(self, *, cancel: bool = False) -> None:
-        self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
+        if self._executor is not None:
+            self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
+            self._executor = None
+
+
+class InlinePool:
+    """The same interface, run in this process: for small jobs, where starting worker processes (which
+    import torch) would take longer than the work."""
+
+    max_pending = 1
+    full = False
+
+    def __init__(self, options: DecodeOptions) -> None:
+        from imsrc.ingest.decode import process
+
+        self._process = process
+        self.options = options
+        self._pending: deque[list[Processed]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def submit(self, chunk: list[WorkItem]) -> None:
+        self._pending.append([self._process(item, self.options) for item in chunk])
+
+    def head_ready(self) -> bool:
+        return bool(self._pending)
+
+    def pop(self) -> list[Processed]:
+        return self._pending.popleft()
+
+    def close(self, *, cancel: bool = False) -> None:
+        self._pending.clear()

@@ -108,7 +108,28 @@ class JobRepository:
              "s": list(cols[4]), "b": list(cols[5])})
 
 
-class IngestRepository:
+def _missing_filter() -> str:
+    return "NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = :m)"
+
+
+class _MissingMixin:
+    session: Session
+
+    def missing_embedding_count(self, model_id: int) -> int:
+        return int(self.session.execute(text(f"SELECT count(*) FROM images i WHERE {_missing_filter()}"),
+                                        {"m": model_id}).scalar_one())
+
+    def missing_embedding_page(self, model_id: int, after_id: int, limit: int) -> list[tuple[Any, ...]]:
+        """(id, sha256, stored bytes or None, a source path or None) of images lacking the model's vector."""
+        rows = self.session.execute(
+            text("SELECT i.id, i.sha256, b.data, coalesce(i.source_path,"
+                 " (SELECT s.path FROM image_sources s WHERE s.image_id = i.id ORDER BY s.id LIMIT 1)) AS path"
+                 f" FROM images i LEFT JOIN image_blobs b ON b.image_id = i.id WHERE i.id > :a AND {_missing_filter()}"
+                 " ORDER BY i.id LIMIT :n"), {"m": model_id, "a": after_id, "n": limit})
+        return [tuple(r) for r in rows]
+
+
+class IngestRepository(_MissingMixin):
     def __init__(self, session: Session) -> None:
         self.session = session
 
@@ -266,3 +287,4 @@ class DuplicateRepository:
         row = self.session.execute(
             text("SELECT count(DISTINCT canonical_id) AS groups, count(canonical_id) AS duplicates FROM images")).one()
         return {"groups": int(row.groups), "duplicates": int(row.duplicates)}
+

@@ -1,0 +1,97 @@
+"""`imsrc embed --model NAME` and `imsrc demo`."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Annotated
+
+import typer
+
+from imsrc.cli.output import err_console, print_json, print_table
+from imsrc.cli.progress import JobBar, ctrl_c_stops
+from imsrc.errors import InvalidInputError
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("embed")(embed)
+    app.command("demo")(demo)
+
+
+def embed(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="The model whose missing vectors to compute (registered if new).")],
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default IMSRC_WORKERS; 0 = CPUs).")]
+    = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per embedding batch and transaction.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compute a model's missing embeddings from stored originals or referenced files (resumable)."""
+    from imsrc.ingest.embed_missing import embed_missing
+    from imsrc.ingest.model_choice import choose_model_name, load_embedder
+
+    settings = ctx.obj.settings
+    db = ctx.obj.database()
+    with db.session() as session:
+        name, _ = choose_model_name(session, settings, model)
+    embedder = load_embedder(settings, name)
+    stop = threading.Event()
+    with ctrl_c_stops(stop), JobBar(f"embedding ({name})", enabled=not as_json) as bar:
+        summary = embed_missing(db, embedder, workers=settings.workers if workers is None else workers,
+                                batch_size=batch_size or settings.batch_size, stop=stop, on_progress=bar)
+    if as_json:
+        print_json(summary.__dict__)
+    else:
+        err_console.print(f"{name}: {summary.embedded} embedded, {summary.failed} failed, {summary.remaining} "
+                          f"still missing ({summary.seconds:.1f} s)")
+        if summary.failures:
+            print_table(["image", "reason"], [[f["image"], f["reason"]] for f in summary.failures[:50]],
+                        title="Failures")
+    if summary.status == "interrupted":
+        err_console.print("stopped; run the same command again to continue")
+        sys.exit(130)
+
+
+def demo(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Option(help="fashion-mnist or cifar10.")] = "fashion-mnist",
+    limit: Annotated[int, typer.Option(help="Images to load (0 = the whole 10,000-image test split).", min=0)]
+    = 2000,
+    model: Annotated[str | None, typer.Option(help="Model to embed with (default: the catalog's active one).")]
+    = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load a real labelled dataset, its class names as categories (bytes stored in the database)."""
+    from imsrc.ingest.demo import DATASETS, load_dataset
+    from imsrc.ingest.model_choice import choose_model_name, load_embedder
+    from imsrc.ingest.pipeline import JobSpec, run_job
+
+    if dataset not in DATASETS:
+        raise InvalidInputError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    settings = ctx.obj.settings
+    data = load_dataset(dataset, settings.resolved_data_dir / "datasets")
+    db = ctx.obj.database()
+    with db.session() as session:
+        name, warning = choose_model_name(session, settings, model)
+    if warning:
+        err_console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    embedder = load_embedder(settings, name)
+    n = len(data.images) if not limit else min(limit, len(data.images))
+    spec = JobSpec(kind="demo", paths=[dataset], options={"dataset": dataset, "limit": n},
+                   items=lambda: data.items(n), count=lambda: n, store_bytes=True, workers=settings.workers,
+                   batch_size=settings.batch_size)
+    stop = threading.Event()
+    with ctrl_c_stops(stop), JobBar(f"{dataset} ({name})", enabled=not as_json) as bar:
+        summary = run_job(db, embedder, spec, stop=stop, on_progress=bar)
+    if as_json:
+        print_json({**summary.as_dict(), "dataset": dataset, "source": data.source, "classes": data.classes})
+    else:
+        r = summary.run_counts
+        err_console.print(f"{dataset} from {data.source}: {r['new']} new, {r['duplicate']} near-duplicates, "
+                          f"{r['linked']} already there, {r['failed']} failed, in {len(data.classes)} categories "
+                          f"({summary.seconds:.1f} s)")
+    if summary.status == "interrupted":
+        err_console.print("stopped; run the same command again to continue")
+        sys.exit(130)

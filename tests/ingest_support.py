@@ -1,0 +1,75 @@
+"""Helpers for the ingest tests: a committed database of their own, real image folders, catalog snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import text
+
+from imsrc.config import Settings
+from imsrc.db.engine import make_engine, upgrade
+from imsrc.db.session import Database
+from tests.helpers import make_image
+
+TEST_MODEL = "open_clip-tiny-test"
+
+
+def open_test_database(url: str, data_dir: Path, **overrides: Any) -> Database:
+    upgrade(url)
+    settings = Settings(database_url=url, data_dir=data_dir, model=TEST_MODEL, workers=2, batch_size=8,
+                        _env_file=None, **overrides)  # type: ignore[call-arg]
+    return Database(url=url, engine=make_engine(url, pool_size=4), settings=settings, revision="head")
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def reencode(data: bytes, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def snapshot(db: Database) -> dict[str, Any]:
+    """The catalog in terms of content, not ids (ids may differ after a crash: sequences skip)."""
+    with db.engine.connect() as conn:
+        images = conn.execute(text(
+            "SELECT encode(i.sha256, 'hex') AS sha, i.phash::text AS phash, i.width, i.height, i.format,"
+            " i.byte_size, i.original_name, i.source_path, c.name AS category,"
+            " encode(ci.sha256, 'hex') AS canonical, encode(sha256(t.data), 'hex') AS thumb,"
+            " (b.image_id IS NOT NULL) AS stored FROM images i LEFT JOIN categories c ON c.id = i.category_id"
+            " LEFT JOIN images ci ON ci.id = i.canonical_id LEFT JOIN thumbnails t ON t.image_id = i.id"
+            " LEFT JOIN image_blobs b ON b.image_id = i.id")).mappings().all()
+        vectors = conn.execute(text(
+            "SELECT encode(i.sha256, 'hex') AS sha, m.name AS model, e.embedding::text AS v FROM embeddings e"
+            " JOIN images i ON i.id = e.image_id JOIN embedding_models m ON m.id = e.model_id")).all()
+        sources = conn.execute(text(
+            "SELECT s.path, encode(i.sha256, 'hex') FROM image_sources s JOIN images i ON i.id = s.image_id")).all()
+        prototypes = conn.execute(text(
+            "SELECT c.name, m.name, p.kind, p.ordinal, p.member_count, p.vector::text FROM category_prototypes p"
+            " JOIN categories c ON c.id = p.category_id JOIN embedding_models m ON m.id = p.model_id")).all()
+        categories = conn.execute(text("SELECT name FROM categories")).scalars().all()
+    return {
+        "images": sorted(tuple(sorted(r.items())) for r in images),
+        "vectors": {(r.sha, r.model): np.array(r.v.strip("[]").split(","), dtype=np.float32) for r in vectors},
+        "sources": sorted(sources),
+        "prototypes": sorted((r[0], r[1], r[2], r[3], r[4]) for r in prototypes),
+        "prototype_vectors": {(r[0], r[1]): np.array(r[5].strip("[]").split(","), dtype=np.float32)
+                              for r in prototypes},
+        "categories": sorted(categories),
+    }
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+__all__ = ["TEST_MODEL", "make_image", "open_test_database", "reencode", "sha", "snapshot", "write"]
