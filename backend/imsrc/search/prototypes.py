@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.prototypes import PrototypeRepository as CatalogPrototypes
 from imsrc.config import Settings
 from imsrc.search.kmeans import cohesion, normalise, spherical_kmeans
 from imsrc.search.repository import PrototypeRepository, PrototypeRow, VectorRepository
@@ -57,16 +58,17 @@ def refresh_prototypes(session: Session, settings: Settings, *, model_id: int, d
     """Recompute mean/cluster prototypes of these categories only. Returns the ids refreshed."""
     vectors = VectorRepository(session)
     protos = PrototypeRepository(session)
-    done = []
-    for category_id in sorted(set(category_ids)):
+    done = sorted(set(category_ids))
+    # The mean is computed in PostgreSQL by the catalog's repository (the one ingest uses), so both paths
+    # store exactly the same vector; the k-means centres need the members here.
+    CatalogPrototypes(session).recompute_means(done, model_id)
+    for category_id in done:
         batch = vectors.fetch(model_id, dimension, category_ids=[category_id])
-        if len(batch) == 0:
-            protos.replace(model_id, category_id, ("mean", "cluster"), [])
-        else:
+        rows: list[PrototypeRow] = []
+        if len(batch):
             rows = compute_prototypes(batch.vectors, max_prototypes=settings.max_prototypes,
                                       min_gain=settings.prototype_min_gain, category_id=category_id)
-            protos.replace(model_id, category_id, ("mean", "cluster"), rows)
-        done.append(category_id)
+        protos.replace(model_id, category_id, ("cluster",), [r for r in rows if r.kind == "cluster"])
     return done
 
 
