@@ -94,3 +94,20 @@ def test_upload_without_category_and_with_odd_names(committed: tuple[TestClient,
     assert result["status"] == "new" and result["category"] is None
     assert result["filename"] == "évil name.png"
     assert client.get(f"/api/images/{result['id']}").json()["original_name"] == "évil name.png"
+
+
+def test_concurrent_uploads_all_succeed(committed: tuple[TestClient, Database]) -> None:
+    # Two uploads at once once deadlocked on the embeddings table (each holding CREATE INDEX IF NOT EXISTS's
+    # SHARE lock while waiting to COPY); both must land.
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, _ = committed
+
+    def upload(i: int) -> tuple[int, str]:
+        r = client.post("/api/images", data={"category": "Concurrent"},
+                        files=[("file", (f"c{i}.png", make_image(400 + i, size=(96, 72)), "image/png"))])
+        return r.status_code, r.json()["results"][0]["status"] if r.status_code == 200 else r.text
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(upload, range(8)))
+    assert results == [(200, "new")] * 8

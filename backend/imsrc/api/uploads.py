@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 from fastapi import APIRouter, Request
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from imsrc.api.deps import DatabaseDep, SettingsDep
+from imsrc.api.errors import is_transaction_conflict
 from imsrc.api.multipart import UploadedFile, read_multipart
 from imsrc.catalog.repository import CategoryRepository
 from imsrc.catalog.schemas import CategoryRef, UploadResponse, UploadResult, image_thumbnail_url
@@ -22,6 +26,8 @@ from imsrc.ingest.service import FileOutcome, ingest_bytes
 router = APIRouter(prefix="/api/images", tags=["images"])
 
 MAX_FILES_PER_UPLOAD = 1000
+RETRIES = 3
+log = logging.getLogger(__name__)
 # Most bytes read into memory at once while ingesting (files are on disk until then).
 CHUNK_BYTES = 256 * 1024 * 1024
 
@@ -80,6 +86,21 @@ def ingest_uploads(db: Database, settings: Settings, files: list[UploadedFile],
                    category: str | None) -> list[UploadResult]:
     """All files in one unit of work: a crash (not a bad file) leaves nothing behind. Bad files are
     reported per file by the pipeline. Bytes are read a chunk at a time, so memory stays bounded."""
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return _ingest_once(db, settings, files, category)
+        except (DBAPIError, psycopg.Error) as exc:
+            # Deadlocks and serialization failures (SQLSTATE class 40) roll the whole unit back, so the
+            # upload can simply run again; anything else is a real failure. (COPY goes through psycopg
+            # directly, so its errors arrive unwrapped.)
+            if attempt == RETRIES or not is_transaction_conflict(exc):
+                raise
+            log.warning("upload hit a transaction conflict (%s); retrying (%d/%d)", exc, attempt, RETRIES)
+    raise AssertionError("unreachable")
+
+
+def _ingest_once(db: Database, settings: Settings, files: list[UploadedFile],
+                 category: str | None) -> list[UploadResult]:
     outcomes: list[FileOutcome] = []
     with db.session() as session:
         name, _ = choose_model_name(session, settings)

@@ -146,6 +146,15 @@ class ModelRepository:
 
     def ensure_index(self, model: EmbeddingModel) -> None:
         # A partial index per model: each model's vectors get their own HNSW graph of the right dimension.
+        name = f"ix_embeddings_hnsw_m{int(model.id)}"
+        # CREATE INDEX IF NOT EXISTS takes a SHARE lock on embeddings before it notices the index exists, and
+        # holds it to commit: two concurrent uploads then each wait for the other's lock to COPY their
+        # vectors (deadlock). So look first, and let only one transaction at a time try to create it.
+        if self.session.execute(text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
+            return
+        self.session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+        if self.session.execute(text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
+            return  # created by the transaction we waited for
         self.session.execute(
             text(
                 f"CREATE INDEX IF NOT EXISTS ix_embeddings_hnsw_m{int(model.id)} ON embeddings "
@@ -167,6 +176,12 @@ class ModelRepository:
         """Drop one model's vectors, prototypes and index; nothing else."""
         self.session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_hnsw_m{int(model.id)}"))
         self.session.execute(text("DELETE FROM embedding_models WHERE id = :i"), {"i": model.id})
+
+    def has_index(self, model_id: int) -> bool:
+        """Whether the model's catalog-wide HNSW index exists (it is built by ensure_index)."""
+        return bool(self.session.execute(
+            text("SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE tablename = 'embeddings' AND indexname = :n)"),
+            {"n": f"ix_embeddings_hnsw_m{int(model_id)}"}).scalar())
 
     def embedded_count(self, model_id: int) -> int:
         return int(self.session.execute(text("SELECT count(*) FROM embeddings WHERE model_id = :m"),
