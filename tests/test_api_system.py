@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from imsrc.api.app import create_app
 from imsrc.api.deps import get_session
-from imsrc.catalog.repository import CategoryRepository
+from imsrc.catalog.repository import CategoryRepository, ModelRepository
 from imsrc.config import Settings
 from imsrc.db.session import Database
 
@@ -91,3 +91,13 @@ def test_openapi_describes_images_and_categories(client: TestClient) -> None:
     assert set(listing["duplicates"]["schema"]["enum"]) == {"include", "exclude", "only"}
     assert "ImageDetail" in spec["components"]["schemas"] and "CategoryDetail" in spec["components"]["schemas"]
     assert paths["/api/images/{image_id}/thumbnail"]["get"]["responses"]["200"]["content"] == {"image/webp": {}}
+
+
+def test_status_describes_the_active_models_index(client: TestClient, session: Session) -> None:
+    session.execute(text("UPDATE embedding_models SET is_active = false"))
+    models = ModelRepository(session)
+    model = models.register(name="index-status-test", dimension=3, family="test", params={}, supports_text=False)
+    models.set_active(model)
+    index = client.get("/api/status").json()["index"]
+    assert index == {"backend": "pgvector", "model": "index-status-test", "vectors": 0, "hnsw": True,
+                     "category_indexes": 0, "state": "empty"}

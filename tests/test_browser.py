@@ -38,7 +38,19 @@ def server(create_database, browser: Any) -> Iterator[str]:  # type: ignore[no-u
     url = create_database("imsrc_browser")
     upgrade(url)
     with tempfile.TemporaryDirectory(prefix="imsrc-browser-") as tmp, running_server(url, Path(tmp)) as base:
+        _seed(base)
         yield base
+
+
+def _seed(base: str) -> None:
+    """Other images in other categories, through the REST API, so the searches have something to skip."""
+    import httpx
+
+    for n, category in enumerate(("Patterns", "Gradients", "Shapes")):
+        files = [("file", (f"{category.lower()}-{i}.png", make_image(700 + 10 * n + i, size=(240, 180)),
+                           "image/png")) for i in range(4)]
+        response = httpx.post(f"{base}/api/images", data={"category": category}, files=files, timeout=120)
+        assert response.status_code == 200 and response.json()["new"] == 4, response.text
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +73,15 @@ def _page(browser: Any, viewport: dict[str, int]) -> Any:
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.errors = errors
     return page
+
+
+def _shot(page: Any, path: Path) -> None:
+    """A full-page screenshot once every image (lazy ones too) has loaded and decoded."""
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    page.wait_for_function("[...document.images].every(i => i.complete)", timeout=15_000)
+    page.evaluate("Promise.all([...document.images].map(i => i.decode().catch(() => null)))")
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(path), full_page=True)
 
 
 def _upload(page: Any, base: str, files: list[Path], category: str) -> dict[str, int]:
@@ -89,18 +110,22 @@ def test_upload_search_detail_and_text_search(browser: Any, server: str, images:
     summary = page.inner_text(".upload-summary")
     assert "2 new" in summary and "0 failed" in summary
     assert page.eval_on_selector_all(".upload-row progress", "els => els.map(e => e.value)") == [100, 100]
-    page.screenshot(path=str(shots / "upload.png"), full_page=True)
+    _shot(page, shots / "upload.png")
 
     # 2. search with one of them (picked as a file): it comes back first
     page.goto(f"{server}/#/search")
     page.set_input_files("#search-file", str(images[0]))
-    page.wait_for_selector(".results .grid .card-link")
+    try:
+        page.wait_for_selector(".results .grid .card-link")
+    except Exception:
+        print("RESULTS:", page.inner_text("main"), page.errors)
+        raise
     first = page.get_attribute(".results .grid .card-link", "data-image-id")
     assert int(first) == ids["sunset.png"]
     head = page.inner_text(".results-head")
     assert "sunset.png" in head and "total" in head
     assert page.inner_text(".results .grid .card .score").startswith(("1.000", "0.99"))
-    page.screenshot(path=str(shots / "search.png"), full_page=True)
+    _shot(page, shots / "search.png")
 
     # 3. open its detail page from the results
     page.click(".results .grid .card-link >> nth=0")
@@ -113,7 +138,7 @@ def test_upload_search_detail_and_text_search(browser: Any, server: str, images:
     similar_ids = page.eval_on_selector_all(".similar .card-link", "els => els.map(e => +e.dataset.imageId)")
     assert ids["harbour.png"] in similar_ids and ids["sunset.png"] not in similar_ids
     assert page.evaluate("document.querySelector('img.full').naturalWidth") == 320
-    page.screenshot(path=str(shots / "image.png"), full_page=True)
+    _shot(page, shots / "image.png")
 
     # 4. a text search with the tiny CLIP (random weights: any order, but real results and timings)
     page.goto(f"{server}/#/search")
@@ -123,8 +148,9 @@ def test_upload_search_detail_and_text_search(browser: Any, server: str, images:
     assert "“a red sunset over the sea”" in page.inner_text(".results-head h2")
     assert page.url.endswith("q=a+red+sunset+over+the+sea") or "q=a+red+sunset" in page.url
     found = page.eval_on_selector_all(".results .card-link", "els => els.map(e => +e.dataset.imageId)")
-    assert sorted(found) == sorted(ids.values())
-    page.screenshot(path=str(shots / "text-search.png"), full_page=True)
+    assert len(found) == len(set(found)) > 0  # random weights: which images is not meaningful, that they come is
+    assert "total" in page.inner_text(".timings")
+    _shot(page, shots / "text-search.png")
 
     # the text search is linkable: loading its URL runs it again
     page.goto(page.url)
@@ -143,7 +169,7 @@ def test_browse_keyboard_and_narrow_screen(browser: Any, server: str, images: li
     names = page.eval_on_selector_all(".cat-name", "els => els.map(e => e.firstChild.textContent)")
     assert "Fields" in names and "All images" in names
     assert "active model" in page.inner_text(".status").lower()
-    page.screenshot(path=str(shots / "browse.png"), full_page=True)
+    _shot(page, shots / "browse.png")
 
     # keyboard only: Tab reaches the nav links with a visible focus ring, Enter follows them
     page.goto(f"{server}/#/browse/all")
@@ -180,5 +206,5 @@ def test_browse_keyboard_and_narrow_screen(browser: Any, server: str, images: li
     assert widest <= NARROW["width"], "no horizontal scrolling on a phone"
     columns = narrow.evaluate("getComputedStyle(document.querySelector('.grid')).gridTemplateColumns.split(' ').length")
     assert columns == 2
-    narrow.screenshot(path=str(shots / "narrow.png"), full_page=True)
+    _shot(narrow, shots / "narrow.png")
     assert page.errors == [] and narrow.errors == []

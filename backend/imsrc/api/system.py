@@ -7,14 +7,16 @@ from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from imsrc import __version__
 from imsrc.api.deps import DatabaseDep, SessionDep, SettingsDep
-from imsrc.catalog.repository import StatsRepository
+from imsrc.catalog.repository import ModelRepository, StatsRepository
 from imsrc.config import Settings
 from imsrc.db.engine import current_revision, head_revision
 from imsrc.embeddings import ModelError, model_info, resolve_model_name
 from imsrc.ingest.repository import JobRepository
+from imsrc.search.pg_queries import NeighbourRepository
 
 router = APIRouter(tags=["system"])
 RECENT_JOBS = 5
@@ -57,6 +59,16 @@ class JobStatus(BaseModel):
     finished_at: datetime | None
 
 
+class IndexStatus(BaseModel):
+    backend: str = Field(description="stage-2 backend searches use by default (IMSRC_SEARCH_BACKEND)")
+    model: str = Field(description="the model whose vectors are indexed")
+    vectors: int
+    hnsw: bool = Field(description="whether the model's catalog-wide HNSW index exists")
+    category_indexes: int = Field(description="categories large enough to have their own HNSW index; smaller "
+                                              "ones are scanned exactly")
+    state: str = Field(description="'ready', or 'empty' before the first image is embedded")
+
+
 class Status(BaseModel):
     version: str
     database: dict[str, Any]
@@ -67,6 +79,7 @@ class Status(BaseModel):
     active_model: str | None
     search_model: SearchModel | None = Field(description="the model searches use now")
     text_search: bool = Field(description="whether text queries work with that model")
+    index: IndexStatus | None = Field(description="the active model's search index; none before any model")
     jobs: list[JobStatus] = Field(description="the most recent indexing jobs, newest first")
     max_upload_bytes: int = Field(description="largest file POST /api/images accepts (IMSRC_MAX_UPLOAD_BYTES)")
 
@@ -95,9 +108,22 @@ def status(session: SessionDep, db: DatabaseDep, settings: SettingsDep) -> Statu
         active_model=next((m.name for m in models if m.is_active), None),
         search_model=search_model,
         text_search=bool(search_model and search_model.supports_text),
+        index=_index(session, settings),
         jobs=[_job(j) for j in JobRepository(session).recent(RECENT_JOBS)],
         max_upload_bytes=settings.max_upload_bytes,
     )
+
+
+def _index(session: Session, settings: Settings) -> IndexStatus | None:
+    models = ModelRepository(session)
+    active = models.active()
+    if active is None:
+        return None
+    vectors = models.embedded_count(active.id)
+    return IndexStatus(backend=settings.search_backend, model=active.name, vectors=vectors,
+                       hnsw=models.has_index(active.id),
+                       category_indexes=len(NeighbourRepository(session).category_indexes(active.id)),
+                       state="ready" if vectors else "empty")
 
 
 def _job(row: dict[str, Any]) -> JobStatus:

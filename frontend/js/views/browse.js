@@ -49,8 +49,8 @@ function statusPanel(st) {
 }
 
 function indexText(index) {
-  if (!index) return "–";
-  const parts = [index.backend, index.state].filter(Boolean);
-  if (index.vectors != null) parts.push(`${index.vectors} vectors`);
-  return parts.join(" · ") || "–";
+  if (!index) return "none yet";
+  const parts = [index.backend, `${index.vectors} vectors`, index.hnsw ? "HNSW" : "no HNSW"];
+  if (index.category_indexes) parts.push(`${index.category_indexes} per-category`);
+  return parts.join(" · ");
 }

@@ -18,7 +18,7 @@ export async function render(root, { category, params }) {
 
   const title = h("h1.page-title", {}, all ? "All images" : info.name);
   const head = h("div.page-head", {},
-    h("p.crumbs.small", {}, h("a", { href: "#/browse" }, "Browse"), " / "),
+    h("p.crumbs.small", {}, h("a", { href: "#/browse" }, "← Browse")),
     title,
     h("p.muted", {}, `${list.total} image${list.total === 1 ? "" : "s"}`,
       info?.description ? ` — ${info.description}` : "",

@@ -43,7 +43,7 @@ export async function render(root, { id }) {
 
   root.append(
     h("p.crumbs.small", {}, h("a", { href: "#/browse" }, "Browse"), " / ",
-      img.category ? h("a", { href: `#/browse/${img.category.id}` }, img.category.name) : "uncategorised", " / "),
+      img.category ? h("a", { href: `#/browse/${img.category.id}` }, img.category.name) : "uncategorised"),
     h("div.detail", {},
       h("figure.detail-image", {}, zoom, h("figcaption.muted.small", {}, "Select the image to view it full size")),
       h("div.detail-info", {},
