@@ -208,3 +208,31 @@ def test_browse_keyboard_and_narrow_screen(browser: Any, server: str, images: li
     assert columns == 2
     _shot(narrow, shots / "narrow.png")
     assert page.errors == [] and narrow.errors == []
+
+
+def test_text_search_is_explained_away_for_an_image_only_model(browser: Any, server: str) -> None:
+    # The server runs the tiny CLIP; make the page believe the active model is image-only by rewriting the one
+    # field of the real /api/status answer that says so, and check that no text query is sent.
+    page = _page(browser, WIDE)
+
+    def image_only(route: Any) -> None:
+        response = route.fetch()
+        body = response.json()
+        body["text_search"] = False
+        body["search_model"] = {**(body["search_model"] or {}), "name": "efficientnet-lite0",
+                                "supports_text": False}
+        route.fulfill(response=response, json=body)
+
+    page.route("**/api/status", image_only)
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if "/api/search/text" in r.url else None)
+    page.goto(f"{server}/#/search")
+    page.wait_for_selector("#q")
+    assert page.get_attribute("#q", "placeholder") == "Paste an image URL"
+    help_text = page.inner_text("#q-help")
+    assert "Text search is off" in help_text and "efficientnet-lite0" in help_text
+    page.fill("#q", "a red sunset")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".results .notice")
+    assert "understands images only" in page.inner_text(".results .notice")
+    assert sent == []

@@ -16,7 +16,8 @@ export async function render(root) {
   root.append(
     h("h2.section-title", {}, "Categories"),
     h("ul.cat-grid", { role: "list" },
-      h("li", {}, categoryCard({ id: "all", name: "All images", image_count: total, sample_thumbnail_urls: [] })),
+      h("li", {}, categoryCard({ id: "all", name: "All images", image_count: total,
+                                 sample_thumbnail_urls: cats.flatMap((c) => c.sample_thumbnail_urls.slice(0, 1)).slice(0, 4) })),
       cats.map((c) => h("li", {}, categoryCard(c)))));
 }
 
