@@ -19,7 +19,20 @@ import pytest
 
 from tests.helpers import ROOT
 
-CHROMIUM = os.environ.get("IMSRC_CHROMIUM", "/usr/bin/chromium")
+
+def find_chromium() -> str | None:
+    """IMSRC_CHROMIUM, else the system Chromium (Debian `chromium`, Ubuntu `chromium-browser`)."""
+    chosen = os.environ.get("IMSRC_CHROMIUM")
+    if chosen:
+        return chosen if Path(chosen).is_file() or shutil.which(chosen) else None
+    for name in ("/usr/bin/chromium", "chromium", "chromium-browser"):
+        found = name if Path(name).is_file() else shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+CHROMIUM = find_chromium() or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
@@ -41,9 +54,9 @@ def require_browser() -> Any:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.skip("browser tests need Playwright for Python (pip install playwright); not installed")
-    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
-        pytest.skip(f"browser tests need Chromium at {CHROMIUM} (Debian: apt-get install chromium; "
-                    "or set IMSRC_CHROMIUM); not found")
+    if find_chromium() is None:
+        pytest.skip("browser tests need Chromium (Debian: apt-get install chromium; or set IMSRC_CHROMIUM to a "
+                    "Chromium/Chrome binary); none found")
     return sync_playwright
 
 
@@ -88,3 +101,6 @@ def running_server(database_url: str, data_dir: Path, *, model: str = "open_clip
             proc.kill()
             proc.wait()
         log.close()
+        keep = os.environ.get("IMSRC_SERVER_LOG")  # where to keep the server's log, for debugging a failure
+        if keep:
+            shutil.copyfile(data_dir / "server.log", keep)

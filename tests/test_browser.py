@@ -84,6 +84,13 @@ def _shot(page: Any, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True)
 
 
+def _results(page: Any) -> None:
+    """Wait for a results grid; if an error or nothing shows instead, fail saying what the page shows."""
+    page.wait_for_selector(".results .grid .card-link, .results .notice, .results .empty", timeout=60_000)
+    if not page.query_selector(".results .grid .card-link"):
+        raise AssertionError(f"no results: {page.inner_text('.results')!r}; console: {page.errors}")
+
+
 def _upload(page: Any, base: str, files: list[Path], category: str) -> dict[str, int]:
     page.goto(f"{base}/#/upload")
     page.fill("#upload-category", category)
@@ -115,11 +122,7 @@ def test_upload_search_detail_and_text_search(browser: Any, server: str, images:
     # 2. search with one of them (picked as a file): it comes back first
     page.goto(f"{server}/#/search")
     page.set_input_files("#search-file", str(images[0]))
-    try:
-        page.wait_for_selector(".results .grid .card-link")
-    except Exception:
-        print("RESULTS:", page.inner_text("main"), page.errors)
-        raise
+    _results(page)
     first = page.get_attribute(".results .grid .card-link", "data-image-id")
     assert int(first) == ids["sunset.png"]
     head = page.inner_text(".results-head")
@@ -144,7 +147,7 @@ def test_upload_search_detail_and_text_search(browser: Any, server: str, images:
     page.goto(f"{server}/#/search")
     page.fill("#q", "a red sunset over the sea")
     page.keyboard.press("Enter")
-    page.wait_for_selector(".results .grid .card-link")
+    _results(page)
     assert "“a red sunset over the sea”" in page.inner_text(".results-head h2")
     assert page.url.endswith("q=a+red+sunset+over+the+sea") or "q=a+red+sunset" in page.url
     found = page.eval_on_selector_all(".results .card-link", "els => els.map(e => +e.dataset.imageId)")
@@ -155,7 +158,7 @@ def test_upload_search_detail_and_text_search(browser: Any, server: str, images:
     # the text search is linkable: loading its URL runs it again
     page.goto(page.url)
     page.reload()
-    page.wait_for_selector(".results .grid .card-link")
+    _results(page)
     assert page.input_value("#q") == "a red sunset over the sea"
     assert page.errors == []
 
