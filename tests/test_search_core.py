@@ -166,9 +166,11 @@ def test_duplicates_hidden_unless_asked(session: Session, settings: Settings, sm
         assert _ids(shown)[:4] == before[:4]
 
 
+@pytest.mark.parametrize("flat_max_rows", [5000, 10])  # flat sub-indexes, then HNSW ones (tombstone selector)
 def test_faiss_sees_images_added_moved_and_deleted_after_its_build(session: Session, settings: Settings,
-                                                                   small: Synthetic, scratch: Path) -> None:
-    runtime = _runtime(settings, scratch)
+                                                                   small: Synthetic, scratch: Path,
+                                                                   flat_max_rows: int) -> None:
+    runtime = _runtime(settings, scratch, faiss_flat_max_rows=flat_max_rows)
     service = SearchService(session, runtime)
     index = runtime.faiss.get(session, small.model)
     assert len(index) == len(small.image_ids)
@@ -235,3 +237,17 @@ def test_gaussian_mixture_is_clustered() -> None:
     vectors, labels, centres = gaussian_mixture(4, 50, 16)
     own = np.einsum("ij,ij->i", vectors, centres[labels])
     assert own.mean() > 0.9 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_text_query_on_an_image_only_model_is_a_clear_error(session: Session, settings: Settings) -> None:
+    from imsrc.embeddings import get_embedder
+    from imsrc.search.errors import ModelUnavailableError
+
+    embedder = get_embedder("efficientnet-lite0")
+    cat = make_catalog(session, n_categories=2, per_category=5, dimension=embedder.dimension,
+                       name="efficientnet-lite0")
+    service = SearchService(session, SearchRuntime.create(settings, embedder_factory=lambda name: embedder))
+    with pytest.raises(ModelUnavailableError) as err:
+        service.search_text("a cat", SearchOptions(k=3))
+    assert err.value.status_code == 400 and err.value.code == "text_not_supported"
+    assert "images only" in err.value.message and cat.model.name == "efficientnet-lite0"

@@ -60,7 +60,7 @@ def _binary_copy(columns: list[tuple[str, np.ndarray]], vectors: np.ndarray) -> 
 
 
 def load(database: Database, settings: Settings, vectors: np.ndarray, labels: np.ndarray,
-         n_categories: int) -> tuple[EmbeddingModel, dict[str, float]]:
+         n_categories: int) -> tuple[EmbeddingModel, dict[str, float], np.ndarray, np.ndarray]:
     """Fresh rows for the benchmark model: categories, images, embeddings (COPY), then every index."""
     timings: dict[str, float] = {}
     with database.session() as session:
@@ -114,7 +114,7 @@ def load(database: Database, settings: Settings, vectors: np.ndarray, labels: np
         started = time.perf_counter()
         sync_search(session, settings, model_id=model.id, autogroup_images=False)
         timings["prototypes_s"] = time.perf_counter() - started
-    return model, timings
+    return model, timings, ids, category_of
 
 
 def _maintenance(session: Session) -> None:

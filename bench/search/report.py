@@ -55,9 +55,10 @@ def _table(size: dict[str, Any]) -> list[str]:
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     p = results["params"]
     out = [SECTION, "",
-           f"`bench/search/run.py` on {results['machine']['cpus']} CPUs ({results['machine']['platform']}): "
+           f"`bench/search/run.py` on {results['machine']['cpus']} CPUs ({results['machine']['platform']}), "
+           f"PostgreSQL shared_buffers {results.get('server', {}).get('shared_buffers', '?')}: "
            f"synthetic Gaussian mixture, {p['categories']} categories, {p['dim']}-d unit vectors (noise "
-           f"{p['spread']} of the centre's norm), loaded with binary COPY; {p['queries']} queries from the same "
+           f"{p['spread']} of the centre's norm), loaded with binary COPY; queries drawn from the same "
            f"mixture; k = 10; stage 1 picks {p['fan_out']} categories; hnsw.ef_search / FAISS efSearch "
            f"{p['ef_search']} per category; categories under {p['exact_max_rows']} rows are scanned exactly. "
            "Latency is stage 2 only, measured from Python (includes the round trip), every method on the same "
@@ -78,7 +79,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         if "partition_hnsw_build_s" in b:
             builds += (f" LIST-partitioned copy: {b['partition_copy_s']:.1f} s to copy, per-partition HNSW "
                        f"{b['partition_hnsw_build_s']:.1f} s ({s['partition_hnsw_bytes'] / 2**20:.0f} MiB).")
-        out += [f"### {size['rows']:,} vectors", "", *_table(size), "", summary, builds, ""]
+        out += [f"### {size['rows']:,} vectors ({size['queries']} queries)", "", *_table(size), "", summary, builds, ""]
         cal = size.get("calibration")
         if cal:
             out += [f"One category of {cal['rows_per_category']:,} rows: exact branch p50 "

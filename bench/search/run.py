@@ -95,7 +95,7 @@ def run_size(server_url: str, n: int, args: argparse.Namespace, scratch: Path) -
         rng = np.random.default_rng(2)
         vectors, labels = mixture.sample(n, rng)
         queries, _ = mixture.sample(args.queries, np.random.default_rng(3))
-        model, build = load(db, settings, vectors, labels, args.categories)
+        model, build, ids, cat_arr = load(db, settings, vectors, labels, args.categories)
         store = FaissStore(None, flat_max_rows=settings.faiss_flat_max_rows)
         with db.session() as session:
             started = time.perf_counter()
@@ -104,21 +104,17 @@ def run_size(server_url: str, n: int, args: argparse.Namespace, scratch: Path) -
             sizes = index_sizes(session, model.id)
             sizes["faiss_bytes"] = int(sum(s.index.ntotal * args.dim * 4 + (
                 s.index.ntotal * 2 * 32 * 4 if s.kind == "hnsw" else 0) for s in faiss_index.subs.values()))
-            category_of_id = dict(zip(*[x.tolist() for x in _id_category(session, model.id)], strict=True))
-        if args.partitions:
-            with db.session() as session:
-                part = build_partitions(session, model.id, args.dim, sorted(set(category_of_id.values())))
-            build.update({k: v for k, v in part.items() if k.endswith("_s")})
-            sizes["partition_hnsw_bytes"] = int(part["partition_hnsw_bytes"])
-        ids = np.array(sorted(category_of_id), dtype=np.int64)
-        cat_arr = np.array([category_of_id[i] for i in ids.tolist()])
-        # The benchmark's vectors as the database holds them, for the NumPy ground truth.
-        with db.session() as session:
+            # Binary COPY stored the float32 vectors bit for bit; spot-check that before using them as truth.
             from imsrc.search.repository import VectorRepository
 
-            batch = VectorRepository(session).fetch(model.id, args.dim)
-        assert np.array_equal(batch.image_ids, ids)
-        truth_vectors = batch.vectors
+            check = VectorRepository(session).fetch(model.id, args.dim, image_ids=ids[:: max(1, n // 500)].tolist())
+            assert np.array_equal(check.vectors, vectors[:: max(1, n // 500)])
+        if args.partitions:
+            with db.session() as session:
+                part = build_partitions(session, model.id, args.dim, sorted(set(cat_arr.tolist())))
+            build.update({k: v for k, v in part.items() if k.endswith("_s")})
+            sizes["partition_hnsw_bytes"] = int(part["partition_hnsw_bytes"])
+        truth_vectors = vectors
         result = _measure(db, model, settings, queries, truth_vectors, ids, cat_arr, faiss_index, args)
         result["calibration"] = _calibrate(db, model, settings, queries, truth_vectors, ids, cat_arr, args)
         if args.partitions:
@@ -131,12 +127,6 @@ def run_size(server_url: str, n: int, args: argparse.Namespace, scratch: Path) -
         if not args.keep:
             with psycopg.connect(server_url, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _id_category(session: Any, model_id: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = session.execute(text("SELECT image_id, category_id FROM embeddings WHERE model_id = :m"),
-                           {"m": model_id}).all()
-    return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
 
 
 def _measure(db: Database, model: Any, settings: Settings, queries: np.ndarray, vectors: np.ndarray,
@@ -252,26 +242,52 @@ def main() -> None:
     parser.add_argument("--database-url", default=os.environ.get("IMSRC_BENCH_DATABASE_URL"),
                         help="server to create scratch databases on (default: an embedded one)")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark databases")
+    parser.add_argument("--shared-buffers", default="6GB",
+                        help="shared_buffers for the embedded benchmark server ('' = leave the default)")
     parser.add_argument("--no-partitions", dest="partitions", action="store_false",
                         help="skip the LIST-partitioned comparison table")
     parser.add_argument("--no-report", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--append", action="store_true",
+                        help="merge into the existing results.json (sizes measured now replace the same sizes)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only redraw the plot and BENCHMARKS.md from results.json (and its notes)")
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads((OUT / "results.json").read_text())
+        plot(saved, OUT / "latency.png")
+        write_markdown(saved, ROOT / "BENCHMARKS.md")
+        return
     sizes = args.sizes + ([1_000_000] if args.million else [])
     scratch = ROOT / "bench" / "results" / "tmp" / "search"
     scratch.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "params": {k: v for k, v in vars(args).items() if k != "database_url"}, "sizes": []}
     server = None
     url = args.database_url
     if not url:
         server = EmbeddedServer(scratch / "server")
         url = server.start().url("postgres")
-    results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "params": {k: v for k, v in vars(args).items() if k != "database_url"}, "sizes": []}
+        if args.shared_buffers:
+            # PostgreSQL's default 128 MB cache makes every scan of a 100k+ table go through the OS page
+            # cache (a syscall per 8 KB page); a server that holds a vector catalog is given more.
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(f"ALTER SYSTEM SET shared_buffers = '{args.shared_buffers}'")
+            server.stop()
+            url = server.start().url("postgres")
+    with psycopg.connect(url) as conn:
+        results["server"] = {"shared_buffers": conn.execute("SHOW shared_buffers").fetchone()[0]}  # type: ignore[index]
     try:
         for n in sizes:
             print(f"--- {n} rows", flush=True)
             res = run_size(url, n, args, scratch)
             results["sizes"].append(res)
+            if args.append and (OUT / "results.json").exists():
+                previous = json.loads((OUT / "results.json").read_text())
+                keep = [p for p in previous.get("sizes", []) if p["rows"] not in {r["rows"] for r in results["sizes"]}]
+                results["sizes"] = sorted(keep + results["sizes"], key=lambda r: r["rows"])
+                results["notes"] = previous.get("notes", [])
+                args.append = False  # merged once; later sizes of this run are already in results
             for label, m in res["methods"].items():
                 print(f"{label:55s} p50 {m['p50_ms']:8.2f} ms  p95 {m['p95_ms']:8.2f} ms  "
                       f"recall {m['recall_at_10']:.3f}  rows {m['mean_rows']:.1f}", flush=True)

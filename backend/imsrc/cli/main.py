@@ -21,10 +21,10 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db_commands.app, name="db")
-ingest_commands.register(app)
 app.add_typer(model_commands.app, name="models")
 app.command("backup")(backup_commands.backup_command)
 app.command("restore")(backup_commands.restore_command)
+ingest_commands.register(app)
 search_commands.register(app)
 data_commands.register(app)
 

@@ -27,6 +27,10 @@ from sqlalchemy.orm import Session
 from imsrc.catalog.repository import embedding_expr
 
 Hit = tuple[int, float]  # (image_id, cosine similarity)
+# Denser graphs than pgvector's default (m 16, ef_construction 64): inside one category the true neighbours are
+# nearly tied, and the default graph reached recall@10 ~0.91 there (bench/search); same shape as FAISS's.
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
 
 
 def category_index_name(model_id: int, category_id: int) -> str:
@@ -68,6 +72,7 @@ class NeighbourRepository:
         self.session.execute(text(
             f"CREATE INDEX IF NOT EXISTS {category_index_name(model_id, category_id)} ON embeddings "
             f"USING hnsw ({expr} {_ip_opclass(dimension)}) "
+            f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION}) "
             f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)}"))
 
     def drop_category_index(self, model_id: int, category_id: int) -> None:
