@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from imsrc import __version__
-from imsrc.api import search, system
+from imsrc.api import categories, images, search, system, uploads
 from imsrc.api.errors import install_error_handlers
 from imsrc.api.security import ApiKeyMiddleware
 from imsrc.config import Settings, get_settings
@@ -51,6 +51,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, protect_reads=settings.protect_reads)
     install_error_handlers(app)
     app.include_router(system.router)
+    app.include_router(uploads.router)
+    app.include_router(images.router)
+    app.include_router(categories.router)
     app.include_router(search.router)
     if FRONTEND_DIR.is_dir():
         app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")
