@@ -7,7 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imsrc.embeddings.errors import ModelError
@@ -51,6 +51,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc.orig)
         return error_response(503, "database_unavailable", "the database is not reachable; retry shortly")
+
+    @app.exception_handler(DataError)
+    async def _bad_value(_: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the client sent (a NUL byte in text, a number out of range, ...).
+        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else "invalid value"
+        return error_response(422, "invalid_input", f"a value was not accepted: {detail}")
 
     @app.exception_handler(DBAPIError)
     async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
