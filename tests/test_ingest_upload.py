@@ -44,7 +44,7 @@ def test_ingest_bytes_stores_links_and_reports_failures(session: Session, settin
                           {"i": outcomes[0].image_id}).scalar_one()
     assert np.linalg.norm(np.array(vec.strip("[]").split(","), float)) > 0.999
     proto = session.execute(text("SELECT member_count FROM category_prototypes p JOIN categories c"
-                                 " ON c.id = p.category_id WHERE c.name = 'Uploads'")).scalar_one()
+                                 " ON c.id = p.category_id WHERE c.name = 'Uploads' AND p.kind = 'mean'")).scalar_one()
     assert proto == 2
     # Uploading the same bytes again adds nothing; a re-encode is a near-duplicate of the first.
     again = ingest_bytes(session, embedder, [("again.png", good), ("near.jpg", reencode(good, "JPEG", quality=80))],

@@ -99,6 +99,9 @@ def embed_missing(database: Database, embedder: Embedder, *, workers: int = 0, b
         raise error[0]
     with database.session() as session:
         PrototypeRepository(session).recompute_means(None, model_id)
+        from imsrc.search.sync import sync_search  # prototypes, automatic categories, indexes, predictions
+
+        sync_search(session, database.settings, model_id=model_id, embedder=embedder)
         remaining = IngestRepository(session).missing_embedding_count(model_id)
         status = "interrupted" if stop.is_set() else "completed"
         JobRepository(session).mark(job_id, status, finished=status == "completed")

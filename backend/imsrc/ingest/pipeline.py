@@ -256,6 +256,9 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
         pool.close(cancel=True)
     with database.session() as session:
         PrototypeRepository(session).recompute_means(stages.touched)
+        from imsrc.search.sync import sync_search  # prototypes, automatic categories, indexes, predictions
+
+        sync_search(session, database.settings, model_id=model_id, category_ids=stages.touched, embedder=embedder)
     if progress.total is not None:
         jobs.set_total(job_id, progress.total)
     jobs.mark(job_id, status, "stopped by the user; run the same command again to continue"

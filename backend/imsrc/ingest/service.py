@@ -267,4 +267,7 @@ def ingest_bytes(session: Session, embedder: Embedder, files: Sequence[tuple[str
                        matcher=SqlPhashMatcher(session, settings.duplicate_threshold))
     result = write_batch(session, ctx, batch)
     PrototypeRepository(session).recompute_means(result.touched_categories)
+    from imsrc.search.sync import sync_search  # prototypes, automatic categories, indexes, predictions
+
+    sync_search(session, settings, model_id=model.id, category_ids=result.touched_categories, embedder=embedder)
     return result.outcomes

@@ -1,0 +1,133 @@
+"""Search endpoints: by uploaded image or URL, by text, "more like this", and categories-only (stage 1).
+
+Model inference and database work run in the threadpool (run_in_threadpool), never on the event loop.
+The SearchRuntime (embedders, prototype matrices, FAISS indexes) lives on app.state and is injected.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+
+from imsrc.api.deps import SessionDep, SettingsDep
+from imsrc.config import Settings
+from imsrc.errors import InvalidInputError
+from imsrc.search.schemas import Backend, CategoriesResponse, Mode, SearchOptions, SearchResponse, UrlQuery
+from imsrc.search.service import SearchRuntime
+
+router = APIRouter(prefix="/api/search", tags=["search"])
+
+_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["file"],
+                           "properties": {"file": {"type": "string", "format": "binary",
+                                                   "description": "the query image"}}}},
+            "application/json": {"schema": UrlQuery.model_json_schema()},
+        },
+    }
+}
+
+
+def get_runtime(request: Request) -> SearchRuntime:
+    runtime: SearchRuntime = request.app.state.search_runtime
+    return runtime
+
+
+RuntimeDep = Annotated[SearchRuntime, Depends(get_runtime)]
+
+
+def search_options(
+    k: Annotated[int | None, Query(ge=1, le=1000, description="results (default IMSRC_SEARCH_K)")] = None,
+    categories: Annotated[str | None, Query(
+        description="stage-1 fan-out: a number of categories, or 'auto' (score-mass rule)")] = None,
+    category: Annotated[list[str] | None, Query(
+        description="explicit category filter, repeatable (names or ids); skips stage 1")] = None,
+    mode: Annotated[Mode, Query(description="two_stage (default), ann (no stage 1) or exact")] = "two_stage",
+    backend: Annotated[Backend | None, Query(description="stage-2 backend (default IMSRC_SEARCH_BACKEND)")]
+    = None,
+    model: Annotated[str | None, Query(description="embedding model (default: the active one)")] = None,
+    include_duplicates: Annotated[bool, Query(description="also return non-canonical copies")] = False,
+) -> SearchOptions:
+    fan_out: int | Literal["auto"] | None = None
+    if categories is not None:
+        if categories == "auto":
+            fan_out = "auto"
+        elif categories.isdigit() and int(categories) >= 1:
+            fan_out = int(categories)
+        else:
+            raise InvalidInputError("categories must be a positive integer or 'auto'")
+    try:
+        return SearchOptions(k=k, categories=fan_out, category=category or [], mode=mode, backend=backend,
+                             model=model, include_duplicates=include_duplicates)
+    except ValidationError as exc:
+        raise InvalidInputError(str(exc.errors()[0].get("msg", "invalid search options"))) from exc
+
+
+OptionsDep = Annotated[SearchOptions, Depends(search_options)]
+
+
+async def _image_or_url(request: Request, settings: Settings) -> tuple[bytes | None, str | None]:
+    """The query image from a multipart `file`, or a URL from a JSON body {"url": ...}."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        try:
+            body = UrlQuery.model_validate(json.loads(await request.body() or b"null"))
+        except (ValueError, ValidationError) as exc:
+            raise InvalidInputError('send JSON {"url": "https://..."} or a multipart file') from exc
+        return None, body.url
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=1)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise InvalidInputError("multipart field 'file' with the query image is missing")
+        data = await upload.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise InvalidInputError(f"the upload is larger than {settings.max_upload_bytes} bytes "
+                                    "(IMSRC_MAX_UPLOAD_BYTES)")
+        return data, None
+    raise InvalidInputError('send the image as multipart field "file", or JSON {"url": "https://..."}')
+
+
+@router.post("/image", response_model=SearchResponse, openapi_extra=_BODY_DOC,
+             summary="Search by an uploaded image or an image URL")
+async def search_image(request: Request, session: SessionDep, settings: SettingsDep, runtime: RuntimeDep,
+                       options: OptionsDep) -> SearchResponse:
+    data, url = await _image_or_url(request, settings)
+    service = runtime.service(session)
+    if url is not None:
+        return await run_in_threadpool(service.search_url, url, options)
+    assert data is not None
+    return await run_in_threadpool(service.search_image, data, options)
+
+
+@router.get("/text", response_model=SearchResponse, summary="Search by text (CLIP-family models)")
+async def search_text(session: SessionDep, runtime: RuntimeDep, options: OptionsDep,
+                      q: Annotated[str, Query(min_length=1, max_length=1000, description="the text query")]
+                      ) -> SearchResponse:
+    return await run_in_threadpool(runtime.service(session).search_text, q, options)
+
+
+@router.get("/similar/{image_id}", response_model=SearchResponse, summary="More like this indexed image")
+async def search_similar(session: SessionDep, runtime: RuntimeDep, options: OptionsDep,
+                         image_id: Annotated[int, Path(ge=1)]) -> SearchResponse:
+    return await run_in_threadpool(runtime.service(session).similar, image_id, options)
+
+
+@router.post("/categories", response_model=CategoriesResponse, openapi_extra=_BODY_DOC,
+             summary="Which categories is this image like? (stage 1 alone, with scores)")
+async def search_categories(request: Request, session: SessionDep, settings: SettingsDep, runtime: RuntimeDep,
+                            model: Annotated[str | None, Query()] = None,
+                            limit: Annotated[int | None, Query(ge=1, le=1000)] = None) -> CategoriesResponse:
+    data, url = await _image_or_url(request, settings)
+    service = runtime.service(session)
+    if url is not None:
+        return await run_in_threadpool(service.categories_for_url, url, model_name=model, limit=limit)
+    assert data is not None
+    return await run_in_threadpool(service.categories_for_image, data, model_name=model, limit=limit)

@@ -1,0 +1,196 @@
+"""`imsrc search image|text|categories`, `imsrc similar`, `imsrc categories list|rename|sync`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from imsrc.cli.output import err_console, print_json, print_table
+from imsrc.errors import InvalidInputError, NotFoundError
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+KOpt = Annotated[int | None, typer.Option("-k", "--k", min=1, max=1000, help="Results (default IMSRC_SEARCH_K).")]
+CategoriesOpt = Annotated[str | None, typer.Option(
+    "--categories", help="Stage-1 fan-out: how many categories to search, or 'auto'.")]
+CategoryOpt = Annotated[list[str] | None, typer.Option(
+    "--category", help="Only these categories (repeatable; name or id); skips stage 1.")]
+ExactOpt = Annotated[bool, typer.Option("--exact", help="Exact scan (same as --mode exact).")]
+ModeOpt = Annotated[str, typer.Option("--mode", help="two_stage, ann or exact.")]
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="pgvector or faiss (default IMSRC_SEARCH_BACKEND).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Embedding model (default: the active one).")]
+DupOpt = Annotated[bool, typer.Option("--include-duplicates", help="Also show non-canonical copies.")]
+
+search_app = typer.Typer(help="Search the catalog by image, URL or text.", no_args_is_help=True)
+categories_app = typer.Typer(help="Categories: list, rename, re-sync prototypes.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(search_app, name="search")
+    app.add_typer(categories_app, name="categories")
+    app.command("similar")(similar)
+
+
+def _options(k: int | None, categories: str | None, category: list[str] | None, exact: bool, mode: str,
+             backend: str | None, model: str | None, include_duplicates: bool) -> Any:
+    from pydantic import ValidationError
+
+    from imsrc.search.schemas import SearchOptions
+
+    fan_out: int | Literal["auto"] | None = None
+    if categories is not None:
+        if categories != "auto" and not (categories.isdigit() and int(categories) >= 1):
+            raise InvalidInputError("--categories must be a positive integer or 'auto'")
+        fan_out = "auto" if categories == "auto" else int(categories)
+    try:
+        return SearchOptions.model_validate({
+            "k": k, "categories": fan_out, "category": category or [], "mode": "exact" if exact else mode,
+            "backend": backend, "model": model, "include_duplicates": include_duplicates})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InvalidInputError(f"--{err['loc'][0]}: {err['msg']}") from exc
+
+
+def _service(ctx: typer.Context) -> Any:
+    from imsrc.search.service import SearchRuntime
+
+    runtime = getattr(ctx.obj, "search_runtime", None)
+    if runtime is None:
+        runtime = ctx.obj.search_runtime = SearchRuntime.create(ctx.obj.settings)
+    return runtime
+
+
+def _show(response: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(response.model_dump())
+        return
+    rows = [[i + 1, r.id, f"{r.score:.4f}", r.category or "", r.duplicates, r.file_url]
+            for i, r in enumerate(response.results)]
+    print_table(["#", "id", "score", "category", "duplicates", "file"], rows,
+                title=f"{len(rows)} results ({response.mode}, {response.backend or 'exact scan'}, {response.model})")
+    if response.stage1:
+        err_console.print("stage 1: " + ", ".join(f"{c.category} {c.score:.3f}" for c in response.stage1))
+    t = response.timings_ms
+    err_console.print(f"timings: embed {t.embed:.1f} ms, stage 1 {t.stage1:.1f} ms, stage 2 {t.stage2:.1f} ms, "
+                      f"total {t.total:.1f} ms")
+
+
+def _read_image(source: str) -> tuple[bytes | None, str | None]:
+    if source.startswith(("http://", "https://")):
+        return None, source
+    path = Path(source)
+    if not path.is_file():
+        raise NotFoundError(f"no such image file: {source}")
+    return path.read_bytes(), None
+
+
+@search_app.command("image")
+def search_image(ctx: typer.Context,
+                 source: Annotated[str, typer.Argument(help="An image file, or an http(s) URL.")],
+                 k: KOpt = None, categories: CategoriesOpt = None, category: CategoryOpt = None,
+                 exact: ExactOpt = False, mode: ModeOpt = "two_stage", backend: BackendOpt = None,
+                 model: ModelOpt = None, include_duplicates: DupOpt = False, as_json: JsonOpt = False) -> None:
+    """Images most like this one."""
+    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates)
+    data, url = _read_image(source)
+    with ctx.obj.database().session() as session:
+        service = _service(ctx).service(session)
+        response = service.search_url(url, options) if url else service.search_image(data, options)
+    _show(response, as_json)
+
+
+@search_app.command("text")
+def search_text(ctx: typer.Context, query: Annotated[str, typer.Argument(help="What to look for.")],
+                k: KOpt = None, categories: CategoriesOpt = None, category: CategoryOpt = None,
+                exact: ExactOpt = False, mode: ModeOpt = "two_stage", backend: BackendOpt = None,
+                model: ModelOpt = None, include_duplicates: DupOpt = False, as_json: JsonOpt = False) -> None:
+    """Images matching a text description (CLIP-family models)."""
+    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates)
+    with ctx.obj.database().session() as session:
+        response = _service(ctx).service(session).search_text(query, options)
+    _show(response, as_json)
+
+
+@search_app.command("categories")
+def search_categories(ctx: typer.Context,
+                      source: Annotated[str, typer.Argument(help="An image file, or an http(s) URL.")],
+                      limit: Annotated[int | None, typer.Option(min=1, help="Show only the top N.")] = None,
+                      model: ModelOpt = None, as_json: JsonOpt = False) -> None:
+    """Which categories is this image like? (stage 1 alone, with scores)"""
+    data, url = _read_image(source)
+    with ctx.obj.database().session() as session:
+        service = _service(ctx).service(session)
+        response = (service.categories_for_url(url, model_name=model, limit=limit) if url
+                    else service.categories_for_image(data, model_name=model, limit=limit))
+    if as_json:
+        print_json(response.model_dump())
+        return
+    print_table(["category", "id", "score"], [[c.category, c.category_id, f"{c.score:.4f}"]
+                                              for c in response.categories], title=f"categories ({response.model})")
+
+
+def similar(ctx: typer.Context, image_id: Annotated[int, typer.Argument(help="An indexed image's id.")],
+            k: KOpt = None, categories: CategoriesOpt = None, category: CategoryOpt = None,
+            exact: ExactOpt = False, mode: ModeOpt = "two_stage", backend: BackendOpt = None,
+            model: ModelOpt = None, include_duplicates: DupOpt = False, as_json: JsonOpt = False) -> None:
+    """More like this: images nearest to an indexed image (itself left out)."""
+    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates)
+    with ctx.obj.database().session() as session:
+        response = _service(ctx).service(session).similar(image_id, options)
+    _show(response, as_json)
+
+
+@categories_app.command("list")
+def categories_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Categories with image counts, prototypes and whether they were made automatically."""
+    from imsrc.catalog.repository import CategoryRepository
+
+    with ctx.obj.database().session() as session:
+        rows = CategoryRepository(session).list_with_counts()
+    if as_json:
+        print_json(rows)
+        return
+    cols = ["id", "name", "is_automatic", "image_count", "unique_image_count", "prototype_count"]
+    print_table(cols, [[r[c] for c in cols] for r in rows], title="Categories")
+
+
+@categories_app.command("rename")
+def categories_rename(ctx: typer.Context, category: Annotated[str, typer.Argument(help="Name or id.")],
+                      new_name: Annotated[str, typer.Argument(help="The new name.")]) -> None:
+    """Rename a category; an automatic one becomes a real category."""
+    from imsrc.search.repository import SearchCategoryRepository
+
+    if not new_name.strip():
+        raise InvalidInputError("the new name is empty")
+    with ctx.obj.database().session() as session:
+        repo = SearchCategoryRepository(session)
+        found = repo.resolve(category)
+        if found is None:
+            raise NotFoundError(f"no category named {category!r}")
+        if repo.name_taken(new_name) and repo.resolve(new_name) != found:
+            raise InvalidInputError(f"a category named {new_name!r} already exists")
+        repo.rename(found, new_name)
+    err_console.print(f"category {found} is now {new_name.strip()!r}")
+
+
+@categories_app.command("sync")
+def categories_sync(ctx: typer.Context,
+                    regroup: Annotated[bool, typer.Option(help="Redo the automatic grouping now.")] = False,
+                    as_json: JsonOpt = False) -> None:
+    """Bring prototypes, automatic categories, per-category indexes and predictions up to date."""
+    from imsrc.search.sync import sync_search
+
+    settings = ctx.obj.settings
+    with ctx.obj.database().session() as session:
+        from imsrc.catalog.repository import ModelRepository
+
+        active = ModelRepository(session).active()
+        embedder = None
+        if active is not None and active.supports_text:
+            embedder = _service(ctx).embedder_factory(active.name)
+        report = sync_search(session, settings, embedder=embedder, force_regroup=regroup)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        err_console.print(", ".join(f"{k}: {v}" for k, v in report.as_dict().items()))

@@ -1,0 +1,189 @@
+"""FaissStore: builds, saves, loads and keeps current one FaissModelIndex per model.
+
+Consistency: the build remembers the snapshot it started from (xmax and the transactions then in progress).
+Before each search the store reads the embedding_changes rows that snapshot could not see (triggers write
+one per insert, delete or category move, whoever makes it), re-reads those images' current rows, applies
+them and moves the watermark. So an image added or deleted after a build is seen by the next query.
+
+Persistence: under data_dir/faiss/model-<id>/, one .faiss file and one ids .npy per category, plus meta.json
+with the model, dimension, catalog id, watermark and each file's size and SHA-256. A load that fails any
+check (other catalog, other model, truncated or altered file, count mismatch) is discarded and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from sqlalchemy.orm import Session
+
+from imsrc.catalog.models import EmbeddingModel
+from imsrc.search.faiss_index import FaissModelIndex, SubIndex
+from imsrc.search.repository import ChangeLogRepository, SearchStateRepository, VectorRepository, Watermark
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+CATALOG_KEY = "catalog"
+NO_CATEGORY = -1
+
+
+def catalog_identity(session: Session) -> str:
+    """A random id stored in the catalog itself, so an index saved for another database is never trusted."""
+    state = SearchStateRepository(session)
+    value = state.get(CATALOG_KEY).get("id")
+    if not value:
+        value = uuid.uuid4().hex
+        state.put(CATALOG_KEY, {"id": value})
+    return str(value)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FaissStore:
+    """Created once per process (app.state / CLI context) and injected into the search service."""
+
+    def __init__(self, data_dir: Path | None, *, flat_max_rows: int) -> None:
+        self.root = None if data_dir is None else Path(data_dir) / "faiss"
+        self.flat_max_rows = flat_max_rows
+        self._lock = threading.Lock()
+        self._indexes: dict[int, FaissModelIndex] = {}
+        self.last_build_s: float | None = None
+
+    def get(self, session: Session, model: EmbeddingModel) -> FaissModelIndex:
+        """The model's index, current as of this session's snapshot."""
+        with self._lock:
+            index = self._indexes.get(model.id)
+            if index is None:
+                index = self._load(session, model) or self.build(session, model)
+                self._indexes[model.id] = index
+        self.catch_up(session, index)
+        return index
+
+    def build(self, session: Session, model: EmbeddingModel, *, save: bool = True) -> FaissModelIndex:
+        started = time.perf_counter()
+        changes = ChangeLogRepository(session)
+        mark = changes.snapshot()  # taken before reading: nothing committed later is missed
+        watermark = Watermark(mark.xmax, mark.xip, mark.own_xid, changes.own_max_seq(model.id, mark.own_xid))
+        vectors = VectorRepository(session)
+        index = FaissModelIndex(model_id=model.id, model_name=model.name, dimension=model.dimension,
+                                flat_max_rows=self.flat_max_rows, watermark=watermark)
+        for category_id in sorted(vectors.category_counts(model.id), key=lambda c: -1 if c is None else c):
+            batch = vectors.fetch(model.id, model.dimension, category_ids=None if category_id is None else
+                                  [category_id], uncategorised=category_id is None)
+            index.add_category(NO_CATEGORY if category_id is None else category_id, batch.image_ids, batch.vectors)
+        self.last_build_s = time.perf_counter() - started
+        log.info("built FAISS index for %s: %d vectors in %.1f s", model.name, len(index), self.last_build_s)
+        if save and self.root is not None:
+            self.save(session, index)
+        return index
+
+    def catch_up(self, session: Session, index: FaissModelIndex) -> int:
+        changes = ChangeLogRepository(session)
+        with index.lock:
+            mark = changes.snapshot()
+            rows = changes.since(index.model_id, index.watermark)
+            changed = sorted({image_id for _, _, image_id in rows})
+            if changed:
+                batch = VectorRepository(session).fetch(index.model_id, index.dimension, image_ids=changed)
+                cats = np.where(batch.category_ids < 0, NO_CATEGORY, batch.category_ids)
+                index.apply(changed, batch.image_ids, cats, batch.vectors)
+            own_seq = max([seq for seq, xid, _ in rows if xid == mark.own_xid], default=0)
+            if mark.own_xid is not None and mark.own_xid == index.watermark.own_xid:
+                own_seq = max(own_seq, index.watermark.own_seq)
+            index.watermark = Watermark(mark.xmax, mark.xip, mark.own_xid, own_seq)
+        return len(changed)
+
+    def invalidate(self, model_id: int | None = None) -> None:
+        with self._lock:
+            if model_id is None:
+                self._indexes.clear()
+            else:
+                self._indexes.pop(model_id, None)
+
+    # ------------------------------------------------------------------ persistence
+    def _dir(self, model_id: int) -> Path:
+        assert self.root is not None
+        return self.root / f"model-{int(model_id)}"
+
+    def save(self, session: Session, index: FaissModelIndex) -> Path:
+        target = self._dir(index.model_id)
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        files: list[dict[str, Any]] = []
+        with index.lock:
+            for category_id, sub in list(index.subs.items()):
+                if sub.removed:  # save compacted: tombstones are not persisted
+                    index._rebuild(category_id)
+            for category_id, sub in index.subs.items():
+                faiss.write_index(sub.index, str(tmp / f"c{category_id}.faiss"))
+                np.save(tmp / f"c{category_id}.ids.npy", sub.ids)
+                files.append({"category": category_id, "kind": sub.kind, "count": len(sub.ids)})
+            meta = {"format": FORMAT_VERSION, "catalog": catalog_identity(session), "model_id": index.model_id,
+                    "model": index.model_name, "dimension": index.dimension, "watermark": index.watermark.as_dict(),
+                    "flat_max_rows": index.flat_max_rows, "count": len(index), "subs": files}
+        for entry in files:
+            for suffix in (".faiss", ".ids.npy"):
+                path = tmp / f"c{entry['category']}{suffix}"
+                entry[suffix] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)  # readers see the old directory or the complete new one
+        return target
+
+    def _load(self, session: Session, model: EmbeddingModel) -> FaissModelIndex | None:
+        if self.root is None:
+            return None
+        folder = self._dir(model.id)
+        if not (folder / "meta.json").is_file():
+            return None
+        try:
+            return self._read(session, model, folder)
+        except Exception as exc:  # any defect means: do not trust it, rebuild from the database
+            log.warning("discarding saved FAISS index in %s: %s", folder, exc)
+            return None
+
+    def _read(self, session: Session, model: EmbeddingModel, folder: Path) -> FaissModelIndex:
+        meta = json.loads((folder / "meta.json").read_text())
+        expected = {"format": FORMAT_VERSION, "catalog": catalog_identity(session), "model_id": model.id,
+                    "model": model.name, "dimension": model.dimension, "flat_max_rows": self.flat_max_rows}
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise ValueError(f"{key} is {meta.get(key)!r}, expected {value!r}")
+        watermark = Watermark.from_dict(meta["watermark"])
+        if watermark.xmax > ChangeLogRepository(session).snapshot().xmax:
+            raise ValueError("watermark is ahead of the database (restored from an older backup?)")
+        index = FaissModelIndex(model_id=model.id, model_name=model.name, dimension=model.dimension,
+                                flat_max_rows=self.flat_max_rows, watermark=watermark)
+        for entry in meta["subs"]:
+            paths = {s: folder / f"c{entry['category']}{s}" for s in (".faiss", ".ids.npy")}
+            for suffix, path in paths.items():
+                if path.stat().st_size != entry[suffix]["bytes"] or _sha256(path) != entry[suffix]["sha256"]:
+                    raise ValueError(f"{path.name} does not match its checksum")
+            sub_index = faiss.read_index(str(paths[".faiss"]))
+            ids = np.load(paths[".ids.npy"])
+            if sub_index.d != model.dimension or sub_index.ntotal != len(ids) or len(ids) != entry["count"]:
+                raise ValueError(f"sub-index for category {entry['category']} has inconsistent sizes")
+            category = int(entry["category"])
+            index.subs[category] = SubIndex(sub_index, ids.astype(np.int64))
+            for pos, image_id in enumerate(ids.tolist()):
+                index.where[image_id] = (category, pos)
+        if len(index) != meta["count"]:
+            raise ValueError("image count does not match")
+        return index

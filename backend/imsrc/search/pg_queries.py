@@ -1,0 +1,156 @@
+"""Stage-2 SQL on pgvector, and the per-category HNSW indexes it relies on.
+
+Why per-category partial indexes: a category filter on the one per-model HNSW index is a post-filter (the
+graph walk finds ef_search candidates, then the filter drops most of them: 0.3 rows of 10 in the design
+probe), and iterative scans still reach only recall 0.07-0.19 on categories far from the query. A partial
+HNSW index per (model, category) holds only that category's rows, so its walk never wastes candidates, and
+a UNION ALL of one `ORDER BY ... LIMIT n` per chosen category returns n rows from each whatever the query.
+Small categories get no index: an exact scan of a few thousand rows via the (model_id, category_id) btree
+is as fast and exact (threshold chosen by bench/search/run.py, see BENCHMARKS.md).
+
+The per-category indexes use the inner-product opclass (vectors are unit length, so the order equals cosine
+order). The per-model index uses cosine, so it can never serve a per-category `<#>` ordering: the plan is
+decided by construction, not by the planner's cost guess. Exact branches order by `(... <=> q) + 0`, which
+no index can serve. enable_sort/enable_seqscan are switched off (locally) so each branch takes its index.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from imsrc.catalog.repository import embedding_expr
+
+Hit = tuple[int, float]  # (image_id, cosine similarity)
+# Denser graphs than pgvector's default (m 16, ef_construction 64): inside one category the true neighbours are
+# nearly tied, and the default graph reached recall@10 ~0.91 there (bench/search); same shape as FAISS's.
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+
+
+def category_index_name(model_id: int, category_id: int) -> str:
+    return f"ix_embeddings_ip_m{int(model_id)}_c{int(category_id)}"
+
+
+def _ip_opclass(dimension: int) -> str:
+    return "vector_ip_ops" if "vector(" in embedding_expr(dimension) else "halfvec_ip_ops"
+
+
+@dataclass(frozen=True)
+class HitInfo:
+    id: int
+    category_id: int | None
+    category: str | None
+    canonical_id: int | None
+    duplicates: int
+
+
+class NeighbourRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    # ------------------------------------------------------------------ per-category indexes
+    def category_indexes(self, model_id: int) -> set[int]:
+        prefix = f"ix_embeddings_ip_m{int(model_id)}_c"
+        rows = self.session.execute(
+            text("SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings' AND indexname LIKE :p"),
+            {"p": prefix + "%"})
+        out = set()
+        for (name,) in rows:
+            match = re.fullmatch(re.escape(prefix) + r"(\d+)", name)
+            if match:
+                out.add(int(match.group(1)))
+        return out
+
+    def create_category_index(self, model_id: int, dimension: int, category_id: int) -> None:
+        expr = embedding_expr(dimension)
+        self.session.execute(text(
+            f"CREATE INDEX IF NOT EXISTS {category_index_name(model_id, category_id)} ON embeddings "
+            f"USING hnsw ({expr} {_ip_opclass(dimension)}) "
+            f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION}) "
+            f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)}"))
+
+    def drop_category_index(self, model_id: int, category_id: int) -> None:
+        self.session.execute(text(f"DROP INDEX IF EXISTS {category_index_name(model_id, category_id)}"))
+
+    # ------------------------------------------------------------------ neighbour queries
+    @contextmanager
+    def _plan(self, **settings: str) -> Iterator[None]:
+        """Planner settings for one query, restored afterwards (two round trips, not one per setting)."""
+        names = list(settings)
+        # missing_ok: pgvector's hnsw.* settings do not exist in a backend that has not loaded the vector
+        # library yet (a fresh pooled connection whose first statement this is); restoring NULL resets them.
+        get = ", ".join(f"current_setting(:n{i}, true)" for i in range(len(names)))
+        put = ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(names)))
+        params = {f"n{i}": n for i, n in enumerate(names)}
+        before = self.session.execute(text(f"SELECT {get}, {put}"),
+                                      {**params, **{f"v{i}": settings[n] for i, n in enumerate(names)}}).one()
+        try:
+            yield
+        finally:
+            self.session.execute(text(f"SELECT {put}"),
+                                 {**params, **{f"v{i}": before[i] for i in range(len(names))}})
+
+    def per_category(self, model_id: int, dimension: int, query: str, categories: Sequence[tuple[int, bool]],
+                     limit: int, ef_search: int) -> list[Hit]:
+        """Top `limit` over the union of categories; each (category_id, indexed) says which branch to use."""
+        if not categories:
+            return []
+        expr = embedding_expr(dimension)
+        q = f"CAST(:q AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
+        branches = []
+        for category_id, indexed in categories:
+            order = f"{expr} <#> {q}" if indexed else f"({expr} <=> {q}) + 0"
+            branches.append(
+                f"(SELECT image_id, {expr} AS e FROM embeddings WHERE model_id = {int(model_id)} "
+                f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})")
+        sql = (f"SELECT image_id, 1 - (e <=> {q}) AS score FROM ({' UNION ALL '.join(branches)}) s "
+               f"ORDER BY score DESC, image_id LIMIT {int(limit)}")
+        with self._plan(**{"hnsw.ef_search": str(max(ef_search, limit)), "enable_sort": "off",
+                           "enable_seqscan": "off"}):
+            rows = self.session.execute(text(sql), {"q": query}).all()
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    def count_in(self, model_id: int, category_ids: Sequence[int]) -> int:
+        return int(self.session.execute(text(
+            f"SELECT count(*) FROM embeddings WHERE model_id = {int(model_id)} AND category_id IN "
+            f"({','.join(str(int(c)) for c in category_ids) or 'NULL'})")).scalar_one())
+
+    def global_ann(self, model_id: int, dimension: int, query: str, limit: int, ef_search: int) -> list[Hit]:
+        """The per-model cosine HNSW index over every image (mode `ann` without a category filter)."""
+        expr = embedding_expr(dimension)
+        q = f"CAST(:q AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
+        sql = (f"SELECT image_id, 1 - ({expr} <=> {q}) AS score FROM embeddings WHERE model_id = {int(model_id)} "
+               f"ORDER BY {expr} <=> {q} LIMIT {int(limit)}")
+        with self._plan(**{"hnsw.ef_search": str(max(ef_search, limit)), "enable_sort": "off",
+                           "enable_seqscan": "off", "hnsw.iterative_scan": "relaxed_order"}):
+            rows = self.session.execute(text(sql), {"q": query}).all()
+        return sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda h: (-h[1], h[0]))
+
+    def exact(self, model_id: int, query: str, limit: int, category_ids: Sequence[int] | None) -> list[Hit]:
+        """Brute force over the model's vectors (optionally within categories): the ground truth."""
+        where = f"model_id = {int(model_id)}"
+        if category_ids is not None:
+            where += f" AND category_id IN ({','.join(str(int(c)) for c in category_ids) or 'NULL'})"
+        # Full precision vectors and `+ 0`, so no (approximate) index can take over the ordering.
+        sql = (f"SELECT image_id, 1 - (embedding <=> CAST(:q AS vector)) AS score FROM embeddings WHERE {where} "
+               f"ORDER BY (embedding <=> CAST(:q AS vector)) + 0, image_id LIMIT {int(limit)}")
+        rows = self.session.execute(text(sql), {"q": query}).all()
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    # ------------------------------------------------------------------ results
+    def hydrate(self, image_ids: Sequence[int]) -> dict[int, HitInfo]:
+        if not image_ids:
+            return {}
+        rows = self.session.execute(
+            text("SELECT i.id, i.category_id, c.name, i.canonical_id,"
+                 " (SELECT count(*) FROM images d WHERE d.canonical_id = i.id) AS duplicates"
+                 " FROM images i LEFT JOIN categories c ON c.id = i.category_id WHERE i.id = ANY(:ids)"),
+            {"ids": list(image_ids)})
+        return {int(r[0]): HitInfo(int(r[0]), None if r[1] is None else int(r[1]), r[2],
+                                   None if r[3] is None else int(r[3]), int(r[4])) for r in rows}

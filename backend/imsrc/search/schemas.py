@@ -1,0 +1,65 @@
+"""Search requests and responses (API schemas, also what `--json` prints)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Mode = Literal["two_stage", "ann", "exact"]
+Backend = Literal["pgvector", "faiss"]
+
+
+class SearchOptions(BaseModel):
+    k: int | None = Field(default=None, ge=1, le=1000, description="results to return (default IMSRC_SEARCH_K)")
+    categories: int | Literal["auto"] | None = Field(
+        default=None, description="stage-1 fan-out: how many categories to search, or 'auto' for as many as "
+        "cover IMSRC_SEARCH_SCORE_MASS of the score mass (default IMSRC_SEARCH_CATEGORIES)")
+    category: list[str] = Field(default_factory=list,
+                                description="explicit category filter (names or ids); skips stage 1")
+    mode: Mode = "two_stage"
+    backend: Backend | None = Field(default=None, description="stage-2 backend (default IMSRC_SEARCH_BACKEND)")
+    model: str | None = Field(default=None, description="embedding model (default: the active one)")
+    include_duplicates: bool = False
+
+
+class SearchHit(BaseModel):
+    id: int
+    score: float = Field(description="cosine similarity to the query")
+    category: str | None
+    category_id: int | None
+    thumbnail_url: str
+    file_url: str
+    duplicates: int = Field(description="near-duplicate copies of this image in the catalog")
+
+
+class CategoryHit(BaseModel):
+    category: str
+    category_id: int
+    score: float = Field(description="cosine similarity to the category's best prototype")
+
+
+class Timings(BaseModel):
+    embed: float
+    stage1: float
+    stage2: float
+    total: float
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    stage1: list[CategoryHit]
+    timings_ms: Timings
+    model: str
+    mode: Mode
+    backend: Backend | None = Field(description="stage-2 backend used (none for exact)")
+
+
+class CategoriesResponse(BaseModel):
+    categories: list[CategoryHit]
+    timings_ms: Timings
+    model: str
+
+
+class UrlQuery(BaseModel):
+    url: str = Field(description="http(s) URL of an image to search with")

@@ -1,0 +1,274 @@
+"""SearchService: query -> vector -> stage 1 (categories) -> stage 2 (neighbours) -> results. Never commits.
+
+Heavy objects (embedders, the prototype matrices, FAISS indexes) come from a SearchRuntime made once per
+process; a service is cheap and lives for one request or command.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sqlalchemy.orm import Session
+
+from imsrc.catalog.models import EmbeddingModel
+from imsrc.catalog.repository import ModelRepository
+from imsrc.config import Settings
+from imsrc.errors import InvalidInputError, NotFoundError
+from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
+from imsrc.search.faiss_store import FaissStore
+from imsrc.search.pg_queries import Hit, NeighbourRepository
+from imsrc.search.repository import SearchCategoryRepository, VectorRepository, vector_literal
+from imsrc.search.schemas import CategoriesResponse, CategoryHit, SearchHit, SearchOptions, SearchResponse, Timings
+from imsrc.search.stage1 import CategoryScore, PrototypeCache, choose
+from imsrc.search.urlfetch import fetch_image_bytes
+
+EmbedderFactory = Callable[[str], object]
+MAX_FETCH = 10_000  # most candidates one stage-2 round asks for while skipping duplicates
+INDEX_CACHE_SECONDS = 10.0
+
+
+@contextmanager
+def model_errors() -> Iterator[None]:
+    """The model layer's errors carry status and code but are not ImsrcErrors: re-raise them as ones."""
+    from imsrc.embeddings.errors import ModelError
+
+    try:
+        yield
+    except ModelError as exc:
+        raise ModelUnavailableError(str(exc), status_code=exc.status_code, code=exc.code) from exc
+
+
+@dataclass
+class SearchRuntime:
+    """Per-process search state, created once (app lifespan / CLI context) and injected."""
+
+    settings: Settings
+    embedder_factory: EmbedderFactory
+    prototypes: PrototypeCache
+    faiss: FaissStore
+    _index_cache: dict[int, tuple[float, set[int]]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, settings: Settings, embedder_factory: EmbedderFactory | None = None) -> SearchRuntime:
+        return cls(settings=settings, embedder_factory=embedder_factory or default_embedder_factory(settings),
+                   prototypes=PrototypeCache(),
+                   faiss=FaissStore(settings.resolved_data_dir, flat_max_rows=settings.faiss_flat_max_rows))
+
+    def service(self, session: Session) -> SearchService:
+        return SearchService(session, self)
+
+    def category_indexes(self, session: Session, model_id: int) -> set[int]:
+        """Which categories have a per-category HNSW index, cached for a few seconds. A stale answer only
+        costs speed, never correctness: without its index a branch is still an exact (sorted) scan."""
+        now = time.monotonic()
+        hit = self._index_cache.get(model_id)
+        if hit is None or now - hit[0] > INDEX_CACHE_SECONDS:
+            hit = (now, NeighbourRepository(session).category_indexes(model_id))
+            self._index_cache[model_id] = hit
+        return hit[1]
+
+
+def default_embedder_factory(settings: Settings) -> EmbedderFactory:
+    def factory(name: str) -> object:
+        from imsrc.embeddings import get_embedder
+
+        device = None if settings.device == "auto" else settings.device
+        with model_errors():
+            checkpoint = settings.model_checkpoint
+            cache_dir = settings.model_cache_dir
+            return get_embedder(name, device=device, precision=settings.precision,
+                                checkpoint=None if checkpoint is None else str(checkpoint),
+                                cache_dir=None if cache_dir is None else str(cache_dir))
+
+    return factory
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise NotAnImageError("the upload is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise InvalidInputError(f"the image has {image.width}x{image.height} pixels; the limit is {max_pixels}")
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
+        raise NotAnImageError("the data is not an image Pillow can read") from exc
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
+class SearchService:
+    def __init__(self, session: Session, runtime: SearchRuntime) -> None:
+        self.session = session
+        self.runtime = runtime
+        self.settings = runtime.settings
+
+    # ------------------------------------------------------------------ queries
+    def model(self, name: str | None) -> EmbeddingModel:
+        models = ModelRepository(self.session)
+        model = models.by_name(name) if name else models.active()
+        if model is None:
+            if name:
+                raise NotFoundError(f"model {name!r} has not indexed any images in this catalog")
+            raise NoModelError("no embedding model is active yet: index some images first (imsrc index PATH)")
+        return model
+
+    def embed_image(self, model: EmbeddingModel, data: bytes) -> np.ndarray:
+        image = decode_image(data, self.settings.max_pixels)
+        with model_errors():
+            embedder = self.runtime.embedder_factory(model.name)
+            tensor = embedder.preprocess(image)  # type: ignore[attr-defined]
+            return np.asarray(embedder.encode_images(tensor.unsqueeze(0))[0], dtype=np.float32)  # type: ignore[attr-defined]
+
+    def embed_text(self, model: EmbeddingModel, query: str) -> np.ndarray:
+        if not query.strip():
+            raise InvalidInputError("the text query is empty")
+        from imsrc.embeddings import encode_text_query
+
+        with model_errors():
+            embedder = self.runtime.embedder_factory(model.name)
+            return np.asarray(encode_text_query(embedder, query.strip()), dtype=np.float32)  # type: ignore[arg-type]
+
+    def search_image(self, data: bytes, options: SearchOptions) -> SearchResponse:
+        model = self.model(options.model)
+        started = time.perf_counter()
+        vector = self.embed_image(model, data)
+        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started)
+
+    def search_url(self, url: str, options: SearchOptions) -> SearchResponse:
+        model = self.model(options.model)
+        started = time.perf_counter()
+        vector = self.embed_image(model, self._fetch(url))
+        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started)
+
+    def _fetch(self, url: str) -> bytes:
+        return fetch_image_bytes(url, timeout_s=self.settings.url_fetch_timeout_s,
+                                 max_bytes=self.settings.max_upload_bytes,
+                                 allow_private=self.settings.url_fetch_allow_private)
+
+    def search_text(self, query: str, options: SearchOptions) -> SearchResponse:
+        model = self.model(options.model)
+        started = time.perf_counter()
+        vector = self.embed_text(model, query)
+        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started)
+
+    def similar(self, image_id: int, options: SearchOptions) -> SearchResponse:
+        """More like this: the stored vector of an indexed image, the image itself left out."""
+        model = self.model(options.model)
+        started = time.perf_counter()
+        vector = VectorRepository(self.session).image_vector(model.id, image_id)
+        if vector is None:
+            if not NeighbourRepository(self.session).hydrate([image_id]):
+                raise NotFoundError(f"image {image_id} does not exist")
+            raise NotFoundError(f"image {image_id} has no embedding for model {model.name} yet")
+        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started, exclude=image_id)
+
+    def categories_for_url(self, url: str, *, model_name: str | None = None,
+                           limit: int | None = None) -> CategoriesResponse:
+        return self.categories_for_image(self._fetch(url), model_name=model_name, limit=limit)
+
+    def categories_for_image(self, data: bytes, *, model_name: str | None = None,
+                             limit: int | None = None) -> CategoriesResponse:
+        """Stage 1 alone: which categories is this image like, with scores."""
+        model = self.model(model_name)
+        started = time.perf_counter()
+        vector = self.embed_image(model, data)
+        embed_ms = _ms(started)
+        t1 = time.perf_counter()
+        ranked = self.runtime.prototypes.get(self.session, model.id).score(vector)
+        ranked = ranked[:limit] if limit else ranked
+        stage1 = _ms(t1)
+        return CategoriesResponse(categories=[_category_hit(c) for c in ranked], model=model.name,
+                                  timings_ms=Timings(embed=embed_ms, stage1=stage1, stage2=0.0, total=_ms(started)))
+
+    # ------------------------------------------------------------------ the two stages
+    def search_vector(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, *,
+                      embed_ms: float = 0.0, started: float | None = None, exclude: int | None = None
+                      ) -> SearchResponse:
+        started = started or time.perf_counter()
+        k = options.k or self.settings.search_k
+        mode = options.mode
+        t1 = time.perf_counter()
+        chosen, stage1 = self._stage1(model, vector, options)
+        if mode == "two_stage" and chosen is None:
+            mode = "ann"  # no prototypes yet (nothing synced): search everything rather than nothing
+        stage1_ms = _ms(t1)
+        t2 = time.perf_counter()
+        backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
+        hits = self._stage2(model, vector, chosen, k, mode, backend, options.include_duplicates, exclude)
+        return SearchResponse(
+            results=hits, stage1=[_category_hit(c) for c in stage1], model=model.name, mode=mode, backend=backend,
+            timings_ms=Timings(embed=embed_ms, stage1=stage1_ms, stage2=_ms(t2), total=_ms(started)))
+
+    def _stage1(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions
+                ) -> tuple[list[int] | None, list[CategoryScore]]:
+        if options.category:
+            cats = SearchCategoryRepository(self.session)
+            ids = []
+            for name in options.category:
+                found = cats.resolve(name)
+                if found is None:
+                    raise NotFoundError(f"no category named {name!r}")
+                ids.append(found)
+            return sorted(set(ids)), []
+        if options.mode != "two_stage":
+            return None, []
+        ranked = self.runtime.prototypes.get(self.session, model.id).score(vector)
+        if not ranked:
+            return None, []
+        fan_out = options.categories if options.categories is not None else self.settings.search_categories
+        picked = choose(ranked, count=None if fan_out == "auto" else int(fan_out),
+                        mass=self.settings.search_score_mass)
+        return [c.category_id for c in picked], picked
+
+    def _stage2(self, model: EmbeddingModel, vector: np.ndarray, chosen: list[int] | None, k: int, mode: str,
+                backend: str | None, include_duplicates: bool, exclude: int | None) -> list[SearchHit]:
+        neighbours = NeighbourRepository(self.session)
+        limit = k + (0 if include_duplicates else max(5, k // 2)) + (1 if exclude is not None else 0)
+        while True:
+            raw = self._neighbours(model, vector, chosen, limit, mode, backend)
+            info = neighbours.hydrate([h[0] for h in raw])
+            kept = [(i, s) for i, s in raw if i in info and i != exclude
+                    and (include_duplicates or info[i].canonical_id is None)]
+            if len(kept) >= k or len(raw) < limit or limit >= MAX_FETCH:
+                break
+            limit = min(limit * 2, MAX_FETCH)
+        return [SearchHit(id=i, score=round(s, 6), category=info[i].category, category_id=info[i].category_id,
+                          thumbnail_url=f"/api/images/{i}/thumbnail", file_url=f"/api/images/{i}/file",
+                          duplicates=info[i].duplicates) for i, s in kept[:k]]
+
+    def _neighbours(self, model: EmbeddingModel, vector: np.ndarray, chosen: list[int] | None, limit: int,
+                    mode: str, backend: str | None) -> list[Hit]:
+        neighbours = NeighbourRepository(self.session)
+        ef = self.settings.search_ef_search
+        if mode == "exact":
+            return neighbours.exact(model.id, vector_literal(vector), limit, chosen)
+        if backend == "faiss":
+            index = self.runtime.faiss.get(self.session, model)
+            return index.search(vector, chosen, limit, ef)
+        query = vector_literal(vector)
+        if chosen is None:
+            return neighbours.global_ann(model.id, model.dimension, query, limit, ef)
+        indexed = self.runtime.category_indexes(self.session, model.id)
+        hits = neighbours.per_category(model.id, model.dimension, query, [(c, c in indexed) for c in chosen],
+                                       limit, ef)
+        if len(hits) < limit and any(c in indexed for c in chosen) and \
+                neighbours.count_in(model.id, chosen) > len(hits):
+            # An HNSW graph can strand a few rows (e.g. after many deletes); k rows are promised, so
+            # answer this query exactly rather than short.
+            hits = neighbours.per_category(model.id, model.dimension, query, [(c, False) for c in chosen],
+                                           limit, ef)
+        return hits
+
+
+def _category_hit(c: CategoryScore) -> CategoryHit:
+    return CategoryHit(category=c.name, category_id=c.category_id, score=round(c.score, 6))
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 3)

@@ -1,0 +1,93 @@
+"""Stage 1: score the query against every prototype of the model (a small in-memory matrix) and pick
+categories. The matrix is reloaded only when the prototypes or category names change (a cheap version query)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from imsrc.search.repository import PrototypeRepository, SearchCategoryRepository
+
+# Softmax temperature for the adaptive choice: a 0.05 cosine gap is about a factor e in weight.
+STAGE1_TEMPERATURE = 0.05
+
+
+@dataclass(frozen=True)
+class CategoryScore:
+    category_id: int
+    name: str
+    score: float
+
+
+@dataclass(frozen=True)
+class PrototypeMatrix:
+    model_id: int
+    version: tuple[Any, ...]
+    matrix: np.ndarray  # (P, d) unit rows
+    owners: np.ndarray  # (P,) category id of each row
+    names: dict[int, str]
+
+    @property
+    def category_count(self) -> int:
+        return len(self.names)
+
+    def score(self, query: np.ndarray) -> list[CategoryScore]:
+        """Every category with prototypes, best first; a category scores its best prototype."""
+        if len(self.owners) == 0:
+            return []
+        sims = self.matrix @ np.asarray(query, dtype=np.float32)
+        best: dict[int, float] = {}
+        for owner, sim in zip(self.owners.tolist(), sims.tolist(), strict=True):
+            if sim > best.get(owner, -2.0):
+                best[owner] = sim
+        ranked = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [CategoryScore(c, self.names.get(c, str(c)), s) for c, s in ranked]
+
+
+def choose(ranked: list[CategoryScore], *, count: int | None, mass: float) -> list[CategoryScore]:
+    """The top `count` categories, or (count None) as many as cover `mass` of the softmax score mass."""
+    if not ranked:
+        return []
+    if count is not None:
+        return ranked[:count]
+    scores = np.array([c.score for c in ranked], dtype=np.float64) / STAGE1_TEMPERATURE
+    weights = np.exp(scores - scores.max())
+    cumulative = np.cumsum(weights / weights.sum())
+    n = int(np.searchsorted(cumulative, mass - 1e-12) + 1)
+    return ranked[: max(1, min(n, len(ranked)))]
+
+
+class PrototypeCache:
+    """One matrix per model, shared by all requests; thread-safe, reloaded when the version moves."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[int, PrototypeMatrix] = {}
+        self.loads = 0
+
+    def get(self, session: Session, model_id: int) -> PrototypeMatrix:
+        repo = PrototypeRepository(session)
+        version = repo.version(model_id)
+        with self._lock:
+            hit = self._items.get(model_id)
+        if hit is not None and hit.version == version:
+            return hit
+        rows = repo.load(model_id, ("mean", "cluster"))
+        names = SearchCategoryRepository(session).names({r.category_id for r in rows})
+        rows = [r for r in rows if r.category_id in names]
+        dimension = len(rows[0].vector) if rows else 0
+        matrix = PrototypeMatrix(
+            model_id=model_id,
+            version=version,
+            matrix=np.stack([r.vector for r in rows]).astype(np.float32) if rows else np.zeros((0, dimension)),
+            owners=np.array([r.category_id for r in rows], dtype=np.int64),
+            names=names,
+        )
+        with self._lock:
+            self._items[model_id] = matrix
+            self.loads += 1
+        return matrix

@@ -1,0 +1,139 @@
+"""sync_search(): the one call ingest, deletes and category changes make so search stays current.
+
+It touches only what changed: prototypes of the given (or visibly stale) categories, the automatic grouping,
+zero-shot text prototypes of new or renamed categories, per-category pgvector indexes, and predicted labels
+of uncategorised images. It never commits; the caller's unit of work does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from imsrc.catalog.models import EmbeddingModel
+from imsrc.catalog.repository import ModelRepository
+from imsrc.config import Settings
+from imsrc.search.autogroup import autogroup
+from imsrc.search.pg_queries import NeighbourRepository
+from imsrc.search.prototypes import predict, refresh_prototypes, stale_categories, text_prototype_rows
+from imsrc.search.repository import (
+    PrototypeRepository,
+    SearchCategoryRepository,
+    SearchStateRepository,
+    VectorRepository,
+)
+
+# Softmax scales turning cosine scores into a confidence: CLIP's own for text prototypes; image prototypes
+# are closer together, and 50 spreads a 0.05 cosine lead into a clear (~92 %) preference.
+TEXT_LOGIT_SCALE = 100.0
+IMAGE_LOGIT_SCALE = 50.0
+
+
+@dataclass
+class SyncReport:
+    model: str | None = None
+    prototypes_refreshed: list[int] = field(default_factory=list)
+    automatic_touched: list[int] = field(default_factory=list)
+    text_prototypes: list[int] = field(default_factory=list)
+    indexes_created: list[int] = field(default_factory=list)
+    indexes_dropped: list[int] = field(default_factory=list)
+    predicted: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def sync_search(session: Session, settings: Settings, *, model_id: int | None = None,
+                category_ids: Iterable[int] = (), embedder: Any = None, autogroup_images: bool = True,
+                force_regroup: bool = False) -> SyncReport:
+    """Bring prototypes, automatic categories, indexes and predictions up to date after a change.
+
+    category_ids: categories known to have changed (images added, removed or moved); others whose member
+    count no longer matches their prototype are found too. embedder: the model's embedder, for text
+    prototypes (optional; skipped for image-only models).
+    """
+    models = ModelRepository(session)
+    model = models.active() if model_id is None else session.get(EmbeddingModel, model_id)
+    report = SyncReport()
+    if model is None:
+        return report
+    report.model = model.name
+    cats = SearchCategoryRepository(session)
+    if autogroup_images:
+        report.automatic_touched = sorted(autogroup(session, settings, model_id=model.id,
+                                                    dimension=model.dimension, force=force_regroup))
+    existing = set(cats.names())
+    touched = (set(category_ids) | stale_categories(session, model.id, existing)
+               | set(report.automatic_touched)) & existing
+    report.prototypes_refreshed = refresh_prototypes(session, settings, model_id=model.id,
+                                                     dimension=model.dimension, category_ids=touched)
+    if embedder is not None and getattr(embedder, "supports_text", False) and embedder.name == model.name:
+        report.text_prototypes = _refresh_text_prototypes(session, model.id, embedder)
+    report.indexes_created, report.indexes_dropped = ensure_category_indexes(session, settings, model)
+    real = set(cats.real_ids())
+    labels_changed = bool((set(report.prototypes_refreshed) | set(report.text_prototypes)) & real)
+    report.predicted = predict_uncategorised(session, model, only_new=not labels_changed)
+    return report
+
+
+def _refresh_text_prototypes(session: Session, model_id: int, embedder: Any) -> list[int]:
+    cats = SearchCategoryRepository(session)
+    state = SearchStateRepository(session)
+    key = f"text_prompts:m{int(model_id)}"
+    seen = state.get(key)
+    names = {c: n for c, n in cats.names().items() if c in set(cats.real_ids())}
+    todo = {c: n for c, n in names.items() if seen.get(str(c)) != n}
+    if not todo:
+        return []
+    protos = PrototypeRepository(session)
+    for row in text_prototype_rows(todo, embedder.encode_texts):
+        protos.replace(model_id, row.category_id, ("text",), [row])
+    state.put(key, {str(c): n for c, n in names.items()})
+    return sorted(todo)
+
+
+def ensure_category_indexes(session: Session, settings: Settings, model: EmbeddingModel
+                            ) -> tuple[list[int], list[int]]:
+    """Per-category HNSW for categories of at least search_exact_max_rows vectors; dropped below half that
+    (hysteresis, so a category hovering at the threshold is not rebuilt on every change)."""
+    neighbours = NeighbourRepository(session)
+    counts = {c: n for c, n in VectorRepository(session).category_counts(model.id).items() if c is not None}
+    have = neighbours.category_indexes(model.id)
+    threshold = settings.search_exact_max_rows
+    create = sorted(c for c, n in counts.items() if n >= threshold and c not in have)
+    drop = sorted(c for c in have if counts.get(c, 0) < threshold // 2 or c not in counts)
+    for c in drop:
+        neighbours.drop_category_index(model.id, c)
+    for c in create:
+        neighbours.create_category_index(model.id, model.dimension, c)
+    return create, drop
+
+
+def predict_uncategorised(session: Session, model: EmbeddingModel, *, only_new: bool) -> int:
+    """Predicted category + confidence for images without a user label (none, or an automatic one)."""
+    cats = SearchCategoryRepository(session)
+    real = set(cats.real_ids())
+    if not real:
+        return 0
+    protos = PrototypeRepository(session).load(model.id, ("mean", "cluster", "text"))
+    image_protos = [p for p in protos if p.category_id in real and p.kind != "text"]
+    text_protos = [p for p in protos if p.category_id in real and p.kind == "text"]
+    chosen, scale = (image_protos, IMAGE_LOGIT_SCALE) if image_protos else (text_protos, TEXT_LOGIT_SCALE)
+    if not chosen:
+        return 0
+    vectors = VectorRepository(session)
+    auto = cats.automatic_ids()
+    parts = [vectors.fetch(model.id, model.dimension, uncategorised=True, unpredicted=only_new)]
+    if auto:
+        parts.append(vectors.fetch(model.id, model.dimension, category_ids=auto, unpredicted=only_new))
+    ids = np.concatenate([p.image_ids for p in parts])
+    if len(ids) == 0:
+        return 0
+    x = np.concatenate([p.vectors for p in parts])
+    best, confidence = predict(x, chosen, logit_scale=scale)
+    cats.set_predictions(ids, best, confidence)
+    return len(ids)

@@ -1,0 +1,132 @@
+"""Synthetic catalog for the search benchmark: a Gaussian mixture loaded with binary COPY, then indexed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from imsrc.catalog.models import EmbeddingModel
+from imsrc.catalog.repository import ModelRepository
+from imsrc.config import Settings
+from imsrc.db.session import Database
+from imsrc.search.sync import ensure_category_indexes, sync_search
+
+MODEL = "bench-synthetic-512"
+
+
+@dataclass
+class Mixture:
+    centres: np.ndarray
+    spread: float
+    seed: int
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """n points, equal shares per category (shuffled), unit length. Returns (vectors, labels)."""
+        k, d = self.centres.shape
+        labels = rng.permutation(np.arange(n) % k)
+        out = np.empty((n, d), dtype=np.float32)
+        for start in range(0, n, 50_000):  # in blocks: 1M x 512 noise in one go would need 4 GB more
+            lab = labels[start:start + 50_000]
+            x = self.centres[lab] + rng.standard_normal((len(lab), d), dtype=np.float32) * (self.spread / np.sqrt(d))
+            out[start:start + len(lab)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return out, labels
+
+
+def make_mixture(categories: int, dimension: int, spread: float, seed: int) -> Mixture:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((categories, dimension)).astype(np.float32)
+    return Mixture(centres / np.linalg.norm(centres, axis=1, keepdims=True), spread, seed)
+
+
+def _binary_copy(columns: list[tuple[str, np.ndarray]], vectors: np.ndarray) -> bytes:
+    """A PGCOPY stream of int4/int8 columns followed by one pgvector column, built by NumPy."""
+    n, d = vectors.shape
+    fields: list[tuple[str, str]] = [("nf", ">i2")]
+    for name, arr in columns:
+        fields += [(f"l_{name}", ">i4"), (name, ">i4" if arr.dtype == np.int32 else ">i8")]
+    fields += [("lv", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f4", (d,))]
+    rows = np.zeros(n, dtype=np.dtype(fields))
+    rows["nf"] = len(columns) + 1
+    for name, arr in columns:
+        rows[f"l_{name}"] = 4 if arr.dtype == np.int32 else 8
+        rows[name] = arr
+    rows["lv"], rows["dim"], rows["vec"] = 4 + 4 * d, d, vectors
+    return b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8 + rows.tobytes() + b"\xff\xff"
+
+
+def load(database: Database, settings: Settings, vectors: np.ndarray, labels: np.ndarray,
+         n_categories: int) -> tuple[EmbeddingModel, dict[str, float], np.ndarray, np.ndarray]:
+    """Fresh rows for the benchmark model: categories, images, embeddings (COPY), then every index."""
+    timings: dict[str, float] = {}
+    with database.session() as session:
+        models = ModelRepository(session)
+        model = models.register(name=MODEL, dimension=vectors.shape[1], family="bench", params={},
+                                supports_text=False)
+        models.set_active(model)
+        session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_hnsw_m{model.id}"))
+        cat_ids = [int(session.execute(text(
+            "INSERT INTO categories (name) VALUES (:n) ON CONFLICT ((lower(name))) DO UPDATE SET name = EXCLUDED.name"
+            " RETURNING id"), {"n": f"bench-{i:03d}"}).scalar_one()) for i in range(n_categories)]
+    category_of = np.asarray(cat_ids, dtype=np.int64)[labels]
+    started = time.perf_counter()
+    raw_url = database.url
+    with psycopg.connect(raw_url) as conn:
+        first = int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM images").fetchone()[0])  # type: ignore[index]
+        ids = np.arange(first, first + len(vectors), dtype=np.int64)
+        # Bulk load as the table owner: the per-row triggers (category fill, change log) are for live writes.
+        conn.execute("ALTER TABLE embeddings DISABLE TRIGGER USER")
+        with conn.cursor().copy("COPY images (id, sha256, width, height, format, byte_size, category_id) "
+                                "FROM STDIN") as copy:
+            for i, c in zip(ids.tolist(), category_of.tolist(), strict=True):
+                copy.write_row((i, i.to_bytes(32, "big"), 8, 8, "PNG", 100, c))
+        chunk = 20_000
+        for start in range(0, len(vectors), chunk):
+            stop = start + chunk
+            stream = _binary_copy([("model_id", np.full(min(chunk, len(vectors) - start), model.id, np.int32)),
+                                   ("image_id", ids[start:stop]), ("category_id", category_of[start:stop])],
+                                  vectors[start:stop])
+            with conn.cursor().copy("COPY embeddings (model_id, image_id, category_id, embedding) FROM STDIN "
+                                    "(FORMAT BINARY)") as copy:
+                copy.write(stream)
+        conn.execute("ALTER TABLE embeddings ENABLE TRIGGER USER")
+        conn.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), (SELECT max(id) FROM images))")
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("VACUUM ANALYZE images")
+        conn.execute("VACUUM ANALYZE embeddings")
+    timings["copy_s"] = time.perf_counter() - started
+    with database.session() as session:
+        _maintenance(session)
+        started = time.perf_counter()
+        ModelRepository(session).ensure_index(model)
+        timings["hnsw_global_build_s"] = time.perf_counter() - started
+    with database.session() as session:
+        _maintenance(session)
+        started = time.perf_counter()
+        ensure_category_indexes(session, settings, model)
+        timings["hnsw_per_category_build_s"] = time.perf_counter() - started
+    with database.session() as session:
+        started = time.perf_counter()
+        sync_search(session, settings, model_id=model.id, autogroup_images=False)
+        timings["prototypes_s"] = time.perf_counter() - started
+    return model, timings, ids, category_of
+
+
+def _maintenance(session: Session) -> None:
+    session.execute(text("SET LOCAL maintenance_work_mem = '6GB'"))
+    session.execute(text("SET LOCAL max_parallel_maintenance_workers = 1"))
+
+
+def index_sizes(session: Session, model_id: int) -> dict[str, int]:
+    rows = session.execute(text(
+        "SELECT indexname, pg_relation_size(format('%I', indexname)::regclass) FROM pg_indexes "
+        "WHERE tablename = 'embeddings'")).all()
+    glob = sum(int(s) for n, s in rows if n == f"ix_embeddings_hnsw_m{model_id}")
+    per = sum(int(s) for n, s in rows if n.startswith(f"ix_embeddings_ip_m{model_id}_c"))
+    table = int(session.execute(text("SELECT pg_table_size('embeddings')")).scalar_one())
+    return {"hnsw_global_bytes": glob, "hnsw_per_category_bytes": per, "embeddings_table_bytes": table}

@@ -1,0 +1,307 @@
+"""Search benchmark: stage-2 latency and recall@10 of exact scan, pgvector HNSW (plain, plain + category
+filter, iterative scan), two-stage on pgvector and on FAISS, at 10k / 100k (/ 1M with --million) synthetic
+512-d vectors in 100 Gaussian-mixture categories; plus an explicit filter of 3 random categories.
+
+    PYTHONPATH=backend .venv/bin/python bench/search/run.py [--sizes 10000 100000] [--million]
+
+Writes bench/search/results.json, bench/search/latency.png and the `## Search` section of BENCHMARKS.md.
+Every method runs on the same queries, interleaved query by query, in one process against one server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from sqlalchemy import text
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
+
+from bench.search.load import index_sizes, load, make_mixture  # noqa: E402
+from bench.search.report import plot, write_markdown  # noqa: E402
+from bench.search.variants import (  # noqa: E402
+    build_partitions,
+    calibration_pair,
+    drop_partitions,
+    ensure_calibration_indexes,
+    query_partitions,
+)
+
+from imsrc.catalog.repository import embedding_expr  # noqa: E402
+from imsrc.config import Settings  # noqa: E402
+from imsrc.db.embedded import EmbeddedServer  # noqa: E402
+from imsrc.db.engine import make_engine, upgrade  # noqa: E402
+from imsrc.db.session import Database  # noqa: E402
+from imsrc.search.faiss_store import FaissStore  # noqa: E402
+from imsrc.search.pg_queries import NeighbourRepository  # noqa: E402
+from imsrc.search.repository import vector_literal  # noqa: E402
+from imsrc.search.stage1 import PrototypeCache, choose  # noqa: E402
+
+K = 10
+OUT = Path(__file__).resolve().parent
+Method = Callable[[str, np.ndarray, list[int], list[tuple[int, bool]]], list[int]]
+
+
+def _ids(hits: list[tuple[int, float]]) -> list[int]:
+    return [h[0] for h in hits]
+
+
+def plain_filter(session: Any, model_id: int, dim: int, q: str, cats: list[int], iterative: bool) -> list[int]:
+    """What most users write: one HNSW index and WHERE category_id = ANY(...), default settings."""
+    expr = embedding_expr(dim)
+    if iterative:
+        session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+    rows = session.execute(text(
+        f"SELECT image_id FROM embeddings WHERE model_id = {model_id} AND category_id = ANY(:c) "
+        f"ORDER BY {expr} <=> CAST(:q AS vector({dim})) LIMIT {K}"), {"q": q, "c": cats}).all()
+    if iterative:
+        session.execute(text("SET LOCAL hnsw.iterative_scan TO DEFAULT"))
+    return [int(r[0]) for r in rows]
+
+
+def summarise(lat: list[float], recalls: list[float], rows: list[int]) -> dict[str, float]:
+    lat_sorted = sorted(lat)
+    return {"p50_ms": round(statistics.median(lat), 3), "p95_ms": round(lat_sorted[int(0.95 * (len(lat) - 1))], 3),
+            "recall_at_10": round(float(np.mean(recalls)), 4), "mean_rows": round(float(np.mean(rows)), 2),
+            "min_rows": int(min(rows))}
+
+
+def run_size(server_url: str, n: int, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    name = f"imsrc_bench_{n}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = server_url.replace("/postgres?", f"/{name}?") if "/postgres?" in server_url else \
+        server_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        upgrade(url)
+        settings = Settings(database_url=url, data_dir=scratch / name, _env_file=None,  # type: ignore[call-arg]
+                            search_exact_max_rows=args.exact_max_rows, search_ef_search=args.ef_search)
+        engine = make_engine(url)
+        db = Database(url=url, engine=engine, settings=settings, revision="head", pgvector_version="")
+        mixture = make_mixture(args.categories, args.dim, args.spread, seed=1)
+        rng = np.random.default_rng(2)
+        vectors, labels = mixture.sample(n, rng)
+        queries, _ = mixture.sample(args.queries, np.random.default_rng(3))
+        model, build, ids, cat_arr = load(db, settings, vectors, labels, args.categories)
+        store = FaissStore(None, flat_max_rows=settings.faiss_flat_max_rows)
+        with db.session() as session:
+            started = time.perf_counter()
+            faiss_index = store.build(session, model, save=False)
+            build["faiss_build_s"] = time.perf_counter() - started
+            sizes = index_sizes(session, model.id)
+            sizes["faiss_bytes"] = int(sum(s.index.ntotal * args.dim * 4 + (
+                s.index.ntotal * 2 * 32 * 4 if s.kind == "hnsw" else 0) for s in faiss_index.subs.values()))
+            # Binary COPY stored the float32 vectors bit for bit; spot-check that before using them as truth.
+            from imsrc.search.repository import VectorRepository
+
+            check = VectorRepository(session).fetch(model.id, args.dim, image_ids=ids[:: max(1, n // 500)].tolist())
+            assert np.array_equal(check.vectors, vectors[:: max(1, n // 500)])
+        if args.partitions:
+            with db.session() as session:
+                part = build_partitions(session, model.id, args.dim, sorted(set(cat_arr.tolist())))
+            build.update({k: v for k, v in part.items() if k.endswith("_s")})
+            sizes["partition_hnsw_bytes"] = int(part["partition_hnsw_bytes"])
+        truth_vectors = vectors
+        result = _measure(db, model, settings, queries, truth_vectors, ids, cat_arr, faiss_index, args)
+        result["calibration"] = _calibrate(db, model, settings, queries, truth_vectors, ids, cat_arr, args)
+        if args.partitions:
+            with db.session() as session:
+                drop_partitions(session)
+        result.update({"rows": n, "build_s": {k: round(v, 2) for k, v in build.items()}, "sizes": sizes})
+        engine.dispose()
+        return result
+    finally:
+        if not args.keep:
+            with psycopg.connect(server_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _measure(db: Database, model: Any, settings: Settings, queries: np.ndarray, vectors: np.ndarray,
+             ids: np.ndarray, cats: np.ndarray, faiss_index: Any, args: argparse.Namespace) -> dict[str, Any]:
+    dim = args.dim
+    rng = np.random.default_rng(4)
+    all_cats = np.unique(cats)
+    filters = [sorted(rng.choice(all_cats, 3, replace=False).tolist()) for _ in queries]
+    prototypes = PrototypeCache()
+    lat: dict[str, list[float]] = {}
+    rec: dict[str, list[float]] = {}
+    rows: dict[str, list[int]] = {}
+    stage1_recall: list[float] = []
+    stage1_ms: list[float] = []
+
+    def timed(label: str, fn: Method, args_: tuple[str, np.ndarray, list[int], list[tuple[int, bool]]],
+              truth: list[int]) -> None:
+        started = time.perf_counter()
+        got = fn(*args_)
+        lat.setdefault(label, []).append((time.perf_counter() - started) * 1000)
+        rec.setdefault(label, []).append(len(set(got) & set(truth)) / len(truth))
+        rows.setdefault(label, []).append(len(got))
+
+    with db.session() as session:
+        nb = NeighbourRepository(session)
+        matrix = prototypes.get(session, model.id)
+        ef = settings.search_ef_search
+        mid = model.id
+        # Each method: (query literal, query vector, categories, per-category plan) -> image ids.
+        routed: dict[str, Method] = {
+            "exact scan (pgvector)": lambda ql, q, cs, plan: _ids(nb.exact(mid, ql, K, None)),
+            "pgvector HNSW, no filter": lambda ql, q, cs, plan: _ids(nb.global_ann(mid, dim, ql, K, 40)),
+            "pgvector HNSW + plain filter (stage-1 categories)":
+                lambda ql, q, cs, plan: plain_filter(session, mid, dim, ql, cs, False),
+            "two-stage pgvector": lambda ql, q, cs, plan: _ids(nb.per_category(mid, dim, ql, plan, K, ef)),
+            "two-stage FAISS": lambda ql, q, cs, plan: _ids(faiss_index.search(q, cs, K, ef)),
+        }
+        filtered: dict[str, Method] = {
+            "filter: exact scan": lambda ql, q, cs, plan: _ids(nb.exact(mid, ql, K, cs)),
+            "filter: pgvector HNSW + plain filter": lambda ql, q, cs, plan: plain_filter(session, mid, dim, ql, cs,
+                                                                                          False),
+            "filter: pgvector HNSW + iterative scan":
+                lambda ql, q, cs, plan: plain_filter(session, mid, dim, ql, cs, True),
+            "filter: per-category pgvector": lambda ql, q, cs, plan: _ids(nb.per_category(mid, dim, ql, plan, K, ef)),
+            "filter: per-category FAISS": lambda ql, q, cs, plan: _ids(faiss_index.search(q, cs, K, ef)),
+        }
+        if args.partitions:
+            routed["two-stage pgvector, LIST partitions"] = \
+                lambda ql, q, cs, plan: query_partitions(session, dim, ql, cs, K, ef)
+            filtered["filter: pgvector LIST partitions"] = \
+                lambda ql, q, cs, plan: query_partitions(session, dim, ql, cs, K, ef)
+        for warm in range(min(10, len(queries))):  # warm caches and plans; not measured
+            nb.exact(mid, vector_literal(queries[warm]), K, None)
+        for i, q in enumerate(queries):
+            ql = vector_literal(q)
+            scores = vectors @ q
+            truth = ids[np.argsort(-scores, kind="stable")[:K]].tolist()
+            started = time.perf_counter()
+            chosen = [c.category_id for c in choose(matrix.score(q), count=args.fan_out, mass=0.9)]
+            stage1_ms.append((time.perf_counter() - started) * 1000)
+            stage1_recall.append(float(np.isin(cats[np.isin(ids, truth)], chosen).mean()))
+            indexed = nb.category_indexes(mid)
+            for label, fn in routed.items():
+                timed(label, fn, (ql, q, chosen, [(c, c in indexed) for c in chosen]), truth)
+            # Explicit filter: 3 random categories, unrelated to the query.
+            f = filters[i]
+            ftruth = ids[np.argsort(-np.where(np.isin(cats, f), scores, -np.inf), kind="stable")[:K]].tolist()
+            for label, fn in filtered.items():
+                timed(label, fn, (ql, q, f, [(c, c in indexed) for c in f]), ftruth)
+    methods = {label: summarise(lat[label], rec[label], rows[label]) for label in lat}
+    return {"methods": methods, "stage1": {"categories": args.fan_out, "category_recall": round(
+        float(np.mean(stage1_recall)), 4), "p50_ms": round(statistics.median(stage1_ms), 3)},
+        "queries": len(queries)}
+
+
+def _calibrate(db: Database, model: Any, settings: Settings, queries: np.ndarray, vectors: np.ndarray,
+               ids: np.ndarray, cats: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """One category at a time: exact branch vs HNSW branch (decides search_exact_max_rows)."""
+    calib = sorted(np.unique(cats).tolist())[:3]
+    lat: dict[str, list[float]] = {"exact": [], "hnsw": []}
+    recall: list[float] = []
+    with db.session() as session:
+        nb = NeighbourRepository(session)
+        had = nb.category_indexes(model.id)
+        ensure_calibration_indexes(session, model.id, args.dim, [c for c in calib if c not in had])
+        for i, q in enumerate(queries):
+            c = calib[i % len(calib)]
+            mask = cats == c
+            truth = ids[mask][np.argsort(-(vectors[mask] @ q), kind="stable")[:K]].tolist()
+            pair = calibration_pair(nb, model.id, args.dim, vector_literal(q), c, K, settings.search_ef_search)
+            for label in lat:
+                lat[label].append(pair[label][0])
+            recall.append(len(set(pair["hnsw"][1]) & set(truth)) / len(truth))
+        session.rollback()  # the calibration indexes were only for this measurement
+    return {"rows_per_category": int(np.mean([(cats == c).sum() for c in calib])),
+            "exact_p50_ms": round(statistics.median(lat["exact"]), 3),
+            "hnsw_p50_ms": round(statistics.median(lat["hnsw"]), 3), "hnsw_recall_at_10": round(
+                float(np.mean(recall)), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--million", action="store_true", help="also 1,000,000 rows (long: index builds)")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--categories", type=int, default=100)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--spread", type=float, default=0.8, help="noise norm relative to the centre (1.0)")
+    parser.add_argument("--fan-out", type=int, default=3, help="stage-1 categories")
+    parser.add_argument("--ef-search", type=int, default=Settings.model_fields["search_ef_search"].default)
+    parser.add_argument("--exact-max-rows", type=int,
+                        default=Settings.model_fields["search_exact_max_rows"].default)
+    parser.add_argument("--database-url", default=os.environ.get("IMSRC_BENCH_DATABASE_URL"),
+                        help="server to create scratch databases on (default: an embedded one)")
+    parser.add_argument("--keep", action="store_true", help="keep the benchmark databases")
+    parser.add_argument("--shared-buffers", default="6GB",
+                        help="shared_buffers for the embedded benchmark server ('' = leave the default)")
+    parser.add_argument("--no-partitions", dest="partitions", action="store_false",
+                        help="skip the LIST-partitioned comparison table")
+    parser.add_argument("--no-report", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--append", action="store_true",
+                        help="merge into the existing results.json (sizes measured now replace the same sizes)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only redraw the plot and BENCHMARKS.md from results.json (and its notes)")
+    args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads((OUT / "results.json").read_text())
+        plot(saved, OUT / "latency.png")
+        write_markdown(saved, ROOT / "BENCHMARKS.md")
+        return
+    sizes = args.sizes + ([1_000_000] if args.million else [])
+    scratch = ROOT / "bench" / "results" / "tmp" / "search"
+    scratch.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "params": {k: v for k, v in vars(args).items() if k != "database_url"}, "sizes": []}
+    server = None
+    url = args.database_url
+    if not url:
+        server = EmbeddedServer(scratch / "server")
+        url = server.start().url("postgres")
+        if args.shared_buffers:
+            # PostgreSQL's default 128 MB cache makes every scan of a 100k+ table go through the OS page
+            # cache (a syscall per 8 KB page); a server that holds a vector catalog is given more.
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(f"ALTER SYSTEM SET shared_buffers = '{args.shared_buffers}'")
+            server.stop()
+            url = server.start().url("postgres")
+    with psycopg.connect(url) as conn:
+        results["server"] = {"shared_buffers": conn.execute("SHOW shared_buffers").fetchone()[0]}  # type: ignore[index]
+    try:
+        for n in sizes:
+            print(f"--- {n} rows", flush=True)
+            res = run_size(url, n, args, scratch)
+            results["sizes"].append(res)
+            if args.append and (OUT / "results.json").exists():
+                previous = json.loads((OUT / "results.json").read_text())
+                keep = [p for p in previous.get("sizes", []) if p["rows"] not in {r["rows"] for r in results["sizes"]}]
+                results["sizes"] = sorted(keep + results["sizes"], key=lambda r: r["rows"])
+                results["notes"] = previous.get("notes", [])
+                args.append = False  # merged once; later sizes of this run are already in results
+            for label, m in res["methods"].items():
+                print(f"{label:55s} p50 {m['p50_ms']:8.2f} ms  p95 {m['p95_ms']:8.2f} ms  "
+                      f"recall {m['recall_at_10']:.3f}  rows {m['mean_rows']:.1f}", flush=True)
+            print(f"stage 1: {res['stage1']}  build: {res['build_s']}  sizes: {res['sizes']}", flush=True)
+            print(f"calibration: {res['calibration']}", flush=True)
+            (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    finally:
+        if server is not None:
+            server.stop()
+            shutil.rmtree(scratch / "server", ignore_errors=True)
+    plot(results, OUT / "latency.png")
+    if not args.no_report:
+        write_markdown(results, ROOT / "BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Search correctness on a synthetic clustered catalog: exact vs NumPy, two-stage vs exact, recall of the
+pgvector and FAISS stage-2 backends (also with filters far from the query), k rows, duplicates, FAISS catch-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from imsrc.config import Settings
+from imsrc.search.faiss_store import FaissStore
+from imsrc.search.schemas import SearchOptions
+from imsrc.search.service import SearchRuntime, SearchService
+from imsrc.search.sync import sync_search
+from tests.search_data import Synthetic, brute_force, gaussian_mixture, insert_images, make_catalog
+
+
+def _runtime(settings: Settings, data_dir: Path | None = None, **overrides: object) -> SearchRuntime:
+    tuned = settings.model_copy(update=overrides)
+    runtime = SearchRuntime.create(tuned, embedder_factory=lambda name: None)
+    runtime.faiss = FaissStore(data_dir, flat_max_rows=tuned.faiss_flat_max_rows)
+    return runtime
+
+
+def _ids(response) -> list[int]:  # type: ignore[no-untyped-def]
+    return [r.id for r in response.results]
+
+
+def _queries(cat: Synthetic, n: int, seed: int = 7) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(cat.vectors), n, replace=False)
+    noisy = cat.vectors[picks] + rng.normal(size=(n, cat.vectors.shape[1])) * 0.05
+    return (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture()
+def small(session: Session, settings: Settings) -> Synthetic:
+    cat = make_catalog(session, n_categories=6, per_category=80, dimension=16)
+    sync_search(session, settings.model_copy(update={"search_exact_max_rows": 10_000}), model_id=cat.model.id)
+    return cat
+
+
+def test_exact_equals_numpy_brute_force(session: Session, settings: Settings, small: Synthetic) -> None:
+    service = SearchService(session, _runtime(settings))
+    for q in _queries(small, 5):
+        got = service.search_vector(small.model, q, SearchOptions(k=10, mode="exact"))
+        assert _ids(got) == brute_force(small.vectors, small.image_ids, q, 10)
+        expected_scores = np.sort(small.vectors @ q)[::-1][:10]
+        assert np.allclose([r.score for r in got.results], expected_scores, atol=1e-5)
+        assert got.mode == "exact" and got.stage1 == []
+
+
+def test_exact_with_category_filter_equals_numpy(session: Session, settings: Settings, small: Synthetic) -> None:
+    service = SearchService(session, _runtime(settings))
+    q = _queries(small, 1)[0]
+    names = [f"{small.model.name}-cat-01", f"{small.model.name}-cat-04"]
+    got = service.search_vector(small.model, q, SearchOptions(k=10, mode="exact", category=names))
+    mask = np.isin(small.labels, [1, 4])
+    assert _ids(got) == brute_force(small.vectors, small.image_ids, q, 10, mask)
+
+
+@pytest.mark.parametrize("backend", ["pgvector", "faiss"])
+def test_two_stage_over_all_categories_equals_exact(session: Session, settings: Settings, small: Synthetic,
+                                                    backend: str) -> None:
+    # Categories this small are scanned exactly (no HNSW, flat FAISS), so the answer must be identical.
+    service = SearchService(session, _runtime(settings, search_exact_max_rows=10_000, faiss_flat_max_rows=10_000))
+    for q in _queries(small, 5):
+        two = service.search_vector(small.model, q, SearchOptions(k=10, categories=6, backend=backend))
+        exact = service.search_vector(small.model, q, SearchOptions(k=10, mode="exact"))
+        assert _ids(two) == _ids(exact)
+        assert len(two.stage1) == 6 and two.mode == "two_stage" and two.backend == backend
+
+
+def test_stage1_ranks_the_query_category_first(session: Session, settings: Settings, small: Synthetic) -> None:
+    service = SearchService(session, _runtime(settings))
+    hits = 0
+    for i, q in enumerate(_queries(small, 20)):
+        got = service.search_vector(small.model, q, SearchOptions(k=5, categories=1))
+        true_label = small.labels[np.argmax(small.vectors @ q)]
+        hits += got.stage1[0].category_id == small.category_ids[true_label]
+        assert len(got.stage1) == 1 and i >= 0
+    assert hits >= 19
+
+
+@pytest.fixture()
+def large(session: Session, settings: Settings) -> tuple[Synthetic, Settings]:
+    # Big enough that every category gets its own HNSW (pgvector index, FAISS HNSW sub-index).
+    tuned = settings.model_copy(update={"search_exact_max_rows": 200, "faiss_flat_max_rows": 200})
+    cat = make_catalog(session, n_categories=10, per_category=400, dimension=32, seed=3)
+    report = sync_search(session, tuned, model_id=cat.model.id)
+    assert sorted(report.indexes_created) == sorted(cat.category_ids)
+    return cat, tuned
+
+
+def _recall(got: list[int], truth: list[int]) -> float:
+    return len(set(got) & set(truth)) / len(truth)
+
+
+@pytest.mark.parametrize("backend", ["pgvector", "faiss"])
+def test_stage2_recall_with_and_without_far_filters(session: Session, large: tuple[Synthetic, Settings],
+                                                    backend: str) -> None:
+    cat, tuned = large
+    service = SearchService(session, _runtime(tuned))
+    queries = _queries(cat, 20, seed=11)
+    recalls, far_recalls = [], []
+    for q in queries:
+        got = service.search_vector(cat.model, q, SearchOptions(k=10, categories=3, backend=backend))
+        exact = service.search_vector(cat.model, q, SearchOptions(k=10, mode="exact"))
+        assert len(got.results) == 10
+        recalls.append(_recall(_ids(got), _ids(exact)))
+        # The three categories farthest from the query: where a post-filtered HNSW returns almost nothing.
+        far = np.argsort(cat.centres @ q)[:3]
+        names = [f"{cat.model.name}-cat-{i:02d}" for i in far]
+        filtered = service.search_vector(cat.model, q, SearchOptions(k=10, category=names, backend=backend))
+        truth = brute_force(cat.vectors, cat.image_ids, q, 10, np.isin(cat.labels, far))
+        assert len(filtered.results) == 10
+        assert {r.category_id for r in filtered.results} <= {cat.category_ids[i] for i in far}
+        far_recalls.append(_recall(_ids(filtered), truth))
+    assert np.mean(recalls) >= 0.95
+    assert np.mean(far_recalls) >= 0.95
+
+
+def test_pgvector_plan_uses_the_per_category_index(session: Session, large: tuple[Synthetic, Settings]) -> None:
+    cat, _ = large
+    c = cat.category_ids[0]
+    session.execute(text("SET LOCAL enable_sort = off"))
+    session.execute(text("SET LOCAL enable_seqscan = off"))
+    plan = "\n".join(r[0] for r in session.execute(text(
+        f"EXPLAIN SELECT image_id FROM embeddings WHERE model_id = {cat.model.id} AND category_id = {c} "
+        f"ORDER BY (embedding::vector(32)) <#> CAST(:q AS vector(32)) LIMIT 10"), {"q": str([0.1] * 32)}))
+    assert f"ix_embeddings_ip_m{cat.model.id}_c{c}" in plan
+
+
+@pytest.mark.parametrize("backend", ["pgvector", "faiss"])
+def test_filtered_query_always_returns_k_rows(session: Session, large: tuple[Synthetic, Settings],
+                                              backend: str) -> None:
+    cat, tuned = large
+    service = SearchService(session, _runtime(tuned))
+    rng = np.random.default_rng(5)
+    for q in _queries(cat, 10, seed=5):
+        names = [f"{cat.model.name}-cat-{i:02d}" for i in rng.choice(10, 3, replace=False)]
+        for k in (1, 10, 50):
+            got = service.search_vector(cat.model, q, SearchOptions(k=k, category=names, backend=backend))
+            assert len(got.results) == k
+
+
+@pytest.mark.parametrize("backend", ["pgvector", "faiss"])
+def test_duplicates_hidden_unless_asked(session: Session, settings: Settings, small: Synthetic,
+                                        backend: str) -> None:
+    service = SearchService(session, _runtime(settings, search_exact_max_rows=10_000))
+    q = _queries(small, 1)[0]
+    before = _ids(service.search_vector(small.model, q, SearchOptions(k=10, mode="exact")))
+    # Mark the 2nd and 4th best as copies of the best.
+    session.execute(text("UPDATE images SET canonical_id = :c WHERE id = ANY(:d)"),
+                    {"c": before[0], "d": [before[1], before[3]]})
+    for mode in ("exact", "two_stage", "ann"):
+        got = service.search_vector(small.model, q, SearchOptions(k=10, mode=mode, categories=6, backend=backend))
+        assert before[1] not in _ids(got) and before[3] not in _ids(got)
+        assert len(got.results) == 10
+        assert got.results[0].id == before[0] and got.results[0].duplicates == 2
+        shown = service.search_vector(small.model, q, SearchOptions(k=10, mode=mode, categories=6,
+                                                                     backend=backend, include_duplicates=True))
+        assert _ids(shown)[:4] == before[:4]
+
+
+@pytest.mark.parametrize("flat_max_rows", [5000, 10])  # flat sub-indexes, then HNSW ones (tombstone selector)
+def test_faiss_sees_images_added_moved_and_deleted_after_its_build(session: Session, settings: Settings,
+                                                                   small: Synthetic, scratch: Path,
+                                                                   flat_max_rows: int) -> None:
+    runtime = _runtime(settings, scratch, faiss_flat_max_rows=flat_max_rows)
+    service = SearchService(session, runtime)
+    index = runtime.faiss.get(session, small.model)
+    assert len(index) == len(small.image_ids)
+    target = small.category_ids[2]
+    name = f"{small.model.name}-cat-02"
+    # A new image right on the query, added after the build, in category 2.
+    query = _queries(small, 1)[0]
+    new_id = int(insert_images(session, small.model, query[None, :], [target], salt="late")[0])
+    got = service.search_vector(small.model, query, SearchOptions(k=5, category=[name], backend="faiss"))
+    assert got.results[0].id == new_id and got.results[0].score == pytest.approx(1.0, abs=1e-5)
+    # Moved to another category: gone from category 2, found in category 3.
+    session.execute(text("UPDATE images SET category_id = :c WHERE id = :i"),
+                    {"c": small.category_ids[3], "i": new_id})
+    got = service.search_vector(small.model, query, SearchOptions(k=5, category=[name], backend="faiss"))
+    assert new_id not in _ids(got)
+    got = service.search_vector(small.model, query, SearchOptions(
+        k=5, category=[f"{small.model.name}-cat-03"], backend="faiss"))
+    assert got.results[0].id == new_id
+    # Deleted: gone everywhere.
+    session.execute(text("DELETE FROM images WHERE id = :i"), {"i": new_id})
+    got = service.search_vector(small.model, query, SearchOptions(k=5, mode="ann", backend="faiss"))
+    assert new_id not in _ids(got) and len(got.results) == 5
+
+
+def test_faiss_index_is_saved_validated_and_reloaded(session: Session, settings: Settings, small: Synthetic,
+                                                      scratch: Path) -> None:
+    first = _runtime(settings, scratch)
+    built = first.faiss.get(session, small.model)
+    folder = scratch / "faiss" / f"model-{small.model.id}"
+    assert (folder / "meta.json").is_file()
+    second = _runtime(settings, scratch)
+    loaded = second.faiss.get(session, small.model)
+    assert len(loaded) == len(built) and second.faiss.last_build_s is None  # loaded, not rebuilt
+    q = _queries(small, 1)[0]
+    assert loaded.search(q, None, 10, 50) == built.search(q, None, 10, 50)
+    # A corrupted file is detected and the index rebuilt from the database.
+    victim = next(folder.glob("*.faiss"))
+    victim.write_bytes(victim.read_bytes()[:-16] + b"x" * 16)
+    third = _runtime(settings, scratch)
+    rebuilt = third.faiss.get(session, small.model)
+    assert third.faiss.last_build_s is not None and len(rebuilt) == len(built)
+
+
+def test_ann_mode_without_categories(session: Session, settings: Settings, small: Synthetic) -> None:
+    service = SearchService(session, _runtime(settings))
+    for q in _queries(small, 3):
+        exact = _ids(service.search_vector(small.model, q, SearchOptions(k=10, mode="exact")))
+        for backend in ("pgvector", "faiss"):
+            got = service.search_vector(small.model, q, SearchOptions(k=10, mode="ann", backend=backend))
+            assert got.stage1 == [] and _recall(_ids(got), exact) >= 0.9
+
+
+def test_adaptive_fan_out_covers_the_score_mass(session: Session, settings: Settings, small: Synthetic) -> None:
+    service = SearchService(session, _runtime(settings))
+    q = small.centres[0]
+    tight = service.search_vector(small.model, q, SearchOptions(k=5, categories="auto"))
+    assert 1 <= len(tight.stage1) < 6
+    assert tight.stage1[0].category_id == small.category_ids[0]
+    loose = SearchService(session, _runtime(settings, search_score_mass=1.0))
+    assert len(loose.search_vector(small.model, q, SearchOptions(k=5, categories="auto")).stage1) == 6
+
+
+def test_gaussian_mixture_is_clustered() -> None:
+    vectors, labels, centres = gaussian_mixture(4, 50, 16)
+    own = np.einsum("ij,ij->i", vectors, centres[labels])
+    assert own.mean() > 0.9 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_text_query_on_an_image_only_model_is_a_clear_error(session: Session, settings: Settings) -> None:
+    from imsrc.embeddings import get_embedder
+    from imsrc.search.errors import ModelUnavailableError
+
+    embedder = get_embedder("efficientnet-lite0")
+    cat = make_catalog(session, n_categories=2, per_category=5, dimension=embedder.dimension,
+                       name="efficientnet-lite0")
+    service = SearchService(session, SearchRuntime.create(settings, embedder_factory=lambda name: embedder))
+    with pytest.raises(ModelUnavailableError) as err:
+        service.search_text("a cat", SearchOptions(k=3))
+    assert err.value.status_code == 400 and err.value.code == "text_not_supported"
+    assert "images only" in err.value.message and cat.model.name == "efficientnet-lite0"
+
+
+def test_faiss_hnsw_walk_that_comes_back_short_falls_back_to_exact() -> None:
+    from imsrc.search.faiss_index import FaissModelIndex
+    from imsrc.search.repository import Watermark
+
+    vectors, _, _ = gaussian_mixture(1, 300, 16, seed=9)
+    index = FaissModelIndex(model_id=1, model_name="t", dimension=16, flat_max_rows=10, watermark=Watermark(0))
+    index.add_category(7, np.arange(1000, 1300), vectors)
+    sub = index.subs[7]
+    assert sub.kind == "hnsw"
+    sub.removed = set(range(290))  # 97 % tombstoned: the filtered graph walk finds almost nothing
+    got = index.search(vectors[0], [7], 10, 16)
+    assert sorted(i for i, _ in got) == list(range(1290, 1300))
