@@ -164,3 +164,11 @@ def test_cli_index_json_and_jobs(db: Database, scratch: Path) -> None:
     assert missing.stderr.strip().splitlines() == [f"error: path does not exist: {scratch / 'nope'}"]
     unknown = run_cli("jobs", "show", "999", env=env)
     assert unknown.returncode == 1 and "job 999 does not exist" in unknown.stderr
+
+
+def test_overlapping_paths_visit_each_file_once(db: Database, embedder: Embedder, scratch: Path) -> None:
+    root = scratch / "overlap"
+    a = write(root / "sub" / "a.png", make_image(41, (50, 50)))
+    write(root / "b.png", make_image(42, (50, 50)))
+    summary = run_index_job(db, embedder, [str(root), str(root / "sub"), str(a), str(root)], workers=1)
+    assert summary.run_counts == {"new": 2, "duplicate": 0, "linked": 0, "skipped": 0, "failed": 0}

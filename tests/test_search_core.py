@@ -251,3 +251,17 @@ def test_text_query_on_an_image_only_model_is_a_clear_error(session: Session, se
         service.search_text("a cat", SearchOptions(k=3))
     assert err.value.status_code == 400 and err.value.code == "text_not_supported"
     assert "images only" in err.value.message and cat.model.name == "efficientnet-lite0"
+
+
+def test_faiss_hnsw_walk_that_comes_back_short_falls_back_to_exact() -> None:
+    from imsrc.search.faiss_index import FaissModelIndex
+    from imsrc.search.repository import Watermark
+
+    vectors, _, _ = gaussian_mixture(1, 300, 16, seed=9)
+    index = FaissModelIndex(model_id=1, model_name="t", dimension=16, flat_max_rows=10, watermark=Watermark(0))
+    index.add_category(7, np.arange(1000, 1300), vectors)
+    sub = index.subs[7]
+    assert sub.kind == "hnsw"
+    sub.removed = set(range(290))  # 97 % tombstoned: the filtered graph walk finds almost nothing
+    got = index.search(vectors[0], [7], 10, 16)
+    assert sorted(i for i, _ in got) == list(range(1290, 1300))

@@ -58,3 +58,9 @@ class PayloadTooLargeError(ImsrcError):
 class UnsupportedMediaTypeError(ImsrcError):
     status_code = 415
     code = "unsupported_media_type"
+
+
+class InvalidImageError(InvalidInputError):
+    """Every uploaded file was rejected (corrupt, not an image, too many pixels, ...)."""
+
+    code = "invalid_image"

@@ -8,7 +8,7 @@ import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imsrc.embeddings.errors import ModelError
@@ -67,11 +67,19 @@ def install_error_handlers(app: FastAPI) -> None:
         # psycopg errors that bypass SQLAlchemy (COPY goes through the raw connection).
         if is_transaction_conflict(exc):
             return error_response(503, "database_busy", "a concurrent change conflicted with this one; retry")
+        if isinstance(exc, psycopg.DataError):
+            return error_response(422, "invalid_input", f"a value was not accepted: {str(exc).strip().splitlines()[0]}")
         if isinstance(exc, psycopg.OperationalError):
             log.warning("database unavailable: %s", exc)
             return error_response(503, "database_unavailable", "the database is not reachable; retry shortly")
         log.exception("database error")
         return error_response(500, "database_error", "the database rejected the request")
+
+    @app.exception_handler(DataError)
+    async def _bad_value(_: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the client sent (a NUL byte in text, a number out of range, ...).
+        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else "invalid value"
+        return error_response(422, "invalid_input", f"a value was not accepted: {detail}")
 
     @app.exception_handler(DBAPIError)
     async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:

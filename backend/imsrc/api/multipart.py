@@ -92,7 +92,10 @@ class _Collector:
         if len(self.form.files) >= self.max_files:
             self._fail(PayloadTooLargeError(f"at most {self.max_files} files per upload"))
             return
-        self.part.filename = Path(options[b"filename"].decode(self.charset, "replace")).name or None
+        raw_name = options[b"filename"].decode(self.charset, "replace").replace("\\", "/")
+        # Only the base name, without control characters (NUL cannot even be stored in PostgreSQL text).
+        clean = "".join(ch for ch in Path(raw_name).name if ch.isprintable()).strip()
+        self.part.filename = clean if clean not in ("", ".", "..") else None
         ctype = self.part.headers.get(b"content-type")
         self.part.content_type = ctype.decode("latin-1") if ctype else None
         fd, name = tempfile.mkstemp(dir=self.directory, prefix="upload-")

@@ -19,7 +19,7 @@ from imsrc.catalog.repository import CategoryRepository
 from imsrc.catalog.schemas import CategoryRef, UploadResponse, UploadResult, image_thumbnail_url
 from imsrc.config import Settings
 from imsrc.db.session import Database
-from imsrc.errors import InvalidInputError
+from imsrc.errors import InvalidImageError, InvalidInputError
 from imsrc.ingest.model_choice import choose_model_name, load_embedder
 from imsrc.ingest.service import FileOutcome, ingest_bytes
 
@@ -60,7 +60,8 @@ UPLOAD_BODY = {
     summary="Upload images (multipart `file`, repeatable; optional `category`)",
     openapi_extra=UPLOAD_BODY,
     responses={413: {"description": "a file is over IMSRC_MAX_UPLOAD_BYTES (error JSON)"},
-               415: {"description": "not multipart/form-data (error JSON)"}},
+               415: {"description": "not multipart/form-data (error JSON)"},
+               422: {"description": "no file could be stored, each one's reason in the message (error JSON)"}},
 )
 async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep) -> UploadResponse:
     with tempfile.TemporaryDirectory(prefix="imsrc-upload-") as tmp:
@@ -74,6 +75,11 @@ async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep
             raise InvalidInputError("category: at most 200 characters")
         # Decoding, hashing and the model run off the event loop.
         results = await run_in_threadpool(ingest_uploads, db, settings, form.files, category)
+    if all(r.status == "failed" for r in results):
+        # Nothing was stored: that is a client error, not a partial success.
+        reasons = "; ".join(f"{r.filename}: {r.reason}" for r in results[:5])
+        more = f" (and {len(results) - 5} more)" if len(results) > 5 else ""
+        raise InvalidImageError(f"no image was stored: {reasons}{more}")
     return UploadResponse(
         results=results,
         new=sum(r.status == "new" for r in results),

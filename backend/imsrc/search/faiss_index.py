@@ -163,5 +163,17 @@ class FaissModelIndex:
             hits: list[Hit] = []
             for c in targets:
                 hits.extend(self.subs[c].search(q, limit, ef_search))
+            if len(hits) < min(limit, sum(self.subs[c].live for c in targets)):
+                hits = self._exact(q, targets)  # an HNSW walk came back short: k rows are promised
         hits.sort(key=lambda h: (-h[1], h[0]))
         return hits[:limit]
+
+    def _exact(self, query: np.ndarray, targets: list[int]) -> list[Hit]:
+        hits: list[Hit] = []
+        for c in targets:
+            sub = self.subs[c]
+            live = np.array([p for p in range(len(sub.ids)) if p not in sub.removed], dtype=np.int64)
+            if len(live):
+                scores = sub.vectors()[live] @ query
+                hits.extend(zip(sub.ids[live].tolist(), scores.tolist(), strict=True))
+        return hits

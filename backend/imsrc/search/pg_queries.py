@@ -116,6 +116,11 @@ class NeighbourRepository:
             rows = self.session.execute(text(sql), {"q": query}).all()
         return [(int(r[0]), float(r[1])) for r in rows]
 
+    def count_in(self, model_id: int, category_ids: Sequence[int]) -> int:
+        return int(self.session.execute(text(
+            f"SELECT count(*) FROM embeddings WHERE model_id = {int(model_id)} AND category_id IN "
+            f"({','.join(str(int(c)) for c in category_ids) or 'NULL'})")).scalar_one())
+
     def global_ann(self, model_id: int, dimension: int, query: str, limit: int, ef_search: int) -> list[Hit]:
         """The per-model cosine HNSW index over every image (mode `ann` without a category filter)."""
         expr = embedding_expr(dimension)

@@ -255,8 +255,15 @@ class SearchService:
         if chosen is None:
             return neighbours.global_ann(model.id, model.dimension, query, limit, ef)
         indexed = self.runtime.category_indexes(self.session, model.id)
-        return neighbours.per_category(model.id, model.dimension, query, [(c, c in indexed) for c in chosen],
+        hits = neighbours.per_category(model.id, model.dimension, query, [(c, c in indexed) for c in chosen],
                                        limit, ef)
+        if len(hits) < limit and any(c in indexed for c in chosen) and \
+                neighbours.count_in(model.id, chosen) > len(hits):
+            # An HNSW graph can strand a few rows (e.g. after many deletes); k rows are promised, so
+            # answer this query exactly rather than short.
+            hits = neighbours.per_category(model.id, model.dimension, query, [(c, False) for c in chosen],
+                                           limit, ef)
+        return hits
 
 
 def _category_hit(c: CategoryScore) -> CategoryHit:
