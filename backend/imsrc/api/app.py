@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 
 from imsrc import __version__
 from imsrc.api import categories, images, search, system, uploads
-from imsrc.api.errors import install_error_handlers
+from imsrc.api.errors import ERROR_RESPONSES, install_error_handlers
 from imsrc.api.security import ApiKeyMiddleware
 from imsrc.config import Settings, get_settings
 from imsrc.db.session import Database, open_database
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         version=__version__,
         description="Self-hosted image similarity search on PostgreSQL + pgvector.",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.search_runtime = SearchRuntime.create(settings)  # embedders and FAISS load on first use

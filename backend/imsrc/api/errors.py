@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -15,6 +17,28 @@ from imsrc.embeddings.errors import ModelError
 from imsrc.errors import ImsrcError
 
 log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the API returns has this shape."""
+
+    error: ErrorDetail
+
+
+# Documented on every operation, so clients (and schemathesis) know every error's shape and status.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in [
+        (400, "bad request"), (401, "API key missing"), (403, "API key wrong"), (404, "not found"),
+        (409, "conflict"), (413, "too large"), (415, "unsupported media type"), (422, "invalid input"),
+        (500, "internal error"), (503, "database or model unavailable; retry"),
+    ]
+}
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
