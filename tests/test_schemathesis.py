@@ -32,7 +32,8 @@ def test_schemathesis_against_live_openapi(live_server: tuple[str, dict[str, str
          "content_type_conformance,response_schema_conformance", "--max-examples", os.environ.get(
              "IMSRC_SCHEMATHESIS_EXAMPLES", "25"), "--workers", "1", "--phases", "examples,coverage,fuzzing",
          "--suppress-health-check", "all", "--request-timeout", "60", "--generation-deterministic"],
-        capture_output=True, text=True, cwd=tempfile.mkdtemp(prefix="imsrc-st-"), timeout=900,  # its cache stays out of the repo
+        # A scratch working directory keeps schemathesis' cache out of the repository.
+        capture_output=True, text=True, cwd=tempfile.mkdtemp(prefix="imsrc-st-"), timeout=900,
     )
     tail = result.stdout[-6000:]
     assert result.returncode == 0, tail
