@@ -81,7 +81,9 @@ class JobSpec:
     store_bytes: bool
     workers: int
     batch_size: int
-    inline_below: int = 48  # fewer files than this: decode in this process, skip starting workers
+    # Fewer files than this: decode in this process, start no workers. 0: always decode in worker processes,
+    # even while they start (else the first chunks are decoded here until a worker is ready).
+    inline_below: int = 48
 
 
 def job_key(kind: str, paths: Iterable[str], options: dict[str, Any], model: str) -> str:
@@ -191,7 +193,7 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
         small = True
     todo = itertools.chain(head, todo)
     pool: OrderedPool | InlinePool = InlinePool(options) if small else \
-        OrderedPool(workers, options, max_pending=workers * 4)
+        OrderedPool(workers, options, max_pending=workers * 4, warm_inline=spec.inline_below > 0)
     ctx = WriteContext(model_id=model_id, store_bytes=spec.store_bytes, matcher=IndexPhashMatcher(index),
                        job_id=job_id)
     stages = Stages(database, embedder, ctx, index, progress, spec.batch_size, on_progress)
