@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,13 @@ def sha(data: bytes) -> str:
 
 
 __all__ = ["TEST_MODEL", "make_image", "open_test_database", "reencode", "sha", "snapshot", "write"]
+
+
+class CrashOnWidth13:
+    """A picklable 'preprocess' that kills its worker process on 13-pixel-wide images, the way a decoder
+    bug in a native library would (os._exit: no exception, no cleanup)."""
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        if img.width == 13:
+            os._exit(3)
+        return np.zeros((3, 4, 4), dtype=np.float32)

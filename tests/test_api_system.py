@@ -6,11 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.api.app import create_app
 from imsrc.api.deps import get_session
-from imsrc.catalog.repository import CategoryRepository
+from imsrc.catalog.repository import CategoryRepository, ModelRepository
 from imsrc.config import Settings
 from imsrc.db.session import Database
 
@@ -47,3 +48,56 @@ def test_unknown_route_is_json_error(client: TestClient) -> None:
     response = client.get("/api/nope")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+def test_status_reports_search_model_and_text_support(client: TestClient, session: Session) -> None:
+    # Nothing active in the catalog yet: the configured model (the tiny CLIP in tests) reads text.
+    body = client.get("/api/status").json()
+    assert body["search_model"] == {"name": "open_clip-tiny-test", "supports_text": True, "source": "settings"}
+    assert body["text_search"] is True and body["max_upload_bytes"] == 50 * 1024 * 1024
+    # An image-only model active in the catalog wins over the setting.
+    session.execute(text("UPDATE embedding_models SET is_active = false"))
+    session.execute(text("INSERT INTO embedding_models (name, dimension, family, supports_text, is_active) "
+                         "VALUES ('image-only-test', 4, 'test', false, true)"))
+    body = client.get("/api/status").json()
+    assert body["search_model"]["name"] == "image-only-test" and body["search_model"]["source"] == "catalog"
+    assert body["text_search"] is False and body["active_model"] == "image-only-test"
+
+
+def test_status_lists_recent_jobs(client: TestClient, session: Session) -> None:
+    session.execute(text("INSERT INTO ingest_jobs (kind, job_key, status, files_total, new_count, failed_count) "
+                         "VALUES ('index', 'status-test', 'completed', 3, 2, 1)"))
+    jobs = client.get("/api/status").json()["jobs"]
+    assert jobs[0]["kind"] == "index" and jobs[0]["status"] == "completed"
+    assert (jobs[0]["files_total"], jobs[0]["new"], jobs[0]["failed"]) == (3, 2, 1)
+
+
+def test_openapi_describes_images_and_categories(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path, methods in {
+        "/api/images": {"get", "post"},
+        "/api/images/{image_id}": {"get", "delete"},
+        "/api/images/{image_id}/file": {"get"},
+        "/api/images/{image_id}/thumbnail": {"get"},
+        "/api/categories": {"get", "post"},
+        "/api/categories/{category_id}": {"get", "patch"},
+    }.items():
+        assert methods <= set(paths[path]), path
+    upload = paths["/api/images"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["properties"]["file"]["items"]["format"] == "binary" and upload["required"] == ["file"]
+    listing = {p["name"]: p for p in paths["/api/images"]["get"]["parameters"]}
+    assert listing["page_size"]["schema"]["maximum"] == 200
+    assert set(listing["duplicates"]["schema"]["enum"]) == {"include", "exclude", "only"}
+    assert "ImageDetail" in spec["components"]["schemas"] and "CategoryDetail" in spec["components"]["schemas"]
+    assert paths["/api/images/{image_id}/thumbnail"]["get"]["responses"]["200"]["content"] == {"image/webp": {}}
+
+
+def test_status_describes_the_active_models_index(client: TestClient, session: Session) -> None:
+    session.execute(text("UPDATE embedding_models SET is_active = false"))
+    models = ModelRepository(session)
+    model = models.register(name="index-status-test", dimension=3, family="test", params={}, supports_text=False)
+    models.set_active(model)
+    index = client.get("/api/status").json()["index"]
+    assert index == {"backend": "pgvector", "model": "index-status-test", "vectors": 0, "hnsw": True,
+                     "category_indexes": 0, "state": "empty"}

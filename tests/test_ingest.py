@@ -164,3 +164,33 @@ def test_cli_index_json_and_jobs(db: Database, scratch: Path) -> None:
     assert missing.stderr.strip().splitlines() == [f"error: path does not exist: {scratch / 'nope'}"]
     unknown = run_cli("jobs", "show", "999", env=env)
     assert unknown.returncode == 1 and "job 999 does not exist" in unknown.stderr
+
+
+def test_overlapping_paths_visit_each_file_once(db: Database, embedder: Embedder, scratch: Path) -> None:
+    root = scratch / "overlap"
+    a = write(root / "sub" / "a.png", make_image(41, (50, 50)))
+    write(root / "b.png", make_image(42, (50, 50)))
+    summary = run_index_job(db, embedder, [str(root), str(root / "sub"), str(a), str(root)], workers=1)
+    assert summary.run_counts == {"new": 2, "duplicate": 0, "linked": 0, "skipped": 0, "failed": 0}
+
+
+def test_cli_duplicates_lists_and_regroups(db: Database, embedder: Embedder, scratch: Path) -> None:
+    root = scratch / "dups"
+    original = make_image(51, (120, 90), "PNG")
+    write(root / "a.png", original)
+    write(root / "b.jpg", reencode(original, "JPEG", quality=85))
+    write(root / "c.png", make_image(52, (120, 90), "PNG"))
+    run_index_job(db, embedder, [str(root)], workers=1)
+    env = {"IMSRC_DATABASE_URL": db.url, "IMSRC_DATA_DIR": str(scratch / "data"), "IMSRC_MODEL": TEST_MODEL}
+    listed = run_cli("duplicates", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    data = json.loads(listed.stdout)
+    assert (data["group_count"], data["duplicate_count"]) == (1, 1)
+    [group] = data["groups"]
+    assert group["original_name"] == "a.png" and group["duplicates"] == 1 and group["distances"][0] <= 4
+    wide = json.loads(run_cli("duplicates", "--recompute", "--threshold", "64", "--json", env=env).stdout)
+    assert wide["recomputed"]["changed"] == 1 and wide["duplicate_count"] == 2  # all within 64 bits of a.png
+    back = json.loads(run_cli("duplicates", "--recompute", "--json", env=env).stdout)
+    assert back["duplicate_count"] == 1 and back["recomputed"]["threshold"] == 4
+    misuse = run_cli("duplicates", "--threshold", "3", env=env)
+    assert misuse.returncode == 1 and misuse.stderr.strip() == "error: --threshold only applies with --recompute"

@@ -12,8 +12,9 @@ from sqlalchemy import text
 
 from imsrc.db.session import Database
 from imsrc.embeddings.registry import get_embedder
+from imsrc.errors import ImsrcError
 from imsrc.ingest.decode import DecodeOptions, WorkItem, process
-from imsrc.ingest.pipeline import JobSpec, run_job
+from imsrc.ingest.pipeline import JobSpec, run_index_job, run_job
 from imsrc.ingest.scan import check_roots, scan
 from tests.ingest_support import TEST_MODEL, make_image, open_test_database, write
 
@@ -101,3 +102,27 @@ def test_permission_denied_is_a_reason(scratch: Path) -> None:
         answer = fh.read()
     os.waitpid(pid, 0)
     assert json.loads(answer) == [False, "permission denied: the file cannot be read"]
+
+
+def test_database_error_mid_job_keeps_earlier_batches_and_fails_cleanly(db: Database, scratch: Path) -> None:
+    root = scratch / "poison"
+    for i in range(60):
+        write(root / f"img{i:02d}.png", make_image(700 + i, (40, 40)))
+    write(root / "img30.png", make_image(799, (40, 40)))
+    with db.engine.begin() as conn:  # the database refuses one row, as a full disk or a constraint would
+        conn.execute(text(
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF NEW.original_name = 'img30.png' THEN RAISE EXCEPTION 'disk full (simulated)'; END IF;"
+            " RETURN NEW; END $$;"
+            " CREATE TRIGGER poison BEFORE INSERT ON images FOR EACH ROW EXECUTE FUNCTION poison()"))
+    with pytest.raises(ImsrcError, match=r"stopped on a database error .*disk full \(simulated\)"):
+        run_index_job(db, get_embedder(TEST_MODEL), [str(root)], workers=2, batch_size=8, inline_below=0)
+    with db.engine.connect() as conn:
+        status, message = conn.execute(text("SELECT status, message FROM ingest_jobs")).one()
+        names = set(conn.execute(text("SELECT original_name FROM images")).scalars())
+        orphans = conn.execute(text("SELECT count(*) FROM images i WHERE NOT EXISTS (SELECT 1 FROM thumbnails t"
+                                    " WHERE t.image_id = i.id) OR NOT EXISTS (SELECT 1 FROM embeddings e"
+                                    " WHERE e.image_id = i.id)")).scalar()
+    assert status == "failed" and "disk full" in message
+    assert names == {f"img{i:02d}.png" for i in range(24)}  # three whole batches of 8, nothing of the fourth
+    assert orphans == 0

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
+import pytest
+from PIL import Image, features
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -11,7 +16,9 @@ from imsrc.catalog.repository import CategoryRepository, ModelRepository
 from imsrc.config import Settings
 from imsrc.embeddings.registry import get_embedder
 from imsrc.ingest.duplicates import recompute_duplicates
+from imsrc.ingest.formats import image_extensions
 from imsrc.ingest.phash import PhashIndex
+from imsrc.ingest.repository import JobRepository
 from imsrc.ingest.service import ingest_bytes
 from tests.ingest_support import TEST_MODEL, make_image, reencode
 
@@ -117,3 +124,38 @@ def test_reader_role_can_read_the_ingest_tables(session: Session) -> None:
     for table in ("ingest_jobs", "ingest_files", "image_sources", "catalog_jobs", "catalog_image_sources"):
         assert session.execute(text("SELECT has_table_privilege('imsrc_reader', :t, 'SELECT')"),
                                {"t": table}).scalar_one(), table
+
+
+def test_failed_files_query(session: Session) -> None:
+    query = (Path(__file__).resolve().parents[1] / "db" / "queries" / "06_failed_files.sql").read_text()
+    jobs = JobRepository(session)
+    old = jobs.create(kind="index", job_key="q-old", paths=["/x"], options={}, model_id=None, model_name=None)
+    new = jobs.create(kind="index", job_key="q-new", paths=["/y"], options={}, model_id=None, model_name=None)
+    jobs.record_files(old, [("/x/a.jpg", "failed", "old reason", None, None, None)])
+    jobs.record_files(new, [("/y/b.jpg", "failed", "empty file (0 bytes)", None, None, 0),
+                            ("/y/c.jpg", "new", None, None, None, 10)])
+    assert [tuple(r) for r in session.execute(text(query))] == [("/y/b.jpg", "empty file (0 bytes)")]
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow has no AVIF codec")
+def test_avif_is_ingested_where_pillow_decodes_it(session: Session, settings: Settings) -> None:
+    assert ".avif" in image_extensions()
+    data = make_image(311, (64, 48), "AVIF")
+    [outcome] = ingest_bytes(session, get_embedder(TEST_MODEL), [("photo.avif", data)], settings=settings)
+    assert outcome.outcome == "new"
+    row = session.execute(text("SELECT format, width, height FROM images WHERE id = :i"),
+                          {"i": outcome.image_id}).one()
+    assert tuple(row) == ("AVIF", 64, 48)
+
+
+def test_exif_orientation_is_applied(session: Session, settings: Settings) -> None:
+    img = Image.open(io.BytesIO(make_image(312, (80, 40), "PNG"))).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    [outcome] = ingest_bytes(session, get_embedder(TEST_MODEL), [("rotated.jpg", buf.getvalue())],
+                             settings=settings)
+    size = session.execute(text("SELECT i.width, i.height, t.width, t.height FROM images i JOIN thumbnails t"
+                                " ON t.image_id = i.id WHERE i.id = :i"), {"i": outcome.image_id}).one()
+    assert tuple(size) == (40, 80, 40, 80)  # stored upright: the 80x40 pixels display as 40x80

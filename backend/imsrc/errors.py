@@ -43,3 +43,24 @@ class ConfigurationError(ImsrcError):
 class SchemaNotReadyError(ImsrcError):
     status_code = 503
     code = "schema_not_ready"
+
+
+class UnauthorizedError(ImsrcError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class PayloadTooLargeError(ImsrcError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(ImsrcError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidImageError(InvalidInputError):
+    """Every uploaded file was rejected (corrupt, not an image, too many pixels, ...)."""
+
+    code = "invalid_image"

@@ -11,8 +11,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from imsrc import __version__
-from imsrc.api import search, system
-from imsrc.api.errors import install_error_handlers
+from imsrc.api import categories, images, search, system, uploads
+from imsrc.api.errors import ERROR_RESPONSES, install_error_handlers
 from imsrc.api.security import ApiKeyMiddleware
 from imsrc.config import Settings, get_settings
 from imsrc.db.session import Database, open_database
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         version=__version__,
         description="Self-hosted image similarity search on PostgreSQL + pgvector.",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.search_runtime = SearchRuntime.create(settings)  # embedders and FAISS load on first use
@@ -51,6 +52,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, protect_reads=settings.protect_reads)
     install_error_handlers(app)
     app.include_router(system.router)
+    app.include_router(uploads.router)
+    app.include_router(images.router)
+    app.include_router(categories.router)
     app.include_router(search.router)
     if FRONTEND_DIR.is_dir():
         app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")

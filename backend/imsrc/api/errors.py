@@ -3,26 +3,66 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from pydantic import BaseModel
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imsrc.embeddings.errors import ModelError
 from imsrc.errors import ImsrcError
 
 log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the API returns has this shape."""
+
+    error: ErrorDetail
+
+
+# Documented on every operation, so clients (and schemathesis) know every error's shape and status.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in [
+        (400, "bad request"), (401, "API key missing"), (403, "API key wrong"), (404, "not found"),
+        (409, "conflict"), (413, "too large"), (415, "unsupported media type"), (422, "invalid input"),
+        (500, "internal error"), (503, "database or model unavailable; retry"),
+    ]
+}
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
 
 
+def is_transaction_conflict(exc: BaseException) -> bool:
+    """A deadlock or serialization failure (SQLSTATE class 40): the transaction was rolled back, retry it."""
+    orig = getattr(exc, "orig", None) or exc
+    return str(getattr(orig, "sqlstate", "") or "").startswith("40")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImsrcError)
     async def _domain(_: Request, exc: ImsrcError) -> JSONResponse:
         return error_response(exc.status_code, exc.code, exc.message)
+
+    @app.exception_handler(ModelError)
+    async def _model(_: Request, exc: ModelError) -> JSONResponse:
+        # The model layer's errors carry their status and code too, without depending on imsrc.errors.
+        if exc.status_code >= 500:
+            log.error("model error: %s", exc)
+        return error_response(exc.status_code, exc.code, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -41,8 +81,35 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
+        if is_transaction_conflict(exc):
+            log.warning("transaction conflict: %s", exc.orig)
+            return error_response(503, "database_busy", "a concurrent change conflicted with this one; retry")
         log.warning("database unavailable: %s", exc.orig)
         return error_response(503, "database_unavailable", "the database is not reachable; retry shortly")
+
+    @app.exception_handler(psycopg.Error)
+    async def _raw_db_error(_: Request, exc: psycopg.Error) -> JSONResponse:
+        # psycopg errors that bypass SQLAlchemy (COPY goes through the raw connection).
+        if is_transaction_conflict(exc):
+            return error_response(503, "database_busy", "a concurrent change conflicted with this one; retry")
+        if isinstance(exc, psycopg.DataError):
+            return error_response(422, "invalid_input", f"a value was not accepted: {str(exc).strip().splitlines()[0]}")
+        if isinstance(exc, psycopg.OperationalError):
+            log.warning("database unavailable: %s", exc)
+            return error_response(503, "database_unavailable", "the database is not reachable; retry shortly")
+        log.exception("database error")
+        return error_response(500, "database_error", "the database rejected the request")
+
+    @app.exception_handler(PoolTimeoutError)
+    async def _pool_exhausted(_: Request, exc: PoolTimeoutError) -> JSONResponse:
+        log.warning("connection pool exhausted: %s", exc)
+        return error_response(503, "busy", "the server is busy; retry shortly")
+
+    @app.exception_handler(DataError)
+    async def _bad_value(_: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the client sent (a NUL byte in text, a number out of range, ...).
+        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else "invalid value"
+        return error_response(422, "invalid_input", f"a value was not accepted: {detail}")
 
     @app.exception_handler(DBAPIError)
     async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:

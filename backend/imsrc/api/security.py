@@ -4,6 +4,8 @@ IMSRC_PROTECT_READS is on. A plain ASGI middleware so no route can forget it."""
 from __future__ import annotations
 
 import hmac
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -15,11 +17,26 @@ READ_ONLY_POSTS = ("/api/search/",)
 PUBLIC_PATHS = frozenset({"/health"})
 
 
-def presented_key(headers: dict[str, str]) -> str | None:
+# The web page sets this cookie from the key the user typed, so its <img> tags (which cannot send headers) load
+# thumbnails and originals when reads are protected. Never accepted for writes: cookies ride along with
+# cross-site form posts.
+KEY_COOKIE = "imsrc_api_key"
+
+
+def presented_key(headers: dict[str, str], *, allow_cookie: bool = False) -> str | None:
     auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return headers.get("x-api-key")
+    key = headers.get("x-api-key")
+    if key is None and allow_cookie:
+        cookies = SimpleCookie()
+        try:
+            cookies.load(headers.get("cookie", ""))
+        except CookieError:
+            return None
+        morsel = cookies.get(KEY_COOKIE)
+        key = unquote(morsel.value) if morsel is not None else None
+    return key
 
 
 class ApiKeyMiddleware:
@@ -42,7 +59,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        key = presented_key(headers)
+        key = presented_key(headers, allow_cookie=scope["method"] in ("GET", "HEAD"))
         if key is None:
             response = error_response(401, "unauthorized",
                                       "this imsrc requires an API key: send 'Authorization: Bearer KEY' or 'X-API-Key'")

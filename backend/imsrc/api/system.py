@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from imsrc import __version__
-from imsrc.api.deps import DatabaseDep, SessionDep
-from imsrc.catalog.repository import StatsRepository
+from imsrc.api.deps import DatabaseDep, SessionDep, SettingsDep
+from imsrc.catalog.repository import ModelRepository, StatsRepository
+from imsrc.config import Settings
 from imsrc.db.engine import current_revision, head_revision
+from imsrc.embeddings import ModelError, model_info, resolve_model_name
+from imsrc.ingest.repository import JobRepository
+from imsrc.search.pg_queries import NeighbourRepository
 
 router = APIRouter(tags=["system"])
+RECENT_JOBS = 5
 
 
 class Health(BaseModel):
@@ -29,6 +36,39 @@ class ModelStatus(BaseModel):
     embedded_images: int
 
 
+class SearchModel(BaseModel):
+    name: str
+    supports_text: bool
+    source: str = Field(description="'catalog' (the active model in the database) or 'settings' (IMSRC_MODEL, "
+                                    "used once the first image is indexed)")
+
+
+class JobStatus(BaseModel):
+    id: int
+    kind: str
+    status: str
+    model_name: str | None
+    files_total: int | None
+    new: int
+    duplicates: int
+    linked: int
+    skipped: int
+    failed: int
+    message: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class IndexStatus(BaseModel):
+    backend: str = Field(description="stage-2 backend searches use by default (IMSRC_SEARCH_BACKEND)")
+    model: str = Field(description="the model whose vectors are indexed")
+    vectors: int
+    hnsw: bool = Field(description="whether the model's catalog-wide HNSW index exists")
+    category_indexes: int = Field(description="categories large enough to have their own HNSW index; smaller "
+                                              "ones are scanned exactly")
+    state: str = Field(description="'ready', or 'empty' before the first image is embedded")
+
+
 class Status(BaseModel):
     version: str
     database: dict[str, Any]
@@ -37,6 +77,11 @@ class Status(BaseModel):
     counts: dict[str, int]
     models: list[ModelStatus]
     active_model: str | None
+    search_model: SearchModel | None = Field(description="the model searches use now")
+    text_search: bool = Field(description="whether text queries work with that model")
+    index: IndexStatus | None = Field(description="the active model's search index; none before any model")
+    jobs: list[JobStatus] = Field(description="the most recent indexing jobs, newest first")
+    max_upload_bytes: int = Field(description="largest file POST /api/images accepts (IMSRC_MAX_UPLOAD_BYTES)")
 
 
 @router.get("/health", response_model=Health)
@@ -45,9 +90,10 @@ def health() -> Health:
 
 
 @router.get("/api/status", response_model=Status)
-def status(session: SessionDep, db: DatabaseDep) -> Status:
+def status(session: SessionDep, db: DatabaseDep, settings: SettingsDep) -> Status:
     stats = StatsRepository(session)
     models = [ModelStatus(**m) for m in stats.models()]
+    search_model = _search_model(models, settings)
     return Status(
         version=__version__,
         database={
@@ -60,4 +106,42 @@ def status(session: SessionDep, db: DatabaseDep) -> Status:
         counts={k: int(v) for k, v in stats.counts().items()},
         models=models,
         active_model=next((m.name for m in models if m.is_active), None),
+        search_model=search_model,
+        text_search=bool(search_model and search_model.supports_text),
+        index=_index(session, settings),
+        jobs=[_job(j) for j in JobRepository(session).recent(RECENT_JOBS)],
+        max_upload_bytes=settings.max_upload_bytes,
     )
+
+
+def _index(session: Session, settings: Settings) -> IndexStatus | None:
+    models = ModelRepository(session)
+    active = models.active()
+    if active is None:
+        return None
+    vectors = models.embedded_count(active.id)
+    return IndexStatus(backend=settings.search_backend, model=active.name, vectors=vectors,
+                       hnsw=models.has_index(active.id),
+                       category_indexes=len(NeighbourRepository(session).category_indexes(active.id)),
+                       state="ready" if vectors else "empty")
+
+
+def _job(row: dict[str, Any]) -> JobStatus:
+    return JobStatus(
+        id=row["id"], kind=row["kind"], status=row["status"], model_name=row["model_name"],
+        files_total=row["files_total"], new=row["new_count"], duplicates=row["duplicate_count"],
+        linked=row["linked_count"], skipped=row["skipped_count"], failed=row["failed_count"],
+        message=row["message"], started_at=row["started_at"], finished_at=row["finished_at"],
+    )
+
+
+def _search_model(models: list[ModelStatus], settings: Settings) -> SearchModel | None:
+    active = next((m for m in models if m.is_active), None)
+    if active is not None:
+        return SearchModel(name=active.name, supports_text=active.supports_text, source="catalog")
+    try:
+        name, _ = resolve_model_name(settings.model, settings.model_checkpoint, settings.model_cache_dir)
+        info = model_info(name, settings.model_checkpoint, settings.model_cache_dir)
+    except ModelError:
+        return None  # a misconfigured model is reported by the commands that need it
+    return SearchModel(name=info.name, supports_text=info.supports_text, source="settings")

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import Category, EmbeddingModel, Image
-from imsrc.errors import NotFoundError
+from imsrc.errors import ConflictError, NotFoundError
 
 # HNSW indexes `vector` up to 2,000 dimensions and `halfvec` up to 4,000: wider models index a halfvec cast.
 HNSW_MAX_VECTOR_DIM = 2000
@@ -59,6 +60,60 @@ class CategoryRepository:
         rows = self.session.execute(text("SELECT * FROM catalog_categories ORDER BY lower(name)"))
         return [dict(r._mapping) for r in rows]
 
+    def with_counts(self, category_id: int) -> dict[str, Any]:
+        row = self.session.execute(text("SELECT * FROM catalog_categories WHERE id = :i"), {"i": category_id}).first()
+        if row is None:
+            raise NotFoundError(f"category {category_id} does not exist")
+        return dict(row._mapping)
+
+    def create(self, name: str, *, description: str | None = None) -> Category:
+        """A new named (not automatic) category; an existing name, in any letter case, is a conflict."""
+        row = self.session.execute(
+            text(
+                "INSERT INTO categories (name, description, is_automatic) VALUES (:n, :d, false) "
+                "ON CONFLICT ((lower(name))) DO NOTHING RETURNING id"
+            ),
+            {"n": name.strip(), "d": description},
+        ).first()
+        if row is None:
+            raise ConflictError(f"a category named {name.strip()!r} already exists")
+        return self.get(int(row[0]))
+
+    def update(self, category: Category, *, name: str | None, description: str | None,
+               set_description: bool) -> Category:
+        """Rename and/or describe. Renaming an automatic category makes it a real one: a person named it."""
+        if name is not None and name != category.name:
+            clash = self.by_name(name)
+            if clash is not None and clash.id != category.id:
+                raise ConflictError(f"a category named {name!r} already exists")
+            try:
+                with self.session.begin_nested():
+                    self.session.execute(
+                        text("UPDATE categories SET name = :n, is_automatic = false WHERE id = :i"),
+                        {"n": name, "i": category.id},
+                    )
+            except IntegrityError as exc:  # a concurrent rename won the name
+                raise ConflictError(f"a category named {name!r} already exists") from exc
+        if set_description:
+            self.session.execute(text("UPDATE categories SET description = :d WHERE id = :i"),
+                                 {"d": description, "i": category.id})
+        self.session.refresh(category)
+        return category
+
+    def prototype_summary(self, category_id: int) -> list[dict[str, Any]]:
+        rows = self.session.execute(
+            text(
+                "SELECT m.name AS model, p.kind, count(*) AS count, "
+                # cluster prototypes split the members between them; a mean prototype covers them all
+                "CASE WHEN p.kind = 'cluster' THEN sum(p.member_count) ELSE max(p.member_count) END AS member_count, "
+                "max(p.updated_at) AS updated_at FROM category_prototypes p "
+                "JOIN embedding_models m ON m.id = p.model_id WHERE p.category_id = :c "
+                "GROUP BY m.name, p.kind ORDER BY m.name, p.kind"
+            ),
+            {"c": category_id},
+        )
+        return [dict(r._mapping) for r in rows]
+
 
 class ModelRepository:
     def __init__(self, session: Session) -> None:
@@ -91,6 +146,15 @@ class ModelRepository:
 
     def ensure_index(self, model: EmbeddingModel) -> None:
         # A partial index per model: each model's vectors get their own HNSW graph of the right dimension.
+        name = f"ix_embeddings_hnsw_m{int(model.id)}"
+        # CREATE INDEX IF NOT EXISTS takes a SHARE lock on embeddings before it notices the index exists, and
+        # holds it to commit: two concurrent uploads then each wait for the other's lock to COPY their
+        # vectors (deadlock). So look first, and let only one transaction at a time try to create it.
+        if self.session.execute(text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
+            return
+        self.session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+        if self.session.execute(text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
+            return  # created by the transaction we waited for
         self.session.execute(
             text(
                 f"CREATE INDEX IF NOT EXISTS ix_embeddings_hnsw_m{int(model.id)} ON embeddings "
@@ -112,6 +176,12 @@ class ModelRepository:
         """Drop one model's vectors, prototypes and index; nothing else."""
         self.session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_hnsw_m{int(model.id)}"))
         self.session.execute(text("DELETE FROM embedding_models WHERE id = :i"), {"i": model.id})
+
+    def has_index(self, model_id: int) -> bool:
+        """Whether the model's catalog-wide HNSW index exists (it is built by ensure_index)."""
+        return bool(self.session.execute(
+            text("SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE tablename = 'embeddings' AND indexname = :n)"),
+            {"n": f"ix_embeddings_hnsw_m{int(model_id)}"}).scalar())
 
     def embedded_count(self, model_id: int) -> int:
         return int(self.session.execute(text("SELECT count(*) FROM embeddings WHERE model_id = :m"),
@@ -151,3 +221,13 @@ def _json(value: dict[str, Any]) -> str:
     import json
 
     return json.dumps(value, sort_keys=True, default=str)
+
+
+# One writer at a time for the steps that regroup automatic categories and refresh prototypes: two
+# concurrent uploads would otherwise both create "auto-002", or assign images to a group the other just
+# replaced. Transaction-scoped, so it is released by the commit or rollback that ends the unit of work.
+CATALOG_WRITE_LOCK = 727_003
+
+
+def lock_catalog_writes(session: Session) -> None:
+    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CATALOG_WRITE_LOCK})

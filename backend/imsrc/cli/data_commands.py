@@ -65,11 +65,12 @@ def demo(
 ) -> None:
     """Load a real labelled dataset, its class names as categories (bytes stored in the database)."""
     from imsrc.ingest.demo import DATASETS, load_dataset
-    from imsrc.ingest.model_choice import choose_model_name, load_embedder
-    from imsrc.ingest.pipeline import JobSpec, run_job
 
     if dataset not in DATASETS:
         raise InvalidInputError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    from imsrc.ingest.model_choice import choose_model_name, load_embedder
+    from imsrc.ingest.pipeline import JobSpec, run_job
+
     settings = ctx.obj.settings
     data = load_dataset(dataset, settings.resolved_data_dir / "datasets")
     db = ctx.obj.database()

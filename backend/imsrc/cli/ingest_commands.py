@@ -152,7 +152,8 @@ def duplicates(
         repo = DuplicateRepository(session)
         groups, counts = repo.groups(limit), repo.counts()
     if as_json:
-        print_json({"recomputed": report, **counts, "groups": groups})
+        print_json({"recomputed": report, "group_count": counts["groups"], "duplicate_count": counts["duplicates"],
+                    "groups": groups})
         return
     if report:
         err_console.print(f"regrouped with threshold {report['threshold']}: {report['changed']} images changed")

@@ -231,6 +231,10 @@ def init_worker(options: DecodeOptions) -> None:
         torch.set_num_threads(1)  # parallelism comes from the processes; threads here would fight the model
     except ImportError:
         pass
+    # Decoding costs ~2 ms an image, the model tens of ms: at a lower priority the workers take only what
+    # the model's threads leave idle, and an OpenMP team that loses a thread to a worker stalls as a whole.
+    with contextlib.suppress(AttributeError, OSError):
+        os.nice(5)
     from imsrc.ingest.formats import configure_pillow
 
     configure_pillow(options.max_pixels)

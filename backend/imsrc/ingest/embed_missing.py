@@ -42,7 +42,7 @@ def embed_missing(database: Database, embedder: Embedder, *, workers: int = 0, b
     stop = stop or threading.Event()
     started = time.monotonic()
     with database.session() as session:
-        model = ensure_model(session, embedder)
+        model = ensure_model(session, embedder, database.settings)
         model_id = model.id
         repo = IngestRepository(session)
         todo_total = repo.missing_embedding_count(model_id)

@@ -11,27 +11,35 @@ mtime match what the catalog holds. Ctrl-C (the `stop` event) ends the job after
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import os
-import queue
+import pickle
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
 from imsrc.catalog.prototypes import PrototypeRepository
 from imsrc.db.session import Database
 from imsrc.embeddings.base import Embedder
-from imsrc.errors import ConflictError
+from imsrc.errors import ConflictError, ImsrcError
 from imsrc.ingest.decode import DecodeOptions, Processed, WorkItem
 from imsrc.ingest.phash import PhashIndex
 from imsrc.ingest.pool import InlinePool, OrderedPool
 from imsrc.ingest.repository import IngestRepository, JobRepository
 from imsrc.ingest.scan import check_roots, count_files, scan
-from imsrc.ingest.service import OUTCOMES, IndexPhashMatcher, WriteContext, embed_processed, ensure_model, write_batch
+from imsrc.ingest.service import OUTCOMES, IndexPhashMatcher, WriteContext, ensure_model
+from imsrc.ingest.stages import Abort, Stages
+
+log = logging.getLogger(__name__)
 
 LOOKUP_CHUNK = 256  # paths checked against the catalog per query
 
@@ -73,7 +81,9 @@ class JobSpec:
     store_bytes: bool
     workers: int
     batch_size: int
-    inline_below: int = 48  # fewer files than this: decode in this process, skip starting workers
+    # Fewer files than this: decode in this process, start no workers. 0: always decode in worker processes,
+    # even while they start (else the first chunks are decoded here until a worker is ready).
+    inline_below: int = 48
 
 
 def job_key(kind: str, paths: Iterable[str], options: dict[str, Any], model: str) -> str:
@@ -109,104 +119,19 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class _Abort(Exception):
-    pass
-
-
-class _Stages:
-    """The embed and writer threads, and the bounded queues between them."""
-
-    def __init__(self, database: Database, embedder: Embedder, ctx: WriteContext, index: PhashIndex,
-                 progress: JobProgress, batch_size: int, on_progress: Callable[[JobProgress], None] | None) -> None:
-        self.database, self.embedder, self.ctx, self.index = database, embedder, ctx, index
-        self.progress, self.batch_size, self.on_progress = progress, batch_size, on_progress
-        self.to_embed: queue.Queue[tuple[list[Processed], int] | None] = queue.Queue(maxsize=2)
-        self.to_write: queue.Queue[tuple[list[Processed], int] | None] = queue.Queue(maxsize=2)
-        self.failure: BaseException | None = None
-        self.touched: set[int] = set()
-        self.run_counts = dict.fromkeys(OUTCOMES, 0)
-        self.seconds = {"embed": 0.0, "write": 0.0, "wait_for_workers": 0.0}
-        self.threads = [threading.Thread(target=self._guard, args=(self._embed,), name="imsrc-embed", daemon=True),
-                        threading.Thread(target=self._guard, args=(self._write,), name="imsrc-write", daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    def put(self, q: queue.Queue[Any], item: Any) -> None:
-        while True:
-            if self.failure is not None:
-                raise _Abort
-            try:
-                q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def _guard(self, target: Callable[[], None]) -> None:
-        try:
-            target()
-        except BaseException as exc:  # surfaced by the main thread
-            self.failure = exc
-
-    def _embed(self) -> None:
-        while (job := self.to_embed.get()) is not None:
-            t0 = time.perf_counter()
-            self._drop_known(job[0])
-            embed_processed(self.embedder, job[0], pad_to=self.batch_size)
-            self.seconds["embed"] += time.perf_counter() - t0
-            self.put(self.to_write, job)
-        self.put(self.to_write, None)
-
-    def _drop_known(self, batch: list[Processed]) -> None:
-        """Bytes already catalogued with this model's vector will only be linked: skip their forward pass."""
-        digests = [p.sha256 for p in batch if p.ok and p.sha256 is not None]
-        if not digests:
-            return
-        with self.database.session() as session:
-            known = IngestRepository(session).existing_by_sha(digests, self.ctx.model_id)
-        for p in batch:
-            if p.sha256 in known and known[p.sha256].has_embedding:
-                p.tensor = None
-
-    def _write(self) -> None:
-        while (job := self.to_write.get()) is not None:
-            batch, skipped = job
-            t0 = time.perf_counter()
-            with self.database.session() as session:
-                result = write_batch(session, self.ctx, batch)
-                if skipped and self.ctx.job_id is not None:
-                    JobRepository(session).add_counts(self.ctx.job_id, {"skipped": skipped})
-            self.seconds["write"] += time.perf_counter() - t0
-            for image_id, value in result.new_canonicals:  # only once committed
-                self.index.add(image_id, value)
-            self.touched |= result.touched_categories
-            result.counts["skipped"] += skipped
-            for k, v in result.counts.items():
-                self.run_counts[k] += v
-                self.progress.counts[k] += v
-            self.progress.done += len(batch) + skipped
-            if self.on_progress:
-                self.on_progress(self.progress)
-
-    def finish(self) -> None:
-        self.put(self.to_embed, None)
-        for t in self.threads:
-            while t.is_alive():
-                t.join(0.2)
-                if self.failure is not None and t.name == "imsrc-embed":
-                    break
-        if self.failure is not None:
-            raise self.failure
-
-
 def run_job(database: Database, embedder: Embedder, spec: JobSpec, *, stop: threading.Event | None = None,
             on_progress: Callable[[JobProgress], None] | None = None) -> JobSummary:
     stop = stop or threading.Event()
     started = time.monotonic()
     with database.session() as session:
-        model = ensure_model(session, embedder)
+        model = ensure_model(session, embedder, database.settings)
         model_id, model_name = model.id, model.name
     key = job_key(spec.kind, spec.paths, spec.options, model_name)
-    control = database.sessions()  # holds the job's advisory lock for as long as the job runs
+    # The job's advisory lock belongs to one connection: keep it for the whole job (a pooled session would
+    # hand its connection back at every commit, and the lock with it).
+    lock_conn = database.engine.connect()
+    control = Session(bind=lock_conn, expire_on_commit=False)
+    locked: int | None = None
     try:
         jobs = JobRepository(control)
         existing = jobs.find_resumable(key)
@@ -217,7 +142,8 @@ def run_job(database: Database, embedder: Embedder, spec: JobSpec, *, stop: thre
                                  options={**spec.options, "model": model_name}, model_id=model_id,
                                  model_name=model_name)
             jobs.try_lock(job_id)
-        else:
+        locked = existing["id"] if existing is not None else job_id
+        if existing is not None:
             job_id = existing["id"]
             jobs.mark(job_id, "running")
         control.commit()
@@ -238,7 +164,12 @@ def run_job(database: Database, embedder: Embedder, spec: JobSpec, *, stop: thre
                           stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()})
     finally:
         control.rollback()
+        if locked is not None:
+            with contextlib.suppress(Exception):  # a dead connection has dropped the lock already
+                JobRepository(control).unlock(locked)
+                control.commit()
         control.close()
+        lock_conn.close()
 
 
 def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, job_id: int, model_id: int,
@@ -257,12 +188,15 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
                                                         control)
     head = list(itertools.islice(todo, 2))
     small = len(head) < 2 and sum(len(fresh) for fresh, _ in head) < spec.inline_below
+    if not small and not _picklable(options):
+        log.warning("the model's preprocessing cannot be sent to worker processes; decoding in this process")
+        small = True
     todo = itertools.chain(head, todo)
     pool: OrderedPool | InlinePool = InlinePool(options) if small else \
-        OrderedPool(workers, options, max_pending=workers * 4)
+        OrderedPool(workers, options, max_pending=workers * 4, warm_inline=spec.inline_below > 0)
     ctx = WriteContext(model_id=model_id, store_bytes=spec.store_bytes, matcher=IndexPhashMatcher(index),
                        job_id=job_id)
-    stages = _Stages(database, embedder, ctx, index, progress, spec.batch_size, on_progress)
+    stages = Stages(database, embedder, ctx, index, progress, spec.batch_size, on_progress)
     batch: list[Processed] = []
     skipped = 0
     feed_seconds = 0.0
@@ -306,15 +240,19 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
             if batch or skipped:
                 stages.put(stages.to_embed, (batch, skipped))
             stages.finish()
-        except (_Abort, KeyboardInterrupt):
+        except (Abort, KeyboardInterrupt):
             pool.close(cancel=True)
             if stages.failure is not None:
                 raise stages.failure from None
             raise
     except BaseException as exc:
-        jobs.mark(job_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                  f"{type(exc).__name__}: {exc}"[:500])
+        control.rollback()
+        reason = _one_line(exc)
+        jobs.mark(job_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", reason[:500])
         control.commit()
+        if isinstance(exc, DBAPIError):  # the batch in flight rolled back; everything before it is kept
+            raise ImsrcError(f"job {job_id} stopped on a database error ({reason}); fix it and run the same "
+                             "command again to continue") from exc
         raise
     finally:
         pool.close(cancel=True)
@@ -329,6 +267,19 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
               if status == "interrupted" else None, finished=status == "completed")
     control.commit()
     return status, {**stages.seconds, "scan_and_lookup": feed_seconds}, stages.run_counts
+
+
+def _picklable(value: object) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _count(count: Callable[[], int], progress: JobProgress, on_progress: Callable[[JobProgress], None] | None) -> None:

@@ -38,7 +38,18 @@ def check_roots(paths: Sequence[str | Path]) -> list[str]:
         if not (os.path.isdir(path) or os.path.isfile(path)):
             raise InvalidInputError(f"not a folder or a regular file: {display_path(path)}")
         roots.append(path)
-    return roots
+    return _without_overlaps(roots)
+
+
+def _without_overlaps(roots: list[str]) -> list[str]:
+    """Drop repeated roots and roots inside another folder root, so no file is visited twice in a job."""
+    folders = [r for r in roots if os.path.isdir(r)]
+    kept: list[str] = []
+    for root in roots:
+        inside = any(root != f and (root + os.sep).startswith(f.rstrip(os.sep) + os.sep) for f in folders)
+        if root not in kept and not inside:
+            kept.append(root)
+    return kept
 
 
 def _item(path: str, category_mode: str | None, category: str | None, reason: str | None = None) -> WorkItem:

@@ -15,9 +15,10 @@ import torch
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.model_service import ModelService
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.prototypes import PrototypeRepository
-from imsrc.catalog.repository import CategoryRepository, ModelRepository
+from imsrc.catalog.repository import CategoryRepository
 from imsrc.config import Settings
 from imsrc.embeddings.base import Embedder
 from imsrc.ingest.decode import DecodeOptions, Processed, WorkItem, process
@@ -91,14 +92,9 @@ class WriteContext:
     job_id: int | None = None
 
 
-def ensure_model(session: Session, embedder: Embedder) -> EmbeddingModel:
+def ensure_model(session: Session, embedder: Embedder, settings: Settings) -> EmbeddingModel:
     """Register the embedder's model; the first model a catalog is indexed with becomes its active one."""
-    models = ModelRepository(session)
-    model = models.register(name=embedder.name, dimension=int(embedder.dimension), family=str(embedder.family),
-                            params=dict(embedder.params), supports_text=bool(embedder.supports_text))
-    if models.active() is None:
-        models.set_active(model)
-    return model
+    return ModelService(session, settings).register(embedder)
 
 
 def write_batch(session: Session, ctx: WriteContext, batch: Sequence[Processed]) -> BatchResult:
@@ -261,7 +257,7 @@ def ingest_bytes(session: Session, embedder: Embedder, files: Sequence[tuple[str
                                           f"{settings.max_upload_bytes} (IMSRC_MAX_UPLOAD_BYTES)"))
             continue
         batch.append(process(WorkItem(key=name, data=data, category=category), options))
-    model = ensure_model(session, embedder)
+    model = ensure_model(session, embedder, settings)
     existing = IngestRepository(session).existing_by_sha([p.sha256 for p in batch if p.ok and p.sha256],
                                                           model.id)
     to_embed = [p for p in batch if p.ok and not (p.sha256 in existing and existing[p.sha256].has_embedding)]

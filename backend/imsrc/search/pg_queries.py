@@ -83,7 +83,9 @@ class NeighbourRepository:
     def _plan(self, **settings: str) -> Iterator[None]:
         """Planner settings for one query, restored afterwards (two round trips, not one per setting)."""
         names = list(settings)
-        get = ", ".join(f"current_setting(:n{i})" for i in range(len(names)))
+        # missing_ok: pgvector's hnsw.* settings do not exist in a backend that has not loaded the vector
+        # library yet (a fresh pooled connection whose first statement this is); restoring NULL resets them.
+        get = ", ".join(f"current_setting(:n{i}, true)" for i in range(len(names)))
         put = ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(names)))
         params = {f"n{i}": n for i, n in enumerate(names)}
         before = self.session.execute(text(f"SELECT {get}, {put}"),
@@ -92,7 +94,7 @@ class NeighbourRepository:
             yield
         finally:
             self.session.execute(text(f"SELECT {put}"),
-                                 {**params, **{f"v{i}": str(before[i]) for i in range(len(names))}})
+                                 {**params, **{f"v{i}": before[i] for i in range(len(names))}})
 
     def per_category(self, model_id: int, dimension: int, query: str, categories: Sequence[tuple[int, bool]],
                      limit: int, ef_search: int) -> list[Hit]:

@@ -1,0 +1,87 @@
+"""/api/images: list, detail, original file, thumbnail, delete. Upload lives in api/uploads.py."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from imsrc.api.deps import SessionDep, SettingsDep
+from imsrc.catalog.image_repository import DuplicateFilter
+from imsrc.catalog.schemas import DeletedImage, ImageDetail, ImagePage
+from imsrc.catalog.service import ImageService
+from imsrc.config import Settings
+
+router = APIRouter(prefix="/api/images", tags=["images"])
+
+ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="image id")]
+ERRORS: dict[int | str, dict[str, Any]] = {404: {"description": "no such image (error JSON)"}}
+THUMBNAIL_MAX_AGE = 86_400
+
+
+@router.get("", response_model=ImagePage, summary="List images, newest first")
+def list_images(
+    session: SessionDep,
+    category_id: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="only this category (id)")] = None,
+    category: Annotated[str | None, Query(min_length=1, max_length=200,
+                                          description="only this category (name, any case)")] = None,
+    duplicates: Annotated[DuplicateFilter, Query(description="include, exclude or only near-duplicates")] = "include",
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=200)] = 48,
+) -> ImagePage:
+    return ImageService(session).list_images(category_id=category_id, category=category, duplicates=duplicates,
+                                             page=page, page_size=page_size)
+
+
+@router.get("/{image_id}", response_model=ImageDetail, responses=ERRORS, summary="One image's metadata")
+def get_image(image_id: ImageId, session: SessionDep) -> ImageDetail:
+    return ImageService(session).detail(image_id)
+
+
+@router.get(
+    "/{image_id}/file",
+    response_class=Response,
+    responses={200: {"content": {"image/*": {}}, "description": "the original bytes"}, **ERRORS},
+    summary="The original image (stored bytes, or the referenced file)",
+)
+def get_image_file(image_id: ImageId, session: SessionDep, settings: SettingsDep) -> Response:
+    original = ImageService(session).original(image_id)
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": _cache(settings, 3600)}
+    if original.path is not None:
+        return FileResponse(original.path, media_type=original.media_type, filename=original.filename,
+                            content_disposition_type="inline", headers=headers)
+    assert original.data is not None
+    headers["Content-Disposition"] = f"inline; filename*=utf-8''{quote(original.filename)}"
+    return Response(original.data, media_type=original.media_type, headers=headers)
+
+
+@router.get(
+    "/{image_id}/thumbnail",
+    response_class=Response,
+    responses={200: {"content": {"image/webp": {}}, "description": "a WebP thumbnail"},
+               304: {"description": "not modified (If-None-Match)"}, **ERRORS},
+    summary="The image's thumbnail (WebP), cacheable",
+)
+def get_thumbnail(image_id: ImageId, request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+    data, mime, sha = ImageService(session).thumbnail(image_id)
+    # Ids are never reused and an image's bytes never change, so its hash names its thumbnail's content.
+    etag = f'"{sha[:32]}-{len(data)}"'
+    headers = {"ETag": etag, "Cache-Control": _cache(settings, THUMBNAIL_MAX_AGE),
+               "X-Content-Type-Options": "nosniff"}
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=mime, headers=headers)
+
+
+@router.delete("/{image_id}", response_model=DeletedImage, responses=ERRORS,
+               summary="Delete an image with its thumbnail, vectors and stored bytes")
+def delete_image(image_id: ImageId, session: SessionDep, settings: SettingsDep) -> DeletedImage:
+    return ImageService(session).delete(image_id, settings)
+
+
+def _cache(settings: Settings, max_age: int) -> str:
+    # Behind a read key, shared caches must not keep copies for people without it.
+    private = bool(settings.api_key and settings.protect_reads)
+    return f"{'private' if private else 'public'}, max-age={max_age}"
