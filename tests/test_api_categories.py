@@ -6,7 +6,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from imsrc.catalog.repository import CategoryRepository
+from imsrc.catalog.repository import CategoryRepository, ModelRepository
+from imsrc.search.prototypes import TEXT_PROMPT
 from tests.api_helpers import add_image, client
 
 __all__ = ["client"]
@@ -77,3 +78,25 @@ def test_detail_reports_prototypes_per_model(client: TestClient, session: Sessio
     assert "updated_at" in protos[("m-protos", "mean")]
     assert client.get("/api/categories/987654321").status_code == 404
     assert client.get("/api/categories/nope").status_code == 422
+
+
+def test_renaming_refreshes_the_text_prototype(client: TestClient, session: Session) -> None:
+    # With a CLIP model active, a category's name is also a (text) prototype; a rename must re-read it.
+    from imsrc.embeddings import get_embedder
+
+    tiny = get_embedder("open_clip-tiny-test")
+    session.execute(text("UPDATE embedding_models SET is_active = false"))
+    models = ModelRepository(session)
+    model = models.register(name=tiny.name, dimension=tiny.dimension, family=tiny.family, params={},
+                            supports_text=True)
+    models.set_active(model)
+    auto = CategoryRepository(session).get_or_create("auto-042", automatic=True)
+    assert client.patch(f"/api/categories/{auto.id}", json={"name": "Lighthouses"}).status_code == 200
+    stored = session.execute(text(
+        "SELECT vector::text FROM category_prototypes WHERE category_id = :c AND kind = 'text'"), {"c": auto.id}
+    ).scalar_one()
+    expected = tiny.encode_texts([TEXT_PROMPT.format(name="Lighthouses")])[0]
+    got = [float(x) for x in stored.strip("[]").split(",")]
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-5
+    kinds = {p["kind"] for p in client.get(f"/api/categories/{auto.id}").json()["prototypes"]}
+    assert "text" in kinds

@@ -174,6 +174,17 @@ def test_browse_keyboard_and_narrow_screen(browser: Any, server: str, images: li
     shots = screenshot_dir()
     page = _page(browser, WIDE)
     _upload(page, server, [images[2]], "Fields")
+    # a file that is not an image fails with its reason, and nothing else happens
+    bogus = images[2].with_name("notes.txt")
+    bogus.write_text("not an image")
+    page.reload()  # a fresh upload view (the hash is already #/upload)
+    page.set_input_files("#upload-files", str(bogus))
+    page.wait_for_selector(".upload-row.failed")
+    assert page.inner_text(".upload-summary").endswith("0 new, 0 duplicate, 1 failed")
+    reason = page.inner_text(".upload-row.failed .upload-state")
+    assert reason.startswith("failed") and "image" in reason and "notes.txt" not in reason
+    page.errors.clear()  # the browser logs that 422 as a failed resource load: expected here
+
     page.goto(f"{server}/#/browse")
     page.wait_for_selector(".cat-card")
     names = page.eval_on_selector_all(".cat-name", "els => els.map(e => e.firstChild.textContent)")

@@ -30,7 +30,20 @@ COUNTS = ("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM image_blo
 
 
 @pytest.fixture(scope="module")
-def env(create_database, settings: Settings) -> Iterator[tuple[TestClient, Database]]:  # type: ignore[no-untyped-def]
+def private_tmp() -> Iterator[str]:
+    """Uploads spool to tempfile.gettempdir(): give this module its own, so other processes' uploads
+    (parallel test runs) cannot be mistaken for files we left behind."""
+    import shutil
+
+    path = tempfile.mkdtemp(prefix="imsrc-hostile-tmp-")
+    old, tempfile.tempdir = tempfile.tempdir, path
+    yield path
+    tempfile.tempdir = old
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def env(create_database, settings: Settings, private_tmp: str) -> Iterator[tuple[TestClient, Database]]:  # type: ignore[no-untyped-def]
     url = create_database("imsrc_hostile")
     upgrade(url)
     own = settings.model_copy(update={"database_url": url, "max_upload_bytes": 2_000_000, "max_pixels": 4_000_000})

@@ -79,8 +79,8 @@ async def client_loop(client: httpx.AsyncClient, deadline: float, seed: int, sta
             resp = await client.post("/api/images", files={"file": (f"load-{seed}-{n}.jpg", data, "image/jpeg")})
             if resp.status_code < 300:
                 for item in resp.json().get("results", []):
-                    if item.get("image_id"):
-                        uploaded.append(int(item["image_id"]))
+                    if item.get("id"):
+                        uploaded.append(int(item["id"]))
         elif roll < 0.6:
             route = "POST /api/search/image"
             resp = await client.post("/api/search/image", params={"k": 10},

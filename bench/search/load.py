@@ -24,6 +24,7 @@ class Mixture:
     centres: np.ndarray
     spread: float
     seed: int
+    bases: np.ndarray | None = None  # (k, r, d): per-category subspace of the noise; None = isotropic
 
     def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """n points, equal shares per category (shuffled), unit length. Returns (vectors, labels)."""
@@ -32,15 +33,26 @@ class Mixture:
         out = np.empty((n, d), dtype=np.float32)
         for start in range(0, n, 50_000):  # in blocks: 1M x 512 noise in one go would need 4 GB more
             lab = labels[start:start + 50_000]
-            x = self.centres[lab] + rng.standard_normal((len(lab), d), dtype=np.float32) * (self.spread / np.sqrt(d))
+            if self.bases is None:
+                noise = rng.standard_normal((len(lab), d), dtype=np.float32) * (self.spread / np.sqrt(d))
+            else:  # most of the spread along a few directions per category, like real embeddings
+                r = self.bases.shape[1]
+                z = rng.standard_normal((len(lab), r), dtype=np.float32) * (self.spread / np.sqrt(r))
+                noise = np.einsum("nr,nrd->nd", z, self.bases[lab])
+                noise += rng.standard_normal((len(lab), d), dtype=np.float32) * (0.1 * self.spread / np.sqrt(d))
+            x = self.centres[lab] + noise
             out[start:start + len(lab)] = x / np.linalg.norm(x, axis=1, keepdims=True)
         return out, labels
 
 
-def make_mixture(categories: int, dimension: int, spread: float, seed: int) -> Mixture:
+def make_mixture(categories: int, dimension: int, spread: float, seed: int, intrinsic_dim: int = 0) -> Mixture:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((categories, dimension)).astype(np.float32)
-    return Mixture(centres / np.linalg.norm(centres, axis=1, keepdims=True), spread, seed)
+    bases = None
+    if intrinsic_dim:
+        raw = rng.standard_normal((categories, dimension, intrinsic_dim)).astype(np.float32)
+        bases = np.stack([np.linalg.qr(b)[0].T for b in raw]).astype(np.float32)  # orthonormal rows
+    return Mixture(centres / np.linalg.norm(centres, axis=1, keepdims=True), spread, seed, bases)
 
 
 def _binary_copy(columns: list[tuple[str, np.ndarray]], vectors: np.ndarray) -> bytes:

@@ -91,7 +91,7 @@ def run_size(server_url: str, n: int, args: argparse.Namespace, scratch: Path) -
                             search_exact_max_rows=args.exact_max_rows, search_ef_search=args.ef_search)
         engine = make_engine(url)
         db = Database(url=url, engine=engine, settings=settings, revision="head", pgvector_version="")
-        mixture = make_mixture(args.categories, args.dim, args.spread, seed=1)
+        mixture = make_mixture(args.categories, args.dim, args.spread, seed=1, intrinsic_dim=args.intrinsic_dim)
         rng = np.random.default_rng(2)
         vectors, labels = mixture.sample(n, rng)
         queries, _ = mixture.sample(args.queries, np.random.default_rng(3))
@@ -120,7 +120,9 @@ def run_size(server_url: str, n: int, args: argparse.Namespace, scratch: Path) -
         if args.partitions:
             with db.session() as session:
                 drop_partitions(session)
-        result.update({"rows": n, "build_s": {k: round(v, 2) for k, v in build.items()}, "sizes": sizes})
+        result.update({"rows": n, "build_s": {k: round(v, 2) for k, v in build.items()}, "sizes": sizes,
+                       "data": {"spread": args.spread, "intrinsic_dim": args.intrinsic_dim,
+                                "exact_max_rows": args.exact_max_rows, "ef_search": args.ef_search}})
         engine.dispose()
         return result
     finally:
@@ -235,6 +237,8 @@ def main() -> None:
     parser.add_argument("--categories", type=int, default=100)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--spread", type=float, default=0.8, help="noise norm relative to the centre (1.0)")
+    parser.add_argument("--intrinsic-dim", type=int, default=0,
+                        help="noise in a random r-dim subspace per category (0 = isotropic, the hard case)")
     parser.add_argument("--fan-out", type=int, default=3, help="stage-1 categories")
     parser.add_argument("--ef-search", type=int, default=Settings.model_fields["search_ef_search"].default)
     parser.add_argument("--exact-max-rows", type=int,
@@ -249,13 +253,15 @@ def main() -> None:
     parser.add_argument("--no-report", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--append", action="store_true",
                         help="merge into the existing results.json (sizes measured now replace the same sizes)")
+    parser.add_argument("--out", default="results.json", help="results file name under bench/search")
     parser.add_argument("--report-only", action="store_true",
                         help="only redraw the plot and BENCHMARKS.md from results.json (and its notes)")
     args = parser.parse_args()
     if args.report_only:
         saved = json.loads((OUT / "results.json").read_text())
         plot(saved, OUT / "latency.png")
-        write_markdown(saved, ROOT / "BENCHMARKS.md")
+        extra = OUT / "results_structured.json"
+        write_markdown(saved, ROOT / "BENCHMARKS.md", json.loads(extra.read_text()) if extra.exists() else None)
         return
     sizes = args.sizes + ([1_000_000] if args.million else [])
     scratch = ROOT / "bench" / "results" / "tmp" / "search"
@@ -282,8 +288,8 @@ def main() -> None:
             print(f"--- {n} rows", flush=True)
             res = run_size(url, n, args, scratch)
             results["sizes"].append(res)
-            if args.append and (OUT / "results.json").exists():
-                previous = json.loads((OUT / "results.json").read_text())
+            if args.append and (OUT / args.out).exists():
+                previous = json.loads((OUT / args.out).read_text())
                 keep = [p for p in previous.get("sizes", []) if p["rows"] not in {r["rows"] for r in results["sizes"]}]
                 results["sizes"] = sorted(keep + results["sizes"], key=lambda r: r["rows"])
                 results["notes"] = previous.get("notes", [])
@@ -293,15 +299,14 @@ def main() -> None:
                       f"recall {m['recall_at_10']:.3f}  rows {m['mean_rows']:.1f}", flush=True)
             print(f"stage 1: {res['stage1']}  build: {res['build_s']}  sizes: {res['sizes']}", flush=True)
             print(f"calibration: {res['calibration']}", flush=True)
-            (OUT / "results.json").write_text(json.dumps(results, indent=1))
+            (OUT / args.out).write_text(json.dumps(results, indent=1))
     finally:
         if server is not None:
             server.stop()
             shutil.rmtree(scratch / "server", ignore_errors=True)
-    plot(results, OUT / "latency.png")
     if not args.no_report:
+        plot(results, OUT / "latency.png")
         write_markdown(results, ROOT / "BENCHMARKS.md")
-
 
 if __name__ == "__main__":
     main()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 
-from imsrc.api.deps import SessionDep
+from imsrc.api.deps import SessionDep, SettingsDep
 from imsrc.catalog.category_service import CategoryService
 from imsrc.catalog.schemas import CategoryCreate, CategoryDetail, CategorySummary, CategoryUpdate
 
@@ -36,5 +36,9 @@ def get_category(category_id: CategoryId, session: SessionDep) -> CategoryDetail
 
 @router.patch("/{category_id}", response_model=CategorySummary, responses={**NOT_FOUND, **CONFLICT},
               summary="Rename or describe a category (renaming an automatic one makes it a named one)")
-def update_category(category_id: CategoryId, body: CategoryUpdate, session: SessionDep) -> CategorySummary:
-    return CategoryService(session).update(category_id, body)
+def update_category(category_id: CategoryId, body: CategoryUpdate, session: SessionDep, settings: SettingsDep,
+                    request: Request) -> CategorySummary:
+    # A plain `def` route: FastAPI runs it in the threadpool, so a text encoding after a rename stays off the loop.
+    runtime = getattr(request.app.state, "search_runtime", None)
+    return CategoryService(session).update(category_id, body, settings=settings,
+                                           embedder_for=runtime.embedder_factory if runtime else None)

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imsrc.embeddings.errors import ModelError
@@ -98,6 +99,11 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(503, "database_unavailable", "the database is not reachable; retry shortly")
         log.exception("database error")
         return error_response(500, "database_error", "the database rejected the request")
+
+    @app.exception_handler(PoolTimeoutError)
+    async def _pool_exhausted(_: Request, exc: PoolTimeoutError) -> JSONResponse:
+        log.warning("connection pool exhausted: %s", exc)
+        return error_response(503, "busy", "the server is busy; retry shortly")
 
     @app.exception_handler(DataError)
     async def _bad_value(_: Request, exc: DataError) -> JSONResponse:

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from imsrc.api.deps import DatabaseDep, SettingsDep
 from imsrc.api.errors import is_transaction_conflict
 from imsrc.api.multipart import UploadedFile, read_multipart
-from imsrc.catalog.repository import CategoryRepository
+from imsrc.catalog.repository import CategoryRepository, lock_catalog_writes
 from imsrc.catalog.schemas import CategoryRef, UploadResponse, UploadResult, image_thumbnail_url
 from imsrc.config import Settings
 from imsrc.db.session import Database
@@ -109,6 +109,9 @@ def _ingest_once(db: Database, settings: Settings, files: list[UploadedFile],
                  category: str | None) -> list[UploadResult]:
     outcomes: list[FileOutcome] = []
     with db.session() as session:
+        # Taken first, before any row is written, so concurrent uploads queue here instead of deadlocking
+        # on prototype rows one of them already changed (sync_search takes the same lock again; it nests).
+        lock_catalog_writes(session)
         name, _ = choose_model_name(session, settings)
         embedder = load_embedder(settings, name)
         for chunk in _chunks(files, settings.batch_size, CHUNK_BYTES):

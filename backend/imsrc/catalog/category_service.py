@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.image_repository import ImageRepository
-from imsrc.catalog.repository import CategoryRepository
+from imsrc.catalog.repository import CategoryRepository, ModelRepository
 from imsrc.catalog.schemas import (
     CategoryCreate,
     CategoryDetail,
@@ -16,6 +17,7 @@ from imsrc.catalog.schemas import (
     PrototypeInfo,
     image_thumbnail_url,
 )
+from imsrc.config import Settings
 
 SAMPLES_PER_CATEGORY = 4
 
@@ -53,10 +55,22 @@ class CategoryService:
         category = self.categories.create(body.name, description=body.description)
         return self.summary(category.id)
 
-    def update(self, category_id: int, body: CategoryUpdate) -> CategorySummary:
+    def update(self, category_id: int, body: CategoryUpdate, *, settings: Settings | None = None,
+               embedder_for: Callable[[str], Any] | None = None) -> CategorySummary:
+        """Rename and/or describe. After a rename, search catches up in the same unit of work when given the
+        settings: a CLIP model re-reads the new name (text prototype), and a category that just became a real
+        one takes part in predictions. embedder_for(model name) supplies the (already loaded) embedder."""
         category = self.categories.get(category_id)
+        old_name = category.name
         self.categories.update(category, name=body.name, description=body.description,
                                set_description="description" in body.model_fields_set)
+        if settings is not None and category.name != old_name:
+            from imsrc.search.sync import sync_search  # search builds on the catalog, not the reverse
+
+            active = ModelRepository(self.session).active()
+            embedder = embedder_for(active.name) if active is not None and active.supports_text and embedder_for \
+                else None
+            sync_search(self.session, settings, embedder=embedder, autogroup_images=False)
         return self.summary(category.id)
 
     def detail(self, category_id: int) -> CategoryDetail:

@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import EmbeddingModel
-from imsrc.catalog.repository import ModelRepository
+from imsrc.catalog.repository import ModelRepository, lock_catalog_writes
 from imsrc.config import Settings
 from imsrc.search.autogroup import autogroup
 from imsrc.search.pg_queries import NeighbourRepository
@@ -56,6 +56,7 @@ def sync_search(session: Session, settings: Settings, *, model_id: int | None = 
     count no longer matches their prototype are found too. embedder: the model's embedder, for text
     prototypes (optional; skipped for image-only models).
     """
+    lock_catalog_writes(session)
     models = ModelRepository(session)
     model = models.active() if model_id is None else session.get(EmbeddingModel, model_id)
     report = SyncReport()

@@ -100,7 +100,9 @@ export async function render(root) {
       counts[r.status] += 1;
     } catch (err) {
       row.classList.add("failed");
-      clear(state).append(h("span.tag.bad", {}, "failed"), " ", err.message);
+      // A request whose only file failed comes back as an error naming the file: show just the reason.
+      const reason = err.message.replace(/^no image was stored: /, "").replace(`${file.name}: `, "");
+      clear(state).append(h("span.tag.bad", {}, "failed"), " ", reason);
       counts.failed += 1;
     }
   }
