@@ -203,6 +203,12 @@ def write_markdown(res: dict[str, Any]) -> None:
                      f"{' / '.join(str(x) for x in r['model_img_s_measurements'])} | **{r['ratio']:.2f}** "
                      f"({', '.join(f'{x:.2f}' for x in r['part_ratios'])}) | {r['model_busy']:.3f} | "
                      f"{'met' if r['ratio'] >= 0.9 else 'missed'} (>= 0.90) |")
+    for r in res["runs"]:
+        if r["ratio"] < 0.9 and r["model_busy"] >= 0.95:
+            lines += ["", f"{r['model']}: the model was computing {r['model_busy']:.0%} of the time, so it was not "
+                      "starved; each batch ran slower than alone because the pipeline's own work (decode workers, "
+                      "the writer thread, PostgreSQL's COPY and HNSW inserts) shares the same CPU cores. With spare "
+                      "cores or a GPU that work no longer competes with the model."]
     lines += ["", "Where the time went (seconds, summed per stage; stages overlap, so they add up to more than "
               "the wall time; `wait_for_workers` is the main thread waiting on decoded images):", "",
               "| model | wall | embed | write | wait_for_workers | scan_and_lookup |", "|---|---:|---:|---:|---:|---:|"]
