@@ -6,6 +6,7 @@ from pydantic import ValidationError
 
 from imsrc.config import Settings
 from imsrc.db.session import Database, open_database
+from imsrc.embeddings import Embedder
 from imsrc.errors import ConfigurationError
 
 
@@ -18,6 +19,18 @@ class CliContext:
             name = "IMSRC_" + str(err["loc"][0]).upper() if err.get("loc") else "a setting"
             raise ConfigurationError(f"{name}: {err['msg']}") from exc
         self._db: Database | None = None
+
+    def embedder(self, model: str | None) -> tuple[str, Embedder]:
+        """The model a command should use (explicit, else the catalog's active one, else IMSRC_MODEL), loaded;
+        its one warning (e.g. 'auto' fell back to an image-only model) goes to stderr."""
+        from imsrc.cli.output import err_console
+        from imsrc.ingest.model_choice import choose_model_name, load_embedder
+
+        with self.database().session() as session:
+            name, warning = choose_model_name(session, self.settings, model)
+        if warning:
+            err_console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+        return name, load_embedder(self.settings, name)
 
     def database(self, *, migrate: bool | None = None) -> Database:
         if self._db is None:

@@ -68,17 +68,12 @@ def demo(
 
     if dataset not in DATASETS:
         raise InvalidInputError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
-    from imsrc.ingest.model_choice import choose_model_name, load_embedder
     from imsrc.ingest.pipeline import JobSpec, run_job
 
     settings = ctx.obj.settings
     data = load_dataset(dataset, settings.resolved_data_dir / "datasets")
     db = ctx.obj.database()
-    with db.session() as session:
-        name, warning = choose_model_name(session, settings, model)
-    if warning:
-        err_console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
-    embedder = load_embedder(settings, name)
+    name, embedder = ctx.obj.embedder(model)
     n = len(data.images) if not limit else min(limit, len(data.images))
     spec = JobSpec(kind="demo", paths=[dataset], options={"dataset": dataset, "limit": n},
                    items=lambda: data.items(n), count=lambda: n, store_bytes=True, workers=settings.workers,

@@ -45,7 +45,6 @@ def index(
     as_json: JsonOpt = False,
 ) -> None:
     """Index image folders: decode, hash, thumbnail and embed in parallel; resumable; duplicates linked."""
-    from imsrc.ingest.model_choice import choose_model_name, load_embedder
     from imsrc.ingest.pipeline import run_index_job
     from imsrc.ingest.scan import check_roots
 
@@ -56,11 +55,7 @@ def index(
     check_roots(paths)  # a missing path fails before anything is started
     settings = ctx.obj.settings
     db = ctx.obj.database()
-    with db.session() as session:
-        name, warning = choose_model_name(session, settings, model)
-    if warning:
-        err_console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
-    embedder = load_embedder(settings, name)
+    name, embedder = ctx.obj.embedder(model)
     stop = threading.Event()
     with ctrl_c_stops(stop), JobBar(f"indexing ({name})", enabled=not as_json) as bar:
         summary = run_index_job(
