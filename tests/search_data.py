@@ -54,13 +54,14 @@ def insert_images(session: Session, model: EmbeddingModel, vectors: np.ndarray,
 
 
 def make_catalog(session: Session, *, n_categories: int = 8, per_category: int = 150, dimension: int = 32,
-                 uncategorised: int = 0, seed: int = 0, name: str = "synthetic-test") -> Synthetic:
+                 uncategorised: int = 0, seed: int = 0, name: str = "synthetic-test", spread: float = 0.35
+                 ) -> Synthetic:
     models = ModelRepository(session)
     model = models.register(name=name, dimension=dimension, family="test", params={}, supports_text=False)
     models.set_active(model)
     cats = CategoryRepository(session)
     category_ids = [cats.get_or_create(f"{name}-cat-{i:02d}").id for i in range(n_categories)]
-    vectors, labels, centres = gaussian_mixture(n_categories, per_category, dimension, seed=seed)
+    vectors, labels, centres = gaussian_mixture(n_categories, per_category, dimension, seed=seed, spread=spread)
     if uncategorised:
         extra, _, _ = gaussian_mixture(n_categories, uncategorised // n_categories + 1, dimension, seed=seed + 1)
         extra = extra[:uncategorised]

@@ -87,7 +87,7 @@ def test_stage1_ranks_the_query_category_first(session: Session, settings: Setti
 
 @pytest.fixture()
 def large(session: Session, settings: Settings) -> tuple[Synthetic, Settings]:
-    # Big enough that every category gets its own HNSW (pgvector index, FAISS HNSW sub-index).
+    # Big enough that every category gets its own pgvector HNSW index (FAISS PQ sub-indexes: test_search_faiss_pq).
     tuned = settings.model_copy(update={"search_exact_max_rows": 200, "faiss_flat_max_rows": 200})
     cat = make_catalog(session, n_categories=10, per_category=400, dimension=32, seed=3)
     report = sync_search(session, tuned, model_id=cat.model.id)
@@ -166,7 +166,7 @@ def test_duplicates_hidden_unless_asked(session: Session, settings: Settings, sm
         assert _ids(shown)[:4] == before[:4]
 
 
-@pytest.mark.parametrize("flat_max_rows", [5000, 10])  # flat sub-indexes, then HNSW ones (tombstone selector)
+@pytest.mark.parametrize("flat_max_rows", [5000, 10])  # flat sub-indexes, rebuilt on growth or not
 def test_faiss_sees_images_added_moved_and_deleted_after_its_build(session: Session, settings: Settings,
                                                                    small: Synthetic, scratch: Path,
                                                                    flat_max_rows: int) -> None:
@@ -205,7 +205,7 @@ def test_faiss_index_is_saved_validated_and_reloaded(session: Session, settings:
     loaded = second.faiss.get(session, small.model)
     assert len(loaded) == len(built) and second.faiss.last_build_s is None  # loaded, not rebuilt
     q = _queries(small, 1)[0]
-    assert loaded.search(q, None, 10, 50) == built.search(q, None, 10, 50)
+    assert loaded.search(q, None, 10) == built.search(q, None, 10)
     # A corrupted file is detected and the index rebuilt from the database.
     victim = next(folder.glob("*.faiss"))
     victim.write_bytes(victim.read_bytes()[:-16] + b"x" * 16)
@@ -251,17 +251,3 @@ def test_text_query_on_an_image_only_model_is_a_clear_error(session: Session, se
         service.search_text("a cat", SearchOptions(k=3))
     assert err.value.status_code == 400 and err.value.code == "text_not_supported"
     assert "images only" in err.value.message and cat.model.name == "efficientnet-lite0"
-
-
-def test_faiss_hnsw_walk_that_comes_back_short_falls_back_to_exact() -> None:
-    from imsrc.search.faiss_index import FaissModelIndex
-    from imsrc.search.repository import Watermark
-
-    vectors, _, _ = gaussian_mixture(1, 300, 16, seed=9)
-    index = FaissModelIndex(model_id=1, model_name="t", dimension=16, flat_max_rows=10, watermark=Watermark(0))
-    index.add_category(7, np.arange(1000, 1300), vectors)
-    sub = index.subs[7]
-    assert sub.kind == "hnsw"
-    sub.removed = set(range(290))  # 97 % tombstoned: the filtered graph walk finds almost nothing
-    got = index.search(vectors[0], [7], 10, 16)
-    assert sorted(i for i, _ in got) == list(range(1290, 1300))

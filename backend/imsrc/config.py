@@ -44,15 +44,16 @@ class Settings(BaseSettings):
 
     # Search.
     search_backend: Literal["pgvector", "faiss"] = "pgvector"
+    # The most categories stage 1 picks by default; it stops earlier once search_score_mass is covered.
     search_categories: int = Field(default=3, ge=1)
     search_k: int = Field(default=10, ge=1, le=1000)
     max_prototypes: int = Field(default=4, ge=1, le=64)
     # A category is split into k-means prototypes only while one more centre raises the members' mean
     # cosine to their nearest centre by at least this much (tight categories keep one prototype).
     prototype_min_gain: float = Field(default=0.02, ge=0.0, le=1.0)
-    # categories="auto": take stage-1 categories until this share of the (softmax) score mass is covered.
+    # Stage 1 takes categories until this share of the (softmax) score mass is covered (1.0: always the cap).
     search_score_mass: float = Field(default=0.9, gt=0.0, le=1.0)
-    # HNSW candidate list per category (pgvector hnsw.ef_search / FAISS efSearch); raised to k when smaller.
+    # pgvector hnsw.ef_search floor per category (see pg_queries.category_ef_search); raised to k when smaller.
     search_ef_search: int = Field(default=100, ge=1, le=1000)
     # pgvector: categories with fewer vectors than this get no HNSW index and are scanned exactly (bench/search:
     # at 1,000 rows a per-category HNSW answered ~2x faster than the exact scan at recall@10 0.98).

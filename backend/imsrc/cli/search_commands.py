@@ -13,7 +13,8 @@ from imsrc.errors import InvalidInputError, NotFoundError
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 KOpt = Annotated[int | None, typer.Option("-k", "--k", min=1, max=1000, help="Results (default IMSRC_SEARCH_K).")]
 CategoriesOpt = Annotated[str | None, typer.Option(
-    "--categories", help="Stage-1 fan-out: how many categories to search, or 'auto'.")]
+    "--categories", help="Stage-1 fan-out: exactly N categories, or 'auto' (score mass alone). Default: the score-mass "
+    "rule, at most IMSRC_SEARCH_CATEGORIES.")]
 CategoryOpt = Annotated[list[str] | None, typer.Option(
     "--category", help="Only these categories (repeatable; name or id); skips stage 1.")]
 ExactOpt = Annotated[bool, typer.Option("--exact", help="Exact scan (same as --mode exact).")]

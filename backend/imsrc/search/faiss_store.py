@@ -28,11 +28,11 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import EmbeddingModel
-from imsrc.search.faiss_index import FaissModelIndex, SubIndex
+from imsrc.search.faiss_index import RERANK_FACTOR, FaissModelIndex, SubIndex
 from imsrc.search.repository import ChangeLogRepository, SearchStateRepository, VectorRepository, Watermark
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: PQ fast-scan + re-rank sub-indexes replaced HNSW ones (older saves are rebuilt)
 CATALOG_KEY = "catalog"
 NO_CATEGORY = -1
 
@@ -134,7 +134,8 @@ class FaissStore:
             for category_id, sub in index.subs.items():
                 faiss.write_index(sub.index, str(tmp / f"c{category_id}.faiss"))
                 np.save(tmp / f"c{category_id}.ids.npy", sub.ids)
-                files.append({"category": category_id, "kind": sub.kind, "count": len(sub.ids)})
+                files.append({"category": category_id, "kind": sub.kind, "count": len(sub.ids),
+                              "trained_on": sub.trained_on})
             meta = {"format": FORMAT_VERSION, "catalog": catalog_identity(session), "model_id": index.model_id,
                     "model": index.model_name, "dimension": index.dimension, "watermark": index.watermark.as_dict(),
                     "flat_max_rows": index.flat_max_rows, "count": len(index), "subs": files}
@@ -180,8 +181,10 @@ class FaissStore:
             ids = np.load(paths[".ids.npy"])
             if sub_index.d != model.dimension or sub_index.ntotal != len(ids) or len(ids) != entry["count"]:
                 raise ValueError(f"sub-index for category {entry['category']} has inconsistent sizes")
+            if isinstance(sub_index, faiss.IndexRefine):
+                sub_index.k_factor = RERANK_FACTOR
             category = int(entry["category"])
-            index.subs[category] = SubIndex(sub_index, ids.astype(np.int64))
+            index.subs[category] = SubIndex(sub_index, ids.astype(np.int64), trained_on=int(entry["trained_on"]))
             for pos, image_id in enumerate(ids.tolist()):
                 index.where[image_id] = (category, pos)
         if len(index) != meta["count"]:

@@ -13,8 +13,8 @@ Backend = Literal["pgvector", "faiss"]
 class SearchOptions(BaseModel):
     k: int | None = Field(default=None, ge=1, le=1000, description="results to return (default IMSRC_SEARCH_K)")
     categories: int | Literal["auto"] | None = Field(
-        default=None, description="stage-1 fan-out: how many categories to search, or 'auto' for as many as "
-        "cover IMSRC_SEARCH_SCORE_MASS of the score mass (default IMSRC_SEARCH_CATEGORIES)")
+        default=None, description="stage-1 fan-out: exactly this many categories, or 'auto' for as many as cover "
+        "IMSRC_SEARCH_SCORE_MASS of the score mass (default: the score-mass rule, at most IMSRC_SEARCH_CATEGORIES)")
     category: list[str] = Field(default_factory=list,
                                 description="explicit category filter (names or ids); skips stage 1")
     mode: Mode = "two_stage"

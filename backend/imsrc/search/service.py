@@ -22,7 +22,7 @@ from imsrc.config import Settings
 from imsrc.errors import InvalidInputError, NotFoundError
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
-from imsrc.search.pg_queries import Hit, NeighbourRepository
+from imsrc.search.pg_queries import Hit, NeighbourRepository, category_ef_search
 from imsrc.search.repository import SearchCategoryRepository, VectorRepository, vector_literal
 from imsrc.search.schemas import CategoriesResponse, CategoryHit, SearchHit, SearchOptions, SearchResponse, Timings
 from imsrc.search.stage1 import CategoryScore, PrototypeCache, choose
@@ -52,7 +52,7 @@ class SearchRuntime:
     embedder_factory: EmbedderFactory
     prototypes: PrototypeCache
     faiss: FaissStore
-    _index_cache: dict[int, tuple[float, set[int]]] = field(default_factory=dict)
+    _index_cache: dict[int, tuple[float, dict[int, int]]] = field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings, embedder_factory: EmbedderFactory | None = None) -> SearchRuntime:
@@ -63,9 +63,9 @@ class SearchRuntime:
     def service(self, session: Session) -> SearchService:
         return SearchService(session, self)
 
-    def category_indexes(self, session: Session, model_id: int) -> set[int]:
-        """Which categories have a per-category HNSW index, cached for a few seconds. A stale answer only
-        costs speed, never correctness: without its index a branch is still an exact (sorted) scan."""
+    def category_indexes(self, session: Session, model_id: int) -> dict[int, int]:
+        """Which categories have a per-category HNSW index (and its rows), cached for a few seconds. A stale
+        answer only costs speed, never correctness: without its index a branch is still an exact scan."""
         now = time.monotonic()
         hit = self._index_cache.get(model_id)
         if hit is None or now - hit[0] > INDEX_CACHE_SECONDS:
@@ -194,19 +194,21 @@ class SearchService:
         k = options.k or self.settings.search_k
         mode = options.mode
         t1 = time.perf_counter()
-        chosen, stage1 = self._stage1(model, vector, options)
+        chosen, stage1, near = self._stage1(model, vector, options)
         if mode == "two_stage" and chosen is None:
             mode = "ann"  # no prototypes yet (nothing synced): search everything rather than nothing
         stage1_ms = _ms(t1)
         t2 = time.perf_counter()
         backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
-        hits = self._stage2(model, vector, chosen, k, mode, backend, options.include_duplicates, exclude)
+        hits = self._stage2(model, vector, Stage2Plan(chosen, near, k, mode, backend), options.include_duplicates,
+                            exclude)
         return SearchResponse(
             results=hits, stage1=[_category_hit(c) for c in stage1], model=model.name, mode=mode, backend=backend,
             timings_ms=Timings(embed=embed_ms, stage1=stage1_ms, stage2=_ms(t2), total=_ms(started)))
 
     def _stage1(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions
-                ) -> tuple[list[int] | None, list[CategoryScore]]:
+                ) -> tuple[list[int] | None, list[CategoryScore], set[int]]:
+        """(categories to search or None for all, stage-1 picks to report, categories the query is near)."""
         if options.category:
             cats = SearchCategoryRepository(self.session)
             ids = []
@@ -215,23 +217,37 @@ class SearchService:
                 if found is None:
                     raise NotFoundError(f"no category named {name!r}")
                 ids.append(found)
-            return sorted(set(ids)), []
+            chosen = sorted(set(ids))
+            # Which named categories would stage 1 itself have picked? Only in those can a graph walk be
+            # trusted at its normal width (see category_ef_search). Without prototypes, nothing is known.
+            ranked = self.runtime.prototypes.get(self.session, model.id).score(vector)
+            near = {c.category_id for c in self._pick(ranked, None)} if ranked else set(chosen)
+            return chosen, [], near
         if options.mode != "two_stage":
-            return None, []
+            return None, [], set()
         ranked = self.runtime.prototypes.get(self.session, model.id).score(vector)
         if not ranked:
-            return None, []
-        fan_out = options.categories if options.categories is not None else self.settings.search_categories
-        picked = choose(ranked, count=None if fan_out == "auto" else int(fan_out),
-                        mass=self.settings.search_score_mass)
-        return [c.category_id for c in picked], picked
+            return None, [], set()
+        picked = self._pick(ranked, options.categories)
+        return [c.category_id for c in picked], picked, {c.category_id for c in picked}
 
-    def _stage2(self, model: EmbeddingModel, vector: np.ndarray, chosen: list[int] | None, k: int, mode: str,
-                backend: str | None, include_duplicates: bool, exclude: int | None) -> list[SearchHit]:
+    def _pick(self, ranked: list[CategoryScore], requested: int | str | None) -> list[CategoryScore]:
+        """A number searches exactly that many; 'auto' follows the score mass alone; the default follows it
+        up to IMSRC_SEARCH_CATEGORIES."""
+        mass = self.settings.search_score_mass
+        if requested == "auto":
+            return choose(ranked, count=None, mass=mass)
+        if requested is not None:
+            return choose(ranked, count=int(requested), mass=mass)
+        return choose(ranked, count=None, mass=mass, cap=self.settings.search_categories)
+
+    def _stage2(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, include_duplicates: bool,
+                exclude: int | None) -> list[SearchHit]:
         neighbours = NeighbourRepository(self.session)
+        k = plan.k
         limit = k + (0 if include_duplicates else max(5, k // 2)) + (1 if exclude is not None else 0)
         while True:
-            raw = self._neighbours(model, vector, chosen, limit, mode, backend)
+            raw = self._neighbours(model, vector, plan, limit)
             info = neighbours.hydrate([h[0] for h in raw])
             kept = [(i, s) for i, s in raw if i in info and i != exclude
                     and (include_duplicates or info[i].canonical_id is None)]
@@ -242,19 +258,22 @@ class SearchService:
                           thumbnail_url=f"/api/images/{i}/thumbnail", file_url=f"/api/images/{i}/file",
                           duplicates=info[i].duplicates) for i, s in kept[:k]]
 
-    def _neighbours(self, model: EmbeddingModel, vector: np.ndarray, chosen: list[int] | None, limit: int,
-                    mode: str, backend: str | None) -> list[Hit]:
+    def _neighbours(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, limit: int) -> list[Hit]:
         neighbours = NeighbourRepository(self.session)
+        chosen = plan.categories
         ef = self.settings.search_ef_search
-        if mode == "exact":
+        if plan.mode == "exact":
             return neighbours.exact(model.id, vector_literal(vector), limit, chosen)
-        if backend == "faiss":
+        if plan.backend == "faiss":
             index = self.runtime.faiss.get(self.session, model)
-            return index.search(vector, chosen, limit, ef)
+            return index.search(vector, chosen, limit)
         query = vector_literal(vector)
         if chosen is None:
             return neighbours.global_ann(model.id, model.dimension, query, limit, ef)
         indexed = self.runtime.category_indexes(self.session, model.id)
+        # One statement, so one ef_search: the widest any indexed branch needs.
+        ef = max((category_ef_search(indexed[c], ef, near=c in plan.near) for c in chosen if c in indexed),
+                 default=ef)
         hits = neighbours.per_category(model.id, model.dimension, query, [(c, c in indexed) for c in chosen],
                                        limit, ef)
         if len(hits) < limit and any(c in indexed for c in chosen) and \
@@ -264,6 +283,15 @@ class SearchService:
             hits = neighbours.per_category(model.id, model.dimension, query, [(c, False) for c in chosen],
                                            limit, ef)
         return hits
+
+
+@dataclass(frozen=True)
+class Stage2Plan:
+    categories: list[int] | None  # None: every image
+    near: set[int]  # categories stage 1 picked or would pick for this query
+    k: int
+    mode: str
+    backend: str | None
 
 
 def _category_hit(c: CategoryScore) -> CategoryHit:
