@@ -30,7 +30,7 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
-from bench.search.load import index_sizes, load, make_mixture  # noqa: E402
+from bench.search.load import index_sizes, load, make_mixture, prewarm, reuse  # noqa: E402
 from bench.search.report import plot, write_markdown  # noqa: E402
 from bench.search.variants import (  # noqa: E402
     build_partitions,
@@ -46,13 +46,14 @@ from imsrc.db.embedded import EmbeddedServer  # noqa: E402
 from imsrc.db.engine import make_engine, upgrade  # noqa: E402
 from imsrc.db.session import Database  # noqa: E402
 from imsrc.search.faiss_store import FaissStore  # noqa: E402
-from imsrc.search.pg_queries import NeighbourRepository  # noqa: E402
+from imsrc.search.pg_queries import NeighbourRepository, category_ef_search, statement_ef_search  # noqa: E402
 from imsrc.search.repository import vector_literal  # noqa: E402
 from imsrc.search.stage1 import PrototypeCache, choose  # noqa: E402
 
 K = 10
 OUT = Path(__file__).resolve().parent
-Method = Callable[[str, np.ndarray, list[int], list[tuple[int, bool]]], list[int]]
+Method = Callable[[str, np.ndarray, list[int], set[int]], list[int]]
+FIXED_FAN_OUT = 3
 
 
 def _ids(hits: list[tuple[int, float]]) -> list[int]:
@@ -80,9 +81,10 @@ def summarise(lat: list[float], recalls: list[float], rows: list[int]) -> dict[s
 
 
 def run_size(server_url: str, n: int, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    name = f"imsrc_bench_{n}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    name = args.reuse or f"imsrc_bench_{n}_{uuid.uuid4().hex[:6]}"
+    if not args.reuse:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
     url = server_url.replace("/postgres?", f"/{name}?") if "/postgres?" in server_url else \
         server_url.rsplit("/", 1)[0] + f"/{name}"
     try:
@@ -95,15 +97,20 @@ def run_size(server_url: str, n: int, args: argparse.Namespace, scratch: Path) -
         rng = np.random.default_rng(2)
         vectors, labels = mixture.sample(n, rng)
         queries, _ = mixture.sample(args.queries, np.random.default_rng(3))
-        model, build, ids, cat_arr = load(db, settings, vectors, labels, args.categories)
+        if args.reuse:  # measure again on a kept database (same seeds, so the same vectors)
+            model, build, ids, cat_arr = reuse(db, args.reuse_build)
+        else:
+            model, build, ids, cat_arr = load(db, settings, vectors, labels, args.categories,
+                                              parallel_builds=args.parallel_builds)
         store = FaissStore(None, flat_max_rows=settings.faiss_flat_max_rows)
         with db.session() as session:
             started = time.perf_counter()
             faiss_index = store.build(session, model, save=False)
             build["faiss_build_s"] = time.perf_counter() - started
             sizes = index_sizes(session, model.id)
+            # float32 vectors (flat, and the re-rank copy of PQ ones) + 4-bit codes, d/2 per vector
             sizes["faiss_bytes"] = int(sum(s.index.ntotal * args.dim * 4 + (
-                s.index.ntotal * 2 * 32 * 4 if s.kind == "hnsw" else 0) for s in faiss_index.subs.values()))
+                s.index.ntotal * args.dim // 4 if s.kind == "pq" else 0) for s in faiss_index.subs.values()))
             # Binary COPY stored the float32 vectors bit for bit; spot-check that before using them as truth.
             from imsrc.search.repository import VectorRepository
 
@@ -115,6 +122,9 @@ def run_size(server_url: str, n: int, args: argparse.Namespace, scratch: Path) -
             build.update({k: v for k, v in part.items() if k.endswith("_s")})
             sizes["partition_hnsw_bytes"] = int(part["partition_hnsw_bytes"])
         truth_vectors = vectors
+        if args.prewarm:
+            result_prewarm = prewarm(db)
+            print(f"prewarmed {result_prewarm / 2**20:.0f} MiB into shared_buffers", flush=True)
         result = _measure(db, model, settings, queries, truth_vectors, ids, cat_arr, faiss_index, args)
         result["calibration"] = _calibrate(db, model, settings, queries, truth_vectors, ids, cat_arr, args)
         if args.partitions:
@@ -126,7 +136,7 @@ def run_size(server_url: str, n: int, args: argparse.Namespace, scratch: Path) -
         engine.dispose()
         return result
     finally:
-        if not args.keep:
+        if not args.keep and not args.reuse:
             with psycopg.connect(server_url, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -143,8 +153,9 @@ def _measure(db: Database, model: Any, settings: Settings, queries: np.ndarray, 
     rows: dict[str, list[int]] = {}
     stage1_recall: list[float] = []
     stage1_ms: list[float] = []
+    stage1_count: list[int] = []
 
-    def timed(label: str, fn: Method, args_: tuple[str, np.ndarray, list[int], list[tuple[int, bool]]],
+    def timed(label: str, fn: Method, args_: tuple[str, np.ndarray, list[int], set[int]],
               truth: list[int]) -> None:
         started = time.perf_counter()
         got = fn(*args_)
@@ -155,31 +166,44 @@ def _measure(db: Database, model: Any, settings: Settings, queries: np.ndarray, 
     with db.session() as session:
         nb = NeighbourRepository(session)
         matrix = prototypes.get(session, model.id)
-        ef = settings.search_ef_search
+        base = settings.search_ef_search
         mid = model.id
-        # Each method: (query literal, query vector, categories, per-category plan) -> image ids.
+        indexed = nb.category_indexes(mid)
+
+        def ef_for(cs: list[int], near: set[int]) -> int:
+            return statement_ef_search(indexed, cs, near, base)  # the service's own rule
+
+        def pg(ql: str, cs: list[int], near: set[int]) -> list[int]:
+            return _ids(nb.per_category(mid, dim, ql, [(c, c in indexed) for c in cs], K, ef_for(cs, near)))
+
+        # Each method: (query literal, query vector, categories, categories the query is near) -> image ids.
         routed: dict[str, Method] = {
-            "exact scan (pgvector)": lambda ql, q, cs, plan: _ids(nb.exact(mid, ql, K, None)),
-            "pgvector HNSW, no filter": lambda ql, q, cs, plan: _ids(nb.global_ann(mid, dim, ql, K, 40)),
+            "exact scan (pgvector)": lambda ql, q, cs, near: _ids(nb.exact(mid, ql, K, None)),
+            "pgvector HNSW, no filter": lambda ql, q, cs, near: _ids(nb.global_ann(mid, dim, ql, K, 40)),
             "pgvector HNSW + plain filter (stage-1 categories)":
-                lambda ql, q, cs, plan: plain_filter(session, mid, dim, ql, cs, False),
-            "two-stage pgvector": lambda ql, q, cs, plan: _ids(nb.per_category(mid, dim, ql, plan, K, ef)),
-            "two-stage FAISS": lambda ql, q, cs, plan: _ids(faiss_index.search(q, cs, K, ef)),
+                lambda ql, q, cs, near: plain_filter(session, mid, dim, ql, cs, False),
+            "two-stage pgvector": lambda ql, q, cs, near: pg(ql, cs, near),
+            "two-stage FAISS": lambda ql, q, cs, near: _ids(faiss_index.search(q, cs, K)),
+        }
+        fixed: dict[str, Method] = {
+            f"two-stage pgvector, always {FIXED_FAN_OUT} categories": lambda ql, q, cs, near: pg(ql, cs, near),
+            f"two-stage FAISS, always {FIXED_FAN_OUT} categories":
+                lambda ql, q, cs, near: _ids(faiss_index.search(q, cs, K)),
         }
         filtered: dict[str, Method] = {
-            "filter: exact scan": lambda ql, q, cs, plan: _ids(nb.exact(mid, ql, K, cs)),
-            "filter: pgvector HNSW + plain filter": lambda ql, q, cs, plan: plain_filter(session, mid, dim, ql, cs,
+            "filter: exact scan": lambda ql, q, cs, near: _ids(nb.exact(mid, ql, K, cs)),
+            "filter: pgvector HNSW + plain filter": lambda ql, q, cs, near: plain_filter(session, mid, dim, ql, cs,
                                                                                           False),
             "filter: pgvector HNSW + iterative scan":
-                lambda ql, q, cs, plan: plain_filter(session, mid, dim, ql, cs, True),
-            "filter: per-category pgvector": lambda ql, q, cs, plan: _ids(nb.per_category(mid, dim, ql, plan, K, ef)),
-            "filter: per-category FAISS": lambda ql, q, cs, plan: _ids(faiss_index.search(q, cs, K, ef)),
+                lambda ql, q, cs, near: plain_filter(session, mid, dim, ql, cs, True),
+            "filter: per-category pgvector": lambda ql, q, cs, near: pg(ql, cs, near),
+            "filter: per-category FAISS": lambda ql, q, cs, near: _ids(faiss_index.search(q, cs, K)),
         }
         if args.partitions:
             routed["two-stage pgvector, LIST partitions"] = \
-                lambda ql, q, cs, plan: query_partitions(session, dim, ql, cs, K, ef)
+                lambda ql, q, cs, near: query_partitions(session, dim, ql, cs, K, ef_for(cs, near))
             filtered["filter: pgvector LIST partitions"] = \
-                lambda ql, q, cs, plan: query_partitions(session, dim, ql, cs, K, ef)
+                lambda ql, q, cs, near: query_partitions(session, dim, ql, cs, K, ef_for(cs, near))
         for warm in range(min(10, len(queries))):  # warm caches and plans; not measured
             nb.exact(mid, vector_literal(queries[warm]), K, None)
         for i, q in enumerate(queries):
@@ -187,19 +211,28 @@ def _measure(db: Database, model: Any, settings: Settings, queries: np.ndarray, 
             scores = vectors @ q
             truth = ids[np.argsort(-scores, kind="stable")[:K]].tolist()
             started = time.perf_counter()
-            chosen = [c.category_id for c in choose(matrix.score(q), count=args.fan_out, mass=0.9)]
+            ranked = matrix.score(q)
+            picked = choose(ranked, count=None if args.fan_out == "default" else int(args.fan_out),
+                            mass=args.score_mass, cap=args.max_categories)
+            chosen = [c.category_id for c in picked]
             stage1_ms.append((time.perf_counter() - started) * 1000)
+            stage1_count.append(len(chosen))
             stage1_recall.append(float(np.isin(cats[np.isin(ids, truth)], chosen).mean()))
-            indexed = nb.category_indexes(mid)
+            near = set(chosen)
             for label, fn in routed.items():
-                timed(label, fn, (ql, q, chosen, [(c, c in indexed) for c in chosen]), truth)
-            # Explicit filter: 3 random categories, unrelated to the query.
+                timed(label, fn, (ql, q, chosen, near), truth)
+            top = [c.category_id for c in ranked[:FIXED_FAN_OUT]]
+            for label, fn in fixed.items():
+                timed(label, fn, (ql, q, top, set(top)), truth)
+            # Explicit filter: 3 random categories, unrelated to the query. As in the service, the
+            # categories stage 1 would have picked count as near, the others as far.
             f = filters[i]
             ftruth = ids[np.argsort(-np.where(np.isin(cats, f), scores, -np.inf), kind="stable")[:K]].tolist()
             for label, fn in filtered.items():
-                timed(label, fn, (ql, q, f, [(c, c in indexed) for c in f]), ftruth)
+                timed(label, fn, (ql, q, f, near), ftruth)
     methods = {label: summarise(lat[label], rec[label], rows[label]) for label in lat}
-    return {"methods": methods, "stage1": {"categories": args.fan_out, "category_recall": round(
+    return {"methods": methods, "stage1": {"categories": args.fan_out, "mean_categories": round(
+        float(np.mean(stage1_count)), 2), "category_recall": round(
         float(np.mean(stage1_recall)), 4), "p50_ms": round(statistics.median(stage1_ms), 3)},
         "queries": len(queries)}
 
@@ -218,7 +251,9 @@ def _calibrate(db: Database, model: Any, settings: Settings, queries: np.ndarray
             c = calib[i % len(calib)]
             mask = cats == c
             truth = ids[mask][np.argsort(-(vectors[mask] @ q), kind="stable")[:K]].tolist()
-            pair = calibration_pair(nb, model.id, args.dim, vector_literal(q), c, K, settings.search_ef_search)
+            # Mostly queries from other categories, so the HNSW branch walks at the far width (1000).
+            ef = category_ef_search(int(mask.sum()), settings.search_ef_search, near=False)
+            pair = calibration_pair(nb, model.id, args.dim, vector_literal(q), c, K, ef)
             for label in lat:
                 lat[label].append(pair[label][0])
             recall.append(len(set(pair["hnsw"][1]) & set(truth)) / len(truth))
@@ -239,18 +274,30 @@ def main() -> None:
     parser.add_argument("--spread", type=float, default=0.8, help="noise norm relative to the centre (1.0)")
     parser.add_argument("--intrinsic-dim", type=int, default=0,
                         help="noise in a random r-dim subspace per category (0 = isotropic, the hard case)")
-    parser.add_argument("--fan-out", type=int, default=3, help="stage-1 categories")
+    parser.add_argument("--fan-out", default="default",
+                        help="stage-1 categories: a number, or 'default' (score mass, at most --max-categories)")
+    parser.add_argument("--max-categories", type=int, default=Settings.model_fields["search_categories"].default)
+    parser.add_argument("--score-mass", type=float, default=Settings.model_fields["search_score_mass"].default)
     parser.add_argument("--ef-search", type=int, default=Settings.model_fields["search_ef_search"].default)
     parser.add_argument("--exact-max-rows", type=int,
                         default=Settings.model_fields["search_exact_max_rows"].default)
     parser.add_argument("--database-url", default=os.environ.get("IMSRC_BENCH_DATABASE_URL"),
                         help="server to create scratch databases on (default: an embedded one)")
-    parser.add_argument("--keep", action="store_true", help="keep the benchmark databases")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the benchmark databases (and the embedded server's data directory)")
+    parser.add_argument("--reuse", metavar="DATABASE",
+                        help="measure on a database kept by --keep (one size; same data flags) instead of loading")
+    parser.add_argument("--reuse-build", metavar="JSON",
+                        help="with --reuse: the results file whose build times to carry over")
     parser.add_argument("--shared-buffers", default="6GB",
                         help="shared_buffers for the embedded benchmark server ('' = leave the default)")
     parser.add_argument("--no-partitions", dest="partitions", action="store_false",
                         help="skip the LIST-partitioned comparison table")
     parser.add_argument("--no-report", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--parallel-builds", action="store_true",
+                        help="build the global HNSW and the per-category ones at the same time (2 sessions)")
+    parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",
+                        help="skip pg_prewarm of the table and its indexes before measuring")
     parser.add_argument("--append", action="store_true",
                         help="merge into the existing results.json (sizes measured now replace the same sizes)")
     parser.add_argument("--out", default="results.json", help="results file name under bench/search")
@@ -303,7 +350,8 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-            shutil.rmtree(scratch / "server", ignore_errors=True)
+            if not (args.keep or args.reuse):
+                shutil.rmtree(scratch / "server", ignore_errors=True)
     if not args.no_report:
         plot(results, OUT / "latency.png")
         write_markdown(results, ROOT / "BENCHMARKS.md")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -48,6 +48,14 @@ def category_ef_search(rows: int, base: int, *, near: bool) -> int:
     if not near:
         return EF_SEARCH_MAX
     return min(EF_SEARCH_MAX, max(base, math.ceil(2 * math.sqrt(max(rows, 0)))))
+
+
+def statement_ef_search(indexed: Mapping[int, int], categories: Sequence[int], near: Container[int],
+                        base: int) -> int:
+    """One statement searches every chosen category, so it gets one ef_search: the widest any indexed
+    branch needs (`indexed`: category -> rows of its HNSW index)."""
+    return max((category_ef_search(indexed[c], base, near=c in near) for c in categories if c in indexed),
+               default=base)
 
 
 def category_index_name(model_id: int, category_id: int) -> str:
