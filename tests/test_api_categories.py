@@ -80,8 +80,7 @@ def test_detail_reports_prototypes_per_model(client: TestClient, session: Sessio
     assert client.get("/api/categories/nope").status_code == 422
 
 
-def test_renaming_refreshes_the_text_prototype(client: TestClient, session: Session) -> None:
-    # With a CLIP model active, a category's name is also a (text) prototype; a rename must re-read it.
+def _activate_tiny_clip(session: Session):  # type: ignore[no-untyped-def]
     from imsrc.embeddings import get_embedder
 
     tiny = get_embedder("open_clip-tiny-test")
@@ -90,13 +89,33 @@ def test_renaming_refreshes_the_text_prototype(client: TestClient, session: Sess
     model = models.register(name=tiny.name, dimension=tiny.dimension, family=tiny.family, params={},
                             supports_text=True)
     models.set_active(model)
+    return tiny
+
+
+def _text_prototype(session: Session, category_id: int) -> list[float]:
+    stored = session.execute(text(
+        "SELECT vector::text FROM category_prototypes WHERE category_id = :c AND kind = 'text'"), {"c": category_id}
+    ).scalar_one()
+    return [float(x) for x in stored.strip("[]").split(",")]
+
+
+def test_renaming_refreshes_the_text_prototype(client: TestClient, session: Session) -> None:
+    # With a CLIP model active, a category's name is also a (text) prototype; a rename must re-read it.
+    tiny = _activate_tiny_clip(session)
     auto = CategoryRepository(session).get_or_create("auto-042", automatic=True)
     assert client.patch(f"/api/categories/{auto.id}", json={"name": "Lighthouses"}).status_code == 200
-    stored = session.execute(text(
-        "SELECT vector::text FROM category_prototypes WHERE category_id = :c AND kind = 'text'"), {"c": auto.id}
-    ).scalar_one()
     expected = tiny.encode_texts([TEXT_PROMPT.format(name="Lighthouses")])[0]
-    got = [float(x) for x in stored.strip("[]").split(",")]
+    got = _text_prototype(session, auto.id)
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-5
     kinds = {p["kind"] for p in client.get(f"/api/categories/{auto.id}").json()["prototypes"]}
     assert "text" in kinds
+
+
+def test_creating_a_category_gives_it_a_text_prototype(client: TestClient, session: Session) -> None:
+    # Zero-shot: an empty named category is already something predicted labels can name.
+    tiny = _activate_tiny_clip(session)
+    resp = client.post("/api/categories", json={"name": "Windmills"})
+    assert resp.status_code == 201
+    expected = tiny.encode_texts([TEXT_PROMPT.format(name="Windmills")])[0]
+    got = _text_prototype(session, resp.json()["id"])
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-5

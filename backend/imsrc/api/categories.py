@@ -24,8 +24,11 @@ def list_categories(session: SessionDep) -> list[CategorySummary]:
 
 @router.post("", response_model=CategorySummary, status_code=201, responses=CONFLICT,
              summary="Create a named category")
-def create_category(body: CategoryCreate, session: SessionDep) -> CategorySummary:
-    return CategoryService(session).create(body)
+def create_category(body: CategoryCreate, session: SessionDep, settings: SettingsDep,
+                    request: Request) -> CategorySummary:
+    runtime = getattr(request.app.state, "search_runtime", None)
+    return CategoryService(session).create(body, settings=settings,
+                                           embedder_for=runtime.embedder_factory if runtime else None)
 
 
 @router.get("/{category_id}", response_model=CategoryDetail, responses=NOT_FOUND,

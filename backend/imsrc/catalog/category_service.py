@@ -51,8 +51,13 @@ class CategoryService:
     def summary(self, category_id: int) -> CategorySummary:
         return self._summaries([self.categories.with_counts(category_id)])[0]
 
-    def create(self, body: CategoryCreate) -> CategorySummary:
+    def create(self, body: CategoryCreate, *, settings: Settings | None = None,
+               embedder_for: Callable[[str], Any] | None = None) -> CategorySummary:
+        """A new named category. With the settings, a CLIP model gives it a text prototype at once, so
+        uncategorised images can be predicted into it before it holds any image."""
         category = self.categories.create(body.name, description=body.description)
+        if settings is not None:
+            self._sync(settings, embedder_for)
         return self.summary(category.id)
 
     def update(self, category_id: int, body: CategoryUpdate, *, settings: Settings | None = None,
@@ -65,13 +70,16 @@ class CategoryService:
         self.categories.update(category, name=body.name, description=body.description,
                                set_description="description" in body.model_fields_set)
         if settings is not None and category.name != old_name:
-            from imsrc.search.sync import sync_search  # search builds on the catalog, not the reverse
-
-            active = ModelRepository(self.session).active()
-            embedder = embedder_for(active.name) if active is not None and active.supports_text and embedder_for \
-                else None
-            sync_search(self.session, settings, embedder=embedder, autogroup_images=False)
+            self._sync(settings, embedder_for)
         return self.summary(category.id)
+
+    def _sync(self, settings: Settings, embedder_for: Callable[[str], Any] | None) -> None:
+        from imsrc.search.sync import sync_search  # search builds on the catalog, not the reverse
+
+        active = ModelRepository(self.session).active()
+        embedder = embedder_for(active.name) if active is not None and active.supports_text and embedder_for \
+            else None
+        sync_search(self.session, settings, embedder=embedder, autogroup_images=False)
 
     def detail(self, category_id: int) -> CategoryDetail:
         summary = self.summary(category_id)
