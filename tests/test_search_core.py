@@ -130,8 +130,8 @@ def test_pgvector_plan_uses_the_per_category_index(session: Session, large: tupl
     session.execute(text("SET LOCAL enable_seqscan = off"))
     plan = "\n".join(r[0] for r in session.execute(text(
         f"EXPLAIN SELECT image_id FROM embeddings WHERE model_id = {cat.model.id} AND category_id = {c} "
-        f"ORDER BY (embedding::vector(32)) <#> CAST(:q AS vector(32)) LIMIT 10"), {"q": str([0.1] * 32)}))
-    assert f"ix_embeddings_ip_m{cat.model.id}_c{c}" in plan
+        f"ORDER BY (embedding::halfvec(32)) <#> CAST(:q AS halfvec(32)) LIMIT 10"), {"q": str([0.1] * 32)}))
+    assert f"ix_embeddings_hv_m{cat.model.id}_c{c}" in plan
 
 
 @pytest.mark.parametrize("backend", ["pgvector", "faiss"])
@@ -251,3 +251,17 @@ def test_text_query_on_an_image_only_model_is_a_clear_error(session: Session, se
         service.search_text("a cat", SearchOptions(k=3))
     assert err.value.status_code == 400 and err.value.code == "text_not_supported"
     assert "images only" in err.value.message and cat.model.name == "efficientnet-lite0"
+
+
+def test_sync_replaces_full_precision_category_indexes_with_halfvec_ones(session: Session,
+                                                                        settings: Settings) -> None:
+    # Catalogs indexed before the switch have ix_embeddings_ip_* indexes on embedding::vector(d).
+    cat = make_catalog(session, n_categories=2, per_category=30, dimension=8, name="legacy")
+    c = cat.category_ids[0]
+    legacy = f"ix_embeddings_ip_m{cat.model.id}_c{c}"
+    session.execute(text(f"CREATE INDEX {legacy} ON embeddings USING hnsw ((embedding::vector(8)) vector_ip_ops) "
+                         f"WHERE model_id = {cat.model.id} AND category_id = {c}"))
+    sync_search(session, settings.model_copy(update={"search_exact_max_rows": 10}), model_id=cat.model.id)
+    names = set(session.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings'")).scalars())
+    assert legacy not in names
+    assert {f"ix_embeddings_hv_m{cat.model.id}_c{i}" for i in cat.category_ids} <= names

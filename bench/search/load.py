@@ -15,6 +15,7 @@ from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import ModelRepository
 from imsrc.config import Settings
 from imsrc.db.session import Database
+from imsrc.search.pg_queries import INDEX_PREFIX
 from imsrc.search.sync import ensure_category_indexes, sync_search
 
 MODEL = "bench-synthetic-512"
@@ -155,7 +156,7 @@ def index_sizes(session: Session, model_id: int) -> dict[str, int]:
         "SELECT indexname, pg_relation_size(format('%I', indexname)::regclass) FROM pg_indexes "
         "WHERE tablename = 'embeddings'")).all()
     glob = sum(int(s) for n, s in rows if n == f"ix_embeddings_hnsw_m{model_id}")
-    per = sum(int(s) for n, s in rows if n.startswith(f"ix_embeddings_ip_m{model_id}_c"))
+    per = sum(int(s) for n, s in rows if n.startswith(f"{INDEX_PREFIX}_m{model_id}_c"))
     table = int(session.execute(text("SELECT pg_table_size('embeddings')")).scalar_one())
     return {"hnsw_global_bytes": glob, "hnsw_per_category_bytes": per, "embeddings_table_bytes": table}
 

@@ -8,10 +8,11 @@ a UNION ALL of one `ORDER BY ... LIMIT n` per chosen category returns n rows fro
 Small categories get no index: an exact scan of a few thousand rows via the (model_id, category_id) btree
 is as fast and exact (threshold chosen by bench/search/run.py, see BENCHMARKS.md).
 
-The per-category indexes use the inner-product opclass (vectors are unit length, so the order equals cosine
-order). The per-model index uses cosine, so it can never serve a per-category `<#>` ordering: the plan is
-decided by construction, not by the planner's cost guess. Exact branches order by `(... <=> q) + 0`, which
-no index can serve. enable_sort/enable_seqscan are switched off (locally) so each branch takes its index.
+The per-category indexes hold half-precision copies (category_index_expr) with the inner-product opclass
+(vectors are unit length, so the order equals cosine order); results are re-sorted at full precision. The
+per-model index uses cosine, so it can never serve a per-category `<#>` ordering: the plan is decided by
+construction, not by the planner's cost guess. Exact branches order by `(... <=> q) + 0`, which no index
+can serve. enable_sort/enable_seqscan are switched off (locally) so each branch takes its index.
 """
 
 from __future__ import annotations
@@ -58,12 +59,24 @@ def statement_ef_search(indexed: Mapping[int, int], categories: Sequence[int], n
                default=base)
 
 
+INDEX_PREFIX = "ix_embeddings_hv"  # per-category indexes on halfvec
+LEGACY_PREFIXES = ("ix_embeddings_ip",)  # earlier per-category indexes (full-precision vector), replaced on sync
+HALFVEC_MAX_DIM = 4000  # pgvector indexes halfvec up to 4,000 dimensions
+
+
 def category_index_name(model_id: int, category_id: int) -> str:
-    return f"ix_embeddings_ip_m{int(model_id)}_c{int(category_id)}"
+    return f"{INDEX_PREFIX}_m{int(model_id)}_c{int(category_id)}"
 
 
-def _ip_opclass(dimension: int) -> str:
-    return "vector_ip_ops" if "vector(" in embedding_expr(dimension) else "halfvec_ip_ops"
+def category_index_expr(dimension: int) -> str:
+    """Per-category graphs hold half-precision copies: a walk reads one element per visited neighbour, and at
+    1M rows (100 categories, 512-d) halving those reads took a 10,000-row category from ~7 to ~5.5 ms at the
+    same recall (bench/search). The outer query re-sorts the few rows found by their full-precision vectors."""
+    return f"(embedding::halfvec({int(dimension)}))"
+
+
+def _halfvec(dimension: int) -> str:
+    return f"halfvec({int(dimension)})"
 
 
 @dataclass(frozen=True)
@@ -82,7 +95,7 @@ class NeighbourRepository:
     # ------------------------------------------------------------------ per-category indexes
     def category_indexes(self, model_id: int) -> dict[int, int]:
         """Categories that have a per-category HNSW index, with the rows it held when last built/analysed."""
-        prefix = f"ix_embeddings_ip_m{int(model_id)}_c"
+        prefix = f"{INDEX_PREFIX}_m{int(model_id)}_c"
         rows = self.session.execute(text(
             "SELECT c.relname, c.reltuples FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
             "WHERE x.indrelid = 'embeddings'::regclass AND c.relname LIKE :p"), {"p": prefix + "%"})
@@ -93,16 +106,29 @@ class NeighbourRepository:
                 out[int(match.group(1))] = max(int(tuples), 0)
         return out
 
+    def legacy_category_indexes(self, model_id: int) -> list[str]:
+        names: list[str] = []
+        for prefix in LEGACY_PREFIXES:
+            names += self.session.execute(text(
+                "SELECT c.relname FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
+                "WHERE x.indrelid = 'embeddings'::regclass AND c.relname LIKE :p"),
+                {"p": f"{prefix}_m{int(model_id)}_c%"}).scalars().all()
+        return sorted(names)
+
     def create_category_index(self, model_id: int, dimension: int, category_id: int) -> None:
-        expr = embedding_expr(dimension)
         self.session.execute(text(
             f"CREATE INDEX IF NOT EXISTS {category_index_name(model_id, category_id)} ON embeddings "
-            f"USING hnsw ({expr} {_ip_opclass(dimension)}) "
+            f"USING hnsw ({category_index_expr(dimension)} halfvec_ip_ops) "
             f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION}) "
             f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)}"))
 
     def drop_category_index(self, model_id: int, category_id: int) -> None:
-        self.session.execute(text(f"DROP INDEX IF EXISTS {category_index_name(model_id, category_id)}"))
+        self.drop_index(category_index_name(model_id, category_id))
+
+    def drop_index(self, name: str) -> None:
+        if not re.fullmatch(r"[a-z0-9_]+", name):
+            raise ValueError(f"unexpected index name {name!r}")
+        self.session.execute(text(f"DROP INDEX IF EXISTS {name}"))
 
     # ------------------------------------------------------------------ neighbour queries
     @contextmanager
@@ -129,9 +155,10 @@ class NeighbourRepository:
             return []
         expr = embedding_expr(dimension)
         q = f"CAST(:q AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
+        half = f"CAST(:q AS {_halfvec(dimension)})"
         branches = []
         for category_id, indexed in categories:
-            order = f"{expr} <#> {q}" if indexed else f"({expr} <=> {q}) + 0"
+            order = f"{category_index_expr(dimension)} <#> {half}" if indexed else f"({expr} <=> {q}) + 0"
             branches.append(
                 f"(SELECT image_id, {expr} AS e FROM embeddings WHERE model_id = {int(model_id)} "
                 f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})")

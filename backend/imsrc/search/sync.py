@@ -18,7 +18,7 @@ from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import ModelRepository, lock_catalog_writes
 from imsrc.config import Settings
 from imsrc.search.autogroup import autogroup
-from imsrc.search.pg_queries import NeighbourRepository
+from imsrc.search.pg_queries import HALFVEC_MAX_DIM, NeighbourRepository
 from imsrc.search.prototypes import predict, refresh_prototypes, stale_categories, text_prototype_rows
 from imsrc.search.repository import (
     PrototypeRepository,
@@ -102,7 +102,11 @@ def ensure_category_indexes(session: Session, settings: Settings, model: Embeddi
     """Per-category HNSW for categories of at least search_exact_max_rows vectors; dropped below half that
     (hysteresis, so a category hovering at the threshold is not rebuilt on every change)."""
     neighbours = NeighbourRepository(session)
+    for name in neighbours.legacy_category_indexes(model.id):  # superseded by the halfvec ones built below
+        neighbours.drop_index(name)
     counts = {c: n for c, n in VectorRepository(session).category_counts(model.id).items() if c is not None}
+    if model.dimension > HALFVEC_MAX_DIM:
+        counts = {}  # too wide for any pgvector index: every category is scanned exactly
     have = neighbours.category_indexes(model.id)
     threshold = settings.search_exact_max_rows
     create = sorted(c for c, n in counts.items() if n >= threshold and c not in have)
