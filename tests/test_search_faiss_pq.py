@@ -13,7 +13,13 @@ from sqlalchemy.orm import Session
 from imsrc.config import Settings
 from imsrc.search.faiss_index import RERANK_FACTOR, FaissModelIndex
 from imsrc.search.faiss_store import FaissStore
-from imsrc.search.pg_queries import EF_SEARCH_MAX, NeighbourRepository, category_ef_search
+from imsrc.search.pg_queries import (
+    EF_SEARCH_MAX,
+    FAR_EXACT_MAX_ROWS,
+    NeighbourRepository,
+    branch_plan,
+    category_ef_search,
+)
 from imsrc.search.repository import Watermark, vector_literal
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime, SearchService
@@ -140,10 +146,18 @@ def test_category_ef_search_policy() -> None:
     assert category_ef_search(10_000, 100, near=True) == 200
     assert category_ef_search(10_000_000, 100, near=True) == EF_SEARCH_MAX
     assert category_ef_search(10_000, 100, near=False) == EF_SEARCH_MAX
+    # Far and small: an exact scan beats a 1000-wide walk; far and large: the wide walk; unindexed: exact.
+    indexed = {1: 10_000, 2: FAR_EXACT_MAX_ROWS - 1, 3: 10_000}
+    plan, ef = branch_plan(indexed, [1, 2, 3, 4], near={1}, base=100)
+    assert plan == [(1, True), (2, False), (3, True), (4, False)] and ef == EF_SEARCH_MAX
+    assert branch_plan(indexed, [1], near={1}, base=100) == ([(1, True)], 200)
 
 
-def test_pgvector_far_filter_widens_the_walk(session: Session, settings: Settings) -> None:
+def test_pgvector_far_filter_widens_the_walk(session: Session, settings: Settings,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A filter of categories unlike the query: pgvector must still find the true top 10 there."""
+    # These 1,500-row categories would be scanned exactly as far ones; make them walk, the case under test.
+    monkeypatch.setattr("imsrc.search.pg_queries.FAR_EXACT_MAX_ROWS", 1000)
     cat = make_catalog(session, n_categories=4, per_category=1500, dimension=DIM, spread=0.8, seed=5,
                        name="iso-pg")
     tuned = settings.model_copy(update={"search_exact_max_rows": 200, "search_ef_search": 16})

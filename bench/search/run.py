@@ -46,7 +46,7 @@ from imsrc.db.embedded import EmbeddedServer  # noqa: E402
 from imsrc.db.engine import make_engine, upgrade  # noqa: E402
 from imsrc.db.session import Database  # noqa: E402
 from imsrc.search.faiss_store import FaissStore  # noqa: E402
-from imsrc.search.pg_queries import NeighbourRepository, category_ef_search, statement_ef_search  # noqa: E402
+from imsrc.search.pg_queries import NeighbourRepository, branch_plan, category_ef_search  # noqa: E402
 from imsrc.search.repository import vector_literal  # noqa: E402
 from imsrc.search.stage1 import PrototypeCache, choose  # noqa: E402
 
@@ -171,10 +171,11 @@ def _measure(db: Database, model: Any, settings: Settings, queries: np.ndarray, 
         indexed = nb.category_indexes(mid)
 
         def ef_for(cs: list[int], near: set[int]) -> int:
-            return statement_ef_search(indexed, cs, near, base)  # the service's own rule
+            return branch_plan(indexed, cs, near, base)[1]
 
         def pg(ql: str, cs: list[int], near: set[int]) -> list[int]:
-            return _ids(nb.per_category(mid, dim, ql, [(c, c in indexed) for c in cs], K, ef_for(cs, near)))
+            branches, ef = branch_plan(indexed, cs, near, base)  # the service's own rule
+            return _ids(nb.per_category(mid, dim, ql, branches, K, ef))
 
         # Each method: (query literal, query vector, categories, categories the query is near) -> image ids.
         routed: dict[str, Method] = {

@@ -51,12 +51,20 @@ def category_ef_search(rows: int, base: int, *, near: bool) -> int:
     return min(EF_SEARCH_MAX, max(base, math.ceil(2 * math.sqrt(max(rows, 0)))))
 
 
-def statement_ef_search(indexed: Mapping[int, int], categories: Sequence[int], near: Container[int],
-                        base: int) -> int:
-    """One statement searches every chosen category, so it gets one ef_search: the widest any indexed
-    branch needs (`indexed`: category -> rows of its HNSW index)."""
-    return max((category_ef_search(indexed[c], base, near=c in near) for c in categories if c in indexed),
-               default=base)
+# A category the query is not like, with fewer rows than this, is scanned exactly even when it has an index:
+# a 1,000-row category took 2.5 ms exact and 2.8 ms through a 1000-wide walk; 10,000 rows 23 vs 11 ms.
+FAR_EXACT_MAX_ROWS = 2000
+
+
+def branch_plan(indexed: Mapping[int, int], categories: Sequence[int], near: Container[int], base: int
+                ) -> tuple[list[tuple[int, bool]], int]:
+    """How to search each chosen category (through its index or exactly) and the statement's ef_search.
+
+    `indexed`: category -> rows of its HNSW index. One statement searches every chosen category, so it gets
+    one ef_search: the widest any of its index branches needs."""
+    plan = [(c, c in indexed and (c in near or indexed[c] >= FAR_EXACT_MAX_ROWS)) for c in categories]
+    ef = max((category_ef_search(indexed[c], base, near=c in near) for c, walk in plan if walk), default=base)
+    return plan, ef
 
 
 INDEX_PREFIX = "ix_embeddings_hv"  # per-category indexes on halfvec

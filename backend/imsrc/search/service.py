@@ -22,7 +22,7 @@ from imsrc.config import Settings
 from imsrc.errors import InvalidInputError, NotFoundError
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
-from imsrc.search.pg_queries import Hit, NeighbourRepository, statement_ef_search
+from imsrc.search.pg_queries import Hit, NeighbourRepository, branch_plan
 from imsrc.search.repository import SearchCategoryRepository, VectorRepository, vector_literal
 from imsrc.search.schemas import CategoriesResponse, CategoryHit, SearchHit, SearchOptions, SearchResponse, Timings
 from imsrc.search.stage1 import CategoryScore, PrototypeCache, choose
@@ -271,9 +271,8 @@ class SearchService:
         if chosen is None:
             return neighbours.global_ann(model.id, model.dimension, query, limit, ef)
         indexed = self.runtime.category_indexes(self.session, model.id)
-        ef = statement_ef_search(indexed, chosen, plan.near, ef)
-        hits = neighbours.per_category(model.id, model.dimension, query, [(c, c in indexed) for c in chosen],
-                                       limit, ef)
+        branches, ef = branch_plan(indexed, chosen, plan.near, ef)
+        hits = neighbours.per_category(model.id, model.dimension, query, branches, limit, ef)
         if len(hits) < limit and any(c in indexed for c in chosen) and \
                 neighbours.count_in(model.id, chosen) > len(hits):
             # An HNSW graph can strand a few rows (e.g. after many deletes); k rows are promised, so
