@@ -118,3 +118,20 @@ def test_port_in_use_is_a_clear_error(scratch: Path) -> None:
     assert result.returncode == 1
     assert f"port {port}" in result.stderr and "IMSRC_EMBEDDED_PORT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_shared_buffers_follow_the_setting(data_dir: Path) -> None:
+    from imsrc.config import Settings
+    from imsrc.db.embedded import SHARED_BUFFERS_MAX_MB, SHARED_BUFFERS_MIN_MB, resolve_shared_buffers, server_for
+
+    auto = resolve_shared_buffers("auto")
+    assert auto.endswith("MB") and SHARED_BUFFERS_MIN_MB <= int(auto[:-2]) <= SHARED_BUFFERS_MAX_MB
+    settings = Settings(data_dir=data_dir, embedded_shared_buffers="160MB", _env_file=None)  # type: ignore[call-arg]
+    server = server_for(settings)
+    try:
+        with psycopg.connect(server.start().url(), autocommit=True) as conn:
+            assert conn.execute("SHOW shared_buffers").fetchone() == ("160MB",)
+    finally:
+        server.stop()
+    with pytest.raises(ValueError):
+        Settings(embedded_shared_buffers="lots", _env_file=None)  # type: ignore[call-arg]

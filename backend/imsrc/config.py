@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     # TCP port for the embedded server; 0 = unix socket only (POSIX) or a free port (Windows).
     embedded_port: int = Field(default=0, ge=0, le=65535)
+    # The embedded server's cache: 'auto' (a quarter of the memory, 128 MB-8 GB) or a size such as 2GB.
+    # Applied when the server starts (`imsrc db stop` first to change a running one).
+    embedded_shared_buffers: str = Field(default="auto", pattern=r"^(auto|[1-9][0-9]*(kB|MB|GB))$")
     # `imsrc sql` logs in as the read-only role imsrc_reader: a full URL, or a password for it.
     reader_url: str | None = None
     reader_password: str | None = None

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from imsrc.cli.output import err_console, print_json
-from imsrc.db.embedded import EmbeddedServer
+from imsrc.db.embedded import EmbeddedServer, server_for
 from imsrc.db.engine import describe_url
 
 app = typer.Typer(help="Manage the embedded PostgreSQL server.", no_args_is_help=True)
@@ -18,7 +18,7 @@ def _server(ctx: typer.Context) -> EmbeddedServer | None:
     settings = ctx.obj.settings
     if not settings.embedded:
         return None
-    return EmbeddedServer(settings.resolved_data_dir, port=settings.embedded_port)
+    return server_for(settings)
 
 
 def _external_report(ctx: typer.Context, as_json: bool, action: str) -> None:

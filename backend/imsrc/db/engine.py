@@ -38,10 +38,9 @@ def resolve_database_url(settings: Settings) -> str:
     if settings.database_url:
         _sqlalchemy_url(settings.database_url)  # validate early with a clear message
         return settings.database_url
-    from imsrc.db.embedded import EmbeddedServer
+    from imsrc.db.embedded import server_for
 
-    server = EmbeddedServer(settings.resolved_data_dir, port=settings.embedded_port)
-    return server.start().url()
+    return server_for(settings).start().url()
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
