@@ -48,7 +48,7 @@ from imsrc.db.session import Database  # noqa: E402
 from imsrc.search.faiss_store import FaissStore  # noqa: E402
 from imsrc.search.pg_queries import NeighbourRepository, branch_plan, category_ef_search  # noqa: E402
 from imsrc.search.repository import vector_literal  # noqa: E402
-from imsrc.search.stage1 import PrototypeCache, choose  # noqa: E402
+from imsrc.search.stage1 import PrototypeCache, pick  # noqa: E402
 
 K = 10
 OUT = Path(__file__).resolve().parent
@@ -213,8 +213,8 @@ def _measure(db: Database, model: Any, settings: Settings, queries: np.ndarray, 
             truth = truths[i]
             started = time.perf_counter()
             ranked = matrix.score(q)
-            picked = choose(ranked, count=None if args.fan_out == "default" else int(args.fan_out),
-                            mass=args.score_mass, cap=args.max_categories)
+            picked = pick(ranked, None if args.fan_out == "default" else args.fan_out, mass=args.score_mass,
+                          cap=args.max_categories)
             chosen = [c.category_id for c in picked]
             stage1_ms.append((time.perf_counter() - started) * 1000)
             stage1_count.append(len(chosen))

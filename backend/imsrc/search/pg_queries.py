@@ -101,27 +101,26 @@ class NeighbourRepository:
         self.session = session
 
     # ------------------------------------------------------------------ per-category indexes
+    def _embedding_indexes(self, like: str) -> list[tuple[str, float]]:
+        """(name, reltuples) of the embeddings table's indexes whose name matches a LIKE pattern."""
+        rows = self.session.execute(text(
+            "SELECT c.relname, c.reltuples FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
+            "WHERE x.indrelid = 'embeddings'::regclass AND c.relname LIKE :p"), {"p": like})
+        return [(str(name), float(tuples)) for name, tuples in rows]
+
     def category_indexes(self, model_id: int) -> dict[int, int]:
         """Categories that have a per-category HNSW index, with the rows it held when last built/analysed."""
         prefix = f"{INDEX_PREFIX}_m{int(model_id)}_c"
-        rows = self.session.execute(text(
-            "SELECT c.relname, c.reltuples FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
-            "WHERE x.indrelid = 'embeddings'::regclass AND c.relname LIKE :p"), {"p": prefix + "%"})
         out: dict[int, int] = {}
-        for name, tuples in rows:
+        for name, tuples in self._embedding_indexes(prefix + "%"):
             match = re.fullmatch(re.escape(prefix) + r"(\d+)", name)
             if match:
                 out[int(match.group(1))] = max(int(tuples), 0)
         return out
 
     def legacy_category_indexes(self, model_id: int) -> list[str]:
-        names: list[str] = []
-        for prefix in LEGACY_PREFIXES:
-            names += self.session.execute(text(
-                "SELECT c.relname FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
-                "WHERE x.indrelid = 'embeddings'::regclass AND c.relname LIKE :p"),
-                {"p": f"{prefix}_m{int(model_id)}_c%"}).scalars().all()
-        return sorted(names)
+        return sorted(name for prefix in LEGACY_PREFIXES
+                      for name, _ in self._embedding_indexes(f"{prefix}_m{int(model_id)}_c%"))
 
     def create_category_index(self, model_id: int, dimension: int, category_id: int) -> None:
         self.session.execute(text(

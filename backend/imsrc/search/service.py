@@ -25,7 +25,7 @@ from imsrc.search.faiss_store import FaissStore
 from imsrc.search.pg_queries import Hit, NeighbourRepository, branch_plan
 from imsrc.search.repository import SearchCategoryRepository, VectorRepository, vector_literal
 from imsrc.search.schemas import CategoriesResponse, CategoryHit, SearchHit, SearchOptions, SearchResponse, Timings
-from imsrc.search.stage1 import CategoryScore, PrototypeCache, choose
+from imsrc.search.stage1 import CategoryScore, PrototypeCache, pick
 from imsrc.search.urlfetch import fetch_image_bytes
 
 EmbedderFactory = Callable[[str], object]
@@ -193,22 +193,23 @@ class SearchService:
         started = started or time.perf_counter()
         k = options.k or self.settings.search_k
         mode = options.mode
+        backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
         t1 = time.perf_counter()
-        chosen, stage1, near = self._stage1(model, vector, options)
+        chosen, stage1, near = self._stage1(model, vector, options, walks=backend == "pgvector")
         if mode == "two_stage" and chosen is None:
             mode = "ann"  # no prototypes yet (nothing synced): search everything rather than nothing
         stage1_ms = _ms(t1)
         t2 = time.perf_counter()
-        backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
         hits = self._stage2(model, vector, Stage2Plan(chosen, near, k, mode, backend), options.include_duplicates,
                             exclude)
         return SearchResponse(
             results=hits, stage1=[_category_hit(c) for c in stage1], model=model.name, mode=mode, backend=backend,
             timings_ms=Timings(embed=embed_ms, stage1=stage1_ms, stage2=_ms(t2), total=_ms(started)))
 
-    def _stage1(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions
+    def _stage1(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, *, walks: bool
                 ) -> tuple[list[int] | None, list[CategoryScore], set[int]]:
-        """(categories to search or None for all, stage-1 picks to report, categories the query is near)."""
+        """(categories to search or None for all, stage-1 picks to report, categories the query is near).
+        `walks`: stage 2 walks pgvector graphs, the only place where nearness matters for a filter."""
         if options.category:
             cats = SearchCategoryRepository(self.session)
             ids = []
@@ -220,7 +221,7 @@ class SearchService:
             chosen = sorted(set(ids))
             # Which named categories would stage 1 itself have picked? Only in those can a graph walk be
             # trusted at its normal width (see category_ef_search). Without prototypes, nothing is known.
-            ranked = self.runtime.prototypes.get(self.session, model.id).score(vector)
+            ranked = self.runtime.prototypes.get(self.session, model.id).score(vector) if walks else []
             near = {c.category_id for c in self._pick(ranked, None)} if ranked else set(chosen)
             return chosen, [], near
         if options.mode != "two_stage":
@@ -232,14 +233,7 @@ class SearchService:
         return [c.category_id for c in picked], picked, {c.category_id for c in picked}
 
     def _pick(self, ranked: list[CategoryScore], requested: int | str | None) -> list[CategoryScore]:
-        """A number searches exactly that many; 'auto' follows the score mass alone; the default follows it
-        up to IMSRC_SEARCH_CATEGORIES."""
-        mass = self.settings.search_score_mass
-        if requested == "auto":
-            return choose(ranked, count=None, mass=mass)
-        if requested is not None:
-            return choose(ranked, count=int(requested), mass=mass)
-        return choose(ranked, count=None, mass=mass, cap=self.settings.search_categories)
+        return pick(ranked, requested, mass=self.settings.search_score_mass, cap=self.settings.search_categories)
 
     def _stage2(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, include_duplicates: bool,
                 exclude: int | None) -> list[SearchHit]:

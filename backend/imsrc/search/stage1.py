@@ -64,6 +64,17 @@ def choose(ranked: list[CategoryScore], *, count: int | None, mass: float, cap: 
     return ranked[: max(1, min(n, len(ranked), cap or len(ranked)))]
 
 
+def pick(ranked: list[CategoryScore], requested: int | str | None, *, mass: float, cap: int
+         ) -> list[CategoryScore]:
+    """The service's stage-1 rule: a number searches exactly that many categories; 'auto' follows the score
+    mass alone; None (the default) follows it up to `cap` (IMSRC_SEARCH_CATEGORIES)."""
+    if requested == "auto":
+        return choose(ranked, count=None, mass=mass)
+    if requested is not None:
+        return choose(ranked, count=int(requested), mass=mass)
+    return choose(ranked, count=None, mass=mass, cap=cap)
+
+
 class PrototypeCache:
     """One matrix per model, shared by all requests; thread-safe, reloaded when the version moves."""
 
