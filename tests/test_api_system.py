@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from imsrc.api.app import create_app
-from imsrc.api.deps import get_session
 from imsrc.catalog.repository import CategoryRepository, ModelRepository
-from imsrc.config import Settings
-from imsrc.db.session import Database
+from tests.api_helpers import client
 
-
-@pytest.fixture()
-def client(settings: Settings, database: Database, session: Session) -> Iterator[TestClient]:
-    app = create_app(settings, database=database)
-    app.dependency_overrides[get_session] = lambda: session
-    with TestClient(app) as c:
-        yield c
+__all__ = ["client"]
 
 
 def test_health(client: TestClient) -> None:
