@@ -33,6 +33,19 @@ class DatabaseUnavailableError(ImsrcError):
     code = "database_unavailable"
 
 
+class BusyError(ImsrcError):
+    """A bounded resource (image decodes, URL fetches, ...) is at its limit: retry after `retry_after` seconds.
+
+    The API answers 503 with a Retry-After header; one class for every such cap so clients handle them alike."""
+
+    status_code = 503
+    code = "busy"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
+
+
 class ConfigurationError(ImsrcError):
     """A setting is wrong (bad URL, unwritable data directory, port in use, ...)."""
 

@@ -15,7 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imsrc.embeddings.errors import ModelError
-from imsrc.errors import ImsrcError
+from imsrc.errors import BusyError, ImsrcError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,10 @@ def is_transaction_conflict(exc: BaseException) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImsrcError)
     async def _domain(_: Request, exc: ImsrcError) -> JSONResponse:
-        return error_response(exc.status_code, exc.code, exc.message)
+        response = error_response(exc.status_code, exc.code, exc.message)
+        if isinstance(exc, BusyError):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(ModelError)
     async def _model(_: Request, exc: ModelError) -> JSONResponse:
