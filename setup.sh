@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# imsrc setup: creates .venv, installs imsrc, prepares the data directory, starts the embedded
-# database and applies migrations.
+# imsrc setup: creates .venv, installs imsrc (exact versions from constraints.txt), prepares the data directory,
+# starts the embedded database and applies migrations.
 #   ./setup.sh          set up
 #   ./setup.sh serve    set up, then run the web page and API (extra arguments go to `imsrc serve`)
-#   ./setup.sh test     set up, then run the test suite (extra arguments go to pytest)
+#   ./setup.sh test     also install the test tools, then run the test suite (extra arguments go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -25,19 +25,25 @@ find_python() {
     return 1
 }
 
+# $1: runtime (the service alone) or test (adds the test extra). The stamp remembers which level was installed
+# from which pyproject.toml + constraints.txt, so an unchanged checkout never reinstalls, and a venv set up for the
+# tests also serves.
 install() {
+    level="$1"
     if [ ! -x "$PY" ]; then
         base=$(find_python) || die "Python 3.11 or newer is needed (set PYTHON=/path/to/python3.11)"
         say "creating $VENV with $base"
         "$base" -m venv "$VENV" || die "could not create $VENV (on Debian/Ubuntu: apt install python3-venv)"
     fi
-    want=$(cat pyproject.toml | cksum)
-    if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
-        say "installing imsrc and its dependencies into $VENV (torch is large; the first time takes a while)"
-        "$PY" -m pip install --quiet --upgrade pip
-        "$PY" -m pip install --quiet -e '.[dev]'
-        echo "$want" > "$STAMP"
-    fi
+    sum=$(cat pyproject.toml constraints.txt | cksum)
+    have=$(cat "$STAMP" 2>/dev/null || true)
+    if [ "$have" = "test $sum" ] || [ "$have" = "$level $sum" ]; then return 0; fi
+    target='.'
+    [ "$level" = test ] && target='.[test]'
+    say "installing imsrc ($level) and its dependencies into $VENV (torch is large; the first time takes a while)"
+    "$PY" -m pip install --quiet --upgrade pip
+    "$PY" -m pip install --quiet -c constraints.txt -e "$target"
+    echo "$level $sum" > "$STAMP"
 }
 
 prepare() {
@@ -62,13 +68,13 @@ cmd="${1:-setup}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
     setup)
-        install; prepare
+        install runtime; prepare
         say "ready: ./setup.sh serve  (or $VENV/bin/imsrc --help)" ;;
     serve)
-        install; prepare
+        install runtime; prepare
         exec "$VENV/bin/imsrc" serve "$@" ;;
     test)
-        install; browser_deps
+        install test; browser_deps
         exec "$PY" -m pytest "$@" ;;
     *)
         die "unknown command '$cmd' (use: ./setup.sh [serve|test])" ;;
