@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import ValidationError
 
 from imsrc.config import Settings
-from imsrc.db.session import Database, open_database
-from imsrc.embeddings import Embedder
 from imsrc.errors import ConfigurationError
+
+if TYPE_CHECKING:  # the CLI starts without torch (and the database layer); commands import what they use
+    from imsrc.db.session import Database
+    from imsrc.embeddings import Embedder
 
 
 class CliContext:
@@ -33,6 +37,8 @@ class CliContext:
         return name, load_embedder(self.settings, name)
 
     def database(self, *, migrate: bool | None = None) -> Database:
+        from imsrc.db.session import open_database
+
         if self._db is None:
             self._db = open_database(self.settings, migrate=migrate)
         return self._db

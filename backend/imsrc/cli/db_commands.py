@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from imsrc.cli.output import err_console, print_json
-from imsrc.db.embedded import EmbeddedServer, server_for
-from imsrc.db.engine import describe_url
+
+if TYPE_CHECKING:  # imported by the commands, so `imsrc --help` does not load the database layer
+    from imsrc.db.embedded import EmbeddedServer
 
 app = typer.Typer(help="Manage the embedded PostgreSQL server.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
@@ -18,10 +19,14 @@ def _server(ctx: typer.Context) -> EmbeddedServer | None:
     settings = ctx.obj.settings
     if not settings.embedded:
         return None
+    from imsrc.db.embedded import server_for
+
     return server_for(settings)
 
 
 def _external_report(ctx: typer.Context, as_json: bool, action: str) -> None:
+    from imsrc.db.engine import describe_url
+
     url = describe_url(ctx.obj.settings.database_url)
     if as_json:
         print_json({"embedded": False, "url": url, "action": "none"})
