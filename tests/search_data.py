@@ -54,10 +54,10 @@ def insert_images(session: Session, model: EmbeddingModel, vectors: np.ndarray,
 
 
 def make_catalog(session: Session, *, n_categories: int = 8, per_category: int = 150, dimension: int = 32,
-                 uncategorised: int = 0, seed: int = 0, name: str = "synthetic-test", spread: float = 0.35
-                 ) -> Synthetic:
+                 uncategorised: int = 0, seed: int = 0, name: str = "synthetic-test", spread: float = 0.35,
+                 supports_text: bool = False) -> Synthetic:
     models = ModelRepository(session)
-    model = models.register(name=name, dimension=dimension, family="test", params={}, supports_text=False)
+    model = models.register(name=name, dimension=dimension, family="test", params={}, supports_text=supports_text)
     models.set_active(model)
     cats = CategoryRepository(session)
     category_ids = [cats.get_or_create(f"{name}-cat-{i:02d}").id for i in range(n_categories)]

@@ -7,10 +7,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from imsrc.catalog.model_service import ModelService, load_embedder
 from imsrc.config import Settings
-from imsrc.embeddings import UnknownModelError
+from imsrc.embeddings import UnknownModelError, load_embedder
 from imsrc.errors import ConflictError, NotFoundError
+from imsrc.services.models import ModelService
 
 
 def _image(session: Session, n: int) -> int:

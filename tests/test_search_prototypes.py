@@ -15,7 +15,7 @@ from imsrc.search.repository import PrototypeRepository, SearchCategoryRepositor
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime, SearchService
 from imsrc.search.stage1 import PrototypeCache
-from imsrc.search.sync import sync_search
+from imsrc.search.sync import only, sync_search
 from tests.search_data import gaussian_mixture, insert_images, make_catalog
 
 
@@ -122,15 +122,15 @@ def test_predicted_category_for_uncategorised_images(session: Session, settings:
 def test_text_prototypes_and_text_search_with_tiny_clip(session: Session, settings: Settings) -> None:
     embedder = get_embedder("open_clip-tiny-test")
     cat = make_catalog(session, n_categories=3, per_category=12, dimension=embedder.dimension,
-                       name="open_clip-tiny-test")
-    report = sync_search(session, settings, model_id=cat.model.id, embedder=embedder)
+                       name="open_clip-tiny-test", supports_text=True)
+    report = sync_search(session, settings, model_id=cat.model.id, embedders=only(embedder))
     assert sorted(report.text_prototypes) == sorted(cat.category_ids)
     text_rows = PrototypeRepository(session).load(cat.model.id, ("text",))
     expected = embedder.encode_texts([f"a photo of a {cat.model.name}-cat-00"])[0]
     assert np.allclose(text_rows[0].vector, expected, atol=1e-5)
     # Renaming re-encodes only the renamed category.
     SearchCategoryRepository(session).rename(cat.category_ids[1], "lighthouse")
-    assert sync_search(session, settings, model_id=cat.model.id, embedder=embedder).text_prototypes == [
+    assert sync_search(session, settings, model_id=cat.model.id, embedders=only(embedder)).text_prototypes == [
         cat.category_ids[1]]
     service = SearchService(session, SearchRuntime.create(settings, embedder_factory=lambda n: embedder))
     got = service.search_text("a lighthouse at dusk", SearchOptions(k=5, mode="exact"))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path
 
-from imsrc.api.deps import SessionDep, SettingsDep
-from imsrc.catalog.category_service import CategoryService
+from imsrc.api.deps import RuntimeDep, SessionDep, SettingsDep
 from imsrc.catalog.schemas import CategoryCreate, CategoryDetail, CategorySummary, CategoryUpdate
+from imsrc.services.categories import CategoryService
 
 router = APIRouter(prefix="/api/categories", tags=["categories"])
 
@@ -25,10 +25,8 @@ def list_categories(session: SessionDep) -> list[CategorySummary]:
 @router.post("", response_model=CategorySummary, status_code=201, responses=CONFLICT,
              summary="Create a named category")
 def create_category(body: CategoryCreate, session: SessionDep, settings: SettingsDep,
-                    request: Request) -> CategorySummary:
-    runtime = getattr(request.app.state, "search_runtime", None)
-    return CategoryService(session).create(body, settings=settings,
-                                           embedder_for=runtime.embedder_factory if runtime else None)
+                    runtime: RuntimeDep) -> CategorySummary:
+    return CategoryService(session, settings, runtime.embedder_factory).create(body)
 
 
 @router.get("/{category_id}", response_model=CategoryDetail, responses=NOT_FOUND,
@@ -40,8 +38,6 @@ def get_category(category_id: CategoryId, session: SessionDep) -> CategoryDetail
 @router.patch("/{category_id}", response_model=CategorySummary, responses={**NOT_FOUND, **CONFLICT},
               summary="Rename or describe a category (renaming an automatic one makes it a named one)")
 def update_category(category_id: CategoryId, body: CategoryUpdate, session: SessionDep, settings: SettingsDep,
-                    request: Request) -> CategorySummary:
+                    runtime: RuntimeDep) -> CategorySummary:
     # A plain `def` route: FastAPI runs it in the threadpool, so a text encoding after a rename stays off the loop.
-    runtime = getattr(request.app.state, "search_runtime", None)
-    return CategoryService(session).update(category_id, body, settings=settings,
-                                           embedder_for=runtime.embedder_factory if runtime else None)
+    return CategoryService(session, settings, runtime.embedder_factory).update(category_id, body)

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from imsrc.config import Settings
 from imsrc.db.session import Database
+from imsrc.search.service import SearchRuntime
 
 
 def get_database(request: Request) -> Database:
@@ -28,6 +29,12 @@ def get_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Sess
         yield session
 
 
+def get_runtime(request: Request) -> SearchRuntime:
+    runtime: SearchRuntime = request.app.state.search_runtime
+    return runtime
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+RuntimeDep = Annotated[SearchRuntime, Depends(get_runtime)]

@@ -13,6 +13,7 @@ from imsrc.catalog.image_repository import DuplicateFilter
 from imsrc.catalog.schemas import DeletedImage, ImageDetail, ImagePage
 from imsrc.catalog.service import ImageService
 from imsrc.config import Settings
+from imsrc.services import images as image_writes
 
 router = APIRouter(prefix="/api/images", tags=["images"])
 
@@ -78,7 +79,7 @@ def get_thumbnail(image_id: ImageId, request: Request, session: SessionDep, sett
 @router.delete("/{image_id}", response_model=DeletedImage, responses=ERRORS,
                summary="Delete an image with its thumbnail, vectors and stored bytes")
 def delete_image(image_id: ImageId, session: SessionDep, settings: SettingsDep) -> DeletedImage:
-    return ImageService(session).delete(image_id, settings)
+    return image_writes.delete_image(session, settings, image_id)
 
 
 def _cache(settings: Settings, max_age: int) -> str:

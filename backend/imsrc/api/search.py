@@ -13,11 +13,10 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from imsrc.api.deps import SessionDep, SettingsDep
+from imsrc.api.deps import RuntimeDep, SessionDep, SettingsDep
 from imsrc.config import Settings
 from imsrc.errors import InvalidInputError
 from imsrc.search.schemas import Backend, CategoriesResponse, Mode, SearchOptions, SearchResponse, UrlQuery
-from imsrc.search.service import SearchRuntime
 
 router = APIRouter(prefix="/api/search", tags=["search"])
 
@@ -33,14 +32,6 @@ _BODY_DOC: dict[str, Any] = {
         },
     }
 }
-
-
-def get_runtime(request: Request) -> SearchRuntime:
-    runtime: SearchRuntime = request.app.state.search_runtime
-    return runtime
-
-
-RuntimeDep = Annotated[SearchRuntime, Depends(get_runtime)]
 
 
 def search_options(

@@ -14,9 +14,10 @@ from imsrc.api.deps import DatabaseDep, SessionDep, SettingsDep
 from imsrc.catalog.repository import ModelRepository, StatsRepository
 from imsrc.config import Settings
 from imsrc.db.engine import current_revision, head_revision
-from imsrc.embeddings import ModelError, model_info, resolve_model_name
+from imsrc.embeddings import ModelError
 from imsrc.ingest.repository import JobRepository
 from imsrc.search.pg_queries import NeighbourRepository
+from imsrc.services.models import ModelService
 
 router = APIRouter(tags=["system"])
 RECENT_JOBS = 5
@@ -93,7 +94,7 @@ def health() -> Health:
 def status(session: SessionDep, db: DatabaseDep, settings: SettingsDep) -> Status:
     stats = StatsRepository(session)
     models = [ModelStatus(**m) for m in stats.models()]
-    search_model = _search_model(models, settings)
+    search_model = _search_model(session, settings)
     return Status(
         version=__version__,
         database={
@@ -135,13 +136,10 @@ def _job(row: dict[str, Any]) -> JobStatus:
     )
 
 
-def _search_model(models: list[ModelStatus], settings: Settings) -> SearchModel | None:
-    active = next((m for m in models if m.is_active), None)
-    if active is not None:
-        return SearchModel(name=active.name, supports_text=active.supports_text, source="catalog")
+def _search_model(session: Session, settings: Settings) -> SearchModel | None:
     try:
-        name, _ = resolve_model_name(settings.model, settings.model_checkpoint, settings.model_cache_dir)
-        info = model_info(name, settings.model_checkpoint, settings.model_cache_dir)
+        choice = ModelService(session, settings).choose()
+        return SearchModel(name=choice.name, supports_text=choice.supports_text,
+                           source="catalog" if choice.source == "catalog" else "settings")
     except ModelError:
         return None  # a misconfigured model is reported by the commands that need it
-    return SearchModel(name=info.name, supports_text=info.supports_text, source="settings")

@@ -20,8 +20,8 @@ from imsrc.catalog.schemas import CategoryRef, UploadResponse, UploadResult, ima
 from imsrc.config import Settings
 from imsrc.db.session import Database
 from imsrc.errors import InvalidImageError, InvalidInputError
-from imsrc.ingest.model_choice import choose_model_name, load_embedder
 from imsrc.ingest.service import FileOutcome, ingest_bytes
+from imsrc.services.models import choose_and_load
 
 router = APIRouter(prefix="/api/images", tags=["images"])
 
@@ -112,8 +112,10 @@ def _ingest_once(db: Database, settings: Settings, files: list[UploadedFile],
         # Taken first, before any row is written, so concurrent uploads queue here instead of deadlocking
         # on prototype rows one of them already changed (sync_search takes the same lock again; it nests).
         lock_catalog_writes(session)
-        name, _ = choose_model_name(session, settings)
-        embedder = load_embedder(settings, name)
+        loaded = choose_and_load(session, settings)
+        if loaded.choice.warning:
+            log.warning("%s", loaded.choice.warning)
+        embedder = loaded.embedder
         for chunk in _chunks(files, settings.batch_size, CHUNK_BYTES):
             payload = [(f.filename or "upload", f.path.read_bytes()) for f in chunk]
             outcomes.extend(ingest_bytes(session, embedder, payload, settings=settings, category=category))

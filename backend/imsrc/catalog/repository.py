@@ -40,6 +40,14 @@ class CategoryRepository:
         stmt = select(Category).where(func.lower(Category.name) == name.strip().lower())
         return self.session.scalars(stmt).first()
 
+    def resolve(self, name_or_id: str) -> int | None:
+        """A category's id by name (any case) or, failing that, by numeric id."""
+        value = name_or_id.strip()
+        found = self.by_name(value)
+        if found is None and value.isdigit() and len(value) < 19:
+            found = self.session.get(Category, int(value))
+        return None if found is None else found.id
+
     def get_or_create(self, name: str, *, description: str | None = None, automatic: bool = False) -> Category:
         """Race-safe: a concurrent creator of the same name wins and we return its row."""
         clean = name.strip()
@@ -173,7 +181,8 @@ class ModelRepository:
                 self.session.expire(obj, ["is_active"])
 
     def remove(self, model: EmbeddingModel) -> None:
-        """Drop one model's vectors, prototypes and index; nothing else."""
+        """Drop one model's vectors, prototypes and catalog-wide index (its per-category indexes belong to
+        search: services.models.ModelService.remove drops them first)."""
         self.session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_hnsw_m{int(model.id)}"))
         self.session.execute(text("DELETE FROM embedding_models WHERE id = :i"), {"i": model.id})
 

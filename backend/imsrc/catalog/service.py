@@ -1,4 +1,5 @@
-"""Images in the catalog: list, detail, original file, thumbnail, delete. Never commits."""
+"""Images in the catalog: list, detail, original file, thumbnail (deleting is in services/images.py).
+Never commits."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from imsrc.catalog.models import Image
 from imsrc.catalog.repository import CategoryRepository
 from imsrc.catalog.schemas import (
     CategoryRef,
-    DeletedImage,
     DuplicateRef,
     ImageDetail,
     ImagePage,
@@ -22,7 +22,6 @@ from imsrc.catalog.schemas import (
     image_file_url,
     image_thumbnail_url,
 )
-from imsrc.config import Settings
 from imsrc.errors import NotFoundError
 
 
@@ -139,16 +138,6 @@ class ImageService:
             self.images.get(image_id)  # 404 for a missing image, else a clearer message below
             raise NotFoundError(f"image {image_id} has no thumbnail")
         return found
-
-    def delete(self, image_id: int, settings: Settings) -> DeletedImage:
-        """Delete, then bring search up to date in the same unit of work: the category's prototypes,
-        per-category indexes and predictions (in-process FAISS indexes follow through the change log)."""
-        outcome = self.images.delete(image_id)
-        from imsrc.search.sync import sync_search  # search depends on the catalog, not the other way round
-
-        sync_search(self.session, settings, category_ids=[outcome.category_id] if outcome.category_id else [])
-        return DeletedImage(id=outcome.image_id, new_canonical_id=outcome.new_canonical_id,
-                            repointed=outcome.repointed)
 
 
 def _phash_hex(phash: str | None) -> str | None:

@@ -28,13 +28,13 @@ class CliContext:
         """The model a command should use (explicit, else the catalog's active one, else IMSRC_MODEL), loaded;
         its one warning (e.g. 'auto' fell back to an image-only model) goes to stderr."""
         from imsrc.cli.output import err_console
-        from imsrc.ingest.model_choice import choose_model_name, load_embedder
+        from imsrc.services.models import choose_and_load
 
         with self.database().session() as session:
-            name, warning = choose_model_name(session, self.settings, model)
-        if warning:
-            err_console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
-        return name, load_embedder(self.settings, name)
+            loaded = choose_and_load(session, self.settings, model)
+        if loaded.choice.warning:
+            err_console.print(f"[yellow]warning:[/yellow] {loaded.choice.warning}", soft_wrap=True)
+        return loaded.name, loaded.embedder
 
     def database(self, *, migrate: bool | None = None) -> Database:
         from imsrc.db.session import open_database

@@ -30,13 +30,10 @@ def embed(
 ) -> None:
     """Compute a model's missing embeddings from stored originals or referenced files (resumable)."""
     from imsrc.ingest.embed_missing import embed_missing
-    from imsrc.ingest.model_choice import choose_model_name, load_embedder
 
     settings = ctx.obj.settings
     db = ctx.obj.database()
-    with db.session() as session:
-        name, _ = choose_model_name(session, settings, model)
-    embedder = load_embedder(settings, name)
+    name, embedder = ctx.obj.embedder(model)
     stop = threading.Event()
     with ctrl_c_stops(stop), JobBar(f"embedding ({name})", enabled=not as_json) as bar:
         summary = embed_missing(db, embedder, workers=settings.workers if workers is None else workers,

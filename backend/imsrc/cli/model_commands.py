@@ -15,7 +15,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 @app.command("list")
 def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Known models: dimension, text support, whether weights are present, and this catalog's progress."""
-    from imsrc.catalog.model_service import ModelService
+    from imsrc.services.models import ModelService
 
     db = ctx.obj.database()
     with db.session() as session:
@@ -35,7 +35,7 @@ def _yes_no(value: object) -> object:
 @app.command()
 def add(ctx: typer.Context, name: str, as_json: JsonOpt = False) -> None:
     """Register a model in this catalog (not active yet); then run `imsrc embed --model NAME`."""
-    from imsrc.catalog.model_service import ModelService
+    from imsrc.services.models import ModelService
 
     db = ctx.obj.database()
     with db.session() as session:
@@ -55,7 +55,7 @@ def use(
     as_json: JsonOpt = False,
 ) -> None:
     """Make NAME the active model (only once it has embedded every image, unless --force)."""
-    from imsrc.catalog.model_service import ModelService
+    from imsrc.services.models import ModelService
 
     db = ctx.obj.database()
     with db.session() as session:
@@ -70,7 +70,7 @@ def use(
 @app.command()
 def remove(ctx: typer.Context, name: str, as_json: JsonOpt = False) -> None:
     """Remove a model's vectors, prototypes and index from this catalog (images stay)."""
-    from imsrc.catalog.model_service import ModelService
+    from imsrc.services.models import ModelService
 
     db = ctx.obj.database()
     with db.session() as session:

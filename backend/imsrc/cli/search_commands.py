@@ -159,20 +159,20 @@ def categories_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @categories_app.command("rename")
 def categories_rename(ctx: typer.Context, category: Annotated[str, typer.Argument(help="Name or id.")],
                       new_name: Annotated[str, typer.Argument(help="The new name.")]) -> None:
-    """Rename a category; an automatic one becomes a real category."""
-    from imsrc.search.repository import SearchCategoryRepository
+    """Rename a category; an automatic one becomes a real category (search catches up at once)."""
+    from pydantic import ValidationError
 
-    if not new_name.strip():
-        raise InvalidInputError("the new name is empty")
+    from imsrc.catalog.schemas import CategoryUpdate
+    from imsrc.services.categories import CategoryService
+
+    try:
+        body = CategoryUpdate(name=new_name)
+    except ValidationError as exc:
+        raise InvalidInputError(f"the new name: {exc.errors()[0]['msg']}") from exc
     with ctx.obj.database().session() as session:
-        repo = SearchCategoryRepository(session)
-        found = repo.resolve(category)
-        if found is None:
-            raise NotFoundError(f"no category named {category!r}")
-        if repo.name_taken(new_name) and repo.resolve(new_name) != found:
-            raise InvalidInputError(f"a category named {new_name!r} already exists")
-        repo.rename(found, new_name)
-    err_console.print(f"category {found} is now {new_name.strip()!r}")
+        service = CategoryService(session, ctx.obj.settings, _service(ctx).embedder_factory)
+        found = service.update(service.resolve(category), body)
+    err_console.print(f"category {found.id} is now {found.name!r}")
 
 
 @categories_app.command("sync")
@@ -182,15 +182,9 @@ def categories_sync(ctx: typer.Context,
     """Bring prototypes, automatic categories, per-category indexes and predictions up to date."""
     from imsrc.search.sync import sync_search
 
-    settings = ctx.obj.settings
     with ctx.obj.database().session() as session:
-        from imsrc.catalog.repository import ModelRepository
-
-        active = ModelRepository(session).active()
-        embedder = None
-        if active is not None and active.supports_text:
-            embedder = _service(ctx).embedder_factory(active.name)
-        report = sync_search(session, settings, embedder=embedder, force_regroup=regroup)
+        report = sync_search(session, ctx.obj.settings, embedders=_service(ctx).embedder_factory,
+                             force_regroup=regroup)
     if as_json:
         print_json(report.as_dict())
     else:

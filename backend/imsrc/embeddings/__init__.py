@@ -7,6 +7,7 @@ from imsrc.embeddings.errors import (
     UnknownModelError,
     WeightsUnavailableError,
 )
+from imsrc.embeddings.loading import load_embedder
 from imsrc.embeddings.registry import (
     AUTO,
     build_embedder,
@@ -30,6 +31,7 @@ __all__ = [
     "encode_text_query",
     "get_embedder",
     "known_models",
+    "load_embedder",
     "model_info",
     "resolve_model_name",
     "weights_present",

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from imsrc.catalog.prototypes import PrototypeRepository
 from imsrc.db.session import Database
 from imsrc.embeddings.base import Embedder
 from imsrc.ingest.decode import DecodeOptions, Processed, WorkItem
@@ -19,6 +18,7 @@ from imsrc.ingest.pipeline import JobProgress, job_key, resolve_workers
 from imsrc.ingest.pool import InlinePool, OrderedPool
 from imsrc.ingest.repository import IngestRepository, JobRepository
 from imsrc.ingest.service import OUTCOMES, embed_processed, ensure_model
+from imsrc.search.sync import only, sync_search
 
 PAGE = 256
 
@@ -98,10 +98,8 @@ def embed_missing(database: Database, embedder: Embedder, *, workers: int = 0, b
     if error:
         raise error[0]
     with database.session() as session:
-        PrototypeRepository(session).recompute_means(None, model_id)
-        from imsrc.search.sync import sync_search  # prototypes, automatic categories, indexes, predictions
-
-        sync_search(session, database.settings, model_id=model_id, embedder=embedder)
+        # Every category of this model is new to it: sync finds them all stale and builds their prototypes.
+        sync_search(session, database.settings, model_id=model_id, embedders=only(embedder))
         remaining = IngestRepository(session).missing_embedding_count(model_id)
         status = "interrupted" if stop.is_set() else "completed"
         JobRepository(session).mark(job_id, status, finished=status == "completed")

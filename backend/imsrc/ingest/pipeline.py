@@ -27,7 +27,6 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from imsrc.catalog.prototypes import PrototypeRepository
 from imsrc.db.session import Database
 from imsrc.embeddings.base import Embedder
 from imsrc.errors import ConflictError, ImsrcError
@@ -38,6 +37,7 @@ from imsrc.ingest.repository import IngestRepository, JobRepository
 from imsrc.ingest.scan import check_roots, count_files, scan
 from imsrc.ingest.service import OUTCOMES, IndexPhashMatcher, WriteContext, ensure_model
 from imsrc.ingest.stages import Abort, Stages
+from imsrc.search.sync import only, sync_search
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +257,8 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
     finally:
         pool.close(cancel=True)
     with database.session() as session:
-        PrototypeRepository(session).recompute_means(stages.touched)
-        from imsrc.search.sync import sync_search  # prototypes, automatic categories, indexes, predictions
-
-        sync_search(session, database.settings, model_id=model_id, category_ids=stages.touched, embedder=embedder)
+        sync_search(session, database.settings, model_id=model_id, category_ids=stages.touched,
+                    embedders=only(embedder))
     if progress.total is not None:
         jobs.set_total(job_id, progress.total)
     jobs.mark(job_id, status, "stopped by the user; run the same command again to continue"

@@ -15,15 +15,15 @@ import torch
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from imsrc.catalog.model_service import ModelService
 from imsrc.catalog.models import EmbeddingModel
-from imsrc.catalog.prototypes import PrototypeRepository
 from imsrc.catalog.repository import CategoryRepository
 from imsrc.config import Settings
 from imsrc.embeddings.base import Embedder
 from imsrc.ingest.decode import DecodeOptions, Processed, WorkItem, process
 from imsrc.ingest.phash import hamming, to_signed
 from imsrc.ingest.repository import IngestRepository, JobRepository
+from imsrc.search.sync import only, sync_search
+from imsrc.services.models import ModelService
 
 OUTCOMES = ("new", "duplicate", "linked", "skipped", "failed")
 
@@ -266,8 +266,6 @@ def ingest_bytes(session: Session, embedder: Embedder, files: Sequence[tuple[str
     ctx = WriteContext(model_id=model.id, store_bytes=True,
                        matcher=SqlPhashMatcher(session, settings.duplicate_threshold))
     result = write_batch(session, ctx, batch)
-    PrototypeRepository(session).recompute_means(result.touched_categories)
-    from imsrc.search.sync import sync_search  # prototypes, automatic categories, indexes, predictions
-
-    sync_search(session, settings, model_id=model.id, category_ids=result.touched_categories, embedder=embedder)
+    sync_search(session, settings, model_id=model.id, category_ids=result.touched_categories,
+                embedders=only(embedder))
     return result.outcomes

@@ -132,6 +132,14 @@ class NeighbourRepository:
     def drop_category_index(self, model_id: int, category_id: int) -> None:
         self.drop_index(category_index_name(model_id, category_id))
 
+    def drop_model_indexes(self, model_id: int) -> None:
+        """Every per-category index of one model (current and legacy), e.g. before the model is removed: they
+        are partial indexes on `model_id = N`, so deleting the model's rows would leave them behind, empty."""
+        for category_id in self.category_indexes(model_id):
+            self.drop_category_index(model_id, category_id)
+        for name in self.legacy_category_indexes(model_id):
+            self.drop_index(name)
+
     def drop_index(self, name: str) -> None:
         if not re.fullmatch(r"[a-z0-9_]+", name):
             raise ValueError(f"unexpected index name {name!r}")

@@ -55,13 +55,13 @@ def compute_prototypes(vectors: np.ndarray, *, max_prototypes: int, min_gain: fl
 
 def refresh_prototypes(session: Session, settings: Settings, *, model_id: int, dimension: int,
                        category_ids: Iterable[int]) -> list[int]:
-    """Recompute mean/cluster prototypes of these categories only. Returns the ids refreshed."""
+    """Recompute the prototypes of these categories only: their means for every model (a category's members
+    changed for all of them), their k-means centres for this model. Returns the ids refreshed."""
     vectors = VectorRepository(session)
     protos = PrototypeRepository(session)
     done = sorted(set(category_ids))
-    # The mean is computed in PostgreSQL by the catalog's repository (the one ingest uses), so both paths
-    # store exactly the same vector; the k-means centres need the members here.
-    CatalogPrototypes(session).recompute_means(done, model_id)
+    # The means are computed in PostgreSQL (pgvector's avg()); the k-means centres need the members here.
+    CatalogPrototypes(session).recompute_means(done)
     for category_id in done:
         batch = vectors.fetch(model_id, dimension, category_ids=[category_id])
         rows: list[PrototypeRow] = []

@@ -76,15 +76,10 @@ class SearchRuntime:
 
 def default_embedder_factory(settings: Settings) -> EmbedderFactory:
     def factory(name: str) -> object:
-        from imsrc.embeddings import get_embedder
+        from imsrc.embeddings.loading import load_embedder  # torch loads with the first model, not at import
 
-        device = None if settings.device == "auto" else settings.device
         with model_errors():
-            checkpoint = settings.model_checkpoint
-            cache_dir = settings.model_cache_dir
-            return get_embedder(name, device=device, precision=settings.precision,
-                                checkpoint=None if checkpoint is None else str(checkpoint),
-                                cache_dir=None if cache_dir is None else str(cache_dir))
+            return load_embedder(name, settings)
 
     return factory
 

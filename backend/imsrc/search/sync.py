@@ -1,15 +1,17 @@
-"""sync_search(): the one call ingest, deletes and category changes make so search stays current.
+"""sync_search(): the one entry point that brings search up to date after any write.
 
-It touches only what changed: prototypes of the given (or visibly stale) categories, the automatic grouping,
+Uploads, folder jobs, `imsrc embed`, deletes and category changes all end with it, and it owns the whole
+sequence: the automatic grouping, mean prototypes (every model) and k-means centres of the touched categories,
 zero-shot text prototypes of new or renamed categories, per-category pgvector indexes, and predicted labels
-of uncategorised images. It never commits; the caller's unit of work does.
+of uncategorised images. Callers do none of these steps themselves. It never commits; the caller's unit of
+work does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -27,10 +29,22 @@ from imsrc.search.repository import (
     VectorRepository,
 )
 
+if TYPE_CHECKING:
+    from imsrc.embeddings.base import Embedder
+
 # Softmax scales turning cosine scores into a confidence: CLIP's own for text prototypes; image prototypes
 # are closer together, and 50 spreads a 0.05 cosine lead into a clear (~92 %) preference.
 TEXT_LOGIT_SCALE = 100.0
 IMAGE_LOGIT_SCALE = 50.0
+
+# Model name -> its loaded embedder, or None when it is not at hand. Asked only for a CLIP-family model,
+# whose text tower turns category names into prototypes; a search runtime's factory loads on demand.
+EmbedderFor = Callable[[str], Any]
+
+
+def only(embedder: Embedder) -> EmbedderFor:
+    """A lookup that knows just the model a write already loaded (ingest): sync never loads another."""
+    return lambda name: embedder if name == embedder.name else None
 
 
 @dataclass
@@ -48,13 +62,14 @@ class SyncReport:
 
 
 def sync_search(session: Session, settings: Settings, *, model_id: int | None = None,
-                category_ids: Iterable[int] = (), embedder: Any = None, autogroup_images: bool = True,
-                force_regroup: bool = False) -> SyncReport:
+                category_ids: Iterable[int] = (), embedders: EmbedderFor | None = None,
+                autogroup_images: bool = True, force_regroup: bool = False) -> SyncReport:
     """Bring prototypes, automatic categories, indexes and predictions up to date after a change.
 
-    category_ids: categories known to have changed (images added, removed or moved); others whose member
-    count no longer matches their prototype are found too. embedder: the model's embedder, for text
-    prototypes (optional; skipped for image-only models).
+    model_id: the model whose search structures to refresh (default: the active one). category_ids:
+    categories known to have changed (images added, removed or moved); others whose member count no longer
+    matches their mean prototype are found too, so a caller may also pass nothing. embedders: where to get
+    the model's embedder for text prototypes (see EmbedderFor; without it they are left as they are).
     """
     lock_catalog_writes(session)
     models = ModelRepository(session)
@@ -68,11 +83,14 @@ def sync_search(session: Session, settings: Settings, *, model_id: int | None = 
         report.automatic_touched = sorted(autogroup(session, settings, model_id=model.id,
                                                     dimension=model.dimension, force=force_regroup))
     existing = set(cats.names())
+    # Stale categories are found by comparing member counts with the stored means, so nothing may have
+    # recomputed the means before this point.
     touched = (set(category_ids) | stale_categories(session, model.id, existing)
                | set(report.automatic_touched)) & existing
     report.prototypes_refreshed = refresh_prototypes(session, settings, model_id=model.id,
                                                      dimension=model.dimension, category_ids=touched)
-    if embedder is not None and getattr(embedder, "supports_text", False) and embedder.name == model.name:
+    embedder = embedders(model.name) if embedders is not None and model.supports_text else None
+    if embedder is not None:
         report.text_prototypes = _refresh_text_prototypes(session, model.id, embedder)
     report.indexes_created, report.indexes_dropped = ensure_category_indexes(session, settings, model)
     real = set(cats.real_ids())

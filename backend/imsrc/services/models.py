@@ -1,14 +1,17 @@
-"""Which embedding model a catalog uses, and managing models side by side (issue: spaces side by side).
+"""Which embedding model a catalog uses, and managing models side by side.
 
 The active model is recorded in the catalog (embedding_models.is_active). IMSRC_MODEL only decides which model
 a catalog starts with; after that the catalog's own record wins, so a CLI and a web server with different
 environments still search the same space. Switching happens only through `use`.
+
+`ModelService.choose` is the one place that decides which model a command or request uses, and
+`choose_and_load` the one place that also loads it (through embeddings.load_embedder) and says the warning.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from typing import Literal
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -16,29 +19,44 @@ from sqlalchemy.orm import Session
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import ModelRepository
 from imsrc.config import Settings
-from imsrc.embeddings import Embedder, get_embedder, model_info, resolve_model_name
+from imsrc.embeddings import Embedder, load_embedder, model_info, resolve_model_name
 from imsrc.embeddings.registry import registered_names
 from imsrc.errors import ConflictError, NotFoundError
-
-log = logging.getLogger(__name__)
-
-
-def load_embedder(name: str, settings: Settings) -> Embedder:
-    """The process-wide embedder for `name`, built with the user's device/precision/weights settings."""
-    return get_embedder(
-        name,
-        device=None if settings.device == "auto" else settings.device,
-        checkpoint=settings.model_checkpoint,
-        precision=settings.precision,
-        cache_dir=settings.model_cache_dir,
-    )
+from imsrc.search.pg_queries import NeighbourRepository
 
 
 @dataclass
 class ModelChoice:
     name: str
-    warning: str | None
+    warning: str | None  # e.g. IMSRC_MODEL=auto fell back to an image-only model; say it once to the user
     registered: EmbeddingModel | None
+    # "request": named by the caller; "catalog": the catalog's active model; "settings": IMSRC_MODEL, used
+    # until the first image is indexed.
+    source: Literal["request", "catalog", "settings"]
+
+    @property
+    def supports_text(self) -> bool:
+        if self.registered is not None:
+            return self.registered.supports_text
+        return model_info(self.name).supports_text
+
+
+@dataclass
+class LoadedModel:
+    choice: ModelChoice
+    embedder: Embedder
+
+    @property
+    def name(self) -> str:
+        return self.choice.name
+
+
+def choose_and_load(session: Session, settings: Settings, requested: str | None = None) -> LoadedModel:
+    """The model to embed with (explicit, else the catalog's active one, else IMSRC_MODEL), loaded.
+
+    Its warning travels with it (`choice.warning`): the CLI prints it, a server logs it."""
+    choice = ModelService(session, settings).choose(requested)
+    return LoadedModel(choice, load_embedder(choice.name, settings))
 
 
 class ModelService:
@@ -51,14 +69,14 @@ class ModelService:
         """An explicit name, else the catalog's active model, else IMSRC_MODEL (resolving 'auto')."""
         if requested and requested != "auto":
             name, warning = resolve_model_name(requested, self.settings.model_checkpoint, self.settings.model_cache_dir)
-            return ModelChoice(name, warning, self.models.by_name(name))
+            return ModelChoice(name, warning, self.models.by_name(name), "request")
         active = self.models.active()
         if active is not None:
-            return ModelChoice(active.name, None, active)
+            return ModelChoice(active.name, None, active, "catalog")
         name, warning = resolve_model_name(
             requested or self.settings.model, self.settings.model_checkpoint, self.settings.model_cache_dir
         )
-        return ModelChoice(name, warning, self.models.by_name(name))
+        return ModelChoice(name, warning, self.models.by_name(name), "settings")
 
     def register(self, embedder: Embedder, *, activate_if_none: bool = True) -> EmbeddingModel:
         """Record a model (and its HNSW index); the first model a catalog uses becomes its active model."""
@@ -97,9 +115,11 @@ class ModelService:
         return model
 
     def remove(self, name: str) -> None:
+        """Drop a model's vectors, prototypes and every index built for it (catalog-wide and per category)."""
         model = self.get(name)
         if model.is_active and len(self.models.list()) > 1:
             raise ConflictError(f"model {name!r} is the active model; `imsrc models use` another one first")
+        NeighbourRepository(self.session).drop_model_indexes(model.id)
         self.models.remove(model)
 
     def get(self, name: str) -> EmbeddingModel:
