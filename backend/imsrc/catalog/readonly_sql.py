@@ -27,6 +27,11 @@ class QueryResult:
 def reader_url(settings: Settings, owner_url: str) -> str:
     if settings.reader_url:
         return settings.reader_url
+    if settings.embedded and settings.reader_password is None:
+        # The embedded server trusts only its private unix socket; over TCP the reader needs its own password.
+        from imsrc.db.embedded import server_for
+
+        return server_for(settings).login_url(READER_ROLE)
     url = make_url(owner_url).set(username=READER_ROLE, password=settings.reader_password)
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 

@@ -7,6 +7,7 @@ leaves the target database as it was.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,19 @@ def _libpq(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def _run(cmd: list[str], what: str) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+def _tool_login(url: str) -> tuple[str, dict[str, str]]:
+    """The --dbname for pg_dump/pg_restore without its password, which goes in the environment instead: a
+    command line can be read by every local user (ps, /proc), the environment only by the same user."""
+    parsed = make_url(url).set(drivername="postgresql")
+    env = dict(os.environ)
+    if parsed.password is not None:
+        env["PGPASSWORD"] = str(parsed.password)
+    # URL.set(password=None) would keep the password: None means "unchanged" there.
+    return parsed._replace(password=None).render_as_string(hide_password=False), env
+
+
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL, env=env)
     if result.returncode != 0:
         raise ImsrcError(f"{what} failed: {_last_meaningful_line(result.stderr) or result.returncode}")
 
@@ -57,7 +69,8 @@ def backup(url: str, file: Path) -> BackupSummary:
     tmp = file.with_name(file.name + ".partial")
     # pg_dump takes a consistent snapshot; writing to .partial and renaming means a crash never leaves a
     # truncated file under the real name.
-    _run([_exe("pg_dump"), "--format=custom", "--no-owner", "--file", str(tmp), "--dbname", _libpq(url)], "pg_dump")
+    dbname, env = _tool_login(url)
+    _run([_exe("pg_dump"), "--format=custom", "--no-owner", "--file", str(tmp), "--dbname", dbname], "pg_dump", env)
     tmp.replace(file)
     with psycopg.connect(_libpq(url)) as conn:
         images, stored, referenced = conn.execute(
@@ -90,5 +103,6 @@ def restore(url: str, file: Path, *, force: bool = False) -> None:
         conn.execute(READER_ROLE_SQL)
         # Whatever the target holds (an empty schema made by auto-migration, or a catalog being replaced with
         # --force) is dropped inside the same transaction as the restore.
+    dbname, env = _tool_login(url)
     _run([_exe("pg_restore"), "--clean", "--if-exists", "--no-owner", "--single-transaction", "--exit-on-error",
-          "--dbname", _libpq(url), str(file)], "pg_restore")
+          "--dbname", dbname, str(file)], "pg_restore", env)

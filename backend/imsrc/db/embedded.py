@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from imsrc.config import Settings
+from imsrc.db import embedded_auth as auth
 from imsrc.errors import ConfigurationError, DatabaseUnavailableError
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,19 @@ class ServerInfo:
     port: int
     socket_dir: Path | None
     host: str | None
+    # The superuser's password (TCP logins need it; the unix socket is trusted).
+    password: str | None = None
 
-    def url(self, database: str = DB_NAME, user: str = SUPERUSER) -> str:
+    def url(self, database: str = DB_NAME, user: str = SUPERUSER, password: str | None = None) -> str:
         if self.socket_dir is not None and not self.host:
-            return f"postgresql://{user}@/{database}?host={self.socket_dir}&port={self.port}"
-        return f"postgresql://{user}@{self.host or '127.0.0.1'}:{self.port}/{database}"
+            return self.socket_url(database, user)
+        secret = password if password is not None else (self.password if user == SUPERUSER else None)
+        login = f"{user}:{secret}" if secret else user
+        return f"postgresql://{login}@{self.host or '127.0.0.1'}:{self.port}/{database}"
+
+    def socket_url(self, database: str = DB_NAME, user: str = SUPERUSER) -> str:
+        assert self.socket_dir is not None
+        return f"postgresql://{user}@/{database}?host={self.socket_dir}&port={self.port}"
 
 
 def _running_as_root() -> bool:
@@ -105,22 +114,41 @@ class EmbeddedServer:
         host = lines[5].strip() or None
         if host in ("*", "0.0.0.0"):
             host = "127.0.0.1"
-        return ServerInfo(pid=pid, port=port, socket_dir=socket_dir, host=host)
+        return ServerInfo(pid=pid, port=port, socket_dir=socket_dir, host=host,
+                          password=auth.read_password(self.data_dir, SUPERUSER))
 
     # ------------------------------------------------------------------ start
     def start(self) -> ServerInfo:
         """Start the server if it is not running (idempotent, safe across processes)."""
         info = self.info()
-        if info is not None:
+        if info is not None and self._auth_current():
             return info
         self._prepare_data_dir()
         with self._locked():
             info = self.info()  # another process may have started it while we waited
             if info is None:
-                self._initdb_if_needed()
+                fresh = self._initdb_if_needed()
+                self._secure_offline(fresh=fresh)
                 info = self._start_locked()
+            else:
+                # Started by an older imsrc (TCP trusted) or its password file was deleted: fix it live.
+                info = self._secure_online(info)
         self._ensure_database(info)
         return info
+
+    def login_url(self, role: str, database: str = DB_NAME) -> str:
+        """A URL for another role (the read-only one): over the trusted unix socket where there is one, else
+        over TCP with that role's own generated password, (re)set here through the superuser."""
+        info = self.start()
+        if info.socket_dir is not None:
+            return info.socket_url(database, role)
+        import psycopg
+
+        password = auth.read_password(self.data_dir, role) or auth.create_password(self.data_dir, role)
+        with psycopg.connect(info.url("postgres"), autocommit=True, connect_timeout=10) as conn:
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                conn.execute(auth.alter_password_sql(role, password).encode())
+        return info.url(database, role, password)
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the server; True if one was running."""
@@ -151,6 +179,72 @@ class EmbeddedServer:
             finally:
                 lock.release()
 
+    # ------------------------------------------------------------------ authentication
+    def _auth_current(self) -> bool:
+        return auth.read_password(self.data_dir, SUPERUSER) is not None and auth.hba_is_current(self.pgdata)
+
+    def _secure_offline(self, *, fresh: bool) -> None:
+        """Before a start: give the superuser its password (single-user mode: no listener is open meanwhile)
+        and install our pg_hba.conf. A fresh cluster always gets it (a password file may be left from an older
+        cluster in this data directory)."""
+        if fresh:
+            (self.pgdata / "pg_hba.conf").unlink()  # initdb's own, nothing of the user's
+        elif self._auth_current():
+            return
+        password = auth.read_password(self.data_dir, SUPERUSER) or auth.create_password(self.data_dir, SUPERUSER)
+        self._run([_exe("postgres"), "--single", "-D", str(self.pgdata), "postgres"], timeout=120,
+                  stdin_text=auth.alter_password_sql(SUPERUSER, password) + "\n", fail_on="ERROR")
+        self._install_hba()
+
+    def _secure_online(self, info: ServerInfo) -> ServerInfo:
+        if self._auth_current():
+            return info
+        import psycopg
+
+        password = auth.read_password(self.data_dir, SUPERUSER) or auth.create_password(self.data_dir, SUPERUSER)
+        # The socket is trusted in every version; a TCP-only (Windows) server of an older version trusts TCP.
+        url = info.socket_url("postgres") if info.socket_dir is not None else info.url("postgres", password="")
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+                conn.execute(auth.alter_password_sql(SUPERUSER, password).encode())
+                self._install_hba()
+                conn.execute("SELECT pg_reload_conf()")
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailableError(
+                f"cannot set the embedded database's password while it runs ({str(exc).strip()}); "
+                "run `imsrc db stop`, then start it again"
+            ) from exc
+        if info.host:
+            self._wait_for_password_rule(info)
+        return self.info() or info
+
+    def _install_hba(self) -> None:
+        kept = auth.write_hba(self.pgdata)
+        if kept is not None:
+            log.warning("replaced %s (TCP logins now need the password in %s); the old file is kept as %s",
+                        self.pgdata / "pg_hba.conf", auth.password_file(self.data_dir, SUPERUSER), kept)
+        if _running_as_root():
+            import pwd
+
+            entry = pwd.getpwnam(SERVER_OS_USER)
+            for path in (self.pgdata / "pg_hba.conf", kept):
+                if path is not None:
+                    os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    @staticmethod
+    def _wait_for_password_rule(info: ServerInfo) -> None:
+        # pg_reload_conf() only signals the postmaster: wait until a TCP login without password is refused.
+        import psycopg
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                psycopg.connect(info.url("postgres", password=""), connect_timeout=5).close()
+            except psycopg.OperationalError:
+                return
+            time.sleep(0.05)
+        raise DatabaseUnavailableError("the embedded database did not take its new login rules (pg_hba.conf)")
+
     def _prepare_data_dir(self) -> None:
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -162,18 +256,19 @@ class EmbeddedServer:
                 "set IMSRC_DATA_DIR to a writable folder"
             ) from exc
 
-    def _initdb_if_needed(self) -> None:
+    def _initdb_if_needed(self) -> bool:
+        """True when a new cluster was made."""
         if (self.pgdata / "PG_VERSION").exists():
             self._fix_ownership()
-            return
+            return False
         if self.pgdata.exists():
             # A half-finished initdb (killed mid-way) leaves a directory without PG_VERSION: redo it.
             shutil.rmtree(self.pgdata)
         self.pgdata.mkdir(mode=0o700)
         self._fix_ownership()
         self._run(
-            [_exe("initdb"), "-D", str(self.pgdata), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
-             "--locale=C", "--no-instructions"],
+            [_exe("initdb"), "-D", str(self.pgdata), "-U", SUPERUSER, "--auth-local=trust",
+             "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C", "--no-instructions"],
             timeout=120,
         )
         # Settings that suit an embedded, single-machine catalog.
@@ -187,6 +282,7 @@ class EmbeddedServer:
                 "jit = off\n"
                 "log_min_messages = warning\n"
             )
+        return True
 
     def _fix_ownership(self) -> None:
         if not _running_as_root():
@@ -215,15 +311,27 @@ class EmbeddedServer:
         if len(str(candidate / ".s.PGSQL.65535")) > 100:
             digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
             candidate = Path("/tmp") / f"imsrc-{digest}"
-        candidate.mkdir(parents=True, exist_ok=True)
+        candidate.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            candidate.mkdir(mode=0o700)
+        # The socket is trusted (no password), so its folder must be ours and private: in /tmp another user
+        # could have made it first, or put a symlink there for us to chown/chmod.
+        owner = os.getuid()
         if _running_as_root():
             import pwd
 
             entry = pwd.getpwnam(SERVER_OS_USER)
-            os.chown(candidate, entry.pw_uid, entry.pw_gid)
-            candidate.chmod(0o755)
-        else:
-            candidate.chmod(0o700)
+            owner = entry.pw_uid
+            info = os.lstat(candidate)
+            if stat.S_ISDIR(info.st_mode) and info.st_uid in (0, entry.pw_uid):
+                os.chown(candidate, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+        info = os.lstat(candidate)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != owner:
+            raise ConfigurationError(
+                f"{candidate} (the embedded database's socket folder) exists but is not a folder of this user; "
+                "remove it or set IMSRC_DATA_DIR to a shorter path")
+        # Root passes the 0700 as well; others, including other local users, cannot reach the socket.
+        os.chmod(candidate, 0o700)
         return candidate
 
     def _start_locked(self) -> ServerInfo:
@@ -304,22 +412,24 @@ class EmbeddedServer:
     def _pg_ctl(self, args: list[str], timeout: float) -> None:
         self._run([_exe("pg_ctl"), "-D", str(self.pgdata), *args], timeout=timeout)
 
-    def _run(self, cmd: list[str], timeout: float) -> None:
+    def _run(self, cmd: list[str], timeout: float, stdin_text: str | None = None, fail_on: str | None = None) -> None:
         # As root, run as the server's OS user and drop root's groups too: with gid 0 the group bits of
         # root-owned folders would apply instead of "other".
         as_user = SERVER_OS_USER if _running_as_root() else None
         try:
             # Output goes to a file, not a pipe: pg_ctl's forked server would otherwise keep the pipe open.
-            with open(os.devnull, "rb") as devnull, tempfile.TemporaryFile() as out:
+            with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as out:
+                stdin.write((stdin_text or "").encode())
+                stdin.seek(0)
                 result = subprocess.run(
-                    cmd, stdin=devnull, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False,
+                    cmd, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False,
                     user=as_user, group=as_user, extra_groups=[] if as_user else None,
                 )
                 out.seek(0)
                 output = out.read().decode(errors="replace")
         except subprocess.TimeoutExpired as exc:
             raise DatabaseUnavailableError(f"{Path(cmd[0]).name} timed out; see {self.log_file}") from exc
-        if result.returncode != 0:
+        if result.returncode != 0 or (fail_on and fail_on in output):
             detail = _last_meaningful_line(output) or _tail(self.log_file)
             raise DatabaseUnavailableError(f"{Path(cmd[0]).name} failed: {detail}")
 

@@ -1,0 +1,152 @@
+"""Security at the edges (issue 12): embedded-database logins, URL-fetch deadlines and caps, Host/Origin checks,
+error shapes for malformed requests, browser hardening headers, slow clients, `imsrc sql` streaming."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from imsrc.db import embedded_auth
+from imsrc.db.embedded import EmbeddedServer, _exe
+from imsrc.db.engine import upgrade
+from tests.helpers import run_cli
+
+TRUST_EVERYTHING_HBA = """\
+local all all trust
+host all all 127.0.0.1/32 trust
+host all all ::1/128 trust
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tcp_url_without_password(port: int) -> str:
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+def _refused(url: str) -> bool:
+    try:
+        psycopg.connect(url, connect_timeout=5).close()
+    except psycopg.OperationalError:
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- embedded logins
+def test_embedded_tcp_needs_the_generated_password(scratch: Path) -> None:
+    data_dir = scratch / "data"
+    port = _free_port()
+    env = {"IMSRC_DATA_DIR": str(data_dir), "IMSRC_EMBEDDED_PORT": str(port)}
+    result = run_cli("db", "url", env=env)
+    assert result.returncode == 0, result.stderr
+    url = result.stdout.strip()
+    assert f"127.0.0.1:{port}" in url
+    # Before: initdb --auth=trust let any local user in as superuser over TCP.
+    assert _refused(_tcp_url_without_password(port))
+    assert _refused(f"postgresql://postgres:wrong@127.0.0.1:{port}/postgres")
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+    secret = embedded_auth.password_file(data_dir.resolve(), "postgres")
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert secret.read_text().strip() in url
+    # The socket folder is private: the socket itself is trusted.
+    info = EmbeddedServer(data_dir).info()
+    assert info is not None and info.socket_dir is not None
+    assert stat.S_IMODE(info.socket_dir.stat().st_mode) == 0o700
+    # The read-only role still works (over the socket), and the app's commands too.
+    sql = run_cli("sql", "SELECT count(*) AS n FROM catalog_categories", "--json", env=env)
+    assert sql.returncode == 0, sql.stderr
+    assert json.loads(sql.stdout) == [{"n": 0}]
+
+
+def test_tcp_only_reader_gets_its_own_password(scratch: Path) -> None:
+    """Windows servers have no unix socket: the reader logs in over TCP with a password of its own."""
+    import dataclasses
+
+    data_dir = scratch / "data"
+    server = EmbeddedServer(data_dir, port=_free_port())
+    info = server.start()
+    with psycopg.connect(info.url(), autocommit=True) as conn:
+        conn.execute("CREATE ROLE imsrc_reader LOGIN")
+    tcp_only = dataclasses.replace(info, socket_dir=None)
+    server.info = lambda: tcp_only  # type: ignore[method-assign]
+    url = server.login_url("imsrc_reader")
+    assert url.startswith("postgresql://imsrc_reader:") and f":{info.port}/" in url
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("imsrc_reader",)
+    assert _refused(f"postgresql://imsrc_reader@127.0.0.1:{info.port}/imsrc")
+
+
+def _make_old_style(server: EmbeddedServer) -> None:
+    """What an older imsrc left: pg_hba.conf trusting TCP, no password, no password file."""
+    (server.pgdata / "pg_hba.conf").write_text(TRUST_EVERYTHING_HBA)
+    embedded_auth.password_file(server.data_dir, "postgres").unlink()
+
+
+def test_old_data_directory_is_upgraded_on_start_and_keeps_its_data(scratch: Path) -> None:
+    port = _free_port()
+    server = EmbeddedServer(scratch / "data", port=port)
+    info = server.start()
+    with psycopg.connect(info.url(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (v text)")
+        conn.execute("INSERT INTO kept VALUES ('still here')")
+        conn.execute("ALTER ROLE postgres PASSWORD NULL")
+    server.stop()
+    _make_old_style(server)
+    info = server.start()
+    assert _refused(_tcp_url_without_password(port))
+    with psycopg.connect(info.url()) as conn:
+        assert conn.execute("SELECT v FROM kept").fetchall() == [("still here",)]
+    assert (server.pgdata / "pg_hba.conf.before-imsrc").read_text() == TRUST_EVERYTHING_HBA
+
+
+def test_running_old_server_is_upgraded_live(scratch: Path) -> None:
+    port = _free_port()
+    server = EmbeddedServer(scratch / "data", port=port)
+    info = server.start()
+    with psycopg.connect(info.url(), autocommit=True) as conn:
+        _make_old_style(server)
+        conn.execute("SELECT pg_reload_conf()")
+    import time
+
+    time.sleep(0.3)
+    assert not _refused(_tcp_url_without_password(port))
+    again = server.start()
+    assert again.pid == info.pid  # not restarted
+    assert _refused(_tcp_url_without_password(port))
+    with psycopg.connect(again.url()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_backup_keeps_the_password_off_the_command_line(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imsrc.db import backup
+
+    seen: list[list[str]] = []
+    envs: list[dict[str, str] | None] = []
+    real_run = subprocess.run
+
+    def spy(cmd: list[str], *args: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        seen.append(list(cmd))
+        envs.append(kwargs.get("env"))  # type: ignore[arg-type]
+        return real_run(cmd, *args, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    server = EmbeddedServer(scratch / "data", port=_free_port())
+    info = server.start()
+    assert info.password
+    upgrade(info.url())
+    monkeypatch.setattr(backup.subprocess, "run", spy)
+    backup.backup(info.url(), scratch / "dump.bin")
+    dump_cmd = next(cmd for cmd in seen if cmd[0] == _exe("pg_dump"))
+    assert info.password not in " ".join(dump_cmd)
+    assert any(env and env.get("PGPASSWORD") == info.password for env in envs)
