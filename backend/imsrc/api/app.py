@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -16,9 +16,10 @@ from imsrc.api.errors import ERROR_RESPONSES, install_error_handlers
 from imsrc.api.security import ApiKeyMiddleware
 from imsrc.config import Settings, get_settings
 from imsrc.db.session import Database, open_database
+from imsrc.resources import frontend_dir
 from imsrc.search.service import SearchRuntime
 
-FRONTEND_DIR = Path(__file__).resolve().parents[3] / "frontend"
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
@@ -56,6 +57,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.include_router(images.router)
     app.include_router(categories.router)
     app.include_router(search.router)
-    if FRONTEND_DIR.is_dir():
-        app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")
+    frontend = frontend_dir()
+    if frontend is not None:
+        app.mount("/", StaticFiles(directory=frontend, html=True), name="frontend")
+    else:
+        log.warning("this installation has no web page (frontend/); serving the API only")
     return app

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, text
@@ -13,11 +12,11 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from imsrc.config import Settings
 from imsrc.errors import ConfigurationError, DatabaseUnavailableError, SchemaNotReadyError
+from imsrc.resources import alembic_ini, migrations_dir
 
 log = logging.getLogger(__name__)
 
 MIN_PGVECTOR = (0, 8, 0)
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def _sqlalchemy_url(url: str) -> str:
@@ -102,9 +101,10 @@ def _one_line(message: str) -> str:
 
 # ---------------------------------------------------------------------------- migrations
 def alembic_config(url: str) -> Config:
-
-    cfg = Config(str(ROOT / "alembic.ini")) if (ROOT / "alembic.ini").exists() else Config()
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    """The migrations shipped with this installation (the checkout's, or the wheel's copy), for `url`."""
+    ini = alembic_ini()
+    cfg = Config(str(ini)) if ini is not None else Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.attributes["database_url"] = _sqlalchemy_url(url)
     return cfg
 
