@@ -10,9 +10,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import EmbeddingModel
-from imsrc.catalog.repository import CategoryRepository, ModelRepository
+from imsrc.catalog.repository import CategoryRepository, ModelRepository, vector_literal
 from imsrc.search.kmeans import normalise
-from imsrc.search.repository import vector_literal
 
 
 @dataclass

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.repository import vector_literal
 from imsrc.config import Settings
 from imsrc.search.faiss_index import RERANK_FACTOR, FaissModelIndex
 from imsrc.search.faiss_store import FaissStore
@@ -20,7 +21,7 @@ from imsrc.search.pg_queries import (
     branch_plan,
     category_ef_search,
 )
-from imsrc.search.repository import Watermark, vector_literal
+from imsrc.search.repository import Watermark
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime, SearchService
 from imsrc.search.sync import sync_search

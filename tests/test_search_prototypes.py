@@ -7,16 +7,22 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.prototypes import PrototypeRepository
+from imsrc.catalog.repository import CategoryRepository
 from imsrc.config import Settings
 from imsrc.embeddings import get_embedder
 from imsrc.search.kmeans import normalise
 from imsrc.search.prototypes import compute_prototypes
-from imsrc.search.repository import PrototypeRepository, SearchCategoryRepository
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime, SearchService
 from imsrc.search.stage1 import PrototypeCache
 from imsrc.search.sync import only, sync_search
 from tests.search_data import gaussian_mixture, insert_images, make_catalog
+
+
+def _rename(session: Session, category_id: int, name: str) -> None:
+    repo = CategoryRepository(session)
+    repo.update(repo.get(category_id), name=name)
 
 
 def test_tight_category_keeps_one_prototype_spread_one_gets_several() -> None:
@@ -62,7 +68,7 @@ def test_stage1_matrix_reloads_only_when_prototypes_change(session: Session, set
     cache = PrototypeCache()
     first = cache.get(session, cat.model.id)
     assert cache.get(session, cat.model.id) is first and cache.loads == 1
-    SearchCategoryRepository(session).rename(cat.category_ids[0], "renamed-zero")
+    _rename(session, cat.category_ids[0], "renamed-zero")
     second = cache.get(session, cat.model.id)
     assert cache.loads == 2 and second.names[cat.category_ids[0]] == "renamed-zero"
 
@@ -70,7 +76,7 @@ def test_stage1_matrix_reloads_only_when_prototypes_change(session: Session, set
 def test_uncategorised_images_are_grouped_and_reachable(session: Session, settings: Settings) -> None:
     cat = make_catalog(session, n_categories=4, per_category=30, dimension=16, uncategorised=120, seed=2)
     report = sync_search(session, settings, model_id=cat.model.id)
-    auto = SearchCategoryRepository(session).automatic_ids()
+    auto = CategoryRepository(session).automatic_ids()
     assert len(auto) == len(report.automatic_touched) >= 2
     left = session.execute(text("SELECT count(*) FROM images WHERE category_id IS NULL")).scalar()
     assert left == 0
@@ -94,9 +100,9 @@ def test_uncategorised_images_are_grouped_and_reachable(session: Session, settin
 def test_renaming_an_automatic_category_makes_it_real(session: Session, settings: Settings) -> None:
     cat = make_catalog(session, n_categories=2, per_category=20, dimension=16, uncategorised=60, seed=5)
     sync_search(session, settings, model_id=cat.model.id)
-    repo = SearchCategoryRepository(session)
+    repo = CategoryRepository(session)
     first = repo.automatic_ids()[0]
-    repo.rename(first, "Beach photos")
+    repo.update(repo.get(first), name="Beach photos")
     assert first not in repo.automatic_ids() and first in repo.real_ids()
     assert repo.resolve("beach PHOTOS") == first
 
@@ -129,7 +135,7 @@ def test_text_prototypes_and_text_search_with_tiny_clip(session: Session, settin
     expected = embedder.encode_texts([f"a photo of a {cat.model.name}-cat-00"])[0]
     assert np.allclose(text_rows[0].vector, expected, atol=1e-5)
     # Renaming re-encodes only the renamed category.
-    SearchCategoryRepository(session).rename(cat.category_ids[1], "lighthouse")
+    _rename(session, cat.category_ids[1], "lighthouse")
     assert sync_search(session, settings, model_id=cat.model.id, embedders=only(embedder)).text_prototypes == [
         cat.category_ids[1]]
     service = SearchService(session, SearchRuntime.create(settings, embedder_factory=lambda n: embedder))

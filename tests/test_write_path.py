@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from imsrc.catalog.repository import ModelRepository
+from imsrc.catalog.repository import CategoryRepository, ModelRepository
 from imsrc.config import Settings
 from imsrc.db.session import Database
 from imsrc.embeddings import get_embedder
@@ -19,6 +19,7 @@ from imsrc.ingest.pipeline import run_index_job
 from imsrc.search.pg_queries import NeighbourRepository
 from imsrc.search.sync import sync_search
 from imsrc.services.models import ModelService
+from tests.helpers import run_cli
 from tests.ingest_support import TEST_MODEL, make_image, open_test_database, write
 from tests.search_data import make_catalog
 
@@ -70,3 +71,29 @@ def test_removing_a_model_drops_its_per_category_indexes(session: Session, setti
     left = session.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings'"
                                 " AND indexname ~ :p"), {"p": f"_m{cat.model.id}(_|$)"}).scalars().all()
     assert left == []
+
+
+def test_cli_rename_goes_through_the_category_service(create_database, scratch: Path) -> None:  # type: ignore[no-untyped-def]
+    # `imsrc categories rename` wrote the name itself: a taken name was another error than the API's 409
+    # conflict, and search never heard of the new name (no text prototype for a CLIP model).
+    db = open_test_database(create_database("imsrc_rename"), scratch / "data")
+    with db.session() as s:
+        models = ModelRepository(s)
+        models.set_active(models.register(name=TEST_MODEL, dimension=64, family="open_clip", params={},
+                                          supports_text=True))
+        cats = CategoryRepository(s)
+        cat_id = cats.create("cats").id
+        cats.create("dogs")
+    env = {"IMSRC_DATABASE_URL": db.url, "IMSRC_DATA_DIR": str(scratch / "cli"), "IMSRC_MODEL": TEST_MODEL}
+
+    taken = run_cli("categories", "rename", "cats", "DOGS", env=env)
+    assert taken.returncode == 1 and "a category named 'DOGS' already exists" in taken.stderr
+
+    done = run_cli("categories", "rename", str(cat_id), "kittens", env=env)
+    assert done.returncode == 0, done.stderr
+    with db.engine.connect() as conn:
+        name = conn.execute(text("SELECT name FROM categories WHERE id = :c"), {"c": cat_id}).scalar_one()
+        text_protos = conn.execute(text("SELECT count(*) FROM category_prototypes WHERE category_id = :c"
+                                        " AND kind = 'text'"), {"c": cat_id}).scalar_one()
+    db.dispose()
+    assert (name, text_protos) == ("kittens", 1)

@@ -40,14 +40,13 @@ from bench.search.variants import (  # noqa: E402
     query_partitions,
 )
 
-from imsrc.catalog.repository import embedding_expr  # noqa: E402
+from imsrc.catalog.repository import embedding_expr, vector_literal  # noqa: E402
 from imsrc.config import Settings  # noqa: E402
 from imsrc.db.embedded import EmbeddedServer  # noqa: E402
 from imsrc.db.engine import make_engine, upgrade  # noqa: E402
 from imsrc.db.session import Database  # noqa: E402
 from imsrc.search.faiss_store import FaissStore  # noqa: E402
 from imsrc.search.pg_queries import NeighbourRepository, branch_plan, category_ef_search  # noqa: E402
-from imsrc.search.repository import vector_literal  # noqa: E402
 from imsrc.search.stage1 import PrototypeCache, pick  # noqa: E402
 
 K = 10

@@ -1,17 +1,74 @@
-"""SQL for category prototypes. Repositories never commit; the caller's unit of work does."""
+"""SQL for category prototypes: one repository for the category_prototypes table. Repositories never commit;
+the caller's unit of work does. Computing prototypes (k-means, text prompts) is search's job (search/prototypes.py).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.repository import vector_literal
+
+
+@dataclass(frozen=True)
+class PrototypeRow:
+    category_id: int
+    kind: str
+    ordinal: int
+    vector: np.ndarray
+    member_count: int
+
 
 class PrototypeRepository:
+    """category_prototypes: mean, k-means 'cluster' and zero-shot 'text' vectors per (category, model)."""
+
     def __init__(self, session: Session) -> None:
         self.session = session
+
+    def replace(self, model_id: int, category_id: int, kinds: Iterable[str], rows: Sequence[PrototypeRow]) -> None:
+        """Swap one category's prototypes of the given kinds for `rows` (in the caller's transaction)."""
+        self.session.execute(
+            text("DELETE FROM category_prototypes WHERE model_id = :m AND category_id = :c AND kind = ANY(:k)"),
+            {"m": model_id, "c": category_id, "k": list(kinds)},
+        )
+        for r in rows:
+            self.session.execute(
+                text("INSERT INTO category_prototypes (category_id, model_id, kind, ordinal, vector, member_count)"
+                     " VALUES (:c, :m, :k, :o, CAST(:v AS vector), :n)"),
+                {"c": r.category_id, "m": model_id, "k": r.kind, "o": r.ordinal, "v": vector_literal(r.vector),
+                 "n": r.member_count},
+            )
+
+    def load(self, model_id: int, kinds: Sequence[str]) -> list[PrototypeRow]:
+        rows = self.session.execute(
+            text("SELECT category_id, kind, ordinal, vector::text AS v, member_count FROM category_prototypes"
+                 " WHERE model_id = :m AND kind = ANY(:k) ORDER BY category_id, kind, ordinal"),
+            {"m": model_id, "k": list(kinds)},
+        )
+        return [PrototypeRow(int(r.category_id), r.kind, int(r.ordinal), np.asarray(json.loads(r.v), np.float32),
+                             int(r.member_count)) for r in rows]
+
+    def version(self, model_id: int) -> tuple[Any, ...]:
+        """Changes whenever a prototype or a category name changes: the in-memory matrix reloads then."""
+        row = self.session.execute(
+            text("SELECT count(*), max(p.updated_at), coalesce(sum(p.id), 0), coalesce(sum(hashtext(c.name)), 0)"
+                 " FROM category_prototypes p JOIN categories c ON c.id = p.category_id WHERE p.model_id = :m"),
+            {"m": model_id},
+        ).one()
+        return tuple(row)
+
+    def member_counts(self, model_id: int) -> dict[int, int]:
+        rows = self.session.execute(
+            text("SELECT category_id, member_count FROM category_prototypes"
+                 " WHERE model_id = :m AND kind = 'mean'"), {"m": model_id})
+        return {int(r[0]): int(r[1]) for r in rows}
+
 
     def recompute_means(self, category_ids: Iterable[int] | None, model_id: int | None = None) -> int:
         """Set each category's 'mean' prototype (ordinal 0) to the L2-normalised average of its members'
@@ -55,3 +112,18 @@ class PrototypeRepository:
             params,
         )
         return int(getattr(written, "rowcount", 0) or 0)
+
+    def summary(self, category_id: int) -> list[dict[str, Any]]:
+        """Per model and kind: how many prototypes a category has and how many members they cover."""
+        rows = self.session.execute(
+            text(
+                "SELECT m.name AS model, p.kind, count(*) AS count, "
+                # cluster prototypes split the members between them; a mean prototype covers them all
+                "CASE WHEN p.kind = 'cluster' THEN sum(p.member_count) ELSE max(p.member_count) END AS member_count, "
+                "max(p.updated_at) AS updated_at FROM category_prototypes p "
+                "JOIN embedding_models m ON m.id = p.model_id WHERE p.category_id = :c "
+                "GROUP BY m.name, p.kind ORDER BY m.name, p.kind"
+            ),
+            {"c": category_id},
+        )
+        return [dict(r._mapping) for r in rows]

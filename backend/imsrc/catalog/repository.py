@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,11 +24,18 @@ def embedding_expr(dimension: int) -> str:
     return f"(embedding::halfvec({int(dimension)}))"
 
 
+def vector_literal(vector: np.ndarray) -> str:
+    """pgvector's text form; repr of float32 round-trips exactly."""
+    return "[" + ",".join(map(repr, np.asarray(vector, dtype=np.float32).tolist())) + "]"
+
+
 def opclass(dimension: int) -> str:
     return "vector_cosine_ops" if dimension <= HNSW_MAX_VECTOR_DIM else "halfvec_cosine_ops"
 
 
 class CategoryRepository:
+    """The categories table: named ones people made, automatic ones search made, and images' labels."""
+
     def __init__(self, session: Session) -> None:
         self.session = session
 
@@ -87,8 +96,8 @@ class CategoryRepository:
             raise ConflictError(f"a category named {name.strip()!r} already exists")
         return self.get(int(row[0]))
 
-    def update(self, category: Category, *, name: str | None, description: str | None,
-               set_description: bool) -> Category:
+    def update(self, category: Category, *, name: str | None = None, description: str | None = None,
+               set_description: bool = False) -> Category:
         """Rename and/or describe. Renaming an automatic category makes it a real one: a person named it."""
         if name is not None and name != category.name:
             clash = self.by_name(name)
@@ -108,19 +117,49 @@ class CategoryRepository:
         self.session.refresh(category)
         return category
 
-    def prototype_summary(self, category_id: int) -> list[dict[str, Any]]:
-        rows = self.session.execute(
-            text(
-                "SELECT m.name AS model, p.kind, count(*) AS count, "
-                # cluster prototypes split the members between them; a mean prototype covers them all
-                "CASE WHEN p.kind = 'cluster' THEN sum(p.member_count) ELSE max(p.member_count) END AS member_count, "
-                "max(p.updated_at) AS updated_at FROM category_prototypes p "
-                "JOIN embedding_models m ON m.id = p.model_id WHERE p.category_id = :c "
-                "GROUP BY m.name, p.kind ORDER BY m.name, p.kind"
-            ),
-            {"c": category_id},
+    def names(self, category_ids: Iterable[int] | None = None) -> dict[int, str]:
+        if category_ids is None:
+            rows = self.session.execute(text("SELECT id, name FROM categories"))
+        else:
+            rows = self.session.execute(text("SELECT id, name FROM categories WHERE id = ANY(:c)"),
+                                        {"c": list(category_ids)})
+        return {int(r[0]): str(r[1]) for r in rows}
+
+    def automatic_ids(self) -> list[int]:
+        return [int(r[0]) for r in self.session.execute(text("SELECT id FROM categories WHERE is_automatic"))]
+
+    def real_ids(self) -> list[int]:
+        return [int(r[0]) for r in self.session.execute(text("SELECT id FROM categories WHERE NOT is_automatic"))]
+
+    def create_automatic(self, name: str, description: str) -> int:
+        """A group made by clustering (search/autogroup.py picks a free name under the catalog write lock)."""
+        return int(self.session.execute(
+            text("INSERT INTO categories (name, description, is_automatic) VALUES (:n, :d, true) RETURNING id"),
+            {"n": name, "d": description}).scalar_one())
+
+    def delete(self, category_ids: Sequence[int]) -> None:
+        # images.category_id is ON DELETE SET NULL; the sync trigger clears embeddings.category_id too.
+        self.session.execute(text("DELETE FROM categories WHERE id = ANY(:c)"), {"c": list(category_ids)})
+
+    def assign(self, image_ids: np.ndarray, category_ids: np.ndarray) -> None:
+        if len(image_ids) == 0:
+            return
+        self.session.execute(
+            text("UPDATE images i SET category_id = v.c FROM unnest(CAST(:i AS bigint[]), CAST(:c AS bigint[]))"
+                 " AS v(i, c) WHERE i.id = v.i AND i.category_id IS DISTINCT FROM v.c"),
+            {"i": [int(x) for x in image_ids], "c": [int(x) for x in category_ids]},
         )
-        return [dict(r._mapping) for r in rows]
+
+    def set_predictions(self, image_ids: np.ndarray, category_ids: np.ndarray, scores: np.ndarray) -> None:
+        if len(image_ids) == 0:
+            return
+        self.session.execute(
+            text("UPDATE images i SET predicted_category_id = v.c, predicted_score = v.s"
+                 " FROM unnest(CAST(:i AS bigint[]), CAST(:c AS bigint[]), CAST(:s AS float8[])) AS v(i, c, s)"
+                 " WHERE i.id = v.i"),
+            {"i": [int(x) for x in image_ids], "c": [int(x) for x in category_ids],
+             "s": [float(x) for x in scores]},
+        )
 
 
 class ModelRepository:

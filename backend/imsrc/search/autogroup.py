@@ -14,14 +14,11 @@ import math
 import numpy as np
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.prototypes import PrototypeRepository
+from imsrc.catalog.repository import CategoryRepository
 from imsrc.config import Settings
 from imsrc.search.kmeans import spherical_kmeans
-from imsrc.search.repository import (
-    PrototypeRepository,
-    SearchCategoryRepository,
-    SearchStateRepository,
-    VectorRepository,
-)
+from imsrc.search.repository import SearchStateRepository, VectorRepository
 
 KMEANS_SAMPLE = 20_000
 
@@ -38,7 +35,7 @@ def group_count(n: int, cap: int) -> int:
 def autogroup(session: Session, settings: Settings, *, model_id: int, dimension: int,
               force: bool = False) -> set[int]:
     """Group or extend. Returns the automatic categories whose members changed (their prototypes are stale)."""
-    cats = SearchCategoryRepository(session)
+    cats = CategoryRepository(session)
     vectors = VectorRepository(session)
     state = SearchStateRepository(session)
     auto_ids = cats.automatic_ids()
@@ -57,7 +54,7 @@ def autogroup(session: Session, settings: Settings, *, model_id: int, dimension:
 
 def _regroup(session: Session, settings: Settings, *, model_id: int, dimension: int,
              auto_ids: list[int]) -> set[int]:
-    cats = SearchCategoryRepository(session)
+    cats = CategoryRepository(session)
     batch = VectorRepository(session).fetch(model_id, dimension, category_ids=auto_ids or None,
                                             uncategorised=not auto_ids)
     if auto_ids:  # members of the old groups plus the images that arrived since
@@ -78,7 +75,7 @@ def _regroup(session: Session, settings: Settings, *, model_id: int, dimension: 
         if members == 0:
             new_ids.append(-1)
             continue
-        while cats.name_taken(f"auto-{number:03d}"):
+        while cats.by_name(f"auto-{number:03d}") is not None:
             number += 1
         new_ids.append(cats.create_automatic(
             f"auto-{number:03d}", f"Automatic group of {members} uncategorised images (k-means); rename it to "
@@ -99,7 +96,7 @@ def _join_nearest(session: Session, *, model_id: int, dimension: int, auto_ids: 
     owners = np.array([p.category_id for p in protos], dtype=np.int64)
     matrix = np.stack([p.vector for p in protos])
     chosen = owners[np.argmax(batch.vectors @ matrix.T, axis=1)]
-    SearchCategoryRepository(session).assign(batch.image_ids, chosen)
+    CategoryRepository(session).assign(batch.image_ids, chosen)
     return {int(c) for c in np.unique(chosen)}
 
 
@@ -108,5 +105,5 @@ def _regroup_all(session: Session, *, model_id: int, dimension: int, auto_ids: l
     # rather than leave them unreachable; the next regroup sorts them properly.
     batch = VectorRepository(session).fetch(model_id, dimension, uncategorised=True)
     target = min(auto_ids)
-    SearchCategoryRepository(session).assign(batch.image_ids, np.full(len(batch), target, dtype=np.int64))
+    CategoryRepository(session).assign(batch.image_ids, np.full(len(batch), target, dtype=np.int64))
     return {target}

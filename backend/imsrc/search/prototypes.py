@@ -8,10 +8,10 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from sqlalchemy.orm import Session
 
-from imsrc.catalog.prototypes import PrototypeRepository as CatalogPrototypes
+from imsrc.catalog.prototypes import PrototypeRepository, PrototypeRow
 from imsrc.config import Settings
 from imsrc.search.kmeans import cohesion, normalise, spherical_kmeans
-from imsrc.search.repository import PrototypeRepository, PrototypeRow, VectorRepository
+from imsrc.search.repository import VectorRepository
 
 # Fewer members than this per extra centre and a split is just fitting noise.
 MIN_MEMBERS_PER_PROTOTYPE = 10
@@ -61,7 +61,7 @@ def refresh_prototypes(session: Session, settings: Settings, *, model_id: int, d
     protos = PrototypeRepository(session)
     done = sorted(set(category_ids))
     # The means are computed in PostgreSQL (pgvector's avg()); the k-means centres need the members here.
-    CatalogPrototypes(session).recompute_means(done)
+    protos.recompute_means(done)
     for category_id in done:
         batch = vectors.fetch(model_id, dimension, category_ids=[category_id])
         rows: list[PrototypeRow] = []

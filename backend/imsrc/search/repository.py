@@ -1,12 +1,13 @@
-"""SQL for search bookkeeping: reading vectors in bulk, prototypes, automatic categories, the change log.
+"""SQL for search bookkeeping: reading vectors in bulk, search state, the change log.
 
-Stage-2 neighbour queries and per-category index DDL live in pg_queries.py. Repositories never commit.
+Stage-2 neighbour queries and per-category index DDL live in pg_queries.py; categories and their prototypes
+are catalog tables (catalog/repository.py, catalog/prototypes.py). Repositories never commit.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,11 +17,6 @@ from sqlalchemy.orm import Session
 
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _HEADER = len(_COPY_SIGNATURE) + 8  # signature, flags, header-extension length (always 0 here)
-
-
-def vector_literal(vector: np.ndarray) -> str:
-    """pgvector's text form; repr of float32 round-trips exactly."""
-    return "[" + ",".join(map(repr, np.asarray(vector, dtype=np.float32).tolist())) + "]"
 
 
 @dataclass(frozen=True)
@@ -97,131 +93,6 @@ class VectorRepository:
             text("SELECT category_id, count(*) FROM embeddings WHERE model_id = :m GROUP BY 1"), {"m": model_id}
         )
         return {(None if r[0] is None else int(r[0])): int(r[1]) for r in rows}
-
-
-@dataclass(frozen=True)
-class PrototypeRow:
-    category_id: int
-    kind: str
-    ordinal: int
-    vector: np.ndarray
-    member_count: int
-
-
-class PrototypeRepository:
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def replace(self, model_id: int, category_id: int, kinds: Iterable[str], rows: Sequence[PrototypeRow]) -> None:
-        """Swap one category's prototypes of the given kinds for `rows` (in the caller's transaction)."""
-        self.session.execute(
-            text("DELETE FROM category_prototypes WHERE model_id = :m AND category_id = :c AND kind = ANY(:k)"),
-            {"m": model_id, "c": category_id, "k": list(kinds)},
-        )
-        for r in rows:
-            self.session.execute(
-                text("INSERT INTO category_prototypes (category_id, model_id, kind, ordinal, vector, member_count)"
-                     " VALUES (:c, :m, :k, :o, CAST(:v AS vector), :n)"),
-                {"c": r.category_id, "m": model_id, "k": r.kind, "o": r.ordinal, "v": vector_literal(r.vector),
-                 "n": r.member_count},
-            )
-
-    def load(self, model_id: int, kinds: Sequence[str]) -> list[PrototypeRow]:
-        rows = self.session.execute(
-            text("SELECT category_id, kind, ordinal, vector::text AS v, member_count FROM category_prototypes"
-                 " WHERE model_id = :m AND kind = ANY(:k) ORDER BY category_id, kind, ordinal"),
-            {"m": model_id, "k": list(kinds)},
-        )
-        return [PrototypeRow(int(r.category_id), r.kind, int(r.ordinal), np.asarray(json.loads(r.v), np.float32),
-                             int(r.member_count)) for r in rows]
-
-    def version(self, model_id: int) -> tuple[Any, ...]:
-        """Changes whenever a prototype or a category name changes: the in-memory matrix reloads then."""
-        row = self.session.execute(
-            text("SELECT count(*), max(p.updated_at), coalesce(sum(p.id), 0), coalesce(sum(hashtext(c.name)), 0)"
-                 " FROM category_prototypes p JOIN categories c ON c.id = p.category_id WHERE p.model_id = :m"),
-            {"m": model_id},
-        ).one()
-        return tuple(row)
-
-    def member_counts(self, model_id: int) -> dict[int, int]:
-        rows = self.session.execute(
-            text("SELECT category_id, member_count FROM category_prototypes"
-                 " WHERE model_id = :m AND kind = 'mean'"), {"m": model_id})
-        return {int(r[0]): int(r[1]) for r in rows}
-
-    def delete_for(self, model_id: int, category_ids: Sequence[int]) -> None:
-        self.session.execute(
-            text("DELETE FROM category_prototypes WHERE model_id = :m AND category_id = ANY(:c)"
-                 " AND kind <> 'text'"), {"m": model_id, "c": list(category_ids)})
-
-
-class SearchCategoryRepository:
-    """Category facts that search needs: names, the automatic ones, predictions."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def names(self, category_ids: Iterable[int] | None = None) -> dict[int, str]:
-        if category_ids is None:
-            rows = self.session.execute(text("SELECT id, name FROM categories"))
-        else:
-            rows = self.session.execute(text("SELECT id, name FROM categories WHERE id = ANY(:c)"),
-                                        {"c": list(category_ids)})
-        return {int(r[0]): str(r[1]) for r in rows}
-
-    def resolve(self, name_or_id: str) -> int | None:
-        """A category by name (case-insensitive) or, failing that, by numeric id."""
-        value = name_or_id.strip()
-        row = self.session.execute(text("SELECT id FROM categories WHERE lower(name) = lower(:n)"),
-                                   {"n": value}).first()
-        if row is None and value.isdigit() and len(value) < 19:
-            row = self.session.execute(text("SELECT id FROM categories WHERE id = :i"), {"i": int(value)}).first()
-        return None if row is None else int(row[0])
-
-    def automatic_ids(self) -> list[int]:
-        return [int(r[0]) for r in self.session.execute(text("SELECT id FROM categories WHERE is_automatic"))]
-
-    def real_ids(self) -> list[int]:
-        return [int(r[0]) for r in self.session.execute(text("SELECT id FROM categories WHERE NOT is_automatic"))]
-
-    def create_automatic(self, name: str, description: str) -> int:
-        return int(self.session.execute(
-            text("INSERT INTO categories (name, description, is_automatic) VALUES (:n, :d, true) RETURNING id"),
-            {"n": name, "d": description}).scalar_one())
-
-    def name_taken(self, name: str) -> bool:
-        return self.session.execute(text("SELECT 1 FROM categories WHERE lower(name) = lower(:n)"),
-                                    {"n": name}).first() is not None
-
-    def delete(self, category_ids: Sequence[int]) -> None:
-        # images.category_id is ON DELETE SET NULL; the sync trigger clears embeddings.category_id too.
-        self.session.execute(text("DELETE FROM categories WHERE id = ANY(:c)"), {"c": list(category_ids)})
-
-    def assign(self, image_ids: np.ndarray, category_ids: np.ndarray) -> None:
-        if len(image_ids) == 0:
-            return
-        self.session.execute(
-            text("UPDATE images i SET category_id = v.c FROM unnest(CAST(:i AS bigint[]), CAST(:c AS bigint[]))"
-                 " AS v(i, c) WHERE i.id = v.i AND i.category_id IS DISTINCT FROM v.c"),
-            {"i": [int(x) for x in image_ids], "c": [int(x) for x in category_ids]},
-        )
-
-    def set_predictions(self, image_ids: np.ndarray, category_ids: np.ndarray, scores: np.ndarray) -> None:
-        if len(image_ids) == 0:
-            return
-        self.session.execute(
-            text("UPDATE images i SET predicted_category_id = v.c, predicted_score = v.s"
-                 " FROM unnest(CAST(:i AS bigint[]), CAST(:c AS bigint[]), CAST(:s AS float8[])) AS v(i, c, s)"
-                 " WHERE i.id = v.i"),
-            {"i": [int(x) for x in image_ids], "c": [int(x) for x in category_ids],
-             "s": [float(x) for x in scores]},
-        )
-
-    def rename(self, category_id: int, new_name: str) -> None:
-        """Renaming an automatic category makes it a real one: the user has named what it holds."""
-        self.session.execute(text("UPDATE categories SET name = :n, is_automatic = false WHERE id = :c"),
-                             {"n": new_name.strip(), "c": category_id})
 
 
 class SearchStateRepository:

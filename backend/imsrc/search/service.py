@@ -17,13 +17,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import EmbeddingModel
-from imsrc.catalog.repository import ModelRepository
+from imsrc.catalog.repository import CategoryRepository, ModelRepository, vector_literal
 from imsrc.config import Settings
 from imsrc.errors import InvalidInputError, NotFoundError
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
 from imsrc.search.pg_queries import Hit, NeighbourRepository, branch_plan
-from imsrc.search.repository import SearchCategoryRepository, VectorRepository, vector_literal
+from imsrc.search.repository import VectorRepository
 from imsrc.search.schemas import CategoriesResponse, CategoryHit, SearchHit, SearchOptions, SearchResponse, Timings
 from imsrc.search.stage1 import CategoryScore, PrototypeCache, pick
 from imsrc.search.urlfetch import fetch_image_bytes
@@ -206,7 +206,7 @@ class SearchService:
         """(categories to search or None for all, stage-1 picks to report, categories the query is near).
         `walks`: stage 2 walks pgvector graphs, the only place where nearness matters for a filter."""
         if options.category:
-            cats = SearchCategoryRepository(self.session)
+            cats = CategoryRepository(self.session)
             ids = []
             for name in options.category:
                 found = cats.resolve(name)

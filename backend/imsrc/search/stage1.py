@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from imsrc.search.repository import PrototypeRepository, SearchCategoryRepository
+from imsrc.catalog.prototypes import PrototypeRepository
+from imsrc.catalog.repository import CategoryRepository
 
 # Softmax temperature for the adaptive choice: a 0.05 cosine gap is about a factor e in weight.
 STAGE1_TEMPERATURE = 0.05
@@ -91,7 +92,7 @@ class PrototypeCache:
         if hit is not None and hit.version == version:
             return hit
         rows = repo.load(model_id, ("mean", "cluster"))
-        names = SearchCategoryRepository(session).names({r.category_id for r in rows})
+        names = CategoryRepository(session).names({r.category_id for r in rows})
         rows = [r for r in rows if r.category_id in names]
         dimension = len(rows[0].vector) if rows else 0
         matrix = PrototypeMatrix(

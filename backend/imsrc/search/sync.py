@@ -17,17 +17,13 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import EmbeddingModel
-from imsrc.catalog.repository import ModelRepository, lock_catalog_writes
+from imsrc.catalog.prototypes import PrototypeRepository
+from imsrc.catalog.repository import CategoryRepository, ModelRepository, lock_catalog_writes
 from imsrc.config import Settings
 from imsrc.search.autogroup import autogroup
 from imsrc.search.pg_queries import HALFVEC_MAX_DIM, NeighbourRepository
 from imsrc.search.prototypes import predict, refresh_prototypes, stale_categories, text_prototype_rows
-from imsrc.search.repository import (
-    PrototypeRepository,
-    SearchCategoryRepository,
-    SearchStateRepository,
-    VectorRepository,
-)
+from imsrc.search.repository import SearchStateRepository, VectorRepository
 
 if TYPE_CHECKING:
     from imsrc.embeddings.base import Embedder
@@ -78,7 +74,7 @@ def sync_search(session: Session, settings: Settings, *, model_id: int | None = 
     if model is None:
         return report
     report.model = model.name
-    cats = SearchCategoryRepository(session)
+    cats = CategoryRepository(session)
     if autogroup_images:
         report.automatic_touched = sorted(autogroup(session, settings, model_id=model.id,
                                                     dimension=model.dimension, force=force_regroup))
@@ -100,7 +96,7 @@ def sync_search(session: Session, settings: Settings, *, model_id: int | None = 
 
 
 def _refresh_text_prototypes(session: Session, model_id: int, embedder: Any) -> list[int]:
-    cats = SearchCategoryRepository(session)
+    cats = CategoryRepository(session)
     state = SearchStateRepository(session)
     key = f"text_prompts:m{int(model_id)}"
     seen = state.get(key)
@@ -138,7 +134,7 @@ def ensure_category_indexes(session: Session, settings: Settings, model: Embeddi
 
 def predict_uncategorised(session: Session, model: EmbeddingModel, *, only_new: bool) -> int:
     """Predicted category + confidence for images without a user label (none, or an automatic one)."""
-    cats = SearchCategoryRepository(session)
+    cats = CategoryRepository(session)
     real = set(cats.real_ids())
     if not real:
         return 0

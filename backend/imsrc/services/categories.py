@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.image_repository import ImageRepository
+from imsrc.catalog.prototypes import PrototypeRepository
 from imsrc.catalog.repository import CategoryRepository
 from imsrc.catalog.schemas import (
     CategoryCreate,
@@ -93,5 +94,5 @@ class CategoryService:
 
     def detail(self, category_id: int) -> CategoryDetail:
         summary = self.summary(category_id)
-        prototypes = [PrototypeInfo(**p) for p in self.categories.prototype_summary(category_id)]
+        prototypes = [PrototypeInfo(**p) for p in PrototypeRepository(self.session).summary(category_id)]
         return CategoryDetail(**summary.model_dump(), prototypes=prototypes)
