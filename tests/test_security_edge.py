@@ -6,15 +6,31 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
 
+from imsrc.api.app import create_app
+from imsrc.api.deps import get_session
+from imsrc.config import Settings
 from imsrc.db import embedded_auth
 from imsrc.db.embedded import EmbeddedServer, _exe
 from imsrc.db.engine import upgrade
+from imsrc.db.session import Database
+from imsrc.errors import BusyError
+from imsrc.search.errors import UrlFetchError
+from imsrc.search.urlfetch import UrlFetcher, fetch_image_bytes
+from tests.api_helpers import client
 from tests.helpers import run_cli
+
+__all__ = ["client"]
 
 TRUST_EVERYTHING_HBA = """\
 local all all trust
@@ -150,3 +166,100 @@ def test_backup_keeps_the_password_off_the_command_line(scratch: Path, monkeypat
     dump_cmd = next(cmd for cmd in seen if cmd[0] == _exe("pg_dump"))
     assert info.password not in " ".join(dump_cmd)
     assert any(env and env.get("PGPASSWORD") == info.password for env in envs)
+
+
+# ---------------------------------------------------------------------------------------------- URL fetches
+class _SlowHandler(BaseHTTPRequestHandler):
+    """/headers: a status line, then one header line every 0.2 s for 6 s (each read is quick, the whole is not).
+    /body: quick headers, then a byte every 0.2 s."""
+
+    def do_GET(self) -> None:
+        try:
+            if self.path == "/headers":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n")
+                for i in range(30):
+                    self.wfile.write(f"X-Slow-{i}: {i}\r\n".encode())
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                self.wfile.write(b"Content-Length: 1\r\n\r\nx")
+            else:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                for _ in range(30):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+        except OSError:
+            pass  # the client gave up, as it should
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def slow_server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.mark.parametrize("path", ["/headers", "/body"])
+def test_one_deadline_covers_headers_and_body(slow_server: str, path: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(UrlFetchError, match="longer than"):
+        fetch_image_bytes(f"{slow_server}{path}", timeout_s=1.0, max_bytes=10**6, allow_private=True)
+    assert time.monotonic() - started < 2.0
+
+
+def test_concurrent_fetches_are_capped(slow_server: str) -> None:
+    fetcher = UrlFetcher(timeout_s=1.5, max_bytes=10**6, allow_private=True, concurrency=2)
+    errors: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            fetcher.fetch(f"{slow_server}/headers")
+        except BaseException as exc:
+            errors.append(exc)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for t in holders:
+        t.start()
+    time.sleep(0.3)
+    with pytest.raises(BusyError) as busy:
+        fetcher.fetch(f"{slow_server}/headers")
+    assert busy.value.retry_after == 2
+    for t in holders:
+        t.join()
+    assert all(isinstance(e, UrlFetchError) for e in errors) and len(errors) == 2
+    # The slots are free again.
+    with pytest.raises(UrlFetchError, match="longer than"):
+        fetcher.fetch(f"{slow_server}/headers")
+
+
+def test_api_answers_busy_with_retry_after(slow_server: str, settings: Settings, database: Database,
+                                           session: Session) -> None:
+    changed = settings.model_copy(update={"url_fetch_allow_private": True, "url_fetch_concurrency": 1,
+                                          "url_fetch_timeout_s": 2.0})
+    app = create_app(changed, database=database)
+    app.dependency_overrides[get_session] = lambda: session
+    with TestClient(app) as api:
+        first = threading.Thread(target=lambda: api.post("/api/search/image", json={"url": f"{slow_server}/headers"}))
+        first.start()
+        time.sleep(0.5)
+        response = api.post("/api/search/image", json={"url": f"{slow_server}/headers"})
+        first.join()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "2"
+    assert response.json()["error"]["code"] == "busy"
+
+
+@pytest.mark.parametrize("url", ["http://[::1/", "http://[zzz]/", "http://" + "a" * 300 + ".example/x.png",
+                                 "http://" + "b" * 64 + ".example/", "http://exa mple.org/"])
+def test_malformed_urls_are_a_json_4xx(url: str, client: TestClient) -> None:
+    response = client.post("/api/search/image", json={"url": url})
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["code"] in ("url_not_allowed", "url_fetch_failed")

@@ -73,7 +73,10 @@ class Settings(BaseSettings):
     protect_reads: bool = False
     cors_origins: list[str] = Field(default_factory=list)
     url_fetch_allow_private: bool = False
+    # One deadline for a whole URL fetch: resolving, connecting, headers and body, redirects included.
     url_fetch_timeout_s: float = Field(default=10.0, gt=0)
+    # URL fetches in flight at once; more get 503 + Retry-After.
+    url_fetch_concurrency: int = Field(default=4, ge=1, le=256)
 
     @field_validator("database_url")
     @classmethod

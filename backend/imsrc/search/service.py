@@ -26,7 +26,7 @@ from imsrc.search.pg_queries import Hit, NeighbourRepository, branch_plan
 from imsrc.search.repository import VectorRepository
 from imsrc.search.schemas import CategoriesResponse, CategoryHit, SearchHit, SearchOptions, SearchResponse, Timings
 from imsrc.search.stage1 import CategoryScore, PrototypeCache, pick
-from imsrc.search.urlfetch import fetch_image_bytes
+from imsrc.search.urlfetch import UrlFetcher
 
 EmbedderFactory = Callable[[str], object]
 MAX_FETCH = 10_000  # most candidates one stage-2 round asks for while skipping duplicates
@@ -52,13 +52,15 @@ class SearchRuntime:
     embedder_factory: EmbedderFactory
     prototypes: PrototypeCache
     faiss: FaissStore
+    url_fetcher: UrlFetcher
     _index_cache: dict[int, tuple[float, dict[int, int]]] = field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings, embedder_factory: EmbedderFactory | None = None) -> SearchRuntime:
         return cls(settings=settings, embedder_factory=embedder_factory or default_embedder_factory(settings),
                    prototypes=PrototypeCache(),
-                   faiss=FaissStore(settings.resolved_data_dir, flat_max_rows=settings.faiss_flat_max_rows))
+                   faiss=FaissStore(settings.resolved_data_dir, flat_max_rows=settings.faiss_flat_max_rows),
+                   url_fetcher=UrlFetcher.from_settings(settings))
 
     def service(self, session: Session) -> SearchService:
         return SearchService(session, self)
@@ -136,15 +138,13 @@ class SearchService:
         return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started)
 
     def search_url(self, url: str, options: SearchOptions) -> SearchResponse:
+        # Fetch before the first query: a session holds its pooled connection from then on, and a slow remote
+        # server must not hold database connections too.
+        data = self.runtime.url_fetcher.fetch(url)
         model = self.model(options.model)
         started = time.perf_counter()
-        vector = self.embed_image(model, self._fetch(url))
+        vector = self.embed_image(model, data)
         return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started)
-
-    def _fetch(self, url: str) -> bytes:
-        return fetch_image_bytes(url, timeout_s=self.settings.url_fetch_timeout_s,
-                                 max_bytes=self.settings.max_upload_bytes,
-                                 allow_private=self.settings.url_fetch_allow_private)
 
     def search_text(self, query: str, options: SearchOptions) -> SearchResponse:
         model = self.model(options.model)
@@ -165,7 +165,7 @@ class SearchService:
 
     def categories_for_url(self, url: str, *, model_name: str | None = None,
                            limit: int | None = None) -> CategoriesResponse:
-        return self.categories_for_image(self._fetch(url), model_name=model_name, limit=limit)
+        return self.categories_for_image(self.runtime.url_fetcher.fetch(url), model_name=model_name, limit=limit)
 
     def categories_for_image(self, data: bytes, *, model_name: str | None = None,
                              limit: int | None = None) -> CategoriesResponse:
