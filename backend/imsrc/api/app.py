@@ -11,8 +11,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from imsrc import __version__
-from imsrc.api import categories, images, search, system, uploads
+from imsrc.api import categories, images, metrics, search, system, uploads
 from imsrc.api.errors import ERROR_RESPONSES, install_error_handlers
+from imsrc.api.observability import RequestMiddleware
 from imsrc.api.security import ApiKeyMiddleware
 from imsrc.config import Settings, get_settings
 from imsrc.db.session import Database, open_database
@@ -20,6 +21,7 @@ from imsrc.resources import frontend_dir
 from imsrc.search.service import SearchRuntime
 
 log = logging.getLogger(__name__)
+ROUTERS = (system.router, uploads.router, images.router, categories.router, search.router, metrics.router)
 
 
 def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
@@ -52,14 +54,15 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, protect_reads=settings.protect_reads)
     install_error_handlers(app)
-    app.include_router(system.router)
-    app.include_router(uploads.router)
-    app.include_router(images.router)
-    app.include_router(categories.router)
-    app.include_router(search.router)
+    for router in ROUTERS:
+        app.include_router(router)
     frontend = frontend_dir()
     if frontend is not None:
         app.mount("/", StaticFiles(directory=frontend, html=True), name="frontend")
     else:
         log.warning("this installation has no web page (frontend/); serving the API only")
+    # Added last, so outermost: it sees every answer, the key middleware's refusals included. It gets the routes
+    # themselves (FastAPI's router holds included routers as opaque branches) to name a refused request's route.
+    routes = [route for router in ROUTERS for route in router.routes] + list(app.router.routes)
+    app.add_middleware(RequestMiddleware, routes=routes)
     return app

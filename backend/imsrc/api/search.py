@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from imsrc.api.deps import RuntimeDep, SessionDep, SettingsDep
+from imsrc.api.metrics import observe_search
 from imsrc.config import Settings
 from imsrc.errors import InvalidInputError
 from imsrc.search.schemas import Backend, CategoriesResponse, Mode, SearchOptions, SearchResponse, UrlQuery
@@ -93,22 +94,22 @@ async def search_image(request: Request, session: SessionDep, settings: Settings
     data, url = await _image_or_url(request, settings)
     service = runtime.service(session)
     if url is not None:
-        return await run_in_threadpool(service.search_url, url, options)
+        return observe_search(await run_in_threadpool(service.search_url, url, options))
     assert data is not None
-    return await run_in_threadpool(service.search_image, data, options)
+    return observe_search(await run_in_threadpool(service.search_image, data, options))
 
 
 @router.get("/text", response_model=SearchResponse, summary="Search by text (CLIP-family models)")
 async def search_text(session: SessionDep, runtime: RuntimeDep, options: OptionsDep,
                       q: Annotated[str, Query(min_length=1, max_length=1000, description="the text query")]
                       ) -> SearchResponse:
-    return await run_in_threadpool(runtime.service(session).search_text, q, options)
+    return observe_search(await run_in_threadpool(runtime.service(session).search_text, q, options))
 
 
 @router.get("/similar/{image_id}", response_model=SearchResponse, summary="More like this indexed image")
 async def search_similar(session: SessionDep, runtime: RuntimeDep, options: OptionsDep,
                          image_id: Annotated[int, Path(ge=1)]) -> SearchResponse:
-    return await run_in_threadpool(runtime.service(session).similar, image_id, options)
+    return observe_search(await run_in_threadpool(runtime.service(session).similar, image_id, options))
 
 
 @router.post("/categories", response_model=CategoriesResponse, openapi_extra=_BODY_DOC,

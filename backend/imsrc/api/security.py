@@ -48,7 +48,7 @@ class ApiKeyMiddleware:
     def _needs_key(self, method: str, path: str) -> bool:
         if path in PUBLIC_PATHS:
             return False
-        is_api = path.startswith("/api/") or path in ("/openapi.json", "/docs", "/redoc")
+        is_api = path.startswith("/api/") or path in ("/openapi.json", "/docs", "/redoc", "/metrics")
         is_write = method in WRITE_METHODS and not (method == "POST" and path.startswith(READ_ONLY_POSTS))
         if is_write:
             return True

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from imsrc.api.deps import DatabaseDep, SettingsDep
 from imsrc.api.errors import is_transaction_conflict
+from imsrc.api.metrics import observe_uploads
 from imsrc.api.multipart import UploadedFile, read_multipart
 from imsrc.catalog.repository import CategoryRepository, lock_catalog_writes
 from imsrc.catalog.schemas import CategoryRef, UploadResponse, UploadResult, image_thumbnail_url
@@ -75,6 +76,7 @@ async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep
             raise InvalidInputError("category: at most 200 characters")
         # Decoding, hashing and the model run off the event loop.
         results = await run_in_threadpool(ingest_uploads, db, settings, form.files, category)
+    observe_uploads(r.status for r in results)
     if all(r.status == "failed" for r in results):
         # Nothing was stored: that is a client error, not a partial success.
         reasons = "; ".join(f"{r.filename}: {r.reason}" for r in results[:5])
