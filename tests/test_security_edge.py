@@ -28,7 +28,7 @@ from imsrc.errors import BusyError
 from imsrc.search.errors import UrlFetchError
 from imsrc.search.urlfetch import UrlFetcher, fetch_image_bytes
 from tests.api_helpers import client
-from tests.helpers import run_cli
+from tests.helpers import make_image, run_cli
 
 __all__ = ["client"]
 
@@ -263,3 +263,32 @@ def test_malformed_urls_are_a_json_4xx(url: str, client: TestClient) -> None:
     response = client.post("/api/search/image", json={"url": url})
     assert 400 <= response.status_code < 500, response.text
     assert response.json()["error"]["code"] in ("url_not_allowed", "url_fetch_failed")
+
+
+# ---------------------------------------------------------------------------------------------- malformed requests
+@pytest.mark.parametrize("path", ["/api/images", "/api/search/image"])
+@pytest.mark.parametrize("boundary", ["b" * 10_000, "b" * 257])
+def test_odd_multipart_boundaries_are_a_json_4xx(client: TestClient, path: str, boundary: str) -> None:
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode("latin-1") + make_image(3) + f"\r\n--{boundary}--\r\n".encode(
+        "latin-1")
+    response = client.post(path, content=body,
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert 400 <= response.status_code < 500, response.text
+    assert "error" in response.json()
+
+
+def test_an_unexpected_error_is_a_json_500(settings: Settings, database: Database, session: Session) -> None:
+    app = create_app(settings, database=database)
+
+    def boom() -> None:
+        raise RuntimeError("internal detail /secret/path")
+
+    app.router.add_api_route("/api/boom", boom)
+    app.router.routes.insert(0, app.router.routes.pop())  # before the page's catch-all mount
+
+    with TestClient(app, raise_server_exceptions=False) as api:
+        response = api.get("/api/boom")
+    assert response.status_code == 500
+    assert response.json() == {"error": {"code": "internal_error",
+                                         "message": "the server failed to handle this request"}}

@@ -114,6 +114,13 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = str(exc.orig).strip().splitlines()[0] if exc.orig else "invalid value"
         return error_response(422, "invalid_input", f"a value was not accepted: {detail}")
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The last resort (Starlette's ServerErrorMiddleware calls it): a bug still answers in the API's shape,
+        # not Starlette's plain-text page, and says nothing about the server's insides.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal_error", "the server failed to handle this request")
+
     @app.exception_handler(DBAPIError)
     async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated:

@@ -166,8 +166,9 @@ async def read_multipart(content_type: str | None, stream: AsyncIterator[bytes],
         charset = "utf-8"
     collector = _Collector(directory, file_field=file_field, max_file_bytes=max_file_bytes, max_files=max_files,
                            charset=charset)
-    parser = MultipartParser(boundary, collector.callbacks())
     try:
+        # Inside the try: the parser itself refuses some boundaries (over 256 bytes) with a ValueError.
+        parser = MultipartParser(boundary, collector.callbacks())
         async for chunk in stream:
             parser.write(chunk)
             if collector.error is not None:
