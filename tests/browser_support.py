@@ -71,7 +71,7 @@ def running_server(database_url: str, data_dir: Path, *, model: str = "open_clip
                    timeout: float = 120) -> Iterator[str]:
     """`imsrc serve` in a subprocess on a free loopback port; yields its base URL."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
     env.update({"IMSRC_DATABASE_URL": database_url, "IMSRC_MODEL": model, "IMSRC_DATA_DIR": str(data_dir),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "backend"), env.get("PYTHONPATH")]))})
     log = (data_dir / "server.log").open("w")

@@ -21,6 +21,10 @@ from imsrc.db.embedded import EmbeddedServer
 from imsrc.db.engine import make_engine, upgrade
 from imsrc.db.session import Database
 
+# Tests run torch unless they ask for another engine (tests/test_inference.py): an ONNX export on first load
+# would slow every test that builds a model. Subprocesses inherit it (tests/helpers.run_cli keeps it).
+os.environ.setdefault("IMSRC_INFERENCE", "torch")
+
 
 def _scratch_dir(prefix: str) -> Path:
     # Not pytest's tmp_path: pytest resets /tmp/pytest-of-<user> to 0700 and prunes old runs whenever any

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
             timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "imsrc.cli.main", *args],

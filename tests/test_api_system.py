@@ -41,7 +41,8 @@ def test_unknown_route_is_json_error(client: TestClient) -> None:
 def test_status_reports_search_model_and_text_support(client: TestClient, session: Session) -> None:
     # Nothing active in the catalog yet: the configured model (the tiny CLIP in tests) reads text.
     body = client.get("/api/status").json()
-    assert body["search_model"] == {"name": "open_clip-tiny-test", "supports_text": True, "source": "settings"}
+    assert body["search_model"] == {"name": "open_clip-tiny-test", "supports_text": True, "source": "settings",
+                                    "inference": "torch"}  # tests run IMSRC_INFERENCE=torch (conftest)
     assert body["text_search"] is True and body["max_upload_bytes"] == 50 * 1024 * 1024
     # An image-only model active in the catalog wins over the setting.
     session.execute(text("UPDATE embedding_models SET is_active = false"))

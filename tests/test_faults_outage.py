@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def live_server(scratch: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
     env.update(IMSRC_DATA_DIR=str(scratch / "data"), IMSRC_MODEL="open_clip-tiny-test")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port)], cwd=ROOT, env=env,

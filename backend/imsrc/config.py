@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = None
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Which engine runs the model (embeddings.runtime): auto, torch, onnx, onnx-int8.
+    inference: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
 
     # Ingest.
     workers: int = Field(default=0, ge=0)  # 0 = one per CPU core

@@ -15,6 +15,7 @@ from imsrc.catalog.repository import ModelRepository, StatsRepository
 from imsrc.config import Settings
 from imsrc.db.engine import current_revision, head_revision
 from imsrc.embeddings import ModelError
+from imsrc.embeddings.registry import inference_label
 from imsrc.ingest.repository import JobRepository
 from imsrc.search.pg_queries import NeighbourRepository
 from imsrc.services.models import ModelService
@@ -40,6 +41,8 @@ class ModelStatus(BaseModel):
 class SearchModel(BaseModel):
     name: str
     supports_text: bool
+    inference: str = Field(default="torch", description="the engine computing query vectors (IMSRC_INFERENCE): "
+                           "'torch', 'onnx', 'onnx-int8', per tower when they differ ('image onnx, text torch')")
     source: str = Field(description="'catalog' (the active model in the database) or 'settings' (IMSRC_MODEL, "
                                     "used once the first image is indexed)")
 
@@ -139,7 +142,9 @@ def _job(row: dict[str, Any]) -> JobStatus:
 def _search_model(session: Session, settings: Settings) -> SearchModel | None:
     try:
         choice = ModelService(session, settings).choose()
-        return SearchModel(name=choice.name, supports_text=choice.supports_text,
-                           source="catalog" if choice.source == "catalog" else "settings")
+        text_ok = choice.supports_text
+        return SearchModel(name=choice.name, supports_text=text_ok,
+                           source="catalog" if choice.source == "catalog" else "settings",
+                           inference=inference_label(choice.name, text_ok, settings.inference, settings.model_cache_dir))
     except ModelError:
         return None  # a misconfigured model is reported by the commands that need it

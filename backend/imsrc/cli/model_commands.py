@@ -14,7 +14,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 @app.command("list")
 def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Known models: dimension, text support, whether weights are present, and this catalog's progress."""
+    """Known models: dimension, text support, whether weights are present, this catalog's progress, and the
+    inference engine (IMSRC_INFERENCE) each runs on."""
     from imsrc.services.models import ModelService
 
     db = ctx.obj.database()
@@ -23,8 +24,8 @@ def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     if as_json:
         print_json(rows)
         return
-    cols = ["name", "dimension", "text", "weights_present", "in_catalog", "active", "embedded"]
-    heads = ["name", "dim", "text", "weights", "in catalog", "active", "embedded"]
+    cols = ["name", "dimension", "text", "weights_present", "in_catalog", "active", "embedded", "inference"]
+    heads = ["name", "dim", "text", "weights", "in catalog", "active", "embedded", "inference"]
     print_table(heads, [[_yes_no(r[c]) for c in cols] for r in rows])
 
 

@@ -27,6 +27,9 @@ class Embedder(Protocol):
     supports_text: bool
     family: str
     params: dict[str, Any]
+    # Which engine computes the vectors, per tower ("torch", "onnx", "onnx-int8"); shown by `imsrc models list`
+    # and /api/status. Either engine puts vectors in the same space (verified at export), so it is not a param.
+    runtime: dict[str, str]
     # Picklable and free of model references, so ingest workers can run it in other processes.
     preprocess: Preprocess
 
@@ -153,6 +156,7 @@ class TorchEmbedder:
             module = module.to(memory_format=torch.channels_last)
         # Typed loosely: subclasses call architecture-specific methods (encode_image, extract_features).
         self.module: Any = module
+        self.runtime = {"image": "torch", **({"text": "torch"} if self.supports_text else {})}
 
     def weights_present(self) -> bool:
         # A built embedder always has its weights (or is an intentionally random test model).
@@ -186,9 +190,20 @@ class TorchEmbedder:
             return l2_normalise(self._text_features(list(texts)))
 
     def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.image_graph()(batch)
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
+        return self.text_graph()(self.tokenize(texts).to(self.device))
+
+    # The towers as plain modules (input tensor -> unnormalised features): what the ONNX exporter traces, and
+    # what the torch path runs, so the two cannot drift apart.
+    def image_graph(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def text_graph(self) -> torch.nn.Module:
+        raise TextNotSupportedError(self.name)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
         raise TextNotSupportedError(self.name)
 
     def __repr__(self) -> str:

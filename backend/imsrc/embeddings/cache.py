@@ -39,6 +39,10 @@ class EmbedderCache:
                 self._items[key] = embedder
             return embedder
 
+    def items(self) -> list[tuple[Hashable, Embedder]]:
+        with self._lock:
+            return list(self._items.items())
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

@@ -51,6 +51,18 @@ def weights_present(checkpoint: str | None = None) -> bool:
     return weights_path(checkpoint) is not None
 
 
+class PooledFeatures(torch.nn.Module):
+    """The backbone's last conv features, globally averaged: the 1280-d embedding (before normalisation)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.net.extract_features(x)  # type: ignore[operator]
+        return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(feats, 1), 1)
+
+
 class EfficientNetLite0Embedder(TorchEmbedder):
     family = "efficientnet"
     supports_text = False
@@ -93,10 +105,10 @@ class EfficientNetLite0Embedder(TorchEmbedder):
             device=device,
             precision=precision,
         )
+        self._graph = PooledFeatures(self.module)
 
-    def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
-        feats = self.module.extract_features(batch)
-        return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(feats, 1), 1)
+    def image_graph(self) -> torch.nn.Module:
+        return self._graph
 
     def classify(self, batch: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (n, 1000), float32; used to check that the weights and scaling are right."""

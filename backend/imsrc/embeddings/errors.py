@@ -55,3 +55,21 @@ class WeightsUnavailableError(ModelError):
             "IMSRC_MODEL_CHECKPOINT to a local checkpoint file"
         )
         super().__init__(f"{hint}: {detail}" if detail else hint)
+
+
+class OnnxRuntimeMissingError(ModelError):
+    status_code = 503
+    code = "onnxruntime_missing"
+
+    def __init__(self, setting: str) -> None:
+        super().__init__(
+            f"IMSRC_INFERENCE={setting} needs the Python package 'onnxruntime', which is not installed "
+            "(pip install onnxruntime), or set IMSRC_INFERENCE=torch"
+        )
+
+
+class InferenceConfigError(ModelError):
+    """A runtime setting that cannot work with the other model settings (e.g. ONNX on a CUDA device)."""
+
+    status_code = 400
+    code = "inference_config"

@@ -23,6 +23,7 @@ def load_embedder(name: str, settings: Settings, **options: Any) -> Embedder:
         "checkpoint": settings.model_checkpoint,
         "precision": settings.precision,
         "cache_dir": settings.model_cache_dir,
+        "runtime": settings.inference,  # IMSRC_INFERENCE: torch or ONNX Runtime per tower (embeddings.runtime)
     }
     chosen.update(options)
     return get_embedder(name, **chosen)

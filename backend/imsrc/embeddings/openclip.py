@@ -144,6 +144,24 @@ def _crop_size(preprocess: Any, default: int = 224) -> int:
     return default
 
 
+class ImageTower(torch.nn.Module):
+    def __init__(self, clip: torch.nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(pixels)  # type: ignore[operator]
+
+
+class TextTower(torch.nn.Module):
+    def __init__(self, clip: torch.nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(tokens)  # type: ignore[operator]
+
+
 class OpenClipEmbedder(TorchEmbedder):
     family = "open_clip"
     supports_text = True
@@ -205,10 +223,15 @@ class OpenClipEmbedder(TorchEmbedder):
             device=device,
             precision=precision,
         )
+        self._image_tower = ImageTower(self.module)
+        self._text_tower = TextTower(self.module)
 
-    def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.module.encode_image(batch)
+    def image_graph(self) -> torch.nn.Module:
+        return self._image_tower
 
-    def _text_features(self, texts: list[str]) -> torch.Tensor:
-        tokens = self._tokenizer(texts).to(self.device)
-        return self.module.encode_text(tokens)
+    def text_graph(self) -> torch.nn.Module:
+        return self._text_tower
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        tokens: torch.Tensor = self._tokenizer(texts)
+        return tokens

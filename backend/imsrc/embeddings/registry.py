@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,8 @@ from imsrc.embeddings import efficientnet, openclip, torchvision_models
 from imsrc.embeddings.base import Embedder, ModelInfo
 from imsrc.embeddings.cache import EmbedderCache, TextVectorCache
 from imsrc.embeddings.errors import UnknownModelError
+from imsrc.embeddings.onnx_cache import default_export_dir
+from imsrc.embeddings.runtime import ONNX_SETTINGS, check_setting, describe, planned, with_runtime
 
 AUTO = "auto"
 DEFAULT_CLIP = "clip-vit-b-32"
@@ -168,18 +171,29 @@ def build_embedder(
     precision: str = "auto",
     cache_dir: PathArg = None,
     allow_download: bool = True,
+    runtime: str = "torch",
+    export_dir: PathArg = None,
 ) -> Embedder:
-    """A fresh embedder, not shared. Most callers want get_embedder."""
+    """A fresh embedder, not shared. Most callers want get_embedder.
+
+    runtime is IMSRC_INFERENCE (see embeddings.runtime); ONNX exports go to export_dir, by default next to the
+    model cache (onnx_cache.default_export_dir).
+    """
     checkpoint, cache_dir = _s(checkpoint), _s(cache_dir)
+    check_setting(runtime)  # a missing onnxruntime fails before minutes of model loading, not after
     if name == AUTO:
         name, _ = resolve_model_name(name, checkpoint, cache_dir)
-    return get_spec(name).build(
+    if runtime in ONNX_SETTINGS and device is None:
+        device = "cpu"  # ONNX Runtime runs on the CPU here; without this a CUDA machine would refuse the setting
+    embedder = get_spec(name).build(
         device=device,
         precision=precision,
         checkpoint=checkpoint,
         cache_dir=cache_dir,
         allow_download=allow_download,
     )
+    target = Path(export_dir) if export_dir is not None else default_export_dir(cache_dir)
+    return with_runtime(embedder, runtime, target)
 
 
 _embedders = EmbedderCache()
@@ -194,12 +208,14 @@ def get_embedder(
     precision: str = "auto",
     cache_dir: PathArg = None,
     allow_download: bool = True,
+    runtime: str = "torch",
+    export_dir: PathArg = None,
 ) -> Embedder:
     """The process-wide embedder for this configuration, loaded on first use (thread-safe)."""
-    checkpoint, cache_dir = _s(checkpoint), _s(cache_dir)
+    checkpoint, cache_dir, export_dir = _s(checkpoint), _s(cache_dir), _s(export_dir)
     if name == AUTO:
         name, _ = resolve_model_name(name, checkpoint, cache_dir)
-    key = (name, device, checkpoint, precision, cache_dir)
+    key = (name, device, checkpoint, precision, cache_dir, runtime, export_dir)
     return _embedders.get(
         key,
         lambda: build_embedder(
@@ -209,8 +225,26 @@ def get_embedder(
             precision=precision,
             cache_dir=cache_dir,
             allow_download=allow_download,
+            runtime=runtime,
+            export_dir=export_dir,
         ),
     )
+
+
+def loaded_runtime(name: str, setting: str) -> dict[str, str] | None:
+    """The engines of `name` if this process has loaded it under this IMSRC_INFERENCE setting, else None."""
+    found = [e for key, e in _embedders.items() if e.name == name and isinstance(key, tuple) and key[5] == setting]
+    return dict(found[-1].runtime) if found else None
+
+
+def inference_label(name: str, supports_text: bool, setting: str, cache_dir: PathArg = None,
+                    export_dir: PathArg = None) -> str:
+    """The engine(s) `name` runs on: as loaded in this process, else as the recorded exports predict."""
+    loaded = loaded_runtime(name, setting)
+    if loaded is not None:
+        return describe(loaded)
+    target = Path(export_dir) if export_dir is not None else default_export_dir(_s(cache_dir))
+    return planned(name, supports_text, setting, target)
 
 
 def encode_text_query(embedder: Embedder, text: str) -> np.ndarray:

@@ -98,5 +98,6 @@ class ResNet50Embedder(TorchEmbedder):
             precision=precision,
         )
 
-    def _image_features(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.module(batch)
+    def image_graph(self) -> torch.nn.Module:
+        module: torch.nn.Module = self.module  # fc is Identity: the forward pass is the pooled features
+        return module

@@ -20,7 +20,7 @@ from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import ModelRepository
 from imsrc.config import Settings
 from imsrc.embeddings import Embedder, load_embedder, model_info, resolve_model_name
-from imsrc.embeddings.registry import registered_names
+from imsrc.embeddings.registry import inference_label, registered_names
 from imsrc.errors import ConflictError, NotFoundError
 from imsrc.search.pg_queries import NeighbourRepository
 
@@ -155,5 +155,6 @@ class ModelService:
                 "name": name, "dimension": m.dimension if m else dimension, "text": text_ok,
                 "weights_present": present, "in_catalog": m is not None, "active": bool(m and m.is_active),
                 "embedded": self.models.embedded_count(m.id) if m else 0,
+                "inference": inference_label(name, text_ok, self.settings.inference, self.settings.model_cache_dir),
             })
         return rows
