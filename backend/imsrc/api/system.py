@@ -143,8 +143,8 @@ def _search_model(session: Session, settings: Settings) -> SearchModel | None:
     try:
         choice = ModelService(session, settings).choose()
         text_ok = choice.supports_text
+        engine = inference_label(choice.name, text_ok, settings.inference, settings.model_cache_dir)
         return SearchModel(name=choice.name, supports_text=text_ok,
-                           source="catalog" if choice.source == "catalog" else "settings",
-                           inference=inference_label(choice.name, text_ok, settings.inference, settings.model_cache_dir))
+                           source="catalog" if choice.source == "catalog" else "settings", inference=engine)
     except ModelError:
         return None  # a misconfigured model is reported by the commands that need it
