@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=32, ge=1, le=1024)
     duplicate_threshold: int = Field(default=4, ge=0, le=32)
     max_pixels: int = Field(default=89_478_485, ge=1)  # Pillow's own decompression-bomb limit
+    # Search queries (uploaded or fetched) decode at most this many pixels (and never more than max_pixels).
+    query_max_pixels: int = Field(default=50_000_000, ge=1)
+    # Images decoded at once by one server process (uploads and queries); a request that waits longer than
+    # decode_wait_s for a turn gets 503 with Retry-After.
+    max_concurrent_decodes: int = Field(default=2, ge=1, le=64)
+    decode_wait_s: float = Field(default=5.0, ge=0, le=300)
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     thumbnail_size: int = Field(default=256, ge=32, le=1024)
 

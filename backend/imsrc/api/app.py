@@ -17,6 +17,7 @@ from imsrc.api.observability import RequestMiddleware
 from imsrc.api.security import ApiKeyMiddleware
 from imsrc.config import Settings, get_settings
 from imsrc.db.session import Database, open_database
+from imsrc.ingest.imaging import DecodeGate
 from imsrc.resources import frontend_dir
 from imsrc.search.service import SearchRuntime
 
@@ -45,7 +46,10 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
-    app.state.search_runtime = SearchRuntime.create(settings)  # embedders and FAISS load on first use
+    # One bound on concurrent image decodes for uploads and search queries together.
+    app.state.decode_gate = DecodeGate.from_settings(settings)
+    # embedders and FAISS load on first use
+    app.state.search_runtime = SearchRuntime.create(settings, decode_gate=app.state.decode_gate)
     if database is not None:
         app.state.database = database
     if settings.cors_origins:

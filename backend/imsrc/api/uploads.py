@@ -21,6 +21,7 @@ from imsrc.catalog.schemas import CategoryRef, UploadResponse, UploadResult, ima
 from imsrc.config import Settings
 from imsrc.db.session import Database
 from imsrc.errors import InvalidImageError, InvalidInputError
+from imsrc.ingest.imaging import DecodeGate
 from imsrc.ingest.service import FileOutcome, ingest_bytes
 from imsrc.services.models import choose_and_load
 
@@ -75,7 +76,8 @@ async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep
         if category is not None and len(category) > 200:
             raise InvalidInputError("category: at most 200 characters")
         # Decoding, hashing and the model run off the event loop.
-        results = await run_in_threadpool(ingest_uploads, db, settings, form.files, category)
+        results = await run_in_threadpool(ingest_uploads, db, settings, form.files, category,
+                                          request.app.state.decode_gate)
     observe_uploads(r.status for r in results)
     if all(r.status == "failed" for r in results):
         # Nothing was stored: that is a client error, not a partial success.
@@ -91,12 +93,12 @@ async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep
 
 
 def ingest_uploads(db: Database, settings: Settings, files: list[UploadedFile],
-                   category: str | None) -> list[UploadResult]:
+                   category: str | None, gate: DecodeGate | None = None) -> list[UploadResult]:
     """All files in one unit of work: a crash (not a bad file) leaves nothing behind. Bad files are
     reported per file by the pipeline. Bytes are read a chunk at a time, so memory stays bounded."""
     for attempt in range(1, RETRIES + 1):
         try:
-            return _ingest_once(db, settings, files, category)
+            return _ingest_once(db, settings, files, category, gate)
         except (DBAPIError, psycopg.Error) as exc:
             # Deadlocks and serialization failures (SQLSTATE class 40) roll the whole unit back, so the
             # upload can simply run again; anything else is a real failure. (COPY goes through psycopg
@@ -108,7 +110,7 @@ def ingest_uploads(db: Database, settings: Settings, files: list[UploadedFile],
 
 
 def _ingest_once(db: Database, settings: Settings, files: list[UploadedFile],
-                 category: str | None) -> list[UploadResult]:
+                 category: str | None, gate: DecodeGate | None) -> list[UploadResult]:
     outcomes: list[FileOutcome] = []
     with db.session() as session:
         # Taken first, before any row is written, so concurrent uploads queue here instead of deadlocking
@@ -120,7 +122,8 @@ def _ingest_once(db: Database, settings: Settings, files: list[UploadedFile],
         embedder = loaded.embedder
         for chunk in _chunks(files, settings.batch_size, CHUNK_BYTES):
             payload = [(f.filename or "upload", f.path.read_bytes()) for f in chunk]
-            outcomes.extend(ingest_bytes(session, embedder, payload, settings=settings, category=category))
+            outcomes.extend(ingest_bytes(session, embedder, payload, settings=settings, category=category,
+                                         gate=gate))
         ref = None
         if category is not None and any(o.outcome != "failed" for o in outcomes):
             found = CategoryRepository(session).by_name(category)

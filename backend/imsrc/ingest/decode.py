@@ -9,13 +9,18 @@ import hashlib
 import io
 import os
 import stat
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import imagehash
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+from imsrc.ingest import imaging
+from imsrc.ingest.imaging import model_image, sniff
+
+__all__ = ["DecodeFailure", "DecodeOptions", "Processed", "WorkItem", "model_image", "open_image", "process",
+           "sniff"]
 
 Preprocess = Callable[[Image.Image], "object"]
 
@@ -100,69 +105,15 @@ def read_file(path: str) -> tuple[bytes, int, int]:
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode fully, first frame, EXIF orientation applied. The pixel limit is an error, not a warning."""
-    if not data:
-        raise DecodeFailure("empty file (0 bytes)")
+    """The bounded working image (see imaging.decode), or DecodeFailure with the reason."""
+    return decode_bytes(data, max_pixels).image
+
+
+def decode_bytes(data: bytes, max_pixels: int) -> imaging.Decoded:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise DecodeFailure(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
-                    "(IMSRC_MAX_PIXELS)")
-            img.load()
-    except DecodeFailure:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeFailure(f"image over the pixel limit (IMSRC_MAX_PIXELS): {exc}") from exc
-    except UnidentifiedImageError as exc:
-        kind = sniff(data)
-        if kind:
-            raise DecodeFailure(f"corrupt or truncated image data: starts like a {kind} file but cannot be "
-                                "decoded") from exc
-        raise DecodeFailure("not a recognised image format (content is not JPEG, PNG, WebP, GIF, BMP or TIFF)") \
-            from exc
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
-        text = str(exc).strip() or type(exc).__name__
-        raise DecodeFailure(f"corrupt or truncated image data: {text}") from exc
-    fmt = img.format or "UNKNOWN"
-    with contextlib.suppress(Exception):  # a malformed EXIF block should not cost the whole image
-        ImageOps.exif_transpose(img, in_place=True)
-    img.format = fmt
-    return img
-
-
-_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
-
-
-def sniff(data: bytes) -> str | None:
-    """The format a file's first bytes claim, to tell 'corrupt PNG' from 'not an image at all'."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
-    if data[4:8] == b"ftyp":
-        return "HEIF/AVIF"
-    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
-
-
-def model_image(img: Image.Image) -> Image.Image:
-    """RGB for models and hashing. Transparent areas go on white (their hidden colour is arbitrary).
-
-    Search should embed query images through this too, so queries and the catalog see the same pixels."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = float(arr.max()) or 1.0
-        return Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8), "L").convert("RGB")
-    return img.convert("RGB")
+        return imaging.decode(data, max_pixels=max_pixels)
+    except imaging.ImageDecodeError as exc:
+        raise DecodeFailure(exc.message) from exc
 
 
 def make_thumbnail(img: Image.Image, size: int) -> tuple[bytes, int, int]:
@@ -190,8 +141,9 @@ def process(item: WorkItem, options: DecodeOptions) -> Processed:
         else:
             raise DecodeFailure("nothing to read")
         out.sha256 = hashlib.sha256(data).digest()
-        img = open_image(data, options.max_pixels)
-        out.width, out.height, out.format = img.width, img.height, str(img.format)
+        decoded = decode_bytes(data, options.max_pixels)
+        img = decoded.image
+        out.width, out.height, out.format = decoded.width, decoded.height, decoded.format
         rgb = model_image(img)
         if options.phash:
             out.phash = phash64(rgb)

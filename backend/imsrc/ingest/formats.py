@@ -51,7 +51,7 @@ def image_extensions() -> frozenset[str]:
 def configure_pillow(max_pixels: int) -> None:
     """Plugins plus the decompression-bomb limit. Process-wide: call it in worker processes and at API start.
 
-    decode.open_image() also checks the limit itself, so an image over it is refused even where this
+    imaging.decode() also checks the limit itself, so an image over it is refused even where this
     was not called."""
     image_extensions()
     Image.MAX_IMAGE_PIXELS = max_pixels

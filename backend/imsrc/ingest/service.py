@@ -5,6 +5,7 @@ stored bytes, sources and the per-file record all land together or not at all.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from imsrc.catalog.repository import CategoryRepository
 from imsrc.config import Settings
 from imsrc.embeddings.base import Embedder
 from imsrc.ingest.decode import DecodeOptions, Processed, WorkItem, process
+from imsrc.ingest.imaging import DecodeGate
 from imsrc.ingest.phash import hamming, to_signed
 from imsrc.ingest.repository import IngestRepository, JobRepository
 from imsrc.search.sync import only, sync_search
@@ -242,11 +244,13 @@ def embed_processed(embedder: Embedder, batch: Sequence[Processed], pad_to: int 
 
 
 def ingest_bytes(session: Session, embedder: Embedder, files: Sequence[tuple[str, bytes]], *,
-                 settings: Settings, category: str | None = None) -> list[FileOutcome]:
+                 settings: Settings, category: str | None = None, gate: DecodeGate | None = None
+                 ) -> list[FileOutcome]:
     """Uploads: decode, embed and store each file (bytes always kept in image_blobs). Does not commit.
 
     Bad files come back with outcome 'failed' and a reason; the good ones in the same call are stored.
-    Identical bytes already in the catalog come back as 'linked' with the existing image id."""
+    Identical bytes already in the catalog come back as 'linked' with the existing image id.
+    gate: the server's DecodeGate, so uploads and search queries share one bound on concurrent decodes."""
     options = DecodeOptions(preprocess=embedder.preprocess, max_pixels=settings.max_pixels,
                             thumbnail_size=settings.thumbnail_size, keep_bytes=True)
     batch: list[Processed] = []
@@ -256,7 +260,8 @@ def ingest_bytes(session: Session, embedder: Embedder, files: Sequence[tuple[str
                                    reason=f"file is {len(data)} bytes, over the upload limit of "
                                           f"{settings.max_upload_bytes} (IMSRC_MAX_UPLOAD_BYTES)"))
             continue
-        batch.append(process(WorkItem(key=name, data=data, category=category), options))
+        with gate.slot() if gate is not None else contextlib.nullcontext():
+            batch.append(process(WorkItem(key=name, data=data, category=category), options))
     model = ensure_model(session, embedder, settings)
     existing = IngestRepository(session).existing_by_sha([p.sha256 for p in batch if p.ok and p.sha256],
                                                           model.id)

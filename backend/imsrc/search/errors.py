@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from imsrc.errors import ImsrcError, InvalidInputError
+from imsrc.errors import ImsrcError
+from imsrc.ingest.imaging import ImageDecodeError
 
 
 class UrlNotAllowedError(ImsrcError):
@@ -15,8 +16,7 @@ class UrlFetchError(ImsrcError):
     code = "url_fetch_failed"
 
 
-class NotAnImageError(InvalidInputError):
-    code = "not_an_image"
+NotAnImageError = ImageDecodeError  # one error family for every image that is refused (see ingest.imaging)
 
 
 class NoModelError(ImsrcError):

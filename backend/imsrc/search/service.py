@@ -6,20 +6,21 @@ process; a service is cheap and lives for one request or command.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import CategoryRepository, ModelRepository, vector_literal
 from imsrc.config import Settings
 from imsrc.errors import InvalidInputError, NotFoundError
+from imsrc.ingest import imaging
+from imsrc.ingest.imaging import DecodeGate
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
 from imsrc.search.pg_queries import Hit, NeighbourRepository, branch_plan
@@ -53,14 +54,17 @@ class SearchRuntime:
     prototypes: PrototypeCache
     faiss: FaissStore
     url_fetcher: UrlFetcher
+    decode_gate: DecodeGate
     _index_cache: dict[int, tuple[float, dict[int, int]]] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, settings: Settings, embedder_factory: EmbedderFactory | None = None) -> SearchRuntime:
+    def create(cls, settings: Settings, embedder_factory: EmbedderFactory | None = None,
+               decode_gate: DecodeGate | None = None) -> SearchRuntime:
         return cls(settings=settings, embedder_factory=embedder_factory or default_embedder_factory(settings),
                    prototypes=PrototypeCache(),
                    faiss=FaissStore(settings.resolved_data_dir, flat_max_rows=settings.faiss_flat_max_rows),
-                   url_fetcher=UrlFetcher.from_settings(settings))
+                   url_fetcher=UrlFetcher.from_settings(settings),
+                   decode_gate=decode_gate or DecodeGate.from_settings(settings))
 
     def service(self, session: Session) -> SearchService:
         return SearchService(session, self)
@@ -86,17 +90,20 @@ def default_embedder_factory(settings: Settings) -> EmbedderFactory:
     return factory
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def query_pixel_limit(settings: Settings) -> tuple[int, str]:
+    """The most pixels a query image may have, and the setting that says so."""
+    if settings.query_max_pixels <= settings.max_pixels:
+        return settings.query_max_pixels, "IMSRC_QUERY_MAX_PIXELS"
+    return settings.max_pixels, "IMSRC_MAX_PIXELS"
+
+
+def decode_query(data: bytes, settings: Settings) -> Image.Image:
+    """A query image as the model sees it: the catalog's own decoder (format allow-list, pixel limit, bounded
+    memory), then RGB with transparency on white, exactly as indexed images are prepared."""
     if not data:
         raise NotAnImageError("the upload is empty")
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > max_pixels:
-            raise InvalidInputError(f"the image has {image.width}x{image.height} pixels; the limit is {max_pixels}")
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
-        raise NotAnImageError("the data is not an image Pillow can read") from exc
-    return ImageOps.exif_transpose(image).convert("RGB")
+    limit, setting = query_pixel_limit(settings)
+    return imaging.model_image(imaging.decode(data, max_pixels=limit, setting=setting).image)
 
 
 class SearchService:
@@ -116,7 +123,10 @@ class SearchService:
         return model
 
     def embed_image(self, model: EmbeddingModel, data: bytes) -> np.ndarray:
-        image = decode_image(data, self.settings.max_pixels)
+        # Decoded first, so a bad image is refused before a model is loaded; inside a gate slot, so a burst
+        # of big queries decodes a few at a time (the working image that comes out is small).
+        with self.runtime.decode_gate.slot():
+            image = decode_query(data, self.settings)
         with model_errors():
             embedder = self.runtime.embedder_factory(model.name)
             tensor = embedder.preprocess(image)  # type: ignore[attr-defined]

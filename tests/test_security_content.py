@@ -1,0 +1,289 @@
+"""Hostile content (issue 12): formats outside the documented list, images too big to decode, concurrent decodes,
+files swapped under an indexed folder, what error messages and details reveal, and searches that must return k.
+
+Each test here failed before its fix (see the commit messages); the kinds of input are the ones a red-team pass
+used against a running server."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image as PILImage
+from sqlalchemy import text
+
+from imsrc.api.app import create_app
+from imsrc.config import Settings
+from imsrc.db.engine import make_engine, upgrade
+from imsrc.db.session import Database
+from imsrc.embeddings.registry import get_embedder
+from imsrc.ingest.pipeline import run_index_job
+from tests.helpers import make_image
+from tests.ingest_support import TEST_MODEL, open_test_database, write
+
+COUNTS = ("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM image_blobs), (SELECT count(*) FROM thumbnails),"
+          " (SELECT count(*) FROM embeddings), (SELECT count(*) FROM categories)")
+ACCEPTED = "JPEG, PNG, WebP, GIF, BMP, TIFF"
+
+
+@pytest.fixture(scope="module")
+def env(create_database, settings: Settings) -> Iterator[tuple[TestClient, Database, Settings]]:  # type: ignore[no-untyped-def]
+    url = create_database("imsrc_content")
+    upgrade(url)
+    own = settings.model_copy(update={"database_url": url, "max_pixels": 60_000_000})
+    db = Database(url=url, engine=make_engine(url), settings=own)
+    with TestClient(create_app(own, database=db)) as client:
+        for i in range(3):  # something to search in
+            ok = client.post("/api/images", files={"file": (f"good{i}.png", make_image(i, size=(64, 64)))},
+                             data={"category": "good"})
+            assert ok.status_code == 200, ok.text
+        yield client, db, own
+    db.dispose()
+
+
+def _counts(db: Database) -> tuple[int, ...]:
+    with db.engine.connect() as conn:
+        return tuple(conn.execute(text(COUNTS)).one())
+
+
+def _encode(img: PILImage.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _other_formats() -> dict[str, bytes]:
+    """Formats Pillow decodes but the documentation does not list, each written by Pillow itself."""
+    rgb = PILImage.open(io.BytesIO(make_image(5, size=(48, 40)))).convert("RGB")
+    out: dict[str, bytes] = {}
+    for fmt, img in [("TGA", rgb), ("PPM", rgb), ("ICO", rgb), ("QOI", rgb), ("PCX", rgb), ("SGI", rgb),
+                     ("IM", rgb), ("DDS", rgb.convert("RGBA")), ("JPEG2000", rgb), ("SPIDER", rgb.convert("F")),
+                     ("XBM", rgb.convert("1")), ("EPS", rgb)]:
+        try:
+            data = _encode(img, fmt)
+        except (KeyError, OSError, ValueError):  # no encoder in this Pillow build
+            continue
+        try:  # only formats this Pillow would decode matter: they are what the allow-list must stop
+            PILImage.open(io.BytesIO(data)).load()
+        except Exception:
+            continue
+        out[fmt] = data
+    return out
+
+
+OTHER_FORMATS = _other_formats()
+
+
+def test_the_probe_found_formats_to_refuse() -> None:
+    assert {"TGA", "PPM", "ICO", "QOI", "PCX", "SGI", "IM"} <= set(OTHER_FORMATS)
+
+
+# ------------------------------------------------------------------ item 12: the format allow-list
+@pytest.mark.parametrize("fmt", sorted(OTHER_FORMATS))
+def test_formats_outside_the_documented_list_are_refused(env: tuple[TestClient, Database, Settings],
+                                                         fmt: str) -> None:
+    client, db, _ = env
+    data = OTHER_FORMATS[fmt]
+    before = _counts(db)
+    for name in (f"x.{fmt.lower()}", "looks-fine.png", "photo.jpg"):  # content decides, not the name
+        upload = client.post("/api/images", files={"file": (name, data, "image/png")})
+        assert upload.status_code == 422, (fmt, upload.text)
+        assert upload.json()["error"]["code"] == "invalid_image"
+        assert ACCEPTED in upload.json()["error"]["message"]
+        search = client.post("/api/search/image", files={"file": (name, data, "image/png")})
+        assert search.status_code == 422, (fmt, search.text)
+        assert search.json()["error"]["code"] == "not_an_image"
+        assert ACCEPTED in search.json()["error"]["message"]
+    assert _counts(db) == before
+
+
+def test_folder_indexing_skips_other_formats_with_a_reason(create_database, scratch: Path) -> None:  # type: ignore[no-untyped-def]
+    db = open_test_database(create_database("imsrc_formats"), scratch / "data")
+    try:
+        root = scratch / "photos"
+        write(root / "good.png", make_image(3, size=(40, 40)))
+        write(root / "fake.png", OTHER_FORMATS["PPM"])
+        write(root / "fake.jpg", OTHER_FORMATS["TGA"])
+        write(root / "fake.bmp", OTHER_FORMATS["PCX"])
+        run_index_job(db, get_embedder(TEST_MODEL), [str(root)], workers=1)
+        with db.engine.connect() as conn:
+            stored = set(conn.execute(text("SELECT original_name FROM images")).scalars())
+            reasons = dict(conn.execute(text("SELECT path, reason FROM ingest_files WHERE outcome = 'failed'")).all())
+    finally:
+        db.dispose()
+    assert stored == {"good.png"}
+    assert {Path(p).name for p in reasons} == {"fake.png", "fake.jpg", "fake.bmp"}
+    assert all(r.startswith("not a recognised image format") and ACCEPTED in r for r in reasons.values())
+
+
+# ------------------------------------------------------------------ item 3 and 13: too many pixels
+def _png_header_only(width: int, height: int, colour_type: int = 6, depth: int = 8) -> bytes:
+    """A PNG that claims width x height pixels but carries a few rows: a few hundred bytes on the wire."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * (width * 4 + 1) * 4)) + chunk(b"IEND", b""))
+
+
+def test_query_pixel_limit_is_checked_from_the_header(env: tuple[TestClient, Database, Settings]) -> None:
+    client, _, settings = env
+    assert settings.query_max_pixels == 50_000_000 < settings.max_pixels
+    # 56 MP: under the upload limit, over the query limit. Only the header is real, so a decoder would fail
+    # with "corrupt": the answer shows the limit was checked before decoding.
+    response = client.post("/api/search/image", files={"file": ("big.png", _png_header_only(8000, 7000))})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "image_too_large"
+    assert error["message"] == ("image is 8000x7000 = 56000000 pixels, over the limit of 50000000 "
+                                "(IMSRC_QUERY_MAX_PIXELS)")
+    categories = client.post("/api/search/categories", files={"file": ("big.png", _png_header_only(8000, 7000))})
+    assert categories.status_code == 422 and categories.json()["error"]["code"] == "image_too_large"
+
+
+@pytest.mark.parametrize("size", [(9400, 9400), (20_000, 20_000), (70_000, 70_000)])
+def test_a_too_large_image_is_reported_as_too_large(env: tuple[TestClient, Database, Settings],
+                                                    size: tuple[int, int]) -> None:
+    client, db, _ = env
+    data = _png_header_only(*size)
+    search = client.post("/api/search/image", files={"file": ("huge.png", data)})
+    assert search.status_code == 422
+    error = search.json()["error"]
+    assert error["code"] == "image_too_large" and "over the limit" in error["message"], error
+    assert "Pillow" not in error["message"]
+    before = _counts(db)
+    upload = client.post("/api/images", files={"file": ("huge.png", data)})
+    assert upload.status_code == 422
+    message = upload.json()["error"]["message"]
+    assert "over the limit" in message and "IMSRC_MAX_PIXELS" in message
+    assert _counts(db) == before
+
+
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's high-water mark (Linux carries it over exec).
+_PEAK_PROBE = """
+import sys
+from imsrc.ingest.decode import DecodeOptions, WorkItem, process
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+data = open(sys.argv[1], "rb").read()
+before = hwm()
+result = process(WorkItem(key="x.png", data=data), DecodeOptions(preprocess=None, max_pixels=10**9))
+print(result.ok, result.reason, result.width, result.height, result.thumb_width, (hwm() - before) // 1024)
+"""
+
+
+def _run_peak_probe(path: Path) -> tuple[bool, int, int, int, int]:
+    import imsrc  # the child imports the same imsrc as this process
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(imsrc.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(path)], capture_output=True, text=True, env=env,
+                         timeout=300, check=True).stdout.split()
+    return out[0] == "True", int(out[2]), int(out[3]), int(out[4]), int(out[5])
+
+
+def test_sixteen_bit_greyscale_decodes_in_bounded_memory(scratch: Path) -> None:
+    """A 16-bit greyscale PNG of 64 MP is 128 MB decoded; it was then copied as float64 several times
+    (a 172 KB upload peaked at +2 GB). The decoded pixels plus strips is all it may cost now."""
+    y = np.linspace(0, 60_000, 8000, dtype=np.float32)[:, None]
+    x = np.linspace(0, 5_000, 8000, dtype=np.float32)[None, :]
+    grey = PILImage.fromarray((y + x).astype(np.uint16))
+    assert grey.mode == "I;16"
+    path = scratch / "grey16.png"
+    grey.save(path, "PNG", compress_level=1)
+    del grey, y, x
+    ok, width, height, thumb_width, peak_mb = _run_peak_probe(path)
+    assert ok and (width, height) == (8000, 8000) and thumb_width == 256
+    assert peak_mb < 400, f"decoding took {peak_mb} MB above the baseline"
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale(scratch: Path) -> None:
+    """A 60 MP JPEG decodes at 1/2 or 1/4 scale (libjpeg's DCT scaling): far less than its 180 MB of RGB."""
+    arr = np.zeros((6000, 10_000, 3), np.uint8)
+    arr[..., 0] = np.linspace(0, 255, 10_000, dtype=np.uint8)[None, :]
+    path = scratch / "big.jpg"
+    PILImage.fromarray(arr).save(path, "JPEG", quality=80)
+    del arr
+    ok, width, height, thumb_width, peak_mb = _run_peak_probe(path)
+    assert ok and (width, height) == (10_000, 6000) and thumb_width == 256
+    assert peak_mb < 120, f"decoding took {peak_mb} MB above the baseline"
+
+
+# ------------------------------------------------------------------ item 3: concurrent decodes are bounded
+def test_decodes_beyond_the_limit_wait_then_get_503(create_database, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    url = create_database("imsrc_busy")
+    upgrade(url)
+    own = settings.model_copy(update={"database_url": url, "max_concurrent_decodes": 1, "decode_wait_s": 0.3})
+    db = Database(url=url, engine=make_engine(url), settings=own)
+    try:
+        with TestClient(create_app(own, database=db)) as client:
+            assert client.post("/api/images", files={"file": ("a.png", make_image(1))}).status_code == 200
+            before = _counts(db)
+            gate = client.app.state.decode_gate  # type: ignore[attr-defined]
+            assert client.app.state.search_runtime.decode_gate is gate  # type: ignore[attr-defined]
+            with gate.slot():  # another request is decoding
+                search = client.post("/api/search/image", files={"file": ("q.png", make_image(2))})
+                upload = client.post("/api/images", files={"file": ("b.png", make_image(3))})
+            for response in (search, upload):
+                assert response.status_code == 503, response.text
+                assert response.json()["error"]["code"] == "busy"
+                assert response.headers["retry-after"] == "1"
+            assert _counts(db) == before
+            # The slot is free again: the same requests go through.
+            assert client.post("/api/search/image", files={"file": ("q.png", make_image(2))}).status_code == 200
+    finally:
+        db.dispose()
+
+
+def test_decode_gate_bounds_concurrency_and_trims_after_a_burst() -> None:
+    from imsrc.ingest.imaging import DecodeGate
+
+    trims: list[int] = []
+    gate = DecodeGate(2, 5.0, trim=lambda: trims.append(1))
+    inside, most = [0], [0]
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def work() -> None:
+        with gate.slot():
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            release.wait(5)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for _ in range(500):
+        if inside[0] == 2:
+            break
+        release.wait(0.01)
+    release.wait(0.2)  # time for a third to get in, if the gate let it
+    assert inside[0] == 2 and not trims
+    release.set()
+    for t in threads:
+        t.join()
+    assert most[0] == 2
+    assert trims  # the burst ended: freed memory was handed back
+    with gate.slot():
+        pass
+    assert len(trims) >= 2  # and again after the next one, however short
+
+
+def test_configuration_lists_the_new_limits(repo_root: Path) -> None:
+    example = (repo_root / ".env.example").read_text()
+    for line in ("IMSRC_QUERY_MAX_PIXELS=50000000", "IMSRC_MAX_CONCURRENT_DECODES=2", "IMSRC_DECODE_WAIT_S=5"):
+        assert line in example.splitlines()
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert (defaults.query_max_pixels, defaults.max_concurrent_decodes, defaults.decode_wait_s) == (50_000_000, 2, 5)
