@@ -68,12 +68,13 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(database_url: str, data_dir: Path, *, model: str = "open_clip-tiny-test",
-                   timeout: float = 120) -> Iterator[str]:
+                   timeout: float = 120, extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """`imsrc serve` in a subprocess on a free loopback port; yields its base URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
     env.update({"IMSRC_DATABASE_URL": database_url, "IMSRC_MODEL": model, "IMSRC_DATA_DIR": str(data_dir),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "backend"), env.get("PYTHONPATH")]))})
+    env.update(extra_env or {})
     log = (data_dir / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # URL fetches in flight at once; more get 503 + Retry-After.
     url_fetch_concurrency: int = Field(default=4, ge=1, le=256)
 
+    # Operations: log lines as plain text, or one JSON object per line (for log collectors).
+    log_format: Literal["text", "json"] = "text"
+
     @field_validator("database_url")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:

@@ -1,15 +1,30 @@
-"""Per-request bookkeeping, outermost around the app so it sees every answer (401s and 500s included): request
-metrics by route template (never the raw path, whose ids would make a series per image)."""
+"""Per-request bookkeeping, outermost around the app so it sees every answer (the key middleware's 401s and
+unhandled errors included): a request id (X-Request-ID, returned on every response and put on every log line
+written while answering), one access log line, and the request metrics by route template (never the raw path,
+whose ids would make a series per image)."""
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+import uuid
 from collections.abc import Sequence
 
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imsrc.api.errors import error_response
 from imsrc.api.metrics import observe_request
+from imsrc.logs import REQUEST_ID
+
+access_log = logging.getLogger("imsrc.access")
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+# An incoming id is kept when it is a plain token (a UUID, a proxy's hex id): it goes into headers and log lines,
+# so nothing that could split a line or a header, and nothing long.
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
@@ -34,6 +49,16 @@ def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
     return f"{path}/{{path}}" if isinstance(route, Mount) else path or "/"
 
 
+def request_id_from(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER.encode():
+            candidate = value.decode("latin-1")
+            if SANE_REQUEST_ID.fullmatch(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex
+
+
 class RequestMiddleware:
     def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
         self.app = app
@@ -44,15 +69,34 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500  # what the client gets if the app raises before answering
+        request_id = request_id_from(scope)
+        token = REQUEST_ID.set(request_id)
+        status = 500
+        started = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                started = True
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER.encode(), request_id.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            log.exception("unhandled error answering %s %s", scope["method"], scope["path"])
+            if started:
+                raise  # the answer is half sent: nothing better to do than to drop the connection
+            # The one JSON shape the API uses, and the id that finds this traceback in the log.
+            response = error_response(500, "internal_error", f"internal error (request id {request_id})")
+            await response(scope, receive, send_wrapper)
         finally:
-            observe_request(scope["method"], route_template(scope, self.routes), status, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            route = route_template(scope, self.routes)
+            observe_request(scope["method"], route, status, seconds)
+            access_log.info("%s %s %s %.1f ms", scope["method"], scope["path"], status, seconds * 1000,
+                            extra={"method": scope["method"], "path": scope["path"], "route": route,
+                                   "status": status, "duration_ms": round(seconds * 1000, 2)})
+            REQUEST_ID.reset(token)

@@ -12,6 +12,7 @@ from imsrc.cli import backup_commands, data_commands, db_commands, ingest_comman
 from imsrc.cli.context import CliContext
 from imsrc.cli.output import err_console, print_csv, print_json, print_table
 from imsrc.errors import ImsrcError
+from imsrc.logs import configure_logging, json_logging
 
 app = typer.Typer(
     name="imsrc",
@@ -33,8 +34,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 @app.callback()
 def _root(ctx: typer.Context, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     ctx.obj = CliContext()
+    configure_logging(ctx.obj.settings.log_format, logging.INFO if verbose else logging.WARNING)
 
 
 @app.command()
@@ -107,15 +108,23 @@ def serve(
             probe.bind((host, port))
         except OSError as exc:
             raise ImsrcError(f"cannot listen on {host}:{port} ({exc.strerror}); use --port or IMSRC_PORT") from exc
+    # Our logging (text or IMSRC_LOG_FORMAT=json, with request ids) replaces uvicorn's own configuration.
+    configure_logging(settings.log_format, logging.INFO, server=True)
     db = ctx.obj.database()
-    err_console.print(f"imsrc serving on http://{host}:{port}  (API docs at /docs)")
-    uvicorn.run(create_app(settings, database=db), host=host, port=port, log_level="info")
+    if json_logging():
+        logging.getLogger("imsrc.serve").info("imsrc serving on http://%s:%s", host, port)
+    else:
+        err_console.print(f"imsrc serving on http://{host}:{port}  (API docs at /docs)")
+    uvicorn.run(create_app(settings, database=db), host=host, port=port, log_config=None, access_log=False)
 
 
 def main() -> None:
     try:
         app()
     except ImsrcError as exc:
+        if json_logging():  # stderr is a stream of JSON lines: keep it one
+            logging.getLogger("imsrc").error(exc.message)
+            sys.exit(1)
         err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
