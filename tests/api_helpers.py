@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from collections.abc import Iterator
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session, sessionmaker
 
 from imsrc.api.app import create_app
 from imsrc.api.deps import get_session
@@ -45,10 +47,19 @@ def add_image(session: Session, seed: int, *, category_id: int | None = None, ca
     return image
 
 
+def bound_database(database: Database, connection: Connection) -> Database:
+    """The test database whose units of work run inside the test's transaction (their commits become
+    savepoints), so uploads and other writes that open their own sessions are rolled back with the test."""
+    bound = dataclasses.replace(database)
+    bound.sessions = sessionmaker(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    return bound
+
+
 @pytest.fixture()
-def client(settings: Settings, database: Database, session: Session) -> Iterator[TestClient]:
-    """The real app on the test database; every request shares the test's rolled-back session."""
-    app = create_app(settings, database=database)
+def client(settings: Settings, database: Database, connection: Connection, session: Session) -> Iterator[TestClient]:
+    """The real app on the test database, rolled back after the test: requests share the test's session, and
+    writes that open their own units of work (uploads) join its transaction."""
+    app = create_app(settings, database=bound_database(database, connection))
     app.dependency_overrides[get_session] = lambda: session
     with TestClient(app) as c:
         yield c

@@ -5,15 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imsrc.db.errors import DATABASE_ERRORS, classify
 from imsrc.embeddings.errors import ModelError
 from imsrc.errors import BusyError, ImsrcError
 
@@ -46,12 +44,6 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
 
 
-def is_transaction_conflict(exc: BaseException) -> bool:
-    """A deadlock or serialization failure (SQLSTATE class 40): the transaction was rolled back, retry it."""
-    orig = getattr(exc, "orig", None) or exc
-    return str(getattr(orig, "sqlstate", "") or "").startswith("40")
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImsrcError)
     async def _domain(_: Request, exc: ImsrcError) -> JSONResponse:
@@ -82,37 +74,24 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return error_response(exc.status_code, code, str(exc.detail))
 
-    @app.exception_handler(OperationalError)
-    async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
-        if is_transaction_conflict(exc):
-            log.warning("transaction conflict: %s", exc.orig)
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        failure = classify(exc)
+        if failure.kind == "conflict":
+            log.warning("transaction conflict: %s", failure.detail)
             return error_response(503, "database_busy", "a concurrent change conflicted with this one; retry")
-        log.warning("database unavailable: %s", exc.orig)
-        return error_response(503, "database_unavailable", "the database is not reachable; retry shortly")
-
-    @app.exception_handler(psycopg.Error)
-    async def _raw_db_error(_: Request, exc: psycopg.Error) -> JSONResponse:
-        # psycopg errors that bypass SQLAlchemy (COPY goes through the raw connection).
-        if is_transaction_conflict(exc):
-            return error_response(503, "database_busy", "a concurrent change conflicted with this one; retry")
-        if isinstance(exc, psycopg.DataError):
-            return error_response(422, "invalid_input", f"a value was not accepted: {str(exc).strip().splitlines()[0]}")
-        if isinstance(exc, psycopg.OperationalError):
-            log.warning("database unavailable: %s", exc)
+        if failure.kind == "busy":
+            log.warning("connection pool exhausted: %s", failure.detail)
+            return error_response(503, "busy", "the server is busy; retry shortly")
+        if failure.kind == "invalid_value":  # a NUL byte in text, a number out of range, ...
+            return error_response(422, "invalid_input", f"a value was not accepted: {failure.detail}")
+        if failure.kind == "unavailable":
+            log.warning("database unavailable: %s", failure.detail)
             return error_response(503, "database_unavailable", "the database is not reachable; retry shortly")
-        log.exception("database error")
+        log.error("database error", exc_info=exc)
         return error_response(500, "database_error", "the database rejected the request")
 
-    @app.exception_handler(PoolTimeoutError)
-    async def _pool_exhausted(_: Request, exc: PoolTimeoutError) -> JSONResponse:
-        log.warning("connection pool exhausted: %s", exc)
-        return error_response(503, "busy", "the server is busy; retry shortly")
-
-    @app.exception_handler(DataError)
-    async def _bad_value(_: Request, exc: DataError) -> JSONResponse:
-        # The database refused a value the client sent (a NUL byte in text, a number out of range, ...).
-        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else "invalid value"
-        return error_response(422, "invalid_input", f"a value was not accepted: {detail}")
+    for kind in DATABASE_ERRORS:
+        app.add_exception_handler(kind, _database)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -120,10 +99,3 @@ def install_error_handlers(app: FastAPI) -> None:
         # not Starlette's plain-text page, and says nothing about the server's insides.
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal_error", "the server failed to handle this request")
-
-    @app.exception_handler(DBAPIError)
-    async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
-        if exc.connection_invalidated:
-            return error_response(503, "database_unavailable", "the database connection was lost; retry shortly")
-        log.exception("database error")
-        return error_response(500, "database_error", "the database rejected the request")

@@ -7,6 +7,8 @@ The SearchRuntime (embedders, prototype matrices, FAISS indexes) lives on app.st
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -15,6 +17,7 @@ from pydantic import ValidationError
 
 from imsrc.api.deps import RuntimeDep, SessionDep, SettingsDep
 from imsrc.api.metrics import observe_search
+from imsrc.api.multipart import read_multipart
 from imsrc.config import Settings
 from imsrc.errors import InvalidInputError
 from imsrc.search.schemas import Backend, CategoriesResponse, Mode, SearchOptions, SearchResponse, UrlQuery
@@ -66,7 +69,8 @@ OptionsDep = Annotated[SearchOptions, Depends(search_options)]
 
 
 async def _image_or_url(request: Request, settings: Settings) -> tuple[bytes | None, str | None]:
-    """The query image from a multipart `file`, or a URL from a JSON body {"url": ...}."""
+    """The query image from a multipart `file`, or a URL from a JSON body {"url": ...} (which BodyLimitMiddleware
+    has already capped). The file streams to disk like an upload and stops with 413 at the upload limit."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/json"):
         try:
@@ -75,15 +79,12 @@ async def _image_or_url(request: Request, settings: Settings) -> tuple[bytes | N
             raise InvalidInputError('send JSON {"url": "https://..."} or a multipart file') from exc
         return None, body.url
     if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=1)
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise InvalidInputError("multipart field 'file' with the query image is missing")
-        data = await upload.read(settings.max_upload_bytes + 1)
-        if len(data) > settings.max_upload_bytes:
-            raise InvalidInputError(f"the upload is larger than {settings.max_upload_bytes} bytes "
-                                    "(IMSRC_MAX_UPLOAD_BYTES)")
-        return data, None
+        with tempfile.TemporaryDirectory(prefix="imsrc-query-") as tmp:
+            form = await read_multipart(ctype, request.stream(), FilePath(tmp), file_field="file",
+                                        max_file_bytes=settings.max_upload_bytes, max_files=1)
+            if not form.files:
+                raise InvalidInputError("multipart field 'file' with the query image is missing")
+            return form.files[0].path.read_bytes(), None
     raise InvalidInputError('send the image as multipart field "file", or JSON {"url": "https://..."}')
 
 

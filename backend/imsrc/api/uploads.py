@@ -1,37 +1,23 @@
-"""POST /api/images: upload one or many files, streamed to temporary files, then ingested."""
+"""POST /api/images: upload one or many files, streamed to temporary files, then ingested (ingest/uploads.py)."""
 
 from __future__ import annotations
 
-import logging
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 from fastapi import APIRouter, Request
-from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from imsrc.api.deps import DatabaseDep, SettingsDep
-from imsrc.api.errors import is_transaction_conflict
 from imsrc.api.metrics import observe_uploads
-from imsrc.api.multipart import UploadedFile, read_multipart
-from imsrc.catalog.repository import CategoryRepository, lock_catalog_writes
-from imsrc.catalog.schemas import CategoryRef, UploadResponse, UploadResult, image_thumbnail_url
-from imsrc.config import Settings
-from imsrc.db.session import Database
+from imsrc.api.multipart import read_multipart
+from imsrc.catalog.schemas import UploadResponse
 from imsrc.errors import InvalidImageError, InvalidInputError
-from imsrc.ingest.imaging import DecodeGate
-from imsrc.ingest.service import FileOutcome, ingest_bytes
-from imsrc.services.models import choose_and_load
+from imsrc.ingest.uploads import ingest_uploads
 
 router = APIRouter(prefix="/api/images", tags=["images"])
 
 MAX_FILES_PER_UPLOAD = 1000
-RETRIES = 3
-log = logging.getLogger(__name__)
-# Most bytes read into memory at once while ingesting (files are on disk until then).
-CHUNK_BYTES = 256 * 1024 * 1024
 
 # The body is read by our own streaming parser, so FastAPI cannot infer it: describe it for /openapi.json.
 UPLOAD_BODY = {
@@ -90,68 +76,3 @@ async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep
         duplicates=sum(r.status == "duplicate" for r in results),
         failed=sum(r.status == "failed" for r in results),
     )
-
-
-def ingest_uploads(db: Database, settings: Settings, files: list[UploadedFile],
-                   category: str | None, gate: DecodeGate | None = None) -> list[UploadResult]:
-    """All files in one unit of work: a crash (not a bad file) leaves nothing behind. Bad files are
-    reported per file by the pipeline. Bytes are read a chunk at a time, so memory stays bounded."""
-    for attempt in range(1, RETRIES + 1):
-        try:
-            return _ingest_once(db, settings, files, category, gate)
-        except (DBAPIError, psycopg.Error) as exc:
-            # Deadlocks and serialization failures (SQLSTATE class 40) roll the whole unit back, so the
-            # upload can simply run again; anything else is a real failure. (COPY goes through psycopg
-            # directly, so its errors arrive unwrapped.)
-            if attempt == RETRIES or not is_transaction_conflict(exc):
-                raise
-            log.warning("upload hit a transaction conflict (%s); retrying (%d/%d)", exc, attempt, RETRIES)
-    raise AssertionError("unreachable")
-
-
-def _ingest_once(db: Database, settings: Settings, files: list[UploadedFile],
-                 category: str | None, gate: DecodeGate | None) -> list[UploadResult]:
-    outcomes: list[FileOutcome] = []
-    with db.session() as session:
-        # Taken first, before any row is written, so concurrent uploads queue here instead of deadlocking
-        # on prototype rows one of them already changed (sync_search takes the same lock again; it nests).
-        lock_catalog_writes(session)
-        loaded = choose_and_load(session, settings)
-        if loaded.choice.warning:
-            log.warning("%s", loaded.choice.warning)
-        embedder = loaded.embedder
-        for chunk in _chunks(files, settings.batch_size, CHUNK_BYTES):
-            payload = [(f.filename or "upload", f.path.read_bytes()) for f in chunk]
-            outcomes.extend(ingest_bytes(session, embedder, payload, settings=settings, category=category,
-                                         gate=gate))
-        ref = None
-        if category is not None and any(o.outcome != "failed" for o in outcomes):
-            found = CategoryRepository(session).by_name(category)
-            ref = CategoryRef(id=found.id, name=found.name) if found is not None else None
-    return [_result(o, ref) for o in outcomes]
-
-
-def _chunks(files: list[UploadedFile], count: int, max_bytes: int) -> Iterator[list[UploadedFile]]:
-    chunk: list[UploadedFile] = []
-    size = 0
-    for f in files:
-        if chunk and (len(chunk) >= count or size + f.size > max_bytes):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(f)
-        size += f.size
-    if chunk:
-        yield chunk
-
-
-def _result(o: FileOutcome, category: CategoryRef | None) -> UploadResult:
-    thumb = image_thumbnail_url(o.image_id) if o.image_id is not None else None
-    if o.outcome == "new":
-        return UploadResult(filename=o.key, status="new", id=o.image_id, category=category, thumbnail_url=thumb)
-    if o.outcome == "duplicate":  # stored, and recorded as a near-duplicate of an earlier image
-        return UploadResult(filename=o.key, status="duplicate", id=o.image_id, duplicate_of=o.canonical_id,
-                            exact=False, category=category, thumbnail_url=thumb)
-    if o.outcome in ("linked", "skipped"):  # identical bytes were already catalogued: nothing new stored
-        return UploadResult(filename=o.key, status="duplicate", id=o.image_id, duplicate_of=o.image_id,
-                            exact=True, category=category, thumbnail_url=thumb)
-    return UploadResult(filename=o.key, status="failed", reason=o.reason or "could not be read as an image")

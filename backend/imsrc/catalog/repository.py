@@ -125,6 +125,13 @@ class CategoryRepository:
                                         {"c": list(category_ids)})
         return {int(r[0]): str(r[1]) for r in rows}
 
+    def of_images(self, image_ids: Iterable[int]) -> dict[int, tuple[int, str]]:
+        """image id -> (category id, name), for those of the images that are in a category."""
+        rows = self.session.execute(
+            text("SELECT i.id, c.id, c.name FROM images i JOIN categories c ON c.id = i.category_id"
+                 " WHERE i.id = ANY(:i)"), {"i": sorted(set(image_ids))})
+        return {int(r[0]): (int(r[1]), str(r[2])) for r in rows}
+
     def automatic_ids(self) -> list[int]:
         return [int(r[0]) for r in self.session.execute(text("SELECT id FROM categories WHERE is_automatic"))]
 

@@ -23,7 +23,7 @@ from imsrc.embeddings.base import Embedder
 from imsrc.ingest.decode import DecodeOptions, Processed, WorkItem, process
 from imsrc.ingest.imaging import DecodeGate
 from imsrc.ingest.phash import hamming, to_signed
-from imsrc.ingest.repository import IngestRepository, JobRepository
+from imsrc.ingest.repository import ExistingImage, IngestRepository, JobRepository
 from imsrc.search.sync import only, sync_search
 from imsrc.services.models import ModelService
 
@@ -67,15 +67,12 @@ class FileOutcome:
     reason: str | None = None
     image_id: int | None = None
     canonical_id: int | None = None
-    category: str | None = None
+    category: str | None = None  # the category the file was sent with (known bytes keep the one they had)
     sha256: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.key, "outcome": self.outcome, "reason": self.reason, "image_id": self.image_id,
                 "duplicate_of": self.canonical_id, "category": self.category, "sha256": self.sha256}
-
-
-UploadOutcome = FileOutcome
 
 
 @dataclass(slots=True)
@@ -99,7 +96,9 @@ def ensure_model(session: Session, embedder: Embedder, settings: Settings) -> Em
     return ModelService(session, settings).register(embedder)
 
 
-def write_batch(session: Session, ctx: WriteContext, batch: Sequence[Processed]) -> BatchResult:
+def write_batch(session: Session, ctx: WriteContext, batch: Sequence[Processed],
+                existing: dict[bytes, ExistingImage] | None = None) -> BatchResult:
+    """existing: the batch's digests already in the catalog, when the caller has just looked them up."""
     repo = IngestRepository(session)
     outcomes: dict[int, FileOutcome] = {}
     counts = dict.fromkeys(OUTCOMES, 0)
@@ -107,8 +106,8 @@ def write_batch(session: Session, ctx: WriteContext, batch: Sequence[Processed])
     for n, p in enumerate(batch):
         if not p.ok:
             outcomes[n] = FileOutcome(p.key, "failed", p.reason, category=p.category)
-    categories = _category_ids(session, {p.category for _, p in ok if p.category})
-    existing = repo.existing_by_sha([p.sha256 for _, p in ok if p.sha256], ctx.model_id)
+    if existing is None:
+        existing = repo.existing_by_sha([p.sha256 for _, p in ok if p.sha256], ctx.model_id)
     known = repo.known_sources([p.key for _, p in ok if p.path is not None])
 
     fresh: list[tuple[int, Processed]] = []
@@ -119,6 +118,14 @@ def write_batch(session: Session, ctx: WriteContext, batch: Sequence[Processed])
             continue
         first_of_sha[p.sha256] = n
         fresh.append((n, p))
+    # A category is made only for images that will be in it: new ones, and catalogued ones without a category
+    # (they adopt it). Known bytes sent again under another name stay where they are, and nothing is created.
+    wanted: set[str | None] = set()
+    for n, p in ok:
+        old = existing.get(p.sha256) if p.sha256 is not None else None
+        if p.category and (first_of_sha.get(p.sha256 or b"") == n or (old is not None and old.category_id is None)):
+            wanted.add(p.category)
+    categories = _category_ids(session, wanted)
     inserted = repo.insert_images([_image_row(p, categories) for _, p in fresh])
     if len(inserted) < len(fresh):  # another writer (an upload) stored some of them meanwhile
         existing.update(repo.existing_by_sha([p.sha256 for _, p in fresh if p.sha256 and p.sha256 not in inserted],
@@ -246,11 +253,22 @@ def embed_processed(embedder: Embedder, batch: Sequence[Processed], pad_to: int 
 def ingest_bytes(session: Session, embedder: Embedder, files: Sequence[tuple[str, bytes]], *,
                  settings: Settings, category: str | None = None, gate: DecodeGate | None = None
                  ) -> list[FileOutcome]:
-    """Uploads: decode, embed and store each file (bytes always kept in image_blobs). Does not commit.
+    """Files whose bytes are in memory: decode, embed and store each one (bytes always kept in image_blobs),
+    then bring search up to date. Does not commit.
 
     Bad files come back with outcome 'failed' and a reason; the good ones in the same call are stored.
     Identical bytes already in the catalog come back as 'linked' with the existing image id.
     gate: the server's DecodeGate, so uploads and search queries share one bound on concurrent decodes."""
+    model = ensure_model(session, embedder, settings)
+    result = store_bytes(session, embedder, model.id, files, settings=settings, category=category, gate=gate)
+    sync_search(session, settings, model_id=model.id, category_ids=result.touched_categories,
+                embedders=only(embedder))
+    return result.outcomes
+
+
+def store_bytes(session: Session, embedder: Embedder, model_id: int, files: Sequence[tuple[str, bytes]], *,
+                settings: Settings, category: str | None = None, gate: DecodeGate | None = None) -> BatchResult:
+    """ingest_bytes without the search sync, for a caller that stores several chunks and syncs once."""
     options = DecodeOptions(preprocess=embedder.preprocess, max_pixels=settings.max_pixels,
                             thumbnail_size=settings.thumbnail_size, keep_bytes=True)
     batch: list[Processed] = []
@@ -262,15 +280,10 @@ def ingest_bytes(session: Session, embedder: Embedder, files: Sequence[tuple[str
             continue
         with gate.slot() if gate is not None else contextlib.nullcontext():
             batch.append(process(WorkItem(key=name, data=data, category=category), options))
-    model = ensure_model(session, embedder, settings)
-    existing = IngestRepository(session).existing_by_sha([p.sha256 for p in batch if p.ok and p.sha256],
-                                                          model.id)
+    existing = IngestRepository(session).existing_by_sha([p.sha256 for p in batch if p.ok and p.sha256], model_id)
     to_embed = [p for p in batch if p.ok and not (p.sha256 in existing and existing[p.sha256].has_embedding)]
     for start in range(0, len(to_embed), settings.batch_size):
         embed_processed(embedder, to_embed[start:start + settings.batch_size])
-    ctx = WriteContext(model_id=model.id, store_bytes=True,
+    ctx = WriteContext(model_id=model_id, store_bytes=True,
                        matcher=SqlPhashMatcher(session, settings.duplicate_threshold))
-    result = write_batch(session, ctx, batch)
-    sync_search(session, settings, model_id=model.id, category_ids=result.touched_categories,
-                embedders=only(embedder))
-    return result.outcomes
+    return write_batch(session, ctx, batch, existing)
