@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
@@ -28,8 +30,12 @@ from imsrc.db.engine import make_engine, upgrade
 from imsrc.db.session import Database
 from imsrc.embeddings.registry import get_embedder
 from imsrc.ingest.pipeline import run_index_job
+from imsrc.search.schemas import SearchOptions, SearchResponse
+from imsrc.search.service import SearchRuntime, SearchService
+from imsrc.search.sync import sync_search
 from tests.helpers import make_image
 from tests.ingest_support import TEST_MODEL, open_test_database, write
+from tests.search_data import Synthetic, brute_force, make_catalog
 
 COUNTS = ("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM image_blobs), (SELECT count(*) FROM thumbnails),"
           " (SELECT count(*) FROM embeddings), (SELECT count(*) FROM categories)")
@@ -70,12 +76,11 @@ def _other_formats() -> dict[str, bytes]:
                      ("IM", rgb), ("DDS", rgb.convert("RGBA")), ("JPEG2000", rgb), ("SPIDER", rgb.convert("F")),
                      ("XBM", rgb.convert("1")), ("EPS", rgb)]:
         try:
-            data = _encode(img, fmt)
-        except (KeyError, OSError, ValueError):  # no encoder in this Pillow build
-            continue
-        try:  # only formats this Pillow would decode matter: they are what the allow-list must stop
-            PILImage.open(io.BytesIO(data)).load()
-        except Exception:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # Pillow is retiring IM
+                data = _encode(img, fmt)
+                PILImage.open(io.BytesIO(data)).load()  # only formats Pillow decodes need stopping
+        except Exception:  # no encoder or decoder in this Pillow build
             continue
         out[fmt] = data
     return out
@@ -287,3 +292,82 @@ def test_configuration_lists_the_new_limits(repo_root: Path) -> None:
         assert line in example.splitlines()
     defaults = Settings(_env_file=None)  # type: ignore[call-arg]
     assert (defaults.query_max_pixels, defaults.max_concurrent_decodes, defaults.decode_wait_s) == (50_000_000, 2, 5)
+
+
+# ------------------------------------------------------------------ item 7: every k in 1-1000 works
+def _runtime(settings: Settings, **overrides: object) -> SearchRuntime:
+    tuned = settings.model_copy(update=overrides)
+    return SearchRuntime.create(tuned, embedder_factory=lambda name: None)
+
+
+@pytest.fixture()
+def wide(session: Session, settings: Settings) -> tuple[Synthetic, Settings]:
+    """Two categories of 1,300 vectors, each with its own HNSW index (and the catalog-wide one)."""
+    cat = make_catalog(session, n_categories=2, per_category=1300, dimension=16, name="wide-k")
+    tuned = settings.model_copy(update={"search_exact_max_rows": 100})
+    sync_search(session, tuned, model_id=cat.model.id)
+    return cat, tuned
+
+
+@pytest.mark.parametrize(("mode", "backend", "filtered"), [
+    ("two_stage", "pgvector", False), ("two_stage", "pgvector", True), ("ann", "pgvector", False),
+    ("exact", None, False), ("two_stage", "faiss", False), ("ann", "faiss", True)])
+@pytest.mark.parametrize("k", [668, 1000])
+def test_k_up_to_1000_works_in_every_mode(session: Session, wide: tuple[Synthetic, Settings], mode: str,
+                                          backend: str | None, filtered: bool, k: int) -> None:
+    """k 668-1000 asked pgvector for an ef_search of up to 1,500 (k plus the duplicate margin): 422 "1500 is
+    outside the valid range for parameter hnsw.ef_search" in the default mode, with category= and on similar."""
+    cat, tuned = wide
+    service = SearchService(session, _runtime(tuned))
+    query = cat.vectors[3]
+    names = [f"{cat.model.name}-cat-00"] if filtered else []
+    options = SearchOptions(k=k, mode=mode, backend=backend, categories=1, category=names)  # type: ignore[arg-type]
+    got = service.search_vector(cat.model, query, options)
+    assert len(got.results) == k
+    truth = brute_force(cat.vectors, cat.image_ids, query, k, cat.labels == 0 if filtered or mode == "two_stage"
+                        else None)
+    assert len(set(_ids(got)) & set(truth)) >= 0.95 * k
+    similar = service.similar(int(cat.image_ids[3]), options)
+    assert len(similar.results) == k and int(cat.image_ids[3]) not in _ids(similar)
+
+
+# ------------------------------------------------------------------ item 14: two-stage fills k
+def _ids(response: SearchResponse) -> list[int]:
+    return [r.id for r in response.results]
+
+
+@pytest.mark.parametrize("backend", ["pgvector", "faiss"])
+def test_two_stage_fills_k_from_the_next_categories(session: Session, settings: Settings, backend: str) -> None:
+    cat = make_catalog(session, n_categories=4, per_category=30, dimension=16, name="fill-k")
+    tuned = settings.model_copy(update={"search_exact_max_rows": 10})
+    sync_search(session, tuned, model_id=cat.model.id)
+    service = SearchService(session, _runtime(tuned))
+    first, second = cat.category_ids[0], cat.category_ids[1]
+    # Category 0 becomes nothing but near-duplicates (of an image in category 1): two-stage hides them.
+    session.execute(text("UPDATE images SET canonical_id = :c WHERE category_id = :d"),
+                    {"c": int(cat.image_ids[cat.labels == 1][0]), "d": first})
+    query = cat.centres[0]
+    ann = service.search_vector(cat.model, query, SearchOptions(k=10, mode="ann", backend=backend))  # type: ignore[arg-type]
+    assert len(ann.results) == 10
+    for k in (5, 10, 45):
+        got = service.search_vector(cat.model, query, SearchOptions(k=k, categories=1, backend=backend))  # type: ignore[arg-type]
+        assert len(got.results) == k, (k, len(got.results))
+        assert got.stage1[0].category_id == first  # stage 1 still picked the duplicates' category first...
+        assert {r.category_id for r in got.results} <= {c.category_id for c in got.stage1}  # ...and says what else
+        assert all(r.category_id != first for r in got.results)
+        exact = service.search_vector(cat.model, query, SearchOptions(k=k, mode="exact",  # type: ignore[arg-type]
+                                                                       category=[c.category for c in got.stage1]))
+        assert len(set(_ids(got)) & set(_ids(exact))) >= 0.9 * k
+    # A small category: 3 images, k=10 -> 3 of them and 7 from the next category.
+    session.execute(text("UPDATE images SET canonical_id = NULL"))
+    session.execute(text("DELETE FROM images WHERE category_id = :c AND id <> ALL(:keep)"),
+                    {"c": second, "keep": [int(i) for i in cat.image_ids[cat.labels == 1][:3]]})
+    sync_search(session, tuned, model_id=cat.model.id, category_ids=[second])
+    got = service.search_vector(cat.model, cat.centres[1], SearchOptions(k=10, categories=1, backend=backend))  # type: ignore[arg-type]
+    assert len(got.results) == 10
+    assert sum(r.category_id == second for r in got.results) == 3
+    # Uncategorised images are reached once every category is in.
+    session.execute(text("UPDATE images SET category_id = NULL WHERE category_id <> :c"), {"c": second})
+    sync_search(session, tuned, model_id=cat.model.id)
+    got = service.search_vector(cat.model, cat.centres[1], SearchOptions(k=10, categories=1, backend=backend))  # type: ignore[arg-type]
+    assert len(got.results) == 10

@@ -36,6 +36,14 @@ HNSW_EF_CONSTRUCTION = 80
 EF_SEARCH_MAX = 1000  # pgvector's own upper bound for hnsw.ef_search
 
 
+def walk_settings(ef_search: int, limit: int) -> dict[str, str]:
+    """Settings for one HNSW statement that must return `limit` rows. The walk is at least `limit` wide, but
+    pgvector refuses an ef_search over 1000 (k 668-1000 asks for up to 1,500 rows with the duplicate margin),
+    so past that the iterative scan continues the walk until `limit` rows are found. For limits up to
+    ef_search it changes nothing: the first batch of candidates is returned in order, as without it."""
+    return {"hnsw.ef_search": str(min(EF_SEARCH_MAX, max(ef_search, limit))), "hnsw.iterative_scan": "relaxed_order"}
+
+
 def category_ef_search(rows: int, base: int, *, near: bool) -> int:
     """hnsw.ef_search for a walk through one category's graph.
 
@@ -179,8 +187,7 @@ class NeighbourRepository:
                 f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})")
         sql = (f"SELECT image_id, 1 - (e <=> {q}) AS score FROM ({' UNION ALL '.join(branches)}) s "
                f"ORDER BY score DESC, image_id LIMIT {int(limit)}")
-        with self._plan(**{"hnsw.ef_search": str(max(ef_search, limit)), "enable_sort": "off",
-                           "enable_seqscan": "off"}):
+        with self._plan(**walk_settings(ef_search, limit), enable_sort="off", enable_seqscan="off"):
             rows = self.session.execute(text(sql), {"q": query}).all()
         return [(int(r[0]), float(r[1])) for r in rows]
 
@@ -195,8 +202,7 @@ class NeighbourRepository:
         q = f"CAST(:q AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
         sql = (f"SELECT image_id, 1 - ({expr} <=> {q}) AS score FROM embeddings WHERE model_id = {int(model_id)} "
                f"ORDER BY {expr} <=> {q} LIMIT {int(limit)}")
-        with self._plan(**{"hnsw.ef_search": str(max(ef_search, limit)), "enable_sort": "off",
-                           "enable_seqscan": "off", "hnsw.iterative_scan": "relaxed_order"}):
+        with self._plan(**walk_settings(ef_search, limit), enable_sort="off", enable_seqscan="off"):
             rows = self.session.execute(text(sql), {"q": query}).all()
         return sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda h: (-h[1], h[0]))
 

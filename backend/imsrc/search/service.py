@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -200,21 +200,44 @@ class SearchService:
         mode = options.mode
         backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
         t1 = time.perf_counter()
-        chosen, stage1, near = self._stage1(model, vector, options, walks=backend == "pgvector")
+        chosen, stage1, near, ranked = self._stage1(model, vector, options, walks=backend == "pgvector")
         if mode == "two_stage" and chosen is None:
             mode = "ann"  # no prototypes yet (nothing synced): search everything rather than nothing
         stage1_ms = _ms(t1)
         t2 = time.perf_counter()
-        hits = self._stage2(model, vector, Stage2Plan(chosen, near, k, mode, backend), options.include_duplicates,
-                            exclude)
+        plan = Stage2Plan(chosen, near, k, mode, backend)
+        hits = self._stage2(model, vector, plan, options.include_duplicates, exclude)
+        if mode == "two_stage" and not options.category:
+            hits, stage1 = self._fill(model, vector, plan, hits, ranked, stage1, options.include_duplicates, exclude)
         return SearchResponse(
             results=hits, stage1=[_category_hit(c) for c in stage1], model=model.name, mode=mode, backend=backend,
             timings_ms=Timings(embed=embed_ms, stage1=stage1_ms, stage2=_ms(t2), total=_ms(started)))
 
+    def _fill(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, hits: list[SearchHit],
+              ranked: list[CategoryScore], stage1: list[CategoryScore], include_duplicates: bool,
+              exclude: int | None) -> tuple[list[SearchHit], list[CategoryScore]]:
+        """k results are promised: when the picked categories hold fewer than k (small ones, or ones made only
+        of near-duplicates, which are hidden), take the next categories in stage-1 order, doubling the set each
+        round, and at the end every image (uncategorised ones too). Reported in stage1 as searched."""
+        searched = list(stage1)
+        rest = [c for c in ranked if c.category_id not in set(plan.categories or [])]
+        while len(hits) < plan.k and plan.categories is not None:
+            if rest:
+                more, rest = rest[:max(1, len(searched))], rest[max(1, len(searched)):]
+                searched += more
+                ids = [c.category_id for c in searched]
+                # The next categories are what stage 1 would have picked with a wider fan-out: near ones.
+                plan = replace(plan, categories=ids, near=plan.near | {c.category_id for c in more})
+            else:
+                plan = replace(plan, categories=None)  # every category is in: the rest are uncategorised
+            hits = self._stage2(model, vector, plan, include_duplicates, exclude)
+        return hits, searched
+
     def _stage1(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, *, walks: bool
-                ) -> tuple[list[int] | None, list[CategoryScore], set[int]]:
-        """(categories to search or None for all, stage-1 picks to report, categories the query is near).
-        `walks`: stage 2 walks pgvector graphs, the only place where nearness matters for a filter."""
+                ) -> tuple[list[int] | None, list[CategoryScore], set[int], list[CategoryScore]]:
+        """(categories to search or None for all, stage-1 picks to report, categories the query is near,
+        every category ranked for a two-stage search). `walks`: stage 2 walks pgvector graphs, the only place
+        where nearness matters for a filter."""
         if options.category:
             cats = CategoryRepository(self.session)
             ids = []
@@ -228,14 +251,14 @@ class SearchService:
             # trusted at its normal width (see category_ef_search). Without prototypes, nothing is known.
             ranked = self.runtime.prototypes.get(self.session, model.id).score(vector) if walks else []
             near = {c.category_id for c in self._pick(ranked, None)} if ranked else set(chosen)
-            return chosen, [], near
+            return chosen, [], near, []
         if options.mode != "two_stage":
-            return None, [], set()
+            return None, [], set(), []
         ranked = self.runtime.prototypes.get(self.session, model.id).score(vector)
         if not ranked:
-            return None, [], set()
+            return None, [], set(), []
         picked = self._pick(ranked, options.categories)
-        return [c.category_id for c in picked], picked, {c.category_id for c in picked}
+        return [c.category_id for c in picked], picked, {c.category_id for c in picked}, ranked
 
     def _pick(self, ranked: list[CategoryScore], requested: int | str | None) -> list[CategoryScore]:
         return pick(ranked, requested, mass=self.settings.search_score_mass, cap=self.settings.search_categories)
