@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import CategoryRepository
+from imsrc.ingest.repository import JobRepository
 from tests.api_helpers import add_image, client
 from tests.helpers import make_image
 
@@ -102,12 +103,16 @@ def test_file_serves_stored_bytes_with_content_type(client: TestClient, session:
 def test_file_serves_referenced_file_only_while_it_exists(client: TestClient, session: Session,
                                                           scratch: Path) -> None:
     ref = add_image(session, 31, stored=False, source_path=scratch / "ref.png")
+    # Referenced files are served only from folders an indexing job was given (see catalog/referenced.py).
+    JobRepository(session).create(kind="index", job_key="ref", paths=[str(scratch)], options={}, model_id=None,
+                                  model_name=None)
     response = client.get(f"/api/images/{ref.id}/file")
     assert response.status_code == 200 and response.content == make_image(31)
     assert response.headers["content-type"] == "image/png"
     (scratch / "ref.png").unlink()
     gone = client.get(f"/api/images/{ref.id}/file")
     assert gone.status_code == 404 and "no longer there" in gone.json()["error"]["message"]
+    assert str(scratch) not in gone.text
 
 
 def test_file_path_traversal_is_not_a_route(client: TestClient) -> None:

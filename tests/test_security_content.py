@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -25,14 +26,17 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.api.app import create_app
+from imsrc.api.deps import get_session
 from imsrc.config import Settings
 from imsrc.db.engine import make_engine, upgrade
 from imsrc.db.session import Database
 from imsrc.embeddings.registry import get_embedder
 from imsrc.ingest.pipeline import run_index_job
+from imsrc.ingest.repository import JobRepository
 from imsrc.search.schemas import SearchOptions, SearchResponse
 from imsrc.search.service import SearchRuntime, SearchService
 from imsrc.search.sync import sync_search
+from tests.api_helpers import add_image
 from tests.helpers import make_image
 from tests.ingest_support import TEST_MODEL, open_test_database, write
 from tests.search_data import Synthetic, brute_force, make_catalog
@@ -371,3 +375,120 @@ def test_two_stage_fills_k_from_the_next_categories(session: Session, settings: 
     sync_search(session, tuned, model_id=cat.model.id)
     got = service.search_vector(cat.model, cat.centres[1], SearchOptions(k=10, categories=1, backend=backend))  # type: ignore[arg-type]
     assert len(got.results) == 10
+
+
+# ------------------------------------------------------------------ item 5: referenced files swapped after indexing
+def test_referenced_file_is_served_only_while_it_holds_the_indexed_bytes(create_database, scratch: Path) -> None:  # type: ignore[no-untyped-def]
+    db = open_test_database(create_database("imsrc_refs"), scratch / "data")
+    root, elsewhere = scratch / "photos", scratch / "elsewhere"
+    names = ["same", "link", "html", "sizeok", "gone", "fifo", "copy1", "copy2"]
+    data = {n: make_image(400 + i, size=(40, 30)) for i, n in enumerate(names)}
+    data["copy2"] = data["copy1"]  # identical bytes at two paths: one image, two sources
+    for n in names:
+        write(root / f"{n}.png", data[n])
+    write(root / "sub" / "moved.png", make_image(499, size=(40, 30)))
+    try:
+        run_index_job(db, get_embedder(TEST_MODEL), [str(root)], store="reference", workers=1)
+        with db.engine.connect() as conn:
+            ids = {Path(p).stem: int(i) for p, i in conn.execute(text("SELECT source_path, id FROM images"))}
+        with TestClient(create_app(db.settings, database=db)) as client:
+            def get(name: str) -> httpx.Response:
+                return client.get(f"/api/images/{ids[name]}/file")
+
+            ok = get("same")
+            assert ok.status_code == 200 and ok.content == data["same"]
+            assert ok.headers["content-type"] == "image/png" and ok.headers["content-length"] == str(len(ok.content))
+            # Replaced by a link to a file outside the indexed folder.
+            (root / "link.png").unlink()
+            (root / "link.png").symlink_to("/etc/passwd")
+            # Replaced by an HTML page; and by other bytes of the same size with the old mtime put back.
+            html = b"<html><script>alert(document.cookie)</script></html>"
+            (root / "html.png").write_bytes(html)
+            stat = (root / "sizeok.png").stat()
+            (root / "sizeok.png").write_bytes(b"<" * stat.st_size)
+            os.utime(root / "sizeok.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            (root / "gone.png").unlink()
+            (root / "fifo.png").unlink()
+            os.mkfifo(root / "fifo.png")
+            # The folder above a file swapped for a link to another folder holding the very same bytes.
+            write(elsewhere / "moved.png", (root / "sub" / "moved.png").read_bytes())
+            (root / "sub").rename(scratch / "sub-old")
+            (root / "sub").symlink_to(elsewhere, target_is_directory=True)
+            # Of two paths with identical bytes, the first one disappears: the other still serves them.
+            (root / "copy1.png").unlink()
+
+            expected = {"link": 404, "html": 409, "sizeok": 409, "gone": 404, "fifo": 404, "moved": 404}
+            for name, status in expected.items():
+                response = get(name)
+                assert response.status_code == status, (name, response.status_code, response.content[:200])
+                error = response.json()["error"]
+                assert error["code"] == ("conflict" if status == 409 else "not_found")
+                assert str(scratch) not in error["message"] and "/" not in error["message"], error
+                assert b"root:" not in response.content and b"<script>" not in response.content
+            assert "no longer inside an indexed folder" in get("moved").json()["error"]["message"]
+            assert "changed since it was indexed" in get("html").json()["error"]["message"]
+            copy = get("copy2" if "copy2" in ids else "copy1")
+            assert copy.status_code == 200 and copy.content == data["copy1"]
+    finally:
+        db.dispose()
+
+
+def test_referenced_file_outside_every_indexed_root_is_not_served(client_with_key: TestClient, session: Session,
+                                                                  scratch: Path) -> None:
+    """An image row pointing at a path no indexing job was given (a restored or hand-edited catalog)."""
+    image = add_image(session, 77, stored=False, source_path=scratch / "x.png")
+    response = client_with_key.get(f"/api/images/{image.id}/file")
+    assert response.status_code == 404 and str(scratch) not in response.text
+    JobRepository(session).create(kind="index", job_key="t", paths=[str(scratch)], options={}, model_id=None,
+                                  model_name=None)
+    assert client_with_key.get(f"/api/images/{image.id}/file").content == make_image(77)
+
+
+# ------------------------------------------------------------------ item 13: what errors and details reveal
+@pytest.fixture()
+def client_with_key(settings: Settings, database: Database, session: Session) -> Iterator[TestClient]:
+    app = create_app(settings.model_copy(update={"api_key": "s3cret"}), database=database)
+    app.dependency_overrides[get_session] = lambda: session
+    with TestClient(app) as c:
+        yield c
+
+
+def test_server_paths_are_shown_only_to_key_holders(client_with_key: TestClient, session: Session,
+                                                    scratch: Path) -> None:
+    (scratch / "secret-folder").mkdir()
+    image = add_image(session, 78, stored=False, source_path=scratch / "secret-folder" / "y.png")
+    jobs = JobRepository(session)
+    job = jobs.create(kind="index", job_key="t2", paths=[str(scratch)], options={}, model_id=None, model_name=None)
+    jobs.mark(job, "failed", f"cannot read {scratch}/secret-folder/y.png", finished=True)
+    anonymous = client_with_key.get(f"/api/images/{image.id}")
+    assert anonymous.status_code == 200 and anonymous.json()["source_path"] is None
+    assert "secret-folder" not in anonymous.text
+    status = client_with_key.get("/api/status")
+    assert status.status_code == 200 and "secret-folder" not in status.text
+    for headers in ({"X-API-Key": "s3cret"}, {"Authorization": "Bearer s3cret"}):
+        keyed = client_with_key.get(f"/api/images/{image.id}", headers=headers)
+        assert keyed.json()["source_path"] == str(scratch / "secret-folder" / "y.png")
+        assert "secret-folder" in client_with_key.get("/api/status", headers=headers).text
+    wrong = client_with_key.get(f"/api/images/{image.id}", headers={"X-API-Key": "nope"})
+    assert wrong.json()["source_path"] is None
+    # The page's cookie counts as the key for reads.
+    client_with_key.cookies.set("imsrc_api_key", "s3cret")
+    assert client_with_key.get(f"/api/images/{image.id}").json()["source_path"] is not None
+    # A missing referenced file: the 404 names the image, not the path.
+    (scratch / "secret-folder" / "y.png").unlink()
+    missing = client_with_key.get(f"/api/images/{image.id}/file")
+    assert missing.status_code == 404 and "secret-folder" not in missing.text and str(scratch) not in missing.text
+
+
+@pytest.mark.parametrize("url", ["http://localhost/x.png", "http://127.0.0.1.nip.invalid/x.png",
+                                 "http://no-such-host.invalid/x.png", "http://[::1]:9/x.png"])
+def test_url_search_errors_do_not_reveal_name_resolution(env: tuple[TestClient, Database, Settings],
+                                                         url: str) -> None:
+    client, _, _ = env
+    response = client.post("/api/search/image", json={"url": url})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "url_not_allowed"
+    assert "does not resolve to a public address" in error["message"]
+    for revealing in ("127.0.0.1 ", "(127", "::1)", "(::1", "Name or service", "not known", "resolves to a"):
+        assert revealing not in error["message"], error

@@ -6,9 +6,10 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from imsrc.api.deps import SessionDep, SettingsDep
+from imsrc.api.security import holds_key
 from imsrc.catalog.image_repository import DuplicateFilter
 from imsrc.catalog.schemas import DeletedImage, ImageDetail, ImagePage
 from imsrc.catalog.service import ImageService
@@ -37,24 +38,30 @@ def list_images(
 
 
 @router.get("/{image_id}", response_model=ImageDetail, responses=ERRORS, summary="One image's metadata")
-def get_image(image_id: ImageId, session: SessionDep) -> ImageDetail:
-    return ImageService(session).detail(image_id)
+def get_image(image_id: ImageId, request: Request, session: SessionDep, settings: SettingsDep) -> ImageDetail:
+    detail = ImageService(session).detail(image_id)
+    if not holds_key(request.headers, settings.api_key):
+        # With a key set, reads may be open to everyone; where files live on the server is for key holders.
+        detail = detail.model_copy(update={"source_path": None})
+    return detail
 
 
 @router.get(
     "/{image_id}/file",
     response_class=Response,
-    responses={200: {"content": {"image/*": {}}, "description": "the original bytes"}, **ERRORS},
-    summary="The original image (stored bytes, or the referenced file)",
+    responses={200: {"content": {"image/*": {}}, "description": "the original bytes"}, **ERRORS,
+               409: {"description": "the referenced file has changed since it was indexed (error JSON)"}},
+    summary="The original image (stored bytes, or the referenced file while it still holds the indexed bytes)",
 )
 def get_image_file(image_id: ImageId, session: SessionDep, settings: SettingsDep) -> Response:
     original = ImageService(session).original(image_id)
-    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": _cache(settings, 3600)}
-    if original.path is not None:
-        return FileResponse(original.path, media_type=original.media_type, filename=original.filename,
-                            content_disposition_type="inline", headers=headers)
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": _cache(settings, 3600),
+               "Content-Disposition": f"inline; filename*=utf-8''{quote(original.filename)}"}
+    if original.opened is not None:
+        # The verified file object itself, not its path: nothing can be swapped in between check and read.
+        headers["Content-Length"] = str(original.opened.size)
+        return StreamingResponse(original.opened.chunks(), media_type=original.media_type, headers=headers)
     assert original.data is not None
-    headers["Content-Disposition"] = f"inline; filename*=utf-8''{quote(original.filename)}"
     return Response(original.data, media_type=original.media_type, headers=headers)
 
 

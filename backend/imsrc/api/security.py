@@ -4,6 +4,7 @@ IMSRC_PROTECT_READS is on. A plain ASGI middleware so no route can forget it."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import unquote
 
@@ -37,6 +38,15 @@ def presented_key(headers: dict[str, str], *, allow_cookie: bool = False) -> str
         morsel = cookies.get(KEY_COOKIE)
         key = unquote(morsel.value) if morsel is not None else None
     return key
+
+
+def holds_key(headers: Mapping[str, str], api_key: str | None) -> bool:
+    """Whether a request presented the API key (header, or the page's cookie). True when no key is set:
+    then every reader is trusted alike. For what a key-less reader may read but not see in full (paths)."""
+    if not api_key:
+        return True
+    key = presented_key({k.lower(): v for k, v in headers.items()}, allow_cookie=True)
+    return key is not None and hmac.compare_digest(key.encode(), api_key.encode())
 
 
 class ApiKeyMiddleware:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from imsrc import __version__
 from imsrc.api.deps import DatabaseDep, SessionDep, SettingsDep
+from imsrc.api.security import holds_key
 from imsrc.catalog.repository import ModelRepository, StatsRepository
 from imsrc.config import Settings
 from imsrc.db.engine import current_revision, head_revision
@@ -94,7 +95,7 @@ def health() -> Health:
 
 
 @router.get("/api/status", response_model=Status)
-def status(session: SessionDep, db: DatabaseDep, settings: SettingsDep) -> Status:
+def status(request: Request, session: SessionDep, db: DatabaseDep, settings: SettingsDep) -> Status:
     stats = StatsRepository(session)
     models = [ModelStatus(**m) for m in stats.models()]
     search_model = _search_model(session, settings)
@@ -113,7 +114,9 @@ def status(session: SessionDep, db: DatabaseDep, settings: SettingsDep) -> Statu
         search_model=search_model,
         text_search=bool(search_model and search_model.supports_text),
         index=_index(session, settings),
-        jobs=[_job(j) for j in JobRepository(session).recent(RECENT_JOBS)],
+        # A job's message can carry server paths (a failed job's error): for key holders only, when a key is set.
+        jobs=[_job(j, with_message=holds_key(request.headers, settings.api_key))
+              for j in JobRepository(session).recent(RECENT_JOBS)],
         max_upload_bytes=settings.max_upload_bytes,
     )
 
@@ -130,12 +133,12 @@ def _index(session: Session, settings: Settings) -> IndexStatus | None:
                        state="ready" if vectors else "empty")
 
 
-def _job(row: dict[str, Any]) -> JobStatus:
+def _job(row: dict[str, Any], *, with_message: bool) -> JobStatus:
     return JobStatus(
         id=row["id"], kind=row["kind"], status=row["status"], model_name=row["model_name"],
         files_total=row["files_total"], new=row["new_count"], duplicates=row["duplicate_count"],
         linked=row["linked_count"], skipped=row["skipped_count"], failed=row["failed_count"],
-        message=row["message"], started_at=row["started_at"], finished_at=row["finished_at"],
+        message=row["message"] if with_message else None, started_at=row["started_at"], finished_at=row["finished_at"],
     )
 
 

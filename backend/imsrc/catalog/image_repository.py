@@ -85,6 +85,18 @@ class ImageRepository:
     def blob(self, image_id: int) -> bytes | None:
         return self.session.scalar(select(ImageBlob.data).where(ImageBlob.image_id == image_id))
 
+    def source_paths(self, image: Image) -> list[str]:
+        """Where the image's bytes can be read: its own path first, then every other path found with them."""
+        rows = self.session.execute(text("SELECT path FROM image_sources WHERE image_id = :i ORDER BY id"),
+                                    {"i": image.id}).scalars()
+        paths = [image.source_path] if image.source_path else []
+        return paths + [str(p) for p in rows if p not in paths]
+
+    def indexed_roots(self) -> list[str]:
+        """Every folder or file an indexing job was given: referenced files are served only from inside them."""
+        return [str(p) for p in self.session.execute(
+            text("SELECT DISTINCT unnest(paths) FROM ingest_jobs WHERE kind = 'index'")).scalars()]
+
     def thumbnail(self, image_id: int) -> tuple[bytes, str, str] | None:
         """(webp bytes, mime type, sha256 hex of the image) or None when there is no thumbnail."""
         row = self.session.execute(

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from imsrc.catalog.image_repository import DuplicateFilter, ImageRepository
 from imsrc.catalog.models import Image
+from imsrc.catalog.referenced import OpenedFile, open_verified
 from imsrc.catalog.repository import CategoryRepository
 from imsrc.catalog.schemas import (
     CategoryRef,
@@ -22,17 +23,17 @@ from imsrc.catalog.schemas import (
     image_file_url,
     image_thumbnail_url,
 )
-from imsrc.errors import NotFoundError
+from imsrc.errors import ConflictError, ImsrcError, NotFoundError
 
 
 @dataclass(frozen=True)
 class ImageFile:
-    """The original: bytes stored in the database, or a file the catalog references."""
+    """The original: bytes stored in the database, or a referenced file, already opened and verified."""
 
     media_type: str
     filename: str
     data: bytes | None = None
-    path: Path | None = None
+    opened: OpenedFile | None = None
 
 
 def media_type(fmt: str) -> str:
@@ -125,12 +126,20 @@ class ImageService:
         data = self.images.blob(image.id)
         if data is not None:
             return ImageFile(media_type=media_type(image.format), filename=filename, data=bytes(data))
-        if image.source_path:
-            path = Path(image.source_path)
-            if path.is_file():
-                return ImageFile(media_type=media_type(image.format), filename=filename, path=path)
-            raise NotFoundError(f"image {image_id}'s file {image.source_path} is no longer there")
-        raise NotFoundError(f"image {image_id} has neither stored bytes nor a file reference")
+        paths = self.images.source_paths(image)
+        if not paths:
+            raise NotFoundError(f"image {image_id} has neither stored bytes nor a file reference")
+        roots = self.images.indexed_roots()
+        first: ImsrcError | None = None
+        for path in paths:  # identical bytes may also live at other indexed paths
+            try:
+                opened = open_verified(path, roots, byte_size=image.byte_size, sha256=image.sha256, image_id=image_id)
+            except (NotFoundError, ConflictError) as exc:
+                first = first or exc
+                continue
+            return ImageFile(media_type=media_type(image.format), filename=filename, opened=opened)
+        assert first is not None
+        raise first
 
     def thumbnail(self, image_id: int) -> tuple[bytes, str, str]:
         found = self.images.thumbnail(image_id)

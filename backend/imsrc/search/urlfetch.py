@@ -44,7 +44,7 @@ def resolve(host: str, port: int, deadline: float | None = None) -> list[IpAddre
     try:
         infos = _getaddrinfo(host, port, deadline)
     except socket.gaierror as exc:
-        raise UrlFetchError(f"cannot resolve host {host!r}: {exc.strerror}") from exc
+        raise UnresolvableHostError(f"cannot resolve host {host!r}: {exc.strerror}") from exc
     except UnicodeError as exc:  # a label over 63 characters, or one IDNA cannot encode
         raise UrlNotAllowedError(f"the URL's host is not a valid name: {exc}") from exc
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
@@ -91,14 +91,24 @@ def check_url(url: str, *, allow_private: bool, deadline: float | None = None) -
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
         raise UrlNotAllowedError("the URL has an invalid port") from exc
-    addresses = resolve(hostname, port, deadline)
-    if not allow_private:
-        bad = [str(a) for a in addresses if not is_public(a)]
-        if bad:
-            raise UrlNotAllowedError(
-                f"refusing to fetch {parts.hostname}: it resolves to a loopback, private, link-local or reserved "
-                f"address ({bad[0]}); set IMSRC_URL_FETCH_ALLOW_PRIVATE=true to allow this")
+    # One answer for "no such name" and "a private address", naming no address: otherwise URL search tells
+    # anyone which internal names exist and where they point.
+    not_public = UrlNotAllowedError(
+        f"refusing to fetch {hostname}: it does not resolve to a public address (loopback, private, link-local "
+        "and reserved addresses are refused unless IMSRC_URL_FETCH_ALLOW_PRIVATE=true)")
+    try:
+        addresses = resolve(hostname, port, deadline)
+    except UnresolvableHostError:
+        if allow_private:
+            raise
+        raise not_public from None
+    if not allow_private and not all(is_public(a) for a in addresses):
+        raise not_public
     return hostname, port, addresses[0]
+
+
+class UnresolvableHostError(UrlFetchError):
+    """The name does not resolve (told apart from private addresses only when those may be fetched)."""
 
 
 class _DeadlineStream(httpcore.NetworkStream):
@@ -202,9 +212,19 @@ def fetch_image_bytes(url: str, *, timeout_s: float, max_bytes: int, allow_priva
                     return bytes(body)
             except httpx.TimeoutException as exc:
                 raise UrlFetchError(f"fetching {current} took longer than {timeout_s:g} s") from exc
-            except httpx.HTTPError as exc:
-                raise UrlFetchError(f"fetching {current} failed: {exc}") from exc
+            except httpx.HTTPError as exc:  # its text can name the pinned address and the OS's error: not shown
+                raise UrlFetchError(f"fetching {current} failed: {_describe(exc)}") from exc
     raise UrlFetchError(f"too many redirects (more than {MAX_REDIRECTS}) from {url}")
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return "could not connect"
+    if isinstance(exc, httpx.ProtocolError):
+        return "the answer was not valid HTTP"
+    if isinstance(exc, httpx.DecodingError):
+        return "the answer could not be decoded"
+    return "the request failed"
 
 
 class UrlFetcher:
