@@ -212,7 +212,7 @@ def test_sixteen_bit_greyscale_decodes_in_bounded_memory(scratch: Path) -> None:
     del grey, y, x
     ok, width, height, thumb_width, peak_mb = _run_peak_probe(path)
     assert ok and (width, height) == (8000, 8000) and thumb_width == 256
-    assert peak_mb < 400, f"decoding took {peak_mb} MB above the baseline"
+    assert peak_mb < 400, f"decoding took {peak_mb} MB above the baseline"  # 151 here; 1590 before
 
 
 def test_large_jpeg_is_decoded_at_a_reduced_scale(scratch: Path) -> None:
@@ -224,7 +224,7 @@ def test_large_jpeg_is_decoded_at_a_reduced_scale(scratch: Path) -> None:
     del arr
     ok, width, height, thumb_width, peak_mb = _run_peak_probe(path)
     assert ok and (width, height) == (10_000, 6000) and thumb_width == 256
-    assert peak_mb < 120, f"decoding took {peak_mb} MB above the baseline"
+    assert peak_mb < 160, f"decoding took {peak_mb} MB above the baseline"  # 80 here; 491 decoded whole
 
 
 # ------------------------------------------------------------------ item 3: concurrent decodes are bounded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import warnings
 
 from PIL import Image, features
 
@@ -55,3 +56,5 @@ def configure_pillow(max_pixels: int) -> None:
     was not called."""
     image_extensions()
     Image.MAX_IMAGE_PIXELS = max_pixels
+    # imaging.decode refuses an image over the limit itself, with its size; Pillow's warning would only repeat it.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
