@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import EmbeddingModel
-from imsrc.catalog.repository import ModelRepository
+from imsrc.catalog.repository import ModelRepository, embedding_expr, opclass
 from imsrc.config import Settings
 from imsrc.db.session import Database
 from imsrc.search.pg_queries import INDEX_PREFIX
@@ -74,19 +74,24 @@ def _binary_copy(columns: list[tuple[str, np.ndarray]], vectors: np.ndarray) -> 
 
 
 def load(database: Database, settings: Settings, vectors: np.ndarray, labels: np.ndarray,
-         n_categories: int, *, parallel_builds: bool = False
+         n_categories: int, *, parallel_builds: bool = False, model_name: str = MODEL,
+         category_names: list[str] | None = None, global_graph: tuple[int, int] | None = None
          ) -> tuple[EmbeddingModel, dict[str, float], np.ndarray, np.ndarray]:
-    """Fresh rows for the benchmark model: categories, images, embeddings (COPY), then every index."""
+    """Fresh rows for the benchmark model: categories, images, embeddings (COPY), then every index.
+
+    global_graph: (m, ef_construction) for the per-model HNSW index (mode `ann`), so the baseline can get the
+    same graph density as the per-category indexes; None builds it as the service does (pgvector defaults)."""
     timings: dict[str, float] = {}
+    names = category_names or [f"bench-{i:03d}" for i in range(n_categories)]
     with database.session() as session:
         models = ModelRepository(session)
-        model = models.register(name=MODEL, dimension=vectors.shape[1], family="bench", params={},
+        model = models.register(name=model_name, dimension=vectors.shape[1], family="bench", params={},
                                 supports_text=False)
         models.set_active(model)
         session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_hnsw_m{model.id}"))
         cat_ids = [int(session.execute(text(
             "INSERT INTO categories (name) VALUES (:n) ON CONFLICT ((lower(name))) DO UPDATE SET name = EXCLUDED.name"
-            " RETURNING id"), {"n": f"bench-{i:03d}"}).scalar_one()) for i in range(n_categories)]
+            " RETURNING id"), {"n": names[i]}).scalar_one()) for i in range(n_categories)]
     category_of = np.asarray(cat_ids, dtype=np.int64)[labels]
     started = time.perf_counter()
     raw_url = database.url
@@ -119,6 +124,12 @@ def load(database: Database, settings: Settings, vectors: np.ndarray, labels: np
         with database.session() as session:
             _maintenance(session)
             started = time.perf_counter()
+            if global_graph is not None:  # same name as the service's index, so mode `ann` walks this one
+                dim = int(vectors.shape[1])
+                session.execute(text(
+                    f"CREATE INDEX ix_embeddings_hnsw_m{model.id} ON embeddings USING hnsw "
+                    f"({embedding_expr(dim)} {opclass(dim)}) WITH (m = {int(global_graph[0])}, "
+                    f"ef_construction = {int(global_graph[1])}) WHERE model_id = {model.id}"))
             ModelRepository(session).ensure_index(model)
             timings["hnsw_global_build_s"] = time.perf_counter() - started
 

@@ -1,0 +1,373 @@
+"""Search as a user gets it: every timed row goes through SearchService (the object the API builds per request:
+same k, duplicate margin, hydration, FAISS catch-up, stage 1 with its per-request version query), and a
+second set of rows through HTTP against `imsrc serve` (`GET /api/search/similar/{id}`, and on real data
+`POST /api/search/image` with the image, embedding included). Methods are interleaved query by query.
+
+    PYTHONPATH=backend python bench/search/service_bench.py --synthetic 10000      # Gaussian mixture
+    PYTHONPATH=backend python bench/search/service_bench.py --real 10000           # Fashion-MNIST, EfficientNet-Lite0
+
+Each command starts its own embedded PostgreSQL, loads a fresh catalog (binary COPY), builds every index,
+measures, and writes bench/search/results/<mode>-<rows>.json (what was measured, with that run's server
+settings); `--report` rewrites the `## Search` section of BENCHMARKS.md from every results file present.
+Queries are "more like this" on catalog images (the image itself excluded); truth is NumPy's exact top 10.
+
+Baselines get the same graph as two-stage: the per-model HNSW index (mode `ann`) is built here with the
+per-category indexes' m / ef_construction, and an extra `ann` row runs at the smallest hnsw.ef_search whose
+recall@10 reaches two-stage pgvector's on a calibration set of separate queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
+
+from bench.search.load import load, make_mixture, prewarm  # noqa: E402
+
+from imsrc.config import Settings  # noqa: E402
+from imsrc.db.embedded import EmbeddedServer  # noqa: E402
+from imsrc.db.engine import make_engine, upgrade  # noqa: E402
+from imsrc.db.session import Database  # noqa: E402
+from imsrc.search.pg_queries import HNSW_EF_CONSTRUCTION, HNSW_M  # noqa: E402
+from imsrc.search.schemas import SearchOptions, SearchResponse  # noqa: E402
+from imsrc.search.service import SearchRuntime  # noqa: E402
+
+K = 10
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+# (row label, mode, backend); backend None = the service's default (pgvector)
+METHODS = [("exact", "exact", None), ("ann pgvector", "ann", "pgvector"),
+           ("two_stage pgvector", "two_stage", "pgvector"), ("ann FAISS", "ann", "faiss"),
+           ("two_stage FAISS", "two_stage", "faiss")]
+EF_LADDER = (40, 60, 100, 150, 200, 300, 400, 600, 1000)
+SERVER_SETTINGS = ("shared_buffers", "work_mem", "max_parallel_workers_per_gather", "jit", "effective_cache_size")
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return round(s[min(len(s) - 1, round(q * (len(s) - 1)))], 3)
+
+
+def summary(lat: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(statistics.median(lat), 3), "p95_ms": pct(lat, 0.95), "p99_ms": pct(lat, 0.99)}
+
+
+def truth_for(vectors: np.ndarray, ids: np.ndarray, query_rows: np.ndarray) -> list[list[int]]:
+    """Exact top k by cosine, the query image itself left out (as `similar` does)."""
+    out = []
+    for start in range(0, len(query_rows), 50):
+        block = vectors @ vectors[query_rows[start:start + 50]].T
+        for j, row in enumerate(query_rows[start:start + 50]):
+            scores = block[:, j].copy()
+            scores[row] = -np.inf
+            out.append(ids[np.argsort(-scores, kind="stable")[:K]].tolist())
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Http:
+    """`imsrc serve` on the benchmark database, in its own process (as users run it)."""
+
+    def __init__(self, url: str, data_dir: Path, env: dict[str, str]) -> None:
+        import httpx
+
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from imsrc.cli.main import main; main()", "serve", "--port", str(self.port)],
+            env={**os.environ, **env, "IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data_dir),
+                 "PYTHONPATH": str(ROOT / "backend")}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        started = time.perf_counter()
+        while True:
+            try:
+                if self.client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.perf_counter() - started > 60:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise SystemExit(f"imsrc serve did not come up: {err.strip().splitlines()[-1:]}")
+            time.sleep(0.2)
+        self.health_s = time.perf_counter() - started
+
+    def similar(self, image_id: int, mode: str, backend: str | None) -> tuple[float, dict[str, Any]]:
+        params = {"k": K, "mode": mode, **({"backend": backend} if backend else {})}
+        started = time.perf_counter()
+        r = self.client.get(f"/api/search/similar/{image_id}", params=params)
+        took = (time.perf_counter() - started) * 1000
+        r.raise_for_status()
+        return took, r.json()
+
+    def image(self, png: bytes, mode: str, backend: str | None) -> tuple[float, dict[str, Any]]:
+        params = {"k": K, "mode": mode, **({"backend": backend} if backend else {})}
+        started = time.perf_counter()
+        r = self.client.post("/api/search/image", params=params, files={"file": ("q.png", png, "image/png")})
+        took = (time.perf_counter() - started) * 1000
+        r.raise_for_status()
+        return took, r.json()
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def service_call(db: Database, runtime: SearchRuntime, image_id: int, mode: str, backend: str | None
+                 ) -> tuple[float, SearchResponse]:
+    """One request's worth of work, as the API does it: a session (one transaction), the service, commit."""
+    started = time.perf_counter()
+    with db.session() as session:
+        resp = runtime.service(session).similar(image_id, SearchOptions(k=K, mode=mode, backend=backend))  # type: ignore[arg-type]
+    return (time.perf_counter() - started) * 1000, resp
+
+
+def tune_ann_ef(db: Database, settings: Settings, ids: np.ndarray, rows: np.ndarray, truths: list[list[int]],
+                target: float) -> tuple[int, float]:
+    """The smallest hnsw.ef_search at which service `ann` reaches `target` recall on calibration queries."""
+    recall = 0.0
+    for ef in EF_LADDER:
+        runtime = SearchRuntime.create(settings.model_copy(update={"search_ef_search": ef}))
+        got = [service_call(db, runtime, int(ids[r]), "ann", "pgvector")[1] for r in rows]
+        recall = float(np.mean([len({h.id for h in g.results} & set(t)) / K for g, t in zip(got, truths,
+                                                                                               strict=True)]))
+        if recall >= target:
+            return ef, recall
+    return EF_LADDER[-1], recall
+
+
+def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, vectors: np.ndarray,
+            labels: np.ndarray, ids: np.ndarray, cats: np.ndarray, args: argparse.Namespace,
+            pngs: list[bytes] | None) -> dict[str, Any]:
+    rng = np.random.default_rng(7)
+    picks = rng.choice(len(ids), args.queries + args.calibration, replace=False)
+    rows, calib_rows = picks[:args.queries], picks[args.queries:]
+    truths = truth_for(vectors, ids, rows)
+    calib_truths = truth_for(vectors, ids, calib_rows)
+    cat_of = dict(zip(ids.tolist(), cats.tolist(), strict=True))
+    label_of = dict(zip(ids.tolist(), labels.tolist(), strict=True))
+    runtime = SearchRuntime.create(settings)
+    # The FAISS index builds (or loads) on first use, like in the server: not part of any timed query.
+    started = time.perf_counter()
+    service_call(db, runtime, int(ids[rows[0]]), "ann", "faiss")
+    faiss_first_s = time.perf_counter() - started
+    # Two-stage pgvector's recall on the calibration queries is the target for the tuned `ann` row.
+    two = [service_call(db, runtime, int(ids[r]), "two_stage", "pgvector")[1] for r in calib_rows]
+    target = float(np.mean([len({h.id for h in g.results} & set(t)) / K for g, t in
+                            zip(two, calib_truths, strict=True)]))
+    ef, ef_recall = tune_ann_ef(db, settings, ids, calib_rows, calib_truths, target)
+    tuned = SearchRuntime.create(settings.model_copy(update={"search_ef_search": ef}))
+    tuned.faiss = runtime.faiss
+    methods = [(label, mode, backend, runtime) for label, mode, backend in METHODS]
+    methods.insert(2, (f"ann pgvector, ef_search {ef} (tuned)", "ann", "pgvector", tuned))
+    lat: dict[str, list[float]] = {}
+    rec: dict[str, list[float]] = {}
+    prec: dict[str, list[float]] = {}
+    modes: dict[str, set[str]] = {}
+    stage1_n: list[int] = []
+    stage1_recall: list[float] = []
+    stage1_ms: list[float] = []
+    stage2_ms: dict[str, list[float]] = {}
+
+    def record(label: str, took: float, got: list[int], truth: list[int], query_id: int, mode: str) -> None:
+        lat.setdefault(label, []).append(took)
+        rec.setdefault(label, []).append(len(set(got) & set(truth)) / K)
+        prec.setdefault(label, []).append(float(np.mean([label_of[g] == label_of[query_id] for g in got]))
+                                          if got else 0.0)
+        modes.setdefault(label, set()).add(mode)
+
+    for warm in rows[:5]:  # plans, caches, the FAISS index in memory; not measured
+        for _, mode, backend, rt in methods:
+            service_call(db, rt, int(ids[warm]), mode, backend)
+    for i, r in enumerate(rows):
+        qid = int(ids[r])
+        for label, mode, backend, rt in methods:
+            took, resp = service_call(db, rt, qid, mode, backend)
+            record(label, took, [h.id for h in resp.results], truths[i], qid, resp.mode)
+            stage2_ms.setdefault(label, []).append(resp.timings_ms.stage2)
+            if label == "two_stage pgvector":
+                picked = {c.category_id for c in resp.stage1}
+                stage1_n.append(len(picked))
+                stage1_recall.append(float(np.mean([cat_of[t] in picked for t in truths[i]])))
+                stage1_ms.append(resp.timings_ms.stage1)
+    out: dict[str, Any] = {"service": {}, "http": {}, "http_image": {}}
+    for label in lat:
+        out["service"][label] = {**summary(lat[label]), "recall_at_10": round(float(np.mean(rec[label])), 4),
+                                 "label_p_at_10": round(float(np.mean(prec[label])), 4),
+                                 "stage2_p50_ms": round(statistics.median(stage2_ms[label]), 3),
+                                 "response_mode": sorted(modes[label])}
+    out["stage1"] = {"mean_categories": round(float(np.mean(stage1_n)), 3),
+                     "categories_histogram": {str(k): int(v) for k, v in zip(*np.unique(stage1_n, return_counts=True),
+                                                                              strict=True)},
+                     "category_recall": round(float(np.mean(stage1_recall)), 4),
+                     "p50_ms": round(statistics.median(stage1_ms), 3)}
+    out["ann_tuning"] = {"target_recall": round(target, 4), "ef_search": ef, "recall_at_ef": round(ef_recall, 4),
+                         "calibration_queries": len(calib_rows)}
+    out["faiss_first_use_s"] = round(faiss_first_s, 2)
+    if args.http:
+        http = Http(server_url, data_dir, {"IMSRC_INFERENCE": args.inference,
+                                           "IMSRC_SEARCH_EF_SEARCH": str(settings.search_ef_search)})
+        try:
+            out["http_health_s"] = round(http.health_s, 2)
+            first = time.perf_counter()
+            http.similar(int(ids[rows[0]]), "two_stage", "faiss")  # the server loads its FAISS index
+            out["http_first_faiss_query_s"] = round(time.perf_counter() - first, 2)
+            http_methods = [(label, mode, backend) for label, mode, backend in METHODS]
+            for warm in rows[:5]:
+                for _, mode, backend in http_methods:
+                    http.similar(int(ids[warm]), mode, backend)
+                if pngs is not None:
+                    http.image(pngs[int(warm)], "two_stage", "pgvector")
+            hl: dict[str, list[float]] = {}
+            hr: dict[str, list[float]] = {}
+            il: dict[str, list[float]] = {}
+            embed_ms: list[float] = []
+            for i, r in enumerate(rows[:args.http_queries]):
+                qid = int(ids[r])
+                for label, mode, backend in http_methods:
+                    took, body = http.similar(qid, mode, backend)
+                    hl.setdefault(label, []).append(took)
+                    hr.setdefault(label, []).append(len({h["id"] for h in body["results"]} & set(truths[i])) / K)
+                if pngs is not None and i < args.image_queries:
+                    for label, mode, backend in (("two_stage pgvector", "two_stage", "pgvector"),
+                                                 ("ann pgvector", "ann", "pgvector")):
+                        took, body = http.image(pngs[int(r)], mode, backend)
+                        il.setdefault(label, []).append(took)
+                        embed_ms.append(body["timings_ms"]["embed"])
+            out["http"] = {label: {**summary(hl[label]), "recall_at_10": round(float(np.mean(hr[label])), 4)}
+                           for label in hl}
+            out["http_image"] = {label: summary(il[label]) for label in il}
+            if embed_ms:
+                out["http_image_embed_p50_ms"] = round(statistics.median(embed_ms), 2)
+        finally:
+            http.close()
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    load_start = os.getloadavg()
+    scratch = ROOT / "bench" / "results" / "tmp" / f"service-{uuid.uuid4().hex[:6]}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    pngs: list[bytes] | None = None
+    if args.real:
+        from bench.search import real
+
+        real.check_available()
+        vectors, labels, facts = real.embed(args.real, args.inference)
+        names = real.CLASSES
+        model_name = real.MODEL
+        raw, _ = real.images(args.real)
+        from PIL import Image
+
+        def png(a: np.ndarray) -> bytes:
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, "PNG")
+            return buf.getvalue()
+
+        pngs = [png(a) for a in raw]
+        data = {"kind": "real", "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), test split first",
+                "model": model_name, "inference": args.inference, "rows": args.real, **facts}
+    else:
+        mixture = make_mixture(args.categories, args.dim, args.spread, seed=1)
+        vectors, labels = mixture.sample(args.synthetic, np.random.default_rng(2))
+        names = None
+        model_name = "bench-synthetic"
+        data = {"kind": "synthetic", "categories": args.categories, "dim": args.dim, "spread": args.spread,
+                "rows": args.synthetic}
+    server = EmbeddedServer(scratch / "server")
+    url = server.start().url("postgres")
+    try:
+        if args.shared_buffers:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(f"ALTER SYSTEM SET shared_buffers = '{args.shared_buffers}'")
+            server.stop()
+            url = server.start().url("postgres")
+        name = "imsrc_bench"
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+            settings_row = {s: conn.execute(f"SHOW {s}").fetchone()[0] for s in SERVER_SETTINGS}  # type: ignore[index]
+        db_url = url.replace("/postgres?", f"/{name}?") if "/postgres?" in url else url.rsplit("/", 1)[0] + f"/{name}"
+        upgrade(db_url)
+        settings = Settings(database_url=db_url, data_dir=scratch / "data", inference=args.inference,  # type: ignore[call-arg]
+                            _env_file=None)
+        engine = make_engine(db_url)
+        db = Database(url=db_url, engine=engine, settings=settings, revision="head", pgvector_version="")
+        n_cat = int(labels.max()) + 1
+        _model, build, ids, cats = load(db, settings, vectors, labels, n_cat, model_name=model_name,
+                                       category_names=names, global_graph=(HNSW_M, HNSW_EF_CONSTRUCTION))
+        prewarm(db)
+        result = measure(db, settings, scratch / "data", db_url, vectors, labels, ids, cats, args, pngs)
+        engine.dispose()
+    finally:
+        server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    imsrc_settings = {k: getattr(settings, k) for k in ("search_ef_search", "search_exact_max_rows",
+                                                         "search_categories", "search_score_mass",
+                                                         "faiss_flat_max_rows", "search_backend", "inference")}
+    return {"command": " ".join(["python", "bench/search/service_bench.py", *sys.argv[1:]]),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "load_average_before": [round(x, 2) for x in load_start],
+                        "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+            "server": settings_row, "settings": imsrc_settings, "data": data, "k": K,
+            "global_hnsw": {"m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION},
+            "queries": args.queries, "build_s": {k: round(v, 2) for k, v in build.items()}, **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--synthetic", type=int, metavar="ROWS", help="Gaussian mixture of this many vectors")
+    what.add_argument("--real", type=int, metavar="ROWS",
+                      help="this many Fashion-MNIST images embedded with EfficientNet-Lite0 (cached)")
+    parser.add_argument("--categories", type=int, default=100)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--spread", type=float, default=0.8)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--calibration", type=int, default=50, help="separate queries that tune ann's ef_search")
+    parser.add_argument("--http-queries", type=int, default=100)
+    parser.add_argument("--image-queries", type=int, default=30, help="real data: POST /api/search/image queries")
+    parser.add_argument("--no-http", dest="http", action="store_false")
+    parser.add_argument("--inference", default="auto", help="IMSRC_INFERENCE for embedding (real data)")
+    parser.add_argument("--shared-buffers", default="1GB")
+    parser.add_argument("--report", action="store_true", help="rewrite BENCHMARKS.md's Search section and stop")
+    args = parser.parse_args()
+    from bench.search.service_report import write_markdown
+
+    if args.report:
+        write_markdown()
+        return
+    if not (args.real or args.synthetic):
+        parser.error("give --synthetic ROWS or --real ROWS")
+    if args.real and args.real > 70_000:
+        parser.error("Fashion-MNIST has 70,000 images")
+    result = run(args)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{result['data']['kind']}-{result['data']['rows']}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("service", "http", "http_image", "stage1", "ann_tuning")}, indent=1))
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
