@@ -67,8 +67,11 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         app.mount("/", StaticFiles(directory=frontend, html=True), name="frontend")
     else:
         log.warning("this installation has no web page (frontend/); serving the API only")
-    # Added last, so outermost: it sees every answer, the key middleware's refusals included. It gets the routes
-    # themselves (FastAPI's router holds included routers as opaque branches) to name a refused request's route.
+    # Request ids, the access log and request metrics wrap the whole stack, Starlette's ServerErrorMiddleware
+    # included (add_middleware would put them inside it), so the last-resort 500 and its log line carry the
+    # request id too. They get the routes themselves (FastAPI's router holds included routers as opaque branches)
+    # to name the route of a request refused before routing.
     routes = [route for router in ROUTERS for route in router.routes] + list(app.router.routes)
-    app.add_middleware(RequestMiddleware, routes=routes)
+    build_stack = app.build_middleware_stack
+    app.build_middleware_stack = lambda: RequestMiddleware(build_stack(), routes=routes)  # type: ignore[method-assign]
     return app

@@ -1,7 +1,7 @@
-"""Per-request bookkeeping, outermost around the app so it sees every answer (the key middleware's 401s and
-unhandled errors included): a request id (X-Request-ID, returned on every response and put on every log line
-written while answering), one access log line, and the request metrics by route template (never the raw path,
-whose ids would make a series per image)."""
+"""Per-request bookkeeping, outermost around the app (outside even Starlette's error middleware) so it sees every
+answer, the key middleware's 401s and the last-resort 500s included: a request id (X-Request-ID, returned on every
+response and put on every log line written while answering), one access log line, and the request metrics by
+route template (never the raw path, whose ids would make a series per image)."""
 
 from __future__ import annotations
 
@@ -86,12 +86,13 @@ class RequestMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception:
-            log.exception("unhandled error answering %s %s", scope["method"], scope["path"])
-            if started:
-                raise  # the answer is half sent: nothing better to do than to drop the connection
-            # The one JSON shape the API uses, and the id that finds this traceback in the log.
-            response = error_response(500, "internal_error", f"internal error (request id {request_id})")
-            await response(scope, receive, send_wrapper)
+            # Outside Starlette's ServerErrorMiddleware, whose handler (api.errors) has logged the traceback, with
+            # this request's id, and answered the API's JSON 500 through send_wrapper, so with the id header too.
+            # Raising on would only log it a second time, without the id.
+            if not started:  # no handler answered: answer in the same shape here
+                log.exception("unhandled error answering %s %s", scope["method"], scope["path"])
+                response = error_response(500, "internal_error", "the server failed to handle this request")
+                await response(scope, receive, send_wrapper)
         finally:
             seconds = time.perf_counter() - start
             route = route_template(scope, self.routes)
