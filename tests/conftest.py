@@ -24,6 +24,8 @@ from imsrc.db.session import Database
 # Tests run torch unless they ask for another engine (tests/test_inference.py): an ONNX export on first load
 # would slow every test that builds a model. Subprocesses inherit it (tests/helpers.run_cli keeps it).
 os.environ.setdefault("IMSRC_INFERENCE", "torch")
+# TestClient sends `Host: testserver`, which the app's Host allow-list (against DNS rebinding) would refuse.
+os.environ.setdefault("IMSRC_ALLOWED_HOSTS", '["testserver"]')
 
 
 def _scratch_dir(prefix: str) -> Path:

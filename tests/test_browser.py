@@ -78,7 +78,8 @@ def _page(browser: Any, viewport: dict[str, int]) -> Any:
 def _shot(page: Any, path: Path) -> None:
     """A full-page screenshot once every image (lazy ones too) has loaded and decoded."""
     page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
-    page.wait_for_function("[...document.images].every(i => i.complete)", timeout=15_000)
+    # Functions, not expression strings: Playwright evals a string inside the page, which its CSP forbids.
+    page.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=15_000)
     page.evaluate("Promise.all([...document.images].map(i => i.decode().catch(() => null)))")
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(path), full_page=True)
@@ -104,7 +105,8 @@ def _upload(page: Any, base: str, files: list[Path], category: str) -> dict[str,
     page.set_input_files("#upload-files", [str(f) for f in files])
     n = len(files)
     page.wait_for_function(
-        f"document.querySelector('.upload-summary').textContent.startsWith('{n} of {n} done')", timeout=120_000)
+        f"() => document.querySelector('.upload-summary').textContent.startsWith('{n} of {n} done')",
+        timeout=120_000)
     ids = {}
     for row in page.query_selector_all(".upload-row"):
         name = row.query_selector(".upload-name").inner_text()
@@ -257,3 +259,15 @@ def test_text_search_is_explained_away_for_an_image_only_model(browser: Any, ser
     page.wait_for_selector(".results .notice")
     assert "understands images only" in page.inner_text(".results .notice")
     assert sent == []
+
+
+def test_api_docs_render_from_local_files_under_their_csp(browser: Any, server: str) -> None:
+    """/docs: Swagger UI from the package, pinned, with no CSP violation and no outside request (the page keeps
+    the API key on this origin)."""
+    page = _page(browser, WIDE)
+    outside: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else outside.append(r.url))
+    page.goto(f"{server}/docs")
+    page.wait_for_selector(".opblock-tag", timeout=30_000)
+    assert outside == [], outside
+    assert page.errors == [], page.errors

@@ -28,8 +28,10 @@ def live_server(scratch: Path) -> Iterator[tuple[str, dict[str, str]]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
     env.update(IMSRC_DATA_DIR=str(scratch / "data"), IMSRC_MODEL="open_clip-tiny-test")
     port = _free_port()
+    # The log goes to a file: a pipe nobody reads fills after 64 KB of log lines and then blocks the server.
+    log = (scratch / "server.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -40,10 +42,12 @@ def live_server(scratch: Path) -> Iterator[tuple[str, dict[str, str]]]:
             time.sleep(0.2)
     else:
         proc.kill()
-        raise AssertionError(proc.stderr.read().decode() if proc.stderr else "server did not start")
+        log.close()
+        raise AssertionError((scratch / "server.log").read_text(errors="replace") or "server did not start")
     yield base, env
     proc.terminate()
     proc.wait(10)
+    log.close()
 
 
 def test_database_restart_under_running_server(live_server: tuple[str, dict[str, str]]) -> None:

@@ -290,5 +290,234 @@ def test_an_unexpected_error_is_a_json_500(settings: Settings, database: Databas
     with TestClient(app, raise_server_exceptions=False) as api:
         response = api.get("/api/boom")
     assert response.status_code == 500
-    assert response.json() == {"error": {"code": "internal_error",
-                                         "message": "the server failed to handle this request"}}
+    error = response.json()["error"]
+    assert error["code"] == "internal_error" and "secret" not in error["message"]
+
+
+# ---------------------------------------------------------------------------------------------- Host and Origin
+def _app_client(settings: Settings, database: Database, session: Session, **changes: object) -> TestClient:
+    app = create_app(settings.model_copy(update=changes), database=database)
+    app.dependency_overrides[get_session] = lambda: session
+    return TestClient(app, base_url="http://127.0.0.1:8000")
+
+
+@pytest.mark.parametrize("host", ["rebind.example", "rebind.example:8000", "127.0.0.1.nip.io", "evil.localhost.com",
+                                  "[::1", "a b", "127.0.0.1:80:80", ""])
+def test_foreign_host_names_are_refused(settings: Settings, database: Database, session: Session, host: str) -> None:
+    with _app_client(settings, database, session, allowed_hosts=[]) as c:
+        for method, path in (("GET", "/api/categories"), ("GET", "/health"), ("GET", "/"),
+                             ("POST", "/api/categories")):
+            response = c.request(method, path, headers={"Host": host}, json={"name": "rebound"})
+            assert response.status_code == 400, (method, path, response.text)
+            assert response.json()["error"]["code"] == "host_not_allowed"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000", "10.1.2.3",
+                                  "imsrc.localhost:8000", "images.example.org", "a.b.example.net"])
+def test_own_host_names_pass(settings: Settings, database: Database, session: Session, host: str) -> None:
+    with _app_client(settings, database, session,
+                     allowed_hosts=["images.example.org", "*.example.net"]) as c:
+        assert c.get("/api/categories", headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "https://evil.example"},
+    {"Origin": "http://127.0.0.1:9999"},  # another local origin (another port)
+    {"Origin": "http://localhost:8000"},  # same machine, but not this page's origin
+    {"Origin": "null"},
+    {"Referer": "https://evil.example/page.html"},
+    {"Origin": "https://evil.example", "Referer": "http://127.0.0.1:8000/"},
+])
+def test_cross_origin_writes_are_refused(settings: Settings, database: Database, session: Session,
+                                         headers: dict[str, str]) -> None:
+    with _app_client(settings, database, session) as c:
+        # A no-cors form post: urlencoded or multipart, and a JSON one, a search and a delete.
+        for method, path, kwargs in (
+            ("POST", "/api/categories", {"json": {"name": "planted"}}),
+            ("POST", "/api/images", {"files": {"file": ("x.png", make_image(5), "image/png")}}),
+            ("POST", "/api/search/image", {"files": {"file": ("x.png", make_image(5), "image/png")}}),
+            ("DELETE", "/api/images/1", {}),
+        ):
+            response = c.request(method, path, headers=headers, **kwargs)
+            assert response.status_code == 403, (method, path, response.text)
+            assert response.json()["error"]["code"] == "origin_not_allowed"
+        assert "planted" not in {cat["name"] for cat in c.get("/api/categories").json()}
+
+
+@pytest.mark.parametrize("headers", [
+    {},  # curl, scripts: no Origin, no Referer
+    {"Origin": "http://127.0.0.1:8000"},  # the page itself
+    {"Referer": "http://127.0.0.1:8000/#/upload"},
+    {"Origin": "https://app.example.com"},  # listed in IMSRC_CORS_ORIGINS
+    {"Origin": "https://images.example.org", "Host": "127.0.0.1:8000"},  # behind a proxy that rewrites Host
+])
+def test_own_and_allowed_origins_may_write(settings: Settings, database: Database, session: Session,
+                                           headers: dict[str, str]) -> None:
+    with _app_client(settings, database, session, cors_origins=["https://app.example.com"],
+                     allowed_hosts=["images.example.org"]) as c:
+        response = c.post("/api/categories", json={"name": f"ok-{len(headers)}-{sorted(headers)}"}, headers=headers)
+        assert response.status_code == 201, response.text
+
+
+def test_api_key_with_surrounding_whitespace_is_accepted(settings: Settings, database: Database,
+                                                         session: Session) -> None:
+    with _app_client(settings, database, session, api_key="s3cret") as c:
+        for value in ("s3cret ", " s3cret", "\ts3cret  "):
+            response = c.post("/api/categories", json={"name": f"k{len(value)}{value.strip()}{value[0] == ' '}"},
+                              headers={"X-API-Key": value})
+            assert response.status_code == 201, (repr(value), response.text)
+        assert c.post("/api/categories", json={"name": "no"}, headers={"X-API-Key": "s3cre"}).status_code == 403
+
+
+# ---------------------------------------------------------------------------------------------- browser headers
+def test_page_api_and_docs_carry_hardening_headers(client: TestClient) -> None:
+    for path in ("/", "/index.html", "/api/categories", "/health", "/docs", "/openapi.json", "/api/nope"):
+        response = client.get(path)
+        csp = response.headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in csp, path
+        assert response.headers["x-frame-options"] == "DENY", path
+        assert response.headers["x-content-type-options"] == "nosniff", path
+        assert response.headers["referrer-policy"] == "same-origin", path
+    page_csp = client.get("/").headers["content-security-policy"]
+    assert "script-src 'self'" in page_csp and "unsafe-inline" not in page_csp.split("script-src")[1].split(";")[0]
+    assert "sandbox" in client.get("/api/categories").headers["content-security-policy"]
+
+
+def test_docs_load_pinned_local_assets_only(client: TestClient) -> None:
+    import base64
+    import hashlib
+    import re
+
+    assert client.get("/redoc").status_code == 404  # it loaded its logo from a CDN
+    for path in ("/docs",):
+        page = client.get(path)
+        assert page.status_code == 200
+        html = page.text
+        assert "cdn." not in html and "https://" not in html and "//fonts" not in html
+        tags = re.findall(r'<(?:script|link rel="stylesheet")[^>]*>', html)
+        assert tags and not re.search(r"<script>\s*\S", html)  # no inline script
+        for tag in tags:
+            src = re.search(r'(?:src|href)="([^"]+)"', tag)
+            integrity = re.search(r'integrity="sha384-([^"]+)"', tag)
+            assert src and integrity, tag
+            body = client.get(src.group(1))
+            assert body.status_code == 200, src.group(1)
+            assert base64.b64encode(hashlib.sha384(body.content).digest()).decode() == integrity.group(1)
+    assert client.get("/openapi.json").json()["openapi"].startswith("3.")
+
+
+# ---------------------------------------------------------------------------------------------- slow clients
+@pytest.fixture(scope="module")
+def served(create_database) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """`imsrc serve` (the real uvicorn server) with a 2-second client timeout."""
+    import tempfile
+
+    from tests.browser_support import running_server
+
+    url = create_database("imsrc_slow")
+    upgrade(url)
+    with tempfile.TemporaryDirectory(prefix="imsrc-slow-") as tmp, \
+            running_server(url, Path(tmp), extra_env={"IMSRC_CLIENT_TIMEOUT_S": "2"}) as base:
+        yield base
+
+
+def _closed_within(sock: object, trickle: list[bytes], limit: float) -> float | None:
+    """Send `trickle` one piece every 0.3 s (then nothing); the seconds until the server closed, or None."""
+    import socket as socketlib
+
+    assert isinstance(sock, socketlib.socket)
+    sock.settimeout(0.3)
+    started = time.monotonic()
+    pieces = list(trickle)
+    while time.monotonic() - started < limit:
+        try:
+            if pieces:
+                sock.sendall(pieces.pop(0))
+            data = sock.recv(4096)
+            if data == b"":
+                return time.monotonic() - started
+            if data.startswith(b"HTTP/1.1 4") or data.startswith(b"HTTP/1.1 5"):
+                continue  # an error answer before closing is fine too
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - started
+    return None
+
+
+@pytest.mark.parametrize("case", ["slow-headers", "silent", "stalled-body"])
+def test_slow_clients_are_disconnected(served: str, case: str) -> None:
+    import socket as socketlib
+
+    port = int(served.rsplit(":", 1)[1])
+    head = b"POST /api/categories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    trickle = {
+        # One header line every 0.3 s, for ever: each read is quick, the request never completes.
+        "slow-headers": [b"GET /health HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n"] + [b"X-A: b\r\n"] * 100,
+        "silent": [],
+        "stalled-body": [head + b"Content-Length: 100\r\n\r\n" + b'{"name": '],
+    }[case]
+    with socketlib.create_connection(("127.0.0.1", port)) as sock:
+        closed_after = _closed_within(sock, trickle, limit=8.0)
+    assert closed_after is not None, f"{case}: still open after 8 s"
+    assert closed_after < 5.0
+    # A prompt client is unaffected.
+    with socketlib.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        sock.settimeout(10)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+# ---------------------------------------------------------------------------------------------- imsrc sql
+def test_sql_prints_every_row_by_default(scratch: Path, database_url: str) -> None:
+    env = {"IMSRC_DATABASE_URL": database_url, "IMSRC_DATA_DIR": str(scratch)}
+    # main printed the first 100,000 rows and exited 0, silently.
+    result = run_cli("sql", "SELECT g FROM generate_series(1, 150000) g", "--csv", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "g" and len(lines) == 150_001 and lines[-1] == "150000"
+    as_json = run_cli("sql", "SELECT g, 'x' || g AS s FROM generate_series(1, 2500) g", "--json", env=env)
+    assert json.loads(as_json.stdout) == [{"g": i, "s": f"x{i}"} for i in range(1, 2501)]
+    assert json.loads(run_cli("sql", "SELECT 1 AS a WHERE false", "--json", env=env).stdout) == []
+    # Statements that cannot stand behind a cursor still work; errors mid-stream are one line.
+    assert "Result" in run_cli("sql", "EXPLAIN SELECT 1", "--csv", env=env).stdout
+    failing = run_cli("sql", "SELECT 1 / (3000 - g) FROM generate_series(1, 5000) g", "--csv", env=env)
+    assert failing.returncode == 1 and "division by zero" in failing.stderr and "Traceback" not in failing.stderr
+    table = run_cli("sql", "SELECT g FROM generate_series(1, 2500) g", env=env)
+    assert table.returncode == 0 and "2500" in table.stdout
+
+
+def test_sql_limit_is_explicit_and_says_when_it_cut(scratch: Path, database_url: str) -> None:
+    env = {"IMSRC_DATABASE_URL": database_url, "IMSRC_DATA_DIR": str(scratch)}
+    cut = run_cli("sql", "SELECT g FROM generate_series(1, 50) g", "--csv", "--limit", "10", env=env)
+    assert cut.returncode == 0 and cut.stdout.splitlines() == ["g", *[str(i) for i in range(1, 11)]]
+    assert "output cut at 10 rows" in cut.stderr
+    whole = run_cli("sql", "SELECT g FROM generate_series(1, 10) g", "--json", "--limit", "10", env=env)
+    assert len(json.loads(whole.stdout)) == 10 and "cut" not in whole.stderr
+
+
+def test_sql_memory_stays_flat(scratch: Path, database_url: str) -> None:
+    """Peak memory of `imsrc sql` for 3,000 rows and for 1,500,000 wide rows differs by little."""
+    import os
+    import sys
+
+    from tests.helpers import ROOT
+
+    probe = ("import resource, sys\n"
+             "from imsrc.cli.main import main\n"
+             "sys.argv = ['imsrc', 'sql', sys.argv[1], '--csv']\n"
+             "try:\n    main()\nfinally:\n"
+             "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
+    env.update({"IMSRC_DATABASE_URL": database_url, "IMSRC_DATA_DIR": str(scratch)})
+
+    def peak_kb(rows: int) -> int:
+        query = f"SELECT g, repeat('x', 200) AS pad FROM generate_series(1, {rows}) g"
+        done = subprocess.run([sys.executable, "-c", probe, query], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return int(done.stderr.split("maxrss")[1].split()[0])
+
+    small, big = peak_kb(3000), peak_kb(1_500_000)
+    # Holding the big answer would take well over 300 MB (1.5M tuples of an int and a 200-character string).
+    assert big - small < 60_000, (small, big)

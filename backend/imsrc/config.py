@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     api_key: str | None = None
     protect_reads: bool = False
     cors_origins: list[str] = Field(default_factory=list)
+    # Host names (besides IP addresses, localhost names and this machine's name) the server answers to, e.g. the
+    # public name of a reverse proxy that passes Host on; "*.example.org" for subdomains, "*" for any.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # `imsrc serve` closes a connection whose request head takes longer than this to arrive, or whose body
+    # stalls this long (slow clients holding connections open: slowloris).
+    client_timeout_s: float = Field(default=10.0, gt=0)
     url_fetch_allow_private: bool = False
     # One deadline for a whole URL fetch: resolving, connecting, headers and body, redirects included.
     url_fetch_timeout_s: float = Field(default=10.0, gt=0)

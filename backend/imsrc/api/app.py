@@ -12,6 +12,8 @@ from fastapi.staticfiles import StaticFiles
 
 from imsrc import __version__
 from imsrc.api import categories, images, metrics, search, system, uploads
+from imsrc.api.docs import install_docs
+from imsrc.api.edge import HostOriginMiddleware, SecurityHeadersMiddleware
 from imsrc.api.errors import ERROR_RESPONSES, install_error_handlers
 from imsrc.api.limits import BodyLimitMiddleware
 from imsrc.api.observability import RequestMiddleware
@@ -45,6 +47,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         description="Self-hosted image similarity search on PostgreSQL + pgvector.",
         lifespan=lifespan,
         responses=ERROR_RESPONSES,
+        docs_url=None,  # served by install_docs from pinned local files, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     # One bound on concurrent image decodes for uploads and search queries together.
@@ -59,9 +63,14 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
                            allow_headers=["*"])
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, protect_reads=settings.protect_reads)
+    # Outside the key check and CORS: a foreign Host or Origin is refused before anything else looks at it.
+    app.add_middleware(HostOriginMiddleware, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins,
+                       bound_host=settings.host)
+    app.add_middleware(SecurityHeadersMiddleware)
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    install_docs(app)
     frontend = frontend_dir()
     if frontend is not None:
         app.mount("/", StaticFiles(directory=frontend, html=True), name="frontend")

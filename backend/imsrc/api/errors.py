@@ -33,7 +33,7 @@ class ErrorBody(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in [
-        (400, "bad request"), (401, "API key missing"), (403, "API key wrong"), (404, "not found"),
+        (400, "bad request"), (401, "API key missing"), (403, "API key wrong, or a foreign Origin"), (404, "not found"),
         (409, "conflict"), (413, "too large"), (415, "unsupported media type"), (422, "invalid input"),
         (500, "internal error"), (503, "database or model unavailable; retry"),
     ]

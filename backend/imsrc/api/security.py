@@ -37,7 +37,8 @@ def presented_key(headers: dict[str, str], *, allow_cookie: bool = False) -> str
             return None
         morsel = cookies.get(KEY_COOKIE)
         key = unquote(morsel.value) if morsel is not None else None
-    return key
+    # Surrounding whitespace is never part of a key (a pasted key often carries some): strip it as for Bearer.
+    return key.strip() if key is not None else None
 
 
 def holds_key(headers: Mapping[str, str], api_key: str | None) -> bool:

@@ -6,6 +6,10 @@ always switch back (SET ROLE checks the session user), so only a separate login 
 
 from __future__ import annotations
 
+import itertools
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +40,58 @@ def reader_url(settings: Settings, owner_url: str) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def run_readonly(url: str, query: str, *, max_rows: int = 100_000) -> QueryResult:
+# Statements PostgreSQL can run behind DECLARE ... CURSOR (a server-side cursor); others (EXPLAIN, SHOW) stream.
+CURSOR_STATEMENTS = frozenset({"select", "with", "values", "table"})
+BATCH_ROWS = 2000
+
+
+@dataclass
+class RowStream:
+    columns: list[str]
+    rows: Iterator[tuple[Any, ...]]
+
+
+def _first_keyword(query: str) -> str:
+    text = query
+    while True:
+        text = text.lstrip().lstrip("(").lstrip()
+        if text.startswith("--"):
+            text = text.partition("\n")[2]
+        elif text.startswith("/*"):
+            text = text.partition("*/")[2]
+        else:
+            break
+    return re.split(r"[^A-Za-z_]", text, maxsplit=1)[0].lower()
+
+
+@contextmanager
+def _query_errors() -> Iterator[None]:
+    try:
+        yield
+    except psycopg.errors.SyntaxError as exc:
+        if "multiple commands" in str(exc):
+            raise InvalidInputError("imsrc sql runs exactly one statement; remove the extra ';'") from exc
+        raise InvalidInputError(f"query failed: {_first_line(str(exc))}") from exc
+    except psycopg.errors.ReadOnlySqlTransaction as exc:
+        raise InvalidInputError(f"imsrc sql is read-only: {_first_line(str(exc))}") from exc
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise InvalidInputError(
+            f"imsrc sql runs as {READER_ROLE}, which may only read the catalog: {_first_line(str(exc))}"
+        ) from exc
+    except psycopg.ProgrammingError as exc:
+        if "didn't produce a result" in str(exc):
+            raise InvalidInputError("imsrc sql only runs queries that return rows (SELECT, WITH, ...)") from exc
+        raise InvalidInputError(f"query failed: {_first_line(str(exc))}") from exc
+    except psycopg.Error as exc:
+        raise InvalidInputError(f"query failed: {_first_line(str(exc))}") from exc
+
+
+@contextmanager
+def open_readonly(url: str, query: str) -> Iterator[RowStream]:
+    """Run one read-only statement and stream its rows in constant memory (the whole answer is never held:
+    30M rows once took 2.1 GB). Rows come from a server-side cursor in batches; statements that cannot stand
+    behind a cursor (EXPLAIN, SHOW) stream row by row. Both refuse more than one statement (the query goes
+    through the extended protocol, which holds exactly one)."""
     if not query.strip():
         raise InvalidInputError("empty query")
     try:
@@ -49,28 +104,37 @@ def run_readonly(url: str, query: str, *, max_rows: int = 100_000) -> QueryResul
     with conn:
         conn.read_only = True
         try:
-            with conn.cursor() as cur:
-                # A prepared statement cannot hold more than one command: this enforces "one statement".
-                cur.execute(query.encode(), prepare=True)  # bytes: no client-side %-placeholder parsing
-                if cur.description is None:
-                    raise InvalidInputError("imsrc sql only runs queries that return rows (SELECT, WITH, ...)")
-                columns = [d.name for d in cur.description]
-                rows = cur.fetchmany(max_rows)
-        except psycopg.errors.SyntaxError as exc:
-            if "multiple commands" in str(exc):
-                raise InvalidInputError("imsrc sql runs exactly one statement; remove the extra ';'") from exc
-            raise InvalidInputError(f"query failed: {_first_line(str(exc))}") from exc
-        except psycopg.errors.ReadOnlySqlTransaction as exc:
-            raise InvalidInputError(f"imsrc sql is read-only: {_first_line(str(exc))}") from exc
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise InvalidInputError(
-                f"imsrc sql runs as {READER_ROLE}, which may only read the catalog: {_first_line(str(exc))}"
-            ) from exc
-        except psycopg.Error as exc:
-            raise InvalidInputError(f"query failed: {_first_line(str(exc))}") from exc
+            if _first_keyword(query) in CURSOR_STATEMENTS:
+                with conn.cursor(name="imsrc_sql") as cur:
+                    cur.itersize = BATCH_ROWS
+                    with _query_errors():
+                        cur.execute(query.encode())  # bytes: no client-side %-placeholder parsing
+                    yield RowStream(columns=[d.name for d in cur.description or []], rows=_guarded(iter(cur)))
+            else:
+                with conn.cursor() as plain:
+                    rows = plain.stream(query.encode())
+                    with _query_errors():
+                        first = next(rows, None)  # runs the statement: its errors surface here
+                    if plain.description is None:
+                        raise InvalidInputError("imsrc sql only runs queries that return rows (SELECT, WITH, ...)")
+                    head = [first] if first is not None else []
+                    yield RowStream(columns=[d.name for d in plain.description],
+                                    rows=_guarded(itertools.chain(head, rows)))
         finally:
             conn.rollback()
-    return QueryResult(columns=columns, rows=rows)
+
+
+def _guarded(rows: Iterator[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    """Errors raised while rows are fetched (a division by zero at row 10,000, the statement timeout) become
+    the same one-line errors as those at the start."""
+    with _query_errors():
+        yield from rows
+
+
+def run_readonly(url: str, query: str, *, max_rows: int | None = None) -> QueryResult:
+    """The whole answer (or its first max_rows rows) in memory: for small queries and tests."""
+    with open_readonly(url, query) as stream:
+        return QueryResult(columns=stream.columns, rows=list(itertools.islice(stream.rows, max_rows)))
 
 
 def _first_line(message: str) -> str:

@@ -44,8 +44,10 @@ def embed(
         err_console.print(f"{name}: {summary.embedded} embedded, {summary.failed} failed, {summary.remaining} "
                           f"still missing ({summary.seconds:.1f} s)")
         if summary.failures:
-            print_table(["image", "reason"], [[f["image"], f["reason"]] for f in summary.failures[:50]],
-                        title="Failures")
+            shown = summary.failures[:50]
+            print_table(["image", "reason"], [[f["image"], f["reason"]] for f in shown],
+                        title="Failures" if len(shown) == summary.failed else
+                        f"Failures (the first {len(shown)} of {summary.failed}; --json lists them all)")
     if summary.status == "interrupted":
         err_console.print("stopped; run the same command again to continue")
         sys.exit(130)

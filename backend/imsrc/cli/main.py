@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -54,18 +56,35 @@ def sql(
     query: Annotated[str, typer.Argument(help="One read-only SQL statement.")],
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
+    limit: Annotated[int | None, typer.Option(
+        help="Print at most this many rows (default: all, streamed); stderr says when rows were left out.",
+        min=0)] = None,
 ) -> None:
     """Run read-only SQL against the catalog as the imsrc_reader role."""
-    from imsrc.catalog.readonly_sql import reader_url, run_readonly
+    from imsrc.catalog.readonly_sql import open_readonly, reader_url
+    from imsrc.cli.output import stream_json_objects, stream_table
 
     db = ctx.obj.database()
-    result = run_readonly(reader_url(ctx.obj.settings, db.url), query)
-    if as_json:
-        print_json([dict(zip(result.columns, row, strict=True)) for row in result.rows])
-    elif as_csv:
-        print_csv(result.columns, result.rows)
-    else:
-        print_table(result.columns, result.rows)
+    cut: list[bool] = []
+    with open_readonly(reader_url(ctx.obj.settings, db.url), query) as result:
+        rows = result.rows if limit is None else _at_most(result.rows, limit, cut)
+        if as_json:
+            stream_json_objects(result.columns, rows)
+        elif as_csv:
+            print_csv(result.columns, rows)
+        else:
+            stream_table(result.columns, rows)
+    if cut:
+        err_console.print(f"output cut at {limit} rows (--limit); the query returned more")
+
+
+def _at_most(rows: Iterator[tuple[Any, ...]], limit: int, cut: list[bool]) -> Iterator[tuple[Any, ...]]:
+    """The first `limit` rows; fetching one more tells whether the output was cut (then `cut` gets True)."""
+    for n, row in enumerate(rows):
+        if n == limit:
+            cut.append(True)
+            return
+        yield row
 
 
 @app.command()
@@ -98,6 +117,7 @@ def serve(
     import uvicorn
 
     from imsrc.api.app import create_app
+    from imsrc.api.protocol import GuardedH11Protocol
 
     settings = ctx.obj.settings
     host = host or settings.host
@@ -111,11 +131,15 @@ def serve(
     # Our logging (text or IMSRC_LOG_FORMAT=json, with request ids) replaces uvicorn's own configuration.
     configure_logging(settings.log_format, logging.INFO, server=True)
     db = ctx.obj.database()
+    settings = settings.model_copy(update={"host": host, "port": port})
     if json_logging():
         logging.getLogger("imsrc.serve").info("imsrc serving on http://%s:%s", host, port)
     else:
         err_console.print(f"imsrc serving on http://{host}:{port}  (API docs at /docs)")
-    uvicorn.run(create_app(settings, database=db), host=host, port=port, log_config=None, access_log=False)
+    # A partial of a module-level class stays picklable for uvicorn's worker processes.
+    protocol = functools.partial(GuardedH11Protocol, read_timeout_s=settings.client_timeout_s)
+    uvicorn.run(create_app(settings, database=db), host=host, port=port, log_config=None, access_log=False,
+                http=cast(Any, protocol))
 
 
 def main() -> None:

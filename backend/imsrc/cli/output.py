@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -42,7 +43,7 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: st
     console.print(table)
 
 
-def print_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def print_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     writer = csv.writer(sys.stdout)
     writer.writerow(columns)
     for row in rows:
@@ -53,3 +54,27 @@ def print_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 def _short(value: Any) -> str:
     text = str(value) if isinstance(value, int | float | str | bool) else str(_jsonable(value))
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def stream_json_objects(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A JSON array of one object per row, written as the rows come (the same text print_json would write)."""
+    out = sys.stdout
+    first = True
+    for row in rows:
+        item = json.dumps(dict(zip(columns, row, strict=True)), default=_jsonable, indent=2)
+        out.write(("[\n" if first else ",\n") + "\n".join("  " + line for line in item.splitlines()))
+        first = False
+    out.write("[]\n" if first else "\n]\n")
+
+
+TABLE_PAGE_ROWS = 1000
+
+
+def stream_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Rich tables size their columns from every row, so a long answer prints as tables of 1,000 rows each:
+    memory stays bounded whatever the answer's length."""
+    iterator = iter(rows)
+    page = list(itertools.islice(iterator, TABLE_PAGE_ROWS))
+    print_table(columns, page)
+    while page := list(itertools.islice(iterator, TABLE_PAGE_ROWS)):
+        print_table(columns, page)
