@@ -96,6 +96,9 @@ def settings(database_url: str) -> Settings:
         database_url=database_url,
         data_dir=_scratch_dir("data"),
         model="open_clip-tiny-test",
+        # Test catalogs are tiny: two-stage search is exercised as such; the small-catalog rule has its own test.
+        search_two_stage_min_rows=0,
+        search_warmup=False,  # a background thread per app would race the tests' own transactions
         _env_file=None,  # type: ignore[call-arg]
     )
 

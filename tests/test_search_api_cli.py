@@ -39,7 +39,8 @@ def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-de
     upgrade(url)
     folder = Path(tempfile.mkdtemp(prefix="imsrc-search-e2e-"))
     settings = Settings(database_url=url, data_dir=folder / "data", model=MODEL, search_exact_max_rows=4,
-                        faiss_flat_max_rows=4, _env_file=None)  # type: ignore[call-arg]
+                        faiss_flat_max_rows=4, search_two_stage_min_rows=0, search_warmup=False,
+                        _env_file=None)  # type: ignore[call-arg]
     engine = make_engine(url)
     database = Database(url=url, engine=engine, settings=settings, revision="head", pgvector_version="")
     embedder = get_embedder(MODEL)
@@ -62,6 +63,23 @@ def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-de
 def client(catalog: Catalog) -> Iterator[TestClient]:
     with TestClient(create_app(catalog.settings, database=catalog.database)) as c:
         yield c
+
+
+def test_the_server_warms_search_in_the_background_after_start(catalog: Catalog) -> None:
+    """/health answers at once; prototypes, the FAISS index and the buffers are loaded without any search."""
+    settings = catalog.settings.model_copy(update={"search_warmup": True, "search_backend": "faiss"})
+    app = create_app(settings, database=catalog.database)
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        report = app.state.search_warmup
+        assert report.done.wait(120)
+        runtime = app.state.search_runtime
+        assert report.error is None and report.model == MODEL and report.faiss_loaded
+        assert report.prewarmed_bytes > 0
+        assert runtime.prototypes.loads == 1 and len(runtime.faiss._indexes) == 1
+        resp = c.get(f"/api/search/similar/{catalog.ids['cats-3.png']}?k=3")
+        assert resp.status_code == 200 and resp.json()["backend"] == "faiss"
+        assert runtime.prototypes.loads == 1  # the search used what the warm-up loaded
 
 
 def test_upload_search_finds_the_same_image_first(client: TestClient, catalog: Catalog) -> None:

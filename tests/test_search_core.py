@@ -265,3 +265,22 @@ def test_sync_replaces_full_precision_category_indexes_with_halfvec_ones(session
     names = set(session.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings'")).scalars())
     assert legacy not in names
     assert {f"ix_embeddings_hv_m{cat.model.id}_c{i}" for i in cat.category_ids} <= names
+
+
+def test_a_small_catalog_answers_two_stage_as_ann_and_says_so(session: Session, settings: Settings,
+                                                              small: Synthetic) -> None:
+    """pgvector: under IMSRC_SEARCH_TWO_STAGE_MIN_ROWS one graph walk beats stage 1 + per-category walks, so the
+    service runs `ann` and reports it; an explicit fan-out, a category filter or FAISS keep two-stage."""
+    rows = len(small.image_ids)
+    q = _queries(small, 1)[0]
+    below = SearchService(session, _runtime(settings, search_two_stage_min_rows=rows + 1))
+    got = below.search_vector(small.model, q, SearchOptions(k=10))
+    assert got.mode == "ann" and got.stage1 == [] and got.backend == "pgvector"
+    assert _ids(got) == _ids(below.search_vector(small.model, q, SearchOptions(k=10, mode="ann")))
+    assert below.search_vector(small.model, q, SearchOptions(k=10, categories=2)).mode == "two_stage"
+    assert below.search_vector(small.model, q, SearchOptions(k=10, backend="faiss")).mode == "two_stage"
+    named = below.search_vector(small.model, q, SearchOptions(k=10, category=[f"{small.model.name}-cat-01"]))
+    assert named.mode == "two_stage" and {h.category_id for h in named.results} == {named.results[0].category_id}
+    at = SearchService(session, _runtime(settings, search_two_stage_min_rows=rows))
+    reached = at.search_vector(small.model, q, SearchOptions(k=10))
+    assert reached.mode == "two_stage" and reached.stage1

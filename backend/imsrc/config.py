@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     # pgvector: categories with fewer vectors than this get no HNSW index and are scanned exactly (bench/search:
     # at 1,000 rows a per-category HNSW answered ~2x faster than the exact scan at recall@10 0.98).
     search_exact_max_rows: int = Field(default=500, ge=0)
+    # pgvector: a model with fewer vectors than this answers two_stage requests (without an explicit fan-out) as
+    # `ann`: at 10,000 real embeddings one global graph walk beat stage 1 + per-category walks (HTTP p50 10.0 vs
+    # 13.3 ms) at recall 1.0 vs 0.97; at 100,000 two-stage won (bench/search). 0 = always two-stage.
+    search_two_stage_min_rows: int = Field(default=20000, ge=0)
+    # At server start, in the background: pg_prewarm the embeddings and the active model's HNSW indexes, load its
+    # prototypes and (backend faiss) its FAISS index, so the first searches after a restart are not cold.
+    search_warmup: bool = True
     faiss_flat_max_rows: int = Field(default=5000, ge=0)
     # Regroup automatic categories when the uncategorised set has grown by this fraction since the last grouping.
     autogroup_growth: float = Field(default=0.5, gt=0.0)

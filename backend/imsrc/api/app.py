@@ -22,6 +22,7 @@ from imsrc.config import Settings, get_settings
 from imsrc.db.session import Database, open_database
 from imsrc.ingest.imaging import DecodeGate
 from imsrc.resources import frontend_dir
+from imsrc.search import warmup
 from imsrc.search.service import SearchRuntime
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
         app.state.database = database or open_database(settings)
+        # In the background: /health answers at once; the first searches find things warm when it is done.
+        app.state.search_warmup = warmup.start(app.state.database, app.state.search_runtime) \
+            if settings.search_warmup else None
         try:
             yield
         finally:

@@ -191,6 +191,12 @@ class NeighbourRepository:
             rows = self.session.execute(text(sql), {"q": query}).all()
         return [(int(r[0]), float(r[1])) for r in rows]
 
+    def count_up_to(self, model_id: int, limit: int) -> int:
+        """The model's vectors, counted only up to `limit` (bounded cost whatever the catalog's size)."""
+        return int(self.session.execute(text(
+            f"SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_id = {int(model_id)} "
+            f"LIMIT {int(limit)}) s")).scalar_one())
+
     def count_in(self, model_id: int, category_ids: Sequence[int]) -> int:
         return int(self.session.execute(text(
             f"SELECT count(*) FROM embeddings WHERE model_id = {int(model_id)} AND category_id IN "

@@ -56,6 +56,7 @@ class SearchRuntime:
     url_fetcher: UrlFetcher
     decode_gate: DecodeGate
     _index_cache: dict[int, tuple[float, dict[int, int]]] = field(default_factory=dict)
+    _rows_cache: dict[int, tuple[float, int]] = field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings, embedder_factory: EmbedderFactory | None = None,
@@ -68,6 +69,19 @@ class SearchRuntime:
 
     def service(self, session: Session) -> SearchService:
         return SearchService(session, self)
+
+    def small_catalog(self, session: Session, model_id: int) -> bool:
+        """Whether the model has fewer vectors than IMSRC_SEARCH_TWO_STAGE_MIN_ROWS (cached for a few seconds;
+        the count stops at the threshold, so it costs the same on any catalog)."""
+        threshold = self.settings.search_two_stage_min_rows
+        if threshold <= 0:
+            return False
+        now = time.monotonic()
+        hit = self._rows_cache.get(model_id)
+        if hit is None or now - hit[0] > INDEX_CACHE_SECONDS:
+            hit = (now, NeighbourRepository(session).count_up_to(model_id, threshold))
+            self._rows_cache[model_id] = hit
+        return hit[1] < threshold
 
     def category_indexes(self, session: Session, model_id: int) -> dict[int, int]:
         """Which categories have a per-category HNSW index (and its rows), cached for a few seconds. A stale
@@ -199,6 +213,12 @@ class SearchService:
         k = options.k or self.settings.search_k
         mode = options.mode
         backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
+        if mode == "two_stage" and backend == "pgvector" and not options.category and options.categories is None \
+                and self.runtime.small_catalog(self.session, model.id):
+            # Stage 1 cannot pay here: one walk of the model's graph is faster than stage 1 plus a walk per
+            # picked category, and misses nothing at a category's edge. Said so in the response's mode.
+            mode = "ann"
+            options = options.model_copy(update={"mode": "ann"})
         t1 = time.perf_counter()
         chosen, stage1, near, ranked = self._stage1(model, vector, options, walks=backend == "pgvector")
         if mode == "two_stage" and chosen is None:

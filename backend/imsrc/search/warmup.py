@@ -1,0 +1,78 @@
+"""Warm what the first searches need, in the background after the server starts (never before /health).
+
+Without it the first query after a restart pays for everything at once: the prototype matrix read, the FAISS
+index load or build (seconds on a big catalog), and PostgreSQL reading the embeddings and their HNSW graphs from
+disk. Warming is best effort: a failure is logged and searches simply warm things on first use, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from imsrc.catalog.repository import ModelRepository
+from imsrc.db.session import Database
+from imsrc.search.service import SearchRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WarmReport:
+    done: threading.Event = field(default_factory=threading.Event)
+    model: str | None = None
+    prewarmed_bytes: int = 0
+    faiss_loaded: bool = False
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def prewarm_search_relations(session: Session, model_id: int) -> int:
+    """pg_prewarm the embeddings table and the model's HNSW indexes into shared_buffers; bytes read. 0 when
+    the pg_prewarm extension is not installed (creating it needs rights a catalog role may lack)."""
+    if session.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'pg_prewarm'")).scalar() is None:
+        try:
+            with session.begin_nested():
+                session.execute(text("CREATE EXTENSION IF NOT EXISTS pg_prewarm"))
+        except SQLAlchemyError:
+            return 0
+    blocks = session.execute(text(
+        "SELECT coalesce(sum(pg_prewarm(c.oid)), 0) FROM pg_class c WHERE c.oid = 'embeddings'::regclass "
+        "OR c.oid IN (SELECT x.indexrelid FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+        "WHERE x.indrelid = 'embeddings'::regclass AND i.relname LIKE :p)"),
+        {"p": f"ix_embeddings_h%_m{int(model_id)}%"}).scalar_one()
+    return int(blocks) * 8192
+
+
+def warm(database: Database, runtime: SearchRuntime, report: WarmReport) -> None:
+    started = time.perf_counter()
+    try:
+        with database.session() as session:
+            model = ModelRepository(session).active()
+            if model is None:
+                return
+            report.model = model.name
+            report.prewarmed_bytes = prewarm_search_relations(session, model.id)
+            runtime.prototypes.get(session, model.id)
+            if runtime.settings.search_backend == "faiss":
+                runtime.faiss.get(session, model)
+                report.faiss_loaded = True
+    except Exception as exc:  # best effort: searches warm what they need on first use anyway
+        report.error = f"{type(exc).__name__}: {exc}"
+        log.warning("search warm-up failed (first searches will be slower): %s", report.error)
+    finally:
+        report.seconds = time.perf_counter() - started
+        report.done.set()
+        log.info("search warm-up: %s", report)
+
+
+def start(database: Database, runtime: SearchRuntime) -> WarmReport:
+    report = WarmReport()
+    threading.Thread(target=warm, args=(database, runtime, report), name="imsrc-search-warmup", daemon=True).start()
+    return report
