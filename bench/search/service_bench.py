@@ -56,6 +56,7 @@ RESULTS = HERE / "results"
 METHODS = [("exact", "exact", None), ("ann pgvector", "ann", "pgvector"),
            ("two_stage pgvector", "two_stage", "pgvector"), ("ann FAISS", "ann", "faiss"),
            ("two_stage FAISS", "two_stage", "faiss")]
+FORCED = "two_stage pgvector, small-catalog rule off"
 EF_LADDER = (40, 60, 100, 150, 200, 300, 400, 600, 1000)
 SERVER_SETTINGS = ("shared_buffers", "work_mem", "max_parallel_workers_per_gather", "jit", "effective_cache_size")
 
@@ -97,7 +98,9 @@ class Http:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from imsrc.cli.main import main; main()", "serve", "--port", str(self.port)],
             env={**os.environ, **env, "IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data_dir),
-                 "PYTHONPATH": str(ROOT / "backend")}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 "PYTHONPATH": str(ROOT / "backend")}, stdout=subprocess.DEVNULL,
+            stderr=(data_dir.parent / "serve.log").open("wb"))  # a pipe nobody reads would fill and block it
+        self.log = data_dir.parent / "serve.log"
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
         started = time.perf_counter()
         while True:
@@ -107,8 +110,8 @@ class Http:
             except httpx.TransportError:
                 pass
             if self.proc.poll() is not None or time.perf_counter() - started > 60:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise SystemExit(f"imsrc serve did not come up: {err.strip().splitlines()[-1:]}")
+                err = self.log.read_text(errors="replace").strip().splitlines()
+                raise SystemExit(f"imsrc serve did not come up: {err[-1] if err else 'no output'}")
             time.sleep(0.2)
         self.health_s = time.perf_counter() - started
 
@@ -131,7 +134,11 @@ class Http:
     def close(self) -> None:
         self.client.close()
         self.proc.terminate()
-        self.proc.wait(30)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
 
 
 def service_call(db: Database, runtime: SearchRuntime, image_id: int, mode: str, backend: str | None
@@ -173,7 +180,8 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
     service_call(db, runtime, int(ids[rows[0]]), "ann", "faiss")
     faiss_first_s = time.perf_counter() - started
     # Two-stage pgvector's recall on the calibration queries is the target for the tuned `ann` row.
-    two = [service_call(db, runtime, int(ids[r]), "two_stage", "pgvector")[1] for r in calib_rows]
+    calib_runtime = SearchRuntime.create(settings.model_copy(update={"search_two_stage_min_rows": 0}))
+    two = [service_call(db, calib_runtime, int(ids[r]), "two_stage", "pgvector")[1] for r in calib_rows]
     target = float(np.mean([len({h.id for h in g.results} & set(t)) / K for g, t in
                             zip(two, calib_truths, strict=True)]))
     ef, ef_recall = tune_ann_ef(db, settings, ids, calib_rows, calib_truths, target)
@@ -181,6 +189,10 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
     tuned.faiss = runtime.faiss
     methods = [(label, mode, backend, runtime) for label, mode, backend in METHODS]
     methods.insert(2, (f"ann pgvector, ef_search {ef} (tuned)", "ann", "pgvector", tuned))
+    # What two-stage itself costs where the service would answer `ann` (IMSRC_SEARCH_TWO_STAGE_MIN_ROWS).
+    forced = SearchRuntime.create(settings.model_copy(update={"search_two_stage_min_rows": 0}))
+    forced.faiss = runtime.faiss
+    methods.insert(4, (FORCED, "two_stage", "pgvector", forced))
     lat: dict[str, list[float]] = {}
     rec: dict[str, list[float]] = {}
     prec: dict[str, list[float]] = {}
@@ -206,7 +218,7 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
             took, resp = service_call(db, rt, qid, mode, backend)
             record(label, took, [h.id for h in resp.results], truths[i], qid, resp.mode)
             stage2_ms.setdefault(label, []).append(resp.timings_ms.stage2)
-            if label == "two_stage pgvector":
+            if label == FORCED:
                 picked = {c.category_id for c in resp.stage1}
                 stage1_n.append(len(picked))
                 stage1_recall.append(float(np.mean([cat_of[t] in picked for t in truths[i]])))
@@ -241,7 +253,9 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
                     http.image(pngs[int(warm)], "two_stage", "pgvector")
             hl: dict[str, list[float]] = {}
             hr: dict[str, list[float]] = {}
+            hm: dict[str, set[str]] = {}
             il: dict[str, list[float]] = {}
+            im: dict[str, set[str]] = {}
             embed_ms: list[float] = []
             for i, r in enumerate(rows[:args.http_queries]):
                 qid = int(ids[r])
@@ -249,15 +263,17 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
                     took, body = http.similar(qid, mode, backend)
                     hl.setdefault(label, []).append(took)
                     hr.setdefault(label, []).append(len({h["id"] for h in body["results"]} & set(truths[i])) / K)
+                    hm.setdefault(label, set()).add(body["mode"])
                 if pngs is not None and i < args.image_queries:
                     for label, mode, backend in (("two_stage pgvector", "two_stage", "pgvector"),
                                                  ("ann pgvector", "ann", "pgvector")):
                         took, body = http.image(pngs[int(r)], mode, backend)
                         il.setdefault(label, []).append(took)
+                        im.setdefault(label, set()).add(body["mode"])
                         embed_ms.append(body["timings_ms"]["embed"])
-            out["http"] = {label: {**summary(hl[label]), "recall_at_10": round(float(np.mean(hr[label])), 4)}
-                           for label in hl}
-            out["http_image"] = {label: summary(il[label]) for label in il}
+            out["http"] = {label: {**summary(hl[label]), "recall_at_10": round(float(np.mean(hr[label])), 4),
+                                   "response_mode": sorted(hm[label])} for label in hl}
+            out["http_image"] = {label: {**summary(il[label]), "response_mode": sorted(im[label])} for label in il}
             if embed_ms:
                 out["http_image_embed_p50_ms"] = round(statistics.median(embed_ms), 2)
         finally:
@@ -335,6 +351,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally clauses: stop the servers
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--synthetic", type=int, metavar="ROWS", help="Gaussian mixture of this many vectors")
