@@ -4,7 +4,9 @@ filter, iterative scan), two-stage on pgvector and on FAISS, at 10k / 100k (/ 1M
 
     PYTHONPATH=backend .venv/bin/python bench/search/run.py [--sizes 10000 100000] [--million]
 
-Writes bench/search/results.json, bench/search/latency.png and the `## Search` section of BENCHMARKS.md.
+Stage-2 internals on a lean path (no hydration, no per-request stage 1, K = 10): a developer's tool for query
+shapes and thresholds. Writes bench/search/results.json and bench/search/latency.png; the published figures in
+BENCHMARKS.md come from bench/search/service_bench.py, which times the service as users get it.
 Every method runs on the same queries, interleaved query by query, in one process against one server.
 """
 
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
 from bench.search.load import index_sizes, load, make_mixture, prewarm, reuse  # noqa: E402
-from bench.search.report import plot, write_markdown  # noqa: E402
+from bench.search.report import plot  # noqa: E402
 from bench.search.variants import (  # noqa: E402
     build_partitions,
     calibration_pair,
@@ -310,7 +312,7 @@ def main() -> None:
                         help="shared_buffers for the embedded benchmark server ('' = leave the default)")
     parser.add_argument("--no-partitions", dest="partitions", action="store_false",
                         help="skip the LIST-partitioned comparison table")
-    parser.add_argument("--no-report", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--no-report", action="store_true", help="do not redraw latency.png")
     parser.add_argument("--parallel-builds", action="store_true",
                         help="build the global HNSW and the per-category ones at the same time (2 sessions)")
     parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",
@@ -319,13 +321,11 @@ def main() -> None:
                         help="merge into the existing results.json (sizes measured now replace the same sizes)")
     parser.add_argument("--out", default="results.json", help="results file name under bench/search")
     parser.add_argument("--report-only", action="store_true",
-                        help="only redraw the plot and BENCHMARKS.md from results.json (and its notes)")
+                        help="only redraw the plot from results.json")
     args = parser.parse_args()
     if args.report_only:
         saved = json.loads((OUT / "results.json").read_text())
         plot(saved, OUT / "latency.png")
-        extra = OUT / "results_structured.json"
-        write_markdown(saved, ROOT / "BENCHMARKS.md", json.loads(extra.read_text()) if extra.exists() else None)
         return
     sizes = args.sizes + ([1_000_000] if args.million else [])
     scratch = ROOT / "bench" / "results" / "tmp" / "search"
@@ -371,7 +371,6 @@ def main() -> None:
                 shutil.rmtree(scratch / "server", ignore_errors=True)
     if not args.no_report:
         plot(results, OUT / "latency.png")
-        write_markdown(results, ROOT / "BENCHMARKS.md")
 
 if __name__ == "__main__":
     main()
