@@ -41,7 +41,9 @@ class Settings(BaseSettings):
 
     # Ingest.
     workers: int = Field(default=0, ge=0)  # 0 = one per CPU core
-    batch_size: int = Field(default=32, ge=1, le=1024)
+    # 16: ONNX Runtime's cost per image is flat from batch 8 to 64, torch's is lowest at 8-16 and its working
+    # memory grows above 16 (0.9 GB at 64). BENCHMARKS.md, "Inference engines: batch size, threads and targets".
+    batch_size: int = Field(default=16, ge=1, le=1024)
     duplicate_threshold: int = Field(default=4, ge=0, le=32)
     max_pixels: int = Field(default=89_478_485, ge=1)  # Pillow's own decompression-bomb limit
     # Search queries (uploaded or fetched) decode at most this many pixels (and never more than max_pixels).

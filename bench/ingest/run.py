@@ -139,9 +139,9 @@ def fresh_database(server_url: str) -> str:
 
 
 def run_model(label: str, server_url: str, folder: Path, batch_size: int, workers: int,
-              model_batches: int) -> dict[str, Any]:
+              model_batches: int, inference: str = "torch") -> dict[str, Any]:
     name, weights = MODELS[label]
-    embedder = build_embedder(name, precision="fp32")
+    embedder = build_embedder(name, precision="fp32", runtime=inference)
     files = files_of(folder)
     stage_ms = worker_stage_ms(files, embedder)
     url = fresh_database(server_url)
@@ -169,6 +169,7 @@ def run_model(label: str, server_url: str, folder: Path, batch_size: int, worker
     stage = {k: round(sum(p["stage_s"][k] for p in parts), 1) for k in parts[0]["stage_s"]}
     return {
         "model": label, "registered_as": name, "weights": weights, "batch_size": batch_size, "workers": workers,
+        "inference": inference, "engines": dict(embedder.runtime),
         "images": images, "parts_count": len(parts), "seconds": round(seconds, 1),
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "measured_at": time.strftime("%Y-%m-%d %H:%M"), "end_to_end_img_s": round(images / seconds, 2),
@@ -181,11 +182,16 @@ def run_model(label: str, server_url: str, folder: Path, batch_size: int, worker
     }
 
 
+def _label(run: dict[str, Any]) -> str:
+    return f"{run['model']} ({run.get('inference', 'torch')}, batch {run['batch_size']})"
+
+
 def write_markdown(res: dict[str, Any]) -> None:
     lines = [HEADING, "",
              f"`bench/ingest/run.py` on {res['machine']}: `imsrc index` of Fashion-MNIST test images written as "
              "JPEG (28x28, one folder per class, `--category-from-folder`), indexed in parts into one fresh "
-             f"database per model, batch {res['batch_size']}, {res['workers']} worker processes, fp32. End-to-end = "
+             "database per model and engine (IMSRC_INFERENCE), "
+             f"batch as labelled, {res['workers']} worker processes, fp32. End-to-end = "
              "files / job wall time (scan, decode, pHash, thumbnail, preprocess, embed, COPY + HNSW insert, "
              "prototypes, worker start-up). Model = `encode_images` alone (in a thread, like the pipeline) on "
              "preprocessed batches of the same images, measured before the first part and after each part; each "
@@ -198,14 +204,14 @@ def write_markdown(res: dict[str, Any]) -> None:
              "| ratio (per part) | model busy | target |",
              "|---|---|---:|---|---:|---|---|---:|---|"]
     for r in res["runs"]:
-        lines.append(f"| {r['model']} | {r['weights']} | {r['images']} ({r['parts_count']}) | "
+        lines.append(f"| {_label(r)} | {r['weights']} | {r['images']} ({r['parts_count']}) | "
                      f"{r['load_average'][0]} -> {r['load_average'][1]} | {r['end_to_end_img_s']} | "
                      f"{' / '.join(str(x) for x in r['model_img_s_measurements'])} | **{r['ratio']:.2f}** "
                      f"({', '.join(f'{x:.2f}' for x in r['part_ratios'])}) | {r['model_busy']:.3f} | "
                      f"{'met' if r['ratio'] >= 0.9 else 'missed'} (>= 0.90) |")
     for r in res["runs"]:
         if r["ratio"] < 0.9 and r["model_busy"] >= 0.95:
-            lines += ["", f"{r['model']}: the model was computing {r['model_busy']:.0%} of the time, so it was not "
+            lines += ["", f"{_label(r)}: the model was computing {r['model_busy']:.0%} of the time, so it was not "
                       "starved; each batch ran slower than alone because the pipeline's own work (decode workers, "
                       "the writer thread, PostgreSQL's COPY and HNSW inserts) shares the same CPU cores. With spare "
                       "cores or a GPU that work no longer competes with the model."]
@@ -214,7 +220,7 @@ def write_markdown(res: dict[str, Any]) -> None:
               "| model | wall | embed | write | wait_for_workers | scan_and_lookup |", "|---|---:|---:|---:|---:|---:|"]
     for r in res["runs"]:
         s = r["pipeline_stage_s"]
-        lines.append(f"| {r['model']} | {r['seconds']} | {s['embed']} | {s['write']} | {s['wait_for_workers']} | "
+        lines.append(f"| {_label(r)} | {r['seconds']} | {s['embed']} | {s['write']} | {s['wait_for_workers']} | "
                      f"{s['scan_and_lookup']} |")
     lines += ["", "Per-image worker cost (ms, median of 300 files, measured in the benchmark's own process before "
               "the run, under the same load):", "",
@@ -222,7 +228,7 @@ def write_markdown(res: dict[str, Any]) -> None:
               "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["runs"]:
         w = r["worker_stage_ms"]
-        lines.append(f"| {r['model']} | {w['read_hash']} | {w['decode']} | {w['phash']} | {w['thumbnail']} | "
+        lines.append(f"| {_label(r)} | {w['read_hash']} | {w['decode']} | {w['phash']} | {w['thumbnail']} | "
                      f"{w['preprocess']} | {w['total']} |")
     lines.append("")
     section = "\n".join(lines) + "\n"
@@ -240,10 +246,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=10_000, help="JPEG files to index (max 10,000)")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=Settings.model_fields["batch_size"].default)
     ap.add_argument("--workers", type=int, default=0, help="0 = one per CPU")
     ap.add_argument("--model-batches", type=int, default=6, help="timed batches per model-only measurement")
     ap.add_argument("--parts", type=int, default=5, help="interleave model-only measurements between this many parts")
+    ap.add_argument("--inference", default="torch", help="comma-separated engines (IMSRC_INFERENCE): torch, onnx, "
+                    "onnx-int8; each model is indexed once per engine")
     ap.add_argument("--no-markdown", action="store_true")
     args = ap.parse_args()
     started = time.monotonic()
@@ -254,17 +262,19 @@ def main() -> None:
     runs = []
     try:
         for label in args.models.split(","):
-            print(f"{label}: indexing {args.images} files ...", flush=True)
-            r = run_model(label, info.url("postgres"), folder, args.batch_size, workers, args.model_batches)
-            print(json.dumps(r), flush=True)
-            runs.append(r)
+            for engine in args.inference.split(","):
+                print(f"{label} ({engine}): indexing {args.images} files ...", flush=True)
+                r = run_model(label, info.url("postgres"), folder, args.batch_size, workers, args.model_batches,
+                              engine)
+                print(json.dumps(r), flush=True)
+                runs.append(r)
     finally:
         server.stop()
     # Runs of models not measured this time are kept, so models can be measured in separate invocations.
-    done = {r["model"] for r in runs}
+    done = {_label(r) for r in runs}
     kept = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []
-    runs = [r for r in kept if r["model"] not in done and "parts_count" in r] + runs
-    runs.sort(key=lambda r: list(MODELS).index(r["model"]) if r["model"] in MODELS else 99)
+    runs = [r for r in kept if _label(r) not in done and "parts_count" in r] + runs
+    runs.sort(key=lambda r: (list(MODELS).index(r["model"]) if r["model"] in MODELS else 99, _label(r)))
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
            "batch_size": args.batch_size, "workers": workers, "runs": runs,
            "elapsed_s": round(time.monotonic() - started, 1)}

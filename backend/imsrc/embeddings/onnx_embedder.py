@@ -39,6 +39,11 @@ def make_session(path: Path) -> Any:
     opts.intra_op_num_threads = cpu_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    # No busy-waiting between runs: ORT's idle threads otherwise spin after every call, taking the cores from
+    # what runs next in this process (stage-1/2 search after a query, torch for a tower left on torch) and from
+    # the ingest workers. Measured on the 2-core box: a torch call right after a spinning ORT call took 56 ms
+    # instead of 28 ms, while ORT itself lost nothing measurable without spinning (BENCHMARKS.md).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -35,7 +35,7 @@ class EmbedSummary:
     failures: list[dict[str, str]] = field(default_factory=list)
 
 
-def embed_missing(database: Database, embedder: Embedder, *, workers: int = 0, batch_size: int = 32,
+def embed_missing(database: Database, embedder: Embedder, *, workers: int = 0, batch_size: int = 16,
                   stop: threading.Event | None = None,
                   on_progress: Callable[[JobProgress], None] | None = None) -> EmbedSummary:
     """Commits once per batch (call it from a command boundary)."""

@@ -93,7 +93,7 @@ def job_key(kind: str, paths: Iterable[str], options: dict[str, Any], model: str
 
 def run_index_job(database: Database, embedder: Embedder, paths: list[str], *, category: str | None = None,
                   category_from_folder: bool = False, store: str = "reference", workers: int = 0,
-                  batch_size: int = 32, inline_below: int = 48, stop: threading.Event | None = None,
+                  batch_size: int = 16, inline_below: int = 48, stop: threading.Event | None = None,
                   on_progress: Callable[[JobProgress], None] | None = None) -> JobSummary:
     """Index folders/files. Commits once per batch (and to open and close the job): call it from a
     command boundary, never inside another unit of work."""
