@@ -341,7 +341,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     imsrc_settings = {k: getattr(settings, k) for k in ("search_ef_search", "search_exact_max_rows",
                                                          "search_categories", "search_score_mass",
                                                          "faiss_flat_max_rows", "search_backend", "inference")}
-    return {"command": " ".join(["python", "bench/search/service_bench.py", *sys.argv[1:]]),
+    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--results-dir" and sys.argv[i] != "--results-dir"]
+    return {"command": " ".join(["python", "bench/search/service_bench.py", *argv]),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "load_average_before": [round(x, 2) for x in load_start],
                         "load_average_after": [round(x, 2) for x in os.getloadavg()]},
@@ -370,6 +371,7 @@ def main() -> None:
     parser.add_argument("--inference", default="auto", help="IMSRC_INFERENCE for embedding (real data)")
     parser.add_argument("--shared-buffers", default="1GB")
     parser.add_argument("--report", action="store_true", help="rewrite BENCHMARKS.md's Search section and stop")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where to write the results file")
     args = parser.parse_args()
     from bench.search.service_report import write_markdown
 
@@ -381,11 +383,11 @@ def main() -> None:
     if args.real and args.real > 70_000:
         parser.error("Fashion-MNIST has 70,000 images")
     result = run(args)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{result['data']['kind']}-{result['data']['rows']}.json"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    out = args.results_dir / f"{result['data']['kind']}-{result['data']['rows']}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("service", "http", "http_image", "stage1", "ann_tuning")}, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""A smoke run of bench/search/service_bench.py (not a benchmark: a few hundred vectors), checking that every
+row the published tables are made of was produced, through the service and through HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# The rows of the published tables (bench/search/service_bench.py METHODS).
+LABELS = {"exact", "ann pgvector", "two_stage pgvector", "ann FAISS", "two_stage FAISS"}
+
+
+def test_service_bench_produces_every_row(repo_root: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{repo_root / 'backend'}{os.pathsep}{repo_root}"}
+    done = subprocess.run(
+        [sys.executable, str(repo_root / "bench/search/service_bench.py"), "--synthetic", "300", "--categories", "5",
+         "--dim", "32", "--queries", "6", "--calibration", "3", "--http-queries", "3", "--shared-buffers", "",
+         "--results-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "synthetic-300.json").read_text())
+    assert set(result["service"]) >= LABELS and len(result["service"]) == len(LABELS) + 2
+    for row in result["service"].values():
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] and 0 <= row["recall_at_10"] <= 1
+    assert result["service"]["exact"]["recall_at_10"] == 1.0
+    # 300 vectors: under IMSRC_SEARCH_TWO_STAGE_MIN_ROWS, so pgvector two-stage is answered as ann, and says so
+    assert result["service"]["two_stage pgvector"]["response_mode"] == ["ann"]
+    assert result["service"]["two_stage pgvector, small-catalog rule off"]["response_mode"] == ["two_stage"]
+    assert set(result["http"]) == LABELS and all(r["p50_ms"] > 0 for r in result["http"].values())
+    assert result["server"]["jit"] and result["settings"]["search_ef_search"] > 0
+    assert "--results-dir" not in result["command"] and "--synthetic 300" in result["command"]
