@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.api.app import create_app
 from imsrc.catalog.repository import CategoryRepository, ModelRepository
+from imsrc.config import Settings
+from imsrc.db.engine import make_engine
+from imsrc.db.session import Database
 from tests.api_helpers import client
 
 __all__ = ["client"]
@@ -90,3 +96,47 @@ def test_status_describes_the_active_models_index(client: TestClient, session: S
     index = client.get("/api/status").json()["index"]
     assert index == {"backend": "pgvector", "model": "index-status-test", "vectors": 0, "hnsw": True,
                      "category_indexes": 0, "state": "empty"}
+
+
+def test_readiness_when_the_database_answers(client: TestClient) -> None:
+    response = client.get("/health/ready")
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["status"], body["database"], body["migrations"]) == ("ready", "ok", "current")
+    assert body["schema_revision"] == body["schema_head"] is not None
+    assert 0 < body["round_trip_ms"] < 5000
+
+
+def test_status_reports_the_database_round_trip(client: TestClient) -> None:
+    database = client.get("/api/status").json()["database"]
+    assert database["reachable"] is True and 0 < database["round_trip_ms"] < 5000
+
+
+def _app_on(settings: Settings, url: str, **changes: object) -> TestClient:
+    own = settings.model_copy(update={"database_url": url, **changes})
+    return TestClient(create_app(own, database=Database(url=url, engine=make_engine(url), settings=own)))
+
+
+def test_liveness_stays_up_and_readiness_fails_while_the_database_is_down(settings: Settings) -> None:
+    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with _app_on(settings, f"postgresql://imsrc@127.0.0.1:{port}/imsrc", api_key="k", protect_reads=True) as c:
+        assert c.get("/health").status_code == 200
+        ready = c.get("/health/ready")  # no key: probes hold none
+        assert ready.status_code == 503
+        assert ready.json() | {"version": None, "schema_head": None} == {
+            "status": "unavailable", "version": None, "database": "unreachable", "migrations": "unknown",
+            "schema_revision": None, "schema_head": None, "round_trip_ms": None}
+        assert str(port) not in ready.text  # where the database lives is for the log, not the public answer
+        status = c.get("/api/status", headers={"X-API-Key": "k"})
+        assert status.status_code == 503 and status.json()["error"]["code"] == "database_unavailable"
+
+
+def test_readiness_fails_on_a_schema_that_is_not_migrated(settings: Settings, create_database) -> None:  # type: ignore[no-untyped-def]
+    with _app_on(settings, create_database("imsrc_unmigrated")) as c:
+        ready = c.get("/health/ready")
+    assert ready.status_code == 503
+    body = ready.json()
+    assert (body["database"], body["migrations"], body["schema_revision"]) == ("ok", "out_of_date", None)
+    assert body["round_trip_ms"] > 0

@@ -15,7 +15,7 @@ from imsrc.api.errors import error_response
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Reads that only run a search are POSTs with a body but change nothing; they count as reads.
 READ_ONLY_POSTS = ("/api/search/",)
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/health/ready"})  # probes by orchestrators, which hold no key
 
 
 # The web page sets this cookie from the key the user typed, so its <img> tags (which cannot send headers) load

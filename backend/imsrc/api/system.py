@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
 from imsrc import __version__
@@ -14,7 +17,7 @@ from imsrc.api.deps import DatabaseDep, SessionDep, SettingsDep
 from imsrc.api.security import holds_key
 from imsrc.catalog.repository import ModelRepository, StatsRepository
 from imsrc.config import Settings
-from imsrc.db.engine import current_revision, head_revision
+from imsrc.db.engine import current_revision, head_revision, round_trip_ms, shipped_head
 from imsrc.embeddings import ModelError
 from imsrc.embeddings.registry import inference_label
 from imsrc.ingest.repository import JobRepository
@@ -22,12 +25,24 @@ from imsrc.search.pg_queries import NeighbourRepository
 from imsrc.services.models import ModelService
 
 router = APIRouter(tags=["system"])
+log = logging.getLogger(__name__)
 RECENT_JOBS = 5
 
 
 class Health(BaseModel):
     status: str
     version: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    version: str
+    database: Literal["ok", "unreachable"]
+    migrations: Literal["current", "out_of_date", "unknown"] = Field(
+        description="'out_of_date': the schema is not the revision this version of imsrc ships (run imsrc migrate)")
+    schema_revision: str | None
+    schema_head: str | None
+    round_trip_ms: float | None = Field(description="one trivial query on a pooled connection")
 
 
 class ModelStatus(BaseModel):
@@ -89,20 +104,46 @@ class Status(BaseModel):
     max_upload_bytes: int = Field(description="largest file POST /api/images accepts (IMSRC_MAX_UPLOAD_BYTES)")
 
 
-@router.get("/health", response_model=Health)
+@router.get("/health", response_model=Health, summary="Liveness: the process answers (touches nothing else)")
 def health() -> Health:
     return Health(status="ok", version=__version__)
+
+
+@router.get("/health/ready", response_model=Readiness,
+            summary="Readiness: the database answers and its schema is the one this version needs",
+            responses={503: {"model": Readiness, "description": "not ready: database unreachable or schema out of "
+                                                                "date (the body says which)"}})
+def ready(db: DatabaseDep, response: Response) -> Readiness:
+    head = shipped_head()
+    try:
+        with db.engine.connect() as conn:
+            trip = round_trip_ms(conn)
+    except (DBAPIError, PoolTimeoutError) as exc:
+        # The reason is for the operator's log; the public answer says only what failed.
+        log.warning("not ready: the database cannot be reached: %s", str(exc).strip().splitlines()[0])
+        response.status_code = 503
+        return Readiness(status="unavailable", version=__version__, database="unreachable", migrations="unknown",
+                         schema_revision=None, schema_head=head, round_trip_ms=None)
+    revision = current_revision(db.engine)
+    current = revision is not None and revision == head
+    if not current:
+        response.status_code = 503
+    return Readiness(status="ready" if current else "unavailable", version=__version__, database="ok",
+                     migrations="current" if current else "out_of_date", schema_revision=revision,
+                     schema_head=head, round_trip_ms=trip)
 
 
 @router.get("/api/status", response_model=Status)
 def status(request: Request, session: SessionDep, db: DatabaseDep, settings: SettingsDep) -> Status:
     stats = StatsRepository(session)
     models = [ModelStatus(**m) for m in stats.models()]
+    trip = round_trip_ms(session)  # after a first query, so the connection is open and this is one round trip
     search_model = _search_model(session, settings)
     return Status(
         version=__version__,
         database={
             "reachable": True,
+            "round_trip_ms": trip,
             "embedded": db.settings.embedded,
             "pgvector": db.pgvector_version,
         },

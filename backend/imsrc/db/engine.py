@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from functools import lru_cache
 
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 
 from imsrc.config import Settings
 from imsrc.errors import ConfigurationError, DatabaseUnavailableError, SchemaNotReadyError
@@ -113,6 +116,21 @@ def head_revision(url: str) -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+@lru_cache(maxsize=1)
+def shipped_head() -> str | None:
+    """The newest migration this installation ships, read once (for probes that run every few seconds)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(migrations_dir())).get_current_head()
+
+
+def round_trip_ms(conn: Connection | Session) -> float:
+    """Milliseconds for one trivial query on an open connection: the database's round trip."""
+    start = time.perf_counter()
+    conn.execute(text("SELECT 1"))
+    return round((time.perf_counter() - start) * 1000, 3)
 
 
 def current_revision(engine: Engine) -> str | None:
