@@ -59,6 +59,8 @@ def test_database_restart_under_running_server(live_server: tuple[str, dict[str,
     assert during.json()["error"]["code"] == "database_unavailable"
     assert "retry" in during.json()["error"]["message"]
     assert httpx.get(base + "/health").status_code == 200  # the process itself is alive
+    assert httpx.get(base + "/health/ready", timeout=30).status_code == 503  # but not ready to serve
     assert run_cli("db", "start", env=env).returncode == 0
     after = httpx.get(base + "/api/status", timeout=30)
     assert after.status_code == 200 and after.json()["database"]["reachable"] is True
+    assert httpx.get(base + "/health/ready").json()["status"] == "ready"
