@@ -1,30 +1,23 @@
-"""Helpers for the ingest tests: a committed database of their own, real image folders, catalog snapshots."""
+"""Helpers for the ingest tests: real image folders, catalog snapshots, the indexer as a subprocess. Their
+committed databases come from tests.fixtures.database.open_test_database."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
-from imsrc.config import Settings
-from imsrc.db.engine import make_engine, upgrade
 from imsrc.db.session import Database
-from tests.helpers import make_image
-
-TEST_MODEL = "open_clip-tiny-test"
-
-
-def open_test_database(url: str, data_dir: Path, **overrides: Any) -> Database:
-    upgrade(url)
-    settings = Settings(database_url=url, data_dir=data_dir, model=TEST_MODEL, workers=2, batch_size=8,
-                        _env_file=None, **overrides)  # type: ignore[call-arg]
-    return Database(url=url, engine=make_engine(url, pool_size=4), settings=settings, revision="head")
+from tests.fixtures.database import TEST_MODEL, open_test_database
+from tests.helpers import ROOT, make_image
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -69,11 +62,29 @@ def snapshot(db: Database) -> dict[str, Any]:
     }
 
 
+def index_command(root: Path) -> list[str]:
+    """`imsrc index` of a folder as a subprocess command line (crash/resume tests kill it)."""
+    return [sys.executable, "-m", "imsrc.cli.main", "index", str(root), "--category-from-folder",
+            "--workers", "2", "--batch-size", "4", "--json"]
+
+
+def cli_env(url: str, data: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
+    env.update({"IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data), "IMSRC_MODEL": TEST_MODEL,
+                "PYTHONPATH": str(ROOT / "backend")})
+    return env
+
+
+def psycopg_url(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["TEST_MODEL", "make_image", "open_test_database", "reencode", "sha", "snapshot", "write"]
+__all__ = ["TEST_MODEL", "cli_env", "index_command", "make_image", "open_test_database", "psycopg_url", "reencode",
+           "sha", "snapshot", "write"]
 
 
 class CrashOnWidth13:

@@ -9,7 +9,7 @@ from imsrc.api.app import create_app
 from imsrc.api.deps import get_session
 from imsrc.config import Settings
 from imsrc.db.session import Database
-from tests.api_helpers import add_image
+from tests.fixtures.api import add_image
 
 
 def _client(settings: Settings, database: Database, session: Session, **changes: object) -> TestClient:

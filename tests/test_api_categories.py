@@ -8,9 +8,7 @@ from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import CategoryRepository, ModelRepository
 from imsrc.search.prototypes import TEXT_PROMPT
-from tests.api_helpers import add_image, client
-
-__all__ = ["client"]
+from tests.fixtures.api import add_image
 
 
 def test_list_counts_and_samples(client: TestClient, session: Session) -> None:

@@ -13,10 +13,8 @@ from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import CategoryRepository
 from imsrc.ingest.repository import JobRepository
-from tests.api_helpers import add_image, client
+from tests.fixtures.api import add_image
 from tests.helpers import make_image
-
-__all__ = ["client"]
 
 
 def test_list_filters_and_pages(client: TestClient, session: Session) -> None:

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
-from imsrc.db.engine import make_engine, upgrade
 from imsrc.db.session import Database
+from tests.fixtures.database import fresh_database
 from tests.helpers import ROOT, make_image
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -24,9 +24,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture(scope="module")
 def own_database(create_database, settings: Settings) -> Iterator[Database]:  # type: ignore[no-untyped-def]
     """A database of this module's own, so the catalog gauges can be checked exactly (uploads commit)."""
-    url = create_database("imsrc_metrics")
-    upgrade(url)
-    db = Database(url=url, engine=make_engine(url), settings=settings.model_copy(update={"database_url": url}))
+    db = fresh_database(create_database, settings, "imsrc_metrics")
     yield db
     db.dispose()
 

@@ -11,11 +11,7 @@ from sqlalchemy.orm import Session
 from imsrc.api.app import create_app
 from imsrc.catalog.repository import CategoryRepository, ModelRepository
 from imsrc.config import Settings
-from imsrc.db.engine import make_engine
-from imsrc.db.session import Database
-from tests.api_helpers import client
-
-__all__ = ["client"]
+from tests.fixtures.database import database_for
 
 
 def test_health(client: TestClient) -> None:
@@ -114,7 +110,7 @@ def test_status_reports_the_database_round_trip(client: TestClient) -> None:
 
 def _app_on(settings: Settings, url: str, **changes: object) -> TestClient:
     own = settings.model_copy(update={"database_url": url, **changes})
-    return TestClient(create_app(own, database=Database(url=url, engine=make_engine(url), settings=own)))
+    return TestClient(create_app(own, database=database_for(own, migrate=False)))
 
 
 def test_liveness_stays_up_and_readiness_fails_while_the_database_is_down(settings: Settings) -> None:

@@ -1,4 +1,5 @@
-"""POST /api/images through the real ingest pipeline and the tiny CLIP model, on a committed database."""
+"""POST /api/images through the real ingest pipeline and the tiny CLIP model: on the rolled-back test transaction,
+and concurrent uploads on a committed database of their own."""
 
 from __future__ import annotations
 
@@ -9,28 +10,25 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
-from imsrc.db.engine import make_engine, upgrade
 from imsrc.db.session import Database
+from tests.fixtures.database import fresh_database
 from tests.helpers import make_image
 
 
 @pytest.fixture(scope="module")
 def committed(create_database, settings: Settings) -> Iterator[tuple[TestClient, Database]]:  # type: ignore[no-untyped-def]
-    url = create_database("imsrc_upload")
-    upgrade(url)
-    own = settings.model_copy(update={"database_url": url})
-    db = Database(url=url, engine=make_engine(url), settings=own)
-    with TestClient(create_app(own, database=db)) as c:
+    db = fresh_database(create_database, settings, "imsrc_upload")
+    with TestClient(create_app(db.settings, database=db)) as c:
         yield c, db
     db.dispose()
 
 
-def _scalar(db: Database, sql: str, **params: object) -> object:
-    with db.engine.connect() as conn:
-        return conn.execute(text(sql), params).scalar_one()
+def _scalar(session: Session, sql: str, **params: object) -> object:
+    return session.execute(text(sql), params).scalar_one()
 
 
 def _jpeg(data: bytes) -> bytes:
@@ -39,8 +37,7 @@ def _jpeg(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def test_upload_new_failed_duplicates_and_delete(committed: tuple[TestClient, Database]) -> None:
-    client, db = committed
+def test_upload_new_failed_duplicates_and_delete(client: TestClient, session: Session) -> None:
     one, two = make_image(301, size=(128, 96)), make_image(302, size=(128, 96))
     response = client.post("/api/images", data={"category": " Uploads "}, files=[
         ("file", ("one.png", one, "image/png")),
@@ -59,7 +56,7 @@ def test_upload_new_failed_duplicates_and_delete(committed: tuple[TestClient, Da
     assert by_name["one.png"]["thumbnail_url"] == f"/api/images/{first}/thumbnail"
     # everything for each new image landed: bytes, thumbnail, vector, category, prototype
     for table in ("image_blobs", "thumbnails", "embeddings"):
-        assert _scalar(db, f"SELECT count(*) FROM {table} WHERE image_id = :i", i=first) == 1, table
+        assert _scalar(session, f"SELECT count(*) FROM {table} WHERE image_id = :i", i=first) == 1, table
     assert client.get(f"/api/images/{first}/file").content == one
     detail = client.get(f"/api/images/{first}").json()
     assert detail["models"] == ["open_clip-tiny-test"] and detail["category"]["name"] == "Uploads"
@@ -75,7 +72,7 @@ def test_upload_new_failed_duplicates_and_delete(committed: tuple[TestClient, Da
     assert exact["status"] == "duplicate" and exact["exact"] is True and exact["duplicate_of"] == first
     assert near["status"] == "duplicate" and near["exact"] is False and near["duplicate_of"] == first
     assert near["id"] != first
-    assert _scalar(db, "SELECT count(*) FROM images WHERE sha256 = (SELECT sha256 FROM images WHERE id = :i)",
+    assert _scalar(session, "SELECT count(*) FROM images WHERE sha256 = (SELECT sha256 FROM images WHERE id = :i)",
                    i=first) == 1
     assert client.get(f"/api/images/{first}").json()["duplicates"][0]["id"] == near["id"]
 
@@ -84,11 +81,10 @@ def test_upload_new_failed_duplicates_and_delete(committed: tuple[TestClient, Da
     assert deleted["new_canonical_id"] == near["id"]
     protos = {p["kind"]: p for p in client.get(f"/api/categories/{cat_id}").json()["prototypes"]}
     assert protos["mean"]["member_count"] == 1
-    assert _scalar(db, "SELECT count(*) FROM embeddings WHERE image_id = :i", i=first) == 0
+    assert _scalar(session, "SELECT count(*) FROM embeddings WHERE image_id = :i", i=first) == 0
 
 
-def test_upload_without_category_and_with_odd_names(committed: tuple[TestClient, Database]) -> None:
-    client, _ = committed
+def test_upload_without_category_and_with_odd_names(client: TestClient) -> None:
     response = client.post("/api/images", files=[("file", ("../../évil name.png", make_image(310), "image/png"))])
     result = response.json()["results"][0]
     # no category asked for: the answer names the automatic group the image joined

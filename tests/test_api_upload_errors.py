@@ -17,10 +17,7 @@ from imsrc.api.multipart import read_multipart
 from imsrc.config import Settings
 from imsrc.db.session import Database
 from imsrc.errors import InvalidInputError, PayloadTooLargeError
-from tests.api_helpers import client
 from tests.helpers import make_image
-
-__all__ = ["client"]
 
 
 def test_oversized_file_is_413_and_nothing_is_written(settings: Settings, database: Database,

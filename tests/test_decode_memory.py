@@ -22,10 +22,9 @@ import pytest
 from PIL import Image as PILImage
 
 from imsrc.config import Settings
-from imsrc.db.engine import make_engine, upgrade
-from imsrc.db.session import Database
 from imsrc.embeddings.registry import get_embedder
 from imsrc.ingest.service import ingest_bytes
+from tests.fixtures.database import database_for
 from tests.helpers import ROOT, make_image
 from tests.ingest_support import TEST_MODEL
 
@@ -47,10 +46,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(create_database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:  # type: ignore[no-untyped-def]
     url = create_database("imsrc_memory")
-    upgrade(url)
     data_dir = tmp_path_factory.mktemp("memory-data")
     settings = Settings(database_url=url, data_dir=data_dir, model=TEST_MODEL, _env_file=None)  # type: ignore[call-arg]
-    db = Database(url=url, engine=make_engine(url), settings=settings)
+    db = database_for(settings)
     with db.session() as session:
         ingest_bytes(session, get_embedder(TEST_MODEL), [(f"{i}.png", make_image(i)) for i in range(4)],
                      settings=settings, category="things")

@@ -16,8 +16,16 @@ import psycopg
 import pytest
 
 from tests.helpers import ROOT
-from tests.ingest_support import make_image, open_test_database, reencode, snapshot, write
-from tests.test_ingest_resume import _command, _env, _psycopg_url
+from tests.ingest_support import (
+    cli_env,
+    index_command,
+    make_image,
+    open_test_database,
+    psycopg_url,
+    reencode,
+    snapshot,
+    write,
+)
 
 
 def _library(root: Path) -> tuple[int, int]:
@@ -49,19 +57,20 @@ def test_ten_sigkills_then_resume_match_an_uninterrupted_run(create_database, sc
     url_a, url_b = create_database("imsrc_kill10_a"), create_database("imsrc_kill10_b")
     db_a = open_test_database(url_a, scratch / "data")
     db_b = open_test_database(url_b, scratch / "data")
+    env_a, env_b = cli_env(url_a, scratch / "data"), cli_env(url_b, scratch / "data")
     rng = random.Random(20261123)
     try:
-        whole = subprocess.run(_command(root), env=_env(url_a, scratch / "data"), capture_output=True, text=True,
+        whole = subprocess.run(index_command(root), env=env_a, capture_output=True, text=True,
                                cwd=ROOT, timeout=600)
         assert whole.returncode == 0, whole.stderr
         kills = 0
-        with psycopg.connect(_psycopg_url(url_b), autocommit=True) as conn:
+        with psycopg.connect(psycopg_url(url_b), autocommit=True) as conn:
             while kills < 10:
                 start = _count(conn)
                 # Kill after a random number of new rows (0 = while it is still starting up or scanning).
                 target = start + rng.choice([0, 1, 3, 5, 8])
                 delay = rng.uniform(0.0, 1.5)
-                proc = subprocess.Popen(_command(root), env=_env(url_b, scratch / "data"), stdout=subprocess.DEVNULL,
+                proc = subprocess.Popen(index_command(root), env=env_b, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, cwd=ROOT)
                 time.sleep(delay)
                 deadline = time.monotonic() + 120
@@ -73,7 +82,7 @@ def test_ten_sigkills_then_resume_match_an_uninterrupted_run(create_database, sc
                 proc.wait(30)
                 kills += 1
         assert kills >= 5, f"the job finished after only {kills} kills; make the library bigger"
-        resumed = subprocess.run(_command(root), env=_env(url_b, scratch / "data"), capture_output=True, text=True,
+        resumed = subprocess.run(index_command(root), env=env_b, capture_output=True, text=True,
                                  cwd=ROOT, timeout=600)
         assert resumed.returncode == 0, resumed.stderr
         assert json.loads(resumed.stdout)["status"] == "completed"

@@ -20,8 +20,9 @@ from sqlalchemy import text
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
-from imsrc.db.engine import make_engine, upgrade
+from imsrc.db.engine import upgrade
 from imsrc.db.session import Database
+from tests.fixtures.database import fresh_database
 from tests.helpers import make_image, run_cli
 
 SQLISH = "'; DROP TABLE images; --"
@@ -44,11 +45,8 @@ def private_tmp() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def env(create_database, settings: Settings, private_tmp: str) -> Iterator[tuple[TestClient, Database]]:  # type: ignore[no-untyped-def]
-    url = create_database("imsrc_hostile")
-    upgrade(url)
-    own = settings.model_copy(update={"database_url": url, "max_upload_bytes": 2_000_000, "max_pixels": 4_000_000})
-    db = Database(url=url, engine=make_engine(url), settings=own)
-    with TestClient(create_app(own, database=db)) as client:
+    db = fresh_database(create_database, settings, "imsrc_hostile", max_upload_bytes=2_000_000, max_pixels=4_000_000)
+    with TestClient(create_app(db.settings, database=db)) as client:
         # One good image so search, similar and detail routes have something to work on.
         ok = client.post("/api/images", files={"file": ("good.png", make_image(1, size=(64, 64)), "image/png")})
         assert ok.status_code == 200, ok.text

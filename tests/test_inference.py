@@ -23,7 +23,6 @@ from skimage import data
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
-from imsrc.db.engine import make_engine, upgrade
 from imsrc.db.session import Database
 from imsrc.embeddings import build_embedder, get_embedder, onnx_export, runtime
 from imsrc.embeddings.base import Embedder, TorchEmbedder
@@ -32,6 +31,7 @@ from imsrc.embeddings.onnx_cache import ExportStore, sha256_file, weights_finger
 from imsrc.embeddings.onnx_embedder import OnnxEmbedder
 from imsrc.embeddings.registry import TINY_TEST
 from imsrc.ingest.service import ingest_bytes
+from tests.fixtures.database import database_for
 from tests.helpers import make_image, run_cli
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "coins", "camera"]
@@ -279,12 +279,10 @@ def test_models_list_shows_the_engine(model_cache: Path, database_url: str) -> N
 def torch_catalog(create_database, model_cache: Path) -> Iterator[tuple[Settings, Database, dict[str, int]]]:  # type: ignore[no-untyped-def]
     """Images indexed with the torch engine."""
     url = create_database("imsrc_onnx_catalog")
-    upgrade(url)
     folder = Path(tempfile.mkdtemp(prefix="imsrc-onnx-catalog-"))
     settings = Settings(database_url=url, data_dir=folder / "data", model=TINY_TEST, inference="torch",
                         model_cache_dir=model_cache, _env_file=None)  # type: ignore[call-arg]
-    engine = make_engine(url)
-    database = Database(url=url, engine=engine, settings=settings, revision="head", pgvector_version="")
+    database = database_for(settings)
     files = [(f"img-{i}.png", make_image(500 + i, size=(64 + 4 * (i % 5), 48))) for i in range(24)]
     with database.session() as session:
         outcomes = ingest_bytes(session, get_embedder(TINY_TEST, runtime="torch"), files, settings=settings)
@@ -292,7 +290,7 @@ def torch_catalog(create_database, model_cache: Path) -> Iterator[tuple[Settings
     for name, data_ in files:
         (folder / name).write_bytes(data_)
     yield settings, database, ids
-    engine.dispose()
+    database.dispose()
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -7,17 +7,24 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests.helpers import ROOT
-from tests.ingest_support import TEST_MODEL, make_image, open_test_database, reencode, snapshot, write
+from tests.ingest_support import (
+    cli_env,
+    index_command,
+    make_image,
+    open_test_database,
+    psycopg_url,
+    reencode,
+    snapshot,
+    write,
+)
 
 
 def _library(root: Path) -> int:
@@ -34,22 +41,6 @@ def _library(root: Path) -> int:
     return n + 1
 
 
-def _command(root: Path) -> list[str]:
-    return [sys.executable, "-m", "imsrc.cli.main", "index", str(root), "--category-from-folder",
-            "--workers", "2", "--batch-size", "4", "--json"]
-
-
-def _env(url: str, data: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
-    env.update({"IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data), "IMSRC_MODEL": TEST_MODEL,
-                "PYTHONPATH": str(ROOT / "backend")})
-    return env
-
-
-def _psycopg_url(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(create_database, scratch: Path) -> None:  # type: ignore[no-untyped-def]
     root = scratch / "photos"
@@ -57,16 +48,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(create_database, scratch:
     url_a, url_b = create_database("imsrc_resume_a"), create_database("imsrc_resume_b")
     db_a = open_test_database(url_a, scratch / "data")
     db_b = open_test_database(url_b, scratch / "data")
+    env_a, env_b = cli_env(url_a, scratch / "data"), cli_env(url_b, scratch / "data")
     try:
-        whole = subprocess.run(_command(root), env=_env(url_a, scratch / "data"), capture_output=True, text=True,
+        whole = subprocess.run(index_command(root), env=env_a, capture_output=True, text=True,
                                cwd=ROOT, timeout=600)
         assert whole.returncode == 0, whole.stderr
         assert json.loads(whole.stdout)["status"] == "completed"
 
-        proc = subprocess.Popen(_command(root), env=_env(url_b, scratch / "data"), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(index_command(root), env=env_b, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=ROOT)
         stored = 0
-        with psycopg.connect(_psycopg_url(url_b), autocommit=True) as conn:
+        with psycopg.connect(psycopg_url(url_b), autocommit=True) as conn:
             deadline = time.monotonic() + 300
             while proc.poll() is None and time.monotonic() < deadline:
                 row = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'images'").fetchone()
@@ -84,7 +76,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(create_database, scratch:
         assert status == "running", "the indexer finished before it could be killed"
         assert 12 <= stored < total and done < total
 
-        resumed = subprocess.run(_command(root), env=_env(url_b, scratch / "data"), capture_output=True, text=True,
+        resumed = subprocess.run(index_command(root), env=env_b, capture_output=True, text=True,
                                  cwd=ROOT, timeout=600)
         assert resumed.returncode == 0, resumed.stderr
         summary = json.loads(resumed.stdout)

@@ -15,8 +15,8 @@ from imsrc.catalog.prototypes import PrototypeRepository
 from imsrc.catalog.repository import CategoryRepository, ModelRepository
 from imsrc.config import Settings
 from imsrc.embeddings.registry import get_embedder
+from imsrc.formats import image_extensions
 from imsrc.ingest.duplicates import recompute_duplicates
-from imsrc.ingest.formats import image_extensions
 from imsrc.ingest.phash import PhashIndex
 from imsrc.ingest.repository import JobRepository
 from imsrc.ingest.service import ingest_bytes

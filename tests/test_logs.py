@@ -21,10 +21,7 @@ from imsrc.api.deps import get_session
 from imsrc.config import Settings
 from imsrc.db.session import Database
 from imsrc.logs import log_handler
-from tests.api_helpers import client
 from tests.browser_support import running_server
-
-__all__ = ["client"]
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import make_image
-from tests.test_faults_outage import live_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(shutil.which("schemathesis", path=str(Path(sys.executable).parent)) is None,
                                 reason="schemathesis is not installed (pip install -e '.[dev]')")
 
 
-def test_schemathesis_against_live_openapi(live_server: tuple[str, dict[str, str]]) -> None:  # noqa: F811
+def test_schemathesis_against_live_openapi(live_server: tuple[str, dict[str, str]]) -> None:
     import httpx
 
     base, _ = live_server

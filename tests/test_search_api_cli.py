@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
-from imsrc.db.engine import make_engine, upgrade
 from imsrc.db.session import Database
 from imsrc.embeddings import get_embedder
 from imsrc.ingest.service import ingest_bytes
+from tests.fixtures.database import database_for
 from tests.helpers import make_image, run_cli
 
 MODEL = "open_clip-tiny-test"
@@ -36,13 +36,11 @@ class Catalog:
 @pytest.fixture(scope="module")
 def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-def]
     url = create_database("imsrc_search_e2e")
-    upgrade(url)
     folder = Path(tempfile.mkdtemp(prefix="imsrc-search-e2e-"))
     settings = Settings(database_url=url, data_dir=folder / "data", model=MODEL, search_exact_max_rows=4,
                         faiss_flat_max_rows=4, search_two_stage_min_rows=0, search_warmup=False,
                         _env_file=None)  # type: ignore[call-arg]
-    engine = make_engine(url)
-    database = Database(url=url, engine=engine, settings=settings, revision="head", pgvector_version="")
+    database = database_for(settings)
     embedder = get_embedder(MODEL)
     ids: dict[str, int] = {}
     for c, category in enumerate(CATEGORIES):
@@ -55,7 +53,7 @@ def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-de
             assert outcome.image_id is not None
             ids[name] = int(outcome.image_id)
     yield Catalog(url, settings, database, folder, ids)
-    engine.dispose()
+    database.dispose()
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -28,7 +28,6 @@ from sqlalchemy.orm import Session
 from imsrc.api.app import create_app
 from imsrc.api.deps import get_session
 from imsrc.config import Settings
-from imsrc.db.engine import make_engine, upgrade
 from imsrc.db.session import Database
 from imsrc.embeddings.registry import get_embedder
 from imsrc.ingest.pipeline import run_index_job
@@ -36,7 +35,8 @@ from imsrc.ingest.repository import JobRepository
 from imsrc.search.schemas import SearchOptions, SearchResponse
 from imsrc.search.service import SearchRuntime, SearchService
 from imsrc.search.sync import sync_search
-from tests.api_helpers import add_image
+from tests.fixtures.api import add_image
+from tests.fixtures.database import fresh_database
 from tests.helpers import make_image
 from tests.ingest_support import TEST_MODEL, open_test_database, write
 from tests.search_data import Synthetic, brute_force, make_catalog
@@ -48,10 +48,8 @@ ACCEPTED = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 
 @pytest.fixture(scope="module")
 def env(create_database, settings: Settings) -> Iterator[tuple[TestClient, Database, Settings]]:  # type: ignore[no-untyped-def]
-    url = create_database("imsrc_content")
-    upgrade(url)
-    own = settings.model_copy(update={"database_url": url, "max_pixels": 60_000_000})
-    db = Database(url=url, engine=make_engine(url), settings=own)
+    db = fresh_database(create_database, settings, "imsrc_content", max_pixels=60_000_000)
+    own = db.settings
     with TestClient(create_app(own, database=db)) as client:
         for i in range(3):  # something to search in
             ok = client.post("/api/images", files={"file": (f"good{i}.png", make_image(i, size=(64, 64)))},
@@ -229,10 +227,8 @@ def test_large_jpeg_is_decoded_at_a_reduced_scale(scratch: Path) -> None:
 
 # ------------------------------------------------------------------ item 3: concurrent decodes are bounded
 def test_decodes_beyond_the_limit_wait_then_get_503(create_database, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    url = create_database("imsrc_busy")
-    upgrade(url)
-    own = settings.model_copy(update={"database_url": url, "max_concurrent_decodes": 1, "decode_wait_s": 0.3})
-    db = Database(url=url, engine=make_engine(url), settings=own)
+    db = fresh_database(create_database, settings, "imsrc_busy", max_concurrent_decodes=1, decode_wait_s=0.3)
+    own = db.settings
     try:
         with TestClient(create_app(own, database=db)) as client:
             assert client.post("/api/images", files={"file": ("a.png", make_image(1))}).status_code == 200
@@ -254,7 +250,7 @@ def test_decodes_beyond_the_limit_wait_then_get_503(create_database, settings: S
 
 
 def test_decode_gate_bounds_concurrency_and_trims_after_a_burst() -> None:
-    from imsrc.ingest.imaging import DecodeGate
+    from imsrc.imaging import DecodeGate
 
     trims: list[int] = []
     gate = DecodeGate(2, 5.0, trim=lambda: trims.append(1))

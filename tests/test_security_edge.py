@@ -27,10 +27,7 @@ from imsrc.db.session import Database
 from imsrc.errors import BusyError
 from imsrc.search.errors import UrlFetchError
 from imsrc.search.urlfetch import UrlFetcher, fetch_image_bytes
-from tests.api_helpers import client
 from tests.helpers import make_image, run_cli
-
-__all__ = ["client"]
 
 TRUST_EVERYTHING_HBA = """\
 local all all trust

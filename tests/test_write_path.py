@@ -24,12 +24,9 @@ from imsrc.ingest.pipeline import run_index_job
 from imsrc.search.pg_queries import NeighbourRepository
 from imsrc.search.sync import sync_search
 from imsrc.services.models import ModelService
-from tests.api_helpers import client
 from tests.helpers import run_cli
 from tests.ingest_support import TEST_MODEL, make_image, open_test_database, write
 from tests.search_data import make_catalog
-
-__all__ = ["client"]
 
 # The tiny test architecture and seed under another name: the same pixels give the same vectors.
 TWIN = "open_clip:imsrc-tiny-test:none"

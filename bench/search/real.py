@@ -66,7 +66,7 @@ def embed(n: int, inference: str = "auto", batch: int = 64) -> tuple[np.ndarray,
             return saved["vectors"][:n], saved["labels"][:n], {"cached": 1.0,
                                                                "embed_s": float(saved["embed_s"]) * share}
     from imsrc.embeddings.loading import load_embedder
-    from imsrc.ingest.imaging import model_image
+    from imsrc.imaging import model_image
 
     raw, labels = images(n)
     embedder = load_embedder(MODEL, Settings(inference=inference, _env_file=None))  # type: ignore[call-arg]

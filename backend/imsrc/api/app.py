@@ -20,7 +20,7 @@ from imsrc.api.observability import RequestMiddleware
 from imsrc.api.security import ApiKeyMiddleware
 from imsrc.config import Settings, get_settings
 from imsrc.db.session import Database, open_database
-from imsrc.ingest.imaging import DecodeGate
+from imsrc.imaging import DecodeGate
 from imsrc.resources import frontend_dir
 from imsrc.search import warmup
 from imsrc.search.service import SearchRuntime

@@ -18,11 +18,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from imsrc.api.deps import get_session
 from imsrc.catalog.repository import StatsRepository
+from imsrc.db.errors import DATABASE_ERRORS
 from imsrc.search.schemas import SearchResponse
 
 router = APIRouter(tags=["system"])
@@ -77,7 +77,7 @@ class CatalogCollector(Collector):
             stats = StatsRepository(self.session)
             counts = stats.counts()
             models = stats.models()
-        except DBAPIError:
+        except DATABASE_ERRORS:
             self.session.rollback()
             up.add_metric([], 0)
             yield up

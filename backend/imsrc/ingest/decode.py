@@ -16,8 +16,8 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from imsrc.ingest import imaging
-from imsrc.ingest.imaging import model_image, sniff
+from imsrc import imaging
+from imsrc.imaging import model_image, sniff
 
 __all__ = ["DecodeFailure", "DecodeOptions", "Processed", "WorkItem", "model_image", "open_image", "process",
            "sniff"]
@@ -187,7 +187,7 @@ def init_worker(options: DecodeOptions) -> None:
     # the model's threads leave idle, and an OpenMP team that loses a thread to a worker stalls as a whole.
     with contextlib.suppress(AttributeError, OSError):
         os.nice(5)
-    from imsrc.ingest.formats import configure_pillow
+    from imsrc.formats import configure_pillow
 
     configure_pillow(options.max_pixels)
     _options = options

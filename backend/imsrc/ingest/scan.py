@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from imsrc.errors import InvalidInputError
+from imsrc.formats import image_extensions
 from imsrc.ingest.decode import WorkItem
-from imsrc.ingest.formats import image_extensions
 
 
 def display_path(path: str) -> str:

@@ -20,8 +20,8 @@ from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import CategoryRepository
 from imsrc.config import Settings
 from imsrc.embeddings.base import Embedder
+from imsrc.imaging import DecodeGate
 from imsrc.ingest.decode import DecodeOptions, Processed, WorkItem, process
-from imsrc.ingest.imaging import DecodeGate
 from imsrc.ingest.phash import hamming, to_signed
 from imsrc.ingest.repository import ExistingImage, IngestRepository, JobRepository
 from imsrc.search.sync import only, sync_search

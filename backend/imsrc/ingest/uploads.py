@@ -17,7 +17,7 @@ from imsrc.catalog.schemas import CategoryRef, UploadResult, image_thumbnail_url
 from imsrc.config import Settings
 from imsrc.db.errors import DATABASE_ERRORS, classify
 from imsrc.db.session import Database
-from imsrc.ingest.imaging import DecodeGate
+from imsrc.imaging import DecodeGate
 from imsrc.ingest.service import FileOutcome, ensure_model, store_bytes
 from imsrc.search.sync import only, sync_search
 from imsrc.services.models import choose_and_load

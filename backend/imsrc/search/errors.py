@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from imsrc.errors import ImsrcError
-from imsrc.ingest.imaging import ImageDecodeError
+from imsrc.imaging import ImageDecodeError
 
 
 class UrlNotAllowedError(ImsrcError):
@@ -16,7 +16,7 @@ class UrlFetchError(ImsrcError):
     code = "url_fetch_failed"
 
 
-NotAnImageError = ImageDecodeError  # one error family for every image that is refused (see ingest.imaging)
+NotAnImageError = ImageDecodeError  # one error family for every image that is refused (see imsrc.imaging)
 
 
 class NoModelError(ImsrcError):

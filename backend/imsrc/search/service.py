@@ -15,12 +15,12 @@ import numpy as np
 from PIL import Image
 from sqlalchemy.orm import Session
 
+from imsrc import imaging
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import CategoryRepository, ModelRepository, vector_literal
 from imsrc.config import Settings
 from imsrc.errors import InvalidInputError, NotFoundError
-from imsrc.ingest import imaging
-from imsrc.ingest.imaging import DecodeGate
+from imsrc.imaging import DecodeGate
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
 from imsrc.search.pg_queries import Hit, NeighbourRepository, branch_plan

@@ -1,4 +1,4 @@
-"""Which files count as images, and process-wide Pillow configuration."""
+"""Which files count as images (the formats this process can decode), and process-wide Pillow configuration."""
 
 from __future__ import annotations
 

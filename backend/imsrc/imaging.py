@@ -78,7 +78,7 @@ class Decoded:
 
 def allowed_formats() -> tuple[str, ...]:
     """Pillow decoder names accepted here (the optional ones only where a plugin or codec registered them)."""
-    from imsrc.ingest.formats import image_extensions
+    from imsrc.formats import image_extensions
 
     image_extensions()  # registers the HEIF/AVIF plugins that are installed
     Image.init()
