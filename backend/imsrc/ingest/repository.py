@@ -96,16 +96,13 @@ class JobRepository:
     def record_files(self, job_id: int, rows: Sequence[tuple[str, str, str | None, int | None, bytes | None,
                                                               int | None]]) -> None:
         """rows: (path, outcome, reason, image_id, sha256, byte_size)."""
-        if not rows:
-            return
-        cols = list(zip(*rows, strict=True))
-        self.session.execute(
-            text("INSERT INTO ingest_files (job_id, path, outcome, reason, image_id, sha256, byte_size)"
-                 " SELECT :j, * FROM unnest(CAST(:p AS text[]), CAST(:o AS text[]), CAST(:r AS text[]),"
-                 " CAST(:i AS bigint[]), CAST(:s AS bytea[]), CAST(:b AS bigint[]))"
-                 " ON CONFLICT (job_id, path) DO NOTHING"),
-            {"j": job_id, "p": list(cols[0]), "o": list(cols[1]), "r": list(cols[2]), "i": list(cols[3]),
-             "s": list(cols[4]), "b": list(cols[5])})
+        if rows:
+            self.session.execute(
+                text("INSERT INTO ingest_files (job_id, path, outcome, reason, image_id, sha256, byte_size)"
+                     " SELECT :j, * FROM unnest(CAST(:p AS text[]), CAST(:o AS text[]), CAST(:r AS text[]),"
+                     " CAST(:i AS bigint[]), CAST(:s AS bytea[]), CAST(:b AS bigint[]))"
+                     " ON CONFLICT (job_id, path) DO NOTHING"),
+                {"j": job_id, **_columns(rows, "porisb")})
 
 
 def _missing_filter() -> str:
@@ -172,32 +169,25 @@ class IngestRepository(_MissingMixin):
 
     def set_category_where_missing(self, pairs: Sequence[tuple[int, int]]) -> None:
         if pairs:
-            ids, cats = zip(*pairs, strict=True)
             self.session.execute(
                 text("UPDATE images i SET category_id = v.c FROM unnest(CAST(:i AS bigint[]), CAST(:c AS bigint[]))"
-                     " AS v(i, c) WHERE i.id = v.i AND i.category_id IS NULL"),
-                {"i": list(ids), "c": list(cats)})
+                     " AS v(i, c) WHERE i.id = v.i AND i.category_id IS NULL"), _columns(pairs, "ic"))
 
     def set_canonical(self, pairs: Sequence[tuple[int, int | None]]) -> None:
         if pairs:
-            ids, canon = zip(*pairs, strict=True)
             self.session.execute(
                 text("UPDATE images i SET canonical_id = v.c FROM unnest(CAST(:i AS bigint[]), CAST(:c AS bigint[]))"
-                     " AS v(i, c) WHERE i.id = v.i AND i.canonical_id IS DISTINCT FROM v.c"),
-                {"i": list(ids), "c": list(canon)})
+                     " AS v(i, c) WHERE i.id = v.i AND i.canonical_id IS DISTINCT FROM v.c"), _columns(pairs, "ic"))
 
     def upsert_sources(self, rows: Sequence[tuple[str, int, int, int, int | None]]) -> None:
         """rows: (path, image_id, byte_size, mtime_ns, job_id); a known path now shows this image."""
-        if not rows:
-            return
-        cols = list(zip(*rows, strict=True))
-        self.session.execute(
-            text("INSERT INTO image_sources (path, image_id, byte_size, mtime_ns, job_id)"
-                 " SELECT * FROM unnest(CAST(:p AS text[]), CAST(:i AS bigint[]), CAST(:b AS bigint[]),"
-                 " CAST(:t AS bigint[]), CAST(:j AS bigint[]))"
-                 " ON CONFLICT (path) DO UPDATE SET image_id = EXCLUDED.image_id, byte_size = EXCLUDED.byte_size,"
-                 " mtime_ns = EXCLUDED.mtime_ns, job_id = EXCLUDED.job_id"),
-            {"p": list(cols[0]), "i": list(cols[1]), "b": list(cols[2]), "t": list(cols[3]), "j": list(cols[4])})
+        if rows:
+            self.session.execute(
+                text("INSERT INTO image_sources (path, image_id, byte_size, mtime_ns, job_id)"
+                     " SELECT * FROM unnest(CAST(:p AS text[]), CAST(:i AS bigint[]), CAST(:b AS bigint[]),"
+                     " CAST(:t AS bigint[]), CAST(:j AS bigint[]))"
+                     " ON CONFLICT (path) DO UPDATE SET image_id = EXCLUDED.image_id, byte_size = EXCLUDED.byte_size,"
+                     " mtime_ns = EXCLUDED.mtime_ns, job_id = EXCLUDED.job_id"), _columns(rows, "pibtj"))
 
     def delete_orphans(self, image_ids: Iterable[int]) -> int:
         """Images whose every source now shows other content and whose bytes are not stored: gone."""
@@ -248,6 +238,11 @@ class IngestRepository(_MissingMixin):
                         parts.append(value)
                 copy.write(b"".join(parts))
             copy.write(struct.pack("!h", -1))
+
+
+def _columns(rows: Sequence[Sequence[Any]], names: str) -> dict[str, list[Any]]:
+    """Rows as one list per column, keyed by the one-letter parameters of an unnest(CAST(:x AS type[]), ...)."""
+    return {name: list(column) for name, column in zip(names, zip(*rows, strict=True), strict=True)}
 
 
 def _rowcount(result: Any) -> int:

@@ -156,24 +156,21 @@ class SearchService:
             return np.asarray(encode_text_query(embedder, query.strip()), dtype=np.float32)  # type: ignore[arg-type]
 
     def search_image(self, data: bytes, options: SearchOptions) -> SearchResponse:
-        model = self.model(options.model)
-        started = time.perf_counter()
-        vector = self.embed_image(model, data)
-        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started)
+        return self._embed_and_search(options, lambda model: self.embed_image(model, data))
 
     def search_url(self, url: str, options: SearchOptions) -> SearchResponse:
         # Fetch before the first query: a session holds its pooled connection from then on, and a slow remote
         # server must not hold database connections too.
-        data = self.runtime.url_fetcher.fetch(url)
-        model = self.model(options.model)
-        started = time.perf_counter()
-        vector = self.embed_image(model, data)
-        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started)
+        return self.search_image(self.runtime.url_fetcher.fetch(url), options)
 
     def search_text(self, query: str, options: SearchOptions) -> SearchResponse:
+        return self._embed_and_search(options, lambda model: self.embed_text(model, query))
+
+    def _embed_and_search(self, options: SearchOptions,
+                          embed: Callable[[EmbeddingModel], np.ndarray]) -> SearchResponse:
         model = self.model(options.model)
-        started = time.perf_counter()
-        vector = self.embed_text(model, query)
+        started = time.perf_counter()  # the embed time includes decoding the query
+        vector = embed(model)
         return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started)
 
     def similar(self, image_id: int, options: SearchOptions) -> SearchResponse:
