@@ -8,8 +8,6 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
 from imsrc import __version__
@@ -18,6 +16,7 @@ from imsrc.api.security import holds_key
 from imsrc.catalog.repository import ModelRepository, StatsRepository
 from imsrc.config import Settings
 from imsrc.db.engine import current_revision, head_revision, round_trip_ms, shipped_head
+from imsrc.db.errors import DATABASE_ERRORS
 from imsrc.embeddings import ModelError
 from imsrc.embeddings.registry import inference_label
 from imsrc.ingest.repository import JobRepository
@@ -118,7 +117,7 @@ def ready(db: DatabaseDep, response: Response) -> Readiness:
     try:
         with db.engine.connect() as conn:
             trip = round_trip_ms(conn)
-    except (DBAPIError, PoolTimeoutError) as exc:
+    except DATABASE_ERRORS as exc:
         # The reason is for the operator's log; the public answer says only what failed.
         log.warning("not ready: the database cannot be reached: %s", str(exc).strip().splitlines()[0])
         response.status_code = 503
