@@ -36,6 +36,7 @@ from tests.helpers import make_image, run_cli
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "coins", "camera"]
 TEXTS = ["a cat", "a cup of coffee", "an astronaut", "a rocket at night", "coins on a table"]
+LONG_TEXT = "a long description of an old harbour at dusk with fishing boats, gulls, nets, ropes and a lighthouse"
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,15 @@ def test_backends_agree(name: str, model_cache: Path, gallery: list[Image.Image]
     assert manifest["identity"]["model"] == name and manifest["identity"]["torch"] == torch.__version__
     assert manifest["identity"]["onnxruntime"] and manifest["verification"]["min_cosine"] >= 0.9999
     assert manifest["timing"]["torch_s"] > 0 and manifest["timing"]["onnx_s"] > 0
+    if torch_embedder.supports_text:
+        # Short queries run on the 16-position text tower, long ones on the full one; both give torch's vector.
+        short = json.loads(store.manifest_path("text-short", "fp32").read_text())
+        assert short["verified"] is True and short["verification"]["min_cosine"] >= 0.9999
+        assert onnx_export.short_tokens(torch_embedder.tokenize([LONG_TEXT])) is None
+        assert onnx_export.short_tokens(torch_embedder.tokenize(TEXTS)) is not None
+        for texts in ([LONG_TEXT], [TEXTS[0], LONG_TEXT], TEXTS[1:3]):
+            got = onnx_embedder.encode_texts(texts)
+            assert np.sum(got * torch_embedder.encode_texts(texts), axis=1).min() >= 0.9999
 
 
 def test_single_queries_from_many_threads(model_cache: Path, gallery: list[Image.Image]) -> None:

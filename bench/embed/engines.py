@@ -352,6 +352,20 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def text_latency_only(n: int = 100) -> None:
+    """Text query latency alone, engines interleaved: the figure the search route's timings_ms.embed shows."""
+    name = MODELS["ViT-B-32"][0]
+    runners = engines_for(name)
+    load0 = round(os.getloadavg()[0], 2)
+    res = {"model": "ViT-B-32 text tower (random init)", "queries": n,
+           "labels": {e: getattr(r, "runtime", {}).get("text", e) for e, r in runners.items()},
+           "latency": latency({e: (lambda i, r=r: r.encode_texts([f"{QUERIES[i % len(QUERIES)]} {i}"]))
+                               for e, r in runners.items()}, n),
+           "load_1m": [load0, round(os.getloadavg()[0], 2)]}
+    write_json(RESULTS.with_name("engines-text.json"), res)
+    print(res, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,8,32,64")
@@ -360,7 +374,12 @@ def main() -> None:
     ap.add_argument("--fashion", type=int, default=256, help="Fashion-MNIST images in the agreement check (0: none)")
     ap.add_argument("--no-explain", action="store_true")
     ap.add_argument("--no-markdown", action="store_true")
+    ap.add_argument("--text-latency", action="store_true",
+                    help="only the text query latency (ViT-B-32 text tower, 100 queries), written to engines-text.json")
     args = ap.parse_args()
+    if args.text_latency:
+        text_latency_only()
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     import onnxruntime
 

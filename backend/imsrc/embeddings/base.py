@@ -203,6 +203,10 @@ class TorchEmbedder:
     def text_graph(self) -> torch.nn.Module:
         raise TextNotSupportedError(self.name)
 
+    def short_text_graph(self, length: int) -> torch.nn.Module | None:
+        """A text tower for tokens cut to `length` (same output for texts that end within it), if the model has one."""
+        return None
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         raise TextNotSupportedError(self.name)
 

@@ -16,7 +16,7 @@ import torch
 
 from imsrc.embeddings.base import Preprocess, TorchEmbedder
 from imsrc.embeddings.errors import TextNotSupportedError
-from imsrc.embeddings.onnx_export import INPUT_NAMES, OUTPUT_NAME
+from imsrc.embeddings.onnx_export import INPUT_NAMES, OUTPUT_NAME, short_tokens
 
 
 def cpu_threads() -> int:
@@ -99,7 +99,9 @@ class OnnxEmbedder:
                 size = int(base.params.get("image_size", 224))
                 self._run(tower, np.zeros((1, 3, size, size), dtype=np.float32))
             else:
-                self._run(tower, base.tokenize([""]).numpy())
+                tokens = base.tokenize([""])
+                short = short_tokens(tokens) if tower == "text-short" else None
+                self._run(tower, (tokens if short is None else short).numpy())
 
     def weights_present(self) -> bool:
         return True
@@ -124,6 +126,9 @@ class OnnxEmbedder:
         if "text" not in self._sessions:
             return self.base.encode_texts(texts)
         tokens = self.base.tokenize(list(texts))
+        short = short_tokens(tokens) if "text-short" in self._sessions else None
+        if short is not None:
+            return self._run("text-short", np.ascontiguousarray(short.numpy()))
         return self._run("text", np.ascontiguousarray(tokens.numpy()))
 
     def __repr__(self) -> str:

@@ -18,7 +18,10 @@ from PIL import Image, ImageDraw
 
 from imsrc.embeddings.onnx_cache import OPSET
 
-INPUT_NAMES = {"image": "pixels", "text": "tokens"}
+INPUT_NAMES = {"image": "pixels", "text": "tokens", "text-short": "tokens"}
+# Token positions of the short text tower (ShortTextTower): a query whose end-of-text token falls within them runs
+# there instead of over all 77 positions; every check prompt fits.
+SHORT_TEXT_TOKENS = 16
 OUTPUT_NAME = "features"
 MIN_COSINE = 0.9999  # per item, ONNX fp32 vs torch fp32: the same space, so catalogs mix both engines
 # int8 moves vectors by design; below this it is refused (ViT-B-32 dynamic int8 measured 0.9998 on the check
@@ -75,6 +78,13 @@ def _export_mode() -> Iterator[None]:
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def short_tokens(tokens: torch.Tensor) -> torch.Tensor | None:
+    """The tokens cut to SHORT_TEXT_TOKENS when every row's end-of-text (its highest id) falls within them."""
+    if int(tokens.argmax(dim=-1).max()) >= SHORT_TEXT_TOKENS:
+        return None
+    return tokens[:, :SHORT_TEXT_TOKENS]
 
 
 def export(graph: torch.nn.Module, example: torch.Tensor, tower: str, path: Path) -> None:

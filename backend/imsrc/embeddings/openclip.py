@@ -162,6 +162,47 @@ class TextTower(torch.nn.Module):
         return self.clip.encode_text(tokens)  # type: ignore[operator]
 
 
+class ShortTextTower(torch.nn.Module):
+    """CLIP's text encoder on the first `length` token positions only.
+
+    open_clip's CLIP text transformer is causal and pools the end-of-text token, so positions after it never reach
+    the output, yet encode_text always runs all 77. A query that ends within `length` tokens (most do: 16 covers
+    14 word pieces) gets the same vector from this tower at a fraction of the cost. It mirrors
+    open_clip.model.CLIP.encode_text with the positional embedding and the causal mask cut to `length`, and is used
+    only through the ONNX export, whose verification against the full-length torch output decides whether it
+    stands. The length is fixed: the exported attention reshapes freeze the traced sequence length."""
+
+    def __init__(self, clip: torch.nn.Module, length: int) -> None:
+        super().__init__()
+        self.clip = clip
+        self.length = length
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        clip: Any = self.clip
+        x = clip.token_embedding(tokens)
+        x = x + clip.positional_embedding[: self.length]
+        x = clip.transformer(x, attn_mask=clip.attn_mask[: self.length, : self.length])
+        x = clip.ln_final(x)
+        x = text_global_pool(x, tokens, clip.text_pool_type)
+        if isinstance(clip.text_projection, torch.nn.Linear):
+            return clip.text_projection(x)
+        return x @ clip.text_projection
+
+
+def short_text_capable(clip: torch.nn.Module, length: int) -> bool:
+    """ShortTextTower computes this model's text features: open_clip's CLIP class with a causal mask, end-of-text
+    (argmax) pooling and no class token, and a context longer than `length`."""
+    return (
+        isinstance(clip, open_clip.model.CLIP)
+        and getattr(clip, "text_pool_type", None) == "argmax"
+        and getattr(clip, "attn_mask", None) is not None
+        and getattr(clip, "cls_emb", None) is None
+        and int(clip.positional_embedding.shape[0]) > length
+    )
+
+
 class OpenClipEmbedder(TorchEmbedder):
     family = "open_clip"
     supports_text = True
@@ -231,6 +272,9 @@ class OpenClipEmbedder(TorchEmbedder):
 
     def text_graph(self) -> torch.nn.Module:
         return self._text_tower
+
+    def short_text_graph(self, length: int) -> torch.nn.Module | None:
+        return ShortTextTower(self.module, length) if short_text_capable(self.module, length) else None
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         tokens: torch.Tensor = self._tokenizer(texts)

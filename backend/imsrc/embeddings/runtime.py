@@ -84,6 +84,11 @@ def with_runtime(embedder: Embedder, setting: str, export_dir: Path) -> Embedder
             path, label = chosen
             sessions[tower] = make_session(path)
             runtime[tower] = label
+    if "text" in sessions and embedder.short_text_graph(onnx_export.SHORT_TEXT_TOKENS) is not None:
+        # Short queries (most) skip the padding positions; same engine and variant as the full text tower.
+        chosen = _choose(embedder, store, "text-short", setting)
+        if chosen is not None:
+            sessions["text-short"] = make_session(chosen[0])
     if not sessions:
         return embedder
     return OnnxEmbedder(embedder, sessions, runtime)
@@ -153,19 +158,23 @@ def _build(embedder: TorchEmbedder, store: ExportStore, tower: str, variant: str
 
     started = time.perf_counter()
     path = store.model_path(tower, variant)
+    prepare: Any = None  # what the embedder does to its input before this file sees it
     if tower == "image":
         inputs = torch.stack([embedder.preprocess(im) for im in onnx_export.check_images()])
-        graph = embedder.image_graph()
+        graph = exported = embedder.image_graph()
     else:
         inputs = embedder.tokenize(onnx_export.PROMPTS)
-        graph = embedder.text_graph()
+        graph = exported = embedder.text_graph()
+        if tower == "text-short":
+            exported = embedder.short_text_graph(onnx_export.SHORT_TEXT_TOKENS) or graph
+            prepare = onnx_export.short_tokens
 
     def torch_fn(x: torch.Tensor) -> Any:
-        with torch.inference_mode():  # the graph the torch path runs, normalised as it does
+        with torch.inference_mode():  # the graph the torch path runs, on the full input, normalised as it does
             return normalise(graph(x).float().numpy())
 
     if variant == "fp32":
-        onnx_export.export(graph, inputs[:2], tower, path)
+        onnx_export.export(exported, prepare(inputs[:2]) if prepare else inputs[:2], tower, path)
     else:
         source = store.model_path(tower, "fp32")  # _choose made and verified it first
         onnx_export.quantize(source, path, INT8_OPS.get(embedder.family))
@@ -173,6 +182,7 @@ def _build(embedder: TorchEmbedder, store: ExportStore, tower: str, variant: str
     input_name = onnx_export.INPUT_NAMES[tower]
 
     def onnx_fn(x: torch.Tensor) -> Any:
+        x = prepare(x) if prepare else x
         return normalise(session.run([onnx_export.OUTPUT_NAME], {input_name: x.numpy()})[0])
 
     check = onnx_export.compare(torch_fn, onnx_fn, inputs, inputs[:1])
