@@ -92,7 +92,10 @@ def main() -> None:
         + ". Wall time of a new process from launch to exit (`python -m imsrc.cli.main ...`), against an embedded "
         "database already running. Importing torch, which every command paid before the CLI imported it lazily "
         "(`imsrc --help` took 6.2 s, `imsrc sql` 8.0 s), is the reference row; tests/test_cli_start.py checks "
-        "that these commands import none of torch, open_clip, torchvision or faiss.\n\n" + "\n".join(table)
+        "that these commands import none of torch, open_clip, torchvision or faiss (nor alembic when the schema is "
+        "current). What remains is Python, SQLAlchemy, psycopg and NumPy starting, and the database round trips; "
+        "on a shared machine it scales with the load average (other people's jobs competing for the same cores)."
+        "\n\n" + "\n".join(table)
     )
     replace_section("CLI start", body)
 

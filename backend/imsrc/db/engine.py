@@ -6,8 +6,9 @@ import logging
 import re
 import time
 from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
@@ -16,6 +17,9 @@ from sqlalchemy.orm import Session
 from imsrc.config import Settings
 from imsrc.errors import ConfigurationError, DatabaseUnavailableError, SchemaNotReadyError
 from imsrc.resources import alembic_ini, migrations_dir
+
+if TYPE_CHECKING:  # alembic costs ~0.3 s to import: only commands that migrate (or find the schema behind) load it
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,8 @@ def _one_line(message: str) -> str:
 # ---------------------------------------------------------------------------- migrations
 def alembic_config(url: str) -> Config:
     """The migrations shipped with this installation (the checkout's, or the wheel's copy), for `url`."""
+    from alembic.config import Config
+
     ini = alembic_ini()
     cfg = Config(str(ini)) if ini is not None else Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
@@ -153,10 +159,38 @@ def downgrade(url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(url), revision)
 
 
+# The plain form every revision file here has (`revision: str = "0002_ingest"`, `down_revision ... = "0001_..."`).
+_REVISION_LINE = re.compile(r"""^revision(?:\s*:[^=\n]+)?\s*=\s*["']([^"'\n]+)["']\s*$""", re.M)
+_DOWN_REVISION_LINE = re.compile(r"""^down_revision(?:\s*:[^=\n]+)?\s*=\s*(?:None|["']([^"'\n]+)["'])\s*$""", re.M)
+
+
+def linear_head(versions: Path | None = None) -> str | None:
+    """The newest revision, read from the migration files without importing alembic, when they form one plain
+    chain; None for anything else (a merge, a tuple, a file in another form), and then alembic decides. Only
+    ever used to confirm that a database is already up to date, the common case of every command's start."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    files = list((versions or migrations_dir() / "versions").glob("*.py"))
+    for path in files:
+        source = path.read_text(encoding="utf-8")
+        revision, down = _REVISION_LINE.findall(source), _DOWN_REVISION_LINE.findall(source)
+        if len(revision) != 1 or len(down) != 1:
+            return None
+        revisions.add(revision[0])
+        if down[0]:
+            parents.add(down[0])
+    heads = revisions - parents
+    if len(revisions) != len(files) or not parents <= revisions or len(heads) != 1:
+        return None
+    return heads.pop()
+
+
 def ensure_schema(engine: Engine, url: str, *, auto_migrate: bool) -> str:
     """Bring the schema to head (or refuse clearly). Returns the revision in force."""
-    head = head_revision(url)
     current = current_revision(engine)
+    if current is not None and current == linear_head():
+        return current
+    head = head_revision(url)
     if current == head:
         return current or ""
     if not auto_migrate:
