@@ -29,5 +29,8 @@ def test_service_bench_produces_every_row(repo_root: Path, tmp_path: Path) -> No
     assert result["service"]["two_stage pgvector"]["response_mode"] == ["ann"]
     assert result["service"]["two_stage pgvector, small-catalog rule off"]["response_mode"] == ["two_stage"]
     assert set(result["http"]) == LABELS and all(r["p50_ms"] > 0 for r in result["http"].values())
+    for cold in result["cold_restart"].values():  # PostgreSQL restarted, warm-up off and on
+        assert cold["health_s"] > 0 and cold["first_query_ms"] > 0 and cold["later_p50_ms"] > 0
+    assert set(result["cold_restart"]) == {"warm_up_off", "warm_up_on"}
     assert result["server"]["jit"] and result["settings"]["search_ef_search"] > 0
     assert "--results-dir" not in result["command"] and "--synthetic 300" in result["command"]

@@ -281,6 +281,26 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
     return out
 
 
+def cold_restart(server: EmbeddedServer, url: str, data_dir: Path, ids: np.ndarray, args: argparse.Namespace,
+                 warm_up: bool) -> dict[str, float]:
+    """PostgreSQL restarted (shared_buffers empty; the OS page cache stays warm: dropping it would need the whole
+    machine), then a fresh `imsrc serve`: its first `similar` query as soon as /health answers, then, after a
+    pause that lets a warm-up finish, the p50 of a few more. Default method (two_stage pgvector)."""
+    server.stop()
+    server.start()
+    http = Http(url, data_dir, {"IMSRC_INFERENCE": args.inference, "IMSRC_SEARCH_WARMUP": str(warm_up).lower()})
+    try:
+        rng = np.random.default_rng(11)
+        queries = [int(i) for i in rng.choice(ids, 21, replace=False)]
+        first_ms, _ = http.similar(queries[0], "two_stage", None)
+        time.sleep(10)
+        later = [http.similar(q, "two_stage", None)[0] for q in queries[1:]]
+        return {"health_s": round(http.health_s, 2), "first_query_ms": round(first_ms, 2),
+                "later_p50_ms": round(statistics.median(later), 2)}
+    finally:
+        http.close()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_start = os.getloadavg()
     scratch = ROOT / "bench" / "results" / "tmp" / f"service-{uuid.uuid4().hex[:6]}"
@@ -335,6 +355,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prewarm(db)
         result = measure(db, settings, scratch / "data", db_url, vectors, labels, ids, cats, args, pngs)
         engine.dispose()
+        if args.http:
+            result["cold_restart"] = {
+                ("warm_up_on" if on else "warm_up_off"): cold_restart(server, db_url, scratch / "data", ids, args, on)
+                for on in (False, True)}
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
