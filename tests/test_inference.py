@@ -82,6 +82,8 @@ def test_backends_agree(name: str, model_cache: Path, gallery: list[Image.Image]
     assert isinstance(onnx_embedder, OnnxEmbedder)
     expected = {"image": "onnx", "text": "onnx"} if torch_embedder.supports_text else {"image": "onnx"}
     assert onnx_embedder.runtime == expected and torch_embedder.runtime == {k: "torch" for k in expected}
+    # Every tower runs on ONNX, so the torch copy of the weights was freed (kept on the meta device).
+    assert all(p.is_meta for p in onnx_embedder.base.module.parameters())
     # Same identity, so a catalog cannot tell which engine wrote a vector.
     assert (onnx_embedder.name, onnx_embedder.params, onnx_embedder.dimension) == (
         torch_embedder.name, torch_embedder.params, torch_embedder.dimension)
@@ -142,7 +144,7 @@ def test_corrupt_or_mismatched_export_is_rebuilt(scratch: Path, caplog: pytest.L
     export_dir = scratch / "onnx"
     first = build_embedder(TINY_TEST, runtime="onnx", export_dir=export_dir)
     assert isinstance(first, OnnxEmbedder) and isinstance(first.base, TorchEmbedder)
-    store = ExportStore(export_dir, TINY_TEST, weights_fingerprint(first.base.module))
+    store = ExportStore(export_dir, TINY_TEST, first.fingerprint)
     path, manifest_path = store.model_path("image", "fp32"), store.manifest_path("image", "fp32")
     good = sha256_file(path)
 
@@ -200,7 +202,7 @@ def test_auto_follows_the_recorded_timing(model_cache: Path) -> None:
     export_dir = _export_dir(model_cache)
     base = build_embedder(TINY_TEST, runtime="onnx", export_dir=export_dir)  # makes sure the exports exist
     assert isinstance(base, OnnxEmbedder)
-    store = ExportStore(export_dir, TINY_TEST, weights_fingerprint(base.base.module))
+    store = ExportStore(export_dir, TINY_TEST, base.fingerprint)
     paths = {tower: store.manifest_path(tower, "fp32") for tower in ("image", "text")}
     originals = {tower: p.read_text() for tower, p in paths.items()}
     try:
@@ -211,6 +213,9 @@ def test_auto_follows_the_recorded_timing(model_cache: Path) -> None:
             paths[tower].write_text(json.dumps(manifest))
         embedder = build_embedder(TINY_TEST, runtime="auto", export_dir=export_dir)
         assert embedder.runtime == {"image": "onnx", "text": "torch"}
+        # A tower left on torch keeps its weights (they are freed only when every tower runs on ONNX).
+        assert isinstance(embedder, OnnxEmbedder) and not next(embedder.base.module.parameters()).is_meta
+        assert embedder.encode_texts(TEXTS).shape == (len(TEXTS), embedder.dimension)
         assert runtime.planned(TINY_TEST, True, "auto", export_dir) == "image onnx, text torch"
         assert runtime.planned(TINY_TEST, True, "onnx", export_dir) == "onnx"  # explicit onnx ignores timing
     finally:

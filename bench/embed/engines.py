@@ -306,7 +306,7 @@ def peak_growth_mb(fn: Callable[[], Any]) -> float:
 def _onnx_with_threads(embedder: OnnxEmbedder, threads: int) -> Callable[[torch.Tensor], np.ndarray]:
     import onnxruntime as ort
 
-    store = ExportStore(EXPORTS, embedder.name, weights_fingerprint(embedder.base.module))
+    store = ExportStore(EXPORTS, embedder.name, embedder.fingerprint)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -79,8 +79,11 @@ class SingleQuery:
 class OnnxEmbedder:
     """Implements the Embedder protocol; see the module docstring."""
 
-    def __init__(self, base: TorchEmbedder, sessions: dict[str, Any], runtime: dict[str, str]) -> None:
+    def __init__(
+        self, base: TorchEmbedder, sessions: dict[str, Any], runtime: dict[str, str], fingerprint: str
+    ) -> None:
         self.base = base
+        self.fingerprint = fingerprint  # of the torch weights the exports were made from (onnx_cache)
         self.name = base.name
         self.dimension = base.dimension
         self.supports_text = base.supports_text

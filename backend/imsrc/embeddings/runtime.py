@@ -91,7 +91,10 @@ def with_runtime(embedder: Embedder, setting: str, export_dir: Path) -> Embedder
             sessions["text-short"] = make_session(chosen[0])
     if not sessions:
         return embedder
-    return OnnxEmbedder(embedder, sessions, runtime)
+    onnx_embedder = OnnxEmbedder(embedder, sessions, runtime, store.fingerprint)
+    if all(tower in sessions for tower in towers):
+        embedder.release_weights()  # nothing runs on torch any more; tokenizer and preprocessing stay
+    return onnx_embedder
 
 
 def _choose(embedder: TorchEmbedder, store: ExportStore, tower: str, setting: str) -> tuple[Path, str] | None:
