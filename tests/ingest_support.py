@@ -69,7 +69,7 @@ def index_command(root: Path) -> list[str]:
 
 
 def cli_env(url: str, data: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
     env.update({"IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data), "IMSRC_MODEL": TEST_MODEL,
                 "PYTHONPATH": str(ROOT / "backend")})
     return env

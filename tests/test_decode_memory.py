@@ -54,7 +54,7 @@ def server(create_database, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                      settings=settings, category="things")
     db.dispose()
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
     env.update({"IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data_dir), "IMSRC_MODEL": TEST_MODEL,
                 # The test is about memory, not about turning requests away: let every query wait its turn.
                 "IMSRC_DECODE_WAIT_S": "300", "PYTHONPATH": os.pathsep.join(

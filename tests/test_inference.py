@@ -339,3 +339,30 @@ def test_catalog_indexed_with_torch_is_searched_with_onnx(
         a, b = answers[f"torch/{key}"], answers[f"onnx/{key}"]
         assert [r["id"] for r in a] == [r["id"] for r in b]
         assert np.allclose([r["score"] for r in a], [r["score"] for r in b], atol=1e-4)
+
+
+def test_cli_index_and_search_under_auto(create_database, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    """The default setting end to end: `imsrc index` exports and picks engines; search finds what torch finds."""
+    url = create_database("imsrc_onnx_auto")
+    folder = Path(tempfile.mkdtemp(prefix="imsrc-onnx-auto-"))
+    try:
+        for i in range(6):
+            (folder / f"img-{i}.png").write_bytes(make_image(900 + i))
+        base = {"IMSRC_DATABASE_URL": url, "IMSRC_MODEL": TINY_TEST, "IMSRC_DATA_DIR": str(folder / "data"),
+                "IMSRC_MODEL_CACHE_DIR": str(model_cache), "IMSRC_WORKERS": "1"}
+        auto = {**base, "IMSRC_INFERENCE": "auto"}
+        indexed = run_cli("index", str(folder), "--json", env=auto)
+        assert indexed.returncode == 0, indexed.stderr
+        listed = run_cli("models", "list", "--json", env=auto)
+        row = next(r for r in json.loads(listed.stdout) if r["name"] == TINY_TEST)
+        assert "first load" not in row["inference"] and row["inference"] != ""
+        found = {}
+        for engine in ("auto", "torch"):
+            out = run_cli("search", "image", str(folder / "img-2.png"), "--json", "-k", "4", "--exact",
+                          env={**base, "IMSRC_INFERENCE": engine})
+            assert out.returncode == 0, out.stderr
+            found[engine] = json.loads(out.stdout)["results"]
+        assert [r["id"] for r in found["auto"]] == [r["id"] for r in found["torch"]] and len(found["auto"]) == 4
+        assert np.allclose([r["score"] for r in found["auto"]], [r["score"] for r in found["torch"]], atol=1e-4)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

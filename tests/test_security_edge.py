@@ -505,7 +505,7 @@ def test_sql_memory_stays_flat(scratch: Path, database_url: str) -> None:
              "sys.argv = ['imsrc', 'sql', sys.argv[1], '--csv']\n"
              "try:\n    main()\nfinally:\n"
              "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
     env.update({"IMSRC_DATABASE_URL": database_url, "IMSRC_DATA_DIR": str(scratch)})
 
     def peak_kb(rows: int) -> int:

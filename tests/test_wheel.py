@@ -41,7 +41,8 @@ class Installed:
     database_url: str
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") and k != "PYTHONPATH"}
+        keep = {"IMSRC_INFERENCE"}  # tests run torch (conftest): no ONNX export in every subprocess
+        env = {k: v for k, v in os.environ.items() if (not k.startswith("IMSRC_") or k in keep) and k != "PYTHONPATH"}
         env.update({"IMSRC_DATABASE_URL": self.database_url, "IMSRC_DATA_DIR": str(self.work / "data"),
                     "IMSRC_MODEL": "open_clip-tiny-test", "IMSRC_WORKERS": "1"})
         return env
