@@ -74,6 +74,7 @@ def test_the_server_warms_search_in_the_background_after_start(catalog: Catalog)
         runtime = app.state.search_runtime
         assert report.error is None and report.model == MODEL and report.faiss_loaded
         assert report.prewarmed_bytes > 0
+        assert report.inference == "torch"  # the model was loaded too (tests run IMSRC_INFERENCE=torch)
         assert runtime.prototypes.loads == 1 and len(runtime.faiss._indexes) == 1
         resp = c.get(f"/api/search/similar/{catalog.ids['cats-3.png']}?k=3")
         assert resp.status_code == 200 and resp.json()["backend"] == "faiss"

@@ -1,8 +1,9 @@
 """Warm what the first searches need, in the background after the server starts (never before /health).
 
 Without it the first query after a restart pays for everything at once: the prototype matrix read, the FAISS
-index load or build (seconds on a big catalog), and PostgreSQL reading the embeddings and their HNSW graphs from
-disk. Warming is best effort: a failure is logged and searches simply warm things on first use, as before.
+index load or build (seconds on a big catalog), PostgreSQL reading the embeddings and their HNSW graphs from
+disk, and loading the model (with IMSRC_INFERENCE=auto|onnx on a new install, its one-time ONNX export).
+Warming is best effort: a failure is logged and searches simply warm things on first use, as before.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class WarmReport:
     model: str | None = None
     prewarmed_bytes: int = 0
     faiss_loaded: bool = False
+    inference: str | None = None  # the engines of the loaded model, once loaded
     seconds: float = 0.0
     error: str | None = None
 
@@ -63,6 +65,13 @@ def warm(database: Database, runtime: SearchRuntime, report: WarmReport) -> None
             if runtime.settings.search_backend == "faiss":
                 runtime.faiss.get(session, model)
                 report.faiss_loaded = True
+            name = model.name
+        # Last: the slowest part, and it needs no session. Queries then find a warm inference session.
+        from imsrc.embeddings.runtime import describe  # torch loads here, in the background, not at import
+
+        embedder = runtime.embedder_factory(name)
+        engines = getattr(embedder, "runtime", None)
+        report.inference = describe(engines) if isinstance(engines, dict) else None
     except Exception as exc:  # best effort: searches warm what they need on first use anyway
         report.error = f"{type(exc).__name__}: {exc}"
         log.warning("search warm-up failed (first searches will be slower): %s", report.error)
