@@ -44,6 +44,10 @@ def catalog(session: Session) -> dict[str, int]:
              " canonical_id) VALUES (:s, 4, 3, 'PNG', 100, 'd.png', :c, :k) RETURNING id"),
         {"s": (999).to_bytes(32, "big"), "c": shoes.id, "k": ids["a.png"]},
     ).scalar_one()
+    # Mean prototypes (stage 1 of search) for both categories.
+    for cat, vec in [(shoes.id, "[1,0,0]"), (bags.id, "[0,0,1]")]:
+        session.execute(text("INSERT INTO category_prototypes (category_id, model_id, kind, vector, member_count)"
+                             " VALUES (:c, :m, 'mean', CAST(:v AS vector), 2)"), {"c": cat, "m": model.id, "v": vec})
     session.execute(text("SET LOCAL ROLE imsrc_reader"))  # run the queries with the reader's rights
     return ids
 
@@ -53,7 +57,8 @@ def _run(session: Session, path: Path) -> list[dict[str, object]]:
 
 
 def test_every_example_query_is_covered() -> None:
-    assert [p.name[:2] for p in QUERIES] == ["01", "02", "03", "04", "05", "06"]  # 06: tests/test_ingest_upload.py
+    # 06: tests/test_ingest_upload.py
+    assert [p.name[:2] for p in QUERIES] == ["01", "02", "03", "04", "05", "06", "07", "08"]
 
 
 def test_images_per_category(session: Session, catalog: dict[str, int]) -> None:
@@ -82,6 +87,20 @@ def test_duplicate_groups(session: Session, catalog: dict[str, int]) -> None:
 def test_models_query(session: Session, catalog: dict[str, int]) -> None:
     rows = _run(session, QUERIES[4])
     assert rows[0]["name"] == "sqltest" and rows[0]["embedded_images"] == 3 and rows[0]["images"] == 4
+
+
+def test_two_stage_search_query(session: Session, catalog: dict[str, int]) -> None:
+    rows = _run(session, QUERIES[6])
+    # a.png itself is left out; d.png (its duplicate) has no vector; b.png is close, c.png far.
+    assert [(r["rank"], r["original_name"], r["category"]) for r in rows] == [(1, "b.png", "shoes"),
+                                                                              (2, "c.png", "bags")]
+    assert float(rows[0]["score"]) == pytest.approx(0.9939, abs=1e-4)
+
+
+def test_categories_for_image_query(session: Session, catalog: dict[str, int]) -> None:
+    rows = _run(session, QUERIES[7])
+    assert [(r["rank"], r["category"], float(r["score"]), r["prototypes"]) for r in rows] == [
+        (1, "shoes", 1.0, 1), (2, "bags", 0.0, 1)]
 
 
 def test_catalog_images_view_columns(session: Session, catalog: dict[str, int]) -> None:
