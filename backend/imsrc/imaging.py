@@ -224,6 +224,14 @@ def model_image(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def phash64(rgb: Image.Image) -> int:
+    """The 64-bit perceptual hash of a model_image (first bit most significant, imagehash's order). Catalog
+    images (ingest) and search queries are hashed here, so a copy of an indexed image hashes like it."""
+    import imagehash  # loads scipy; only paths that hash pay for it
+
+    return int(str(imagehash.phash(rgb, hash_size=8)), 16)
+
+
 # ------------------------------------------------------------------ bounding concurrent decodes
 def _load_malloc_trim() -> Callable[[], None]:
     """glibc's malloc_trim(0): return free heap pages (in every arena) to the OS. A no-op elsewhere."""

@@ -12,12 +12,16 @@ export function imageCard(item, { showScore = true } = {}) {
     category ? `category ${category}` : null,
     showScore && item.score != null ? `score ${formatScore(item.score)}` : null,
     dupCount ? `${dupCount} duplicate${dupCount === 1 ? "" : "s"}` : null,
+    item.match_type === "duplicate" ? "near-duplicate of the query" : null,
   ].filter(Boolean).join(", ");
   return h("li.card", {},
     h("a.card-link", { href: `#/image/${item.id}`, "aria-label": label, dataset: { imageId: item.id } },
       h("span.card-thumb", {}, thumb(item.thumbnail_url, "")),
       dupCount ? h("span.badge", { title: `${dupCount} near-duplicate${dupCount === 1 ? "" : "s"}` },
                    `+${dupCount} dup`) : null,
+      // search hits whose perceptual hash is within the duplicate threshold of the query's (ranked first)
+      item.match_type === "duplicate" ? h("span.badge.match", {
+        title: `near-duplicate of the query (pHash distance ${item.phash_distance ?? 0})` }, "duplicate") : null,
       item.canonical_id ? h("span.badge.alt", { title: `a near-duplicate of image ${item.canonical_id}` }, "dup") : null,
       h("span.card-meta", {},
         showScore && item.score != null ? h("span.score", {}, formatScore(item.score)) : null,

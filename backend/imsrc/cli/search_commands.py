@@ -66,15 +66,20 @@ def _show(response: Any, as_json: bool) -> None:
     if as_json:
         print_json(response.model_dump())
         return
-    rows = [[i + 1, r.id, f"{r.score:.4f}", r.category or "", r.duplicates, r.file_url]
+    rows = [[i + 1, r.id, f"{r.score:.4f}", _match(r), r.category or "", r.duplicates, r.file_url]
             for i, r in enumerate(response.results)]
-    print_table(["#", "id", "score", "category", "duplicates", "file"], rows,
+    print_table(["#", "id", "score", "match", "category", "duplicates", "file"], rows,
                 title=f"{len(rows)} results ({response.mode}, {response.backend or 'exact scan'}, {response.model})")
     if response.stage1:
         err_console.print("stage 1: " + ", ".join(f"{c.category} {c.score:.3f}" for c in response.stage1))
     t = response.timings_ms
     err_console.print(f"timings: embed {t.embed:.1f} ms, stage 1 {t.stage1:.1f} ms, stage 2 {t.stage2:.1f} ms, "
                       f"total {t.total:.1f} ms")
+
+
+def _match(hit: Any) -> str:
+    """'duplicate (d=N)' for a near-copy of the query (pHash within the threshold), else 'similar'."""
+    return f"duplicate (d={hit.phash_distance})" if hit.match_type == "duplicate" else "similar"
 
 
 def _read_image(source: str) -> tuple[bytes | None, str | None]:

@@ -12,12 +12,11 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import imagehash
 import numpy as np
 from PIL import Image
 
 from imsrc import imaging
-from imsrc.imaging import model_image, sniff
+from imsrc.imaging import model_image, phash64, sniff
 
 __all__ = ["DecodeFailure", "DecodeOptions", "Processed", "WorkItem", "model_image", "open_image", "process",
            "sniff"]
@@ -123,10 +122,6 @@ def make_thumbnail(img: Image.Image, size: int) -> tuple[bytes, int, int]:
     buf = io.BytesIO()
     thumb.save(buf, "WEBP", quality=80, method=4)
     return buf.getvalue(), thumb.width, thumb.height
-
-
-def phash64(rgb: Image.Image) -> int:
-    return int(str(imagehash.phash(rgb, hash_size=8)), 16)
 
 
 def process(item: WorkItem, options: DecodeOptions) -> Processed:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 Mode = Literal["two_stage", "ann", "exact"]
 Backend = Literal["pgvector", "faiss"]
+MatchType = Literal["duplicate", "similar"]
 
 
 class SearchOptions(BaseModel):
@@ -31,6 +32,12 @@ class SearchHit(BaseModel):
     thumbnail_url: str
     file_url: str
     duplicates: int = Field(description="near-duplicate copies of this image in the catalog")
+    match_type: MatchType = Field(
+        default="similar", description="duplicate: the query image's perceptual hash is within "
+        "IMSRC_DUPLICATE_THRESHOLD bits of this image's (a copy, recompressed or resized; always ranked first); "
+        "similar: found by its embedding")
+    phash_distance: int | None = Field(
+        default=None, description="Hamming distance between the pHashes (duplicate matches only)")
 
 
 class CategoryHit(BaseModel):

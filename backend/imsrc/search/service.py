@@ -21,11 +21,20 @@ from imsrc.catalog.repository import CategoryRepository, ModelRepository, vector
 from imsrc.config import Settings
 from imsrc.errors import InvalidInputError, NotFoundError
 from imsrc.imaging import DecodeGate
+from imsrc.search.duplicates import DuplicateSearchRepository
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
-from imsrc.search.pg_queries import Hit, NeighbourRepository, branch_plan
+from imsrc.search.pg_queries import Hit, HitInfo, NeighbourRepository, branch_plan
 from imsrc.search.repository import VectorRepository
-from imsrc.search.schemas import CategoriesResponse, CategoryHit, SearchHit, SearchOptions, SearchResponse, Timings
+from imsrc.search.schemas import (
+    CategoriesResponse,
+    CategoryHit,
+    MatchType,
+    SearchHit,
+    SearchOptions,
+    SearchResponse,
+    Timings,
+)
 from imsrc.search.stage1 import CategoryScore, PrototypeCache, pick
 from imsrc.search.urlfetch import UrlFetcher
 
@@ -137,14 +146,21 @@ class SearchService:
         return model
 
     def embed_image(self, model: EmbeddingModel, data: bytes) -> np.ndarray:
+        return self.embed_and_hash(model, data)[0]
+
+    def embed_and_hash(self, model: EmbeddingModel, data: bytes) -> tuple[np.ndarray, int]:
+        """The query's vector and its 64-bit pHash, both from the one decoded image (the pixels ingest
+        hashes and embeds for catalog images, so a copy of one hashes like it)."""
         # Decoded first, so a bad image is refused before a model is loaded; inside a gate slot, so a burst
         # of big queries decodes a few at a time (the working image that comes out is small).
         with self.runtime.decode_gate.slot():
             image = decode_query(data, self.settings)
+        phash = imaging.phash64(image)
         with model_errors():
             embedder = self.runtime.embedder_factory(model.name)
             tensor = embedder.preprocess(image)  # type: ignore[attr-defined]
-            return np.asarray(embedder.encode_images(tensor.unsqueeze(0))[0], dtype=np.float32)  # type: ignore[attr-defined]
+            vector = np.asarray(embedder.encode_images(tensor.unsqueeze(0))[0], dtype=np.float32)  # type: ignore[attr-defined]
+        return vector, phash
 
     def embed_text(self, model: EmbeddingModel, query: str) -> np.ndarray:
         if not query.strip():
@@ -156,7 +172,7 @@ class SearchService:
             return np.asarray(encode_text_query(embedder, query.strip()), dtype=np.float32)  # type: ignore[arg-type]
 
     def search_image(self, data: bytes, options: SearchOptions) -> SearchResponse:
-        return self._embed_and_search(options, lambda model: self.embed_image(model, data))
+        return self._embed_and_search(options, lambda model: self.embed_and_hash(model, data))
 
     def search_url(self, url: str, options: SearchOptions) -> SearchResponse:
         # Fetch before the first query: a session holds its pooled connection from then on, and a slow remote
@@ -164,14 +180,14 @@ class SearchService:
         return self.search_image(self.runtime.url_fetcher.fetch(url), options)
 
     def search_text(self, query: str, options: SearchOptions) -> SearchResponse:
-        return self._embed_and_search(options, lambda model: self.embed_text(model, query))
+        return self._embed_and_search(options, lambda model: (self.embed_text(model, query), None))
 
     def _embed_and_search(self, options: SearchOptions,
-                          embed: Callable[[EmbeddingModel], np.ndarray]) -> SearchResponse:
+                          embed: Callable[[EmbeddingModel], tuple[np.ndarray, int | None]]) -> SearchResponse:
         model = self.model(options.model)
-        started = time.perf_counter()  # the embed time includes decoding the query
-        vector = embed(model)
-        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started)
+        started = time.perf_counter()  # the embed time includes decoding and hashing the query
+        vector, phash = embed(model)
+        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started, phash=phash)
 
     def similar(self, image_id: int, options: SearchOptions) -> SearchResponse:
         """More like this: the stored vector of an indexed image, the image itself left out."""
@@ -182,7 +198,9 @@ class SearchService:
             if not NeighbourRepository(self.session).hydrate([image_id]):
                 raise NotFoundError(f"image {image_id} does not exist")
             raise NotFoundError(f"image {image_id} has no embedding for model {model.name} yet")
-        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started, exclude=image_id)
+        phash = DuplicateSearchRepository(self.session).stored_phash(image_id)
+        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started, exclude=image_id,
+                                  phash=phash)
 
     def categories_for_url(self, url: str, *, model_name: str | None = None,
                            limit: int | None = None) -> CategoriesResponse:
@@ -204,8 +222,9 @@ class SearchService:
 
     # ------------------------------------------------------------------ the two stages
     def search_vector(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, *,
-                      embed_ms: float = 0.0, started: float | None = None, exclude: int | None = None
-                      ) -> SearchResponse:
+                      embed_ms: float = 0.0, started: float | None = None, exclude: int | None = None,
+                      phash: int | None = None) -> SearchResponse:
+        """`phash`: the query image's perceptual hash; its near-duplicates in the catalog come first."""
         started = started or time.perf_counter()
         k = options.k or self.settings.search_k
         mode = options.mode
@@ -226,6 +245,10 @@ class SearchService:
         hits = self._stage2(model, vector, plan, options.include_duplicates, exclude)
         if mode == "two_stage" and not options.category:
             hits, stage1 = self._fill(model, vector, plan, hits, ranked, stage1, options.include_duplicates, exclude)
+        if phash is not None:
+            explicit = plan.categories if options.category else None
+            hits = self._duplicates_first(model, vector, phash, hits, k, explicit, options.include_duplicates,
+                                          exclude)
         return SearchResponse(
             results=hits, stage1=[_category_hit(c) for c in stage1], model=model.name, mode=mode, backend=backend,
             timings_ms=Timings(embed=embed_ms, stage1=stage1_ms, stage2=_ms(t2), total=_ms(started)))
@@ -249,6 +272,23 @@ class SearchService:
                 plan = replace(plan, categories=None)  # every category is in: the rest are uncategorised
             hits = self._stage2(model, vector, plan, include_duplicates, exclude)
         return hits, searched
+
+    def _duplicates_first(self, model: EmbeddingModel, vector: np.ndarray, phash: int, hits: list[SearchHit],
+                          k: int, categories: list[int] | None, include_duplicates: bool, exclude: int | None
+                          ) -> list[SearchHit]:
+        """Near-duplicates of the query (pHash within IMSRC_DUPLICATE_THRESHOLD) first, closest first, then
+        the neighbours stage 2 found. Looked up on their own, so no stage-1 choice can hide them; only an
+        explicit category filter (the user's own) limits them."""
+        near = DuplicateSearchRepository(self.session).near(
+            phash, self.settings.duplicate_threshold, model_id=model.id, query=vector_literal(vector), limit=k,
+            categories=categories, exclude=exclude, include_duplicates=include_duplicates)
+        if not near:
+            return hits
+        info = NeighbourRepository(self.session).hydrate([n.image_id for n in near])
+        first = [_hit(n.image_id, n.score, info[n.image_id], match_type="duplicate", distance=n.distance)
+                 for n in near if n.image_id in info]
+        taken = {h.id for h in first}
+        return (first + [h for h in hits if h.id not in taken])[:k]
 
     def _stage1(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, *, walks: bool
                 ) -> tuple[list[int] | None, list[CategoryScore], set[int], list[CategoryScore]]:
@@ -293,9 +333,7 @@ class SearchService:
             if len(kept) >= k or len(raw) < limit or limit >= MAX_FETCH:
                 break
             limit = min(limit * 2, MAX_FETCH)
-        return [SearchHit(id=i, score=round(s, 6), category=info[i].category, category_id=info[i].category_id,
-                          thumbnail_url=f"/api/images/{i}/thumbnail", file_url=f"/api/images/{i}/file",
-                          duplicates=info[i].duplicates) for i, s in kept[:k]]
+        return [_hit(i, s, info[i]) for i, s in kept[:k]]
 
     def _neighbours(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, limit: int) -> list[Hit]:
         neighbours = NeighbourRepository(self.session)
@@ -328,6 +366,13 @@ class Stage2Plan:
     k: int
     mode: str
     backend: str | None
+
+
+def _hit(image_id: int, score: float, info: HitInfo, *, match_type: MatchType = "similar",
+         distance: int | None = None) -> SearchHit:
+    return SearchHit(id=image_id, score=round(score, 6), category=info.category, category_id=info.category_id,
+                     thumbnail_url=f"/api/images/{image_id}/thumbnail", file_url=f"/api/images/{image_id}/file",
+                     duplicates=info.duplicates, match_type=match_type, phash_distance=distance)
 
 
 def _category_hit(c: CategoryScore) -> CategoryHit:
