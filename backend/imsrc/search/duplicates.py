@@ -3,7 +3,7 @@
 They go first in every search mode, whatever stage 1 picks: a recompressed or resized copy of an indexed
 image must find its original at rank 1 (issue 18), and an embedding alone does not guarantee that (stage 1
 can route the edited copy to another category). The look-up uses the band indexes of migration
-0005_phash_bands (see its docstring for the pigeonhole argument); the exact distance decides.
+0006_phash_bands (see its docstring for the pigeonhole argument); the exact distance decides.
 """
 
 from __future__ import annotations

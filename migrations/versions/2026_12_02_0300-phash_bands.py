@@ -1,8 +1,8 @@
 """Four btree indexes on the 16-bit bands of images.phash, for near-duplicate look-ups at search time.
 
-Revision ID: 0005_phash_bands
-Revises: 0004_embeddings_uncompressed
-Create Date: 2026-12-02 02:00
+Revision ID: 0006_phash_bands
+Revises: 0005_sql_search
+Create Date: 2026-12-02 03:00
 
 Why bands: a query must find every image within Hamming distance t of its 64-bit hash. Split into four 16-bit
 bands, two hashes within distance t differ by at most t // 4 bits in at least one band (pigeonhole), so the
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0005_phash_bands"
-down_revision: str | None = "0004_embeddings_uncompressed"
+revision: str = "0006_phash_bands"
+down_revision: str | None = "0005_sql_search"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
