@@ -137,6 +137,11 @@ def test_upload_search_detail_and_text_search(browser: Any, server: str, images:
     head = page.inner_text(".results-head")
     assert "sunset.png" in head and "total" in head
     assert page.inner_text(".results .grid .card .score").startswith(("1.000", "0.99"))
+    # the same picture is a near-duplicate of the query (pHash distance 0): marked with a badge and in its label
+    assert page.inner_text(".results .grid .card >> nth=0 >> .badge.match") == "duplicate"
+    assert "near-duplicate of the query" in page.get_attribute(".results .grid .card-link >> nth=0", "aria-label")
+    badges = page.eval_on_selector_all(".results .grid .card", "els => els.map(e => !!e.querySelector('.badge.match'))")
+    assert badges[0] and len(badges) > 1 and not all(badges)
     _shot(page, shots / "search.png")
 
     # 3. open its detail page from the results
