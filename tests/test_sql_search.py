@@ -206,3 +206,27 @@ def test_reader_can_search_but_still_cannot_write(catalog: Catalog) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("CREATE OR REPLACE FUNCTION imsrc._setting(name text, fallback numeric) RETURNS numeric"
                          " LANGUAGE sql AS 'SELECT 1'")
+
+
+def test_the_readme_recipe_for_a_hand_written_query_uses_the_category_index(catalog: Catalog) -> None:
+    """db/README.md: the partial index is used when the query repeats its predicate and ORDER BY."""
+    model_id, category_id, index_name, predicate, order_by, dimension = _reader(
+        catalog, "SELECT x.model_id, x.category_id, x.index_name, x.index_predicate, x.order_by, m.dimension"
+                 " FROM catalog_category_indexes x JOIN catalog_models m ON m.id = x.model_id"
+                 " WHERE x.category = 'maps'")[0]
+    assert predicate == f"WHERE model_id = {model_id} AND category_id = {category_id}"
+    vector = _reader(catalog, "SELECT embedding::text FROM embeddings WHERE image_id = %s",
+                     (catalog.ids["maps-5.png"],))[0][0]
+    q = f"'{vector}'::vector"
+    inner = (f"SELECT image_id, embedding FROM embeddings {predicate} "
+             f"{order_by.replace('CAST(q AS', f'CAST({q} AS')} LIMIT 5")
+    sql = f"SELECT image_id, 1 - (embedding <=> {q}) AS score FROM ({inner}) s ORDER BY score DESC LIMIT 5"
+    assert f"halfvec({dimension})" in sql
+    with psycopg.connect(catalog.reader) as conn:
+        conn.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {sql}").fetchall())
+        assert f"Index Scan using {index_name}" in plan
+        hand = [r[0] for r in conn.execute(sql).fetchall()]
+    exact = _reader(catalog, "SELECT image_id FROM imsrc.search_in(%s::vector, %s, 5, 'exact',"
+                             " include_duplicates => true)", (vector, [category_id]))
+    assert hand == [r[0] for r in exact] and hand[0] == catalog.ids["maps-5.png"]
