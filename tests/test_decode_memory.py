@@ -57,7 +57,7 @@ def server(create_database, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
     env.update({"IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data_dir), "IMSRC_MODEL": TEST_MODEL,
                 # The test is about memory, not about turning requests away: let every query wait its turn.
-                "IMSRC_DECODE_WAIT_S": "300", "PYTHONPATH": os.pathsep.join(
+                "IMSRC_DECODE_WAIT_S": "300", "IMSRC_WORKERS_HTTP": "1", "PYTHONPATH": os.pathsep.join(
                     [str(Path(__import__("imsrc").__file__).parents[1]), os.environ.get("PYTHONPATH", "")])})
     proc = subprocess.Popen([sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port)], env=env,
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
 
     # Ingest.
     workers: int = Field(default=0, ge=0)  # 0 = one per CPU core
+    # API worker processes of `imsrc serve` (IMSRC_WORKERS_HTTP); 0 = one per CPU core (at most 64).
+    workers_http: int = Field(default=0, ge=0, le=64)
     # 16: ONNX Runtime's cost per image is flat from batch 8 to 64, torch's is lowest at 8-16 and its working
     # memory grows above 16 (0.9 GB at 64). BENCHMARKS.md, "Inference engines: batch size, threads and targets".
     batch_size: int = Field(default=16, ge=1, le=1024)

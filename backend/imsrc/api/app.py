@@ -29,13 +29,16 @@ log = logging.getLogger(__name__)
 ROUTERS = (system.router, uploads.router, images.router, categories.router, search.router, metrics.router)
 
 
-def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, database: Database | None = None, *,
+               database_url: str | None = None) -> FastAPI:
+    """`database`: one to use (not disposed here); else one is opened at startup, on `database_url` if given
+    (a worker of `imsrc serve --workers N`: the parent resolved it, so workers never start the embedded server)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
-        app.state.database = database or open_database(settings)
+        app.state.database = database or open_database(settings, url=database_url)
         # In the background: /health answers at once; the first searches find things warm when it is done.
         app.state.search_warmup = warmup.start(app.state.database, app.state.search_runtime) \
             if settings.search_warmup else None

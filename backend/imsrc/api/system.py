@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import datetime
 from typing import Any, Literal
 
@@ -101,6 +102,8 @@ class Status(BaseModel):
     index: IndexStatus | None = Field(description="the active model's search index; none before any model")
     jobs: list[JobStatus] = Field(description="the most recent indexing jobs, newest first")
     max_upload_bytes: int = Field(description="largest file POST /api/images accepts (IMSRC_MAX_UPLOAD_BYTES)")
+    worker_pid: int = Field(description="the server process that answered (with `imsrc serve --workers N` they "
+                                        "differ from one connection to another)")
 
 
 @router.get("/health", response_model=Health, summary="Liveness: the process answers (touches nothing else)")
@@ -158,6 +161,7 @@ def status(request: Request, session: SessionDep, db: DatabaseDep, settings: Set
         jobs=[_job(j, with_message=holds_key(request.headers, settings.api_key))
               for j in JobRepository(session).recent(RECENT_JOBS)],
         max_upload_bytes=settings.max_upload_bytes,
+        worker_pid=os.getpid(),
     )
 
 

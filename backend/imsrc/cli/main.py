@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Iterator
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
@@ -15,6 +16,10 @@ from imsrc.cli.context import CliContext
 from imsrc.cli.output import err_console, print_csv, print_json, print_table
 from imsrc.errors import ImsrcError
 from imsrc.logs import configure_logging, json_logging
+
+if TYPE_CHECKING:
+    from imsrc.config import Settings
+    from imsrc.db.session import Database
 
 app = typer.Typer(
     name="imsrc",
@@ -105,23 +110,35 @@ def stats(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         print_table(cols, [[m[c] for c in cols] for m in data["models"]], title="Models")
 
 
+MAX_HTTP_WORKERS = 64
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (a container's or taskset's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @app.command()
 def serve(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Address to bind (default IMSRC_HOST, 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default IMSRC_PORT, 8000).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="API worker processes on the one port (default IMSRC_WORKERS_HTTP; 0 there = one per CPU core).")]
+    = None,
 ) -> None:
     """Run the web page and REST API."""
     import socket
 
-    import uvicorn
-
-    from imsrc.api.app import create_app
-    from imsrc.api.protocol import GuardedH11Protocol
-
     settings = ctx.obj.settings
     host = host or settings.host
     port = port or settings.port
+    if workers is not None and not 1 <= workers <= MAX_HTTP_WORKERS:
+        raise ImsrcError(f"--workers must be between 1 and {MAX_HTTP_WORKERS} (got {workers})")
+    count = workers or settings.workers_http or min(_cores(), MAX_HTTP_WORKERS)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -130,16 +147,64 @@ def serve(
             raise ImsrcError(f"cannot listen on {host}:{port} ({exc.strerror}); use --port or IMSRC_PORT") from exc
     # Our logging (text or IMSRC_LOG_FORMAT=json, with request ids) replaces uvicorn's own configuration.
     configure_logging(settings.log_format, logging.INFO, server=True)
+    # Here, once, before any worker: start the embedded server if needed and bring the schema to head, so N
+    # workers do not race to migrate.
     db = ctx.obj.database()
     settings = settings.model_copy(update={"host": host, "port": port})
+    workers_note = f", {count} worker processes" if count > 1 else ""
     if json_logging():
-        logging.getLogger("imsrc.serve").info("imsrc serving on http://%s:%s", host, port)
+        logging.getLogger("imsrc.serve").info("imsrc serving on http://%s:%s%s", host, port, workers_note)
     else:
-        err_console.print(f"imsrc serving on http://{host}:{port}  (API docs at /docs)")
+        err_console.print(f"imsrc serving on http://{host}:{port}{workers_note}  (API docs at /docs)")
+    if count == 1:
+        _run_uvicorn(settings, app=_single_app(settings, db), workers=1)
+    else:
+        db.dispose()  # each worker opens its own pool; the parent only supervises
+        _serve_workers(settings, count, db.url)
+
+
+def _single_app(settings: Settings, db: Database) -> Any:
+    from imsrc.api.app import create_app
+
+    return create_app(settings, database=db)
+
+
+def _run_uvicorn(settings: Settings, *, app: Any, workers: int) -> None:
+    import uvicorn
+
+    from imsrc.api.protocol import GuardedH11Protocol
+
     # A partial of a module-level class stays picklable for uvicorn's worker processes.
     protocol = functools.partial(GuardedH11Protocol, read_timeout_s=settings.client_timeout_s)
-    uvicorn.run(create_app(settings, database=db), host=host, port=port, log_config=None, access_log=False,
-                http=cast(Any, protocol))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                http=cast(Any, protocol), workers=workers, factory=workers > 1)
+
+
+def _serve_workers(settings: Settings, count: int, database_url: str) -> None:
+    """N processes on one port with uvicorn's own supervisor (not gunicorn): no second server to install or
+    configure, the same h11 protocol class and settings as one process, and since uvicorn 0.30 the supervisor
+    restarts a worker that dies and passes SIGTERM on to every worker, which finish their requests in flight.
+    The parent binds the socket and the spawned workers share it; each builds its app from the environment
+    (imsrc.api.worker), so the host and port chosen here go there first."""
+    import shutil
+    import tempfile
+
+    os.environ["IMSRC_HOST"] = settings.host
+    os.environ["IMSRC_PORT"] = str(settings.port)
+    from imsrc.api.worker import DATABASE_URL_ENV
+
+    os.environ[DATABASE_URL_ENV] = database_url
+    # Prometheus counters of N processes: kept in files in one folder, summed at /metrics (api.metrics). The
+    # folder must be empty at start, so unless the operator named one, a fresh one that goes away afterwards.
+    own_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_dir = tempfile.mkdtemp(prefix="imsrc-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    try:
+        _run_uvicorn(settings, app="imsrc.api.worker:worker_app", workers=count)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
 
 
 def main() -> None:
