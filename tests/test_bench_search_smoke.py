@@ -28,6 +28,10 @@ def test_service_bench_produces_every_row(repo_root: Path, tmp_path: Path) -> No
     # 300 vectors: under IMSRC_SEARCH_TWO_STAGE_MIN_ROWS, so pgvector two-stage is answered as ann, and says so
     assert result["service"]["two_stage pgvector"]["response_mode"] == ["ann"]
     assert result["service"]["two_stage pgvector, small-catalog rule off"]["response_mode"] == ["two_stage"]
+    # The SQL functions beside the service: the same ids in the same order for every query (issue 19)
+    assert set(result["sql"]) == {"exact SQL", "ann SQL", "two_stage SQL", "two_stage SQL, small-catalog rule off"}
+    for row in result["sql"].values():
+        assert row["same_as_service"] == 1.0 and 0 < row["p50_ms"] <= row["p95_ms"]
     assert set(result["http"]) == LABELS and all(r["p50_ms"] > 0 for r in result["http"].values())
     for cold in result["cold_restart"].values():  # PostgreSQL restarted, warm-up off and on
         assert cold["health_s"] > 0 and cold["first_query_ms"] > 0 and cold["later_p50_ms"] > 0

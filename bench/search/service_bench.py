@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
@@ -150,6 +151,47 @@ def service_call(db: Database, runtime: SearchRuntime, image_id: int, mode: str,
     return (time.perf_counter() - started) * 1000, resp
 
 
+# The SQL functions (schema imsrc, db/README.md) beside the service rows they mirror.
+SQL_METHODS = [("exact SQL", "exact", "exact", None), ("ann SQL", "ann", "ann pgvector", None),
+               ("two_stage SQL", "two_stage", "two_stage pgvector", None),
+               ("two_stage SQL, small-catalog rule off", "two_stage", FORCED, 0)]
+
+
+def sql_similar(conn: psycopg.Connection[Any], image_id: int, mode: str) -> tuple[float, list[int]]:
+    """One call of imsrc.similar from a plain client: one statement, one transaction."""
+    started = time.perf_counter()
+    rows = conn.execute("SELECT image_id FROM imsrc.similar(%s, %s, NULL, %s)", (image_id, K, mode)).fetchall()
+    conn.commit()
+    return (time.perf_counter() - started) * 1000, [int(r[0]) for r in rows]
+
+
+def measure_sql(url: str, settings: Settings, ids: np.ndarray, rows: np.ndarray, truths: list[list[int]],
+                service_ids: dict[tuple[str, int], list[int]]) -> dict[str, Any]:
+    """imsrc.similar per mode: latency, recall, and how often it returned the service's ids in its order."""
+    out: dict[str, Any] = {}
+    url = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    for label, mode, service_label, min_rows in SQL_METHODS:
+        with psycopg.connect(url) as conn:
+            # The service's settings, as db/README.md tells SQL users to mirror them.
+            for name, value in (("ef_search", settings.search_ef_search), ("score_mass", settings.search_score_mass),
+                                ("categories", settings.search_categories),
+                                ("two_stage_min_rows", settings.search_two_stage_min_rows
+                                 if min_rows is None else min_rows)):
+                conn.execute(f"SET imsrc.{name} = '{value}'")
+            conn.commit()
+            for warm in rows[:5]:
+                sql_similar(conn, int(ids[warm]), mode)
+            lat, rec, same = [], [], []
+            for i, r in enumerate(rows):
+                took, got = sql_similar(conn, int(ids[r]), mode)
+                lat.append(took)
+                rec.append(len(set(got) & set(truths[i])) / K)
+                same.append(got == service_ids[(service_label, int(ids[r]))])
+        out[label] = {**summary(lat), "recall_at_10": round(float(np.mean(rec)), 4),
+                      "same_as_service": round(float(np.mean(same)), 4), "service_row": service_label}
+    return out
+
+
 def tune_ann_ef(db: Database, settings: Settings, ids: np.ndarray, rows: np.ndarray, truths: list[list[int]],
                 target: float) -> tuple[int, float]:
     """The smallest hnsw.ef_search at which service `ann` reaches `target` recall on calibration queries."""
@@ -201,6 +243,7 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
     stage1_recall: list[float] = []
     stage1_ms: list[float] = []
     stage2_ms: dict[str, list[float]] = {}
+    service_ids: dict[tuple[str, int], list[int]] = {}
 
     def record(label: str, took: float, got: list[int], truth: list[int], query_id: int, mode: str) -> None:
         lat.setdefault(label, []).append(took)
@@ -217,6 +260,7 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
         for label, mode, backend, rt in methods:
             took, resp = service_call(db, rt, qid, mode, backend)
             record(label, took, [h.id for h in resp.results], truths[i], qid, resp.mode)
+            service_ids[(label, qid)] = [h.id for h in resp.results]
             stage2_ms.setdefault(label, []).append(resp.timings_ms.stage2)
             if label == FORCED:
                 picked = {c.category_id for c in resp.stage1}
@@ -237,6 +281,7 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
     out["ann_tuning"] = {"target_recall": round(target, 4), "ef_search": ef, "recall_at_ef": round(ef_recall, 4),
                          "calibration_queries": len(calib_rows)}
     out["faiss_first_use_s"] = round(faiss_first_s, 2)
+    out["sql"] = measure_sql(settings.database_url, settings, ids, rows, truths, service_ids)
     if args.http:
         http = Http(server_url, data_dir, {"IMSRC_INFERENCE": args.inference,
                                            "IMSRC_SEARCH_EF_SEARCH": str(settings.search_ef_search)})
