@@ -269,6 +269,39 @@ def ingest_bytes(session: Session, embedder: Embedder, files: Sequence[tuple[str
 def store_bytes(session: Session, embedder: Embedder, model_id: int, files: Sequence[tuple[str, bytes]], *,
                 settings: Settings, category: str | None = None, gate: DecodeGate | None = None) -> BatchResult:
     """ingest_bytes without the search sync, for a caller that stores several chunks and syncs once."""
+    batch = decode_bytes(embedder, files, settings=settings, category=category, gate=gate)
+    existing = IngestRepository(session).existing_by_sha([p.sha256 for p in batch if p.ok and p.sha256], model_id)
+    embed_decoded(embedder, [p for p in batch if not (p.sha256 in existing and existing[p.sha256].has_embedding)],
+                  settings)
+    return write_decoded(session, model_id, batch, settings, existing)
+
+
+def prepare_bytes(embedder: Embedder, files: Sequence[tuple[str, bytes]], *, settings: Settings,
+                  category: str | None = None, gate: DecodeGate | None = None) -> list[Processed]:
+    """Decode, hash, thumbnail and embed, touching no database: an upload does this before it takes the
+    catalog write lock, so uploads decode and run the model side by side. Every decoded file is embedded,
+    even bytes the catalog may already hold with a vector (write_decoded then leaves that vector unused)."""
+    batch = decode_bytes(embedder, files, settings=settings, category=category, gate=gate)
+    embed_decoded(embedder, batch, settings)
+    return batch
+
+
+def write_decoded(session: Session, model_id: int, batch: Sequence[Processed], settings: Settings,
+                  existing: dict[bytes, ExistingImage] | None = None) -> BatchResult:
+    """The database half of store_bytes: images, bytes, thumbnails, vectors, near-duplicate links."""
+    ctx = WriteContext(model_id=model_id, store_bytes=True,
+                       matcher=SqlPhashMatcher(session, settings.duplicate_threshold))
+    return write_batch(session, ctx, batch, existing)
+
+
+def embed_decoded(embedder: Embedder, batch: Sequence[Processed], settings: Settings) -> None:
+    to_embed = [p for p in batch if p.ok]
+    for start in range(0, len(to_embed), settings.batch_size):
+        embed_processed(embedder, to_embed[start:start + settings.batch_size])
+
+
+def decode_bytes(embedder: Embedder, files: Sequence[tuple[str, bytes]], *, settings: Settings,
+                 category: str | None = None, gate: DecodeGate | None = None) -> list[Processed]:
     options = DecodeOptions(preprocess=embedder.preprocess, max_pixels=settings.max_pixels,
                             thumbnail_size=settings.thumbnail_size, keep_bytes=True)
     batch: list[Processed] = []
@@ -280,10 +313,4 @@ def store_bytes(session: Session, embedder: Embedder, model_id: int, files: Sequ
             continue
         with gate.slot() if gate is not None else contextlib.nullcontext():
             batch.append(process(WorkItem(key=name, data=data, category=category), options))
-    existing = IngestRepository(session).existing_by_sha([p.sha256 for p in batch if p.ok and p.sha256], model_id)
-    to_embed = [p for p in batch if p.ok and not (p.sha256 in existing and existing[p.sha256].has_embedding)]
-    for start in range(0, len(to_embed), settings.batch_size):
-        embed_processed(embedder, to_embed[start:start + settings.batch_size])
-    ctx = WriteContext(model_id=model_id, store_bytes=True,
-                       matcher=SqlPhashMatcher(session, settings.duplicate_threshold))
-    return write_batch(session, ctx, batch, existing)
+    return batch

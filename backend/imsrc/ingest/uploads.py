@@ -1,8 +1,8 @@
 """Uploads: files a client sent (already streamed to disk by the API) into the catalog in one unit of work.
 
-This owns what an upload decides once: the catalog write lock, the model, chunks of bounded size, the search
-sync at the end, and running the whole unit again when PostgreSQL rolled it back on a conflict. The route only
-parses the request, calls ingest_uploads and counts the results.
+This owns what an upload decides once: the model, chunks of bounded size, decoding and embedding before the
+catalog write lock, the writes and the search sync after it, and running the whole unit again when PostgreSQL
+rolled it back on a conflict. The route only parses the request, calls ingest_uploads and counts the results.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from imsrc.config import Settings
 from imsrc.db.errors import DATABASE_ERRORS, classify
 from imsrc.db.session import Database
 from imsrc.imaging import DecodeGate
-from imsrc.ingest.service import FileOutcome, ensure_model, store_bytes
+from imsrc.ingest.service import FileOutcome, ensure_model, prepare_bytes, write_decoded
 from imsrc.search.sync import only, sync_search
 from imsrc.services.models import choose_and_load
 
@@ -60,20 +60,26 @@ def _ingest_once(db: Database, settings: Settings, files: Sequence[StagedFile], 
     outcomes: list[FileOutcome] = []
     touched: set[int] = set()
     with db.session() as session:
-        # Taken first, before any row is written, so concurrent uploads queue here instead of deadlocking on
-        # prototype rows one of them already changed (sync_search takes it again; it nests).
-        lock_catalog_writes(session)
         loaded = choose_and_load(session, settings)
         if loaded.choice.warning:
             log.warning("%s", loaded.choice.warning)
-        model = ensure_model(session, loaded.embedder, settings)
+        model_id: int | None = None
         for chunk in _chunks(files, settings.batch_size, CHUNK_BYTES):
             payload = [(f.filename or "upload", f.path.read_bytes()) for f in chunk]
-            result = store_bytes(session, loaded.embedder, model.id, payload, settings=settings, category=category,
-                                 gate=gate)
+            # Decoding and the model (nearly all of an upload's time) run before the catalog write lock, so
+            # uploads do them side by side; only the writes and the search sync below queue behind each other.
+            # (An upload of several chunks holds the lock from its first write, as every write does.)
+            prepared = prepare_bytes(loaded.embedder, payload, settings=settings, category=category, gate=gate)
+            if model_id is None:
+                # Taken before any row is written, so concurrent uploads queue here instead of deadlocking on
+                # prototype rows one of them already changed (sync_search takes it again; it nests).
+                lock_catalog_writes(session)
+                model_id = ensure_model(session, loaded.embedder, settings).id
+            result = write_decoded(session, model_id, prepared, settings)
             outcomes.extend(result.outcomes)
             touched |= result.touched_categories
-        sync_search(session, settings, model_id=model.id, category_ids=touched, embedders=only(loaded.embedder))
+        assert model_id is not None  # the route refuses an upload without files
+        sync_search(session, settings, model_id=model_id, category_ids=touched, embedders=only(loaded.embedder))
         # The answer names the category each image is in once the upload is done: for bytes the catalog already
         # held, the one they had (whatever this upload asked for); without one, the automatic group it joined.
         where = CategoryRepository(session).of_images([o.image_id for o in outcomes if o.image_id is not None])
