@@ -177,8 +177,11 @@ class NeighbourRepository:
         if not categories:
             return []
         expr = embedding_expr(dimension)
-        q = f"CAST(:q AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
-        half = f"CAST(:q AS {_halfvec(dimension)})"
+        # :q is bound as text on purpose. Left untyped, PostgreSQL gives the parameter the type of the first cast
+        # it analyses, the halfvec one inside FROM, and the full-precision re-sort then used a half-precision
+        # query (scores off by up to ~1e-5, near-ties in another order than exact: issue 19's SQL comparison).
+        q = f"CAST(CAST(:q AS text) AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
+        half = f"CAST(CAST(:q AS text) AS {_halfvec(dimension)})"
         branches = []
         for category_id, indexed in categories:
             order = f"{category_index_expr(dimension)} <#> {half}" if indexed else f"({expr} <=> {q}) + 0"
