@@ -70,6 +70,16 @@ def section(r: dict[str, Any]) -> list[str]:
                   + "; ".join(f"{label} {ob['p50_ms']:.1f} -> {nb['p50_ms']:.1f} ms service, "
                               f"{oh['p50_ms']:.1f} -> {nh['p50_ms']:.1f} ms HTTP"
                               for label, ob, nb, oh, nh in pairs if ob and nb and oh and nh) + " (p50)."]
+    if r.get("sql"):
+        lines += ["", "SQL functions (`imsrc.similar(id, 10, NULL, mode)` from a plain psycopg client, one statement "
+                  "and commit per query, `imsrc.*` settings set to the service's; db/README.md), same queries:", "",
+                  "| function | p50 ms | p95 ms | p99 ms | recall@10 vs exact | same ids and order as the service "
+                  "| service row | service p50 ms |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+        for label, m in r["sql"].items():
+            svc = r["service"].get(m["service_row"], {})
+            lines.append(f"| {label} | {m['p50_ms']:.2f} | {m['p95_ms']:.2f} | {m['p99_ms']:.2f} | "
+                         f"{m['recall_at_10']:.3f} | {m['same_as_service']:.2f} | {m['service_row']} | "
+                         f"{svc.get('p50_ms', float('nan')):.2f} |")
     if r.get("http"):
         lines += ["", "HTTP (`imsrc serve` in its own process, `GET /api/search/similar/{id}`, one keep-alive "
                   "client; end to end as the client sees it):", ""]
