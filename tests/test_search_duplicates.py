@@ -224,3 +224,76 @@ def test_band_probe_values() -> None:
     assert within(0, 0) == [0]
     assert sorted(within(0, 1)) == [0] + [1 << b for b in range(16)]
     assert len(set(within(0xBEEF, 2))) == 1 + 16 + 120
+
+
+# ------------------------------------------------------------------ re-ranking comparators (issue 18, item 3)
+def test_ssim_matches_scikit_image_and_comparators_are_one_on_identity() -> None:
+    from skimage.metrics import structural_similarity
+
+    from imsrc.search import rerank
+
+    a, b = rerank.prepare(_photo("astronaut")), rerank.prepare(_photo("camera"))
+    for x, y in ((a, b), (a, rerank.prepare(Image.open(io.BytesIO(_edited(_photo("astronaut"))))))):
+        ref = structural_similarity(rerank._grey(x), rerank._grey(y), gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=True, data_range=255)
+        assert rerank.ssim(x, y) == pytest.approx(ref, abs=1e-6)
+    for name in ("ssim", "histogram", "pixel"):
+        assert rerank.SCORERS[name](a, a) == pytest.approx(1.0)
+        assert rerank.SCORERS[name](a, b) < 0.9
+
+
+def test_rerank_orders_candidates_by_the_comparator(catalog: Catalog) -> None:
+    from imsrc.search import rerank
+
+    query = _encode(_photo("gravel").transpose(Image.Transpose.FLIP_LEFT_RIGHT))  # mirrored: no pHash match
+    runtime = SearchRuntime.create(catalog.settings)
+    with catalog.database.session() as session:
+        service = runtime.service(session)
+        plain = service.search_image(query, SearchOptions(k=40, mode="exact"))
+        assert {r.match_type for r in plain.results} == {"similar"} and plain.rerank is None
+        for comparator in ("ssim", "histogram", "pixel"):
+            got = service.search_image(query, SearchOptions(k=5, mode="exact", rerank=comparator,  # type: ignore[arg-type]
+                                                            rerank_top=40))
+            # what the comparator says about every image in the catalog, from the stored thumbnails
+            every = rerank.scores(comparator, Image.open(io.BytesIO(query)),
+                                  rerank.ThumbnailRepository(session).images([r.id for r in plain.results]))
+            best = sorted(every, key=lambda i: -every[i])[:5]
+            assert got.rerank == comparator and [r.id for r in got.results] == best
+            assert [r.rerank_score for r in got.results] == [every[i] for i in best]
+            cosine = {r.id: r.score for r in plain.results}
+            assert all(r.score == cosine[r.id] for r in got.results)  # both scores are returned
+        # only the first rerank_top candidates are re-scored; the rest keep stage 2's order
+        got = service.search_image(query, SearchOptions(k=6, mode="exact", rerank="pixel", rerank_top=2))
+        assert [r.rerank_score is not None for r in got.results] == [True, True] + [False] * 4
+        assert {r.id for r in got.results[:2]} == {r.id for r in plain.results[:2]}
+        assert [r.id for r in got.results[2:]] == [r.id for r in plain.results[2:6]]
+        # near-duplicates stay first under any comparator
+        got = service.search_image(_edited(_photo("astronaut")), SearchOptions(
+            k=3, rerank="histogram", categories=1))
+        assert got.results[0].id == catalog.ids["astronaut"] and got.results[0].match_type == "duplicate"
+        assert got.results[0].rerank_score is not None
+        # "more like this" compares the image's own thumbnail
+        got = service.similar(catalog.ids["brick"], SearchOptions(k=3, mode="exact", rerank="ssim"))
+        assert got.rerank == "ssim" and all(r.rerank_score is not None for r in got.results)
+
+
+def test_rerank_bad_input_is_a_clear_4xx(catalog: Catalog) -> None:
+    with TestClient(create_app(catalog.settings, database=catalog.database)) as client:
+        files = {"file": ("q.png", _encode(_photo("coins")), "image/png")}
+        for query, needle in (("rerank=orb", "ssim"), ("rerank=ssim&rerank_top=0", "rerank_top"),
+                              ("rerank=ssim&rerank_top=201", "rerank_top")):
+            resp = client.post(f"/api/search/image?{query}", files=files)
+            assert 400 <= resp.status_code < 500 and needle in resp.json()["error"]["message"], resp.text
+        resp = client.get("/api/search/text?q=coins&rerank=ssim")
+        assert resp.status_code == 422 and "image query" in resp.json()["error"]["message"]
+        resp = client.post("/api/search/image?rerank=pixel&rerank_top=3&k=2&mode=exact", files=files)
+        assert resp.status_code == 200 and resp.json()["rerank"] == "pixel"
+        assert all(r["rerank_score"] is not None for r in resp.json()["results"])
+    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"),
+           "IMSRC_MODEL": MODEL}
+    path = catalog.folder / "coins.png"
+    path.write_bytes(_encode(_photo("coins")))
+    res = run_cli("search", "image", str(path), "--rerank", "orb", env=env)
+    assert res.returncode == 1 and "--rerank" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("search", "image", str(path), "-k", "2", "--rerank", "ssim", "--rerank-top", "5", env=env)
+    assert res.returncode == 0 and "ssim" in res.stdout, res.stderr

@@ -20,7 +20,15 @@ from imsrc.api.metrics import observe_search
 from imsrc.api.multipart import read_multipart
 from imsrc.config import Settings
 from imsrc.errors import InvalidInputError
-from imsrc.search.schemas import Backend, CategoriesResponse, Mode, SearchOptions, SearchResponse, UrlQuery
+from imsrc.search.schemas import (
+    Backend,
+    CategoriesResponse,
+    Comparator,
+    Mode,
+    SearchOptions,
+    SearchResponse,
+    UrlQuery,
+)
 
 router = APIRouter(prefix="/api/search", tags=["search"])
 
@@ -49,6 +57,9 @@ def search_options(
     = None,
     model: Annotated[str | None, Query(description="embedding model (default: the active one)")] = None,
     include_duplicates: Annotated[bool, Query(description="also return non-canonical copies")] = False,
+    rerank: Annotated[Comparator | None, Query(
+        description="re-score the first rerank_top candidates by ssim, histogram or pixel (image queries)")] = None,
+    rerank_top: Annotated[int, Query(ge=1, le=200, description="candidates to re-score (1-200)")] = 50,
 ) -> SearchOptions:
     fan_out: int | Literal["auto"] | None = None
     if categories is not None:
@@ -60,7 +71,8 @@ def search_options(
             raise InvalidInputError("categories must be a positive integer or 'auto'")
     try:
         return SearchOptions(k=k, categories=fan_out, category=category or [], mode=mode, backend=backend,
-                             model=model, include_duplicates=include_duplicates)
+                             model=model, include_duplicates=include_duplicates, rerank=rerank,
+                             rerank_top=rerank_top)
     except ValidationError as exc:
         raise InvalidInputError(str(exc.errors()[0].get("msg", "invalid search options"))) from exc
 

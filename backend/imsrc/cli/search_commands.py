@@ -22,6 +22,9 @@ ModeOpt = Annotated[str, typer.Option("--mode", help="two_stage, ann or exact.")
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="pgvector or faiss (default IMSRC_SEARCH_BACKEND).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Embedding model (default: the active one).")]
 DupOpt = Annotated[bool, typer.Option("--include-duplicates", help="Also show non-canonical copies.")]
+RerankOpt = Annotated[str | None, typer.Option(
+    "--rerank", help="Re-score the first --rerank-top candidates by ssim, histogram or pixel.")]
+RerankTopOpt = Annotated[int, typer.Option("--rerank-top", help="Candidates to re-score (1-200).")]
 
 search_app = typer.Typer(help="Search the catalog by image, URL or text.", no_args_is_help=True)
 categories_app = typer.Typer(help="Categories: list, rename, re-sync prototypes.", no_args_is_help=True)
@@ -34,7 +37,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _options(k: int | None, categories: str | None, category: list[str] | None, exact: bool, mode: str,
-             backend: str | None, model: str | None, include_duplicates: bool) -> Any:
+             backend: str | None, model: str | None, include_duplicates: bool, rerank: str | None = None,
+             rerank_top: int = 50) -> Any:
     from pydantic import ValidationError
 
     from imsrc.search.schemas import SearchOptions
@@ -47,10 +51,11 @@ def _options(k: int | None, categories: str | None, category: list[str] | None, 
     try:
         return SearchOptions.model_validate({
             "k": k, "categories": fan_out, "category": category or [], "mode": "exact" if exact else mode,
-            "backend": backend, "model": model, "include_duplicates": include_duplicates})
+            "backend": backend, "model": model, "include_duplicates": include_duplicates, "rerank": rerank,
+            "rerank_top": rerank_top})
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise InvalidInputError(f"--{err['loc'][0]}: {err['msg']}") from exc
+        raise InvalidInputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from exc
 
 
 def _service(ctx: typer.Context) -> Any:
@@ -68,7 +73,12 @@ def _show(response: Any, as_json: bool) -> None:
         return
     rows = [[i + 1, r.id, f"{r.score:.4f}", _match(r), r.category or "", r.duplicates, r.file_url]
             for i, r in enumerate(response.results)]
-    print_table(["#", "id", "score", "match", "category", "duplicates", "file"], rows,
+    cols = ["#", "id", "score", "match", "category", "duplicates", "file"]
+    if response.rerank:  # the comparator's score next to the cosine one
+        cols.insert(3, response.rerank)
+        for row, r in zip(rows, response.results, strict=True):
+            row.insert(3, "" if r.rerank_score is None else f"{r.rerank_score:.4f}")
+    print_table(cols, rows,
                 title=f"{len(rows)} results ({response.mode}, {response.backend or 'exact scan'}, {response.model})")
     if response.stage1:
         err_console.print("stage 1: " + ", ".join(f"{c.category} {c.score:.3f}" for c in response.stage1))
@@ -96,9 +106,10 @@ def search_image(ctx: typer.Context,
                  source: Annotated[str, typer.Argument(help="An image file, or an http(s) URL.")],
                  k: KOpt = None, categories: CategoriesOpt = None, category: CategoryOpt = None,
                  exact: ExactOpt = False, mode: ModeOpt = "two_stage", backend: BackendOpt = None,
-                 model: ModelOpt = None, include_duplicates: DupOpt = False, as_json: JsonOpt = False) -> None:
+                 model: ModelOpt = None, include_duplicates: DupOpt = False, rerank: RerankOpt = None,
+                 rerank_top: RerankTopOpt = 50, as_json: JsonOpt = False) -> None:
     """Images most like this one."""
-    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates)
+    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates, rerank, rerank_top)
     data, url = _read_image(source)
     with ctx.obj.database().session() as session:
         service = _service(ctx).service(session)
@@ -139,9 +150,10 @@ def search_categories(ctx: typer.Context,
 def similar(ctx: typer.Context, image_id: Annotated[int, typer.Argument(help="An indexed image's id.")],
             k: KOpt = None, categories: CategoriesOpt = None, category: CategoryOpt = None,
             exact: ExactOpt = False, mode: ModeOpt = "two_stage", backend: BackendOpt = None,
-            model: ModelOpt = None, include_duplicates: DupOpt = False, as_json: JsonOpt = False) -> None:
+            model: ModelOpt = None, include_duplicates: DupOpt = False, rerank: RerankOpt = None,
+            rerank_top: RerankTopOpt = 50, as_json: JsonOpt = False) -> None:
     """More like this: images nearest to an indexed image (itself left out)."""
-    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates)
+    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates, rerank, rerank_top)
     with ctx.obj.database().session() as session:
         response = _service(ctx).service(session).similar(image_id, options)
     _show(response, as_json)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 Mode = Literal["two_stage", "ann", "exact"]
 Backend = Literal["pgvector", "faiss"]
 MatchType = Literal["duplicate", "similar"]
+Comparator = Literal["ssim", "histogram", "pixel"]
 
 
 class SearchOptions(BaseModel):
@@ -22,6 +23,10 @@ class SearchOptions(BaseModel):
     backend: Backend | None = Field(default=None, description="stage-2 backend (default IMSRC_SEARCH_BACKEND)")
     model: str | None = Field(default=None, description="embedding model (default: the active one)")
     include_duplicates: bool = False
+    rerank: Comparator | None = Field(
+        default=None, description="re-score the first rerank_top candidates by this comparator between the query "
+        "image and each candidate's thumbnail (image queries and similar only); near-duplicates stay first")
+    rerank_top: int = Field(default=50, ge=1, le=200, description="candidates the comparator re-scores")
 
 
 class SearchHit(BaseModel):
@@ -38,6 +43,8 @@ class SearchHit(BaseModel):
         "similar: found by its embedding")
     phash_distance: int | None = Field(
         default=None, description="Hamming distance between the pHashes (duplicate matches only)")
+    rerank_score: float | None = Field(
+        default=None, description="the comparator's score (higher is more alike; only with rerank)")
 
 
 class CategoryHit(BaseModel):
@@ -60,6 +67,7 @@ class SearchResponse(BaseModel):
     model: str
     mode: Mode
     backend: Backend | None = Field(description="stage-2 backend used (none for exact)")
+    rerank: Comparator | None = Field(default=None, description="the comparator that re-ranked the results")
 
 
 class CategoriesResponse(BaseModel):

@@ -21,11 +21,13 @@ from imsrc.catalog.repository import CategoryRepository, ModelRepository, vector
 from imsrc.config import Settings
 from imsrc.errors import InvalidInputError, NotFoundError
 from imsrc.imaging import DecodeGate
+from imsrc.search import rerank
 from imsrc.search.duplicates import DuplicateSearchRepository
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
 from imsrc.search.pg_queries import Hit, HitInfo, NeighbourRepository, branch_plan
 from imsrc.search.repository import VectorRepository
+from imsrc.search.rerank import ThumbnailRepository
 from imsrc.search.schemas import (
     CategoriesResponse,
     CategoryHit,
@@ -148,7 +150,7 @@ class SearchService:
     def embed_image(self, model: EmbeddingModel, data: bytes) -> np.ndarray:
         return self.embed_and_hash(model, data)[0]
 
-    def embed_and_hash(self, model: EmbeddingModel, data: bytes) -> tuple[np.ndarray, int]:
+    def embed_and_hash(self, model: EmbeddingModel, data: bytes) -> tuple[np.ndarray, int, Image.Image]:
         """The query's vector and its 64-bit pHash, both from the one decoded image (the pixels ingest
         hashes and embeds for catalog images, so a copy of one hashes like it)."""
         # Decoded first, so a bad image is refused before a model is loaded; inside a gate slot, so a burst
@@ -160,7 +162,7 @@ class SearchService:
             embedder = self.runtime.embedder_factory(model.name)
             tensor = embedder.preprocess(image)  # type: ignore[attr-defined]
             vector = np.asarray(embedder.encode_images(tensor.unsqueeze(0))[0], dtype=np.float32)  # type: ignore[attr-defined]
-        return vector, phash
+        return vector, phash, image
 
     def embed_text(self, model: EmbeddingModel, query: str) -> np.ndarray:
         if not query.strip():
@@ -180,14 +182,16 @@ class SearchService:
         return self.search_image(self.runtime.url_fetcher.fetch(url), options)
 
     def search_text(self, query: str, options: SearchOptions) -> SearchResponse:
-        return self._embed_and_search(options, lambda model: (self.embed_text(model, query), None))
+        return self._embed_and_search(options, lambda model: (self.embed_text(model, query), None, None))
 
     def _embed_and_search(self, options: SearchOptions,
-                          embed: Callable[[EmbeddingModel], tuple[np.ndarray, int | None]]) -> SearchResponse:
+                          embed: Callable[[EmbeddingModel], tuple[np.ndarray, int | None, Image.Image | None]]
+                          ) -> SearchResponse:
         model = self.model(options.model)
         started = time.perf_counter()  # the embed time includes decoding and hashing the query
-        vector, phash = embed(model)
-        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started, phash=phash)
+        vector, phash, image = embed(model)
+        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started, phash=phash,
+                                  query_image=image)
 
     def similar(self, image_id: int, options: SearchOptions) -> SearchResponse:
         """More like this: the stored vector of an indexed image, the image itself left out."""
@@ -199,8 +203,13 @@ class SearchService:
                 raise NotFoundError(f"image {image_id} does not exist")
             raise NotFoundError(f"image {image_id} has no embedding for model {model.name} yet")
         phash = DuplicateSearchRepository(self.session).stored_phash(image_id)
+        image = None
+        if options.rerank:  # the comparator sees the image as it sees every candidate: its thumbnail
+            image = ThumbnailRepository(self.session).images([image_id]).get(image_id)
+            if image is None:
+                raise InvalidInputError(f"image {image_id} has no thumbnail to compare with: search without rerank")
         return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started, exclude=image_id,
-                                  phash=phash)
+                                  phash=phash, query_image=image)
 
     def categories_for_url(self, url: str, *, model_name: str | None = None,
                            limit: int | None = None) -> CategoriesResponse:
@@ -223,10 +232,15 @@ class SearchService:
     # ------------------------------------------------------------------ the two stages
     def search_vector(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, *,
                       embed_ms: float = 0.0, started: float | None = None, exclude: int | None = None,
-                      phash: int | None = None) -> SearchResponse:
-        """`phash`: the query image's perceptual hash; its near-duplicates in the catalog come first."""
+                      phash: int | None = None, query_image: Image.Image | None = None) -> SearchResponse:
+        """`phash`: the query image's perceptual hash; its near-duplicates in the catalog come first.
+        `query_image`: what a rerank comparator compares candidates with (image queries and similar)."""
         started = started or time.perf_counter()
-        k = options.k or self.settings.search_k
+        if options.rerank and query_image is None:
+            raise InvalidInputError("rerank compares images: use it with an image query or similar, not text")
+        wanted = options.k or self.settings.search_k
+        # With a comparator, stage 2 fetches its rerank_top candidates; the k best by the comparator stay.
+        k = max(wanted, options.rerank_top) if options.rerank else wanted
         mode = options.mode
         backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
         if mode == "two_stage" and backend == "pgvector" and not options.category and options.categories is None \
@@ -249,8 +263,13 @@ class SearchService:
             explicit = plan.categories if options.category else None
             hits = self._duplicates_first(model, vector, phash, hits, k, explicit, options.include_duplicates,
                                           exclude)
+        if options.rerank and query_image is not None:
+            hits = _reranked(hits[:options.rerank_top], options.rerank,
+                             query_image, ThumbnailRepository(self.session)) + hits[options.rerank_top:]
+        hits = hits[:wanted]
         return SearchResponse(
             results=hits, stage1=[_category_hit(c) for c in stage1], model=model.name, mode=mode, backend=backend,
+            rerank=options.rerank,
             timings_ms=Timings(embed=embed_ms, stage1=stage1_ms, stage2=_ms(t2), total=_ms(started)))
 
     def _fill(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, hits: list[SearchHit],
@@ -366,6 +385,18 @@ class Stage2Plan:
     k: int
     mode: str
     backend: str | None
+
+
+def _reranked(hits: list[SearchHit], comparator: str, query: Image.Image, thumbs: ThumbnailRepository
+              ) -> list[SearchHit]:
+    """Near-duplicates first as before (closest first), then the others by the comparator's score; each
+    keeps its cosine score and gains the comparator's. A candidate without a thumbnail scores last."""
+    found = rerank.scores(comparator, query, thumbs.images([h.id for h in hits]))
+    scored = [h.model_copy(update={"rerank_score": found.get(h.id)}) for h in hits]
+    dups = [h for h in scored if h.match_type == "duplicate"]
+    rest = sorted((h for h in scored if h.match_type != "duplicate"),
+                  key=lambda h: float("inf") if h.rerank_score is None else -h.rerank_score)
+    return dups + rest
 
 
 def _hit(image_id: int, score: float, info: HitInfo, *, match_type: MatchType = "similar",
