@@ -1,8 +1,9 @@
 """Load test: N concurrent clients for T seconds mixing searches and uploads against a live server on loopback.
 
 Reports zero-5xx, that every acknowledged upload is present afterwards, and p50/p95/p99 latency per route.
-Usage: python bench/load/run.py [--clients 50] [--seconds 60] [--model efficientnet-lite0] [--url URL]
-Without --url it starts `imsrc serve` on a fresh data directory and seeds it with images first.
+Usage: python bench/load/run.py [--clients 50] [--seconds 60] [--model efficientnet-lite0] [--workers 1,2] [--url URL]
+Without --url it starts `imsrc serve --workers N` on a fresh data directory for each N in --workers, one after the
+other, and seeds it with images first; the table has one block of rows per worker count.
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ def picture(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def start_server(model: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+def start_server(model: str, workers: int) -> tuple[subprocess.Popen[bytes], str, Path]:
     data = Path(tempfile.mkdtemp(prefix="imsrc-load-"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
     env.update(IMSRC_DATA_DIR=str(data / "data"), IMSRC_MODEL=model)
-    proc = subprocess.Popen([sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port),
+                             "--workers", str(workers)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -121,43 +123,65 @@ async def run(base: str, clients: int, seconds: float) -> dict[str, object]:
             "missing_uploads": len(missing), "total_5xx": sum(errors.values())}
 
 
+def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
+    proc = data = None
+    base = args.url
+    if base is None:
+        assert workers is not None
+        proc, base, data = start_server(args.model, workers)
+        with httpx.Client(base_url=base, timeout=300) as c:
+            for start in range(0, args.seed_images, 20):
+                files = [("file", (f"seed-{i}.jpg", picture(i), "image/jpeg"))
+                         for i in range(start, min(start + 20, args.seed_images))]
+                c.post("/api/images", files=files).raise_for_status()
+    load_before = os.getloadavg()[0]
+    try:
+        result = asyncio.run(run(base, args.clients, args.seconds))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+            subprocess.run([sys.executable, "-m", "imsrc.cli.main", "db", "stop"], cwd=ROOT, check=False,
+                           env={**os.environ, "IMSRC_DATA_DIR": str(data / "data")}, capture_output=True)  # type: ignore[operator]
+            shutil.rmtree(data, ignore_errors=True)  # type: ignore[arg-type]
+    result.update(workers=workers, load_before=round(load_before, 2), load_after=round(os.getloadavg()[0], 2))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--model", default="efficientnet-lite0")
     parser.add_argument("--seed-images", type=int, default=100)
-    parser.add_argument("--url", help="an already running server (no seeding)")
+    parser.add_argument("--workers", default="1,2", help="API worker counts to run one after the other")
+    parser.add_argument("--url", help="an already running server (no seeding; --workers ignored)")
     args = parser.parse_args()
-    proc = data = None
-    base = args.url
-    if base is None:
-        proc, base, data = start_server(args.model)
-        with httpx.Client(base_url=base, timeout=300) as c:
-            for start in range(0, args.seed_images, 20):
-                files = [("file", (f"seed-{i}.jpg", picture(i), "image/jpeg"))
-                         for i in range(start, min(start + 20, args.seed_images))]
-                c.post("/api/images", files=files).raise_for_status()
-    try:
-        result = asyncio.run(run(base, args.clients, args.seconds))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-            subprocess.run([sys.executable, "-m", "imsrc.cli.main", "db", "stop"], cwd=ROOT, check=False,
-                           env={**os.environ, "IMSRC_DATA_DIR": str(data / "data")}, capture_output=True)  # type: ignore[operator]
-            shutil.rmtree(data, ignore_errors=True)  # type: ignore[arg-type]
-    result.update(machine=machine(), model=args.model)
+    counts: list[int | None] = [None] if args.url else [int(w) for w in args.workers.split(",")]
+    runs = [measure(args, w) for w in counts]
+    result = {"machine": machine(), "model": args.model, "clients": args.clients, "seconds": args.seconds,
+              "runs": runs}
     write_json(Path(__file__).with_name("results.json"), result)
-    lines = [f"{args.clients} concurrent clients for {args.seconds:.0f} s on loopback, model {args.model}, "
-             f"{machine()['cpus']} CPUs. 5xx responses: **{result['total_5xx']}**; acknowledged uploads "
-             f"{result['acknowledged_uploads']}, missing afterwards: **{result['missing_uploads']}**.", "",
-             "| route | requests | p50 ms | p95 ms | p99 ms | 5xx |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for route, r in result["routes"].items():  # type: ignore[attr-defined]
-        lines.append(f"| {route} | {r['requests']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['5xx']} |")
+    lines = [f"{args.clients} concurrent clients for {args.seconds:.0f} s on loopback per run, model {args.model}, "
+             f"{machine()['cpus']} CPUs; one run per `imsrc serve --workers N`, one after the other.",
+             f"Command: `python bench/load/run.py --clients {args.clients} --seconds {args.seconds:g} "
+             f"--model {args.model} --seed-images {args.seed_images} --workers {args.workers}`.", "",
+             "| workers | load avg before/after | 5xx | acknowledged uploads | missing | searches/s |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in runs:
+        routes = r["routes"]
+        searches = sum(v["requests"] for k, v in routes.items() if "/search/" in k)  # type: ignore[attr-defined]
+        lines.append(f"| {r['workers'] or '-'} | {r['load_before']} / {r['load_after']} | {r['total_5xx']} | "
+                     f"{r['acknowledged_uploads']} | {r['missing_uploads']} | {searches / args.seconds:.1f} |")
+    lines += ["", "| workers | route | requests | p50 ms | p95 ms | p99 ms | 5xx |",
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in runs:
+        for route, v in r["routes"].items():  # type: ignore[attr-defined]
+            lines.append(f"| {r['workers'] or '-'} | {route} | {v['requests']} | {v['p50_ms']} | {v['p95_ms']} | "
+                         f"{v['p99_ms']} | {v['5xx']} |")
     replace_section("Load (concurrent clients)", "\n".join(lines))
     print("\n".join(lines))
-    if result["total_5xx"] or result["missing_uploads"]:
+    if any(r["total_5xx"] or r["missing_uploads"] for r in runs):
         raise SystemExit(1)
 
 
