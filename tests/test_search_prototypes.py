@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from sqlalchemy import text
@@ -95,6 +97,25 @@ def test_uncategorised_images_are_grouped_and_reachable(session: Session, settin
     insert_images(session, cat.model, cat.vectors[extra] * 0.98 + 0.02, [None] * len(extra), salt="m")
     big = sync_search(session, settings, model_id=cat.model.id)
     assert set(big.automatic_touched).isdisjoint(auto)  # regrouped: new automatic categories
+
+
+def test_automatic_category_description_stays_true_as_images_join(session: Session, settings: Settings) -> None:
+    # The web page shows "N images — <description>": a description that counted the members when the group
+    # was made ("Automatic group of 8 ...") contradicted the live count once newcomers joined the group.
+    cat = make_catalog(session, n_categories=2, per_category=20, dimension=16, uncategorised=60, seed=5)
+    sync_search(session, settings, model_id=cat.model.id)
+    extra = np.flatnonzero(cat.labels < 0)
+    insert_images(session, cat.model, cat.vectors[extra[:6]] * 0.99 + 0.01, [None] * 6, salt="j")
+    joined = sync_search(session, settings, model_id=cat.model.id)
+    assert joined.automatic_touched  # the newcomers joined existing groups (no regroup)
+    rows = session.execute(text(
+        "SELECT c.description, count(i.id) FROM categories c JOIN images i ON i.category_id = c.id"
+        " WHERE c.is_automatic GROUP BY c.id, c.description")).all()
+    assert rows
+    for description, members in rows:
+        assert "automatic group" in description.lower()
+        stated = [int(n) for n in re.findall(r"\d+", description)]
+        assert all(n == members for n in stated), (description, members)
 
 
 def test_renaming_an_automatic_category_makes_it_real(session: Session, settings: Settings) -> None:

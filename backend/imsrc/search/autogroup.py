@@ -21,6 +21,7 @@ from imsrc.search.kmeans import spherical_kmeans
 from imsrc.search.repository import SearchStateRepository, VectorRepository
 
 KMEANS_SAMPLE = 20_000
+AUTO_DESCRIPTION = "Automatic group of uncategorised images (k-means); rename it to make it a real category"
 
 
 def _state_key(model_id: int) -> str:
@@ -77,9 +78,9 @@ def _regroup(session: Session, settings: Settings, *, model_id: int, dimension: 
             continue
         while cats.by_name(f"auto-{number:03d}") is not None:
             number += 1
-        new_ids.append(cats.create_automatic(
-            f"auto-{number:03d}", f"Automatic group of {members} uncategorised images (k-means); rename it to "
-                                  "make it a real category"))
+        # No member count in the text: newcomers join between regroups and deletes leave, so a count written
+        # now would soon contradict the live image_count shown beside it.
+        new_ids.append(cats.create_automatic(f"auto-{number:03d}", AUTO_DESCRIPTION))
         number += 1
     mapping = np.asarray(new_ids, dtype=np.int64)
     cats.assign(ids, mapping[labels])
