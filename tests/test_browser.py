@@ -142,6 +142,15 @@ def test_upload_search_detail_and_text_search(browser: Any, server: str, images:
     assert "near-duplicate of the query" in page.get_attribute(".results .grid .card-link >> nth=0", "aria-label")
     badges = page.eval_on_selector_all(".results .grid .card", "els => els.map(e => !!e.querySelector('.badge.match'))")
     assert badges[0] and len(badges) > 1 and not all(badges)
+    # a comparator re-ranks the same query (the option change runs it again); the duplicate stays first
+    page.select_option("#opt-rerank", "histogram")
+    page.locator(".results .timings", has_text="re-ranked by histogram").wait_for()
+    assert int(page.get_attribute(".results .grid .card-link", "data-image-id")) == ids["sunset.png"]
+    assert "re-rank score" in page.get_attribute(".results .grid .card-link >> nth=1", "aria-label")
+    assert "rerank=histogram" in page.url
+    page.select_option("#opt-rerank", "")
+    page.locator(".results .timings", has_text="re-ranked").wait_for(state="detached")
+    page.wait_for_selector(".results .timings")
     _shot(page, shots / "search.png")
 
     # 3. open its detail page from the results

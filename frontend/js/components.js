@@ -11,6 +11,7 @@ export function imageCard(item, { showScore = true } = {}) {
     item.original_name || `Image ${item.id}`,
     category ? `category ${category}` : null,
     showScore && item.score != null ? `score ${formatScore(item.score)}` : null,
+    item.rerank_score != null ? `re-rank score ${formatScore(item.rerank_score)}` : null,
     dupCount ? `${dupCount} duplicate${dupCount === 1 ? "" : "s"}` : null,
     item.match_type === "duplicate" ? "near-duplicate of the query" : null,
   ].filter(Boolean).join(", ");

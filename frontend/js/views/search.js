@@ -46,6 +46,10 @@ export async function render(root, { params, similar }) {
       cats.map((c) => h("option", { value: c.name, selected: c.name === params.get("category") },
                         `${c.name} (${c.image_count})`))),
     dups: h("input#opt-dups", { type: "checkbox", checked: params.get("include_duplicates") === "true" }),
+    // image queries only: re-score the first candidates by a classic comparator on their thumbnails
+    rerank: h("select#opt-rerank", {},
+      [["", "Off"], ["ssim", "SSIM (structure)"], ["histogram", "Colour histogram"], ["pixel", "Pixels"]].map(
+        ([value, label]) => h("option", { value, selected: value === (params.get("rerank") || "") }, label))),
   };
   const syncOptionState = () => {
     // The number of stage-1 categories only matters when stage 1 runs.
@@ -68,6 +72,8 @@ export async function render(root, { params, similar }) {
       h("label.field", { for: "opt-k" }, h("span", {}, "Results (k)"), opt.k),
       h("label.field", { for: "opt-cats" }, h("span", {}, "Categories to search"), opt.categories),
       h("label.field", { for: "opt-category" }, h("span", {}, "Only in category"), opt.category),
+      h("label.field", { for: "opt-rerank", title: "Image queries: re-rank the first 50 candidates by this comparator" },
+        h("span", {}, "Re-rank (image queries)"), opt.rerank),
       h("label.check", { for: "opt-dups" }, opt.dups, " Include near-duplicates")));
 
   const zone = h("section.search-panel", { "aria-label": "Query" },
@@ -93,6 +99,7 @@ export async function render(root, { params, similar }) {
     const out = { k, mode: opt.prototypes.checked ? "two_stage" : "ann", include_duplicates: opt.dups.checked };
     if (opt.prototypes.checked && !opt.category.value) out.categories = n;
     if (opt.category.value) out.category = opt.category.value;
+    if (opt.rerank.value) out.rerank = opt.rerank.value;
     return out;
   }
 
@@ -126,7 +133,8 @@ export async function render(root, { params, similar }) {
           "Paste an image URL, or drop or pick an image instead."));
         return;
       }
-      request = (signal) => api(`/api/search/text${query({ q: text, ...o })}`, { signal });
+      const { rerank: _unused, ...textOptions } = o; // comparators compare images; a text query has none
+      request = (signal) => api(`/api/search/text${query({ q: text, ...textOptions })}`, { signal });
       described = `“${text}”`;
       remember({ q: text });
     } else if (similar) {
@@ -161,7 +169,8 @@ export async function render(root, { params, similar }) {
       h("h2", {}, `${body.results.length} result${body.results.length === 1 ? "" : "s"} for ${described}`),
       h("p.timings.muted.small", {},
         `embed ${formatMs(t.embed)} · stage 1 ${formatMs(t.stage1)} · stage 2 ${formatMs(t.stage2)} · `,
-        h("strong", {}, `total ${formatMs(t.total)}`), ` · ${body.model || ""} · ${body.mode || ""}`)));
+        h("strong", {}, `total ${formatMs(t.total)}`), ` · ${body.model || ""} · ${body.mode || ""}`,
+        body.rerank ? ` · re-ranked by ${body.rerank}` : "")));
     if (stage1.length) {
       results.append(h("p.looks-like", {}, h("span.muted", {}, "This looks like: "),
         stage1.map((s) => h("button.chip", {
