@@ -233,3 +233,24 @@ def test_the_readme_recipe_for_a_hand_written_query_uses_the_category_index(cata
     exact = _reader(catalog, "SELECT image_id FROM imsrc.search_in(%s::vector, %s, 5, 'exact',"
                              " include_duplicates => true)", (vector, [category_id]))
     assert hand == [r[0] for r in exact] and hand[0] == catalog.ids["maps-5.png"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_search_with_a_query_image_vector_matches_the_api(catalog: Catalog, mode: str) -> None:
+    """imsrc.search with the vector the service computes for an uploaded image (not in the catalog)."""
+    from imsrc.catalog.repository import vector_literal
+    from imsrc.search.service import SearchRuntime
+
+    png = make_image(4242, size=(70, 48))
+    settings = catalog.settings.model_copy(update={"search_backend": "pgvector", "search_two_stage_min_rows": 0})
+    with catalog.database.session() as session:
+        service = SearchRuntime.create(settings).service(session)
+        vector = vector_literal(service.embed_image(service.model(None), png))
+    with TestClient(create_app(settings, database=catalog.database)) as client:
+        resp = client.post(f"/api/search/image?k=10&mode={mode}", files={"file": ("q.png", png, "image/png")})
+    assert resp.status_code == 200, resp.text
+    api = resp.json()
+    rows = _reader(catalog, "SELECT image_id, score FROM imsrc.search(%s::vector, 10, NULL, %s)", (vector, mode),
+                   two_stage_min_rows="0")
+    assert [r[0] for r in rows] == [h["id"] for h in api["results"]] and len(rows) == 10
+    assert [round(r[1], 6) for r in rows] == pytest.approx([h["score"] for h in api["results"]], abs=1.5e-6)
