@@ -63,6 +63,11 @@ def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-de
     with database.session() as session:
         session.execute(text("UPDATE images SET canonical_id = :c WHERE id = ANY(:d)"),
                         {"c": ids["cats-0.png"], "d": duplicates})
+        # maps-6 gets the pHash of cats-4 with one bit flipped: a near-duplicate by pHash in another category,
+        # which `similar` must list first whatever stage 1 picks (service._duplicates_first).
+        session.execute(text("UPDATE images SET phash = (SELECT phash # ('1' || repeat('0', 63))::bit(64)"
+                             " FROM images WHERE id = :a) WHERE id = :b"),
+                        {"a": ids["cats-4.png"], "b": ids["maps-6.png"]})
         session.commit()
     yield Catalog(url, reader_url(settings, url), settings, database, ids, duplicates)
     database.dispose()
@@ -102,7 +107,7 @@ def test_similar_matches_the_api_two_stage_path(catalog: Catalog, mode: str, cat
     """Every mode, with the small-catalog rule off on both sides, so stage 1, the per-category branches, the
     duplicate margin and the fill from the next categories all run."""
     fan = "" if categories is None else f"&categories={categories}"
-    for name in ("cats-0.png", "maps-3.png", "toys-7.png"):
+    for name in ("cats-0.png", "maps-3.png", "toys-7.png", "cats-4.png"):
         image = catalog.ids[name]
         api = _api(catalog, f"/api/search/similar/{image}?k=10&mode={mode}{fan}", search_two_stage_min_rows=0)
         assert api["mode"] == mode
@@ -118,6 +123,8 @@ def test_similar_matches_the_api_two_stage_path(catalog: Catalog, mode: str, cat
                                       " JOIN embeddings b USING (model_id) WHERE a.image_id = %s", (image,)))
         assert [h["score"] for h in api["results"]] == pytest.approx([truth[r[0]] for r in rows], abs=1.5e-6)
         assert not set(catalog.duplicates) & {r[0] for r in rows}
+        if name == "cats-4.png":
+            assert rows[0][0] == catalog.ids["maps-6.png"] and api["results"][0]["match_type"] == "duplicate"
 
 
 @pytest.mark.parametrize("mode", MODES)
