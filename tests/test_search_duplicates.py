@@ -297,3 +297,37 @@ def test_rerank_bad_input_is_a_clear_4xx(catalog: Catalog) -> None:
     assert res.returncode == 1 and "--rerank" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("search", "image", str(path), "-k", "2", "--rerank", "ssim", "--rerank-top", "5", env=env)
     assert res.returncode == 0 and "ssim" in res.stdout, res.stderr
+
+
+def test_url_query_puts_the_duplicate_first(catalog: Catalog) -> None:
+    """POST /api/search/image with {"url": ...}: the fetched bytes are hashed like an upload."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = _edited(_photo("colorwheel"))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        settings = catalog.settings.model_copy(update={"url_fetch_allow_private": True})
+        with TestClient(create_app(settings, database=catalog.database)) as client:
+            resp = client.post("/api/search/image?k=3&categories=1",
+                               json={"url": f"http://127.0.0.1:{httpd.server_address[1]}/q.jpg"})
+        assert resp.status_code == 200, resp.text
+        hits = resp.json()["results"]
+        assert hits[0]["id"] == catalog.ids["colorwheel"] and hits[0]["match_type"] == "duplicate"
+        assert [h["match_type"] for h in hits[1:]] == ["similar", "similar"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
