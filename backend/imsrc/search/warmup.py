@@ -66,6 +66,12 @@ def warm(database: Database, runtime: SearchRuntime, report: WarmReport) -> None
                 runtime.faiss.get(session, model)
                 report.faiss_loaded = True
             name = model.name
+        # Image queries are hashed for the duplicates-first look-up: imagehash loads scipy (~0.17 s) on first use.
+        from PIL import Image
+
+        from imsrc.imaging import phash64
+
+        phash64(Image.new("RGB", (32, 32)))
         # Last: the slowest part, and it needs no session. Queries then find a warm inference session.
         from imsrc.embeddings.runtime import describe  # torch loads here, in the background, not at import
 
