@@ -101,3 +101,26 @@ def test_linear_head_agrees_with_alembic_or_steps_aside(tmp_path: Path) -> None:
     assert linear_head(tmp_path) is None
     (tmp_path / "c.py").write_text('revision = "c"\ndown_revision = "a"\n')  # two heads
     assert linear_head(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("similar", "abc"), "Invalid value for 'image_id'"),
+        (("similar", "4", "-k", "0"), "'-k' / '--k'"),
+        (("nosuch",), "No such command 'nosuch'"),
+        (("sql",), "Missing argument 'query'"),
+    ],
+)
+def test_usage_errors_are_one_line(args: tuple[str, ...], expected: str) -> None:
+    """A wrong argument prints one `error:` line and exits 2 (Typer's default is a box of several lines)."""
+    result, _ = _run(*args)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("HEAVY=")]
+    assert result.returncode == 2
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0] and "--help" in lines[0]
+
+
+def test_no_arguments_prints_the_help() -> None:
+    result, _ = _run()
+    assert result.returncode == 2 and "Usage:" in result.stdout and "search" in result.stdout

@@ -126,3 +126,18 @@ def test_database_error_mid_job_keeps_earlier_batches_and_fails_cleanly(db: Data
     assert status == "failed" and "disk full" in message
     assert names == {f"img{i:02d}.png" for i in range(24)}  # three whole batches of 8, nothing of the fourth
     assert orphans == 0
+
+
+def test_scan_skips_database_folders(scratch: Path) -> None:
+    """`imsrc index .` where ./data lives must not walk the embedded cluster (or any PostgreSQL data folder)."""
+    write(scratch / "photos" / "a.png", make_image(1, (32, 32)))
+    (scratch / "data" / "pg").mkdir(parents=True)
+    (scratch / "data" / "pg" / "PG_VERSION").write_text("18\n")
+    write(scratch / "data" / "thumb.png", make_image(2, (32, 32)))
+    (scratch / "cluster").mkdir()
+    (scratch / "cluster" / "PG_VERSION").write_text("18\n")
+    write(scratch / "cluster" / "x.png", make_image(3, (32, 32)))
+    ignored = [0]
+    found = [item.path for item in scan([str(scratch)], counter=ignored)]
+    assert found == [str(scratch / "photos" / "a.png")]
+    assert ignored == [0]

@@ -17,6 +17,11 @@ from imsrc.cli.output import err_console, print_csv, print_json, print_table
 from imsrc.errors import ImsrcError
 from imsrc.logs import configure_logging, json_logging
 
+try:  # Typer 0.2x carries its own copy of click; older Typer uses click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
 if TYPE_CHECKING:
     from imsrc.config import Settings
     from imsrc.db.session import Database
@@ -207,9 +212,31 @@ def _serve_workers(settings: Settings, count: int, database_url: str) -> None:
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
+def _usage_error(exc: click_errors.UsageError) -> None:
+    """A wrong option or argument: one line, like every other CLI error (Typer would draw a multi-line box)."""
+    if isinstance(exc, click_errors.NoArgsIsHelpError) and exc.ctx is not None:
+        print(exc.ctx.get_help())  # `imsrc` or `imsrc db` alone: the help and exit status 2, as before
+        sys.exit(exc.exit_code)
+    where = exc.ctx.command_path if exc.ctx is not None else "imsrc"
+    message = " ".join(exc.format_message().split())
+    err_console.print(f"[red]error:[/red] {message} (see '{where} --help')", highlight=False, soft_wrap=True)
+    sys.exit(exc.exit_code)
+
+
 def main() -> None:
     try:
-        app()
+        # standalone_mode=False: click hands usage errors and exit codes back to us instead of printing them.
+        result = app(standalone_mode=False)
+        if isinstance(result, int) and result:
+            sys.exit(result)
+    except click_errors.UsageError as exc:
+        _usage_error(exc)
+    except typer.Abort:  # Ctrl-C at a prompt, or click turning KeyboardInterrupt into Abort
+        err_console.print("interrupted")
+        sys.exit(130)
+    except click_errors.ClickException as exc:  # e.g. a file option that cannot be opened
+        err_console.print(f"[red]error:[/red] {exc.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except ImsrcError as exc:
         if json_logging():  # stderr is a stream of JSON lines: keep it one
             logging.getLogger("imsrc").error(exc.message)

@@ -1,4 +1,5 @@
-"""Walk folders for image files: recursive, hidden files and folders skipped, deterministic order.
+"""Walk folders for image files: recursive, hidden files and folders (and database folders) skipped, in a
+deterministic order.
 
 Each directory is listed and sorted on its own, so memory follows the largest single directory, not the
 tree, and every run visits files in the same order (what makes "the earliest image" well defined and a
@@ -87,6 +88,8 @@ def _walk(folder: str, exts: frozenset[str], mode: str | None, category: str | N
             continue
         try:
             if entry.is_dir(follow_symlinks=False):
+                if _is_database_folder(entry.path):
+                    continue
                 yield from _walk(entry.path, exts, mode, category, counter)
                 continue
         except OSError:
@@ -96,6 +99,13 @@ def _walk(folder: str, exts: frozenset[str], mode: str | None, category: str | N
                 counter[0] += 1
             continue
         yield _item(entry.path, mode, category, _not_readable_reason(entry))
+
+
+def _is_database_folder(path: str) -> bool:
+    """A PostgreSQL cluster, or an imsrc data folder holding one (`imsrc index .` run where ./data lives).
+
+    Its files are never a user's images, and walking a live cluster only fills the job with noise."""
+    return os.path.exists(os.path.join(path, "PG_VERSION")) or os.path.exists(os.path.join(path, "pg", "PG_VERSION"))
 
 
 def _not_readable_reason(entry: os.DirEntry[str]) -> str | None:
