@@ -140,6 +140,10 @@ def test_upload_search_detail_and_text_search(browser: Any, server: str, images:
     # the same picture is a near-duplicate of the query (pHash distance 0): marked with a badge and in its label
     assert page.inner_text(".results .grid .card >> nth=0 >> .badge.match") == "duplicate"
     assert "near-duplicate of the query" in page.get_attribute(".results .grid .card-link >> nth=0", "aria-label")
+    # the card names its file (not "Image N") and shows dimensions and size on hover
+    assert page.get_attribute(".results .grid .card-link >> nth=0", "aria-label").startswith("sunset.png")
+    hover = page.get_attribute(".results .grid .card-link >> nth=0", "title")
+    assert hover.startswith("sunset.png · ") and "\u00d7" in hover  # width x height
     badges = page.eval_on_selector_all(".results .grid .card", "els => els.map(e => !!e.querySelector('.badge.match'))")
     assert badges[0] and len(badges) > 1 and not all(badges)
     # a comparator re-ranks the same query (the option change runs it again); the duplicate stays first

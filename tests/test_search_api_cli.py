@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image as PILImage
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
@@ -91,6 +93,10 @@ def test_upload_search_finds_the_same_image_first(client: TestClient, catalog: C
         top = body["results"][0]
         assert top["id"] == catalog.ids[name] and top["score"] == pytest.approx(1.0, abs=1e-4)
         assert top["category"] == "cats" and top["duplicates"] == 0
+        # what a result card shows: the file's name, dimensions and size (the page labelled it "Image N")
+        data = (catalog.folder / name).read_bytes()
+        assert top["original_name"] == name and top["byte_size"] == len(data)
+        assert (top["width"], top["height"]) == PILImage.open(io.BytesIO(data)).size
         assert top["thumbnail_url"] == f"/api/images/{top['id']}/thumbnail"
         assert top["file_url"] == f"/api/images/{top['id']}/file"
         assert len(body["results"]) == 5 and body["model"] == MODEL and body["mode"] == "two_stage"

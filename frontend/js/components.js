@@ -1,5 +1,5 @@
 // Pieces shared by several views: image cards, grids, pagers, category chips.
-import { formatScore, h, thumb } from "./dom.js";
+import { formatBytes, formatScore, h, thumb } from "./dom.js";
 
 /** A result or catalog image as a link card. item: {id, thumbnail_url, score?, category?, duplicates?...} */
 export function imageCard(item, { showScore = true } = {}) {
@@ -15,8 +15,15 @@ export function imageCard(item, { showScore = true } = {}) {
     dupCount ? `${dupCount} duplicate${dupCount === 1 ? "" : "s"}` : null,
     item.match_type === "duplicate" ? "near-duplicate of the query" : null,
   ].filter(Boolean).join(", ");
+  // on hover: which file this is (search hits and catalog listings both carry name, dimensions and size)
+  const details = [
+    item.original_name || `Image ${item.id}`,
+    item.width && item.height ? `${item.width}×${item.height}` : null,
+    item.byte_size != null ? formatBytes(item.byte_size) : null,
+  ].filter(Boolean).join(" · ");
   return h("li.card", {},
-    h("a.card-link", { href: `#/image/${item.id}`, "aria-label": label, dataset: { imageId: item.id } },
+    h("a.card-link", { href: `#/image/${item.id}`, "aria-label": label, title: details,
+                       dataset: { imageId: item.id } },
       h("span.card-thumb", {}, thumb(item.thumbnail_url, "")),
       dupCount ? h("span.badge", { title: `${dupCount} near-duplicate${dupCount === 1 ? "" : "s"}` },
                    `+${dupCount} dup`) : null,

@@ -102,6 +102,10 @@ class HitInfo:
     category: str | None
     canonical_id: int | None
     duplicates: int
+    original_name: str | None = None
+    width: int | None = None
+    height: int | None = None
+    byte_size: int | None = None
 
 
 class NeighbourRepository:
@@ -232,8 +236,10 @@ class NeighbourRepository:
             return {}
         rows = self.session.execute(
             text("SELECT i.id, i.category_id, c.name, i.canonical_id,"
-                 " (SELECT count(*) FROM images d WHERE d.canonical_id = i.id) AS duplicates"
+                 " (SELECT count(*) FROM images d WHERE d.canonical_id = i.id) AS duplicates,"
+                 " i.original_name, i.width, i.height, i.byte_size"
                  " FROM images i LEFT JOIN categories c ON c.id = i.category_id WHERE i.id = ANY(:ids)"),
             {"ids": list(image_ids)})
         return {int(r[0]): HitInfo(int(r[0]), None if r[1] is None else int(r[1]), r[2],
-                                   None if r[3] is None else int(r[3]), int(r[4])) for r in rows}
+                                   None if r[3] is None else int(r[3]), int(r[4]), r[5], r[6], r[7], r[8])
+                for r in rows}

@@ -36,6 +36,10 @@ class SearchHit(BaseModel):
     category_id: int | None
     thumbnail_url: str
     file_url: str
+    original_name: str | None = Field(default=None, description="the file name it was uploaded or indexed under")
+    width: int | None = Field(default=None, description="pixels")
+    height: int | None = Field(default=None, description="pixels")
+    byte_size: int | None = Field(default=None, description="size of the original file in bytes")
     duplicates: int = Field(description="near-duplicate copies of this image in the catalog")
     match_type: MatchType = Field(
         default="similar", description="duplicate: the query image's perceptual hash is within "

@@ -403,7 +403,9 @@ def _hit(image_id: int, score: float, info: HitInfo, *, match_type: MatchType = 
          distance: int | None = None) -> SearchHit:
     return SearchHit(id=image_id, score=round(score, 6), category=info.category, category_id=info.category_id,
                      thumbnail_url=f"/api/images/{image_id}/thumbnail", file_url=f"/api/images/{image_id}/file",
-                     duplicates=info.duplicates, match_type=match_type, phash_distance=distance)
+                     original_name=info.original_name, width=info.width, height=info.height,
+                     byte_size=info.byte_size, duplicates=info.duplicates, match_type=match_type,
+                     phash_distance=distance)
 
 
 def _category_hit(c: CategoryScore) -> CategoryHit:
