@@ -28,6 +28,16 @@ def test_status_reports_revision_and_counts(client: TestClient, session: Session
     assert body["counts"]["categories"] >= 1
 
 
+def test_head_is_answered_like_get_without_a_body(client: TestClient) -> None:
+    """`curl -I /api/status` was 404: FastAPI routes declare GET only and HEAD fell through to the page's mount."""
+    for path in ("/api/status", "/health", "/api/categories", "/"):
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    assert client.head("/api/nope").status_code == 404
+    assert client.post("/api/status").status_code == 405  # other methods still follow the routes
+
+
 def test_openapi_and_docs(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert "/api/status" in spec["paths"] and "/health" in spec["paths"]

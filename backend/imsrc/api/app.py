@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from imsrc import __version__
 from imsrc.api import categories, images, metrics, search, system, uploads
 from imsrc.api.docs import install_docs
-from imsrc.api.edge import HostOriginMiddleware, SecurityHeadersMiddleware
+from imsrc.api.edge import HeadAsGetMiddleware, HostOriginMiddleware, SecurityHeadersMiddleware
 from imsrc.api.errors import ERROR_RESPONSES, install_error_handlers
 from imsrc.api.limits import BodyLimitMiddleware
 from imsrc.api.observability import RequestMiddleware
@@ -64,7 +64,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.state.search_runtime = SearchRuntime.create(settings, decode_gate=app.state.decode_gate)
     if database is not None:
         app.state.database = database
-    app.add_middleware(BodyLimitMiddleware)  # innermost: CORS and the key check wrap its 413
+    app.add_middleware(HeadAsGetMiddleware)  # innermost: routes see GET, everything outside sees HEAD
+    app.add_middleware(BodyLimitMiddleware)  # CORS and the key check wrap its 413
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
