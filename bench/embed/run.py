@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from skimage import data
+from pool import image_pool  # bench/embed/pool.py, beside this script
 
 from imsrc.embeddings import build_embedder
 from imsrc.embeddings.base import Embedder
@@ -30,22 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results.json"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADING = "## Embedding throughput"
-PHOTOS = ["chelsea", "coffee", "astronaut", "camera", "rocket", "coins", "immunohistochemistry", "page"]
 POOL = 64  # images in the agreement gallery (and the largest batch)
 K = 10
-
-
-def image_pool() -> list[Image.Image]:
-    """64 distinct images: 8 photos x 8 crops/flips, so each photo's edits are its true neighbours."""
-    out = []
-    for name in PHOTOS:
-        im = Image.fromarray(getattr(data, name)()).convert("RGB")
-        w, h = im.size
-        for i in range(8):
-            m = (i % 4 + 1) * min(w, h) // 20
-            crop = im.crop((m, m // 2, w - m // 2, h - m))
-            out.append(ImageOps.mirror(crop) if i >= 4 else crop)
-    return out
 
 
 def models(quick: bool) -> list[tuple[str, str, Any]]:
