@@ -176,7 +176,7 @@ def test_api_cli_and_similar_show_the_marker(catalog: Catalog) -> None:
         resp = client.get(f"/api/search/similar/{catalog.ids['coffee']}?k=3")
         assert {r["match_type"] for r in resp.json()["results"]} == {"similar"}
         schema = client.get("/openapi.json").json()["components"]["schemas"]["SearchHit"]["properties"]
-        assert schema["match_type"]["enum"] == ["duplicate", "similar"]
+        assert schema["match_type"]["enum"] == ["duplicate", "similar", "partial"]
     path = catalog.folder / "query.jpg"
     path.write_bytes(query)
     env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"),

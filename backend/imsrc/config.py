@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     decode_wait_s: float = Field(default=5.0, ge=0, le=300)
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     thumbnail_size: int = Field(default=256, ge=32, le=1024)
+    # Region vectors for match=partial (windows of each image, search/regions.py) while indexing and uploading.
+    # Off by default: they multiply the vector storage (BENCHMARKS.md, "Robustness"); `imsrc embed --regions`
+    # adds them to a catalog later.
+    regions: bool = False
 
     # Search.
     search_backend: Literal["pgvector", "faiss"] = "pgvector"

@@ -24,6 +24,7 @@ from imsrc.search.schemas import (
     Backend,
     CategoriesResponse,
     Comparator,
+    Match,
     Mode,
     SearchOptions,
     SearchResponse,
@@ -60,6 +61,9 @@ def search_options(
     rerank: Annotated[Comparator | None, Query(
         description="re-score the first rerank_top candidates by ssim, histogram or pixel (image queries)")] = None,
     rerank_top: Annotated[int, Query(ge=1, le=200, description="candidates to re-score (1-200)")] = 50,
+    match: Annotated[Match, Query(
+        description="whole (default) or partial: also match windows of each image (crops, details); needs region "
+        "vectors (imsrc embed --regions), else 409")] = "whole",
 ) -> SearchOptions:
     fan_out: int | Literal["auto"] | None = None
     if categories is not None:
@@ -72,7 +76,7 @@ def search_options(
     try:
         return SearchOptions(k=k, categories=fan_out, category=category or [], mode=mode, backend=backend,
                              model=model, include_duplicates=include_duplicates, rerank=rerank,
-                             rerank_top=rerank_top)
+                             rerank_top=rerank_top, match=match)
     except ValidationError as exc:
         raise InvalidInputError(str(exc.errors()[0].get("msg", "invalid search options"))) from exc
 

@@ -22,14 +22,26 @@ def register(app: typer.Typer) -> None:
 
 def embed(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option(help="The model whose missing vectors to compute (registered if new).")],
+    model: Annotated[str | None, typer.Option(
+        help="The model whose missing vectors to compute (registered if new); with --regions, default the active one.")]
+    = None,
+    regions: Annotated[bool, typer.Option(
+        "--regions", help="Add region (window) vectors for match=partial to images that lack them (resumable).")]
+    = False,
     workers: Annotated[int | None, typer.Option(help="Worker processes (default IMSRC_WORKERS; 0 = CPUs).")]
     = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per embedding batch and transaction.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compute a model's missing embeddings from stored originals or referenced files (resumable)."""
+    """Compute a model's missing embeddings (or, with --regions, region vectors) from stored originals or
+    referenced files (resumable: run it again after a stop)."""
     from imsrc.ingest.embed_missing import embed_missing
+
+    if regions:
+        _embed_regions(ctx, model, as_json)
+        return
+    if model is None:
+        raise InvalidInputError("--model is required (or use --regions to add region vectors for the active model)")
 
     settings = ctx.obj.settings
     db = ctx.obj.database()
@@ -48,6 +60,31 @@ def embed(
             print_table(["image", "reason"], [[f["image"], f["reason"]] for f in shown],
                         title="Failures" if len(shown) == summary.failed else
                         f"Failures (the first {len(shown)} of {summary.failed}; --json lists them all)")
+    if summary.status == "interrupted":
+        err_console.print("stopped; run the same command again to continue")
+        sys.exit(130)
+
+
+def _embed_regions(ctx: typer.Context, model: str | None, as_json: bool) -> None:
+    from imsrc.ingest.embed_regions import embed_regions
+    from imsrc.ingest.pipeline import JobProgress
+    from imsrc.ingest.service import OUTCOMES
+
+    db = ctx.obj.database()
+    name, embedder = ctx.obj.embedder(model)
+    stop = threading.Event()
+    with ctrl_c_stops(stop), JobBar(f"regions ({name})", enabled=not as_json) as bar:
+        summary = embed_regions(db, embedder, stop=stop, on_progress=lambda done, total: bar(
+            JobProgress(job_id=0, total=total, done=done, counts={**dict.fromkeys(OUTCOMES, 0), "new": done})))
+    if as_json:
+        print_json(summary.__dict__)
+    else:
+        err_console.print(f"{name}: region vectors for {summary.images} images ({summary.regions} windows, "
+                          f"{summary.windows_per_image} per image), {summary.failed} failed, {summary.remaining} "
+                          f"still missing ({summary.seconds:.1f} s)")
+        if summary.failures:
+            print_table(["image", "reason"], [[f["image"], f["reason"]] for f in summary.failures[:50]],
+                        title="Failures")
     if summary.status == "interrupted":
         err_console.print("stopped; run the same command again to continue")
         sys.exit(130)

@@ -62,8 +62,16 @@ def index(
             db, embedder, [str(p) for p in paths], category=category, category_from_folder=category_from_folder,
             store=store.value, workers=settings.workers if workers is None else workers,
             batch_size=batch_size or settings.batch_size, stop=stop, on_progress=bar)
+    regions = None
+    if settings.regions and not stop.is_set():
+        from imsrc.ingest.embed_regions import embed_regions
+
+        with ctrl_c_stops(stop):
+            regions = embed_regions(db, embedder, stop=stop)
+        if regions.status == "interrupted":
+            summary.status = "interrupted"
     if as_json:
-        print_json(summary.as_dict())
+        print_json({**summary.as_dict(), **({"regions": regions.__dict__} if regions else {})})
     else:
         c, r = summary.counts, summary.run_counts
         err_console.print(
@@ -74,6 +82,9 @@ def index(
             + (f"; {summary.ignored_files} non-image files ignored" if summary.ignored_files else ""))
         if r["failed"]:
             err_console.print(f"see the failures with: imsrc jobs show {summary.job_id}")
+        if regions:
+            err_console.print(f"region vectors: {regions.images} images, {regions.failed} failed "
+                              f"({regions.seconds:.1f} s)")
     if summary.status == "interrupted":
         err_console.print(f"job {summary.job_id} stopped; run the same command again to continue")
         sys.exit(130)

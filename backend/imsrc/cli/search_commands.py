@@ -25,6 +25,8 @@ DupOpt = Annotated[bool, typer.Option("--include-duplicates", help="Also show no
 RerankOpt = Annotated[str | None, typer.Option(
     "--rerank", help="Re-score the first --rerank-top candidates by ssim, histogram or pixel.")]
 RerankTopOpt = Annotated[int, typer.Option("--rerank-top", help="Candidates to re-score (1-200).")]
+PartialOpt = Annotated[bool, typer.Option(
+    "--partial", help="Region search: also match windows of each image (finds crops); needs `imsrc embed --regions`.")]
 
 search_app = typer.Typer(help="Search the catalog by image, URL or text.", no_args_is_help=True)
 categories_app = typer.Typer(help="Categories: list, rename, re-sync prototypes.", no_args_is_help=True)
@@ -38,7 +40,7 @@ def register(app: typer.Typer) -> None:
 
 def _options(k: int | None, categories: str | None, category: list[str] | None, exact: bool, mode: str,
              backend: str | None, model: str | None, include_duplicates: bool, rerank: str | None = None,
-             rerank_top: int = 50) -> Any:
+             rerank_top: int = 50, partial: bool = False) -> Any:
     from pydantic import ValidationError
 
     from imsrc.search.schemas import SearchOptions
@@ -52,7 +54,7 @@ def _options(k: int | None, categories: str | None, category: list[str] | None, 
         return SearchOptions.model_validate({
             "k": k, "categories": fan_out, "category": category or [], "mode": "exact" if exact else mode,
             "backend": backend, "model": model, "include_duplicates": include_duplicates, "rerank": rerank,
-            "rerank_top": rerank_top})
+            "rerank_top": rerank_top, "match": "partial" if partial else "whole"})
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InvalidInputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from exc
@@ -79,7 +81,8 @@ def _show(response: Any, as_json: bool) -> None:
         for row, r in zip(rows, response.results, strict=True):
             row.insert(3, "" if r.rerank_score is None else f"{r.rerank_score:.4f}")
     print_table(cols, rows,
-                title=f"{len(rows)} results ({response.mode}, {response.backend or 'exact scan'}, {response.model})")
+                title=f"{len(rows)} results ({response.mode}, {response.backend or 'exact scan'}, {response.model}"
+                      f"{', partial' if response.match == 'partial' else ''})")
     if response.stage1:
         err_console.print("stage 1: " + ", ".join(f"{c.category} {c.score:.3f}" for c in response.stage1))
     t = response.timings_ms
@@ -88,8 +91,14 @@ def _show(response: Any, as_json: bool) -> None:
 
 
 def _match(hit: Any) -> str:
-    """'duplicate (d=N)' for a near-copy of the query (pHash within the threshold), else 'similar'."""
-    return f"duplicate (d={hit.phash_distance})" if hit.match_type == "duplicate" else "similar"
+    """'duplicate (d=N)' for a near-copy of the query (pHash within the threshold), 'partial x0,y0-x1,y1' for a
+    window match (fractions of the image), else 'similar'."""
+    if hit.match_type == "duplicate":
+        return f"duplicate (d={hit.phash_distance})"
+    if hit.match_type == "partial" and hit.box:
+        x0, y0, x1, y1 = hit.box
+        return f"partial {x0:.2f},{y0:.2f}-{x1:.2f},{y1:.2f}"
+    return "similar"
 
 
 def _read_image(source: str) -> tuple[bytes | None, str | None]:
@@ -107,9 +116,10 @@ def search_image(ctx: typer.Context,
                  k: KOpt = None, categories: CategoriesOpt = None, category: CategoryOpt = None,
                  exact: ExactOpt = False, mode: ModeOpt = "two_stage", backend: BackendOpt = None,
                  model: ModelOpt = None, include_duplicates: DupOpt = False, rerank: RerankOpt = None,
-                 rerank_top: RerankTopOpt = 50, as_json: JsonOpt = False) -> None:
+                 rerank_top: RerankTopOpt = 50, partial: PartialOpt = False, as_json: JsonOpt = False) -> None:
     """Images most like this one."""
-    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates, rerank, rerank_top)
+    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates, rerank, rerank_top,
+                       partial)
     data, url = _read_image(source)
     with ctx.obj.database().session() as session:
         service = _service(ctx).service(session)
@@ -151,9 +161,10 @@ def similar(ctx: typer.Context, image_id: Annotated[int, typer.Argument(help="An
             k: KOpt = None, categories: CategoriesOpt = None, category: CategoryOpt = None,
             exact: ExactOpt = False, mode: ModeOpt = "two_stage", backend: BackendOpt = None,
             model: ModelOpt = None, include_duplicates: DupOpt = False, rerank: RerankOpt = None,
-            rerank_top: RerankTopOpt = 50, as_json: JsonOpt = False) -> None:
+            rerank_top: RerankTopOpt = 50, partial: PartialOpt = False, as_json: JsonOpt = False) -> None:
     """More like this: images nearest to an indexed image (itself left out)."""
-    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates, rerank, rerank_top)
+    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates, rerank, rerank_top,
+                       partial)
     with ctx.obj.database().session() as session:
         response = _service(ctx).service(session).similar(image_id, options)
     _show(response, as_json)

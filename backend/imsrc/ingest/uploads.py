@@ -83,7 +83,20 @@ def _ingest_once(db: Database, settings: Settings, files: Sequence[StagedFile], 
         # The answer names the category each image is in once the upload is done: for bytes the catalog already
         # held, the one they had (whatever this upload asked for); without one, the automatic group it joined.
         where = CategoryRepository(session).of_images([o.image_id for o in outcomes if o.image_id is not None])
+    if settings.regions:
+        _add_regions(db, loaded.embedder, [o.image_id for o in outcomes if o.image_id is not None])
     return [_result(o, where) for o in outcomes]
+
+
+def _add_regions(db: Database, embedder: object, image_ids: list[int]) -> None:
+    """IMSRC_REGIONS: the new images' window vectors, after the upload committed (its own transactions, so a
+    failure here never loses the upload; `imsrc embed --regions` adds whatever is missing later)."""
+    from imsrc.ingest.embed_regions import embed_regions
+
+    try:
+        embed_regions(db, embedder, image_ids=image_ids)  # type: ignore[arg-type]
+    except Exception:  # logged, not raised: the images are stored and searchable as wholes already
+        log.exception("region vectors for uploaded images %s failed; run `imsrc embed --regions`", image_ids)
 
 
 def _chunks(files: Sequence[StagedFile], count: int, max_bytes: int) -> Iterator[list[StagedFile]]:

@@ -8,7 +8,8 @@ from pydantic import BaseModel, Field
 
 Mode = Literal["two_stage", "ann", "exact"]
 Backend = Literal["pgvector", "faiss"]
-MatchType = Literal["duplicate", "similar"]
+MatchType = Literal["duplicate", "similar", "partial"]
+Match = Literal["whole", "partial"]
 Comparator = Literal["ssim", "histogram", "pixel"]
 
 
@@ -27,6 +28,9 @@ class SearchOptions(BaseModel):
         default=None, description="re-score the first rerank_top candidates by this comparator between the query "
         "image and each candidate's thumbnail (image queries and similar only); near-duplicates stay first")
     rerank_top: int = Field(default=50, ge=1, le=200, description="candidates the comparator re-scores")
+    match: Match = Field(
+        default="whole", description="partial: also compare the query with windows of each indexed image (crops, "
+        "details); an image scores its best window or its whole vector. Needs region vectors (imsrc embed --regions)")
 
 
 class SearchHit(BaseModel):
@@ -44,11 +48,15 @@ class SearchHit(BaseModel):
     match_type: MatchType = Field(
         default="similar", description="duplicate: the query image's perceptual hash is within "
         "IMSRC_DUPLICATE_THRESHOLD bits of this image's (a copy, recompressed or resized; always ranked first); "
-        "similar: found by its embedding")
+        "similar: found by its embedding; partial: found by the embedding of one of its windows (match=partial), "
+        "given in box")
     phash_distance: int | None = Field(
         default=None, description="Hamming distance between the pHashes (duplicate matches only)")
     rerank_score: float | None = Field(
         default=None, description="the comparator's score (higher is more alike; only with rerank)")
+    box: list[float] | None = Field(
+        default=None, description="match=partial: the matched window [x0, y0, x1, y1] as fractions of the image's "
+        "width and height ([0, 0, 1, 1]: the whole image matched best)")
 
 
 class CategoryHit(BaseModel):
@@ -72,6 +80,7 @@ class SearchResponse(BaseModel):
     mode: Mode
     backend: Backend | None = Field(description="stage-2 backend used (none for exact)")
     rerank: Comparator | None = Field(default=None, description="the comparator that re-ranked the results")
+    match: Match = Field(default="whole", description="whole-image search, or partial (windows too)")
 
 
 class CategoriesResponse(BaseModel):

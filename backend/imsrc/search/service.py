@@ -25,7 +25,8 @@ from imsrc.search import rerank
 from imsrc.search.duplicates import DuplicateSearchRepository
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
-from imsrc.search.pg_queries import Hit, HitInfo, NeighbourRepository, branch_plan
+from imsrc.search.pg_queries import EF_SEARCH_MAX, Hit, HitInfo, NeighbourRepository, branch_plan
+from imsrc.search.regions import WINDOWS, RegionRepository, best_per_image
 from imsrc.search.repository import VectorRepository
 from imsrc.search.rerank import ThumbnailRepository
 from imsrc.search.schemas import (
@@ -243,6 +244,9 @@ class SearchService:
         k = max(wanted, options.rerank_top) if options.rerank else wanted
         mode = options.mode
         backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
+        if options.match == "partial":
+            return self._search_partial(model, vector, options, wanted, k, embed_ms=embed_ms, started=started,
+                                        exclude=exclude, phash=phash, query_image=query_image)
         if mode == "two_stage" and backend == "pgvector" and not options.category and options.categories is None \
                 and self.runtime.small_catalog(self.session, model.id):
             # Stage 1 cannot pay here: one walk of the model's graph is faster than stage 1 plus a walk per
@@ -263,14 +267,67 @@ class SearchService:
             explicit = plan.categories if options.category else None
             hits = self._duplicates_first(model, vector, phash, hits, k, explicit, options.include_duplicates,
                                           exclude)
+        return self._respond(model, hits, wanted, stage1, mode, backend, options, embed_ms, stage1_ms, t2, started,
+                             query_image=query_image)
+
+    def _respond(self, model: EmbeddingModel, hits: list[SearchHit], wanted: int, stage1: list[CategoryScore],
+                 mode: str, backend: str | None, options: SearchOptions, embed_ms: float, stage1_ms: float,
+                 t2: float, started: float, *, query_image: Image.Image | None) -> SearchResponse:
         if options.rerank and query_image is not None:
             hits = _reranked(hits[:options.rerank_top], options.rerank,
                              query_image, ThumbnailRepository(self.session)) + hits[options.rerank_top:]
         hits = hits[:wanted]
         return SearchResponse(
-            results=hits, stage1=[_category_hit(c) for c in stage1], model=model.name, mode=mode, backend=backend,
-            rerank=options.rerank,
+            results=hits, stage1=[_category_hit(c) for c in stage1], model=model.name, mode=mode,  # type: ignore[arg-type]
+            backend=backend, rerank=options.rerank, match=options.match,  # type: ignore[arg-type]
             timings_ms=Timings(embed=embed_ms, stage1=stage1_ms, stage2=_ms(t2), total=_ms(started)))
+
+    def _search_partial(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, wanted: int,
+                        k: int, *, embed_ms: float, started: float, exclude: int | None, phash: int | None,
+                        query_image: Image.Image | None) -> SearchResponse:
+        """match=partial: the query against every window of every image and against whole images; an image
+        scores its best. No stage 1 (a crop is often routed to the wrong category, and the windows have one
+        graph per model), so a two_stage request is answered as `ann` and says so."""
+        regions = RegionRepository(self.session)
+        regions.require(model.id, model.name)
+        t1 = time.perf_counter()
+        categories, _, near, _ = self._stage1(model, vector, options, walks=False) if options.category \
+            else (None, [], set(), [])
+        exact = options.mode == "exact" or categories is not None
+        mode = "exact" if options.mode == "exact" else "ann"
+        backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
+        stage1_ms = _ms(t1)
+        t2 = time.perf_counter()
+        # An image has len(WINDOWS) windows, and its neighbours' windows crowd the top: fetch enough windows
+        # that k distinct images are among them.
+        limit = min(EF_SEARCH_MAX, k * len(WINDOWS) // 2 + 40)
+        query = vector_literal(vector)
+        windows = regions.exact(model.id, query, limit, categories) if exact else \
+            regions.ann(model.id, model.dimension, query, limit, self.settings.search_ef_search)
+        whole = self._stage2(model, vector, Stage2Plan(categories, near or set(categories or []), k,
+                                                       "exact" if exact else "ann", backend),
+                             options.include_duplicates, exclude)
+        best = best_per_image(windows)
+        info = NeighbourRepository(self.session).hydrate([i for i in best if i not in {h.id for h in whole}])
+        merged: dict[int, SearchHit] = {h.id: h.model_copy(update={"box": [0.0, 0.0, 1.0, 1.0]}) for h in whole}
+        for image_id, hit in best.items():
+            known = merged.get(image_id)
+            if known is not None:
+                if hit.score > known.score:
+                    merged[image_id] = known.model_copy(update={
+                        "score": round(hit.score, 6), "box": [round(v, 4) for v in hit.box], "match_type": "partial"})
+                continue
+            i = info.get(image_id)
+            if i is None or image_id == exclude or (not options.include_duplicates and i.canonical_id is not None):
+                continue
+            merged[image_id] = _hit(image_id, hit.score, i, match_type="partial").model_copy(
+                update={"box": [round(v, 4) for v in hit.box]})
+        hits = sorted(merged.values(), key=lambda h: (-h.score, h.id))[:k]
+        if phash is not None:
+            hits = self._duplicates_first(model, vector, phash, hits, k, categories, options.include_duplicates,
+                                          exclude)
+        return self._respond(model, hits, wanted, [], mode, backend, options, embed_ms, stage1_ms, t2, started,
+                             query_image=query_image)
 
     def _fill(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, hits: list[SearchHit],
               ranked: list[CategoryScore], stage1: list[CategoryScore], include_duplicates: bool,

@@ -23,6 +23,7 @@ from imsrc.embeddings import Embedder, load_embedder, model_info, resolve_model_
 from imsrc.embeddings.registry import inference_label, registered_names
 from imsrc.errors import ConflictError, NotFoundError
 from imsrc.search.pg_queries import NeighbourRepository
+from imsrc.search.regions import RegionRepository
 
 
 @dataclass
@@ -120,6 +121,7 @@ class ModelService:
         if model.is_active and len(self.models.list()) > 1:
             raise ConflictError(f"model {name!r} is the active model; `imsrc models use` another one first")
         NeighbourRepository(self.session).drop_model_indexes(model.id)
+        RegionRepository(self.session).drop_index(model.id)  # partial on model_id: would stay behind, empty
         self.models.remove(model)
 
     def get(self, name: str) -> EmbeddingModel:
