@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, ImageOps
 from skimage import data as samples
 from sqlalchemy import text
 
@@ -277,10 +277,34 @@ def test_rerank_orders_candidates_by_the_comparator(catalog: Catalog) -> None:
         assert got.rerank == "ssim" and all(r.rerank_score is not None for r in got.results)
 
 
+def test_orb_and_sift_put_rotated_brighter_and_mirrored_copies_first(catalog: Catalog) -> None:
+    """The keypoint comparators: a copy rotated 12 degrees and 30 % brighter, and a mirrored copy (neither is
+    a pHash near-duplicate), come first by RANSAC inliers; unrelated candidates score 0 (under MIN_INLIERS);
+    the cost of the comparator is reported apart."""
+    from PIL import ImageEnhance
+
+    from imsrc.search.keypoints import MIN_INLIERS
+
+    photo = _photo("rocket")
+    rotated = ImageEnhance.Brightness(photo.rotate(12, Image.Resampling.BICUBIC)).enhance(1.3)
+    runtime = SearchRuntime.create(catalog.settings)
+    with catalog.database.session() as session:
+        service = runtime.service(session)
+        for query in (_encode(rotated, "JPEG", quality=90), _encode(ImageOps.mirror(photo))):
+            for comparator in ("orb", "sift"):
+                got = service.search_image(query, SearchOptions(k=4, mode="exact", rerank=comparator,  # type: ignore[arg-type]
+                                                                rerank_top=17))
+                first = got.results[0]
+                assert first.id == catalog.ids["rocket"] and first.match_type == "similar", (comparator, got)
+                assert first.rerank_score is not None and first.rerank_score >= MIN_INLIERS
+                assert got.results[-1].rerank_score == 0.0
+                assert got.rerank == comparator and got.timings_ms.rerank > 0
+
+
 def test_rerank_bad_input_is_a_clear_4xx(catalog: Catalog) -> None:
     with TestClient(create_app(catalog.settings, database=catalog.database)) as client:
         files = {"file": ("q.png", _encode(_photo("coins")), "image/png")}
-        for query, needle in (("rerank=orb", "ssim"), ("rerank=ssim&rerank_top=0", "rerank_top"),
+        for query, needle in (("rerank=surf", "sift"), ("rerank=ssim&rerank_top=0", "rerank_top"),
                               ("rerank=ssim&rerank_top=201", "rerank_top")):
             resp = client.post(f"/api/search/image?{query}", files=files)
             assert 400 <= resp.status_code < 500 and needle in resp.json()["error"]["message"], resp.text
@@ -293,7 +317,7 @@ def test_rerank_bad_input_is_a_clear_4xx(catalog: Catalog) -> None:
            "IMSRC_MODEL": MODEL}
     path = catalog.folder / "coins.png"
     path.write_bytes(_encode(_photo("coins")))
-    res = run_cli("search", "image", str(path), "--rerank", "orb", env=env)
+    res = run_cli("search", "image", str(path), "--rerank", "surf", env=env)
     assert res.returncode == 1 and "--rerank" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("search", "image", str(path), "-k", "2", "--rerank", "ssim", "--rerank-top", "5", env=env)
     assert res.returncode == 0 and "ssim" in res.stdout, res.stderr

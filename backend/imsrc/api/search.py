@@ -59,7 +59,8 @@ def search_options(
     model: Annotated[str | None, Query(description="embedding model (default: the active one)")] = None,
     include_duplicates: Annotated[bool, Query(description="also return non-canonical copies")] = False,
     rerank: Annotated[Comparator | None, Query(
-        description="re-score the first rerank_top candidates by ssim, histogram or pixel (image queries)")] = None,
+        description="re-score the first rerank_top candidates by orb, sift (RANSAC inliers), ssim, histogram or "
+        "pixel (image queries and similar)")] = None,
     rerank_top: Annotated[int, Query(ge=1, le=200, description="candidates to re-score (1-200)")] = 50,
     match: Annotated[Match, Query(
         description="whole (default) or partial: also match windows of each image (crops, details); needs region "

@@ -23,7 +23,7 @@ BackendOpt = Annotated[str | None, typer.Option("--backend", help="pgvector or f
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Embedding model (default: the active one).")]
 DupOpt = Annotated[bool, typer.Option("--include-duplicates", help="Also show non-canonical copies.")]
 RerankOpt = Annotated[str | None, typer.Option(
-    "--rerank", help="Re-score the first --rerank-top candidates by ssim, histogram or pixel.")]
+    "--rerank", help="Re-score the first --rerank-top candidates by orb, sift, ssim, histogram or pixel.")]
 RerankTopOpt = Annotated[int, typer.Option("--rerank-top", help="Candidates to re-score (1-200).")]
 PartialOpt = Annotated[bool, typer.Option(
     "--partial", help="Region search: also match windows of each image (finds crops); needs `imsrc embed --regions`.")]
@@ -87,7 +87,8 @@ def _show(response: Any, as_json: bool) -> None:
         err_console.print("stage 1: " + ", ".join(f"{c.category} {c.score:.3f}" for c in response.stage1))
     t = response.timings_ms
     err_console.print(f"timings: embed {t.embed:.1f} ms, stage 1 {t.stage1:.1f} ms, stage 2 {t.stage2:.1f} ms, "
-                      f"total {t.total:.1f} ms")
+                      + (f"re-rank ({response.rerank}) {t.rerank:.1f} ms, " if response.rerank else "")
+                      + f"total {t.total:.1f} ms")
 
 
 def _match(hit: Any) -> str:

@@ -5,7 +5,7 @@ Thumbnails, not originals: they are in the database already (one query for all c
 hundred pixels a side, and every comparator here works on a 64x64 copy anyway. SSIM is the standard one
 (Wang et al. 2004: Gaussian window sigma 1.5, K1 0.01, K2 0.03, data range 255, mean of the map; a test
 checks it against scikit-image's); histogram is the intersection of 8x8x8 RGB histograms; pixel is one minus
-the mean absolute grey-level difference. ORB/SIFT (OpenCV) are not offered: OpenCV is not a dependency.
+the mean absolute grey-level difference. ORB and SIFT (OpenCV keypoints, RANSAC inliers) are in keypoints.py.
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ class ThumbnailRepository:
 
 
 def scores(comparator: str, query: Image.Image, candidates: dict[int, Image.Image]) -> dict[int, float]:
+    if comparator in ("orb", "sift"):
+        from imsrc.search import keypoints
+
+        return keypoints.scores(comparator, query, candidates)
     score = SCORERS[comparator]
     q = prepare(query)
     return {i: round(score(q, prepare(img)), 6) for i, img in candidates.items()}

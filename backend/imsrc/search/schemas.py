@@ -10,7 +10,7 @@ Mode = Literal["two_stage", "ann", "exact"]
 Backend = Literal["pgvector", "faiss"]
 MatchType = Literal["duplicate", "similar", "partial"]
 Match = Literal["whole", "partial"]
-Comparator = Literal["ssim", "histogram", "pixel"]
+Comparator = Literal["orb", "sift", "ssim", "histogram", "pixel"]
 
 
 class SearchOptions(BaseModel):
@@ -26,7 +26,9 @@ class SearchOptions(BaseModel):
     include_duplicates: bool = False
     rerank: Comparator | None = Field(
         default=None, description="re-score the first rerank_top candidates by this comparator between the query "
-        "image and each candidate's thumbnail (image queries and similar only); near-duplicates stay first")
+        "image and each candidate's thumbnail (image queries and similar only); near-duplicates stay first. orb/sift: "
+        "RANSAC homography inliers of keypoint matches (query or its mirror image; under 8 counts as 0 and keeps the "
+        "embedding order); ssim, histogram (intersection), pixel (1 - mean grey difference) on 64x64 copies")
     rerank_top: int = Field(default=50, ge=1, le=200, description="candidates the comparator re-scores")
     match: Match = Field(
         default="whole", description="partial: also compare the query with windows of each indexed image (crops, "
@@ -53,7 +55,8 @@ class SearchHit(BaseModel):
     phash_distance: int | None = Field(
         default=None, description="Hamming distance between the pHashes (duplicate matches only)")
     rerank_score: float | None = Field(
-        default=None, description="the comparator's score (higher is more alike; only with rerank)")
+        default=None, description="the comparator's score (higher is more alike; only with rerank; orb/sift: "
+        "inlier count)")
     box: list[float] | None = Field(
         default=None, description="match=partial: the matched window [x0, y0, x1, y1] as fractions of the image's "
         "width and height ([0, 0, 1, 1]: the whole image matched best)")
@@ -69,6 +72,7 @@ class Timings(BaseModel):
     embed: float
     stage1: float
     stage2: float
+    rerank: float = Field(default=0.0, description="the comparator's time (part of total; 0 without rerank)")
     total: float
 
 

@@ -273,14 +273,17 @@ class SearchService:
     def _respond(self, model: EmbeddingModel, hits: list[SearchHit], wanted: int, stage1: list[CategoryScore],
                  mode: str, backend: str | None, options: SearchOptions, embed_ms: float, stage1_ms: float,
                  t2: float, started: float, *, query_image: Image.Image | None) -> SearchResponse:
+        t3 = time.perf_counter()
         if options.rerank and query_image is not None:
             hits = _reranked(hits[:options.rerank_top], options.rerank,
                              query_image, ThumbnailRepository(self.session)) + hits[options.rerank_top:]
+        rerank_ms = _ms(t3) if options.rerank else 0.0
         hits = hits[:wanted]
         return SearchResponse(
             results=hits, stage1=[_category_hit(c) for c in stage1], model=model.name, mode=mode,  # type: ignore[arg-type]
             backend=backend, rerank=options.rerank, match=options.match,  # type: ignore[arg-type]
-            timings_ms=Timings(embed=embed_ms, stage1=stage1_ms, stage2=_ms(t2), total=_ms(started)))
+            timings_ms=Timings(embed=embed_ms, stage1=stage1_ms, stage2=round(_ms(t2) - rerank_ms, 3),
+                               rerank=rerank_ms, total=_ms(started)))
 
     def _search_partial(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, wanted: int,
                         k: int, *, embed_ms: float, started: float, exclude: int | None, phash: int | None,
@@ -447,7 +450,8 @@ class Stage2Plan:
 def _reranked(hits: list[SearchHit], comparator: str, query: Image.Image, thumbs: ThumbnailRepository
               ) -> list[SearchHit]:
     """Near-duplicates first as before (closest first), then the others by the comparator's score; each
-    keeps its cosine score and gains the comparator's. A candidate without a thumbnail scores last."""
+    keeps its cosine score and gains the comparator's. A candidate without a thumbnail scores last. The sort is
+    stable: equal scores (orb/sift candidates without a geometric match all score 0) keep the embedding order."""
     found = rerank.scores(comparator, query, thumbs.images([h.id for h in hits]))
     scored = [h.model_copy(update={"rerank_score": found.get(h.id)}) for h in hits]
     dups = [h for h in scored if h.match_type == "duplicate"]
