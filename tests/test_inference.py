@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -110,6 +111,14 @@ def test_backends_agree(name: str, model_cache: Path, gallery: list[Image.Image]
     assert manifest["identity"]["onnxruntime"] and manifest["verification"]["min_cosine"] >= 0.9999
     assert manifest["timing"]["torch_s"] > 0 and manifest["timing"]["onnx_s"] > 0
     if torch_embedder.supports_text:
+        # open_clip towers export attention as ONNX Runtime's fused operator (one node per layer, not ~60): the
+        # tiny model has 2 layers per tower; the text towers are causal (unidirectional).
+        for tower in ("image", "text", "text-short"):
+            nodes = onnx.load(str(store.model_path(tower, "fp32"))).graph.node
+            fused = [n for n in nodes if n.op_type == "Attention" and n.domain == "com.microsoft"]
+            assert len(fused) == 2 and not any(n.op_type == "Softmax" for n in nodes), tower
+            causal = {a.name: a.i for a in fused[0].attribute}.get("unidirectional", 0)
+            assert causal == (tower != "image"), tower
         # Short queries run on the 16-position text tower, long ones on the full one; both give torch's vector.
         short = json.loads(store.manifest_path("text-short", "fp32").read_text())
         assert short["verified"] is True and short["verification"]["min_cosine"] >= 0.9999

@@ -217,5 +217,10 @@ class TorchEmbedder:
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         raise TextNotSupportedError(self.name)
 
+    def export_context(self, tower: str) -> contextlib.AbstractContextManager[Any]:
+        """Held around the ONNX export of a tower: a model may swap in export-only modules (open_clip: fused
+        attention). The torch path never runs inside it."""
+        return contextlib.nullcontext()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, device={self.device}, precision={self.precision})"

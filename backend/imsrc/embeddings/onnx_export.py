@@ -87,14 +87,24 @@ def short_tokens(tokens: torch.Tensor) -> torch.Tensor | None:
     return tokens[:, :SHORT_TEXT_TOKENS]
 
 
-def export(graph: torch.nn.Module, example: torch.Tensor, tower: str, path: Path) -> None:
+def export(
+    graph: torch.nn.Module,
+    example: torch.Tensor,
+    tower: str,
+    path: Path,
+    context: contextlib.AbstractContextManager[Any] | None = None,
+) -> None:
     """TorchScript exporter (dynamo=False): it needs no onnxscript and traced every built-in family here;
-    batch is the one dynamic axis. Written to a temporary name first, so a crash leaves no half file."""
+    batch is the one dynamic axis. `context` (TorchEmbedder.export_context) may swap in export-only modules, such as
+    open_clip's attention as ONNX Runtime's fused operator (onnx_attention). Written to a temporary name first, so a
+    crash leaves no half file."""
+    from imsrc.embeddings.onnx_attention import CUSTOM_OPSETS
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".onnx.tmp{os.getpid()}")
     name = INPUT_NAMES[tower]
     try:
-        with _export_mode():
+        with _export_mode(), context or contextlib.nullcontext():
             torch.onnx.export(
                 graph.eval(),
                 (example,),
@@ -103,6 +113,7 @@ def export(graph: torch.nn.Module, example: torch.Tensor, tower: str, path: Path
                 output_names=[OUTPUT_NAME],
                 dynamic_axes={name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 opset_version=OPSET,
+                custom_opsets=CUSTOM_OPSETS,
                 dynamo=False,
             )
         os.replace(tmp, path)

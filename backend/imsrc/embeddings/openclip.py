@@ -7,6 +7,7 @@ download path asks the Hub first and, offline, spends ~25 s in retries before fa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -279,3 +280,15 @@ class OpenClipEmbedder(TorchEmbedder):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         tokens: torch.Tensor = self._tokenizer(texts)
         return tokens
+
+    def export_context(self, tower: str) -> contextlib.AbstractContextManager[Any]:
+        """Attention exported as ONNX Runtime's fused operator (onnx_attention); the export is verified against
+        this model's own torch output as usual."""
+        from imsrc.embeddings.onnx_attention import fused_attention
+
+        clip: Any = self.module
+        if tower == "image" and isinstance(getattr(clip, "visual", None), torch.nn.Module):
+            return fused_attention(clip.visual)
+        if tower in ("text", "text-short") and isinstance(getattr(clip, "transformer", None), torch.nn.Module):
+            return fused_attention(clip.transformer, getattr(clip, "attn_mask", None))
+        return contextlib.nullcontext()

@@ -177,7 +177,8 @@ def _build(embedder: TorchEmbedder, store: ExportStore, tower: str, variant: str
             return normalise(graph(x).float().numpy())
 
     if variant == "fp32":
-        onnx_export.export(exported, prepare(inputs[:2]) if prepare else inputs[:2], tower, path)
+        example = prepare(inputs[:2]) if prepare else inputs[:2]
+        onnx_export.export(exported, example, tower, path, embedder.export_context(tower))
     else:
         source = store.model_path(tower, "fp32")  # _choose made and verified it first
         onnx_export.quantize(source, path, INT8_OPS.get(embedder.family))
