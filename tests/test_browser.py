@@ -19,6 +19,7 @@ from tests.helpers import make_image
 pytestmark = pytest.mark.browser
 
 WIDE = {"width": 1280, "height": 860}
+DATABASES: dict[str, str] = {}  # server base URL -> its database
 NARROW = {"width": 390, "height": 844}
 
 
@@ -39,6 +40,7 @@ def server(create_database, browser: Any) -> Iterator[str]:  # type: ignore[no-u
     upgrade(url)
     with tempfile.TemporaryDirectory(prefix="imsrc-browser-") as tmp, running_server(url, Path(tmp)) as base:
         _seed(base)
+        DATABASES[base] = url
         yield base
 
 
@@ -277,6 +279,59 @@ def test_text_search_is_explained_away_for_an_image_only_model(browser: Any, ser
     page.wait_for_selector(".results .notice")
     assert "understands images only" in page.inner_text(".results .notice")
     assert sent == []
+
+
+def test_partial_switch_explains_missing_regions_then_draws_the_box(browser: Any, server: str, scratch: Path) -> None:
+    """Region search in the page: without region vectors the switch shows what to run; after
+    `imsrc embed --regions` a crop's source comes first with a 'partial' badge and its box outlined."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from imsrc.config import Settings
+    from imsrc.embeddings import get_embedder
+    from imsrc.ingest.embed_regions import embed_regions
+    from tests.fixtures.database import database_for
+
+    source = make_image(990, size=(320, 240))
+    response = httpx.post(f"{server}/api/images", data={"category": "Crops"},
+                          files=[("file", ("poster.png", source, "image/png"))], timeout=120)
+    poster = response.json()["results"][0]["id"]
+    crop = scratch / "corner.png"
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(source)).crop((160, 120, 320, 240)).save(buf, "PNG")  # the bottom-right quarter
+    crop.write_bytes(buf.getvalue())
+    page = _page(browser, WIDE)
+    page.goto(f"{server}/#/search")
+    page.set_input_files("#search-file", str(crop))
+    _results(page)
+    page.check("#opt-partial")
+    page.locator(".results", has_text="imsrc embed --regions").wait_for()
+    assert "match=partial" in page.url
+    settings = Settings(database_url=DATABASES[server], data_dir=scratch / "data", model="open_clip-tiny-test",
+                        _env_file=None)  # type: ignore[call-arg]
+    database = database_for(settings, migrate=False)
+    try:
+        assert embed_regions(database, get_embedder("open_clip-tiny-test")).failed == 0
+    finally:
+        database.dispose()
+    page.uncheck("#opt-partial")
+    _results(page)
+    page.check("#opt-partial")
+    page.locator(".results .timings", has_text="region search").wait_for()
+    first = page.locator(".results .grid .card >> nth=0")
+    assert int(first.locator(".card-link").get_attribute("data-image-id")) == poster
+    assert first.locator(".badge.match").inner_text() == "partial"
+    assert "part of it matched (from 50%, 50% to 100%, 100%" in first.locator(".card-link").get_attribute("aria-label")
+    # the box is drawn over the bottom-right quarter of the (whole, uncropped) thumbnail
+    frame = first.locator(".thumb-frame").bounding_box()
+    box = first.locator(".match-box").bounding_box()
+    assert frame and box and abs(frame["width"] / frame["height"] - 320 / 240) < 0.05
+    assert abs(box["x"] - (frame["x"] + frame["width"] / 2)) < 3 and abs(box["y"] - (frame["y"] + frame["height"] / 2)) < 3
+    assert abs(box["width"] - frame["width"] / 2) < 3 and abs(box["height"] - frame["height"] / 2) < 3
+    assert [e for e in page.errors if "409 (Conflict)" not in e] == []  # the 409 is the first, expected answer
+    _shot(page, screenshot_dir() / "search-partial.png")
 
 
 def test_api_docs_render_from_local_files_under_their_csp(browser: Any, server: str) -> None:

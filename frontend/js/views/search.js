@@ -46,9 +46,12 @@ export async function render(root, { params, similar }) {
       cats.map((c) => h("option", { value: c.name, selected: c.name === params.get("category") },
                         `${c.name} (${c.image_count})`))),
     dups: h("input#opt-dups", { type: "checkbox", checked: params.get("include_duplicates") === "true" }),
+    // region search: compare with windows of each image too (needs `imsrc embed --regions`)
+    partial: h("input#opt-partial", { type: "checkbox", checked: params.get("match") === "partial" }),
     // image queries only: re-score the first candidates by a classic comparator on their thumbnails
     rerank: h("select#opt-rerank", {},
-      [["", "Off"], ["ssim", "SSIM (structure)"], ["histogram", "Colour histogram"], ["pixel", "Pixels"]].map(
+      [["", "Off"], ["orb", "ORB keypoints (edited copies)"], ["sift", "SIFT keypoints (edited copies)"],
+       ["ssim", "SSIM (structure)"], ["histogram", "Colour histogram"], ["pixel", "Pixels"]].map(
         ([value, label]) => h("option", { value, selected: value === (params.get("rerank") || "") }, label))),
   };
   const syncOptionState = () => {
@@ -74,7 +77,10 @@ export async function render(root, { params, similar }) {
       h("label.field", { for: "opt-category" }, h("span", {}, "Only in category"), opt.category),
       h("label.field", { for: "opt-rerank", title: "Image queries: re-rank the first 50 candidates by this comparator" },
         h("span", {}, "Re-rank (image queries)"), opt.rerank),
-      h("label.check", { for: "opt-dups" }, opt.dups, " Include near-duplicates")));
+      h("label.check", { for: "opt-dups" }, opt.dups, " Include near-duplicates"),
+      h("label.check", { for: "opt-partial", title: "Find images that contain the query (a crop, a logo): compares "
+                         + "with windows of each image; the matched part is outlined" },
+        opt.partial, " Find parts of images (region search)")));
 
   const zone = h("section.search-panel", { "aria-label": "Query" },
     form,
@@ -100,6 +106,7 @@ export async function render(root, { params, similar }) {
     if (opt.prototypes.checked && !opt.category.value) out.categories = n;
     if (opt.category.value) out.category = opt.category.value;
     if (opt.rerank.value) out.rerank = opt.rerank.value;
+    if (opt.partial.checked) out.match = "partial";
     return out;
   }
 
@@ -170,6 +177,7 @@ export async function render(root, { params, similar }) {
       h("p.timings.muted.small", {},
         `embed ${formatMs(t.embed)} · stage 1 ${formatMs(t.stage1)} · stage 2 ${formatMs(t.stage2)} · `,
         h("strong", {}, `total ${formatMs(t.total)}`), ` · ${body.model || ""} · ${body.mode || ""}`,
+        body.match === "partial" ? " · region search" : "",
         body.rerank ? ` · re-ranked by ${body.rerank}` : "")));
     if (stage1.length) {
       results.append(h("p.looks-like", {}, h("span.muted", {}, "This looks like: "),
