@@ -44,8 +44,18 @@ def _centred(side: float, cx: float = 0.5, cy: float = 0.5) -> Box:
     return (round(cx - h, 4), round(cy - h, 4), round(cx + h, 4), round(cy + h, 4))
 
 
-# Named sets, compared by bench/robustness/windows.py. WINDOWS is the one indexed.
+def _half_stride() -> list[Box]:
+    """Half-size windows at a quarter-side stride (3x3 positions): the 2x2 grid, the centre and each edge."""
+    return [(x, y, x + 0.5, y + 0.5) for y in (0.0, 0.25, 0.5) for x in (0.0, 0.25, 0.5)]
+
+
+# Named sets, compared by bench/robustness/run.py --windows-only (BENCHMARKS.md, "Robustness"); WINDOWS is the one
+# indexed. Every set is a subset of "dense", so one pass over the dense windows scores them all.
 WINDOW_SETS: dict[str, list[Box]] = {
+    "grid2": _grid(2),
+    "grid2+centre": [*_grid(2), _centred(0.5), _centred(0.7)],
+    "half-stride": _half_stride(),
+    "half-stride+centre": [*_half_stride(), _centred(0.7), _centred(0.85)],
     "grid": _grid(2) + _grid(3),
     "grid+centre": _grid(2) + _grid(3) + [_centred(0.5), _centred(0.7)],
     "dense": _grid(2) + _grid(3) + [_centred(0.5), _centred(0.7), _centred(0.85)]
