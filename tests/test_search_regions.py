@@ -162,3 +162,21 @@ def test_uploads_get_windows_when_regions_are_on(catalog: Catalog) -> None:
     assert _region_rows(catalog)[new_id] == len(WINDOWS)
     with catalog.database.session() as session:
         assert RegionRepository(session).missing_count(1) == 0
+
+
+def test_index_with_regions_on_adds_windows(catalog: Catalog) -> None:
+    folder = catalog.folder / "more"
+    folder.mkdir()
+    for name in ("clock", "text"):
+        (folder / f"{name}.png").write_bytes(_png(_photo(name)))
+    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"),
+           "IMSRC_MODEL": MODEL, "IMSRC_REGIONS": "true"}
+    res = run_cli("index", str(folder), "--category", "more", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["regions"]["images"] == 2 and out["regions"]["failed"] == 0 and out["regions"]["remaining"] == 0
+    with catalog.database.session() as session:
+        new = [int(i) for i in session.execute(text("SELECT id FROM images WHERE category_id = "
+                                                    "(SELECT id FROM categories WHERE name = 'more')")).scalars()]
+    rows = _region_rows(catalog)
+    assert len(new) == 2 and all(rows.get(i) == len(WINDOWS) for i in new)
