@@ -58,7 +58,7 @@ def _run(session: Session, path: Path) -> list[dict[str, object]]:
 
 def test_every_example_query_is_covered() -> None:
     # 06: tests/test_ingest_upload.py
-    assert [p.name[:2] for p in QUERIES] == ["01", "02", "03", "04", "05", "06", "07", "08"]
+    assert [p.name[:2] for p in QUERIES] == ["01", "02", "03", "04", "05", "06", "07", "08", "09", "10"]
 
 
 def test_images_per_category(session: Session, catalog: dict[str, int]) -> None:
@@ -101,6 +101,30 @@ def test_categories_for_image_query(session: Session, catalog: dict[str, int]) -
     rows = _run(session, QUERIES[7])
     assert [(r["rank"], r["category"], float(r["score"]), r["prototypes"]) for r in rows] == [
         (1, "shoes", 1.0, 1), (2, "bags", 0.0, 1)]
+
+
+def _captions(session: Session, catalog: dict[str, int]) -> None:
+    session.execute(text("RESET ROLE"))
+    for name, caption in (("a.png", "red shoes, worn"), ("b.png", "a blue shoe"), ("c.png", "a red handbag"),
+                          ("d.png", "red shoes again")):
+        session.execute(text("UPDATE images SET caption = :c WHERE id = :i"), {"c": caption, "i": catalog[name]})
+    session.execute(text("SET LOCAL ROLE imsrc_reader"))
+
+
+def test_keyword_search_query(session: Session, catalog: dict[str, int]) -> None:
+    _captions(session, catalog)
+    rows = _run(session, QUERIES[8])
+    # both words in a.png's caption (stemmed); d.png is a hidden duplicate; b.png and c.png lack one word
+    assert [(r["rank"], r["original_name"], r["caption"]) for r in rows] == [(1, "a.png", "red shoes, worn")]
+
+
+def test_hybrid_keyword_search_query(session: Session, catalog: dict[str, int]) -> None:
+    _captions(session, catalog)
+    rows = _run(session, QUERIES[9])
+    # 'shoe' matches a.png and b.png (c.png is a handbag); ranked by the vector of a.png, the first embedded
+    assert [(r["rank"], r["original_name"], r["keyword_match"]) for r in rows] == [(1, "a.png", True),
+                                                                                   (2, "b.png", True)]
+    assert float(rows[1]["score"]) == pytest.approx(0.9939, abs=1e-4)
 
 
 def test_catalog_images_view_columns(session: Session, catalog: dict[str, int]) -> None:

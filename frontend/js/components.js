@@ -37,7 +37,10 @@ export function imageCard(item, { showScore = true } = {}) {
       item.canonical_id ? h("span.badge.alt", { title: `a near-duplicate of image ${item.canonical_id}` }, "dup") : null,
       h("span.card-meta", {},
         showScore && item.score != null ? h("span.score", {}, formatScore(item.score)) : null,
-        h("span.card-cat", {}, category || "uncategorised"))));
+        h("span.card-cat", {}, category || "uncategorised")),
+      // the caption under the result (search hits carry it); a caption that matched the keywords is marked
+      item.caption ? h("span.card-caption", { title: item.caption, class: item.keyword_match ? "matched" : null },
+                       item.caption) : null));
 }
 
 /** A region hit's box, unless it is the whole image. box: [x0, y0, x1, y1] as fractions of width and height. */

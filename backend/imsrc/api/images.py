@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from imsrc.api.deps import SessionDep, SettingsDep
 from imsrc.api.security import holds_key
 from imsrc.catalog.image_repository import DuplicateFilter
-from imsrc.catalog.schemas import DeletedImage, ImageDetail, ImagePage
+from imsrc.catalog.schemas import DeletedImage, ImageDetail, ImagePage, ImageUpdate
 from imsrc.catalog.service import ImageService
 from imsrc.config import Settings
 from imsrc.services import images as image_writes
@@ -81,6 +81,18 @@ def get_thumbnail(image_id: ImageId, request: Request, session: SessionDep, sett
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)
     return Response(data, media_type=mime, headers=headers)
+
+
+@router.patch("/{image_id}", response_model=ImageDetail,
+               responses={**ERRORS, 422: {"description": "caption over 2000 characters or with a NUL byte "
+                                                         "(error JSON)"}},
+               summary="Change an image's caption (searchable by keywords; null or blank removes it)")
+def update_image(image_id: ImageId, body: ImageUpdate, request: Request, session: SessionDep,
+                 settings: SettingsDep) -> ImageDetail:
+    detail = ImageService(session).update(image_id, body)
+    if not holds_key(request.headers, settings.api_key):
+        detail = detail.model_copy(update={"source_path": None})
+    return detail
 
 
 @router.delete("/{image_id}", response_model=DeletedImage, responses=ERRORS,

@@ -20,10 +20,12 @@ from imsrc.api.metrics import observe_search
 from imsrc.api.multipart import read_multipart
 from imsrc.config import Settings
 from imsrc.errors import InvalidInputError
+from imsrc.search.keywords import check_keywords
 from imsrc.search.schemas import (
     Backend,
     CategoriesResponse,
     Comparator,
+    KeywordMode,
     Match,
     Mode,
     SearchOptions,
@@ -65,6 +67,16 @@ def search_options(
     match: Annotated[Match, Query(
         description="whole (default) or partial: also match windows of each image (crops, details); needs region "
         "vectors (imsrc embed --regions), else 409")] = "whole",
+    keywords: Annotated[str | None, Query(max_length=1000, description=(
+        "words to match in captions (web-search syntax: \"a phrase\", or, -word; English stemming)"))] = None,
+    keyword_mode: Annotated[KeywordMode, Query(description=(
+        "filter: only images whose caption matches, ranked by the query's vector; boost: the vector search's "
+        "results and the best matches, ranked by cosine + boost where the caption matches"))] = "filter",
+    boost: Annotated[float, Query(ge=0, le=1, description="added to a matching image's score (keyword_mode "
+                                                          "boost)")] = 0.1,
+    min_score: Annotated[float | None, Query(ge=-1, le=1000, description=(
+        "drop results scoring below this (cosine; ts_rank_cd for keywords alone); fewer than k may come back"))]
+    = None,
 ) -> SearchOptions:
     fan_out: int | Literal["auto"] | None = None
     if categories is not None:
@@ -77,12 +89,20 @@ def search_options(
     try:
         return SearchOptions(k=k, categories=fan_out, category=category or [], mode=mode, backend=backend,
                              model=model, include_duplicates=include_duplicates, rerank=rerank,
-                             rerank_top=rerank_top, match=match)
+                             rerank_top=rerank_top, match=match, keywords=_keywords(keywords),
+                             keyword_mode=keyword_mode, boost=boost, min_score=min_score)
     except ValidationError as exc:
         raise InvalidInputError(str(exc.errors()[0].get("msg", "invalid search options"))) from exc
 
 
 OptionsDep = Annotated[SearchOptions, Depends(search_options)]
+
+
+def _keywords(value: str | None) -> str | None:
+    """Blank keywords mean none (an empty box in a form); anything else is checked, NUL bytes refused."""
+    if value is None or (not value.strip() and "\x00" not in value):
+        return None
+    return check_keywords(value)
 
 
 async def _image_or_url(request: Request, settings: Settings) -> tuple[bytes | None, str | None]:
@@ -108,7 +128,12 @@ async def _image_or_url(request: Request, settings: Settings) -> tuple[bytes | N
 @router.post("/image", response_model=SearchResponse, openapi_extra=_BODY_DOC,
              summary="Search by an uploaded image or an image URL")
 async def search_image(request: Request, session: SessionDep, settings: SettingsDep, runtime: RuntimeDep,
-                       options: OptionsDep) -> SearchResponse:
+                       options: OptionsDep,
+                       q: Annotated[str | None, Query(max_length=1000, description=(
+                           "caption keywords, as `keywords` (text plus an image: hybrid search)"))] = None
+                       ) -> SearchResponse:
+    if q is not None and options.keywords is None:
+        options = options.model_copy(update={"keywords": _keywords(q)})
     data, url = await _image_or_url(request, settings)
     service = runtime.service(session)
     if url is not None:
@@ -124,6 +149,15 @@ async def search_text(session: SessionDep, runtime: RuntimeDep, options: Options
     return observe_search(await run_in_threadpool(runtime.service(session).search_text, q, options))
 
 
+@router.get("/keywords", response_model=SearchResponse, summary="Search captions by keywords alone (no model)")
+async def search_keywords(session: SessionDep, runtime: RuntimeDep, options: OptionsDep,
+                          q: Annotated[str, Query(min_length=1, max_length=1000, description=(
+                              "words to match in captions (web-search syntax: \"a phrase\", or, -word)"))]
+                          ) -> SearchResponse:
+    return observe_search(await run_in_threadpool(runtime.service(session).search_keywords, check_keywords(q),
+                                                  options))
+
+
 @router.get("/similar/{image_id}", response_model=SearchResponse, summary="More like this indexed image")
 async def search_similar(session: SessionDep, runtime: RuntimeDep, options: OptionsDep,
                          image_id: Annotated[int, Path(ge=1)]) -> SearchResponse:
@@ -134,10 +168,14 @@ async def search_similar(session: SessionDep, runtime: RuntimeDep, options: Opti
              summary="Which categories is this image like? (stage 1 alone, with scores)")
 async def search_categories(request: Request, session: SessionDep, settings: SettingsDep, runtime: RuntimeDep,
                             model: Annotated[str | None, Query()] = None,
-                            limit: Annotated[int | None, Query(ge=1, le=1000)] = None) -> CategoriesResponse:
+                            limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
+                            samples: Annotated[int, Query(ge=0, le=12, description=(
+                                "sample images per category (thumbnail URLs)"))] = 0) -> CategoriesResponse:
     data, url = await _image_or_url(request, settings)
     service = runtime.service(session)
     if url is not None:
-        return await run_in_threadpool(service.categories_for_url, url, model_name=model, limit=limit)
+        return await run_in_threadpool(service.categories_for_url, url, model_name=model, limit=limit,
+                                       samples=samples)
     assert data is not None
-    return await run_in_threadpool(service.categories_for_image, data, model_name=model, limit=limit)
+    return await run_in_threadpool(service.categories_for_image, data, model_name=model, limit=limit,
+                                   samples=samples)

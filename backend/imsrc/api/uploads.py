@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from imsrc.api.deps import DatabaseDep, SettingsDep
 from imsrc.api.metrics import observe_uploads
 from imsrc.api.multipart import read_multipart
+from imsrc.catalog.captions import MAX_CAPTION_CHARS, clean_caption
 from imsrc.catalog.schemas import UploadResponse
 from imsrc.errors import InvalidImageError, InvalidInputError
 from imsrc.ingest.uploads import ingest_uploads
@@ -33,6 +34,9 @@ UPLOAD_BODY = {
                                  "description": "one or more image files (repeat the field)"},
                         "category": {"type": "string", "description": "put every file in this category "
                                                                       "(created if new)"},
+                        "caption": {"type": "string", "maxLength": MAX_CAPTION_CHARS,
+                                    "description": "a caption for every file that has none yet (searchable "
+                                                   "by keywords; no NUL bytes)"},
                     },
                 },
                 "encoding": {"file": {"style": "form", "explode": True}},
@@ -61,9 +65,10 @@ async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep
         category = " ".join(form.fields.get("category", "").split()) or None
         if category is not None and len(category) > 200:
             raise InvalidInputError("category: at most 200 characters")
+        caption = clean_caption(form.fields.get("caption"))
         # Decoding, hashing and the model run off the event loop.
         results = await run_in_threadpool(ingest_uploads, db, settings, form.files, category,
-                                          request.app.state.decode_gate)
+                                          request.app.state.decode_gate, caption)
     observe_uploads(r.status for r in results)
     if all(r.status == "failed" for r in results):
         # Nothing was stored: that is a client error, not a partial success.

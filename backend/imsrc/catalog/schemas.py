@@ -76,6 +76,12 @@ class ImageDetail(BaseModel):
     file_url: str
 
 
+class ImageUpdate(BaseModel):
+    """PATCH /api/images/{id}: the fields given change; `caption: null` or blank removes the caption."""
+
+    caption: str | None = Field(description="at most 2000 characters, no NUL bytes; searchable by keywords")
+
+
 class DeletedImage(BaseModel):
     id: int
     new_canonical_id: int | None = Field(description="the duplicate promoted to canonical, if any")

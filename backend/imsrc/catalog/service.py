@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.captions import CaptionRepository, clean_caption
 from imsrc.catalog.image_repository import DuplicateFilter, ImageRepository
 from imsrc.catalog.models import Image
 from imsrc.catalog.referenced import OpenedFile, open_verified
@@ -20,6 +21,7 @@ from imsrc.catalog.schemas import (
     ImageDetail,
     ImagePage,
     ImageSummary,
+    ImageUpdate,
     image_file_url,
     image_thumbnail_url,
 )
@@ -117,6 +119,11 @@ class ImageService:
             thumbnail_url=image_thumbnail_url(image.id),
             file_url=image_file_url(image.id),
         )
+
+    def update(self, image_id: int, body: ImageUpdate) -> ImageDetail:
+        if "caption" in body.model_fields_set:
+            CaptionRepository(self.session).set_caption(image_id, clean_caption(body.caption))
+        return self.detail(image_id)
 
     def original(self, image_id: int) -> ImageFile:
         """Only ever an image the catalog knows: the id picks the row, the row picks the bytes or path."""

@@ -85,6 +85,11 @@ def index(
         if regions:
             err_console.print(f"region vectors: {regions.images} images, {regions.failed} failed "
                               f"({regions.seconds:.1f} s)")
+        caps = summary.captions or {}
+        if caps.get("sidecars") or caps.get("problems"):
+            err_console.print(f"captions: {caps['sidecars']} sidecar files, {caps['captions']} captions changed")
+            for problem in caps["problems"][:10]:
+                err_console.print(f"caption skipped: {problem['path']}: {problem['reason']}")
     if summary.status == "interrupted":
         err_console.print(f"job {summary.job_id} stopped; run the same command again to continue")
         sys.exit(130)

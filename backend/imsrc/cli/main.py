@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
-from imsrc.cli import backup_commands, data_commands, db_commands, ingest_commands, model_commands, search_commands
+from imsrc.cli import (
+    backup_commands,
+    caption_commands,
+    data_commands,
+    db_commands,
+    ingest_commands,
+    model_commands,
+    search_commands,
+)
 from imsrc.cli.context import CliContext
 from imsrc.cli.output import err_console, print_csv, print_json, print_table
 from imsrc.errors import ImsrcError
@@ -39,6 +47,7 @@ app.command("backup")(backup_commands.backup_command)
 app.command("restore")(backup_commands.restore_command)
 ingest_commands.register(app)
 search_commands.register(app)
+caption_commands.register(app)
 data_commands.register(app)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]

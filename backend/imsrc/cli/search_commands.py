@@ -27,6 +27,12 @@ RerankOpt = Annotated[str | None, typer.Option(
 RerankTopOpt = Annotated[int, typer.Option("--rerank-top", help="Candidates to re-score (1-200).")]
 PartialOpt = Annotated[bool, typer.Option(
     "--partial", help="Region search: also match windows of each image (finds crops); needs `imsrc embed --regions`.")]
+KeywordsOpt = Annotated[str | None, typer.Option(
+    "--keywords", help="Words to match in captions (web-search syntax: \"a phrase\", or, -word).")]
+KeywordModeOpt = Annotated[str, typer.Option(
+    "--keyword-mode", help="filter: only matching captions, ranked by the vector; boost: matches get +--boost.")]
+BoostOpt = Annotated[float, typer.Option("--boost", help="What a caption match adds to the score (0-1).")]
+MinScoreOpt = Annotated[float | None, typer.Option("--min-score", help="Drop results scoring below this.")]
 
 search_app = typer.Typer(help="Search the catalog by image, URL or text.", no_args_is_help=True)
 categories_app = typer.Typer(help="Categories: list, rename, re-sync prototypes.", no_args_is_help=True)
@@ -40,9 +46,11 @@ def register(app: typer.Typer) -> None:
 
 def _options(k: int | None, categories: str | None, category: list[str] | None, exact: bool, mode: str,
              backend: str | None, model: str | None, include_duplicates: bool, rerank: str | None = None,
-             rerank_top: int = 50, partial: bool = False) -> Any:
+             rerank_top: int = 50, partial: bool = False, keywords: str | None = None,
+             keyword_mode: str = "filter", boost: float = 0.1, min_score: float | None = None) -> Any:
     from pydantic import ValidationError
 
+    from imsrc.search.keywords import check_keywords
     from imsrc.search.schemas import SearchOptions
 
     fan_out: int | Literal["auto"] | None = None
@@ -54,7 +62,9 @@ def _options(k: int | None, categories: str | None, category: list[str] | None, 
         return SearchOptions.model_validate({
             "k": k, "categories": fan_out, "category": category or [], "mode": "exact" if exact else mode,
             "backend": backend, "model": model, "include_duplicates": include_duplicates, "rerank": rerank,
-            "rerank_top": rerank_top, "match": "partial" if partial else "whole"})
+            "rerank_top": rerank_top, "match": "partial" if partial else "whole",
+            "keywords": None if keywords is None else check_keywords(keywords),
+            "keyword_mode": keyword_mode, "boost": boost, "min_score": min_score})
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InvalidInputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from exc
@@ -76,19 +86,31 @@ def _show(response: Any, as_json: bool) -> None:
     rows = [[i + 1, r.id, f"{r.score:.4f}", _match(r), r.category or "", r.duplicates, r.file_url]
             for i, r in enumerate(response.results)]
     cols = ["#", "id", "score", "match", "category", "duplicates", "file"]
+    if any(r.caption for r in response.results):  # captions show under... here beside the results
+        cols.append("caption")
+        for row, r in zip(rows, response.results, strict=True):
+            row.append(_short(r.caption or ""))
     if response.rerank:  # the comparator's score next to the cosine one
         cols.insert(3, response.rerank)
         for row, r in zip(rows, response.results, strict=True):
             row.insert(3, "" if r.rerank_score is None else f"{r.rerank_score:.4f}")
-    print_table(cols, rows,
-                title=f"{len(rows)} results ({response.mode}, {response.backend or 'exact scan'}, {response.model}"
-                      f"{', partial' if response.match == 'partial' else ''})")
+    how = "keywords alone" if response.mode == "keywords" else f"{response.mode}, {response.backend or 'exact scan'}"
+    if response.keywords and response.mode != "keywords":
+        how += f", keywords {response.keyword_mode}"
+    if response.match == "partial":
+        how += ", partial"
+    print_table(cols, rows, title=f"{len(rows)} results ({how}, {response.model or 'no model'})")
     if response.stage1:
         err_console.print("stage 1: " + ", ".join(f"{c.category} {c.score:.3f}" for c in response.stage1))
     t = response.timings_ms
     err_console.print(f"timings: embed {t.embed:.1f} ms, stage 1 {t.stage1:.1f} ms, stage 2 {t.stage2:.1f} ms, "
                       + (f"re-rank ({response.rerank}) {t.rerank:.1f} ms, " if response.rerank else "")
                       + f"total {t.total:.1f} ms")
+
+
+def _short(caption: str, limit: int = 60) -> str:
+    one_line = " ".join(caption.split())
+    return one_line if len(one_line) <= limit else one_line[:limit - 1] + "…"
 
 
 def _match(hit: Any) -> str:
@@ -117,10 +139,12 @@ def search_image(ctx: typer.Context,
                  k: KOpt = None, categories: CategoriesOpt = None, category: CategoryOpt = None,
                  exact: ExactOpt = False, mode: ModeOpt = "two_stage", backend: BackendOpt = None,
                  model: ModelOpt = None, include_duplicates: DupOpt = False, rerank: RerankOpt = None,
-                 rerank_top: RerankTopOpt = 50, partial: PartialOpt = False, as_json: JsonOpt = False) -> None:
-    """Images most like this one."""
+                 rerank_top: RerankTopOpt = 50, partial: PartialOpt = False, keywords: KeywordsOpt = None,
+                 keyword_mode: KeywordModeOpt = "filter", boost: BoostOpt = 0.1, min_score: MinScoreOpt = None,
+                 as_json: JsonOpt = False) -> None:
+    """Images most like this one (with --keywords: hybrid, captions filter or boost)."""
     options = _options(k, categories, category, exact, mode, backend, model, include_duplicates, rerank, rerank_top,
-                       partial)
+                       partial, keywords, keyword_mode, boost, min_score)
     data, url = _read_image(source)
     with ctx.obj.database().session() as session:
         service = _service(ctx).service(session)
@@ -132,11 +156,28 @@ def search_image(ctx: typer.Context,
 def search_text(ctx: typer.Context, query: Annotated[str, typer.Argument(help="What to look for.")],
                 k: KOpt = None, categories: CategoriesOpt = None, category: CategoryOpt = None,
                 exact: ExactOpt = False, mode: ModeOpt = "two_stage", backend: BackendOpt = None,
-                model: ModelOpt = None, include_duplicates: DupOpt = False, as_json: JsonOpt = False) -> None:
-    """Images matching a text description (CLIP-family models)."""
-    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates)
+                model: ModelOpt = None, include_duplicates: DupOpt = False, keywords: KeywordsOpt = None,
+                keyword_mode: KeywordModeOpt = "filter", boost: BoostOpt = 0.1, min_score: MinScoreOpt = None,
+                as_json: JsonOpt = False) -> None:
+    """Images matching a text description (CLIP-family models); --keywords adds caption matching."""
+    options = _options(k, categories, category, exact, mode, backend, model, include_duplicates,
+                       keywords=keywords, keyword_mode=keyword_mode, boost=boost, min_score=min_score)
     with ctx.obj.database().session() as session:
         response = _service(ctx).service(session).search_text(query, options)
+    _show(response, as_json)
+
+
+@search_app.command("keywords")
+def search_keywords(ctx: typer.Context,
+                    words: Annotated[str, typer.Argument(help="Words to find in captions (\"a phrase\", or, -word).")],
+                    k: KOpt = None, category: CategoryOpt = None, include_duplicates: DupOpt = False,
+                    min_score: MinScoreOpt = None, as_json: JsonOpt = False) -> None:
+    """Images whose caption matches the keywords (full-text, English stemming), best match first; no model."""
+    from imsrc.search.keywords import check_keywords
+
+    options = _options(k, None, category, False, "two_stage", None, None, include_duplicates, min_score=min_score)
+    with ctx.obj.database().session() as session:
+        response = _service(ctx).service(session).search_keywords(check_keywords(words), options)
     _show(response, as_json)
 
 
@@ -162,10 +203,12 @@ def similar(ctx: typer.Context, image_id: Annotated[int, typer.Argument(help="An
             k: KOpt = None, categories: CategoriesOpt = None, category: CategoryOpt = None,
             exact: ExactOpt = False, mode: ModeOpt = "two_stage", backend: BackendOpt = None,
             model: ModelOpt = None, include_duplicates: DupOpt = False, rerank: RerankOpt = None,
-            rerank_top: RerankTopOpt = 50, partial: PartialOpt = False, as_json: JsonOpt = False) -> None:
+            rerank_top: RerankTopOpt = 50, partial: PartialOpt = False, keywords: KeywordsOpt = None,
+            keyword_mode: KeywordModeOpt = "filter", boost: BoostOpt = 0.1, min_score: MinScoreOpt = None,
+            as_json: JsonOpt = False) -> None:
     """More like this: images nearest to an indexed image (itself left out)."""
     options = _options(k, categories, category, exact, mode, backend, model, include_duplicates, rerank, rerank_top,
-                       partial)
+                       partial, keywords, keyword_mode, boost, min_score)
     with ctx.obj.database().session() as session:
         response = _service(ctx).service(session).similar(image_id, options)
     _show(response, as_json)

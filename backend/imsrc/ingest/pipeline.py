@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from imsrc.db.session import Database
 from imsrc.embeddings.base import Embedder
 from imsrc.errors import ConflictError, ImsrcError
+from imsrc.ingest.captions import apply_sidecars
 from imsrc.ingest.decode import DecodeOptions, Processed, WorkItem
 from imsrc.ingest.phash import PhashIndex
 from imsrc.ingest.pool import InlinePool, OrderedPool
@@ -66,6 +67,7 @@ class JobSummary:
     seconds: float
     files_per_second: float
     stage_seconds: dict[str, float]
+    captions: dict[str, Any] | None = None  # sidecar captions (index jobs): ingest.captions.SidecarReport
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -107,6 +109,8 @@ def run_index_job(database: Database, embedder: Embedder, paths: list[str], *, c
         inline_below=inline_below)
     summary = run_job(database, embedder, spec, stop=stop, on_progress=on_progress)
     summary.ignored_files = ignored[0]
+    # After the job, so unchanged files' sidecars count too: an edited sidecar updates the caption.
+    summary.captions = apply_sidecars(database, roots).as_dict()
     return summary
 
 

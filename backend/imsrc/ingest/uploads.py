@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from imsrc.catalog.captions import CaptionRepository
 from imsrc.catalog.repository import CategoryRepository, lock_catalog_writes
 from imsrc.catalog.schemas import CategoryRef, UploadResult, image_thumbnail_url
 from imsrc.config import Settings
@@ -41,13 +42,14 @@ class StagedFile(Protocol):
 
 
 def ingest_uploads(db: Database, settings: Settings, files: Sequence[StagedFile], category: str | None,
-                   gate: DecodeGate | None = None) -> list[UploadResult]:
+                   gate: DecodeGate | None = None, caption: str | None = None) -> list[UploadResult]:
     """All files in one unit of work: a crash (not a bad file) leaves nothing behind; bad files are reported
     per file. A deadlock or serialization failure rolls the whole unit back, so it simply runs again.
-    gate: the server's DecodeGate, shared with search queries (one bound on concurrent decodes)."""
+    gate: the server's DecodeGate, shared with search queries (one bound on concurrent decodes).
+    caption: for every stored image that has none yet (already checked by catalog.captions.clean_caption)."""
     for attempt in range(1, RETRIES + 1):
         try:
-            return _ingest_once(db, settings, files, category, gate)
+            return _ingest_once(db, settings, files, category, gate, caption)
         except DATABASE_ERRORS as exc:
             if attempt == RETRIES or classify(exc).kind != "conflict":
                 raise
@@ -56,7 +58,7 @@ def ingest_uploads(db: Database, settings: Settings, files: Sequence[StagedFile]
 
 
 def _ingest_once(db: Database, settings: Settings, files: Sequence[StagedFile], category: str | None,
-                 gate: DecodeGate | None) -> list[UploadResult]:
+                 gate: DecodeGate | None, caption: str | None) -> list[UploadResult]:
     outcomes: list[FileOutcome] = []
     touched: set[int] = set()
     with db.session() as session:
@@ -79,6 +81,9 @@ def _ingest_once(db: Database, settings: Settings, files: Sequence[StagedFile], 
             outcomes.extend(result.outcomes)
             touched |= result.touched_categories
         assert model_id is not None  # the route refuses an upload without files
+        if caption is not None:
+            CaptionRepository(session).set_where_missing(
+                [o.image_id for o in outcomes if o.image_id is not None], caption)
         sync_search(session, settings, model_id=model_id, category_ids=touched, embedders=only(loaded.embedder))
         # The answer names the category each image is in once the upload is done: for bytes the catalog already
         # held, the one they had (whatever this upload asked for); without one, the automatic group it joined.

@@ -106,6 +106,7 @@ class HitInfo:
     width: int | None = None
     height: int | None = None
     byte_size: int | None = None
+    caption: str | None = None
 
 
 class NeighbourRepository:
@@ -237,9 +238,10 @@ class NeighbourRepository:
         rows = self.session.execute(
             text("SELECT i.id, i.category_id, c.name, i.canonical_id,"
                  " (SELECT count(*) FROM images d WHERE d.canonical_id = i.id) AS duplicates,"
-                 " i.original_name, i.width, i.height, i.byte_size"
+                 " i.original_name, i.width, i.height, i.byte_size, i.caption"
                  " FROM images i LEFT JOIN categories c ON c.id = i.category_id WHERE i.id = ANY(:ids)"),
             {"ids": list(image_ids)})
         return {int(r[0]): HitInfo(int(r[0]), None if r[1] is None else int(r[1]), r[2],
-                                   None if r[3] is None else int(r[3]), int(r[4]), r[5], r[6], r[7], r[8])
+                                   None if r[3] is None else int(r[3]), int(r[4]), r[5], r[6], r[7], r[8],
+                                   r[9])
                 for r in rows}

@@ -11,6 +11,8 @@ Backend = Literal["pgvector", "faiss"]
 MatchType = Literal["duplicate", "similar", "partial"]
 Match = Literal["whole", "partial"]
 Comparator = Literal["orb", "sift", "ssim", "histogram", "pixel"]
+KeywordMode = Literal["filter", "boost"]
+ResponseMode = Literal["two_stage", "ann", "exact", "keywords"]
 
 
 class SearchOptions(BaseModel):
@@ -33,6 +35,18 @@ class SearchOptions(BaseModel):
     match: Match = Field(
         default="whole", description="partial: also compare the query with windows of each indexed image (crops, "
         "details); an image scores its best window or its whole vector. Needs region vectors (imsrc embed --regions)")
+    keywords: str | None = Field(
+        default=None, max_length=1000, description="words to match in captions (web-search syntax: \"a phrase\", "
+        "or, -word; English stemming)")
+    keyword_mode: KeywordMode = Field(
+        default="filter", description="filter: only images whose caption matches, ranked by the vector (exact "
+        "cosine); boost: the vector search's results and the best matches, ranked by cosine + boost where the "
+        "caption matches")
+    boost: float = Field(default=0.1, ge=0.0, le=1.0, allow_inf_nan=False,
+                         description="what a caption match adds to the cosine score (keyword_mode boost)")
+    min_score: float | None = Field(default=None, ge=-1.0, le=1000.0, allow_inf_nan=False,
+                                    description="drop results scoring below this (cosine, or ts_rank_cd for "
+                                    "keywords alone); fewer than k may come back")
 
 
 class SearchHit(BaseModel):
@@ -60,12 +74,17 @@ class SearchHit(BaseModel):
     box: list[float] | None = Field(
         default=None, description="match=partial: the matched window [x0, y0, x1, y1] as fractions of the image's "
         "width and height ([0, 0, 1, 1]: the whole image matched best)")
+    caption: str | None = Field(default=None, description="the image's caption, if it has one")
+    keyword_match: bool | None = Field(
+        default=None, description="with keywords: whether the caption matches them (always true when they filter)")
 
 
 class CategoryHit(BaseModel):
     category: str
     category_id: int
     score: float = Field(description="cosine similarity to the category's best prototype")
+    sample_thumbnail_urls: list[str] = Field(
+        default_factory=list, description="a few of the category's images (categories-only search, `samples`)")
 
 
 class Timings(BaseModel):
@@ -80,11 +99,13 @@ class SearchResponse(BaseModel):
     results: list[SearchHit]
     stage1: list[CategoryHit]
     timings_ms: Timings
-    model: str
-    mode: Mode
+    model: str | None = Field(description="the embedding model (none for keywords alone on an empty catalog)")
+    mode: ResponseMode = Field(description="two_stage, ann or exact; keywords: keywords alone, no vectors")
     backend: Backend | None = Field(description="stage-2 backend used (none for exact)")
     rerank: Comparator | None = Field(default=None, description="the comparator that re-ranked the results")
     match: Match = Field(default="whole", description="whole-image search, or partial (windows too)")
+    keywords: str | None = Field(default=None, description="the caption keywords, when given")
+    keyword_mode: KeywordMode | None = Field(default=None, description="how the keywords were used")
 
 
 class CategoriesResponse(BaseModel):

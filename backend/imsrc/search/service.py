@@ -16,8 +16,10 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from imsrc import imaging
+from imsrc.catalog.image_repository import ImageRepository
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import CategoryRepository, ModelRepository, vector_literal
+from imsrc.catalog.schemas import image_thumbnail_url
 from imsrc.config import Settings
 from imsrc.errors import InvalidInputError, NotFoundError
 from imsrc.imaging import DecodeGate
@@ -25,6 +27,7 @@ from imsrc.search import rerank
 from imsrc.search.duplicates import DuplicateSearchRepository
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
+from imsrc.search.keywords import KeywordRepository
 from imsrc.search.pg_queries import EF_SEARCH_MAX, Hit, HitInfo, NeighbourRepository, branch_plan
 from imsrc.search.regions import WINDOWS, RegionRepository, best_per_image
 from imsrc.search.repository import VectorRepository
@@ -185,6 +188,24 @@ class SearchService:
     def search_text(self, query: str, options: SearchOptions) -> SearchResponse:
         return self._embed_and_search(options, lambda model: (self.embed_text(model, query), None, None))
 
+    def search_keywords(self, keywords: str, options: SearchOptions) -> SearchResponse:
+        """Keywords alone: images whose caption matches, ranked by ts_rank_cd (no model, no vectors)."""
+        started = time.perf_counter()
+        models = ModelRepository(self.session)
+        model = models.by_name(options.model) if options.model else models.active()
+        if options.model and model is None:
+            raise NotFoundError(f"model {options.model!r} has not indexed any images in this catalog")
+        chosen = self._explicit_categories(options.category) if options.category else None
+        t2 = time.perf_counter()
+        ranked = KeywordRepository(self.session).ranked(keywords, options.k or self.settings.search_k, chosen,
+                                                         options.include_duplicates)
+        info = NeighbourRepository(self.session).hydrate([i for i, _ in ranked])
+        hits = [_hit(i, s, info[i], keyword_match=True) for i, s in ranked if i in info]
+        return SearchResponse(
+            results=_at_least(hits, options.min_score), stage1=[], model=model.name if model else None,
+            mode="keywords", backend=None, keywords=keywords.strip(),
+            timings_ms=Timings(embed=0.0, stage1=0.0, stage2=_ms(t2), total=_ms(started)))
+
     def _embed_and_search(self, options: SearchOptions,
                           embed: Callable[[EmbeddingModel], tuple[np.ndarray, int | None, Image.Image | None]]
                           ) -> SearchResponse:
@@ -213,11 +234,12 @@ class SearchService:
                                   phash=phash, query_image=image)
 
     def categories_for_url(self, url: str, *, model_name: str | None = None,
-                           limit: int | None = None) -> CategoriesResponse:
-        return self.categories_for_image(self.runtime.url_fetcher.fetch(url), model_name=model_name, limit=limit)
+                           limit: int | None = None, samples: int = 0) -> CategoriesResponse:
+        return self.categories_for_image(self.runtime.url_fetcher.fetch(url), model_name=model_name, limit=limit,
+                                         samples=samples)
 
     def categories_for_image(self, data: bytes, *, model_name: str | None = None,
-                             limit: int | None = None) -> CategoriesResponse:
+                             limit: int | None = None, samples: int = 0) -> CategoriesResponse:
         """Stage 1 alone: which categories is this image like, with scores."""
         model = self.model(model_name)
         started = time.perf_counter()
@@ -227,7 +249,13 @@ class SearchService:
         ranked = self.runtime.prototypes.get(self.session, model.id).score(vector)
         ranked = ranked[:limit] if limit else ranked
         stage1 = _ms(t1)
-        return CategoriesResponse(categories=[_category_hit(c) for c in ranked], model=model.name,
+        hits = [_category_hit(c) for c in ranked]
+        if samples:  # a few of each category's images, to show what it holds
+            found = ImageRepository(self.session).sample_thumbnails([c.category_id for c in hits], samples)
+            hits = [c.model_copy(update={"sample_thumbnail_urls": [image_thumbnail_url(i)
+                                                                   for i in found.get(c.category_id, [])]})
+                    for c in hits]
+        return CategoriesResponse(categories=hits, model=model.name,
                                   timings_ms=Timings(embed=embed_ms, stage1=stage1, stage2=0.0, total=_ms(started)))
 
     # ------------------------------------------------------------------ the two stages
@@ -260,10 +288,22 @@ class SearchService:
         stage1_ms = _ms(t1)
         t2 = time.perf_counter()
         plan = Stage2Plan(chosen, near, k, mode, backend)
-        hits = self._stage2(model, vector, plan, options.include_duplicates, exclude)
-        if mode == "two_stage" and not options.category:
-            hits, stage1 = self._fill(model, vector, plan, hits, ranked, stage1, options.include_duplicates, exclude)
-        if phash is not None:
+        filtered = bool(options.keywords) and options.keyword_mode == "filter"
+        if filtered:
+            # Keywords filter, vectors rank: the matching images (inside an explicit category filter only) by
+            # exact cosine. A caption match is a strong filter; a graph walk with it as a post-filter misses rows.
+            mode, backend, stage1 = "exact", None, []
+            hits = self._keyword_hits(model, vector, options, plan.categories if options.category else None, k,
+                                      exclude)
+        else:
+            hits = self._stage2(model, vector, plan, options.include_duplicates, exclude)
+            if mode == "two_stage" and not options.category:
+                hits, stage1 = self._fill(model, vector, plan, hits, ranked, stage1, options.include_duplicates,
+                                          exclude)
+            if options.keywords:
+                hits = self._boosted(model, vector, options, plan.categories if options.category else None, hits,
+                                     k, exclude)
+        if phash is not None and not filtered:
             explicit = plan.categories if options.category else None
             hits = self._duplicates_first(model, vector, phash, hits, k, explicit, options.include_duplicates,
                                           exclude)
@@ -278,10 +318,12 @@ class SearchService:
             hits = _reranked(hits[:options.rerank_top], options.rerank,
                              query_image, ThumbnailRepository(self.session)) + hits[options.rerank_top:]
         rerank_ms = _ms(t3) if options.rerank else 0.0
-        hits = hits[:wanted]
+        hits = _at_least(hits[:wanted], options.min_score)
         return SearchResponse(
             results=hits, stage1=[_category_hit(c) for c in stage1], model=model.name, mode=mode,  # type: ignore[arg-type]
             backend=backend, rerank=options.rerank, match=options.match,  # type: ignore[arg-type]
+            keywords=options.keywords.strip() if options.keywords else None,
+            keyword_mode=options.keyword_mode if options.keywords else None,
             timings_ms=Timings(embed=embed_ms, stage1=stage1_ms, stage2=round(_ms(t2) - rerank_ms, 3),
                                rerank=rerank_ms, total=_ms(started)))
 
@@ -332,6 +374,25 @@ class SearchService:
         return self._respond(model, hits, wanted, [], mode, backend, options, embed_ms, stage1_ms, t2, started,
                              query_image=query_image)
 
+    def _keyword_hits(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions,
+                      categories: list[int] | None, k: int, exclude: int | None) -> list[SearchHit]:
+        assert options.keywords
+        found = KeywordRepository(self.session).matching(model.id, vector_literal(vector), options.keywords, k,
+                                                         categories, options.include_duplicates, exclude)
+        info = NeighbourRepository(self.session).hydrate([i for i, _ in found])
+        return [_hit(i, s, info[i], keyword_match=True) for i, s in found if i in info]
+
+    def _boosted(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions,
+                 categories: list[int] | None, hits: list[SearchHit], k: int, exclude: int | None) -> list[SearchHit]:
+        """Vectors rank, keywords boost: the vector search's hits and the k best caption matches, ordered by
+        cosine + boost where the caption matches (imsrc._boosted, which imsrc.search_text uses too)."""
+        assert options.keywords
+        matches = self._keyword_hits(model, vector, options, categories, k, exclude)
+        by_id = {h.id: h for h in matches} | {h.id: h for h in hits}
+        order = KeywordRepository(self.session).boosted([(h.id, h.score) for h in matches + hits],
+                                                        options.keywords, options.boost, k)
+        return [by_id[i].model_copy(update={"keyword_match": hit}) for i, _, hit in order if i in by_id]
+
     def _fill(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, hits: list[SearchHit],
               ranked: list[CategoryScore], stage1: list[CategoryScore], include_duplicates: bool,
               exclude: int | None) -> tuple[list[SearchHit], list[CategoryScore]]:
@@ -375,14 +436,7 @@ class SearchService:
         every category ranked for a two-stage search). `walks`: stage 2 walks pgvector graphs, the only place
         where nearness matters for a filter."""
         if options.category:
-            cats = CategoryRepository(self.session)
-            ids = []
-            for name in options.category:
-                found = cats.resolve(name)
-                if found is None:
-                    raise NotFoundError(f"no category named {name!r}")
-                ids.append(found)
-            chosen = sorted(set(ids))
+            chosen = self._explicit_categories(options.category)
             # Which named categories would stage 1 itself have picked? Only in those can a graph walk be
             # trusted at its normal width (see category_ef_search). Without prototypes, nothing is known.
             ranked = self.runtime.prototypes.get(self.session, model.id).score(vector) if walks else []
@@ -395,6 +449,16 @@ class SearchService:
             return None, [], set(), []
         picked = self._pick(ranked, options.categories)
         return [c.category_id for c in picked], picked, {c.category_id for c in picked}, ranked
+
+    def _explicit_categories(self, names: list[str]) -> list[int]:
+        cats = CategoryRepository(self.session)
+        ids = []
+        for name in names:
+            found = cats.resolve(name)
+            if found is None:
+                raise NotFoundError(f"no category named {name!r}")
+            ids.append(found)
+        return sorted(set(ids))
 
     def _pick(self, ranked: list[CategoryScore], requested: int | str | None) -> list[CategoryScore]:
         return pick(ranked, requested, mass=self.settings.search_score_mass, cap=self.settings.search_categories)
@@ -460,13 +524,17 @@ def _reranked(hits: list[SearchHit], comparator: str, query: Image.Image, thumbs
     return dups + rest
 
 
+def _at_least(hits: list[SearchHit], min_score: float | None) -> list[SearchHit]:
+    return hits if min_score is None else [h for h in hits if h.score >= min_score]
+
+
 def _hit(image_id: int, score: float, info: HitInfo, *, match_type: MatchType = "similar",
-         distance: int | None = None) -> SearchHit:
+         distance: int | None = None, keyword_match: bool | None = None) -> SearchHit:
     return SearchHit(id=image_id, score=round(score, 6), category=info.category, category_id=info.category_id,
                      thumbnail_url=f"/api/images/{image_id}/thumbnail", file_url=f"/api/images/{image_id}/file",
                      original_name=info.original_name, width=info.width, height=info.height,
                      byte_size=info.byte_size, duplicates=info.duplicates, match_type=match_type,
-                     phash_distance=distance)
+                     phash_distance=distance, caption=info.caption, keyword_match=keyword_match)
 
 
 def _category_hit(c: CategoryScore) -> CategoryHit:

@@ -1,9 +1,11 @@
 // Search: by image (drop, pick, paste), by image URL, by text, or "more like this" (#/similar/42).
 // Options and text/URL queries live in the hash (#/search?q=red+car&k=24) so every search is linkable.
+// Caption keywords filter or boost any of these; alone they search captions only (no model). "Which
+// categories?" runs stage 1 alone. An empty search page offers a few catalog images to start from.
 import { api, categories, query, status } from "../api.js";
 import { replaceParams } from "../app.js";
 import { grid, emptyState } from "../components.js";
-import { clear, dropTarget, errorBox, formatMs, formatScore, h, spinner } from "../dom.js";
+import { clear, dropTarget, errorBox, formatMs, formatScore, h, spinner, thumb } from "../dom.js";
 
 const DEFAULTS = { k: 12, categories: 3 };
 const isUrl = (s) => /^https?:\/\/\S+$/i.test(s.trim());
@@ -25,6 +27,9 @@ export async function render(root, { params, similar }) {
   });
   const fileInput = h("input.visually-hidden#search-file", { type: "file", accept: "image/*", tabindex: "-1" });
   const pickBtn = h("button.btn", { type: "button", onclick: () => fileInput.click() }, "Choose image…");
+  const whichBtn = h("button.btn.ghost#which-categories", {
+    type: "button", title: "Stage 1 alone: which categories is the query image like, with scores",
+    onclick: () => whichCategories() }, "Which categories?");
   const help = h("p.muted.small#q-help", {},
     textOk
       ? "Text search works because the active model reads text. Or drop an image anywhere here, pick one, or paste one."
@@ -53,10 +58,19 @@ export async function render(root, { params, similar }) {
       [["", "Off"], ["orb", "ORB keypoints (edited copies)"], ["sift", "SIFT keypoints (edited copies)"],
        ["ssim", "SSIM (structure)"], ["histogram", "Colour histogram"], ["pixel", "Pixels"]].map(
         ([value, label]) => h("option", { value, selected: value === (params.get("rerank") || "") }, label))),
+    keywords: h("input#opt-keywords", { type: "search", autocomplete: "off", maxlength: 1000,
+                                        placeholder: "words in captions", value: params.get("keywords") || "" }),
+    kwmode: h("select#opt-kwmode", {},
+      [["filter", "Only matching captions"], ["boost", "Boost matching captions"]].map(
+        ([value, label]) => h("option", { value, selected: value === (params.get("keyword_mode") || "filter") },
+                              label))),
+    minScore: h("input#opt-min-score", { type: "number", min: -1, max: 1, step: 0.05, inputmode: "decimal",
+                                         placeholder: "any", value: params.get("min_score") || "" }),
   };
   const syncOptionState = () => {
     // The number of stage-1 categories only matters when stage 1 runs.
     opt.categories.disabled = !opt.prototypes.checked || Boolean(opt.category.value);
+    opt.kwmode.disabled = !opt.keywords.value.trim();
   };
   syncOptionState();
 
@@ -80,11 +94,16 @@ export async function render(root, { params, similar }) {
       h("label.check", { for: "opt-dups" }, opt.dups, " Include near-duplicates"),
       h("label.check", { for: "opt-partial", title: "Find images that contain the query (a crop, a logo): compares "
                          + "with windows of each image; the matched part is outlined" },
-        opt.partial, " Find parts of images (region search)")));
+        opt.partial, " Find parts of images (region search)"),
+      h("label.field", { for: "opt-keywords", title: "Alone: search captions only. With a query: filter or boost" },
+        h("span", {}, "Caption keywords"), opt.keywords),
+      h("label.field", { for: "opt-kwmode" }, h("span", {}, "Keywords"), opt.kwmode),
+      h("label.field", { for: "opt-min-score", title: "Hide results scoring below this" },
+        h("span", {}, "Minimum score"), opt.minScore)));
 
   const zone = h("section.search-panel", { "aria-label": "Query" },
     form,
-    h("div.search-alt", {}, pickBtn, fileInput, h("span.muted", {}, "or drop / paste an image")),
+    h("div.search-alt", {}, pickBtn, fileInput, h("span.muted", {}, "or drop / paste an image"), whichBtn),
     help, preview, options);
   const results = h("section.results", { "aria-live": "polite", "aria-busy": "false" });
 
@@ -107,6 +126,10 @@ export async function render(root, { params, similar }) {
     if (opt.category.value) out.category = opt.category.value;
     if (opt.rerank.value) out.rerank = opt.rerank.value;
     if (opt.partial.checked) out.match = "partial";
+    const words = opt.keywords.value.trim();
+    if (words) { out.keywords = words; out.keyword_mode = opt.kwmode.value; }
+    const min = parseFloat(opt.minScore.value);
+    if (Number.isFinite(min)) out.min_score = min;
     return out;
   }
 
@@ -147,6 +170,12 @@ export async function render(root, { params, similar }) {
     } else if (similar) {
       request = (signal) => api(`/api/search/similar/${similar}${query(o)}`, { signal });
       described = `image ${similar}`;
+      remember({});
+    } else if (o.keywords) { // keywords alone: captions only, ranked by how well they match
+      const kw = { q: o.keywords, k: o.k, category: o.category, include_duplicates: o.include_duplicates,
+                   min_score: o.min_score };
+      request = (signal) => api(`/api/search/keywords${query(kw)}`, { signal });
+      described = `captions matching “${o.keywords}”`;
       remember({});
     } else {
       input.focus();
@@ -193,6 +222,97 @@ export async function render(root, { params, similar }) {
     results.append(grid(body.results));
   }
 
+  // ---- stage 1 alone ---------------------------------------------------------------------------------
+  async function queryImageForm() {
+    const fd = new FormData();
+    if (imageFile) {
+      fd.append("file", imageFile, imageFile.name || "pasted.png");
+      return { body: fd };
+    }
+    const text = input.value.trim();
+    if (text && isUrl(text)) return { json: { url: text } };
+    if (similar) { // the indexed image's own bytes
+      const response = await fetch(`/api/images/${similar}/file`, { credentials: "same-origin" });
+      if (!response.ok) throw new Error(`image ${similar} could not be read (${response.status})`);
+      fd.append("file", await response.blob(), `image-${similar}`);
+      return { body: fd };
+    }
+    return null;
+  }
+
+  async function whichCategories() {
+    if (controller) controller.abort();
+    controller = new AbortController();
+    const { signal } = controller;
+    let form;
+    try {
+      form = await queryImageForm();
+    } catch (err) {
+      clear(results).append(errorBox(err));
+      return;
+    }
+    if (!form) {
+      clear(results).append(h("div.notice", { role: "alert" },
+        "Choose, drop or paste an image, or paste an image URL, then ask which categories it is like."));
+      return;
+    }
+    results.setAttribute("aria-busy", "true");
+    clear(results).append(spinner("Comparing with the category prototypes…"));
+    try {
+      const body = await api(`/api/search/categories${query({ samples: 4, limit: 12 })}`,
+                             { method: "POST", signal, ...form });
+      showCategories(body);
+    } catch (err) {
+      if (err.name === "AbortError") return;
+      clear(results).append(errorBox(err));
+    } finally {
+      if (!signal.aborted) results.setAttribute("aria-busy", "false");
+    }
+  }
+
+  function showCategories(body) {
+    clear(results);
+    const t = body.timings_ms || {};
+    results.append(h("div.results-head", {},
+      h("h2", {}, "Categories this is like"),
+      h("p.timings.muted.small", {}, `embed ${formatMs(t.embed)} · stage 1 ${formatMs(t.stage1)} · `,
+        h("strong", {}, `total ${formatMs(t.total)}`), ` · ${body.model || ""} · stage 1 only`)));
+    if (!body.categories.length) {
+      results.append(emptyState("No categories yet", "Categories get prototypes once they hold images."));
+      return;
+    }
+    results.append(h("ol.category-list", { "aria-label": "Categories by score" }, body.categories.map((c) =>
+      h("li.category-row", { dataset: { categoryId: c.category_id } },
+        h("div", {},
+          h("button.linklike.category-name", {
+            type: "button", title: `search only in ${c.category}`,
+            onclick: () => { opt.category.value = c.category; syncOptionState(); run(); },
+          }, c.category),
+          h("div.muted.small.category-score", {}, `score ${formatScore(c.score)}`)),
+        h("meter", { min: -1, max: 1, value: c.score, "aria-label": `score ${formatScore(c.score)}` }),
+        h("a.category-samples", { href: `#/browse/${c.category_id}`, "aria-label": `Browse ${c.category}` },
+          (c.sample_thumbnail_urls || []).map((u) => thumb(u, "")))))));
+  }
+
+  async function showSamples() {
+    // An empty page: a few catalog images to start from (each opens "more like this").
+    let page;
+    try {
+      page = await api(`/api/images${query({ duplicates: "exclude", page_size: 6 })}`);
+    } catch {
+      return;
+    }
+    if (!page.items.length || results.childElementCount) return; // a search started meanwhile
+    results.append(h("section.samples", { "aria-label": "Sample queries" },
+      h("h2", {}, "Try one of these"),
+      h("p.muted.small", {}, "Images from the catalog: pick one to find more like it."),
+      h("ul.grid", { role: "list" }, page.items.map((item) => h("li.card", {},
+        h("a.card-link.sample-query", { href: `#/similar/${item.id}`,
+                                        "aria-label": `More like ${item.original_name || `image ${item.id}`}`,
+                                        dataset: { imageId: item.id } },
+          h("span.card-thumb", {}, thumb(item.thumbnail_url, ""))))))));
+  }
+
   function useFile(file) {
     if (!file || !file.type.startsWith("image/")) {
       clear(results).append(h("div.notice.error", { role: "alert" }, `${file?.name || "That"} is not an image.`));
@@ -225,17 +345,20 @@ export async function render(root, { params, similar }) {
   for (const el of Object.values(opt)) {
     el.addEventListener("change", () => {
       syncOptionState();
-      if (imageFile || input.value.trim() || similar) run();
+      if (imageFile || input.value.trim() || similar || opt.keywords.value.trim()) run();
     });
   }
+  opt.keywords.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); syncOptionState(); run(); }
+  });
   const onPaste = (e) => {
     const file = [...(e.clipboardData?.files || [])].find((f) => f.type.startsWith("image/"));
     if (file) { e.preventDefault(); useFile(file); }
   };
   document.addEventListener("paste", onPaste);
 
-  if (similar || params.get("q") || params.get("url")) run();
-  else if (!empty) input.focus();
+  if (similar || params.get("q") || params.get("url") || params.get("keywords")) run();
+  else if (!empty) { input.focus(); showSamples(); }
 
   return () => {
     document.removeEventListener("paste", onPaste);

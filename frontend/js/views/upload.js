@@ -14,6 +14,9 @@ export async function render(root) {
                                                              tabindex: "-1" });
   const category = h("input#upload-category", { type: "text", list: "upload-category-list", autocomplete: "off",
                                                 maxlength: 200, placeholder: "none" });
+  // one caption for every file of this drop (searchable by keywords); images that already have one keep theirs
+  const caption = h("input#upload-caption", { type: "text", autocomplete: "off", maxlength: 2000,
+                                              placeholder: "none" });
   const list = h("ol.upload-list", { "aria-label": "Files", "aria-live": "polite" });
   const summary = h("p.upload-summary", { role: "status" });
   const after = h("div.toolbar");
@@ -29,7 +32,8 @@ export async function render(root) {
       h("div.field-row", {},
         h("label.field", { for: "upload-category" },
           h("span", {}, "Category (optional)"), category,
-          h("datalist#upload-category-list", {}, cats.map((c) => h("option", { value: c.name }))))),
+          h("datalist#upload-category-list", {}, cats.map((c) => h("option", { value: c.name })))),
+        h("label.field", { for: "upload-caption" }, h("span", {}, "Caption (optional, searchable)"), caption)),
       zone),
     summary, list, after);
 
@@ -46,6 +50,7 @@ export async function render(root) {
 
   function addFiles(files) {
     const cat = category.value.trim();
+    const text = caption.value.trim();
     for (const file of files) {
       const bar = h("progress", { max: 100, value: 0, "aria-label": `Upload progress for ${file.name}` });
       const state = h("span.upload-state", {}, "waiting");
@@ -57,7 +62,7 @@ export async function render(root) {
           bar),
         state);
       list.append(row);
-      queue.push({ file, cat, bar, state, row, preview });
+      queue.push({ file, cat, text, bar, state, row, preview });
       counts.total += 1;
     }
     updateSummary();
@@ -77,7 +82,7 @@ export async function render(root) {
     }
   }
 
-  async function send({ file, cat, bar, state, row, preview }) {
+  async function send({ file, cat, text, bar, state, row, preview }) {
     if (file.size > limit) { // refuse before sending: no point pushing megabytes the server will reject
       row.classList.add("failed");
       clear(state).append(h("span.tag.bad", {}, "failed"),
@@ -89,6 +94,7 @@ export async function render(root) {
     const fd = new FormData();
     fd.append("file", file, file.name);
     if (cat) fd.append("category", cat);
+    if (text) fd.append("caption", text);
     try {
       const body = await uploadWithProgress("/api/images", fd, (f) => {
         bar.value = Math.round(f * 100);
