@@ -124,6 +124,11 @@ def test_backends_agree(name: str, model_cache: Path, gallery: list[Image.Image]
         assert short["verified"] is True and short["verification"]["min_cosine"] >= 0.9999
         assert onnx_export.short_tokens(torch_embedder.tokenize([LONG_TEXT])) is None
         assert onnx_export.short_tokens(torch_embedder.tokenize(TEXTS)) is not None
+        # Each batch runs only up to its last end-of-text ("a cat": start, 2 word pieces, end), through one
+        # export whose sequence axis is dynamic.
+        assert onnx_export.short_tokens(torch_embedder.tokenize(["a cat"])).shape == (1, 4)
+        dims = onnx.load(str(store.model_path("text-short", "fp32"))).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param for d in dims] == ["batch", "sequence"]
         for texts in ([LONG_TEXT], [TEXTS[0], LONG_TEXT], TEXTS[1:3]):
             got = onnx_embedder.encode_texts(texts)
             assert np.sum(got * torch_embedder.encode_texts(texts), axis=1).min() >= 0.9999

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-# 2: open_clip attention exported as ONNX Runtime's fused Attention operator (onnx_attention); exports of
-# format 1 are rebuilt once.
-FORMAT = 2
+# 2: open_clip attention exported as ONNX Runtime's fused Attention operator (onnx_attention). 3: the short text
+# tower takes any length up to its maximum. Exports of an older format are rebuilt once.
+FORMAT = 3
 OPSET = 17
 _SAMPLES_PER_TENSOR = 4096
 

@@ -164,14 +164,15 @@ class TextTower(torch.nn.Module):
 
 
 class ShortTextTower(torch.nn.Module):
-    """CLIP's text encoder on the first `length` token positions only.
+    """CLIP's text encoder on the token positions up to the batch's last end-of-text token (at most `length`).
 
     open_clip's CLIP text transformer is causal and pools the end-of-text token, so positions after it never reach
     the output, yet encode_text always runs all 77. A query that ends within `length` tokens (most do: 16 covers
-    14 word pieces) gets the same vector from this tower at a fraction of the cost. It mirrors
-    open_clip.model.CLIP.encode_text with the positional embedding and the causal mask cut to `length`, and is used
-    only through the ONNX export, whose verification against the full-length torch output decides whether it
-    stands. The length is fixed: the exported attention reshapes freeze the traced sequence length."""
+    14 word pieces) gets the same vector from this tower at a fraction of the cost, and the cost follows its own
+    length ("a photo of a cat" is 7 positions). It mirrors open_clip.model.CLIP.encode_text with the positional
+    embedding and the causal mask cut to the input's length, and is used only through the ONNX export (sequence
+    length a dynamic axis), whose verification against the full-length torch output, at two different lengths,
+    decides whether it stands."""
 
     def __init__(self, clip: torch.nn.Module, length: int) -> None:
         super().__init__()
@@ -182,9 +183,10 @@ class ShortTextTower(torch.nn.Module):
         from open_clip.transformer import text_global_pool
 
         clip: Any = self.clip
+        n = tokens.shape[1]  # traced as the input's size: a dynamic axis of the export
         x = clip.token_embedding(tokens)
-        x = x + clip.positional_embedding[: self.length]
-        x = clip.transformer(x, attn_mask=clip.attn_mask[: self.length, : self.length])
+        x = x + clip.positional_embedding[:n]
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:n, :n])
         x = clip.ln_final(x)
         x = text_global_pool(x, tokens, clip.text_pool_type)
         if isinstance(clip.text_projection, torch.nn.Linear):
