@@ -13,19 +13,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+from imsrc.config import Settings
 from imsrc.db.engine import linear_head, shipped_head
 from tests.helpers import ROOT
 
 HEAVY = ("torch", "open_clip", "torchvision", "faiss")
 # Not heavy like torch, but ~0.3 s of a command's start: needed only to migrate, not to see the schema is current.
 MIGRATOR = "alembic"
+# SQLAlchemy (~0.2-0.35 s) and NumPy (~0.15 s, pulled in by pgvector's SQLAlchemy types in the ORM models): the
+# commands that only read use a plain psycopg connection (db.direct, catalog.reader) and import neither.
+ORM = ("sqlalchemy", "numpy", "pgvector")
 
 # Runs the real `imsrc` entry point and reports, at exit, which heavy modules the command had imported.
 PROBE = f"""
 import atexit, sys
 atexit.register(lambda: sys.stderr.write(
-    "\\nHEAVY=" + ",".join(m for m in {(*HEAVY, MIGRATOR)!r} if m in sys.modules) + "\\n"))
+    "\\nHEAVY=" + ",".join(m for m in {(*HEAVY, MIGRATOR, *ORM)!r} if m in sys.modules) + "\\n"))
 sys.argv = ["imsrc", *sys.argv[1:]]
 from imsrc.cli.main import main
 main()
@@ -33,6 +38,7 @@ main()
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """The command's result, and which of HEAVY, MIGRATOR and ORM it imported."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
     full_env.update(env or {})
     result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=full_env,
@@ -59,6 +65,41 @@ def test_help_works_without_heavy_imports() -> None:
     assert heavy == []
 
 
+def test_read_only_commands_do_not_import_the_orm(database_url: str) -> None:
+    """The probe can see the ORM when a command uses it (`models list` goes through the full database layer), so
+    the empty lists below mean something."""
+    result, heavy = _run("models", "list", "--json", env={"IMSRC_DATABASE_URL": database_url})
+    assert result.returncode == 0, result.stderr
+    assert "sqlalchemy" in heavy and "numpy" in heavy, heavy
+
+
+def test_the_plain_reader_answers_like_the_orm_repositories(create_database, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """catalog.reader (psycopg, for the quick commands) and the SQLAlchemy repositories (for the API) give the
+    same rows with the same Python types."""
+    from imsrc.catalog.reader import CatalogReader
+    from imsrc.catalog.repository import CategoryRepository, StatsRepository
+    from imsrc.db.direct import connect_current
+    from imsrc.ingest.repository import JobRepository
+    from tests.fixtures.database import fresh_database
+
+    database = fresh_database(create_database, settings, "imsrc_reader")
+    with database.session() as session:
+        CategoryRepository(session).get_or_create("Cats", description="felines")
+        CategoryRepository(session).get_or_create("auto-001", automatic=True)
+        session.execute(text("INSERT INTO ingest_jobs (kind, job_key, status, paths, options) "
+                             "VALUES ('index', 'k1', 'completed', ARRAY['/x'], '{\"a\": 1}')"))
+    with database.session() as session:
+        orm = (StatsRepository(session).counts(), StatsRepository(session).models(),
+               CategoryRepository(session).list_with_counts(), JobRepository(session).recent(5))
+    with connect_current(database.settings) as direct:
+        reader = CatalogReader(direct.conn)
+        plain = (reader.counts(), reader.models(), reader.categories(), reader.recent_jobs(5))
+        assert direct.revision == shipped_head()
+    database.dispose()
+    assert [len(part) for part in orm[2:]] == [2, 1]
+    assert plain == orm
+
+
 @pytest.mark.parametrize(
     ("args", "check"),
     [
@@ -73,7 +114,7 @@ def test_catalog_commands_work_without_heavy_imports(database_url: str, args: tu
     result, heavy = _run(*args, env={"IMSRC_DATABASE_URL": database_url})
     assert result.returncode == 0, result.stderr
     assert check(result.stdout), result.stdout
-    assert heavy == []  # the database is at head: alembic is not even imported to confirm it
+    assert heavy == []  # the database is at head: alembic is not even imported to confirm it, nor SQLAlchemy
 
 
 def test_db_status_without_heavy_imports(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -87,9 +128,14 @@ def test_db_status_without_heavy_imports(tmp_path_factory: pytest.TempPathFactor
 
 def test_an_empty_database_still_migrates(create_database) -> None:  # type: ignore[no-untyped-def]
     # The other side of the fast path: a schema that is behind goes through alembic.
-    result, heavy = _run("stats", "--json", env={"IMSRC_DATABASE_URL": create_database("imsrc_cli_start")})
+    url = create_database("imsrc_cli_start")
+    result, heavy = _run("stats", "--json", env={"IMSRC_DATABASE_URL": url})
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["schema_revision"] == shipped_head() and heavy == [MIGRATOR]
+    assert json.loads(result.stdout)["schema_revision"] == shipped_head()
+    assert [m for m in heavy if m not in ORM] == [MIGRATOR]
+    # Migrated once: the next command finds the schema current and takes the plain connection.
+    result, heavy = _run("stats", "--json", env={"IMSRC_DATABASE_URL": url})
+    assert result.returncode == 0 and heavy == [], result.stderr
 
 
 def test_linear_head_agrees_with_alembic_or_steps_aside(tmp_path: Path) -> None:

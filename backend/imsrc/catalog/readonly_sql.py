@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy.engine import make_url
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from imsrc.config import Settings
 from imsrc.errors import ConfigurationError, InvalidInputError
@@ -36,8 +36,13 @@ def reader_url(settings: Settings, owner_url: str) -> str:
         from imsrc.db.embedded import server_for
 
         return server_for(settings).login_url(READER_ROLE)
-    url = make_url(owner_url).set(username=READER_ROLE, password=settings.reader_password)
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+    # The owner's server and database with the reader's login (libpq's own parser: no SQLAlchemy to import).
+    from imsrc.db.direct import libpq_url
+
+    params = conninfo_to_dict(libpq_url(owner_url) or owner_url)
+    params.pop("password", None)
+    params["user"] = READER_ROLE
+    return make_conninfo("", **params, password=settings.reader_password)
 
 
 # Statements PostgreSQL can run behind DECLARE ... CURSOR (a server-side cursor); others (EXPLAIN, SHOW) stream.

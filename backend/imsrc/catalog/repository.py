@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import Category, EmbeddingModel, Image
+from imsrc.catalog.reader import CATEGORIES_SQL, COUNTS_SQL, MODELS_SQL
 from imsrc.errors import ConflictError, NotFoundError
 
 # HNSW indexes `vector` up to 2,000 dimensions and `halfvec` up to 4,000: wider models index a halfvec cast.
@@ -74,7 +75,7 @@ class CategoryRepository:
         return existing
 
     def list_with_counts(self) -> list[dict[str, Any]]:
-        rows = self.session.execute(text("SELECT * FROM catalog_categories ORDER BY lower(name)"))
+        rows = self.session.execute(text(CATEGORIES_SQL))
         return [dict(r._mapping) for r in rows]
 
     def with_counts(self, category_id: int) -> dict[str, Any]:
@@ -248,24 +249,11 @@ class StatsRepository:
         self.session = session
 
     def counts(self) -> dict[str, Any]:
-        row = self.session.execute(
-            text(
-                "SELECT (SELECT count(*) FROM images) AS images,"
-                " (SELECT count(*) FROM images WHERE canonical_id IS NOT NULL) AS duplicates,"
-                " (SELECT count(*) FROM image_blobs) AS stored_originals,"
-                " (SELECT count(*) FROM categories) AS categories,"
-                " (SELECT count(*) FROM embeddings) AS embeddings,"
-                " (SELECT coalesce(sum(byte_size), 0) FROM images)::bigint AS image_bytes,"
-                " pg_database_size(current_database()) AS database_bytes"
-            )
-        ).one()
+        row = self.session.execute(text(COUNTS_SQL)).one()
         return dict(row._mapping)
 
     def models(self) -> list[dict[str, Any]]:
-        rows = self.session.execute(
-            text("SELECT name, dimension, family, supports_text, is_active, embedded_images "
-                 "FROM catalog_models ORDER BY id")
-        )
+        rows = self.session.execute(text(MODELS_SQL))
         return [dict(r._mapping) for r in rows]
 
     def image_count(self) -> int:

@@ -101,10 +101,8 @@ def jobs(ctx: typer.Context, limit: Annotated[int, typer.Option(help="How many r
     """List recent indexing jobs."""
     if ctx.invoked_subcommand is not None:
         return
-    from imsrc.ingest.repository import JobRepository
-
-    with ctx.obj.database().session() as session:
-        rows = JobRepository(session).recent(limit)
+    with ctx.obj.reader() as reader:
+        rows = reader.recent_jobs(limit)
     cols = ["id", "kind", "status", "model_name", "files_total", "new_count", "duplicate_count", "linked_count",
             "skipped_count", "failed_count", "started_at", "finished_at"]
     if as_json:

@@ -83,9 +83,10 @@ def sql(
     from imsrc.catalog.readonly_sql import open_readonly, reader_url
     from imsrc.cli.output import stream_json_objects, stream_table
 
-    db = ctx.obj.database()
+    with ctx.obj.direct() as direct:  # the server started and the schema current, as for every command
+        owner_url = direct.url
     cut: list[bool] = []
-    with open_readonly(reader_url(ctx.obj.settings, db.url), query) as result:
+    with open_readonly(reader_url(ctx.obj.settings, owner_url), query) as result:
         rows = result.rows if limit is None else _at_most(result.rows, limit, cut)
         if as_json:
             stream_json_objects(result.columns, rows)
@@ -109,12 +110,11 @@ def _at_most(rows: Iterator[tuple[Any, ...]], limit: int, cut: list[bool]) -> It
 @app.command()
 def stats(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Counts of images, categories, embeddings and models."""
-    from imsrc.catalog.repository import StatsRepository
+    from imsrc.catalog.reader import CatalogReader
 
-    db = ctx.obj.database()
-    with db.session() as session:
-        repo = StatsRepository(session)
-        data = {"counts": repo.counts(), "models": repo.models(), "schema_revision": db.revision}
+    with ctx.obj.direct() as direct:
+        repo = CatalogReader(direct.conn)
+        data = {"counts": repo.counts(), "models": repo.models(), "schema_revision": direct.revision}
     if as_json:
         print_json(data)
         return

@@ -217,10 +217,8 @@ def similar(ctx: typer.Context, image_id: Annotated[int, typer.Argument(help="An
 @categories_app.command("list")
 def categories_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Categories with image counts, prototypes and whether they were made automatically."""
-    from imsrc.catalog.repository import CategoryRepository
-
-    with ctx.obj.database().session() as session:
-        rows = CategoryRepository(session).list_with_counts()
+    with ctx.obj.reader() as reader:
+        rows = reader.categories()
     if as_json:
         print_json(rows)
         return

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, create_engine, text
@@ -15,6 +13,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from imsrc.config import Settings
+from imsrc.db.revisions import MIN_PGVECTOR, PGVECTOR_VERSION_SQL, linear_head, parse_version
 from imsrc.errors import ConfigurationError, DatabaseUnavailableError, SchemaNotReadyError
 from imsrc.resources import alembic_ini, migrations_dir
 
@@ -22,8 +21,6 @@ if TYPE_CHECKING:  # alembic costs ~0.3 s to import: only commands that migrate 
     from alembic.config import Config
 
 log = logging.getLogger(__name__)
-
-MIN_PGVECTOR = (0, 8, 0)
 
 
 def _sqlalchemy_url(url: str) -> str:
@@ -72,12 +69,7 @@ def check_server(engine: Engine) -> str:
     where = describe_url(engine.url.render_as_string(hide_password=False))
     try:
         with engine.connect() as conn:
-            row = conn.execute(
-                text(
-                    "SELECT coalesce((SELECT extversion FROM pg_extension WHERE extname = 'vector'),"
-                    " (SELECT default_version FROM pg_available_extensions WHERE name = 'vector'))"
-                )
-            ).scalar()
+            row = conn.execute(text(PGVECTOR_VERSION_SQL)).scalar()
     except OperationalError as exc:
         reason = _one_line(str(exc.orig) if exc.orig else str(exc))
         raise DatabaseUnavailableError(
@@ -88,17 +80,13 @@ def check_server(engine: Engine) -> str:
             f"the PostgreSQL server at {where} has no pgvector extension; install pgvector >= 0.8 "
             "(e.g. the postgresql-NN-pgvector package) or unset IMSRC_DATABASE_URL to use the embedded server"
         )
-    version = _parse_version(str(row))
+    version = parse_version(str(row))
     if version < MIN_PGVECTOR:
         raise ConfigurationError(
             f"pgvector {row} on {where} is too old; imsrc needs pgvector >= 0.8 "
             "(iterative index scans). Upgrade the extension package and run ALTER EXTENSION vector UPDATE"
         )
     return str(row)
-
-
-def _parse_version(value: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", value)[:3])
 
 
 def _one_line(message: str) -> str:
@@ -157,32 +145,6 @@ def downgrade(url: str, revision: str = "base") -> None:
     from alembic import command
 
     command.downgrade(alembic_config(url), revision)
-
-
-# The plain form every revision file here has (`revision: str = "0002_ingest"`, `down_revision ... = "0001_..."`).
-_REVISION_LINE = re.compile(r"""^revision(?:\s*:[^=\n]+)?\s*=\s*["']([^"'\n]+)["']\s*$""", re.M)
-_DOWN_REVISION_LINE = re.compile(r"""^down_revision(?:\s*:[^=\n]+)?\s*=\s*(?:None|["']([^"'\n]+)["'])\s*$""", re.M)
-
-
-def linear_head(versions: Path | None = None) -> str | None:
-    """The newest revision, read from the migration files without importing alembic, when they form one plain
-    chain; None for anything else (a merge, a tuple, a file in another form), and then alembic decides. Only
-    ever used to confirm that a database is already up to date, the common case of every command's start."""
-    revisions: set[str] = set()
-    parents: set[str] = set()
-    files = list((versions or migrations_dir() / "versions").glob("*.py"))
-    for path in files:
-        source = path.read_text(encoding="utf-8")
-        revision, down = _REVISION_LINE.findall(source), _DOWN_REVISION_LINE.findall(source)
-        if len(revision) != 1 or len(down) != 1:
-            return None
-        revisions.add(revision[0])
-        if down[0]:
-            parents.add(down[0])
-    heads = revisions - parents
-    if len(revisions) != len(files) or not parents <= revisions or len(heads) != 1:
-        return None
-    return heads.pop()
 
 
 def ensure_schema(engine: Engine, url: str, *, auto_migrate: bool) -> str:
