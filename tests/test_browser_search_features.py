@@ -114,10 +114,19 @@ def test_captions_from_every_route_are_found_by_keywords_on_the_page(browser: An
     csv_file.write_text(f'id,caption\n{ids["shapes-1.png"]},"a kite, red and yellow"\n')
     assert _cli(site, "captions", "import", str(csv_file)) == {"rows": 1, "changed": 1}
     site.captions["kite"] = (ids["shapes-1.png"], "a kite, red and yellow")
-    # 4. PATCH /api/images/{id}
+    # 4. PATCH /api/images/{id}, through the image page's caption editor (a caption over the limit is refused
+    # with the server's message and changes nothing)
     patched = ids["patterns-2.png"]
-    resp = httpx.patch(f"{site.base}/api/images/{patched}", json={"caption": "an old map of the islands"})
-    assert resp.status_code == 200, resp.text
+    page.goto(f"{site.base}/#/image/{patched}")
+    page.click("#caption-edit-button")
+    page.fill("#caption-edit", "x" * 2001)
+    page.click(".caption-form button[type=submit]")
+    page.wait_for_selector(".caption-form .form-error:has-text('at most 2000')")
+    page.errors.clear()  # the refused request is logged by the browser as a failed resource
+    page.fill("#caption-edit", "an old map of the islands")
+    page.click(".caption-form button[type=submit]")
+    page.wait_for_selector(".caption-text:has-text('an old map of the islands')")
+    assert httpx.get(f"{site.base}/api/images/{patched}").json()["caption"] == "an old map of the islands"
     site.captions["islands"] = (patched, "an old map of the islands")
 
     for word, (image_id, caption) in site.captions.items():

@@ -120,6 +120,7 @@ def test_a_caption_from_each_route_is_found_by_keywords_in_api_cli_and_sql(catal
     assert index.returncode == 0, index.stderr
     report = json.loads(index.stdout)["captions"]
     assert report["sidecars"] == 2 and report["captions"] == 2
+    assert json.loads(index.stdout)["ignored_files"] == 0  # sidecars are read, not "non-image files ignored"
     assert [p["path"] for p in report["problems"]] == [str(shelf / "bad.json")]
     paths = dict(_reader(catalog, "SELECT path, image_id FROM image_sources"))
     harbour, kite = paths[str(shelf / "harbour.png")], paths[str(shelf / "kite.png")]
@@ -253,6 +254,8 @@ def test_bad_captions_and_keywords_are_refused(catalog: Catalog) -> None:
         resp = catalog.client.get(f"/api/search/keywords?q={q}")
         assert resp.status_code == status and "error" in resp.json(), (q, resp.text)
     assert catalog.client.get(f"/api/search/similar/{image}?keywords=the").status_code == 422
+    partial = catalog.client.get(f"/api/search/similar/{image}?keywords=sail&match=partial")
+    assert partial.status_code == 422 and "match=partial" in partial.json()["error"]["message"]
     # A CSV with one bad row writes nothing and names the line.
     csv_file = catalog.folder / "bad.csv"
     csv_file.write_text(f"id,caption\n{image},fine\n987654321,no such image\n")

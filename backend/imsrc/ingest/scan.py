@@ -83,6 +83,7 @@ def _walk(folder: str, exts: frozenset[str], mode: str | None, category: str | N
     except OSError as exc:
         yield _item(folder, mode, category, f"cannot list folder: {exc.strerror or exc}")
         return
+    sidecars = _sidecar_names(entries, exts)
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -95,10 +96,20 @@ def _walk(folder: str, exts: frozenset[str], mode: str | None, category: str | N
         except OSError:
             pass
         if os.path.splitext(entry.name)[1].lower() not in exts:
-            if counter is not None:
+            if counter is not None and entry.name not in sidecars:  # caption sidecars are read, not ignored
                 counter[0] += 1
             continue
         yield _item(entry.path, mode, category, _not_readable_reason(entry))
+
+
+def _sidecar_names(entries: list[os.DirEntry[str]], exts: frozenset[str]) -> set[str]:
+    """Names a caption sidecar of an image in this folder may have (ingest/captions.sidecar_for)."""
+    names: set[str] = set()
+    for entry in entries:
+        stem, ext = os.path.splitext(entry.name)
+        if ext.lower() in exts:
+            names.update((entry.name + ".txt", entry.name + ".json", stem + ".txt", stem + ".json"))
+    return names
 
 
 def _is_database_folder(path: str) -> bool:

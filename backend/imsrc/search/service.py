@@ -273,6 +273,9 @@ class SearchService:
         mode = options.mode
         backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
         if options.match == "partial":
+            if options.keywords:
+                raise InvalidInputError("keywords do not combine with match=partial yet: search captions with "
+                                        "whole-image search (match=whole)")
             return self._search_partial(model, vector, options, wanted, k, embed_ms=embed_ms, started=started,
                                         exclude=exclude, phash=phash, query_image=query_image)
         if mode == "two_stage" and backend == "pgvector" and not options.category and options.categories is None \

@@ -26,7 +26,7 @@ export async function render(root, { id }) {
     ["Added", formatDate(img.created_at)],
     ["SHA-256", h("code.hash", { title: img.sha256 }, img.sha256.slice(0, 16) + "…")],
   ];
-  if (img.caption) meta.splice(2, 0, ["Caption", img.caption]);
+  meta.splice(2, 0, ["Caption", captionEditor(img)]);
 
   const dupSection = h("section.dups", { "aria-labelledby": "dups-title" });
   if (img.canonical) {
@@ -56,6 +56,41 @@ export async function render(root, { id }) {
     similar);
 
   loadSimilar(img, similar);
+}
+
+// The caption, with an editor (PATCH /api/images/{id}); captions are what keyword search finds.
+function captionEditor(img) {
+  const text = h("span.caption-text", {}, img.caption || "none");
+  const box = h("textarea#caption-edit", { rows: 3, "aria-label": "Caption" });
+  const error = h("p.form-error", { role: "alert" });
+  const form = h("form.caption-form", { hidden: true },
+    box, error,
+    h("div.toolbar", {},
+      h("button.btn.primary.small", { type: "submit" }, "Save caption"),
+      h("button.btn.ghost.small", { type: "button", onclick: () => { form.hidden = true; edit.hidden = false; } },
+        "Cancel")));
+  const edit = h("button.linklike.small#caption-edit-button", { type: "button", onclick: () => {
+    box.value = img.caption || "";
+    clear(error);
+    form.hidden = false;
+    edit.hidden = true;
+    box.focus();
+  } }, img.caption ? "Edit" : "Add a caption");
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      const updated = await api(`/api/images/${img.id}`, { method: "PATCH", json: { caption: box.value } });
+      img.caption = updated.caption;
+      text.textContent = img.caption || "none";
+      edit.textContent = img.caption ? "Edit" : "Add a caption";
+      form.hidden = true;
+      edit.hidden = false;
+      toast("Caption saved");
+    } catch (err) {
+      clear(error).append(err.message);
+    }
+  });
+  return [text, " ", edit, form];
 }
 
 async function loadSimilar(img, section) {
