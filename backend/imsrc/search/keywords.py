@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from imsrc.errors import InvalidInputError
@@ -30,16 +29,22 @@ def check_keywords(keywords: str) -> str:
 class KeywordRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._parsed: dict[str, str] = {}
 
     def _tsquery(self, keywords: str) -> str:
-        """The keywords as a tsquery (text form), or a 422 saying none of them is searchable."""
+        """The keywords as a tsquery (text form), or a 422 saying none of them is searchable. The same parse
+        and the same check as imsrc._keywords, in one round trip that cannot fail (websearch_to_tsquery
+        accepts any text), so the request's transaction stays usable; parsed once per repository."""
         keywords = check_keywords(keywords)
-        try:
-            with self.session.begin_nested():
-                return str(self.session.execute(text("SELECT imsrc._keywords(:k)::text"), {"k": keywords}).scalar())
-        except DBAPIError as exc:
-            message = str((getattr(exc.orig, "diag", None) and exc.orig.diag.message_primary) or exc)  # type: ignore[union-attr]
-            raise InvalidInputError(message.removeprefix("imsrc: ")) from exc
+        if keywords not in self._parsed:
+            parsed, nodes = self.session.execute(
+                text("SELECT q::text, numnode(q) FROM websearch_to_tsquery('english'::regconfig, :k) q"),
+                {"k": keywords}).one()
+            if not nodes:
+                raise InvalidInputError(f"the keywords {keywords!r} have no searchable words (only stop words or "
+                                        "punctuation)")
+            self._parsed[keywords] = str(parsed)
+        return self._parsed[keywords]
 
     def ranked(self, keywords: str, k: int, categories: Sequence[int] | None, include_duplicates: bool) -> list[Hit]:
         """Keywords alone: matching images by ts_rank_cd, then id."""

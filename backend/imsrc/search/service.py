@@ -140,6 +140,7 @@ class SearchService:
         self.session = session
         self.runtime = runtime
         self.settings = runtime.settings
+        self.keywords = KeywordRepository(session)  # parses each request's keywords once
 
     # ------------------------------------------------------------------ queries
     def model(self, name: str | None) -> EmbeddingModel:
@@ -197,7 +198,7 @@ class SearchService:
             raise NotFoundError(f"model {options.model!r} has not indexed any images in this catalog")
         chosen = self._explicit_categories(options.category) if options.category else None
         t2 = time.perf_counter()
-        ranked = KeywordRepository(self.session).ranked(keywords, options.k or self.settings.search_k, chosen,
+        ranked = self.keywords.ranked(keywords, options.k or self.settings.search_k, chosen,
                                                          options.include_duplicates)
         info = NeighbourRepository(self.session).hydrate([i for i, _ in ranked])
         hits = [_hit(i, s, info[i], keyword_match=True) for i, s in ranked if i in info]
@@ -380,7 +381,7 @@ class SearchService:
     def _keyword_hits(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions,
                       categories: list[int] | None, k: int, exclude: int | None) -> list[SearchHit]:
         assert options.keywords
-        found = KeywordRepository(self.session).matching(model.id, vector_literal(vector), options.keywords, k,
+        found = self.keywords.matching(model.id, vector_literal(vector), options.keywords, k,
                                                          categories, options.include_duplicates, exclude)
         info = NeighbourRepository(self.session).hydrate([i for i, _ in found])
         return [_hit(i, s, info[i], keyword_match=True) for i, s in found if i in info]
@@ -392,7 +393,7 @@ class SearchService:
         assert options.keywords
         matches = self._keyword_hits(model, vector, options, categories, k, exclude)
         by_id = {h.id: h for h in matches} | {h.id: h for h in hits}
-        order = KeywordRepository(self.session).boosted([(h.id, h.score) for h in matches + hits],
+        order = self.keywords.boosted([(h.id, h.score) for h in matches + hits],
                                                         options.keywords, options.boost, k)
         return [by_id[i].model_copy(update={"keyword_match": hit}) for i, _, hit in order if i in by_id]
 
