@@ -252,6 +252,8 @@ def test_bad_captions_and_keywords_are_refused(catalog: Catalog) -> None:
                                    files={"file": ("new.png", make_image(9100), "image/png")})
         assert resp.status_code == 422 and needle in resp.json()["error"]["message"], resp.text
     assert catalog.client.patch("/api/images/987654321", json={"caption": "x"}).status_code == 404
+    assert catalog.client.patch(f"/api/images/{image}", json={}).json()["caption"] == before  # nothing given
+    assert catalog.client.patch(f"/api/images/{image}", json={"caption": 5}).status_code == 422
     assert _get(catalog, f"/api/images/{image}")["caption"] == before
     assert not _reader(catalog, "SELECT 1 FROM catalog_images WHERE original_name = 'new.png'")
     for q, status in (("the%20and", 422), ("%20", 422), ("a%00b", 422), ("x" * 1001, 422)):
