@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    node: str | None = None  # node_unavailable only: the Citus node (host:port) that did not answer
 
 
 class ErrorBody(BaseModel):
@@ -84,6 +85,13 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(503, "busy", "the server is busy; retry shortly")
         if failure.kind == "invalid_value":  # a NUL byte in text, a number out of range, ...
             return error_response(422, "invalid_input", f"a value was not accepted: {failure.detail}")
+        if failure.kind == "node_unavailable":
+            # Never a shorter list: the statement needed that node's shards, so the request fails, naming it.
+            log.warning("Citus node unavailable: %s", failure.detail)
+            message = (f"the Citus node {failure.node} holding part of the data this request needs is not "
+                       "reachable; requests that need only other nodes still work")
+            return JSONResponse(status_code=503, content={
+                "error": {"code": "node_unavailable", "message": message, "node": failure.node}})
         if failure.kind == "unavailable":
             log.warning("database unavailable: %s", failure.detail)
             return error_response(503, "database_unavailable", "the database is not reachable; retry shortly")

@@ -16,6 +16,7 @@ from imsrc.api.deps import DatabaseDep, SessionDep, SettingsDep
 from imsrc.api.security import holds_key
 from imsrc.catalog.repository import ModelRepository, StatsRepository
 from imsrc.config import Settings
+from imsrc.db.citus import distributed, node_statuses
 from imsrc.db.engine import current_revision, head_revision, round_trip_ms, shipped_head
 from imsrc.db.errors import DATABASE_ERRORS
 from imsrc.embeddings import ModelError
@@ -89,6 +90,20 @@ class IndexStatus(BaseModel):
     state: str = Field(description="'ready', or 'empty' before the first image is embedded")
 
 
+class ClusterNode(BaseModel):
+    node: str = Field(description="host:port as the coordinator knows it")
+    role: Literal["coordinator", "worker"]
+    active: bool
+    reachable: bool = Field(description="whether the coordinator reached it just now")
+    shards: int = Field(description="shards of the embeddings table placed on it")
+
+
+class ClusterStatus(BaseModel):
+    kind: Literal["citus"] = "citus"
+    distribution: str = Field(description="how the vectors are spread: 'embeddings by category_id'")
+    nodes: list[ClusterNode]
+
+
 class Status(BaseModel):
     version: str
     database: dict[str, Any]
@@ -104,6 +119,9 @@ class Status(BaseModel):
     max_upload_bytes: int = Field(description="largest file POST /api/images accepts (IMSRC_MAX_UPLOAD_BYTES)")
     worker_pid: int = Field(description="the server process that answered (with `imsrc serve --workers N` they "
                                         "differ from one connection to another)")
+    cluster: ClusterStatus | None = Field(
+        default=None, description="the Citus cluster's nodes when the catalog is distributed (None on one server); "
+                                  "with a worker down, the figures that need its shards are left out (zero)")
 
 
 @router.get("/health", response_model=Health, summary="Liveness: the process answers (touches nothing else)")
@@ -138,7 +156,16 @@ def ready(db: DatabaseDep, response: Response) -> Readiness:
 @router.get("/api/status", response_model=Status)
 def status(request: Request, session: SessionDep, db: DatabaseDep, settings: SettingsDep) -> Status:
     stats = StatsRepository(session)
-    models = [ModelStatus(**m) for m in stats.models()]
+    cluster = _cluster(session)
+    if cluster is not None and not all(n.reachable for n in cluster.nodes):
+        # A worker is down: what needs every shard (vector counts) would fail the whole status; the rest is shown.
+        models = [ModelStatus(**{**m, "embedded_images": 0}) for m in stats.models(count_vectors=False)]
+        counts = {k: int(v) for k, v in stats.counts(count_vectors=False).items()}
+        index = None
+    else:
+        models = [ModelStatus(**m) for m in stats.models()]
+        counts = {k: int(v) for k, v in stats.counts().items()}
+        index = _index(session, settings)
     trip = round_trip_ms(session)  # after a first query, so the connection is open and this is one round trip
     search_model = _search_model(session, settings)
     return Status(
@@ -151,18 +178,26 @@ def status(request: Request, session: SessionDep, db: DatabaseDep, settings: Set
         },
         schema_revision=current_revision(db.engine),
         schema_head=head_revision(db.url),
-        counts={k: int(v) for k, v in stats.counts().items()},
+        counts=counts,
         models=models,
         active_model=next((m.name for m in models if m.is_active), None),
         search_model=search_model,
         text_search=bool(search_model and search_model.supports_text),
-        index=_index(session, settings),
+        index=index,
         # A job's message can carry server paths (a failed job's error): for key holders only, when a key is set.
         jobs=[_job(j, with_message=holds_key(request.headers, settings.api_key))
               for j in JobRepository(session).recent(RECENT_JOBS)],
         max_upload_bytes=settings.max_upload_bytes,
         worker_pid=os.getpid(),
+        cluster=cluster,
     )
+
+
+def _cluster(session: Session) -> ClusterStatus | None:
+    if not distributed(session):
+        return None
+    return ClusterStatus(distribution="embeddings by category_id; categories, models and prototypes on every node",
+                         nodes=[ClusterNode(**vars(n)) for n in node_statuses(session)])
 
 
 def _index(session: Session, settings: Settings) -> IndexStatus | None:

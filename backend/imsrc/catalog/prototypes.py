@@ -14,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import vector_literal
+from imsrc.db.citus import categorised_condition
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class PrototypeRepository:
         ids = None if category_ids is None else sorted({int(c) for c in category_ids})
         if ids is not None and not ids:
             return 0
-        where = ["e.category_id IS NOT NULL"]
+        where = [categorised_condition(self.session, "e")]
         params: dict[str, object] = {}
         if ids is not None:
             where.append("e.category_id = ANY(:c)")
@@ -87,7 +88,7 @@ class PrototypeRepository:
         if model_id is not None:
             where.append("e.model_id = :m")
             params["m"] = int(model_id)
-        written: Any = self.session.execute(
+        written = self.session.execute(
             text(
                 "INSERT INTO category_prototypes (category_id, model_id, kind, ordinal, vector, member_count,"
                 " updated_at)"
@@ -95,23 +96,28 @@ class PrototypeRepository:
                 f" FROM embeddings e WHERE {' AND '.join(where)}"
                 " GROUP BY e.category_id, e.model_id"
                 " ON CONFLICT (category_id, model_id, kind, ordinal) DO UPDATE"
-                " SET vector = EXCLUDED.vector, member_count = EXCLUDED.member_count, updated_at = now()"
+                " SET vector = EXCLUDED.vector, member_count = EXCLUDED.member_count, updated_at = EXCLUDED.updated_at"
+                " RETURNING category_id, model_id"
             ),
             params,
-        )
+        ).all()
         stale = ["p.kind = 'mean'"]
         if ids is not None:
             stale.append("p.category_id = ANY(:c)")
         if model_id is not None:
             stale.append("p.model_id = :m")
+        # The means just written are exactly the (category, model) pairs that still have members; the others in
+        # scope are stale. (A NOT EXISTS over embeddings said the same, but Citus cannot correlate a reference
+        # table with the distributed vectors.)
         self.session.execute(
             text(
                 f"DELETE FROM category_prototypes p WHERE {' AND '.join(stale)} AND NOT EXISTS"
-                " (SELECT 1 FROM embeddings e WHERE e.category_id = p.category_id AND e.model_id = p.model_id)"
+                " (SELECT 1 FROM unnest(CAST(:kc AS bigint[]), CAST(:km AS int[])) k(c, m)"
+                "  WHERE k.c = p.category_id AND k.m = p.model_id)"
             ),
-            params,
+            {**params, "kc": [int(r[0]) for r in written], "km": [int(r[1]) for r in written]},
         )
-        return int(getattr(written, "rowcount", 0) or 0)
+        return len(written)
 
     def summary(self, category_id: int) -> list[dict[str, Any]]:
         """Per model and kind: how many prototypes a category has and how many members they cover."""

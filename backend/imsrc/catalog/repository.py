@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import Category, EmbeddingModel, Image
 from imsrc.catalog.reader import CATEGORIES_SQL, COUNTS_SQL, MODELS_SQL
+from imsrc.db.citus import sequential_shard_commands
 from imsrc.errors import ConflictError, NotFoundError
 
 # HNSW indexes `vector` up to 2,000 dimensions and `halfvec` up to 4,000: wider models index a halfvec cast.
@@ -210,6 +211,7 @@ class ModelRepository:
         self.session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
         if self.session.execute(text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
             return  # created by the transaction we waited for
+        sequential_shard_commands(self.session)
         self.session.execute(
             text(
                 f"CREATE INDEX IF NOT EXISTS ix_embeddings_hnsw_m{int(model.id)} ON embeddings "
@@ -230,6 +232,7 @@ class ModelRepository:
     def remove(self, model: EmbeddingModel) -> None:
         """Drop one model's vectors, prototypes and catalog-wide index (its per-category indexes belong to
         search: services.models.ModelService.remove drops them first)."""
+        sequential_shard_commands(self.session)
         self.session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_hnsw_m{int(model.id)}"))
         self.session.execute(text("DELETE FROM embedding_models WHERE id = :i"), {"i": model.id})
 
@@ -248,12 +251,17 @@ class StatsRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def counts(self) -> dict[str, Any]:
-        row = self.session.execute(text(COUNTS_SQL)).one()
+    def counts(self, *, count_vectors: bool = True) -> dict[str, Any]:
+        """count_vectors=False: 0 embeddings without reading them (a Citus worker holding some is down)."""
+        sql = COUNTS_SQL if count_vectors else COUNTS_SQL.replace("(SELECT count(*) FROM embeddings)", "0::bigint")
+        row = self.session.execute(text(sql)).one()
         return dict(row._mapping)
 
-    def models(self) -> list[dict[str, Any]]:
-        rows = self.session.execute(text(MODELS_SQL))
+    def models(self, *, count_vectors: bool = True) -> list[dict[str, Any]]:
+        sql = MODELS_SQL if count_vectors else (
+            "SELECT name, dimension, family, supports_text, is_active, 0::bigint AS embedded_images"
+            " FROM embedding_models ORDER BY id")
+        rows = self.session.execute(text(sql))
         return [dict(r._mapping) for r in rows]
 
     def image_count(self) -> int:

@@ -62,7 +62,28 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
         raise ImsrcError(f"{what} failed: {_last_meaningful_line(result.stderr) or result.returncode}")
 
 
+CITUS_REFUSAL = (
+    "imsrc {what} does not work on a Citus cluster: pg_dump and pg_restore see only the coordinator, while the "
+    "vectors live in shards on the workers, so the file would silently miss them. Back up the cluster the Citus "
+    "way: a base backup and WAL archive of every node (pg_basebackup, or the provider's snapshots), with "
+    "SELECT citus_create_restore_point('name') on the coordinator before, and restore every node to that point "
+    "(point-in-time recovery with recovery_target_name); see README 'Scaling out'"
+)
+
+
+def is_citus_catalog(url: str) -> bool:
+    """Whether the catalog at `url` is distributed by Citus (migration 0010_citus)."""
+    with psycopg.connect(_libpq(url)) as conn:
+        row = conn.execute("SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL").fetchone()
+        if not row or not row[0]:
+            return False
+        found = conn.execute("SELECT count(*) FROM pg_dist_partition WHERE partmethod = 'h'").fetchone()
+        return bool(found and found[0])
+
+
 def backup(url: str, file: Path) -> BackupSummary:
+    if is_citus_catalog(url):
+        raise ConflictError(CITUS_REFUSAL.format(what="backup"))
     file = file.expanduser().resolve()
     if not file.parent.is_dir():
         raise InvalidInputError(f"folder {file.parent} does not exist")
@@ -90,6 +111,8 @@ def database_is_empty(url: str) -> bool:
 
 
 def restore(url: str, file: Path, *, force: bool = False) -> None:
+    if is_citus_catalog(url):
+        raise ConflictError(CITUS_REFUSAL.format(what="restore"))
     file = file.expanduser().resolve()
     if not file.is_file():
         raise InvalidInputError(f"backup file {file} does not exist")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
@@ -47,13 +47,26 @@ def resolve_database_url(settings: Settings) -> str:
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
-    return create_engine(
+    engine = create_engine(
         _sqlalchemy_url(url),
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=20,
         connect_args={"connect_timeout": 10, "application_name": "imsrc"},
     )
+    event.listen(engine, "connect", _citus_session_defaults)
+    return engine
+
+
+def _citus_session_defaults(dbapi_connection: Any, _record: Any) -> None:
+    """On a Citus coordinator, transactions touch the shards over one connection per worker unless a statement
+    asks otherwise (the stage-2 searches do, db/citus.py). Citus refuses to write a table that has a foreign key
+    to a reference table (images, ingest_jobs) after the same transaction read the shards over several
+    connections per worker, and every catalog write reads vectors first. No-op elsewhere (no row)."""
+    with dbapi_connection.cursor() as cur:
+        cur.execute("SELECT set_config('citus.multi_shard_modify_mode', 'sequential', false)"
+                    " FROM pg_extension WHERE extname = 'citus'")
+    dbapi_connection.commit()
 
 
 def describe_url(url: str) -> str:

@@ -14,20 +14,24 @@ import psycopg
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from imsrc.db.citus import unreachable_node
+
 # Every exception type a database call can raise (catch these, then ask classify()).
 DATABASE_ERRORS: tuple[type[Exception], ...] = (DBAPIError, psycopg.Error, PoolTimeoutError)
 
-Kind = Literal["conflict", "busy", "unavailable", "invalid_value", "error"]
+Kind = Literal["conflict", "busy", "unavailable", "node_unavailable", "invalid_value", "error"]
 
 
 @dataclass(frozen=True)
 class DatabaseFailure:
     """kind: conflict (deadlock or serialization failure: rolled back, run the unit of work again), busy (no
-    free connection), unavailable (server or connection gone), invalid_value (the database refused a value
+    free connection), unavailable (server or connection gone), node_unavailable (a Citus worker that
+    the statement needed did not answer; the coordinator is fine), invalid_value (the database refused a value
     the client sent), error (anything else: a bug or a broken schema). detail: the server's first line."""
 
     kind: Kind
     detail: str
+    node: str | None = None  # node_unavailable: host:port of the Citus node that did not answer
 
 
 def is_transaction_conflict(exc: BaseException) -> bool:
@@ -40,6 +44,9 @@ def classify(exc: BaseException) -> DatabaseFailure:
     orig = getattr(exc, "orig", None) or exc
     lines = str(orig).strip().splitlines()
     detail = lines[0] if lines else type(orig).__name__
+    node = unreachable_node(str(orig))
+    if node is not None:
+        return DatabaseFailure("node_unavailable", detail, node)
     if is_transaction_conflict(exc):
         return DatabaseFailure("conflict", detail)
     if isinstance(exc, PoolTimeoutError):

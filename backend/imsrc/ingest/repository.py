@@ -12,6 +12,8 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.db.citus import UNCATEGORISED, distributed
+
 JOB_LOCK_CLASS = 727_002  # pg advisory lock class: one process runs a given job at a time
 
 
@@ -57,10 +59,13 @@ class JobRepository:
         self.session.execute(text("SELECT pg_advisory_unlock(:c, :j)"), {"c": JOB_LOCK_CLASS, "j": int(job_id)})
 
     def mark(self, job_id: int, status: str, message: str | None = None, *, finished: bool = False) -> None:
+        # Two spellings rather than CASE WHEN :f THEN now(): Citus refuses non-immutable functions inside CASE
+        # on the tables in its metadata (ingest_jobs is one on a Citus coordinator).
+        finished_at = "now()" if finished else "NULL"
         self.session.execute(
             text("UPDATE ingest_jobs SET status = :s, message = coalesce(:msg, message), updated_at = now(),"
-                 " finished_at = CASE WHEN :f THEN now() ELSE NULL END WHERE id = :j"),
-            {"s": status, "msg": message, "f": finished, "j": job_id})
+                 f" finished_at = {finished_at} WHERE id = :j"),
+            {"s": status, "msg": message, "j": job_id})
 
     def set_total(self, job_id: int, total: int) -> None:
         self.session.execute(text("UPDATE ingest_jobs SET files_total = :t WHERE id = :j"),
@@ -109,11 +114,21 @@ def _missing_filter() -> str:
     return "NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = :m)"
 
 
+# On Citus the vectors are distributed and images stay on the coordinator, and Citus cannot plan a correlated
+# subquery between the two; an uncorrelated one is planned first (its ids gathered on the coordinator).
+def _missing_filter_citus() -> str:
+    return "i.id NOT IN (SELECT e.image_id FROM embeddings e WHERE e.model_id = :m)"
+
+
+def missing_filter(session: Session) -> str:
+    return _missing_filter_citus() if distributed(session) else _missing_filter()
+
+
 class _MissingMixin:
     session: Session
 
     def missing_embedding_count(self, model_id: int) -> int:
-        return int(self.session.execute(text(f"SELECT count(*) FROM images i WHERE {_missing_filter()}"),
+        return int(self.session.execute(text(f"SELECT count(*) FROM images i WHERE {missing_filter(self.session)}"),
                                         {"m": model_id}).scalar_one())
 
     def missing_embedding_page(self, model_id: int, after_id: int, limit: int) -> list[tuple[Any, ...]]:
@@ -121,8 +136,8 @@ class _MissingMixin:
         rows = self.session.execute(
             text("SELECT i.id, i.sha256, b.data, coalesce(i.source_path,"
                  " (SELECT s.path FROM image_sources s WHERE s.image_id = i.id ORDER BY s.id LIMIT 1)) AS path"
-                 f" FROM images i LEFT JOIN image_blobs b ON b.image_id = i.id WHERE i.id > :a AND {_missing_filter()}"
-                 " ORDER BY i.id LIMIT :n"), {"m": model_id, "a": after_id, "n": limit})
+                 " FROM images i LEFT JOIN image_blobs b ON b.image_id = i.id WHERE i.id > :a AND"
+                 f" {missing_filter(self.session)} ORDER BY i.id LIMIT :n"), {"m": model_id, "a": after_id, "n": limit})
         return [tuple(r) for r in rows]
 
 
@@ -142,11 +157,15 @@ class IngestRepository(_MissingMixin):
             return {}
         rows = self.session.execute(
             text("SELECT i.id, i.sha256, i.category_id,"
-                 " EXISTS (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = :m) AS has_embedding,"
                  " EXISTS (SELECT 1 FROM image_blobs b WHERE b.image_id = i.id) AS has_blob"
                  " FROM images i WHERE i.sha256 = ANY(:s)"),
-            {"s": digests, "m": model_id})
-        return {bytes(r.sha256): ExistingImage(r.id, r.has_embedding, r.has_blob, r.category_id) for r in rows}
+            {"s": digests}).all()
+        # The vectors are asked for separately: on Citus they are distributed and the images are not, and a
+        # subquery correlating the two cannot be planned there. One indexed probe either way.
+        embedded = {int(r[0]) for r in self.session.execute(
+            text("SELECT image_id FROM embeddings WHERE model_id = :m AND image_id = ANY(:i)"),
+            {"m": model_id, "i": [int(r.id) for r in rows]})} if rows else set()
+        return {bytes(r.sha256): ExistingImage(r.id, int(r.id) in embedded, r.has_blob, r.category_id) for r in rows}
 
     def insert_images(self, rows: Sequence[dict[str, Any]]) -> dict[bytes, int]:
         """Insert in the given order (ids follow it); rows whose sha256 already exists are left out."""
@@ -216,8 +235,21 @@ class IngestRepository(_MissingMixin):
                    [(("q", i), ("b", d), ("i", w), ("i", h), ("b", b"image/webp")) for i, d, w, h in rows])
 
     def copy_embeddings(self, model_id: int, rows: Sequence[tuple[int, np.ndarray]]) -> None:
-        self._copy("embeddings (model_id, image_id, embedding)",
-                   [(("i", model_id), ("q", i), ("b", _vector_binary(v))) for i, v in rows])
+        if not rows:
+            return
+        if not distributed(self.session):
+            # A trigger copies each image's category into its vector row.
+            self._copy("embeddings (model_id, image_id, embedding)",
+                       [(("i", model_id), ("q", i), ("b", _vector_binary(v))) for i, v in rows])
+            return
+        # On Citus the row is routed to its shard by the category it arrives with (a trigger would run too late,
+        # on the shard), so the category is read here, in the same transaction as the COPY.
+        categories = {int(r[0]): int(r[1]) for r in self.session.execute(
+            text(f"SELECT id, coalesce(category_id, {UNCATEGORISED}) FROM images WHERE id = ANY(:i)"),
+            {"i": [int(i) for i, _ in rows]})}
+        self._copy("embeddings (model_id, image_id, category_id, embedding)",
+                   [(("i", model_id), ("q", i), ("q", categories.get(int(i), UNCATEGORISED)), ("b", _vector_binary(v)))
+                    for i, v in rows])
 
     def _copy(self, target: str, rows: Sequence[Sequence[tuple[str, Any]]]) -> None:
         if not rows:

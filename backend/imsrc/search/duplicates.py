@@ -15,6 +15,8 @@ from itertools import combinations
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.db.citus import UNCATEGORISED, distributed
+
 BANDS = 4
 _MASK = (1 << 64) - 1
 BAND_BITS = 16
@@ -84,6 +86,8 @@ class DuplicateSearchRepository:
         where, params = _candidates(phash, threshold)
         params.update({"m": model_id, "q": query, "x": exclude if exclude is not None else 0})
         target = "id" if include_duplicates else "coalesce(canonical_id, id)"
+        if distributed(self.session):
+            return self._near_citus(where, params, target, limit, categories)
         in_categories = ""
         if categories is not None:
             in_categories = f" AND e.category_id IN ({','.join(str(int(c)) for c in categories) or 'NULL'})"
@@ -94,6 +98,28 @@ class DuplicateSearchRepository:
                f"WHERE t.target <> :x{in_categories} ORDER BY t.d, score DESC, t.target LIMIT {int(limit)}")
         rows = self.session.execute(text(sql), params).all()
         return [NearDuplicate(int(r[0]), int(r[1]), float(r[2])) for r in rows]
+
+    def _near_citus(self, where: str, params: dict[str, object], target: str, limit: int,
+                    categories: Sequence[int] | None) -> list[NearDuplicate]:
+        """near() on Citus, in two steps: the candidates from the images (on the coordinator), then the vectors
+        of just those, from the shards of their categories only. One join would ask every shard, so a search
+        would fail while any worker is down even when no near-duplicate lives there."""
+        found = {int(r[0]): (int(r[1]), int(r[2])) for r in self.session.execute(text(
+            f"SELECT t.target, t.d, coalesce(i.category_id, {UNCATEGORISED}) FROM (SELECT {target} AS target,"
+            f" min(bit_count(phash # CAST(:p AS bigint)::bit(64))) AS d FROM images WHERE {where} GROUP BY 1) t"
+            " JOIN images i ON i.id = t.target WHERE t.target <> :x"), params)}
+        if categories is not None:
+            found = {i: v for i, v in found.items() if v[1] in set(categories)}
+        if not found:
+            return []
+        shards = ",".join(str(c) for c in sorted({c for _, c in found.values()}))
+        rows = self.session.execute(text(
+            "SELECT image_id, 1 - (embedding <=> CAST(:q AS vector)) FROM embeddings WHERE model_id = :m"
+            f" AND category_id IN ({shards}) AND image_id = ANY(:ids)"),
+            {"q": params["q"], "m": params["m"], "ids": sorted(found)}).all()
+        hits = sorted(((int(i), found[int(i)][0], float(score)) for i, score in rows),
+                      key=lambda h: (h[1], -h[2], h[0]))
+        return [NearDuplicate(i, d, score) for i, d, score in hits[:limit]]
 
     def explain(self, phash: int, threshold: int) -> str:
         """The plan of the candidate look-up alone (tests check the band indexes are used)."""

@@ -31,3 +31,17 @@ class ModelUnavailableError(ImsrcError):
         super().__init__(message)
         self.status_code = status_code
         self.code = code
+
+
+class BackendUnavailableError(ImsrcError):
+    """The chosen stage-2 backend cannot serve this catalog (FAISS on a Citus cluster)."""
+
+    status_code = 409
+    code = "backend_unavailable"
+
+
+FAISS_ON_CITUS = (
+    "the FAISS backend is not available on a Citus cluster: its in-process index would hold every shard's "
+    "vectors in this one process and follow a change log that Citus does not keep; search with pgvector "
+    "(backend=pgvector, IMSRC_SEARCH_BACKEND=pgvector), whose per-category HNSW indexes live on the workers"
+)

@@ -28,6 +28,8 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import EmbeddingModel
+from imsrc.db.citus import distributed
+from imsrc.search.errors import FAISS_ON_CITUS, BackendUnavailableError
 from imsrc.search.faiss_index import RERANK_FACTOR, FaissModelIndex, SubIndex
 from imsrc.search.repository import ChangeLogRepository, SearchStateRepository, VectorRepository, Watermark
 
@@ -67,6 +69,8 @@ class FaissStore:
 
     def get(self, session: Session, model: EmbeddingModel) -> FaissModelIndex:
         """The model's index, current as of this session's snapshot."""
+        if distributed(session):
+            raise BackendUnavailableError(FAISS_ON_CITUS)
         with self._lock:
             index = self._indexes.get(model.id)
             if index is None:

@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import embedding_expr
+from imsrc.db.citus import distributed, sequential_shard_commands
 
 Hit = tuple[int, float]  # (image_id, cosine similarity)
 # Denser graphs than pgvector's default (m 16, ef_construction 64): inside one category the true neighbours are
@@ -129,13 +130,25 @@ class NeighbourRepository:
             match = re.fullmatch(re.escape(prefix) + r"(\d+)", name)
             if match:
                 out[int(match.group(1))] = max(int(tuples), 0)
+        if out and distributed(self.session):
+            # On Citus the coordinator's index is on an empty shell table; the rows are on the shards. The mean
+            # prototypes (a reference table, read on the coordinator) count each category's members: asking the
+            # shards instead would fail every search while any worker is down.
+            out = {c: self.member_counts(model_id).get(c, 0) for c in out}
         return out
+
+    def member_counts(self, model_id: int) -> dict[int, int]:
+        """Vectors per category as the mean prototypes last counted them (search sync keeps them current)."""
+        return {int(c): int(n) for c, n in self.session.execute(text(
+            "SELECT category_id, member_count FROM category_prototypes WHERE model_id = :m AND kind = 'mean'"
+            " AND ordinal = 0"), {"m": int(model_id)})}
 
     def legacy_category_indexes(self, model_id: int) -> list[str]:
         return sorted(name for prefix in LEGACY_PREFIXES
                       for name, _ in self._embedding_indexes(f"{prefix}_m{int(model_id)}_c%"))
 
     def create_category_index(self, model_id: int, dimension: int, category_id: int) -> None:
+        sequential_shard_commands(self.session)
         self.session.execute(text(
             f"CREATE INDEX IF NOT EXISTS {category_index_name(model_id, category_id)} ON embeddings "
             f"USING hnsw ({category_index_expr(dimension)} halfvec_ip_ops) "
@@ -156,12 +169,17 @@ class NeighbourRepository:
     def drop_index(self, name: str) -> None:
         if not re.fullmatch(r"[a-z0-9_]+", name):
             raise ValueError(f"unexpected index name {name!r}")
+        sequential_shard_commands(self.session)
         self.session.execute(text(f"DROP INDEX IF EXISTS {name}"))
 
     # ------------------------------------------------------------------ neighbour queries
     @contextmanager
     def _plan(self, **settings: str) -> Iterator[None]:
         """Planner settings for one query, restored afterwards (two round trips, not one per setting)."""
+        if distributed(self.session):
+            with self._plan_citus(settings):
+                yield
+            return
         names = list(settings)
         # missing_ok: pgvector's hnsw.* settings do not exist in a backend that has not loaded the vector
         # library yet (a fresh pooled connection whose first statement this is); restoring NULL resets them.
@@ -175,6 +193,33 @@ class NeighbourRepository:
         finally:
             self.session.execute(text(f"SELECT {put}"),
                                  {**params, **{f"v{i}": before[i] for i in range(len(names))}})
+
+    @contextmanager
+    def _plan_citus(self, settings: dict[str, str]) -> Iterator[None]:
+        """On Citus the workers plan each shard's query: set_config() stays on the coordinator, but SET LOCAL
+        is passed on to the workers' transactions when citus.propagate_set_commands is 'local'."""
+        names = ["citus.propagate_set_commands", *settings]
+        wanted = {"citus.propagate_set_commands": "local", **settings}
+        before = self.session.execute(text(
+            "SELECT " + ", ".join(f"current_setting(:n{i}, true)" for i in range(len(names)))),
+            {f"n{i}": n for i, n in enumerate(names)}).one()
+
+        def apply(values: Sequence[str | None]) -> None:
+            parts = []
+            for name, value in zip(names, values, strict=True):
+                if not re.fullmatch(r"[a-z_.]+", name):
+                    raise ValueError(f"unexpected setting {name!r}")
+                parts.append(f"SET LOCAL {name} TO DEFAULT" if value is None
+                             else f"SET LOCAL {name} = '{str(value).replace(chr(39), chr(39) * 2)}'")
+            # The propagation switch first on the way in, last on the way out.
+            for part in parts if values is not before else reversed(parts):
+                self.session.execute(text(part))
+
+        apply([wanted[n] for n in names])
+        # Restored only after success: a failed statement (a worker down) aborts the transaction, which drops the
+        # SET LOCALs itself, and a restore would replace the real error with "current transaction is aborted".
+        yield
+        apply(before)
 
     def per_category(self, model_id: int, dimension: int, query: str, categories: Sequence[tuple[int, bool]],
                      limit: int, ef_search: int) -> list[Hit]:
@@ -201,6 +246,10 @@ class NeighbourRepository:
 
     def count_up_to(self, model_id: int, limit: int) -> int:
         """The model's vectors, counted only up to `limit` (bounded cost whatever the catalog's size)."""
+        if distributed(self.session):
+            # Categorised vectors as the prototypes count them: no shard is asked, so a worker being down does
+            # not fail every search here.
+            return min(limit, sum(self.member_counts(model_id).values()))
         return int(self.session.execute(text(
             f"SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_id = {int(model_id)} "
             f"LIMIT {int(limit)}) s")).scalar_one())

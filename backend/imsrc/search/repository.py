@@ -15,6 +15,8 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.db.citus import UNCATEGORISED, distributed, uncategorised_condition
+
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _HEADER = len(_COPY_SIGNATURE) + 8  # signature, flags, header-extension length (always 0 here)
 
@@ -64,12 +66,13 @@ class VectorRepository:
         if category_ids is not None:
             where.append(f"category_id IN ({','.join(str(int(c)) for c in category_ids) or 'NULL'})")
         if uncategorised:
-            where.append("category_id IS NULL")
+            where.append(uncategorised_condition(self.session))
         if image_ids is not None:
             where.append(f"image_id IN ({','.join(str(int(i)) for i in image_ids) or 'NULL'})")
         if unpredicted:
             where.append("image_id IN (SELECT id FROM images WHERE predicted_category_id IS NULL)")
-        sql = (f"COPY (SELECT image_id, coalesce(category_id, -1), embedding FROM embeddings "
+        # nullif: uncategorised vectors have category 0 on Citus (db/citus.py), NULL elsewhere.
+        sql = (f"COPY (SELECT image_id, coalesce(nullif(category_id, 0), -1), embedding FROM embeddings "
                f"WHERE {' AND '.join(where)} ORDER BY image_id) TO STDOUT (FORMAT BINARY)")
         raw = self.session.connection().connection.driver_connection
         assert raw is not None
@@ -82,15 +85,24 @@ class VectorRepository:
         return _parse_binary_copy(bytes(buf), dimension)
 
     def image_vector(self, model_id: int, image_id: int) -> np.ndarray | None:
-        raw = self.session.execute(
-            text("SELECT embedding::text FROM embeddings WHERE model_id = :m AND image_id = :i"),
-            {"m": model_id, "i": image_id},
-        ).scalar()
+        # On Citus the image's category names the one shard to ask (a router query: it works while workers
+        # holding other categories are down); elsewhere the primary key finds it.
+        where = "model_id = :m AND image_id = :i"
+        params: dict[str, int] = {"m": model_id, "i": image_id}
+        if distributed(self.session):
+            # A constant, not a subquery: Citus prunes to one shard only on values it knows when planning.
+            category = self.session.execute(text("SELECT category_id FROM images WHERE id = :i"), params).first()
+            if category is None:
+                return None
+            where += " AND category_id = :c"
+            params["c"] = UNCATEGORISED if category[0] is None else int(category[0])
+        raw = self.session.execute(text(f"SELECT embedding::text FROM embeddings WHERE {where}"), params).scalar()
         return None if raw is None else np.asarray(json.loads(raw), dtype=np.float32)
 
     def category_counts(self, model_id: int) -> dict[int | None, int]:
         rows = self.session.execute(
-            text("SELECT category_id, count(*) FROM embeddings WHERE model_id = :m GROUP BY 1"), {"m": model_id}
+            text("SELECT nullif(category_id, 0), count(*) FROM embeddings WHERE model_id = :m GROUP BY 1"),
+            {"m": model_id}
         )
         return {(None if r[0] is None else int(r[0])): int(r[1]) for r in rows}
 

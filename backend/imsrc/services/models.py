@@ -22,6 +22,7 @@ from imsrc.config import Settings
 from imsrc.embeddings import Embedder, load_embedder, model_info, resolve_model_name
 from imsrc.embeddings.registry import inference_label, registered_names
 from imsrc.errors import ConflictError, NotFoundError
+from imsrc.ingest.repository import missing_filter
 from imsrc.search.pg_queries import NeighbourRepository
 from imsrc.search.regions import RegionRepository
 
@@ -136,8 +137,7 @@ class ModelService:
 
     def missing_count(self, model: EmbeddingModel) -> int:
         return int(self.session.execute(
-            text("SELECT count(*) FROM images i WHERE NOT EXISTS"
-                 " (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = :m)"),
+            text(f"SELECT count(*) FROM images i WHERE {missing_filter(self.session)}"),
             {"m": model.id},
         ).scalar_one())
 

@@ -1,0 +1,109 @@
+"""Which shape the catalog has: plain PostgreSQL, or distributed on a Citus cluster (migration 0010_citus).
+
+A few statements differ between the shapes (db/README.md, "Citus"): on Citus, uncategorised vectors have
+category_id 0 (a distribution column cannot be NULL), inserts into embeddings name the category themselves, and
+per-statement planner settings are sent with SET LOCAL so that Citus passes them on to the workers. The answer
+is looked up once per database (engine URL) and cached: a catalog does not change shape while it runs.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+UNCATEGORISED = 0  # embeddings.category_id of uncategorised images on Citus
+_CACHE: dict[str, bool] = {}
+_GUARD = threading.Lock()
+
+
+def _cache_key(session: Session) -> str:
+    bind: Any = session.get_bind()
+    engine = getattr(bind, "engine", bind)
+    return str(engine.url)
+
+
+def distributed(session: Session) -> bool:
+    """Whether `embeddings` is a Citus distributed table in this catalog."""
+    key = _cache_key(session)
+    with _GUARD:
+        if key in _CACHE:
+            return _CACHE[key]
+    found = bool(session.execute(text(
+        "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND EXISTS ("
+        " SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relname = 'embeddings' AND n.nspname = current_schema())")).scalar())
+    if found:
+        found = bool(session.execute(text(
+            "SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'embeddings'::regclass"
+            " AND partmethod = 'h')")).scalar())
+    with _GUARD:
+        _CACHE[key] = found
+    return found
+
+
+def forget(url: str | None = None) -> None:
+    """Drop cached answers (tests that migrate a database after it was first seen)."""
+    with _GUARD:
+        if url is None:
+            _CACHE.clear()
+        else:
+            _CACHE.pop(url, None)
+
+
+def uncategorised_condition(session: Session, alias: str = "") -> str:
+    column = f"{alias}.category_id" if alias else "category_id"
+    return f"{column} = {UNCATEGORISED}" if distributed(session) else f"{column} IS NULL"
+
+
+def categorised_condition(session: Session, alias: str = "") -> str:
+    column = f"{alias}.category_id" if alias else "category_id"
+    return f"{column} <> {UNCATEGORISED}" if distributed(session) else f"{column} IS NOT NULL"
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node: str  # host:port
+    role: str  # coordinator | worker
+    active: bool
+    reachable: bool
+    shards: int
+
+
+def node_statuses(session: Session) -> list[NodeStatus]:
+    """Every node of the cluster with its shard count of embeddings, and whether it answers right now."""
+    rows = session.execute(text(
+        "SELECT n.nodename, n.nodeport, n.groupid, n.isactive,"
+        " (SELECT count(*) FROM pg_dist_shard s JOIN pg_dist_placement p ON p.shardid = s.shardid"
+        "   WHERE s.logicalrelid = 'embeddings'::regclass AND p.groupid = n.groupid) AS shards"
+        " FROM pg_dist_node n WHERE n.noderole = 'primary' ORDER BY n.groupid, n.nodeid")).all()
+    # run_command_on_workers reports each worker's success instead of failing the whole statement.
+    health = {(str(r[0]), int(r[1])): bool(r[2]) for r in session.execute(text(
+        "SELECT nodename, nodeport, success FROM run_command_on_workers('SELECT 1')"))}
+    out = []
+    for host, port, group, active, shards in rows:
+        out.append(NodeStatus(node=f"{host}:{port}", role="coordinator" if int(group) == 0 else "worker",
+                              active=bool(active), reachable=health.get((str(host), int(port)), int(group) == 0),
+                              shards=int(shards)))
+    return out
+
+
+_REMOTE_NODE = re.compile(r"connection to the remote node (?:[^@\s]+@)?(\S+?):(\d+) failed")
+
+
+def unreachable_node(message: str) -> str | None:
+    """host:port of the worker a Citus error says it could not reach, or None."""
+    found = _REMOTE_NODE.search(message)
+    return f"{found.group(1)}:{found.group(2)}" if found else None
+
+
+def sequential_shard_commands(session: Session) -> None:
+    """On Citus, run this transaction's multi-shard DDL and writes over one connection per worker. Citus refuses
+    parallel DDL on the embeddings (CREATE/DROP INDEX) after the same transaction read a reference table that
+    they have a foreign key to, which every sync does (models, prototypes); sequential mode is allowed."""
+    if distributed(session):
+        session.execute(text("SET LOCAL citus.multi_shard_modify_mode = 'sequential'"))

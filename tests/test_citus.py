@@ -1,0 +1,291 @@
+"""imsrc on a Citus cluster (issue 15): a local coordinator + two workers (tests/fixtures/citus.py), the catalog
+migrated and indexed through the real CLI, compared with the same folder indexed on one plain server.
+
+One catalog per module, built once: migrate, index (categories from folders, a re-encoded copy as a near-duplicate),
+then the tests read it; the tests that stop a worker or add one run last and put the cluster back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from imsrc.api.app import create_app
+from imsrc.config import Settings
+from imsrc.search.errors import BackendUnavailableError
+from imsrc.search.schemas import SearchOptions
+from imsrc.search.service import SearchRuntime
+from tests.fixtures.citus import CitusCluster
+from tests.fixtures.database import TEST_MODEL, CreateDatabase, database_for, scratch_dir
+from tests.helpers import make_image, run_cli
+from tests.ingest_support import psycopg_url, reencode, write
+
+pytestmark = pytest.mark.citus
+
+CATEGORIES = {"boats": range(0, 9), "cats": range(100, 109), "trees": range(200, 209), "roads": range(300, 306)}
+EXACT_MAX_ROWS = 5  # categories of 5+ vectors get their own HNSW index (IMSRC_SEARCH_EXACT_MAX_ROWS)
+
+
+def _env(url: str, data: Path) -> dict[str, str]:
+    return {"IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data), "IMSRC_MODEL": TEST_MODEL,
+            "IMSRC_SEARCH_EXACT_MAX_ROWS": str(EXACT_MAX_ROWS), "IMSRC_WORKERS": "1"}
+
+
+def _settings(url: str, data: Path) -> Settings:
+    return Settings(database_url=url, data_dir=data, model=TEST_MODEL, search_two_stage_min_rows=0,
+                    search_exact_max_rows=EXACT_MAX_ROWS, search_warmup=False,
+                    _env_file=None)  # type: ignore[call-arg]
+
+
+def _cli(url: str, data: Path, *args: str) -> Any:
+    done = run_cli(*args, env=_env(url, data), timeout=600)
+    assert done.returncode == 0, f"imsrc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr[-3000:]}"
+    return done
+
+
+@dataclass
+class Catalogs:
+    citus_url: str
+    plain_url: str
+    data: Path
+    folder: Path
+    index_report: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def catalogs(citus_cluster: CitusCluster, create_database: CreateDatabase) -> Iterator[Catalogs]:
+    data = scratch_dir("citus-data")
+    folder = data / "photos"
+    for name, seeds in CATEGORIES.items():
+        for seed in seeds:
+            write(folder / name / f"{name}-{seed}.png", make_image(seed))
+    # A near-duplicate: the first boat re-encoded as JPEG (same picture, other bytes).
+    write(folder / "boats" / "boats-copy.jpg", reencode(make_image(0), "JPEG", quality=90))
+    citus_url = citus_cluster.create_database()
+    migrated = _cli(citus_url, data, "migrate")
+    assert "0010_citus" in migrated.stdout + migrated.stderr
+    report = json.loads(_cli(citus_url, data, "index", str(folder), "--category-from-folder", "--json").stdout)
+    plain_url = create_database("imsrc_single")
+    _cli(plain_url, data, "migrate")
+    _cli(plain_url, data, "index", str(folder), "--category-from-folder", "--json")
+    yield Catalogs(citus_url, plain_url, data, folder, report)
+
+
+def _query(url: str, sql: str, params: tuple[Any, ...] | None = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(psycopg_url(url)) as conn:
+        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+def test_migrate_distributes_the_catalog(catalogs: Catalogs) -> None:
+    shapes = dict(_query(catalogs.citus_url, "SELECT logicalrelid::text, partmethod::text FROM pg_dist_partition"))
+    assert shapes["embeddings"] == "h"
+    for reference in ("categories", "embedding_models", "category_prototypes"):
+        assert shapes[reference] == "n", reference
+    for local in ("images", "thumbnails", "image_blobs", "image_sources"):
+        assert shapes.get(local) == "n", local  # Citus-local: in the metadata, kept on the coordinator
+    column = _query(catalogs.citus_url, "SELECT column_to_column_name(logicalrelid, partkey) FROM pg_dist_partition"
+                                        " WHERE logicalrelid = 'embeddings'::regclass")
+    assert column == [("category_id",)]
+    reference_placements = _query(catalogs.citus_url, "SELECT count(DISTINCT groupid) FROM pg_dist_placement p "
+                                  "JOIN pg_dist_shard s USING (shardid) WHERE s.logicalrelid = 'categories'::regclass")
+    assert reference_placements[0][0] >= 3  # the coordinator and both workers hold a copy
+    # Migrating again is a no-op; a plain server got none of it.
+    _cli(catalogs.citus_url, catalogs.data, "migrate")
+    assert _query(catalogs.plain_url, "SELECT to_regclass('pg_dist_partition')") == [(None,)]
+    stats = json.loads(_cli(catalogs.citus_url, catalogs.data, "stats", "--json").stdout)
+    assert stats["counts"]["images"] == stats["counts"]["embeddings"] == sum(len(s) for s in CATEGORIES.values()) + 1
+
+
+def test_index_on_citus_matches_one_node(catalogs: Catalogs) -> None:
+    """Same folder, same catalog: images, categories, thumbnails, duplicates and the vectors on the shards."""
+    expected = sum(len(s) for s in CATEGORIES.values()) + 1
+    counts = catalogs.index_report["counts"]
+    assert catalogs.index_report["status"] == "completed" and counts["new"] + counts["duplicate"] == expected
+    sql = ("SELECT i.id, c.name, i.canonical_id, (t.image_id IS NOT NULL), e.category_id, e.embedding::text"
+           " FROM images i JOIN categories c ON c.id = i.category_id LEFT JOIN thumbnails t ON t.image_id = i.id"
+           " LEFT JOIN catalog_embeddings e ON e.image_id = i.id ORDER BY i.id")
+    citus, plain = _query(catalogs.citus_url, sql), _query(catalogs.plain_url, sql)
+    assert len(citus) == expected and citus == plain
+    assert all(row[3] for row in citus)  # every image has its thumbnail
+    assert all(row[4] is not None for row in citus)  # ... and its vector, on its category's shard
+    dups = json.loads(_cli(catalogs.citus_url, catalogs.data, "duplicates", "--json").stdout)
+    assert json.dumps(dups, sort_keys=True) == json.dumps(
+        json.loads(_cli(catalogs.plain_url, catalogs.data, "duplicates", "--json").stdout), sort_keys=True)
+    copy_id, original_id = _query(catalogs.citus_url, "SELECT c.id, o.id FROM images c, images o WHERE"
+                                  " c.original_name = 'boats-copy.jpg' AND o.original_name = 'boats-0.png'")[0]
+    assert [(g["canonical_id"], g["duplicate_ids"]) for g in dups["groups"]] == [(original_id, [copy_id])]
+    # Each category's vectors live in one shard: the shard holding it has them all.
+    per_shard = _query(catalogs.citus_url, "SELECT get_shard_id_for_distribution_column('embeddings', category_id),"
+                       " count(*) FROM embeddings GROUP BY 1")
+    assert sum(n for _, n in per_shard) == expected
+
+
+def _search(url: str, data: Path, image_id: int, options: SearchOptions) -> list[tuple[int, float]]:
+    db = database_for(_settings(url, data), migrate=False)
+    try:
+        runtime = SearchRuntime.create(db.settings)
+        with db.session() as session:
+            found = runtime.service(session).similar(image_id, options)
+        return [(h.id, h.score) for h in found.results]
+    finally:
+        db.dispose()
+
+
+SEARCHES = [
+    SearchOptions(k=5, categories=1),  # one category: a router query to its shard
+    SearchOptions(k=8, categories=3),
+    SearchOptions(k=6, category=["cats", "roads"]),  # explicit filter, two shards
+    SearchOptions(k=10, mode="ann"),  # every shard, merged on the coordinator
+    SearchOptions(k=10, mode="exact"),
+    SearchOptions(k=4, mode="exact", category=["trees"]),
+]
+
+
+@pytest.mark.parametrize("options", SEARCHES, ids=lambda o: f"{o.mode}-{o.categories}-{'+'.join(o.category)}")
+def test_search_equals_one_node(catalogs: Catalogs, options: SearchOptions) -> None:
+    for image_id in (1, 12, 21, 30):
+        citus = _search(catalogs.citus_url, catalogs.data, image_id, options)
+        plain = _search(catalogs.plain_url, catalogs.data, image_id, options)
+        assert [i for i, _ in citus] == [i for i, _ in plain], (image_id, options)
+        assert [s for _, s in citus] == pytest.approx([s for _, s in plain], abs=1e-6)
+        assert len(citus) == options.k
+
+
+def test_category_indexes_are_per_shard_and_one_category_is_a_router_query(catalogs: Catalogs) -> None:
+    names = [r[0] for r in _query(catalogs.citus_url, "SELECT indexname FROM pg_indexes WHERE tablename = "
+                                  "'embeddings' AND indexname LIKE 'ix_embeddings_hv_%' ORDER BY 1")]
+    assert len(names) == len(CATEGORIES)  # every category has 6+ rows: each got its partial HNSW index
+    category_id, dimension = _query(catalogs.citus_url, "SELECT c.id, m.dimension FROM categories c, embedding_models m"
+                                    " WHERE c.name = 'cats'")[0]
+    with psycopg.connect(psycopg_url(catalogs.citus_url)) as conn:
+        conn.execute("SET LOCAL citus.propagate_set_commands = 'local'")
+        conn.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute(
+            f"EXPLAIN SELECT image_id FROM embeddings WHERE model_id = 1 AND category_id = {category_id}"
+            f" ORDER BY (embedding::halfvec({dimension})) <#> (SELECT embedding FROM embeddings LIMIT 1)::halfvec"
+            f"({dimension}) LIMIT 5").fetchall())
+    assert "Task Count: 1" in plan and f"ix_embeddings_hv_m1_c{category_id}" in plan, plan
+
+
+def test_sql_functions_on_citus(catalogs: Catalogs) -> None:
+    sql = "SELECT image_id, round(score::numeric, 5) FROM imsrc.similar(%s, 6)"
+    for image_id in (2, 15):
+        assert _query(catalogs.citus_url, sql, (image_id,)) == _query(catalogs.plain_url, sql, (image_id,))
+
+
+def test_faiss_and_backup_are_refused_with_the_reason(catalogs: Catalogs) -> None:
+    with pytest.raises(BackendUnavailableError, match="not available on a Citus cluster"):
+        _search(catalogs.citus_url, catalogs.data, 1, SearchOptions(k=3, backend="faiss"))
+    done = run_cli("backup", str(catalogs.data / "b.dump"), env=_env(catalogs.citus_url, catalogs.data))
+    assert done.returncode != 0 and "Citus" in done.stderr and "citus_create_restore_point" in done.stderr
+    assert not (catalogs.data / "b.dump").exists()
+
+
+def test_recategorise_rename_and_delete_move_the_vectors(catalogs: Catalogs) -> None:
+    """Citus cannot update a distribution column: moving an image moves its vector row (delete + insert in the
+    image update's transaction), whoever makes the change (here plain SQL, as the API and regrouping do)."""
+    url = catalogs.citus_url
+    with psycopg.connect(psycopg_url(url)) as conn:
+        boats, cats = (conn.execute("SELECT id FROM categories WHERE name = %s", (n,)).fetchone()[0]  # type: ignore[index]
+                       for n in ("boats", "cats"))
+        image = conn.execute("SELECT id FROM images WHERE category_id = %s ORDER BY id DESC LIMIT 1",
+                             (boats,)).fetchone()[0]  # type: ignore[index]
+        vector = conn.execute("SELECT embedding::text FROM embeddings WHERE image_id = %s", (image,)).fetchone()
+        conn.execute("UPDATE images SET category_id = %s WHERE id = %s", (cats, image))
+        rows = conn.execute("SELECT category_id, embedding::text FROM embeddings WHERE image_id = %s",
+                            (image,)).fetchall()
+        assert rows == [(cats, vector[0])]  # type: ignore[index]
+        # Uncategorised (category 0 on the shards, NULL in the views) and back.
+        conn.execute("UPDATE images SET category_id = NULL WHERE id = %s", (image,))
+        assert conn.execute("SELECT category_id FROM catalog_embeddings WHERE image_id = %s",
+                            (image,)).fetchall() == [(None,)]
+        conn.execute("UPDATE images SET category_id = %s WHERE id = %s", (boats, image))
+        conn.commit()
+    options = SearchOptions(k=3, mode="exact", category=["boats"], include_duplicates=True)
+    found = _search(url, catalogs.data, image, options)
+    assert len(found) == 3
+    # Renaming a category changes no id; the API keeps working on it.
+    settings = _settings(url, catalogs.data)
+    with TestClient(create_app(settings)) as client:
+        renamed = client.patch(f"/api/categories/{boats}", json={"name": "ships"})
+        assert renamed.status_code == 200, renamed.text
+        hits = client.get(f"/api/search/similar/{image}", params={"k": 3, "category": "ships"}).json()["results"]
+        assert len(hits) == 3 and all(h["category"] == "ships" for h in hits)
+        client.patch(f"/api/categories/{boats}", json={"name": "boats"})
+        # Deleting an image deletes its vector (Citus allows no foreign key from the shards to images).
+        victim = _query(url, "SELECT max(id) FROM images")[0][0]
+        assert client.delete(f"/api/images/{victim}").status_code == 200
+    assert _query(url, "SELECT count(*) FROM embeddings WHERE image_id = %s", (victim,)) == [(0,)]
+
+
+def _worker_of(url: str, category_id: int) -> str:
+    return str(_query(url, "SELECT n.nodename || ':' || n.nodeport FROM pg_dist_shard_placement n WHERE n.shardid ="
+                      " get_shard_id_for_distribution_column('embeddings', %s)", (category_id,))[0][0])
+
+
+def test_worker_down_answers_503_naming_it_and_other_categories_still_answer(
+        citus_cluster: CitusCluster, catalogs: Catalogs) -> None:
+    local = citus_cluster.require_local()
+    url = catalogs.citus_url
+    ids = dict(_query(url, "SELECT name, id FROM categories"))
+    placed = {name: _worker_of(url, cid) for name, cid in ids.items()}
+    if len(set(placed.values())) < 2:
+        pytest.skip(f"every category hashed to one worker ({placed}); nothing to contrast")
+    down_name = next(iter(placed))
+    down = placed[down_name]
+    up_name = next(n for n, w in placed.items() if w != down)
+    node = next(n for n in local.workers if f"127.0.0.1:{n.port}" == down)
+    settings = _settings(url, catalogs.data)
+    with TestClient(create_app(settings)) as client:
+        image_up = _query(url, "SELECT min(id) FROM images WHERE category_id = %s", (ids[up_name],))[0][0]
+        before = client.get(f"/api/search/similar/{image_up}", params={"k": 3, "category": up_name}).json()
+        local.stop(node, "immediate")
+        try:
+            answer = client.get(f"/api/search/similar/{image_up}", params={"k": 3, "category": up_name})
+            assert answer.status_code == 200, answer.text
+            assert [h["id"] for h in answer.json()["results"]] == [h["id"] for h in before["results"]]
+            failed = client.get(f"/api/search/similar/{image_up}", params={"k": 3, "category": down_name})
+            assert failed.status_code == 503, failed.text
+            assert failed.json()["error"]["code"] == "node_unavailable"
+            assert failed.json()["error"]["node"] == down and down in failed.json()["error"]["message"]
+            every = client.get(f"/api/search/similar/{image_up}", params={"k": 3, "mode": "ann"})
+            assert every.status_code == 503 and every.json()["error"]["node"] == down  # never a shorter list
+            status = client.get("/api/status")
+            assert status.status_code == 200, status.text
+            nodes = {n["node"]: n for n in status.json()["cluster"]["nodes"]}
+            assert nodes[down]["reachable"] is False and nodes[down]["role"] == "worker"
+            assert sum(n["reachable"] for n in nodes.values()) == len(nodes) - 1
+        finally:
+            local.start(node)
+        deadline = time.monotonic() + 30
+        while client.get(f"/api/search/similar/{image_up}", params={"k": 3, "category": down_name}).status_code != 200:
+            assert time.monotonic() < deadline, "the worker did not come back"
+            time.sleep(0.5)
+        nodes = client.get("/api/status").json()["cluster"]["nodes"]
+        assert all(n["reachable"] for n in nodes) and sum(n["shards"] for n in nodes) > 0
+
+
+def test_add_worker_and_rebalance_keep_the_results(citus_cluster: CitusCluster, catalogs: Catalogs) -> None:
+    local = citus_cluster.require_local()
+    url = catalogs.citus_url
+    before = {str(o): _search(url, catalogs.data, 12, o) for o in SEARCHES}
+    database = psycopg_url(url).rsplit("/", 1)[1]
+    new = local.add_worker(database)
+    with psycopg.connect(psycopg_url(url), autocommit=True) as conn:
+        conn.execute("SELECT citus_rebalance_start(shard_transfer_mode => 'block_writes')")
+        conn.execute("SELECT citus_rebalance_wait()")
+        moved = conn.execute(
+            "SELECT count(*) FROM pg_dist_placement p JOIN pg_dist_shard s USING (shardid) JOIN pg_dist_node n"
+            " ON n.groupid = p.groupid WHERE s.logicalrelid = 'embeddings'::regclass AND n.nodeport = %s",
+            (new.port,)).fetchone()[0]  # type: ignore[index]
+    assert moved > 0  # the new worker holds shards now
+    after = {str(o): _search(url, catalogs.data, 12, o) for o in SEARCHES}
+    assert after == before
