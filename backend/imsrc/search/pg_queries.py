@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Container, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import embedding_expr
@@ -108,6 +109,29 @@ class HitInfo:
     height: int | None = None
     byte_size: int | None = None
     caption: str | None = None
+
+
+def _in_parallel(engine: Engine, statements: Sequence[str], params: Mapping[str, str], settings: Mapping[str, str]
+                 ) -> list[Hit]:
+    """Each statement on a connection of its own, at once (Citus stage-2 branches); their rows together. Read-only:
+    each connection sees what was committed, as the search's own transaction does."""
+
+    def run(sql: str) -> list[Hit]:
+        with engine.connect() as conn:
+            conn.execute(text("SET LOCAL citus.propagate_set_commands = 'local'"))
+            for name, value in settings.items():
+                if not re.fullmatch(r"[a-z_.]+", name) or not re.fullmatch(r"[a-z0-9_]+", value):
+                    raise ValueError(f"unexpected setting {name}={value!r}")
+                conn.execute(text(f"SET LOCAL {name} = '{value}'"))
+            rows = conn.execute(text(sql), dict(params)).all()
+            conn.rollback()
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    with ThreadPoolExecutor(max_workers=min(len(statements), PARALLEL_BRANCHES_MAX)) as pool:
+        return [hit for rows in pool.map(run, statements) for hit in rows]
+
+
+PARALLEL_BRANCHES_MAX = 8  # connections one Citus search may hold at once (the pool allows 30 per process)
 
 
 class NeighbourRepository:
@@ -238,9 +262,18 @@ class NeighbourRepository:
             branches.append(
                 f"(SELECT image_id, {expr} AS e FROM embeddings WHERE model_id = {int(model_id)} "
                 f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})")
+        settings = {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
+        engine = self.session.get_bind()
+        if len(branches) > 1 and isinstance(engine, Engine) and distributed(self.session):
+            # Citus runs the subqueries of a UNION ALL one after another (a subplan each); one connection per
+            # branch lets each category's worker walk its graph at the same time. Each branch is the same
+            # statement as below with one category, so the merged top `limit` is the same list.
+            parts = [f"SELECT image_id, 1 - (e <=> {q}) AS score FROM {b} s" for b in branches]
+            hits = sorted(_in_parallel(engine, parts, {"q": query}, settings), key=lambda h: (-h[1], h[0]))
+            return hits[:limit]
         sql = (f"SELECT image_id, 1 - (e <=> {q}) AS score FROM ({' UNION ALL '.join(branches)}) s "
                f"ORDER BY score DESC, image_id LIMIT {int(limit)}")
-        with self._plan(**walk_settings(ef_search, limit), enable_sort="off", enable_seqscan="off"):
+        with self._plan(**settings):
             rows = self.session.execute(text(sql), {"q": query}).all()
         return [(int(r[0]), float(r[1])) for r in rows]
 
