@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.servers import live_server, serve_env
 from tests.helpers import ROOT
 
 
@@ -60,48 +56,16 @@ def require_browser() -> Any:
     return sync_playwright
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def running_server(database_url: str, data_dir: Path, *, model: str = "open_clip-tiny-test",
                    timeout: float = 120, extra_env: dict[str, str] | None = None) -> Iterator[str]:
-    """`imsrc serve` in a subprocess on a free loopback port; yields its base URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
-    env.update({"IMSRC_DATABASE_URL": database_url, "IMSRC_MODEL": model, "IMSRC_DATA_DIR": str(data_dir),
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "backend"), env.get("PYTHONPATH")]))})
-    env.update(extra_env or {})
-    log = (data_dir / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    """`imsrc serve` on a free loopback port (tests.fixtures.servers.live_server); yields its base URL. Its log
+    is data_dir/server.log, kept at IMSRC_SERVER_LOG too when that is set (for debugging a failure)."""
+    env = serve_env(data_dir, database_url=database_url, model=model, **(extra_env or {}))
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{(data_dir / 'server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{(data_dir / 'server.log').read_text()}")
-            time.sleep(0.2)
-        yield base
+        with live_server(env, data_dir / "server.log", start_timeout=timeout) as server:
+            yield server.base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        keep = os.environ.get("IMSRC_SERVER_LOG")  # where to keep the server's log, for debugging a failure
-        if keep:
+        keep = os.environ.get("IMSRC_SERVER_LOG")
+        if keep and (data_dir / "server.log").exists():
             shutil.copyfile(data_dir / "server.log", keep)

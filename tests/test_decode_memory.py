@@ -8,14 +8,9 @@ searches with a 49-megapixel RGBA PNG (just under IMSRC_QUERY_MAX_PIXELS): its p
 from __future__ import annotations
 
 import io
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,7 +20,8 @@ from imsrc.config import Settings
 from imsrc.embeddings.registry import get_embedder
 from imsrc.ingest.service import ingest_bytes
 from tests.fixtures.database import database_for
-from tests.helpers import ROOT, make_image
+from tests.fixtures.servers import live_server, serve_env
+from tests.helpers import make_image
 from tests.ingest_support import TEST_MODEL
 
 MB = 1024 * 1024
@@ -35,12 +31,6 @@ SIDE = 7000  # 49 MP: 196 MB as RGBA
 def _status_kb(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -53,32 +43,12 @@ def server(create_database, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         ingest_bytes(session, get_embedder(TEST_MODEL), [(f"{i}.png", make_image(i)) for i in range(4)],
                      settings=settings, category="things")
     db.dispose()
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
-    env.update({"IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data_dir), "IMSRC_MODEL": TEST_MODEL,
-                # The test is about memory, not about turning requests away: let every query wait its turn.
-                "IMSRC_DECODE_WAIT_S": "300", "IMSRC_WORKERS_HTTP": "1", "PYTHONPATH": os.pathsep.join(
-                    [str(Path(__import__("imsrc").__file__).parents[1]), os.environ.get("PYTHONPATH", "")])})
-    proc = subprocess.Popen([sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port)], env=env,
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "imsrc serve exited"
-            time.sleep(0.2)
-        yield base, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    # The test is about memory, not about turning requests away: let every query wait its turn. One worker:
+    # the memory measured is the server pid's own.
+    env = serve_env(data_dir, database_url=url, model=TEST_MODEL, IMSRC_DECODE_WAIT_S="300",
+                    IMSRC_WORKERS_HTTP="1")
+    with live_server(env, tmp_path_factory.mktemp("memory-log") / "serve.log") as running:
+        yield running.base, running.proc.pid
 
 
 @pytest.mark.slow

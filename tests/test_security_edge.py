@@ -21,12 +21,13 @@ from imsrc.api.app import create_app
 from imsrc.api.deps import get_session
 from imsrc.config import Settings
 from imsrc.db import embedded_auth
-from imsrc.db.embedded import EmbeddedServer, _exe
+from imsrc.db.embedded import EmbeddedServer, ServerInfo, _exe
 from imsrc.db.engine import upgrade
 from imsrc.db.session import Database
-from imsrc.errors import BusyError
+from imsrc.errors import BusyError, ConfigurationError, DatabaseUnavailableError
 from imsrc.search.errors import UrlFetchError
 from imsrc.search.urlfetch import UrlFetcher, fetch_image_bytes
+from tests.fixtures.servers import free_port
 from tests.helpers import make_image, run_cli
 
 TRUST_EVERYTHING_HBA = """\
@@ -36,12 +37,17 @@ host all all ::1/128 trust
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _start(server: EmbeddedServer) -> ServerInfo:
+    """server.start() on server.port, moving to another free port when that one was taken since it was chosen
+    (free_port picks a free port; it cannot reserve it, and a restart gives anyone on the machine time to bind it)."""
+    for attempt in range(4):
+        try:
+            return server.start()
+        except (ConfigurationError, DatabaseUnavailableError) as exc:
+            if attempt == 3 or not any(word in str(exc).lower() for word in ("in use", "could not bind")):
+                raise
+            server.port = free_port()
+    raise AssertionError("unreachable")
 
 
 def _tcp_url_without_password(port: int) -> str:
@@ -59,9 +65,12 @@ def _refused(url: str) -> bool:
 # ---------------------------------------------------------------------------------------------- embedded logins
 def test_embedded_tcp_needs_the_generated_password(scratch: Path) -> None:
     data_dir = scratch / "data"
-    port = _free_port()
-    env = {"IMSRC_DATA_DIR": str(data_dir), "IMSRC_EMBEDDED_PORT": str(port)}
-    result = run_cli("db", "url", env=env)
+    for _attempt in range(4):  # another port if the chosen one was taken before the server bound it
+        port = free_port()
+        env = {"IMSRC_DATA_DIR": str(data_dir), "IMSRC_EMBEDDED_PORT": str(port)}
+        result = run_cli("db", "url", env=env)
+        if "already in use" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr
     url = result.stdout.strip()
     assert f"127.0.0.1:{port}" in url
@@ -88,8 +97,8 @@ def test_tcp_only_reader_gets_its_own_password(scratch: Path) -> None:
     import dataclasses
 
     data_dir = scratch / "data"
-    server = EmbeddedServer(data_dir, port=_free_port())
-    info = server.start()
+    server = EmbeddedServer(data_dir, port=free_port())
+    info = _start(server)
     with psycopg.connect(info.url(), autocommit=True) as conn:
         conn.execute("CREATE ROLE imsrc_reader LOGIN")
     tcp_only = dataclasses.replace(info, socket_dir=None)
@@ -108,26 +117,28 @@ def _make_old_style(server: EmbeddedServer) -> None:
 
 
 def test_old_data_directory_is_upgraded_on_start_and_keeps_its_data(scratch: Path) -> None:
-    port = _free_port()
-    server = EmbeddedServer(scratch / "data", port=port)
-    info = server.start()
+    server = EmbeddedServer(scratch / "data", port=free_port())
+    info = _start(server)
     with psycopg.connect(info.url(), autocommit=True) as conn:
         conn.execute("CREATE TABLE kept (v text)")
         conn.execute("INSERT INTO kept VALUES ('still here')")
         conn.execute("ALTER ROLE postgres PASSWORD NULL")
     server.stop()
     _make_old_style(server)
-    info = server.start()
-    assert _refused(_tcp_url_without_password(port))
+    # The port was free when chosen, not reserved: between stop and start anything on the machine may take it
+    # (this test once failed so). _start moves to another port then; the check below uses the one it got.
+    info = _start(server)
+    assert info.port == server.port
+    assert _refused(_tcp_url_without_password(info.port))
     with psycopg.connect(info.url()) as conn:
         assert conn.execute("SELECT v FROM kept").fetchall() == [("still here",)]
     assert (server.pgdata / "pg_hba.conf.before-imsrc").read_text() == TRUST_EVERYTHING_HBA
 
 
 def test_running_old_server_is_upgraded_live(scratch: Path) -> None:
-    port = _free_port()
-    server = EmbeddedServer(scratch / "data", port=port)
-    info = server.start()
+    server = EmbeddedServer(scratch / "data", port=free_port())
+    info = _start(server)
+    port = info.port
     with psycopg.connect(info.url(), autocommit=True) as conn:
         _make_old_style(server)
         conn.execute("SELECT pg_reload_conf()")
@@ -154,8 +165,8 @@ def test_backup_keeps_the_password_off_the_command_line(scratch: Path, monkeypat
         envs.append(kwargs.get("env"))  # type: ignore[arg-type]
         return real_run(cmd, *args, **kwargs)  # type: ignore[call-overload,no-any-return]
 
-    server = EmbeddedServer(scratch / "data", port=_free_port())
-    info = server.start()
+    server = EmbeddedServer(scratch / "data", port=free_port())
+    info = _start(server)
     assert info.password
     upgrade(info.url())
     monkeypatch.setattr(backup.subprocess, "run", spy)

@@ -7,7 +7,6 @@ The server logs to a file: an unread stderr pipe would fill and block it."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -16,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,61 +25,14 @@ from imsrc.config import Settings
 from imsrc.embeddings.registry import get_embedder
 from imsrc.ingest.service import ingest_bytes
 from tests.fixtures.database import database_for
+from tests.fixtures.servers import LiveServer, free_port, live_server, serve_env
 from tests.helpers import ROOT, make_image
 from tests.ingest_support import TEST_MODEL
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(url: str, data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMSRC_", "PROMETHEUS_"))}
-    env.update({"IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data_dir), "IMSRC_MODEL": TEST_MODEL,
-                "IMSRC_DECODE_WAIT_S": "300", "IMSRC_SEARCH_WARMUP": "false", "PYTHONPATH": os.pathsep.join(
-                    [str(Path(__import__("imsrc").__file__).parents[1]), os.environ.get("PYTHONPATH", "")])})
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Server:
-    base: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    url: str
-
-
-def _start(url: str, data_dir: Path, log: Path, workers: int) -> Server:
-    port = _free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port),
-                                 "--workers", str(workers)], env=_env(url, data_dir), cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return Server(base, proc, log, url)
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, f"imsrc serve exited: {log.read_text()[-2000:]}"
-        time.sleep(0.2)
-    raise AssertionError(f"imsrc serve did not answer: {log.read_text()[-2000:]}")
-
-
-def _stop(server: Server) -> int:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-    try:
-        return server.proc.wait(60)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
-        raise
+    return serve_env(data_dir, database_url=url, model=TEST_MODEL, IMSRC_DECODE_WAIT_S="300",
+                     IMSRC_SEARCH_WARMUP="false", **extra)
 
 
 def _seeded(create_database, tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[str, Path]:  # type: ignore[no-untyped-def]
@@ -97,13 +48,11 @@ def _seeded(create_database, tmp_path_factory: pytest.TempPathFactory, name: str
 
 
 @pytest.fixture(scope="module")
-def two_workers(create_database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # type: ignore[no-untyped-def]
+def two_workers(create_database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:  # type: ignore[no-untyped-def]
     url, data_dir = _seeded(create_database, tmp_path_factory, "imsrc_workers")
-    server = _start(url, data_dir, tmp_path_factory.mktemp("workers-log") / "serve.log", workers=2)
-    try:
+    with live_server(_env(url, data_dir), tmp_path_factory.mktemp("workers-log") / "serve.log",
+                     args=["--workers", "2"]) as server:
         yield server
-    finally:
-        _stop(server)
 
 
 def _clients_per_worker(base: str, want: int = 2) -> dict[int, httpx.Client]:
@@ -144,7 +93,7 @@ def _top(client: httpx.Client, image: bytes, backend: str) -> list[int]:
     return [hit["id"] for hit in r.json()["results"]]
 
 
-def test_two_workers_answer_and_see_each_others_uploads(two_workers: Server) -> None:
+def test_two_workers_answer_and_see_each_others_uploads(two_workers: LiveServer) -> None:
     clients = _clients_per_worker(two_workers.base)
     parent = two_workers.proc.pid
     assert parent not in clients  # the parent only supervises
@@ -175,41 +124,41 @@ def test_two_workers_answer_and_see_each_others_uploads(two_workers: Server) -> 
 def test_sigterm_finishes_uploads_in_flight(create_database, tmp_path_factory: pytest.TempPathFactory) -> None:  # type: ignore[no-untyped-def]
     url, data_dir = _seeded(create_database, tmp_path_factory, "imsrc_sigterm")
     log = tmp_path_factory.mktemp("sigterm-log") / "serve.log"
-    server = _start(url, data_dir, log, workers=2)
-    acknowledged: list[int] = []
-    lock = threading.Lock()
-    stop = threading.Event()
+    with live_server(_env(url, data_dir), log, args=["--workers", "2"]) as server:
+        acknowledged: list[int] = []
+        lock = threading.Lock()
+        stop = threading.Event()
 
-    def uploader(n: int) -> None:
-        seed = 1000 + n * 1000
-        while not stop.is_set():
-            seed += 1
-            try:
-                r = httpx.post(f"{server.base}/api/images", data={"category": f"up{n % 2}"}, timeout=120,
-                               files={"file": (f"{seed}.png", make_image(seed), "image/png")})
-            except httpx.HTTPError:
-                return  # the server has stopped accepting: nothing was acknowledged
-            if r.status_code // 100 == 2:
-                with lock:
-                    acknowledged.extend(x["id"] for x in r.json()["results"] if x["id"] is not None)
+        def uploader(n: int) -> None:
+            seed = 1000 + n * 1000
+            while not stop.is_set():
+                seed += 1
+                try:
+                    r = httpx.post(f"{server.base}/api/images", data={"category": f"up{n % 2}"}, timeout=120,
+                                   files={"file": (f"{seed}.png", make_image(seed), "image/png")})
+                except httpx.HTTPError:
+                    return  # the server has stopped accepting: nothing was acknowledged
+                if r.status_code // 100 == 2:
+                    with lock:
+                        acknowledged.extend(x["id"] for x in r.json()["results"] if x["id"] is not None)
 
-    threads = [threading.Thread(target=uploader, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
-    try:
-        deadline = time.monotonic() + 120
-        while len(acknowledged) < 6 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert acknowledged, log.read_text()[-2000:]
-        server.proc.send_signal(signal.SIGTERM)  # while uploads are in flight
-        rc = server.proc.wait(90)
-    finally:
-        stop.set()
+        threads = [threading.Thread(target=uploader, args=(n,)) for n in range(6)]
         for t in threads:
-            t.join(150)
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+            t.start()
+        try:
+            deadline = time.monotonic() + 120
+            while len(acknowledged) < 6 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert acknowledged, log.read_text()[-2000:]
+            server.proc.send_signal(signal.SIGTERM)  # while uploads are in flight
+            rc = server.proc.wait(90)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(150)
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait()
     assert rc == 0, log.read_text()[-2000:]
     settings = Settings(database_url=url, data_dir=data_dir, model=TEST_MODEL, _env_file=None)  # type: ignore[call-arg]
     db = database_for(settings, migrate=False)
@@ -239,7 +188,7 @@ def _serve_fails(args: list[str], env: dict[str, str]) -> str:
 def test_bad_worker_counts_and_a_busy_port_fail_before_anything_starts(tmp_path: Path) -> None:
     # An unreachable database: had serve got as far as opening it, the error would be about the database.
     env = _env("postgresql+psycopg://nobody@127.0.0.1:1/none", tmp_path)
-    port = str(_free_port())
+    port = str(free_port())
     assert "--workers must be between 1 and 64 (got 0)" in _serve_fails(["--port", port, "--workers", "0"], env)
     assert "(got 65)" in _serve_fails(["--port", port, "--workers", "65"], env)
     assert "IMSRC_WORKERS_HTTP" in _serve_fails(["--port", port], {**env, "IMSRC_WORKERS_HTTP": "65"})

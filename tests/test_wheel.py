@@ -16,7 +16,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from typing import Any
 import pytest
 
 from imsrc.db.engine import head_revision
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, free_port, require_browser
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, require_browser
+from tests.fixtures.servers import live_server
 from tests.helpers import ROOT, make_image
 
 
@@ -132,32 +132,9 @@ def test_wheel_migrates_an_empty_database_and_indexes_a_folder(installed: Instal
 
 @pytest.fixture(scope="module")
 def served(installed: Installed) -> Iterator[str]:
-    port = free_port()
-    log = (installed.work / "server.log").open("w")
-    proc = subprocess.Popen([_exe(installed.venv, "imsrc"), "serve", "--port", str(port)],
-                            env=installed.env(), cwd=installed.work, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (installed.work / "server.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (installed.work / "server.log").read_text()
-            time.sleep(0.3)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with live_server(installed.env(), installed.work / "server.log", command=[_exe(installed.venv, "imsrc")],
+                     cwd=installed.work, start_timeout=180) as server:
+        yield server.base
 
 
 def _get(url: str) -> tuple[int, str, str]:
