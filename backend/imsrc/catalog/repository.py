@@ -272,13 +272,3 @@ def _json(value: dict[str, Any]) -> str:
     import json
 
     return json.dumps(value, sort_keys=True, default=str)
-
-
-# One writer at a time for the steps that regroup automatic categories and refresh prototypes: two
-# concurrent uploads would otherwise both create "auto-002", or assign images to a group the other just
-# replaced. Transaction-scoped, so it is released by the commit or rollback that ends the unit of work.
-CATALOG_WRITE_LOCK = 727_003
-
-
-def lock_catalog_writes(session: Session) -> None:
-    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CATALOG_WRITE_LOCK})

@@ -16,6 +16,7 @@ import torch
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.locks import WriteLocks
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import CategoryRepository
 from imsrc.config import Settings
@@ -289,6 +290,10 @@ def prepare_bytes(embedder: Embedder, files: Sequence[tuple[str, bytes]], *, set
 def write_decoded(session: Session, model_id: int, batch: Sequence[Processed], settings: Settings,
                   existing: dict[bytes, ExistingImage] | None = None) -> BatchResult:
     """The database half of store_bytes: images, bytes, thumbnails, vectors, near-duplicate links."""
+    # Near-duplicates are looked up in committed rows: two uploads of near-identical pictures at once must take
+    # turns, or neither would see the other (catalog.locks: the hash bands they share).
+    WriteLocks(session).phash_bands([p.phash for p in batch if p.ok and p.phash is not None],
+                                    settings.duplicate_threshold)
     ctx = WriteContext(model_id=model_id, store_bytes=True,
                        matcher=SqlPhashMatcher(session, settings.duplicate_threshold))
     return write_batch(session, ctx, batch, existing)

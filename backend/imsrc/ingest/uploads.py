@@ -1,7 +1,7 @@
 """Uploads: files a client sent (already streamed to disk by the API) into the catalog in one unit of work.
 
 This owns what an upload decides once: the model, chunks of bounded size, decoding and embedding before the
-catalog write lock, the writes and the search sync after it, and running the whole unit again when PostgreSQL
+writes, the search sync with its narrow locks (catalog.locks), and running the whole unit again when PostgreSQL
 rolled it back on a conflict. The route only parses the request, calls ingest_uploads and counts the results.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from imsrc.catalog.captions import CaptionRepository
-from imsrc.catalog.repository import CategoryRepository, lock_catalog_writes
+from imsrc.catalog.repository import CategoryRepository
 from imsrc.catalog.schemas import CategoryRef, UploadResult, image_thumbnail_url
 from imsrc.config import Settings
 from imsrc.db.errors import DATABASE_ERRORS, classify
@@ -68,14 +68,11 @@ def _ingest_once(db: Database, settings: Settings, files: Sequence[StagedFile], 
         model_id: int | None = None
         for chunk in _chunks(files, settings.batch_size, CHUNK_BYTES):
             payload = [(f.filename or "upload", f.path.read_bytes()) for f in chunk]
-            # Decoding and the model (nearly all of an upload's time) run before the catalog write lock, so
-            # uploads do them side by side; only the writes and the search sync below queue behind each other.
-            # (An upload of several chunks holds the lock from its first write, as every write does.)
+            # Decoding and the model (nearly all of an upload's time) run before any write. The writes take no
+            # catalog-wide lock: only near-duplicates of each other, and the search sync's narrow locks per
+            # category (catalog.locks), make uploads wait for each other.
             prepared = prepare_bytes(loaded.embedder, payload, settings=settings, category=category, gate=gate)
             if model_id is None:
-                # Taken before any row is written, so concurrent uploads queue here instead of deadlocking on
-                # prototype rows one of them already changed (sync_search takes it again; it nests).
-                lock_catalog_writes(session)
                 model_id = ensure_model(session, loaded.embedder, settings).id
             result = write_decoded(session, model_id, prepared, settings)
             outcomes.extend(result.outcomes)

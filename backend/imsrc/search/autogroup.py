@@ -33,23 +33,33 @@ def group_count(n: int, cap: int) -> int:
     return max(1, min(cap, round(math.sqrt(n / 2))))
 
 
-def autogroup(session: Session, settings: Settings, *, model_id: int, dimension: int,
-              force: bool = False) -> set[int]:
-    """Group or extend. Returns the automatic categories whose members changed (their prototypes are stale)."""
-    cats = CategoryRepository(session)
-    vectors = VectorRepository(session)
-    state = SearchStateRepository(session)
-    auto_ids = cats.automatic_ids()
-    counts = vectors.category_counts(model_id)
+def plan(session: Session, settings: Settings, *, model_id: int, force: bool = False) -> str | None:
+    """What autogroup would do now: "regroup", "join" (new uncategorised images into existing groups) or None."""
+    auto_ids = CategoryRepository(session).automatic_ids()
+    counts = VectorRepository(session).category_counts(model_id)
     new = counts.get(None, 0)
     total = new + sum(counts.get(c, 0) for c in auto_ids)
-    grouped = int(state.get(_state_key(model_id)).get("grouped", 0))
+    grouped = int(SearchStateRepository(session).get(_state_key(model_id)).get("grouped", 0))
     if total == 0:
-        return set()
+        return None
     if force or not auto_ids or grouped == 0 or total >= grouped * (1 + settings.autogroup_growth):
-        return _regroup(session, settings, model_id=model_id, dimension=dimension, auto_ids=auto_ids)
-    if new == 0:
+        return "regroup"
+    return "join" if new else None
+
+
+def autogroup(session: Session, settings: Settings, *, model_id: int, dimension: int,
+              force: bool = False, may_regroup: bool = True) -> set[int]:
+    """Group or extend. Returns the automatic categories whose members changed (their prototypes are stale).
+    may_regroup=False (the caller holds the automatic-groups lock only shared, see catalog.locks): a regroup that
+    has become due is left to the next writer, and new images join the existing groups meanwhile."""
+    step = plan(session, settings, model_id=model_id, force=force)
+    if step is None:
         return set()
+    auto_ids = CategoryRepository(session).automatic_ids()
+    if step == "regroup" and may_regroup:
+        return _regroup(session, settings, model_id=model_id, dimension=dimension, auto_ids=auto_ids)
+    if not auto_ids or VectorRepository(session).category_counts(model_id).get(None, 0) == 0:
+        return set()  # a regroup is due but left to a writer holding the lock exclusively; nothing to join
     return _join_nearest(session, model_id=model_id, dimension=dimension, auto_ids=auto_ids)
 
 

@@ -99,6 +99,15 @@ class VectorRepository:
         raw = self.session.execute(text(f"SELECT embedding::text FROM embeddings WHERE {where}"), params).scalar()
         return None if raw is None else np.asarray(json.loads(raw), dtype=np.float32)
 
+    def has_unlabelled(self, model_id: int, *, unpredicted: bool) -> bool:
+        """Whether there is an uncategorised image or a member of an automatic category (with unpredicted: one
+        without a predicted label yet), with a vector of this model."""
+        return bool(self.session.execute(
+            text("SELECT EXISTS (SELECT 1 FROM embeddings e JOIN images i ON i.id = e.image_id"
+                 " LEFT JOIN categories c ON c.id = e.category_id WHERE e.model_id = :m"
+                 " AND (NOT :u OR i.predicted_category_id IS NULL) AND (e.category_id IS NULL OR c.is_automatic))"),
+            {"m": model_id, "u": unpredicted}).scalar())
+
     def category_counts(self, model_id: int) -> dict[int | None, int]:
         rows = self.session.execute(
             text("SELECT nullif(category_id, 0), count(*) FROM embeddings WHERE model_id = :m GROUP BY 1"),

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.locks import WriteLocks
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.prototypes import PrototypeRepository
-from imsrc.catalog.repository import CategoryRepository, ModelRepository, lock_catalog_writes
+from imsrc.catalog.repository import CategoryRepository, ModelRepository
 from imsrc.config import Settings
-from imsrc.search.autogroup import autogroup
+from imsrc.search.autogroup import autogroup, plan
 from imsrc.search.pg_queries import HALFVEC_MAX_DIM, NeighbourRepository
 from imsrc.search.prototypes import predict, refresh_prototypes, stale_categories, text_prototype_rows
 from imsrc.search.repository import SearchStateRepository, VectorRepository
@@ -67,7 +68,6 @@ def sync_search(session: Session, settings: Settings, *, model_id: int | None = 
     matches their mean prototype are found too, so a caller may also pass nothing. embedders: where to get
     the model's embedder for text prototypes (see EmbedderFor; without it they are left as they are).
     """
-    lock_catalog_writes(session)
     models = ModelRepository(session)
     model = models.active() if model_id is None else session.get(EmbeddingModel, model_id)
     report = SyncReport()
@@ -75,14 +75,23 @@ def sync_search(session: Session, settings: Settings, *, model_id: int | None = 
         return report
     report.model = model.name
     cats = CategoryRepository(session)
+    locks = WriteLocks(session)
+    # The locks, always in this order (catalog.locks): automatic groups, categories, text prompts, indexes,
+    # predictions. Automatic groups first and for every writer, shared unless a regroup is due: a regroup
+    # rewrites every group's members, so it waits for the writers in flight and they wait for it.
+    regroup = autogroup_images and plan(session, settings, model_id=model.id, force=force_regroup) == "regroup"
+    locks.automatic_groups(model.id, regroup=regroup)
     if autogroup_images:
-        report.automatic_touched = sorted(autogroup(session, settings, model_id=model.id,
-                                                    dimension=model.dimension, force=force_regroup))
+        report.automatic_touched = sorted(autogroup(session, settings, model_id=model.id, dimension=model.dimension,
+                                                    force=force_regroup, may_regroup=regroup))
     existing = set(cats.names())
     # Stale categories are found by comparing member counts with the stored means, so nothing may have
     # recomputed the means before this point.
     touched = (set(category_ids) | stale_categories(session, model.id, existing)
                | set(report.automatic_touched)) & existing
+    # Before the members are read: a writer adding to the same category recomputes after this one commits, with
+    # both writers' images, instead of both computing from what each alone could see (a lost update).
+    locks.categories(touched)
     report.prototypes_refreshed = refresh_prototypes(session, settings, model_id=model.id,
                                                      dimension=model.dimension, category_ids=touched)
     embedder = embedders(model.name) if embedders is not None and model.supports_text else None
@@ -104,6 +113,11 @@ def _refresh_text_prototypes(session: Session, model_id: int, embedder: Any) -> 
     todo = {c: n for c, n in names.items() if seen.get(str(c)) != n}
     if not todo:
         return []
+    WriteLocks(session).text_prompts(model_id)  # read again under the lock: another writer may have done them
+    seen = state.get(key)
+    todo = {c: n for c, n in names.items() if seen.get(str(c)) != n}
+    if not todo:
+        return []
     protos = PrototypeRepository(session)
     for row in text_prototype_rows(todo, embedder.encode_texts):
         protos.replace(model_id, row.category_id, ("text",), [row])
@@ -121,10 +135,17 @@ def ensure_category_indexes(session: Session, settings: Settings, model: Embeddi
     counts = {c: n for c, n in VectorRepository(session).category_counts(model.id).items() if c is not None}
     if model.dimension > HALFVEC_MAX_DIM:
         counts = {}  # too wide for any pgvector index: every category is scanned exactly
-    have = neighbours.category_indexes(model.id)
     threshold = settings.search_exact_max_rows
-    create = sorted(c for c, n in counts.items() if n >= threshold and c not in have)
-    drop = sorted(c for c in have if counts.get(c, 0) < threshold // 2 or c not in counts)
+
+    def plan() -> tuple[list[int], list[int]]:
+        have = neighbours.category_indexes(model.id)
+        return (sorted(c for c, n in counts.items() if n >= threshold and c not in have),
+                sorted(c for c in have if counts.get(c, 0) < threshold // 2 or c not in counts))
+
+    create, drop = plan()
+    if create or drop:  # another writer may be building the same index: decide again once it is done
+        WriteLocks(session).indexes(model.id)
+        create, drop = plan()
     for c in drop:
         neighbours.drop_category_index(model.id, c)
     for c in create:
@@ -138,13 +159,18 @@ def predict_uncategorised(session: Session, model: EmbeddingModel, *, only_new: 
     real = set(cats.real_ids())
     if not real:
         return 0
+    vectors = VectorRepository(session)
+    if not vectors.has_unlabelled(model.id, unpredicted=only_new):
+        return 0  # nothing to label: no lock, so uploads into named categories only end without queueing
+    # Before the prototypes are read: labels predicted by two writers at once could otherwise come from the
+    # older of their two sets of prototypes (the lock is held to the commit, the last step of a unit of work).
+    WriteLocks(session).predictions(model.id)
     protos = PrototypeRepository(session).load(model.id, ("mean", "cluster", "text"))
     image_protos = [p for p in protos if p.category_id in real and p.kind != "text"]
     text_protos = [p for p in protos if p.category_id in real and p.kind == "text"]
     chosen, scale = (image_protos, IMAGE_LOGIT_SCALE) if image_protos else (text_protos, TEXT_LOGIT_SCALE)
     if not chosen:
         return 0
-    vectors = VectorRepository(session)
     auto = cats.automatic_ids()
     parts = [vectors.fetch(model.id, model.dimension, uncategorised=True, unpredicted=only_new)]
     if auto:
