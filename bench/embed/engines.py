@@ -12,6 +12,11 @@ Writes bench/embed/engines.json and the "## Inference engines" section of BENCHM
   the Debian package is installed; per-image cosine to torch, top-10 neighbour overlap with each engine's own
   vectors, and the mixed case (queries by the engine against a catalog indexed by torch).
 - Explain (default on): why torch fp32 slows down per image as the batch grows (threads, op profile, memory).
+
+Single parts, each writing its own JSON beside engines.json (no BENCHMARKS.md section; that text is by hand):
+  --text-latency    ViT-B-32 text query latency, 100 queries, wall and CPU time (engines-text.json)
+  --batch-profile   EfficientNet-Lite0 on one thread: per-image time by batch, per-operator profile (engines-batch.json)
+  --ort-profile     ONNX Runtime kernel time by operator, ViT-B-32 image export (engines-ortprofile.json)
 """
 
 from __future__ import annotations
@@ -112,15 +117,20 @@ def throughput(runners: dict[str, Any], pool: torch.Tensor, sizes: list[int], re
 
 
 def latency(fns: dict[str, Callable[[int], Any]], n: int) -> dict[str, dict[str, float]]:
+    """Wall time per call, and the CPU time the process spent on it (all its threads): on the shared machine the
+    wall time grows with other people's load, while the CPU time is the work itself (wall >= CPU / threads)."""
     for fn in fns.values():
         fn(0)
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(n):
         for key, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn(i)
             times[key].append((time.perf_counter() - t0) * 1000)
-    return {k: {"p50_ms": round(float(np.percentile(v, 50)), 2), "p90_ms": round(float(np.percentile(v, 90)), 2)}
+            cpu[key].append((time.process_time() - c0) * 1000)
+    return {k: {"p50_ms": round(float(np.percentile(v, 50)), 2), "p90_ms": round(float(np.percentile(v, 90)), 2),
+                "min_ms": round(float(np.min(v)), 2), "cpu_p50_ms": round(float(np.percentile(cpu[k], 50)), 2)}
             for k, v in times.items()}
 
 
@@ -304,7 +314,8 @@ def _onnx_with_threads(embedder: OnnxEmbedder, threads: int) -> Callable[[torch.
 
 def markdown(res: dict[str, Any]) -> str:
     lines = [
-        f"`bench/embed/engines.py` on {res['summary']}, one run, engines interleaved. Load average during the run "
+        f"`{res.get('command', 'python bench/embed/engines.py')}` on {res['summary']}, one run, engines interleaved. "
+        f"Load average during the run "
         f"{res['load_1m'][0]} -> {res['load_1m'][1]} on 2 cores shared with other jobs: single figures move a lot "
         "between runs, ratios less. Preprocessing excluded (it runs in ingest workers).",
         "",
@@ -320,12 +331,13 @@ def markdown(res: dict[str, Any]) -> str:
     notes = {m["label"]: m["engine_labels"]["onnx-int8"] for m in res["models"]}
     lines += ["", "ONNX int8 column: " + "; ".join(f"{k}: {v}" for k, v in notes.items()) + ".", ""]
     lines += ["Single-query latency (one item through encode_images / encode_texts, the search route's path):", "",
-              "| query | engine | p50 ms | p90 ms |", "|---|---|---:|---:|"]
+              "| query | engine | p50 ms | p90 ms | min ms | CPU p50 ms |", "|---|---|---:|---:|---:|---:|"]
     for m in res["models"]:
         for key, what in (("image_query_latency", "image, EfficientNet-Lite0"), ("text_query_latency",
                                                                                   "text, ViT-B-32 text tower")):
             for engine, v in (m.get(key) or {}).items():
-                lines.append(f"| {what} | {engine} | {v['p50_ms']} | {v['p90_ms']} |")
+                lines.append(f"| {what} | {engine} | {v['p50_ms']} | {v['p90_ms']} | {v.get('min_ms', '')} | "
+                             f"{v.get('cpu_p50_ms', '')} |")
     lines += ["", "Agreement with torch fp32 (per-image cosine; top-10 neighbour overlap with each engine's own "
               "vectors; mixed = queries embedded by the engine against a catalog embedded by torch):", "",
               "| model | images | engine | min cosine | median cosine | top-1 | overlap@10 | mixed overlap@10 |",
@@ -353,6 +365,90 @@ def text_latency_only(n: int = 100) -> None:
     print(res, flush=True)
 
 
+def batch_profile(sizes: list[int], repeats: int) -> None:
+    """Why torch fp32 slows down per image as the batch grows, with the thread barrier taken out: one thread,
+    EfficientNet-Lite0, per-image wall time by batch (interleaved with ONNX Runtime), and torch's profiler per
+    operator at the smallest and largest batch in ms per image, so it shows which operators got slower per image."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    torch_e = build_embedder("efficientnet-lite0", runtime="torch", device="cpu")
+    onnx_e = build_embedder("efficientnet-lite0", runtime="onnx", device="cpu", export_dir=EXPORTS)
+    assert isinstance(torch_e, TorchEmbedder) and isinstance(onnx_e, OnnxEmbedder)
+    onnx_1 = _onnx_with_threads(onnx_e, 1)
+    graph = torch_e.image_graph()
+    pool = torch.stack([torch_e.preprocess(im) for im in image_pool()])
+    load0 = round(os.getloadavg()[0], 2)
+    rows = []
+    for bs in sizes:
+        x = pool[:bs].contiguous()
+        times = interleaved({"torch": lambda x=x: torch_e.encode_images(x), "onnx": lambda x=x: onnx_1(x)}, repeats)
+        rows.append({"batch": bs, "load_1m": round(os.getloadavg()[0], 2),
+                     **{f"{k}_ms_per_image": round(1000 * statistics.median(v) / bs, 2) for k, v in times.items()}})
+        print(f"  {rows[-1]}", flush=True)
+    ops: dict[str, dict[str, float]] = {}
+    for bs in (min(sizes), max(sizes)):
+        x = pool[:bs].contiguous()
+        with torch.inference_mode():
+            graph(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                graph(x)
+        ops[str(bs)] = {e.key: round(e.self_cpu_time_total / 1000 / bs, 3) for e in prof.key_averages()}
+    small, large = str(min(sizes)), str(max(sizes))
+    top = sorted(ops[large], key=lambda k: -ops[large][k])[:10]
+    res = {"model": "efficientnet-lite0", "threads": 1, "repeats": repeats, "per_image": rows,
+           "profile_ms_per_image": {k: {small: ops[small].get(k, 0.0), large: ops[large][k]} for k in top},
+           "profile_total_ms_per_image": {b: round(sum(v.values()), 2) for b, v in ops.items()},
+           "load_1m": [load0, round(os.getloadavg()[0], 2)]}
+    write_json(RESULTS.with_name("engines-batch.json"), res)
+    print(res, flush=True)
+
+
+def ort_profile(label: str, sizes: list[int]) -> None:
+    """Where ONNX Runtime spends its time in the product's image export (ORT's own profiler, kernel time by operator
+    type, second of two runs): which share fusing can still win, and which is the matrix multiplies'."""
+    import glob
+    import json
+
+    import onnxruntime as ort
+
+    name = MODELS[label][0]
+    onnx_e = build_embedder(name, runtime="onnx", device="cpu", export_dir=EXPORTS)
+    assert isinstance(onnx_e, OnnxEmbedder)
+    path = ExportStore(EXPORTS, onnx_e.name, onnx_e.fingerprint).model_path("image", "fp32")
+    model = __import__("onnx").load(str(path))
+    res: dict[str, Any] = {"model": label, "nodes": len(model.graph.node), "load_1m": [round(os.getloadavg()[0], 2)],
+                           "batches": {}}
+    size = int(onnx_e.params.get("image_size", 224))
+    for bs in sizes:
+        prefix = os.path.join(tempfile.mkdtemp(prefix="imsrc-ortprof-"), "p")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = prefix
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the product (make_session)
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((bs, 3, size, size), dtype=np.float32)
+        for _ in range(2):
+            session.run(None, {"pixels": x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+        runs = [e for e in events if e.get("name") == "model_run"]
+        last = runs[-1]["ts"] if runs else 0
+        per_op: dict[str, float] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= last:
+                per_op[e["args"]["op_name"]] = per_op.get(e["args"]["op_name"], 0.0) + e["dur"]
+        total = sum(per_op.values())
+        res["batches"][str(bs)] = {"kernel_ms": round(total / 1000, 1),
+                                   "share": {k: round(v / total, 3) for k, v in
+                                             sorted(per_op.items(), key=lambda t: -t[1])[:8]}}
+        for f in glob.glob(prefix + "*"):
+            os.unlink(f)
+        print(f"  batch {bs}: {res['batches'][str(bs)]}", flush=True)
+    res["load_1m"].append(round(os.getloadavg()[0], 2))
+    write_json(RESULTS.with_name("engines-ortprofile.json"), res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,8,32,64")
@@ -361,9 +457,21 @@ def main() -> None:
     ap.add_argument("--fashion", type=int, default=256, help="Fashion-MNIST images in the agreement check (0: none)")
     ap.add_argument("--no-explain", action="store_true")
     ap.add_argument("--no-markdown", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS), help="results file of the throughput run (default engines.json)")
     ap.add_argument("--text-latency", action="store_true",
                     help="only the text query latency (ViT-B-32 text tower, 100 queries), written to engines-text.json")
+    ap.add_argument("--batch-profile", action="store_true",
+                    help="only why torch slows per image with the batch (1 thread), written to engines-batch.json")
+    ap.add_argument("--ort-profile", action="store_true",
+                    help="only ONNX Runtime's kernel time by operator for the ViT-B-32 image export (batches --sizes), "
+                         "written to engines-ortprofile.json")
     args = ap.parse_args()
+    if args.ort_profile:
+        ort_profile("ViT-B-32", [int(s) for s in args.sizes.split(",")])
+        return
+    if args.batch_profile:
+        batch_profile([int(s) for s in args.sizes.split(",")], args.repeats)
+        return
     if args.text_latency:
         text_latency_only()
         return
@@ -372,6 +480,7 @@ def main() -> None:
 
     started, load0 = time.perf_counter(), round(os.getloadavg()[0], 2)
     res: dict[str, Any] = {
+        "command": "python bench/embed/engines.py " + " ".join(sys.argv[1:]),
         "machine": machine(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
         "threads": torch.get_num_threads(), "sizes": sizes, "repeats": args.repeats,
         "summary": f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
@@ -382,8 +491,8 @@ def main() -> None:
         res["explain"] = explain(sizes, args.repeats)
     res["load_1m"] = [load0, round(os.getloadavg()[0], 2)]
     res["elapsed_s"] = round(time.perf_counter() - started, 1)
-    write_json(RESULTS, res)
-    print(f"wrote {RESULTS} in {res['elapsed_s']} s", flush=True)
+    write_json(Path(args.out), res)
+    print(f"wrote {args.out} in {res['elapsed_s']} s", flush=True)
     if not args.no_markdown:
         # The explanation of the figures ("## Inference engines: batch size") is written by hand from engines.json.
         replace_section("Inference engines", markdown(res))
