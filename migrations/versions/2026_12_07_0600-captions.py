@@ -130,7 +130,8 @@ BEGIN
         chosen := ARRAY(SELECT DISTINCT c FROM unnest(category_ids) c ORDER BY c);
     END IF;
     IF query IS NULL THEN  -- keywords alone: no model needed
-        SELECT array_agg(r.image_id ORDER BY r.score DESC, r.image_id), array_agg(r.score ORDER BY r.score DESC, r.image_id)
+        SELECT array_agg(r.image_id ORDER BY r.score DESC, r.image_id),
+               array_agg(r.score ORDER BY r.score DESC, r.image_id)
           INTO ids, scores FROM imsrc._keyword_rank(q, k, chosen, include_duplicates) r;
     ELSE
         m := imsrc._model(model);
