@@ -1,8 +1,8 @@
 """Captions: a stored tsvector column, so ranking reads it instead of parsing every matching caption again.
 
-Revision ID: 0010_caption_tsvector
-Revises: 0009_captions
-Create Date: 2026-12-07 07:00
+Revision ID: 0011_caption_tsvector
+Revises: 0010_citus
+Create Date: 2026-12-07 08:00
 
 Why: 0009 indexed the expression to_tsvector('english', coalesce(caption, '')). The GIN index finds the matching
 rows, but ts_rank_cd (keywords alone) and the keyword_match flag need the tsvector itself, which an expression
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0010_caption_tsvector"
-down_revision: str | None = "0009_captions"
+revision: str = "0011_caption_tsvector"
+down_revision: str | None = "0010_citus"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
