@@ -181,6 +181,26 @@ def test_sql_functions_on_citus(catalogs: Catalogs) -> None:
         assert _query(catalogs.citus_url, sql, (image_id,)) == _query(catalogs.plain_url, sql, (image_id,))
 
 
+def test_keyword_functions_on_citus(catalogs: Catalogs) -> None:
+    """Citus cannot plan parameterised LANGUAGE sql functions over its tables; the migration turns the imsrc
+    schema's into PL/pgSQL (captions' keyword look-ups among them), which must answer as on one server."""
+    for url in (catalogs.citus_url, catalogs.plain_url):
+        with psycopg.connect(psycopg_url(url)) as conn:
+            conn.execute("UPDATE images SET caption = 'a red boat at sea' WHERE id IN (2, 3)")
+            conn.execute("UPDATE images SET caption = 'a tabby cat' WHERE id = 12")
+    queries = ["SELECT image_id, round(score::numeric, 5) FROM imsrc._keyword_rank(to_tsquery('english', 'boat'),"
+               " 5, NULL, false)",
+               "SELECT image_id, round(score::numeric, 5) FROM imsrc._keyword_hits(1, %s::vector,"
+               " to_tsquery('english', 'boat | cat'), 5, NULL, false, NULL)"]
+    vector = _query(catalogs.plain_url, "SELECT embedding::text FROM embeddings WHERE image_id = 2")[0][0]
+    assert _query(catalogs.citus_url, queries[0]) == _query(catalogs.plain_url, queries[0]) != []
+    assert _query(catalogs.citus_url, queries[1], (vector,)) == _query(catalogs.plain_url, queries[1], (vector,))
+    assert len(_query(catalogs.citus_url, queries[1], (vector,))) == 3
+    languages = _query(catalogs.citus_url, "SELECT DISTINCT l.lanname FROM pg_proc p JOIN pg_language l ON"
+                       " l.oid = p.prolang WHERE p.pronamespace = 'imsrc'::regnamespace AND p.provolatile <> 'i'")
+    assert languages == [("plpgsql",)]
+
+
 def test_faiss_and_backup_are_refused_with_the_reason(catalogs: Catalogs) -> None:
     with pytest.raises(BackendUnavailableError, match="not available on a Citus cluster"):
         _search(catalogs.citus_url, catalogs.data, 1, SearchOptions(k=3, backend="faiss"))

@@ -133,6 +133,33 @@ SELECT m.id, m.name, m.dimension, m.family, m.supports_text, m.is_active, m.para
 """
 
 
+# Citus cannot plan a parameterised LANGUAGE sql function that reads a table in its metadata (distributed, reference
+# or Citus-local: "Consider using PL/pgSQL functions instead"): every non-immutable SQL function of the imsrc schema
+# (migrations 0005-0009: stage 1's ranking, the keyword look-ups) becomes the same query in PL/pgSQL, with the same
+# signature, result and volatility. Immutable ones read no table and stay.
+SQL_FUNCTIONS_TO_PLPGSQL = r"""
+DO $$
+DECLARE
+    f record;
+    body text;
+BEGIN
+    FOR f IN
+        SELECT p.oid, p.proname, p.proretset, p.provolatile, p.prosrc
+          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
+         WHERE n.nspname = 'imsrc' AND l.lanname = 'sql' AND p.provolatile <> 'i'
+    LOOP
+        body := regexp_replace(f.prosrc, ';?\s*$', '');
+        body := E'#variable_conflict use_column\nBEGIN\n'
+                || CASE WHEN f.proretset THEN 'RETURN QUERY ' || body || E';\n' ELSE 'RETURN (' || body || E');\n' END
+                || 'END';
+        EXECUTE format('CREATE OR REPLACE FUNCTION imsrc.%I(%s) RETURNS %s LANGUAGE plpgsql %s AS %L',
+                       f.proname, pg_get_function_arguments(f.oid), pg_get_function_result(f.oid),
+                       CASE f.provolatile WHEN 'i' THEN 'IMMUTABLE' WHEN 's' THEN 'STABLE' ELSE 'VOLATILE' END, body);
+    END LOOP;
+END $$
+"""
+
+
 def citus_wanted(connection: object) -> bool:
     """The database is a Citus coordinator: the extension exists here, or the server preloads it."""
     conn = connection  # a SQLAlchemy Connection
@@ -172,6 +199,7 @@ def upgrade() -> None:
     for statement in (TRIGGERS + "---" + VIEWS).split("---"):
         if statement.strip():
             op.execute(statement)
+    op.execute(SQL_FUNCTIONS_TO_PLPGSQL)
     # Every session (imsrc's, and plain SQL users') reaches each worker over one connection per transaction:
     # Citus refuses to write images (which has foreign keys to reference tables) after a transaction read the
     # shards over several connections per worker, and catalog writes read vectors first. Workers still run in
