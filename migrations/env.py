@@ -7,6 +7,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool, text
 
 from imsrc.db.base import Base
+from imsrc.db.citus import after_migrations
 
 config = context.config
 target_metadata = Base.metadata
@@ -40,6 +41,8 @@ def run_migrations_online() -> None:
             context.configure(connection=connection, target_metadata=target_metadata)
             with context.begin_transaction():
                 context.run_migrations()
+                # On Citus, SQL functions any revision (re)created must become PL/pgSQL (imsrc/db/citus.py).
+                after_migrations(connection)
             connection.commit()
         finally:
             connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK})

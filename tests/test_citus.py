@@ -71,7 +71,7 @@ def catalogs(citus_cluster: CitusCluster, create_database: CreateDatabase) -> It
     write(folder / "boats" / "boats-copy.jpg", reencode(make_image(0), "JPEG", quality=90))
     citus_url = citus_cluster.create_database()
     migrated = _cli(citus_url, data, "migrate")
-    assert "0010_citus" in migrated.stdout + migrated.stderr
+    assert "schema at revision" in migrated.stdout + migrated.stderr  # the head, whatever comes after 0010_citus
     report = json.loads(_cli(citus_url, data, "index", str(folder), "--category-from-folder", "--json").stdout)
     plain_url = create_database("imsrc_single")
     _cli(plain_url, data, "migrate")

@@ -49,6 +49,8 @@ from collections.abc import Sequence
 from alembic import op
 from sqlalchemy import text
 
+from imsrc.db.citus import CITUS_SQL_FUNCTIONS_TO_PLPGSQL
+
 revision: str = "0010_citus"
 down_revision: str | None = "0009_captions"
 branch_labels: str | Sequence[str] | None = None
@@ -133,31 +135,9 @@ SELECT m.id, m.name, m.dimension, m.family, m.supports_text, m.is_active, m.para
 """
 
 
-# Citus cannot plan a parameterised LANGUAGE sql function that reads a table in its metadata (distributed, reference
-# or Citus-local: "Consider using PL/pgSQL functions instead"): every non-immutable SQL function of the imsrc schema
-# (migrations 0005-0009: stage 1's ranking, the keyword look-ups) becomes the same query in PL/pgSQL, with the same
-# signature, result and volatility. Immutable ones read no table and stay.
-SQL_FUNCTIONS_TO_PLPGSQL = r"""
-DO $$
-DECLARE
-    f record;
-    body text;
-BEGIN
-    FOR f IN
-        SELECT p.oid, p.proname, p.proretset, p.provolatile, p.prosrc
-          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
-         WHERE n.nspname = 'imsrc' AND l.lanname = 'sql' AND p.provolatile <> 'i'
-    LOOP
-        body := regexp_replace(f.prosrc, ';?\s*$', '');
-        body := E'#variable_conflict use_column\nBEGIN\n'
-                || CASE WHEN f.proretset THEN 'RETURN QUERY ' || body || E';\n' ELSE 'RETURN (' || body || E');\n' END
-                || 'END';
-        EXECUTE format('CREATE OR REPLACE FUNCTION imsrc.%I(%s) RETURNS %s LANGUAGE plpgsql %s AS %L',
-                       f.proname, pg_get_function_arguments(f.oid), pg_get_function_result(f.oid),
-                       CASE f.provolatile WHEN 'i' THEN 'IMMUTABLE' WHEN 's' THEN 'STABLE' ELSE 'VOLATILE' END, body);
-    END LOOP;
-END $$
-"""
+# Citus cannot plan a parameterised LANGUAGE sql function over its tables: the same rewrite runs after every
+# migration on Citus (migrations/env.py), so functions that later revisions (re)create are rewritten too.
+SQL_FUNCTIONS_TO_PLPGSQL = CITUS_SQL_FUNCTIONS_TO_PLPGSQL
 
 
 def citus_wanted(connection: object) -> bool:

@@ -65,6 +65,44 @@ def categorised_condition(session: Session, alias: str = "") -> str:
     return f"{column} <> {UNCATEGORISED}" if distributed(session) else f"{column} IS NOT NULL"
 
 
+# Citus cannot plan a parameterised LANGUAGE sql function that reads a table in its metadata (distributed, reference
+# or Citus-local: "Consider using PL/pgSQL functions instead"): every non-immutable SQL function of the imsrc schema
+# (migrations 0005-0009: stage 1's ranking, the keyword look-ups) becomes the same query in PL/pgSQL, with the same
+# signature, result and volatility. Immutable ones read no table and stay.
+CITUS_SQL_FUNCTIONS_TO_PLPGSQL = r"""
+DO $$
+DECLARE
+    f record;
+    body text;
+BEGIN
+    FOR f IN
+        SELECT p.oid, p.proname, p.proretset, p.provolatile, p.prosrc
+          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
+         WHERE n.nspname = 'imsrc' AND l.lanname = 'sql' AND p.provolatile <> 'i'
+    LOOP
+        body := regexp_replace(f.prosrc, ';?\s*$', '');
+        body := E'#variable_conflict use_column\nBEGIN\n'
+                || CASE WHEN f.proretset THEN 'RETURN QUERY ' || body || E';\n' ELSE 'RETURN (' || body || E');\n' END
+                || 'END';
+        EXECUTE format('CREATE OR REPLACE FUNCTION imsrc.%I(%s) RETURNS %s LANGUAGE plpgsql %s AS %L',
+                       f.proname, pg_get_function_arguments(f.oid), pg_get_function_result(f.oid),
+                       CASE f.provolatile WHEN 'i' THEN 'IMMUTABLE' WHEN 's' THEN 'STABLE' ELSE 'VOLATILE' END, body);
+    END LOOP;
+END $$
+"""
+
+
+def after_migrations(connection: Any) -> None:
+    """Run by migrations/env.py after every upgrade: on a distributed catalog, rewrite the SQL functions that the
+    revisions just applied may have (re)created in LANGUAGE sql (see CITUS_SQL_FUNCTIONS_TO_PLPGSQL)."""
+    distributed_now = connection.execute(text(
+        "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND to_regclass('embeddings') IS NOT NULL"
+    )).scalar()
+    if distributed_now and connection.execute(text(
+            "SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'embeddings'::regclass)")).scalar():
+        connection.execute(text(CITUS_SQL_FUNCTIONS_TO_PLPGSQL))
+
+
 @dataclass(frozen=True)
 class NodeStatus:
     node: str  # host:port
