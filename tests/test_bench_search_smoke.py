@@ -32,9 +32,15 @@ def test_service_bench_produces_every_row(repo_root: Path, tmp_path: Path) -> No
     assert set(result["sql"]) == {"exact SQL", "ann SQL", "two_stage SQL", "two_stage SQL, small-catalog rule off"}
     for row in result["sql"].values():
         assert row["same_as_service"] == 1.0 and 0 < row["p50_ms"] <= row["p95_ms"]
+    # Stage-1 rules side by side; the fixed fan-outs search exactly that many categories; sync calibrated
+    rules = result["stage1_rules"]
+    assert list(rules) == ["fixed temperature 0.05", "calibrated (default)", "fan-out 1", "fan-out 2", "fan-out 3"]
+    assert [rules[f"fan-out {n}"]["mean_categories"] for n in (1, 2, 3)] == [1.0, 2.0, 3.0]
+    assert result["calibration"]["temperature"] > 0 and result["calibration"]["samples"] > 0
     assert set(result["http"]) == LABELS and all(r["p50_ms"] > 0 for r in result["http"].values())
     for cold in result["cold_restart"].values():  # PostgreSQL restarted, warm-up off and on
         assert cold["health_s"] > 0 and cold["first_query_ms"] > 0 and cold["later_p50_ms"] > 0
-    assert set(result["cold_restart"]) == {"warm_up_off", "warm_up_on"}
+    assert set(result["cold_restart"]) == {"warm_up_off", "warm_up_on", "warm_up_on_after_ready"}
+    assert result["cold_restart"]["warm_up_on_after_ready"]["warm_up_wait_s"] >= 0
     assert result["server"]["jit"] and result["settings"]["search_ef_search"] > 0
     assert "--results-dir" not in result["command"] and "--synthetic 300" in result["command"]

@@ -73,8 +73,9 @@ def test_the_server_warms_search_in_the_background_after_start(catalog: Catalog)
         assert c.get("/health").status_code == 200
         report = app.state.search_warmup
         assert report.done.wait(120)
+        assert c.get("/health/ready").json()["search_warm"] is True
         runtime = app.state.search_runtime
-        assert report.error is None and report.model == MODEL and report.faiss_loaded
+        assert report.error is None and report.model == MODEL and report.faiss_loaded and report.searched
         assert report.prewarmed_bytes > 0
         assert report.inference == "torch"  # the model was loaded too (tests run IMSRC_INFERENCE=torch)
         assert runtime.prototypes.loads == 1 and len(runtime.faiss._indexes) == 1

@@ -182,6 +182,32 @@ def test_stage1_functions_match_the_api_categories(catalog: Catalog) -> None:
     assert [t[0] for t in top2] == [r[0] for r in ranked[:2]]
 
 
+@pytest.mark.parametrize(("temperature", "expected"), [(0.0005, 1), (5.0, 3)])
+def test_stage1_follows_the_models_calibrated_temperature(catalog: Catalog, temperature: float,
+                                                          expected: int) -> None:
+    """Sync stored a calibrated temperature (search_state stage1:m<id>); the API and imsrc.stage1/similar both
+    pick by it: a tiny one searches one category, a huge one the cap (3), on both sides."""
+    with catalog.database.session() as session:
+        key, saved = session.execute(text("SELECT key, value FROM search_state WHERE key LIKE 'stage1:m%'")).one()
+        assert saved["temperature"] > 0 and saved["samples"] == 32 and saved["categories"] == len(CATEGORIES)
+        session.execute(text("UPDATE search_state SET value = jsonb_set(value, '{temperature}', to_jsonb(CAST(:t AS"
+                             " float8))), updated_at = clock_timestamp() WHERE key = :k"), {"t": temperature, "k": key})
+        session.commit()
+    try:
+        image = catalog.ids["toys-2.png"]
+        api = _api(catalog, f"/api/search/similar/{image}?k=10&mode=two_stage", search_two_stage_min_rows=0)
+        vector = _reader(catalog, "SELECT embedding::text FROM embeddings WHERE image_id = %s", (image,))[0][0]
+        picked = [p[0] for p in _reader(catalog, "SELECT category FROM imsrc.stage1(%s::vector)", (vector,))]
+        assert len(picked) == expected and [c["category"] for c in api["stage1"]][:expected] == picked
+        rows = _reader(catalog, "SELECT image_id FROM imsrc.similar(%s, 10)", (image,), two_stage_min_rows="0")
+        assert [r[0] for r in rows] == [h["id"] for h in api["results"]]
+    finally:
+        with catalog.database.session() as session:
+            session.execute(text("UPDATE search_state SET value = CAST(:v AS jsonb), updated_at = clock_timestamp()"
+                                 " WHERE key = :k"), {"v": json.dumps(saved), "k": key})
+            session.commit()
+
+
 def test_another_model_by_name_and_bad_input_raise_clear_errors(catalog: Catalog) -> None:
     image = catalog.ids["cats-2.png"]
     by_name = _reader(catalog, "SELECT image_id FROM imsrc.similar(%s, 3, model => %s)", (image, MODEL))

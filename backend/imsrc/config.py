@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     prototype_min_gain: float = Field(default=0.02, ge=0.0, le=1.0)
     # Stage 1 takes categories until this share of the (softmax) score mass is covered (1.0: always the cap).
     search_score_mass: float = Field(default=0.9, gt=0.0, le=1.0)
+    # The softmax temperature of that rule. 0 (default): calibrated at sync time on the catalog's own members
+    # (search/calibration.py) so that the rule picks a held-out member's own category for
+    # search_stage1_coverage of them; 0.05 until a model is calibrated. A number > 0 fixes it (0.05 = the old rule).
+    search_stage1_temperature: float = Field(default=0.0, ge=0.0, le=10.0)
+    search_stage1_coverage: float = Field(default=0.98, gt=0.0, le=1.0)
     # pgvector hnsw.ef_search floor per category (see pg_queries.category_ef_search); raised to k when smaller.
     search_ef_search: int = Field(default=100, ge=1, le=1000)
     # pgvector: categories with fewer vectors than this get no HNSW index and are scanned exactly (bench/search:

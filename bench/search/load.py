@@ -57,6 +57,22 @@ def make_mixture(categories: int, dimension: int, spread: float, seed: int, intr
     return Mixture(centres / np.linalg.norm(centres, axis=1, keepdims=True), spread, seed, bases)
 
 
+def real_calibrated(n: int, base: np.ndarray, labels: np.ndarray, rng: np.random.Generator, noise: float = 0.5
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """n vectors shaped by real embeddings: each is a random real vector plus Gaussian noise with its category's
+    per-dimension spread (times `noise`), renormalised. Categories then overlap as the real ones do (stage 1 makes
+    the real mistakes), unlike the isotropic mixture; the label is the real vector's."""
+    spread = {int(c): base[labels == c].std(axis=0) * noise for c in np.unique(labels)}
+    pick = rng.integers(0, len(base), n)
+    out = np.empty((n, base.shape[1]), dtype=np.float32)
+    for start in range(0, n, 20_000):
+        rows = pick[start:start + 20_000]
+        sigma = np.stack([spread[int(c)] for c in labels[rows]])
+        x = base[rows] + rng.standard_normal(sigma.shape, dtype=np.float32) * sigma
+        out[start:start + len(rows)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out, labels[pick].astype(np.int64)
+
+
 def _binary_copy(columns: list[tuple[str, np.ndarray]], vectors: np.ndarray) -> bytes:
     """A PGCOPY stream of int4/int8 columns followed by one pgvector column, built by NumPy."""
     n, d = vectors.shape

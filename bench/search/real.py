@@ -52,37 +52,63 @@ def images(n: int) -> tuple[np.ndarray, np.ndarray]:
     return imgs[:n], labels[:n]
 
 
+CHECKPOINT = 10_000  # a long run saves every this many images as the cache of that size, and resumes from it
+
+
+def _cached(n: int) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The first n vectors from the smallest cache holding at least n (same order of images)."""
+    for path in sorted(DATA.glob(f"fashion-mnist-{MODEL}-*.npz"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
+        size = int(path.stem.rsplit("-", 1)[1])
+        if size >= n:
+            saved = np.load(path)
+            return saved["vectors"][:n], saved["labels"][:n], float(saved["embed_s"]) * n / size
+    return None
+
+
+def _save(vectors: np.ndarray, labels: np.ndarray, embed_s: float) -> None:
+    n = len(labels)
+    tmp = DATA / f"partial-{MODEL}-{n}.npz"
+    np.savez(tmp, vectors=vectors, labels=labels, embed_s=embed_s)
+    tmp.replace(DATA / f"fashion-mnist-{MODEL}-{n}.npz")
+    for smaller in DATA.glob(f"fashion-mnist-{MODEL}-*.npz"):  # the new file serves every smaller size
+        if int(smaller.stem.rsplit("-", 1)[1]) < n:
+            smaller.unlink()
+
+
 def embed(n: int, inference: str = "auto", batch: int = 64) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """(unit vectors (n, 1280) float32, labels (n,), facts about the embedding run). Cached per n."""
+    """(unit vectors (n, 1280) float32, labels (n,), facts about the embedding run). Cached; a run that stops
+    part way resumes from its last checkpoint."""
     DATA.mkdir(parents=True, exist_ok=True)
-    cache = DATA / f"fashion-mnist-{MODEL}-{n}.npz"
-    if cache.exists():
-        saved = np.load(cache)
-        return saved["vectors"], saved["labels"], {"cached": 1.0, "embed_s": float(saved["embed_s"])}
-    for bigger in sorted(DATA.glob(f"fashion-mnist-{MODEL}-*.npz"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
-        if int(bigger.stem.rsplit("-", 1)[1]) > n:  # same order of images: the first n of a larger run
-            saved = np.load(bigger)
-            share = n / len(saved["labels"])
-            return saved["vectors"][:n], saved["labels"][:n], {"cached": 1.0,
-                                                               "embed_s": float(saved["embed_s"]) * share}
+    hit = _cached(n)
+    if hit is not None:
+        return hit[0], hit[1], {"cached": 1.0, "embed_s": hit[2]}
     from imsrc.embeddings.loading import load_embedder
     from imsrc.imaging import model_image
 
     raw, labels = images(n)
-    embedder = load_embedder(MODEL, Settings(inference=inference, _env_file=None))  # type: ignore[call-arg]
+    done = max((int(p.stem.rsplit("-", 1)[1]) for p in DATA.glob(f"fashion-mnist-{MODEL}-*.npz")), default=0)
     out = np.empty((n, 1280), dtype=np.float32)
+    earlier = 0.0
+    if done:
+        out[:done], _, earlier = _cached(done)  # type: ignore[misc]
+    embedder = load_embedder(MODEL, Settings(inference=inference, _env_file=None))  # type: ignore[call-arg]
     started = time.perf_counter()
     import torch
 
-    for start in range(0, n, batch):
+    start = done
+    while start < n:
+        end = min(start + batch, n, (start // CHECKPOINT + 1) * CHECKPOINT)
         tensors = [embedder.preprocess(model_image(Image.fromarray(a)))  # type: ignore[attr-defined]
-                   for a in raw[start:start + batch]]
-        out[start:start + len(tensors)] = embedder.encode_images(torch.stack(tensors))
-        if start // batch % 20 == 0:
-            print(f"embedded {start + len(tensors)}/{n} ({time.perf_counter() - started:.0f} s)", flush=True)
-    took = time.perf_counter() - started
-    out /= np.linalg.norm(out, axis=1, keepdims=True)
-    np.savez(cache, vectors=out, labels=labels, embed_s=took)
+                   for a in raw[start:end]]
+        got = np.asarray(embedder.encode_images(torch.stack(tensors)), dtype=np.float32)
+        out[start:end] = got / np.linalg.norm(got, axis=1, keepdims=True)
+        if end % CHECKPOINT == 0 and end < n:
+            _save(out[:end], labels[:end], earlier + time.perf_counter() - started)
+        if (start - done) // batch % 20 == 0:
+            print(f"embedded {end}/{n} ({time.perf_counter() - started:.0f} s)", flush=True)
+        start = end
+    took = earlier + time.perf_counter() - started
+    _save(out, labels, took)
     return out, labels, {"cached": 0.0, "embed_s": took}
 
 

@@ -37,6 +37,10 @@ def section(r: dict[str, Any]) -> list[str]:
         title = f"### Real embeddings: {d['rows']:,} Fashion-MNIST images, EfficientNet-Lite0 (1280-d)"
         what = (f"{d['dataset']}; embedded once with {d['model']} (IMSRC_INFERENCE={d['inference']}) and cached "
                 "under bench/search/data/; 10 categories = the 10 labels.")
+    elif d["kind"] == "real-calibrated":
+        title = f"### Real-calibrated: {d['rows']:,} vectors from {d['base_rows']:,} Fashion-MNIST embeddings (1280-d)"
+        what = (f"{d['dataset']} (noise {d['noise']} of the label's per-dimension spread): the labels overlap as the "
+                "real ones do; 10 categories = the 10 labels.")
     else:
         title = f"### Synthetic: {d['rows']:,} vectors, {d['categories']} categories, {d['dim']}-d"
         what = (f"Gaussian mixture (noise {d['spread']} of the centre's norm): categories are far apart, so stage 1 "
@@ -61,6 +65,25 @@ def section(r: dict[str, Any]) -> list[str]:
               f"({t['target_recall']:.3f}) on {t['calibration_queries']} separate queries: ef_search "
               f"{t['ef_search']} (recall there {t['recall_at_ef']:.3f}).",
               "Builds: " + ", ".join(f"{k} {v} s" for k, v in r["build_s"].items()) + "."]
+    rules = r.get("stage1_rules")
+    if rules:
+        cal = r.get("calibration") or {}
+        exact = r["service"]["exact"]
+        lines += ["", "Stage-1 rules on the same queries (two_stage pgvector, small-catalog rule off; exact search's "
+                  f"label p@10 is {exact['label_p_at_10']:.3f}). The calibrated rule's temperature was fitted at "
+                  f"sync time on {cal.get('samples', '?')} members held out of their own prototypes "
+                  f"(search/calibration.py): {cal.get('temperature', float('nan')):.4f}, which picks the member's "
+                  f"own category for {cal.get('coverage', float('nan')):.3f} of them (target "
+                  f"{cal.get('target', '?')}, cap {cal.get('cap', '?')}; "
+                  f"{cal.get('mean_categories', float('nan')):.2f} "
+                  f"categories on average; the prototype classifier's top-1 accuracy there "
+                  f"{cal.get('top1', float('nan')):.3f}).", "",
+                  "| rule | label p@10 | recall@10 vs exact | stage-1 category recall | categories searched "
+                  "(mean; histogram) | p50 ms |", "|---|---:|---:|---:|---|---:|"]
+        for label, m in rules.items():
+            lines.append(f"| {label} | {m['label_p_at_10']:.3f} | {m['recall_at_10']:.3f} | "
+                         f"{m['category_recall']:.3f} | {m['mean_categories']:.2f}; {m['categories_histogram']} | "
+                         f"{m['p50_ms']:.2f} |")
     before = HISTORY / f"{d['kind']}-{d['rows']}-before-0004.json"
     if before.exists():
         b = json.loads(before.read_text())
@@ -89,10 +112,14 @@ def section(r: dict[str, Any]) -> list[str]:
                   "the warm-up does not load FAISS: it is built on first use)."]
     cold = r.get("cold_restart")
     if cold:
+        what = {"warm_up_off": "warm-up off", "warm_up_on": "warm-up on",
+                "warm_up_on_after_ready": "warm-up on, first query once `/health/ready` said `search_warm`"}
         lines += ["", "After a PostgreSQL restart (shared_buffers empty, OS page cache still warm) and a fresh "
-                  "`imsrc serve`, first `similar` query sent as soon as `/health` answered, then 20 more after 10 s: "
-                  + "; ".join(f"warm-up {'on' if key.endswith('on') else 'off'}: /health after {c['health_s']} s, "
-                              f"first query {c['first_query_ms']:.1f} ms, then p50 {c['later_p50_ms']:.1f} ms"
+                  "`imsrc serve`, first `similar` query sent as soon as `/health` answered (unless said otherwise), "
+                  "then 20 more after 10 s: "
+                  + "; ".join(f"{what.get(key, key)}: /health after {c['health_s']} s"
+                              + (f", warm {c['warm_up_wait_s']} s later" if "warm_up_wait_s" in c else "")
+                              + f", first query {c['first_query_ms']:.1f} ms, then p50 {c['later_p50_ms']:.1f} ms"
                               for key, c in cold.items()) + "."]
     if r.get("http_image"):
         lines += ["", "HTTP `POST /api/search/image` with the PNG (decode + EfficientNet-Lite0 embedding "

@@ -44,6 +44,9 @@ class Readiness(BaseModel):
     schema_revision: str | None
     schema_head: str | None
     round_trip_ms: float | None = Field(description="one trivial query on a pooled connection")
+    search_warm: bool | None = Field(default=None, description="whether the background search warm-up after start "
+                                     "has finished (None when IMSRC_SEARCH_WARMUP is off); readiness does not wait "
+                                     "for it, a balancer may")
 
 
 class ModelStatus(BaseModel):
@@ -133,8 +136,10 @@ def health() -> Health:
             summary="Readiness: the database answers and its schema is the one this version needs",
             responses={503: {"model": Readiness, "description": "not ready: database unreachable or schema out of "
                                                                 "date (the body says which)"}})
-def ready(db: DatabaseDep, response: Response) -> Readiness:
+def ready(request: Request, db: DatabaseDep, response: Response) -> Readiness:
     head = shipped_head()
+    warming = getattr(request.app.state, "search_warmup", None)
+    warm = None if warming is None else warming.done.is_set()
     try:
         with db.engine.connect() as conn:
             trip = round_trip_ms(conn)
@@ -143,14 +148,14 @@ def ready(db: DatabaseDep, response: Response) -> Readiness:
         log.warning("not ready: the database cannot be reached: %s", str(exc).strip().splitlines()[0])
         response.status_code = 503
         return Readiness(status="unavailable", version=__version__, database="unreachable", migrations="unknown",
-                         schema_revision=None, schema_head=head, round_trip_ms=None)
+                         schema_revision=None, schema_head=head, round_trip_ms=None, search_warm=warm)
     revision = current_revision(db.engine)
     current = revision is not None and revision == head
     if not current:
         response.status_code = 503
     return Readiness(status="ready" if current else "unavailable", version=__version__, database="ok",
                      migrations="current" if current else "out_of_date", schema_revision=revision,
-                     schema_head=head, round_trip_ms=trip)
+                     schema_head=head, round_trip_ms=trip, search_warm=warm)
 
 
 @router.get("/api/status", response_model=Status)

@@ -55,12 +55,14 @@ class PrototypeRepository:
         return [PrototypeRow(int(r.category_id), r.kind, int(r.ordinal), np.asarray(json.loads(r.v), np.float32),
                              int(r.member_count)) for r in rows]
 
-    def version(self, model_id: int) -> tuple[Any, ...]:
-        """Changes whenever a prototype or a category name changes: the in-memory matrix reloads then."""
+    def version(self, model_id: int, state_key: str = "") -> tuple[Any, ...]:
+        """Changes whenever a prototype or a category name changes, or the search_state row `state_key` (the
+        stage-1 calibration) is rewritten: the in-memory matrix reloads then. One statement, run per search."""
         row = self.session.execute(
-            text("SELECT count(*), max(p.updated_at), coalesce(sum(p.id), 0), coalesce(sum(hashtext(c.name)), 0)"
+            text("SELECT count(*), max(p.updated_at), coalesce(sum(p.id), 0), coalesce(sum(hashtext(c.name)), 0),"
+                 " (SELECT s.updated_at FROM search_state s WHERE s.key = :k)"
                  " FROM category_prototypes p JOIN categories c ON c.id = p.category_id WHERE p.model_id = :m"),
-            {"m": model_id},
+            {"m": model_id, "k": state_key},
         ).one()
         return tuple(row)
 

@@ -108,6 +108,13 @@ class VectorRepository:
                  " AND (NOT :u OR i.predicted_category_id IS NULL) AND (e.category_id IS NULL OR c.is_automatic))"),
             {"m": model_id, "u": unpredicted}).scalar())
 
+    def id_range(self, model_id: int) -> tuple[int | None, int | None]:
+        """Smallest and largest image id with a vector of the model (two primary-key probes)."""
+        row = self.session.execute(
+            text("SELECT (SELECT min(image_id) FROM embeddings WHERE model_id = :m),"
+                 " (SELECT max(image_id) FROM embeddings WHERE model_id = :m)"), {"m": model_id}).one()
+        return (None if row[0] is None else int(row[0])), (None if row[1] is None else int(row[1]))
+
     def category_counts(self, model_id: int) -> dict[int | None, int]:
         rows = self.session.execute(
             text("SELECT nullif(category_id, 0), count(*) FROM embeddings WHERE model_id = :m GROUP BY 1"),

@@ -41,7 +41,7 @@ from imsrc.search.schemas import (
     SearchResponse,
     Timings,
 )
-from imsrc.search.stage1 import CategoryScore, PrototypeCache, pick
+from imsrc.search.stage1 import STAGE1_TEMPERATURE, CategoryScore, PrototypeCache, PrototypeMatrix, pick
 from imsrc.search.urlfetch import UrlFetcher
 
 EmbedderFactory = Callable[[str], object]
@@ -443,15 +443,17 @@ class SearchService:
             chosen = self._explicit_categories(options.category)
             # Which named categories would stage 1 itself have picked? Only in those can a graph walk be
             # trusted at its normal width (see category_ef_search). Without prototypes, nothing is known.
-            ranked = self.runtime.prototypes.get(self.session, model.id).score(vector) if walks else []
-            near = {c.category_id for c in self._pick(ranked, None)} if ranked else set(chosen)
+            matrix = self.runtime.prototypes.get(self.session, model.id) if walks else None
+            ranked = matrix.score(vector) if matrix is not None else []
+            near = {c.category_id for c in self._pick(ranked, None, matrix)} if ranked else set(chosen)
             return chosen, [], near, []
         if options.mode != "two_stage":
             return None, [], set(), []
-        ranked = self.runtime.prototypes.get(self.session, model.id).score(vector)
+        matrix = self.runtime.prototypes.get(self.session, model.id)
+        ranked = matrix.score(vector)
         if not ranked:
             return None, [], set(), []
-        picked = self._pick(ranked, options.categories)
+        picked = self._pick(ranked, options.categories, matrix)
         return [c.category_id for c in picked], picked, {c.category_id for c in picked}, ranked
 
     def _explicit_categories(self, names: list[str]) -> list[int]:
@@ -464,8 +466,12 @@ class SearchService:
             ids.append(found)
         return sorted(set(ids))
 
-    def _pick(self, ranked: list[CategoryScore], requested: int | str | None) -> list[CategoryScore]:
-        return pick(ranked, requested, mass=self.settings.search_score_mass, cap=self.settings.search_categories)
+    def _pick(self, ranked: list[CategoryScore], requested: int | str | None, matrix: PrototypeMatrix | None
+              ) -> list[CategoryScore]:
+        temperature = matrix.temperature(self.settings.search_stage1_temperature) if matrix is not None \
+            else STAGE1_TEMPERATURE
+        return pick(ranked, requested, mass=self.settings.search_score_mass, cap=self.settings.search_categories,
+                    temperature=temperature)
 
     def _stage2(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, include_duplicates: bool,
                 exclude: int | None) -> list[SearchHit]:

@@ -12,9 +12,11 @@ from sqlalchemy.orm import Session
 
 from imsrc.catalog.prototypes import PrototypeRepository
 from imsrc.catalog.repository import CategoryRepository
+from imsrc.search.calibration import FIXED_TEMPERATURE, state_key
+from imsrc.search.repository import SearchStateRepository
 
-# Softmax temperature for the adaptive choice: a 0.05 cosine gap is about a factor e in weight.
-STAGE1_TEMPERATURE = 0.05
+# Softmax temperature when none is calibrated or set: a 0.05 cosine gap is about a factor e in weight.
+STAGE1_TEMPERATURE = FIXED_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,12 @@ class PrototypeMatrix:
     matrix: np.ndarray  # (P, d) unit rows
     owners: np.ndarray  # (P,) category id of each row
     names: dict[int, str]
+    calibrated: float | None = None  # the temperature fitted at sync time (search/calibration.py), if any
+
+    def temperature(self, fixed: float = 0.0) -> float:
+        """The rule's temperature: `fixed` when > 0 (IMSRC_SEARCH_STAGE1_TEMPERATURE), else the calibrated one,
+        else the old fixed 0.05."""
+        return fixed if fixed > 0 else (self.calibrated or STAGE1_TEMPERATURE)
 
     @property
     def category_count(self) -> int:
@@ -49,8 +57,8 @@ class PrototypeMatrix:
         return [CategoryScore(c, self.names.get(c, str(c)), s) for c, s in ranked]
 
 
-def choose(ranked: list[CategoryScore], *, count: int | None, mass: float, cap: int | None = None
-           ) -> list[CategoryScore]:
+def choose(ranked: list[CategoryScore], *, count: int | None, mass: float, cap: int | None = None,
+           temperature: float = STAGE1_TEMPERATURE) -> list[CategoryScore]:
     """Exactly the top `count` categories; or (count None) as many as cover `mass` of the softmax score
     mass, at most `cap`. The mass rule is what keeps a confident query to one category: at 1M vectors each
     extra 10,000-row category costs pgvector about as much as the first (bench/search)."""
@@ -58,22 +66,25 @@ def choose(ranked: list[CategoryScore], *, count: int | None, mass: float, cap: 
         return []
     if count is not None:
         return ranked[:count]
-    scores = np.array([c.score for c in ranked], dtype=np.float64) / STAGE1_TEMPERATURE
-    weights = np.exp(scores - scores.max())
-    cumulative = np.cumsum(weights / weights.sum())
-    n = int(np.searchsorted(cumulative, mass - 1e-12) + 1)
+    if mass >= 1.0:  # all of the mass: every category, up to the cap (tiny weights underflow to 0 otherwise)
+        n = len(ranked)
+    else:
+        scores = np.array([c.score for c in ranked], dtype=np.float64) / temperature
+        weights = np.exp(scores - scores.max())
+        cumulative = np.cumsum(weights / weights.sum())
+        n = int(np.searchsorted(cumulative, mass - 1e-12) + 1)
     return ranked[: max(1, min(n, len(ranked), cap or len(ranked)))]
 
 
-def pick(ranked: list[CategoryScore], requested: int | str | None, *, mass: float, cap: int
-         ) -> list[CategoryScore]:
+def pick(ranked: list[CategoryScore], requested: int | str | None, *, mass: float, cap: int,
+         temperature: float = STAGE1_TEMPERATURE) -> list[CategoryScore]:
     """The service's stage-1 rule: a number searches exactly that many categories; 'auto' follows the score
     mass alone; None (the default) follows it up to `cap` (IMSRC_SEARCH_CATEGORIES)."""
     if requested == "auto":
-        return choose(ranked, count=None, mass=mass)
+        return choose(ranked, count=None, mass=mass, temperature=temperature)
     if requested is not None:
         return choose(ranked, count=int(requested), mass=mass)
-    return choose(ranked, count=None, mass=mass, cap=cap)
+    return choose(ranked, count=None, mass=mass, cap=cap, temperature=temperature)
 
 
 class PrototypeCache:
@@ -86,7 +97,7 @@ class PrototypeCache:
 
     def get(self, session: Session, model_id: int) -> PrototypeMatrix:
         repo = PrototypeRepository(session)
-        version = repo.version(model_id)
+        version = repo.version(model_id, state_key(model_id))
         with self._lock:
             hit = self._items.get(model_id)
         if hit is not None and hit.version == version:
@@ -101,6 +112,7 @@ class PrototypeCache:
             matrix=np.stack([r.vector for r in rows]).astype(np.float32) if rows else np.zeros((0, dimension)),
             owners=np.array([r.category_id for r in rows], dtype=np.int64),
             names=names,
+            calibrated=SearchStateRepository(session).get(state_key(model_id)).get("temperature"),
         )
         with self._lock:
             self._items[model_id] = matrix

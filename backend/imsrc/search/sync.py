@@ -22,6 +22,7 @@ from imsrc.catalog.prototypes import PrototypeRepository
 from imsrc.catalog.repository import CategoryRepository, ModelRepository
 from imsrc.config import Settings
 from imsrc.search.autogroup import autogroup, plan
+from imsrc.search.calibration import calibrate, needs_calibration
 from imsrc.search.pg_queries import HALFVEC_MAX_DIM, NeighbourRepository
 from imsrc.search.prototypes import predict, refresh_prototypes, stale_categories, text_prototype_rows
 from imsrc.search.repository import SearchStateRepository, VectorRepository
@@ -53,6 +54,7 @@ class SyncReport:
     indexes_created: list[int] = field(default_factory=list)
     indexes_dropped: list[int] = field(default_factory=list)
     predicted: int = 0
+    stage1_temperature: float | None = None  # set when this sync (re)calibrated stage 1
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -97,6 +99,9 @@ def sync_search(session: Session, settings: Settings, *, model_id: int | None = 
     embedder = embedders(model.name) if embedders is not None and model.supports_text else None
     if embedder is not None:
         report.text_prototypes = _refresh_text_prototypes(session, model.id, embedder)
+    if needs_calibration(session, settings, model):
+        fitted = calibrate(session, settings, model)
+        report.stage1_temperature = None if fitted is None else fitted.temperature
     report.indexes_created, report.indexes_dropped = ensure_category_indexes(session, settings, model)
     real = set(cats.real_ids())
     labels_changed = bool((set(report.prototypes_refreshed) | set(report.text_prototypes)) & real)

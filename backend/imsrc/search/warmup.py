@@ -4,6 +4,11 @@ Without it the first query after a restart pays for everything at once: the prot
 index load or build (seconds on a big catalog), PostgreSQL reading the embeddings and their HNSW graphs from
 disk, and loading the model (with IMSRC_INFERENCE=auto|onnx on a new install, its one-time ONNX export).
 Warming is best effort: a failure is logged and searches simply warm things on first use, as before.
+
+Order: what every search touches first and cheaply (the prototypes, then one real `similar` search through the
+service: the pooled connection, SQLAlchemy's compiled statements, the per-category index list, the plans and the
+index pages one query needs), then the HNSW indexes, the model, and last the embeddings heap (the biggest read).
+/health/ready reports `search_warm` once it is all done, so a balancer can hold traffic until then.
 """
 
 from __future__ import annotations
@@ -30,26 +35,57 @@ class WarmReport:
     model: str | None = None
     prewarmed_bytes: int = 0
     faiss_loaded: bool = False
+    searched: bool = False  # one real search ran through the service
     inference: str | None = None  # the engines of the loaded model, once loaded
     seconds: float = 0.0
     error: str | None = None
 
 
-def prewarm_search_relations(session: Session, model_id: int) -> int:
-    """pg_prewarm the embeddings table and the model's HNSW indexes into shared_buffers; bytes read. 0 when
-    the pg_prewarm extension is not installed (creating it needs rights a catalog role may lack)."""
-    if session.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'pg_prewarm'")).scalar() is None:
-        try:
-            with session.begin_nested():
-                session.execute(text("CREATE EXTENSION IF NOT EXISTS pg_prewarm"))
-        except SQLAlchemyError:
-            return 0
-    blocks = session.execute(text(
-        "SELECT coalesce(sum(pg_prewarm(c.oid)), 0) FROM pg_class c WHERE c.oid = 'embeddings'::regclass "
-        "OR c.oid IN (SELECT x.indexrelid FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
-        "WHERE x.indrelid = 'embeddings'::regclass AND i.relname LIKE :p)"),
-        {"p": f"ix_embeddings_h%_m{int(model_id)}%"}).scalar_one()
+def prewarm_available(session: Session) -> bool:
+    """Whether pg_prewarm is installed, creating it where allowed (it needs rights a catalog role may lack)."""
+    if session.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'pg_prewarm'")).scalar() is not None:
+        return True
+    try:
+        with session.begin_nested():
+            session.execute(text("CREATE EXTENSION IF NOT EXISTS pg_prewarm"))
+    except SQLAlchemyError:
+        return False
+    return True
+
+
+def prewarm(session: Session, model_id: int, *, heap: bool) -> int:
+    """pg_prewarm the model's HNSW indexes (heap False) or the embeddings table (heap True) into shared_buffers;
+    bytes read. 0 without pg_prewarm."""
+    if not prewarm_available(session):
+        return 0
+    where = ("c.oid = 'embeddings'::regclass" if heap else
+             "c.oid IN (SELECT x.indexrelid FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+             "WHERE x.indrelid = 'embeddings'::regclass AND i.relname LIKE :p)")
+    blocks = session.execute(text(f"SELECT coalesce(sum(pg_prewarm(c.oid)), 0) FROM pg_class c WHERE {where}"),
+                             {"p": f"ix_embeddings_h%_m{int(model_id)}%"}).scalar_one()
     return int(blocks) * 8192
+
+
+def prewarm_search_relations(session: Session, model_id: int) -> int:
+    """The model's HNSW indexes, then the embeddings table; bytes read."""
+    return prewarm(session, model_id, heap=False) + prewarm(session, model_id, heap=True)
+
+
+def _one_search(database: Database, runtime: SearchRuntime, model_id: int) -> bool:
+    """A `similar` search on one of the model's images with the default options, as a first request would run."""
+    from imsrc.search.repository import VectorRepository
+    from imsrc.search.schemas import SearchOptions
+
+    try:
+        with database.session() as session:
+            low, _ = VectorRepository(session).id_range(model_id)
+            if low is None:
+                return False
+            runtime.service(session).similar(low, SearchOptions())
+    except Exception as exc:  # e.g. the image was deleted meanwhile: warm the rest anyway
+        log.info("search warm-up: the first search failed (%s: %s)", type(exc).__name__, exc)
+        return False
+    return True
 
 
 def warm(database: Database, runtime: SearchRuntime, report: WarmReport) -> None:
@@ -60,24 +96,28 @@ def warm(database: Database, runtime: SearchRuntime, report: WarmReport) -> None
             if model is None:
                 return
             report.model = model.name
-            report.prewarmed_bytes = prewarm_search_relations(session, model.id)
+            model_id, name = model.id, model.name
             runtime.prototypes.get(session, model.id)
             if runtime.settings.search_backend == "faiss":
                 runtime.faiss.get(session, model)
                 report.faiss_loaded = True
-            name = model.name
+        report.searched = _one_search(database, runtime, model_id)
+        with database.session() as session:
+            report.prewarmed_bytes = prewarm(session, model_id, heap=False)
         # Image queries are hashed for the duplicates-first look-up: imagehash loads scipy (~0.17 s) on first use.
         from PIL import Image
 
         from imsrc.imaging import phash64
 
         phash64(Image.new("RGB", (32, 32)))
-        # Last: the slowest part, and it needs no session. Queries then find a warm inference session.
+        # The model: slow, and it needs no session. Image queries then find a warm inference session.
         from imsrc.embeddings.runtime import describe  # torch loads here, in the background, not at import
 
         embedder = runtime.embedder_factory(name)
         engines = getattr(embedder, "runtime", None)
         report.inference = describe(engines) if isinstance(engines, dict) else None
+        with database.session() as session:  # the biggest read last: the rows a search hydrates and re-scores
+            report.prewarmed_bytes += prewarm(session, model_id, heap=True)
     except Exception as exc:  # best effort: searches warm what they need on first use anyway
         report.error = f"{type(exc).__name__}: {exc}"
         log.warning("search warm-up failed (first searches will be slower): %s", report.error)
