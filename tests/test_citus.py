@@ -8,12 +8,16 @@ then the tests read it; the tests that stop a worker or add one run last and put
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
@@ -25,8 +29,8 @@ from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime
 from tests.fixtures.citus import CitusCluster
 from tests.fixtures.database import TEST_MODEL, CreateDatabase, database_for, scratch_dir
-from tests.helpers import make_image, run_cli
-from tests.ingest_support import psycopg_url, reencode, write
+from tests.helpers import ROOT, make_image, run_cli
+from tests.ingest_support import cli_env, index_command, psycopg_url, reencode, snapshot, write
 
 pytestmark = pytest.mark.citus
 
@@ -244,6 +248,46 @@ def test_recategorise_rename_and_delete_move_the_vectors(catalogs: Catalogs) -> 
         victim = _query(url, "SELECT max(id) FROM images")[0][0]
         assert client.delete(f"/api/images/{victim}").status_code == 200
     assert _query(url, "SELECT count(*) FROM embeddings WHERE image_id = %s", (victim,)) == [(0,)]
+
+
+def test_ingest_resumes_after_sigkill_on_citus(citus_cluster: CitusCluster, create_database: CreateDatabase) -> None:
+    """COPY into the shards, SIGKILL mid-run, the same command again: the catalog equals an uninterrupted run's on
+    one server (rows, vectors, duplicate links, prototypes), and no image has two vector rows."""
+    scratch = scratch_dir("citus-resume")
+    root = scratch / "photos"
+    for i in range(48):
+        data = make_image(5000 + i, (320, 240), "JPEG")
+        write(root / ["red", "green", "blue"][i % 3] / f"img{i:03d}.jpg", data)
+        if i % 16 == 0:
+            write(root / "copies" / f"near{i:03d}.jpg", reencode(data, "JPEG", quality=70))
+    citus_url, plain_url = citus_cluster.create_database(), create_database("imsrc_resume_plain")
+    env_plain, env_citus = cli_env(plain_url, scratch / "data"), cli_env(citus_url, scratch / "data")
+    whole = subprocess.run(index_command(root), env=env_plain, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    _cli(citus_url, scratch / "data", "migrate")
+    proc = subprocess.Popen(index_command(root), env=env_citus, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=ROOT)
+    with psycopg.connect(psycopg_url(citus_url), autocommit=True) as conn:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if conn.execute("SELECT count(*) FROM images").fetchone()[0] >= 8:  # type: ignore[index]
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        status = conn.execute("SELECT status FROM ingest_jobs").fetchone()[0]  # type: ignore[index]
+    assert status == "running", "the indexer finished before it could be killed"
+    resumed = subprocess.run(index_command(root), env=env_citus, capture_output=True, text=True, cwd=ROOT,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["resumed"] is True
+    a = snapshot(database_for(_settings(plain_url, scratch / "data"), migrate=False))
+    b = snapshot(database_for(_settings(citus_url, scratch / "data"), migrate=False))
+    for key in ("images", "sources", "prototypes", "categories"):
+        assert a[key] == b[key], key
+    assert a["vectors"].keys() == b["vectors"].keys()
+    assert all(np.array_equal(a["vectors"][k], b["vectors"][k]) for k in a["vectors"])
+    assert _query(citus_url, "SELECT count(*) - count(DISTINCT (model_id, image_id)) FROM embeddings") == [(0,)]
 
 
 def _worker_of(url: str, category_id: int) -> str:
