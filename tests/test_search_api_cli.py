@@ -102,7 +102,10 @@ def test_upload_search_finds_the_same_image_first(client: TestClient, catalog: C
         assert top["file_url"] == f"/api/images/{top['id']}/file"
         assert len(body["results"]) == 5 and body["model"] == MODEL and body["mode"] == "two_stage"
         assert body["backend"] == backend and body["stage1"]
-        assert set(body["timings_ms"]) == {"embed", "stage1", "stage2", "total"}
+        assert set(body["timings_ms"]) == {"embed", "stage1", "stage2", "rerank", "total"}
+        # mode, match and the comparator are named in every response (issue 18, item 4)
+        assert body["match"] == "whole" and body["rerank"] is None and body["timings_ms"]["rerank"] == 0
+        assert top["match_type"] == "duplicate" and top["box"] is None
 
 
 def test_search_modes_filters_and_categories_only(client: TestClient, catalog: Catalog) -> None:
