@@ -14,13 +14,23 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 300,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "imsrc.cli.main", *args],
-        capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout, input=input,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+        input=input,
     )
 
 

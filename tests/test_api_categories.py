@@ -48,8 +48,7 @@ def test_rename_automatic_makes_it_real_and_duplicate_name_conflicts(client: Tes
     described = client.patch(f"/api/categories/{auto.id}", json={"description": "orange skies"})
     assert described.json()["description"] == "orange skies" and described.json()["name"] == "Sunsets"
     # leaving description out keeps it; null clears it
-    assert client.patch(f"/api/categories/{auto.id}", json={"name": "Sunsets"}).json()["description"] == \
-        "orange skies"
+    assert client.patch(f"/api/categories/{auto.id}", json={"name": "Sunsets"}).json()["description"] == "orange skies"
     assert client.patch(f"/api/categories/{auto.id}", json={"description": None}).json()["description"] is None
     # a case-only rename of itself is fine
     assert client.patch(f"/api/categories/{auto.id}", json={"name": "SUNSETS"}).json()["name"] == "SUNSETS"
@@ -63,11 +62,14 @@ def test_rename_automatic_makes_it_real_and_duplicate_name_conflicts(client: Tes
 def test_detail_reports_prototypes_per_model(client: TestClient, session: Session) -> None:
     cat = CategoryRepository(session).get_or_create("Protos")
     session.execute(text("INSERT INTO embedding_models (name, dimension, family) VALUES ('m-protos', 2, 'test')"))
-    session.execute(text(
-        "INSERT INTO category_prototypes (category_id, model_id, kind, ordinal, vector, member_count) "
-        "SELECT :c, id, k.kind, k.ord, '[1,0]', k.n FROM embedding_models, "
-        "(VALUES ('mean', 0, 10), ('cluster', 0, 6), ('cluster', 1, 4)) AS k(kind, ord, n) WHERE name = 'm-protos'"
-    ), {"c": cat.id})
+    session.execute(
+        text(
+            "INSERT INTO category_prototypes (category_id, model_id, kind, ordinal, vector, member_count) "
+            "SELECT :c, id, k.kind, k.ord, '[1,0]', k.n FROM embedding_models, "
+            "(VALUES ('mean', 0, 10), ('cluster', 0, 6), ('cluster', 1, 4)) AS k(kind, ord, n) WHERE name = 'm-protos'"
+        ),
+        {"c": cat.id},
+    )
     body = client.get(f"/api/categories/{cat.id}").json()
     assert body["name"] == "Protos" and body["prototype_count"] == 3
     protos = {(p["model"], p["kind"]): p for p in body["prototypes"]}
@@ -84,15 +86,15 @@ def _activate_tiny_clip(session: Session):  # type: ignore[no-untyped-def]
     tiny = get_embedder("open_clip-tiny-test")
     session.execute(text("UPDATE embedding_models SET is_active = false"))
     models = ModelRepository(session)
-    model = models.register(name=tiny.name, dimension=tiny.dimension, family=tiny.family, params={},
-                            supports_text=True)
+    model = models.register(name=tiny.name, dimension=tiny.dimension, family=tiny.family, params={}, supports_text=True)
     models.set_active(model)
     return tiny
 
 
 def _text_prototype(session: Session, category_id: int) -> list[float]:
-    stored = session.execute(text(
-        "SELECT vector::text FROM category_prototypes WHERE category_id = :c AND kind = 'text'"), {"c": category_id}
+    stored = session.execute(
+        text("SELECT vector::text FROM category_prototypes WHERE category_id = :c AND kind = 'text'"),
+        {"c": category_id},
     ).scalar_one()
     return [float(x) for x in stored.strip("[]").split(",")]
 

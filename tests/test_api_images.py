@@ -61,8 +61,13 @@ def test_detail_has_category_prediction_duplicates_and_models(client: TestClient
     dup = add_image(session, 12, canonical_id=a.id)
     session.flush()
     session.execute(text("INSERT INTO embedding_models (name, dimension, family) VALUES ('m-detail', 3, 'test')"))
-    session.execute(text("INSERT INTO embeddings (model_id, image_id, embedding) SELECT id, :i, '[1,0,0]' "
-                         "FROM embedding_models WHERE name = 'm-detail'"), {"i": a.id})
+    session.execute(
+        text(
+            "INSERT INTO embeddings (model_id, image_id, embedding) SELECT id, :i, '[1,0,0]' "
+            "FROM embedding_models WHERE name = 'm-detail'"
+        ),
+        {"i": a.id},
+    )
 
     body = client.get(f"/api/images/{a.id}").json()
     assert body["sha256"] == hashlib.sha256(make_image(11)).hexdigest()
@@ -98,12 +103,12 @@ def test_file_serves_stored_bytes_with_content_type(client: TestClient, session:
     assert PILImage.open(io.BytesIO(jpeg.content)).format == "JPEG"
 
 
-def test_file_serves_referenced_file_only_while_it_exists(client: TestClient, session: Session,
-                                                          scratch: Path) -> None:
+def test_file_serves_referenced_file_only_while_it_exists(client: TestClient, session: Session, scratch: Path) -> None:
     ref = add_image(session, 31, stored=False, source_path=scratch / "ref.png")
     # Referenced files are served only from folders an indexing job was given (see catalog/referenced.py).
-    JobRepository(session).create(kind="index", job_key="ref", paths=[str(scratch)], options={}, model_id=None,
-                                  model_name=None)
+    JobRepository(session).create(
+        kind="index", job_key="ref", paths=[str(scratch)], options={}, model_id=None, model_name=None
+    )
     response = client.get(f"/api/images/{ref.id}/file")
     assert response.status_code == 200 and response.content == make_image(31)
     assert response.headers["content-type"] == "image/png"
@@ -114,8 +119,11 @@ def test_file_serves_referenced_file_only_while_it_exists(client: TestClient, se
 
 
 def test_file_path_traversal_is_not_a_route(client: TestClient) -> None:
-    for path in ("/api/images/..%2F..%2Fetc%2Fpasswd/file", "/api/images/1/../../../etc/passwd",
-                 "/api/images/%2Fetc%2Fpasswd/file"):
+    for path in (
+        "/api/images/..%2F..%2Fetc%2Fpasswd/file",
+        "/api/images/1/../../../etc/passwd",
+        "/api/images/%2Fetc%2Fpasswd/file",
+    ):
         response = client.get(path)
         assert response.status_code in (404, 422), path
         assert b"root:" not in response.content
@@ -145,8 +153,9 @@ def test_delete_repoints_duplicates_and_removes_everything(client: TestClient, s
     response = client.delete(f"/api/images/{ids[0]}")
     assert response.status_code == 200
     assert response.json() == {"id": ids[0], "new_canonical_id": ids[1], "repointed": 1}
-    rows = dict(session.execute(text("SELECT id, canonical_id FROM images WHERE id = ANY(:ids)"),
-                                {"ids": list(ids)}).all())
+    rows = dict(
+        session.execute(text("SELECT id, canonical_id FROM images WHERE id = ANY(:ids)"), {"ids": list(ids)}).all()
+    )
     assert rows == {ids[1]: None, ids[2]: ids[1]}
     for table in ("image_blobs", "thumbnails", "embeddings"):
         left = session.execute(text(f"SELECT count(*) FROM {table} WHERE image_id = :i"), {"i": ids[0]})

@@ -51,9 +51,14 @@ def test_counters_move_after_an_upload_and_a_search(own_database: Database) -> N
         assert value(before, "imsrc_catalog_images") == 0
 
         one, two = make_image(1101, size=(96, 80)), make_image(1102, size=(96, 80))
-        upload = client.post("/api/images", files=[("file", ("one.png", one, "image/png")),
-                                                   ("file", ("two.png", two, "image/png")),
-                                                   ("file", ("junk.png", b"not an image", "image/png"))])
+        upload = client.post(
+            "/api/images",
+            files=[
+                ("file", ("one.png", one, "image/png")),
+                ("file", ("two.png", two, "image/png")),
+                ("file", ("junk.png", b"not an image", "image/png")),
+            ],
+        )
         assert upload.status_code == 200 and upload.json()["new"] == 2, upload.text
         again = client.post("/api/images", files=[("file", ("one-again.png", one, "image/png"))])
         assert again.json()["duplicates"] == 1
@@ -76,8 +81,10 @@ def test_counters_move_after_an_upload_and_a_search(own_database: Database) -> N
     assert not any(f"/{image_id}" in dict(labels).get("route", "") for _, labels in after)
     search_body = search.json()
     for stage in ("embed", "stage1", "stage2", "total"):
-        assert moved("imsrc_search_stage_seconds_count", stage=stage, mode="two_stage",
-                     backend=search_body["backend"]) == 1, stage
+        assert (
+            moved("imsrc_search_stage_seconds_count", stage=stage, mode="two_stage", backend=search_body["backend"])
+            == 1
+        ), stage
     # Catalog gauges are read from the database at scrape time.
     assert value(after, "imsrc_catalog_images") == 2
     assert value(after, "imsrc_catalog_vectors", model="open_clip-tiny-test", active="true") == 2
@@ -113,12 +120,21 @@ print(generate_latest(_process_metrics()).decode())
 def test_multiprocess_mode_adds_up_the_workers() -> None:
     # Two worker processes record, a third one scrapes: with PROMETHEUS_MULTIPROC_DIR it sees both.
     with tempfile.TemporaryDirectory(prefix="imsrc-prom-") as folder:
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": folder,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "backend"), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": folder,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "backend"), os.environ.get("PYTHONPATH")])),
+        }
         for _ in range(2):
             subprocess.run([sys.executable, "-c", MULTIPROCESS_WORKER], env=env, check=True, timeout=120)
-        out = subprocess.run([sys.executable, "-c", MULTIPROCESS_SCRAPE], env=env, check=True, timeout=120,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", MULTIPROCESS_SCRAPE],
+            env=env,
+            check=True,
+            timeout=120,
+            capture_output=True,
+            text=True,
+        ).stdout
     samples: Samples = {}
     for family in text_string_to_metric_families(out):
         for s in family.samples:

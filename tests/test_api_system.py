@@ -53,21 +53,33 @@ def test_unknown_route_is_json_error(client: TestClient) -> None:
 def test_status_reports_search_model_and_text_support(client: TestClient, session: Session) -> None:
     # Nothing active in the catalog yet: the configured model (the tiny CLIP in tests) reads text.
     body = client.get("/api/status").json()
-    assert body["search_model"] == {"name": "open_clip-tiny-test", "supports_text": True, "source": "settings",
-                                    "inference": "torch"}  # tests run IMSRC_INFERENCE=torch (conftest)
+    assert body["search_model"] == {
+        "name": "open_clip-tiny-test",
+        "supports_text": True,
+        "source": "settings",
+        "inference": "torch",
+    }  # tests run IMSRC_INFERENCE=torch (conftest)
     assert body["text_search"] is True and body["max_upload_bytes"] == 50 * 1024 * 1024
     # An image-only model active in the catalog wins over the setting.
     session.execute(text("UPDATE embedding_models SET is_active = false"))
-    session.execute(text("INSERT INTO embedding_models (name, dimension, family, supports_text, is_active) "
-                         "VALUES ('image-only-test', 4, 'test', false, true)"))
+    session.execute(
+        text(
+            "INSERT INTO embedding_models (name, dimension, family, supports_text, is_active) "
+            "VALUES ('image-only-test', 4, 'test', false, true)"
+        )
+    )
     body = client.get("/api/status").json()
     assert body["search_model"]["name"] == "image-only-test" and body["search_model"]["source"] == "catalog"
     assert body["text_search"] is False and body["active_model"] == "image-only-test"
 
 
 def test_status_lists_recent_jobs(client: TestClient, session: Session) -> None:
-    session.execute(text("INSERT INTO ingest_jobs (kind, job_key, status, files_total, new_count, failed_count) "
-                         "VALUES ('index', 'status-test', 'completed', 3, 2, 1)"))
+    session.execute(
+        text(
+            "INSERT INTO ingest_jobs (kind, job_key, status, files_total, new_count, failed_count) "
+            "VALUES ('index', 'status-test', 'completed', 3, 2, 1)"
+        )
+    )
     jobs = client.get("/api/status").json()["jobs"]
     assert jobs[0]["kind"] == "index" and jobs[0]["status"] == "completed"
     assert (jobs[0]["files_total"], jobs[0]["new"], jobs[0]["failed"]) == (3, 2, 1)
@@ -100,8 +112,14 @@ def test_status_describes_the_active_models_index(client: TestClient, session: S
     model = models.register(name="index-status-test", dimension=3, family="test", params={}, supports_text=False)
     models.set_active(model)
     index = client.get("/api/status").json()["index"]
-    assert index == {"backend": "pgvector", "model": "index-status-test", "vectors": 0, "hnsw": True,
-                     "category_indexes": 0, "state": "empty"}
+    assert index == {
+        "backend": "pgvector",
+        "model": "index-status-test",
+        "vectors": 0,
+        "hnsw": True,
+        "category_indexes": 0,
+        "state": "empty",
+    }
 
 
 def test_readiness_when_the_database_answers(client: TestClient) -> None:
@@ -132,8 +150,14 @@ def test_liveness_stays_up_and_readiness_fails_while_the_database_is_down(settin
         ready = c.get("/health/ready")  # no key: probes hold none
         assert ready.status_code == 503
         assert ready.json() | {"version": None, "schema_head": None} == {
-            "status": "unavailable", "version": None, "database": "unreachable", "migrations": "unknown",
-            "schema_revision": None, "schema_head": None, "round_trip_ms": None}
+            "status": "unavailable",
+            "version": None,
+            "database": "unreachable",
+            "migrations": "unknown",
+            "schema_revision": None,
+            "schema_head": None,
+            "round_trip_ms": None,
+        }
         assert str(port) not in ready.text  # where the database lives is for the log, not the public answer
         status = c.get("/api/status", headers={"X-API-Key": "k"})
         assert status.status_code == 503 and status.json()["error"]["code"] == "database_unavailable"

@@ -39,11 +39,15 @@ def _jpeg(data: bytes) -> bytes:
 
 def test_upload_new_failed_duplicates_and_delete(client: TestClient, session: Session) -> None:
     one, two = make_image(301, size=(128, 96)), make_image(302, size=(128, 96))
-    response = client.post("/api/images", data={"category": " Uploads "}, files=[
-        ("file", ("one.png", one, "image/png")),
-        ("file", ("two.png", two, "image/png")),
-        ("file", ("broken.jpg", b"\xff\xd8\xff not really a jpeg", "image/jpeg")),
-    ])
+    response = client.post(
+        "/api/images",
+        data={"category": " Uploads "},
+        files=[
+            ("file", ("one.png", one, "image/png")),
+            ("file", ("two.png", two, "image/png")),
+            ("file", ("broken.jpg", b"\xff\xd8\xff not really a jpeg", "image/jpeg")),
+        ],
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["new"], body["duplicates"], body["failed"]) == (2, 0, 1)
@@ -66,14 +70,19 @@ def test_upload_new_failed_duplicates_and_delete(client: TestClient, session: Se
     assert protos["text"]["count"] == 1  # the tiny CLIP reads text: the category's name is a prototype too
 
     # identical bytes: nothing stored, pointed at the existing image; a re-encoding: a near-duplicate
-    again = client.post("/api/images", files=[("file", ("copy.png", one, "image/png")),
-                                              ("file", ("one.jpg", _jpeg(one), "image/jpeg"))]).json()
+    again = client.post(
+        "/api/images", files=[("file", ("copy.png", one, "image/png")), ("file", ("one.jpg", _jpeg(one), "image/jpeg"))]
+    ).json()
     exact, near = again["results"]
     assert exact["status"] == "duplicate" and exact["exact"] is True and exact["duplicate_of"] == first
     assert near["status"] == "duplicate" and near["exact"] is False and near["duplicate_of"] == first
     assert near["id"] != first
-    assert _scalar(session, "SELECT count(*) FROM images WHERE sha256 = (SELECT sha256 FROM images WHERE id = :i)",
-                   i=first) == 1
+    assert (
+        _scalar(
+            session, "SELECT count(*) FROM images WHERE sha256 = (SELECT sha256 FROM images WHERE id = :i)", i=first
+        )
+        == 1
+    )
     assert client.get(f"/api/images/{first}").json()["duplicates"][0]["id"] == near["id"]
 
     # deleting the canonical promotes the near-duplicate and keeps the mean prototype current
@@ -101,8 +110,11 @@ def test_concurrent_uploads_all_succeed(committed: tuple[TestClient, Database]) 
     client, _ = committed
 
     def upload(i: int) -> tuple[int, str]:
-        r = client.post("/api/images", data={"category": "Concurrent"},
-                        files=[("file", (f"c{i}.png", make_image(400 + i, size=(96, 72)), "image/png"))])
+        r = client.post(
+            "/api/images",
+            data={"category": "Concurrent"},
+            files=[("file", (f"c{i}.png", make_image(400 + i, size=(96, 72)), "image/png"))],
+        )
         return r.status_code, r.json()["results"][0]["status"] if r.status_code == 200 else r.text
 
     with ThreadPoolExecutor(2) as pool:

@@ -14,12 +14,12 @@ from tests.helpers import make_image, run_cli
 TABLES = {
     "categories": "SELECT id, name, is_automatic FROM categories ORDER BY id",
     "images": "SELECT id, encode(sha256, 'hex'), phash::text, width, height, category_id, canonical_id FROM images"
-              " ORDER BY id",
+    " ORDER BY id",
     "image_blobs": "SELECT image_id, md5(data) FROM image_blobs ORDER BY image_id",
     "thumbnails": "SELECT image_id, md5(data) FROM thumbnails ORDER BY image_id",
     "embeddings": "SELECT model_id, image_id, category_id, embedding::text FROM embeddings ORDER BY 1, 2",
     "prototypes": "SELECT category_id, model_id, kind, ordinal, vector::text, member_count FROM category_prototypes"
-                  " ORDER BY 1, 2, 3, 4",
+    " ORDER BY 1, 2, 3, 4",
     "models": "SELECT id, name, dimension, is_active FROM embedding_models ORDER BY id",
 }
 
@@ -37,20 +37,27 @@ def _fill(url: str) -> None:
     with psycopg.connect(_libpq(url)) as conn:
         conn.execute("INSERT INTO categories (name) VALUES ('cats'), ('dogs')")
         conn.execute("INSERT INTO embedding_models (name, dimension, family, is_active) VALUES ('m', 3, 't', true)")
-        conn.execute("CREATE INDEX ix_embeddings_hnsw_m1 ON embeddings USING hnsw ((embedding::vector(3))"
-                     " vector_cosine_ops) WHERE model_id = 1")
+        conn.execute(
+            "CREATE INDEX ix_embeddings_hnsw_m1 ON embeddings USING hnsw ((embedding::vector(3))"
+            " vector_cosine_ops) WHERE model_id = 1"
+        )
         for i in range(1, 4):
             data = make_image(i)
             conn.execute(
                 "INSERT INTO images (sha256, phash, width, height, format, byte_size, category_id, canonical_id)"
                 " VALUES (sha256(%s), B'1010000000000000000000000000000000000000000000000000000000000001', 96, 64,"
-                " 'PNG', %s, %s, %s)", (data, len(data), 1 + i % 2, 1 if i == 3 else None))
+                " 'PNG', %s, %s, %s)",
+                (data, len(data), 1 + i % 2, 1 if i == 3 else None),
+            )
             conn.execute("INSERT INTO image_blobs VALUES (%s, %s)", (i, data))
             conn.execute("INSERT INTO thumbnails (image_id, data, width, height) VALUES (%s, %s, 9, 6)", (i, data[:50]))
-            conn.execute("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (1, %s, %s)",
-                         (i, f"[{i},0.5,0.25]"))
-        conn.execute("INSERT INTO category_prototypes (category_id, model_id, vector, member_count)"
-                     " VALUES (1, 1, '[1,0,0]', 1), (2, 1, '[0,1,0]', 2)")
+            conn.execute(
+                "INSERT INTO embeddings (model_id, image_id, embedding) VALUES (1, %s, %s)", (i, f"[{i},0.5,0.25]")
+            )
+        conn.execute(
+            "INSERT INTO category_prototypes (category_id, model_id, vector, member_count)"
+            " VALUES (1, 1, '[1,0,0]', 1), (2, 1, '[0,1,0]', 2)"
+        )
 
 
 def test_backup_restore_into_empty_data_directory(create_database, scratch: Path) -> None:  # type: ignore[no-untyped-def]
@@ -106,8 +113,11 @@ def test_restored_catalog_searches_the_same(create_database, scratch: Path) -> N
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"p{i}.png").write_bytes(make_image(700 + i, size=(64, 48)))
     source = create_database("imsrc_backup_search")
-    src_env = {"IMSRC_DATABASE_URL": source, "IMSRC_DATA_DIR": str(scratch / "src"),
-               "IMSRC_MODEL": "open_clip-tiny-test"}
+    src_env = {
+        "IMSRC_DATABASE_URL": source,
+        "IMSRC_DATA_DIR": str(scratch / "src"),
+        "IMSRC_MODEL": "open_clip-tiny-test",
+    }
     assert run_cli("index", str(photos), "--category-from-folder", "--store", "copy", env=src_env).returncode == 0
     dump = scratch / "search.imsrc"
     assert run_cli("backup", str(dump), env=src_env).returncode == 0
@@ -118,8 +128,12 @@ def test_restored_catalog_searches_the_same(create_database, scratch: Path) -> N
     assert _snapshot(dst_url) == _snapshot(source)
 
     query = photos / "sea" / "p1.png"
-    for args in (("similar", "3", "-k", "8"), ("search", "image", str(query), "-k", "8"),
-                 ("search", "image", str(query), "-k", "8", "--exact"), ("search", "text", "sea", "-k", "5")):
+    for args in (
+        ("similar", "3", "-k", "8"),
+        ("search", "image", str(query), "-k", "8"),
+        ("search", "image", str(query), "-k", "8", "--exact"),
+        ("search", "text", "sea", "-k", "5"),
+    ):
         before = run_cli(*args, "--json", env=src_env)
         after = run_cli(*args, "--json", env=dst_env)
         assert before.returncode == after.returncode == 0, (args, before.stderr, after.stderr)

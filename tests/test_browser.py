@@ -49,8 +49,10 @@ def _seed(base: str) -> None:
     import httpx
 
     for n, category in enumerate(("Patterns", "Gradients", "Shapes")):
-        files = [("file", (f"{category.lower()}-{i}.png", make_image(700 + 10 * n + i, size=(240, 180)),
-                           "image/png")) for i in range(4)]
+        files = [
+            ("file", (f"{category.lower()}-{i}.png", make_image(700 + 10 * n + i, size=(240, 180)), "image/png"))
+            for i in range(4)
+        ]
         response = httpx.post(f"{base}/api/images", data={"category": category}, files=files, timeout=120)
         assert response.status_code == 200 and response.json()["new"] == 4, response.text
 
@@ -107,8 +109,8 @@ def _upload(page: Any, base: str, files: list[Path], category: str) -> dict[str,
     page.set_input_files("#upload-files", [str(f) for f in files])
     n = len(files)
     page.wait_for_function(
-        f"() => document.querySelector('.upload-summary').textContent.startsWith('{n} of {n} done')",
-        timeout=120_000)
+        f"() => document.querySelector('.upload-summary').textContent.startsWith('{n} of {n} done')", timeout=120_000
+    )
     ids = {}
     for row in page.query_selector_all(".upload-row"):
         name = row.query_selector(".upload-name").inner_text()
@@ -262,8 +264,7 @@ def test_text_search_is_explained_away_for_an_image_only_model(browser: Any, ser
         response = route.fetch()
         body = response.json()
         body["text_search"] = False
-        body["search_model"] = {**(body["search_model"] or {}), "name": "efficientnet-lite0",
-                                "supports_text": False}
+        body["search_model"] = {**(body["search_model"] or {}), "name": "efficientnet-lite0", "supports_text": False}
         route.fulfill(response=response, json=body)
 
     page.route("**/api/status", image_only)
@@ -295,8 +296,12 @@ def test_partial_switch_explains_missing_regions_then_draws_the_box(browser: Any
     from tests.fixtures.database import database_for
 
     source = make_image(990, size=(320, 240))
-    response = httpx.post(f"{server}/api/images", data={"category": "Crops"},
-                          files=[("file", ("poster.png", source, "image/png"))], timeout=120)
+    response = httpx.post(
+        f"{server}/api/images",
+        data={"category": "Crops"},
+        files=[("file", ("poster.png", source, "image/png"))],
+        timeout=120,
+    )
     poster = response.json()["results"][0]["id"]
     crop = scratch / "corner.png"
     buf = io.BytesIO()
@@ -309,8 +314,9 @@ def test_partial_switch_explains_missing_regions_then_draws_the_box(browser: Any
     page.check("#opt-partial")
     page.locator(".results", has_text="imsrc embed --regions").wait_for()
     assert "match=partial" in page.url
-    settings = Settings(database_url=DATABASES[server], data_dir=scratch / "data", model="open_clip-tiny-test",
-                        _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(
+        database_url=DATABASES[server], data_dir=scratch / "data", model="open_clip-tiny-test", _env_file=None
+    )  # type: ignore[call-arg]
     database = database_for(settings, migrate=False)
     try:
         assert embed_regions(database, get_embedder("open_clip-tiny-test")).failed == 0

@@ -20,9 +20,12 @@ def test_migration_round_trip_on_empty_database(create_database) -> None:  # typ
         assert current_revision(engine) == head_revision(url)
         downgrade(url, "base")
         with engine.connect() as conn:
-            tables = conn.execute(text(
-                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
-                " AND table_name <> 'alembic_version'")).scalar()
+            tables = conn.execute(
+                text(
+                    "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+                    " AND table_name <> 'alembic_version'"
+                )
+            ).scalar()
         assert tables == 0
         upgrade(url)
         with engine.connect() as conn:
@@ -33,11 +36,15 @@ def test_migration_round_trip_on_empty_database(create_database) -> None:  # typ
 
 
 def _insert_image(session: Session, n: int, category_id: int | None = None) -> int:
-    return int(session.execute(
-        text("INSERT INTO images (sha256, width, height, format, byte_size, category_id)"
-             " VALUES (:s, 10, 10, 'PNG', 100, :c) RETURNING id"),
-        {"s": n.to_bytes(32, "big"), "c": category_id},
-    ).scalar_one())
+    return int(
+        session.execute(
+            text(
+                "INSERT INTO images (sha256, width, height, format, byte_size, category_id)"
+                " VALUES (:s, 10, 10, 'PNG', 100, :c) RETURNING id"
+            ),
+            {"s": n.to_bytes(32, "big"), "c": category_id},
+        ).scalar_one()
+    )
 
 
 def _vec(values: np.ndarray) -> str:
@@ -48,18 +55,23 @@ def test_two_models_of_different_dimensions_live_side_by_side(session: Session) 
     models = ModelRepository(session)
     small = models.register(name="test-a", dimension=4, family="test", params={}, supports_text=False)
     image_id = _insert_image(session, 1)
-    session.execute(text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, :e)"),
-                    {"m": small.id, "i": image_id, "e": _vec(np.array([1, 0, 0, 0]))})
+    session.execute(
+        text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, :e)"),
+        {"m": small.id, "i": image_id, "e": _vec(np.array([1, 0, 0, 0]))},
+    )
     # Adding a second, wider model keeps the first one's vectors and gives it its own HNSW index.
     wide = models.register(name="test-b", dimension=2048, family="test", params={"k": 1}, supports_text=True)
-    session.execute(text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, :e)"),
-                    {"m": wide.id, "i": image_id, "e": _vec(np.ones(2048) / np.sqrt(2048))})
-    rows = session.execute(text("SELECT model, dimension FROM catalog_embeddings WHERE image_id = :i ORDER BY 2"),
-                           {"i": image_id}).all()
+    session.execute(
+        text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, :e)"),
+        {"m": wide.id, "i": image_id, "e": _vec(np.ones(2048) / np.sqrt(2048))},
+    )
+    rows = session.execute(
+        text("SELECT model, dimension FROM catalog_embeddings WHERE image_id = :i ORDER BY 2"), {"i": image_id}
+    ).all()
     assert [(r.model, r.dimension) for r in rows] == [("test-a", 4), ("test-b", 2048)]
-    indexes = session.execute(text(
-        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'embeddings' AND indexdef LIKE '%hnsw%'"
-    )).all()
+    indexes = session.execute(
+        text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'embeddings' AND indexdef LIKE '%hnsw%'")
+    ).all()
     defs = {r.indexname: r.indexdef for r in indexes}
     assert "vector(4)" in defs[f"ix_embeddings_hnsw_m{small.id}"]
     assert "halfvec(2048)" in defs[f"ix_embeddings_hnsw_m{wide.id}"]  # vector HNSW stops at 2,000 dims
@@ -68,18 +80,20 @@ def test_two_models_of_different_dimensions_live_side_by_side(session: Session) 
     assert views.scalar_one() == ["test-a", "test-b"]
     # Removing a model removes only its vectors.
     models.remove(wide)
-    assert session.execute(text("SELECT count(*) FROM embeddings WHERE image_id = :i"),
-                           {"i": image_id}).scalar_one() == 1
+    assert (
+        session.execute(text("SELECT count(*) FROM embeddings WHERE image_id = :i"), {"i": image_id}).scalar_one() == 1
+    )
 
 
 def test_embedding_category_follows_image_category(session: Session) -> None:
     cats = CategoryRepository(session)
     shoes, bags = cats.get_or_create("Shoes"), cats.get_or_create("Bags")
-    model = ModelRepository(session).register(name="test-sync", dimension=3, family="t", params={},
-                                              supports_text=False)
+    model = ModelRepository(session).register(name="test-sync", dimension=3, family="t", params={}, supports_text=False)
     image_id = _insert_image(session, 2, shoes.id)
-    session.execute(text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, '[1,0,0]')"),
-                    {"m": model.id, "i": image_id})
+    session.execute(
+        text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, '[1,0,0]')"),
+        {"m": model.id, "i": image_id},
+    )
     get = text("SELECT category_id FROM embeddings WHERE image_id = :i")
     assert session.execute(get, {"i": image_id}).scalar_one() == shoes.id
     session.execute(text("UPDATE images SET category_id = :c WHERE id = :i"), {"c": bags.id, "i": image_id})
@@ -96,17 +110,20 @@ def test_category_names_are_unique_ignoring_case(session: Session) -> None:
 
 def test_constraints_reject_bad_rows(session: Session) -> None:
     with pytest.raises(IntegrityError), session.begin_nested():
-        session.execute(text("INSERT INTO images (sha256, width, height, format, byte_size)"
-                             " VALUES ('\\x00', 10, 10, 'PNG', 1)"))
+        session.execute(
+            text("INSERT INTO images (sha256, width, height, format, byte_size) VALUES ('\\x00', 10, 10, 'PNG', 1)")
+        )
     with pytest.raises(IntegrityError), session.begin_nested():
-        session.execute(text("INSERT INTO images (sha256, width, height, format, byte_size)"
-                             " VALUES (:s, 0, 10, 'PNG', 1)"), {"s": bytes(32)})
+        session.execute(
+            text("INSERT INTO images (sha256, width, height, format, byte_size) VALUES (:s, 0, 10, 'PNG', 1)"),
+            {"s": bytes(32)},
+        )
 
 
 def test_vectors_stay_out_of_toast(session: Session) -> None:
-    storage = session.execute(text(
-        "SELECT attstorage FROM pg_attribute WHERE attrelid = 'embeddings'::regclass AND attname = 'embedding'"
-    )).scalar_one()
+    storage = session.execute(
+        text("SELECT attstorage FROM pg_attribute WHERE attrelid = 'embeddings'::regclass AND attname = 'embedding'")
+    ).scalar_one()
     assert storage == "m"  # MAIN: in the row unless it cannot fit a page
 
 

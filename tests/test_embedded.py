@@ -113,8 +113,7 @@ def test_port_in_use_is_a_clear_error(scratch: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        result = run_cli("db", "start", env={"IMSRC_DATA_DIR": str(scratch / "d"),
-                                             "IMSRC_EMBEDDED_PORT": str(port)})
+        result = run_cli("db", "start", env={"IMSRC_DATA_DIR": str(scratch / "d"), "IMSRC_EMBEDDED_PORT": str(port)})
     assert result.returncode == 1
     assert f"port {port}" in result.stderr and "IMSRC_EMBEDDED_PORT" in result.stderr
     assert "Traceback" not in result.stderr

@@ -60,8 +60,7 @@ def test_ten_sigkills_then_resume_match_an_uninterrupted_run(create_database, sc
     env_a, env_b = cli_env(url_a, scratch / "data"), cli_env(url_b, scratch / "data")
     rng = random.Random(20261123)
     try:
-        whole = subprocess.run(index_command(root), env=env_a, capture_output=True, text=True,
-                               cwd=ROOT, timeout=600)
+        whole = subprocess.run(index_command(root), env=env_a, capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert whole.returncode == 0, whole.stderr
         kills = 0
         with psycopg.connect(psycopg_url(url_b), autocommit=True) as conn:
@@ -70,8 +69,9 @@ def test_ten_sigkills_then_resume_match_an_uninterrupted_run(create_database, sc
                 # Kill after a random number of new rows (0 = while it is still starting up or scanning).
                 target = start + rng.choice([0, 1, 3, 5, 8])
                 delay = rng.uniform(0.0, 1.5)
-                proc = subprocess.Popen(index_command(root), env=env_b, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, cwd=ROOT)
+                proc = subprocess.Popen(
+                    index_command(root), env=env_b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+                )
                 time.sleep(delay)
                 deadline = time.monotonic() + 120
                 while proc.poll() is None and _count(conn) < target and time.monotonic() < deadline:
@@ -82,8 +82,7 @@ def test_ten_sigkills_then_resume_match_an_uninterrupted_run(create_database, sc
                 proc.wait(30)
                 kills += 1
         assert kills >= 5, f"the job finished after only {kills} kills; make the library bigger"
-        resumed = subprocess.run(index_command(root), env=env_b, capture_output=True, text=True,
-                                 cwd=ROOT, timeout=600)
+        resumed = subprocess.run(index_command(root), env=env_b, capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert resumed.returncode == 0, resumed.stderr
         assert json.loads(resumed.stdout)["status"] == "completed"
         a, b = snapshot(db_a), snapshot(db_b)

@@ -26,8 +26,10 @@ from tests.fixtures.database import fresh_database
 from tests.helpers import make_image, run_cli
 
 SQLISH = "'; DROP TABLE images; --"
-COUNTS = ("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM image_blobs), (SELECT count(*) FROM thumbnails),"
-          " (SELECT count(*) FROM embeddings), (SELECT count(*) FROM categories)")
+COUNTS = (
+    "SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM image_blobs), (SELECT count(*) FROM thumbnails),"
+    " (SELECT count(*) FROM embeddings), (SELECT count(*) FROM categories)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +63,17 @@ def _counts(db: Database) -> tuple[int, ...]:
 
 def _png_bomb(width: int, height: int) -> bytes:
     """A tiny PNG that claims a huge 1-bit image: a few KB on the wire, width*height pixels decoded."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     raw = zlib.compress(b"\x00" * ((width + 7) // 8 + 1) * 64, 9)  # only the first rows; enough to sniff
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", raw)
+        + chunk(b"IEND", b"")
+    )
 
 
 def _pillow_bytes(fmt: str) -> bytes:
@@ -95,8 +103,10 @@ CASES: dict[str, tuple[Callable[[TestClient], Response], tuple[int, ...]]] = {
     "huge dimensions": (_upload("wide.png", _png_bomb(1_000_000, 8)), (413, 422)),
     "html upload": (_upload("x.html", b"<html><body>hi</body></html>", "text/html"), (422,)),
     "oversized upload": (_upload("big.png", b"\x89PNG\r\n\x1a\n" + os.urandom(2_100_000)), (413,)),
-    "malformed multipart": (_raw(b"--xx\r\nContent-Disposition: form-data; name=\"file\"", "multipart/form-data; "
-                                 "boundary=xx"), (400, 422)),
+    "malformed multipart": (
+        _raw(b'--xx\r\nContent-Disposition: form-data; name="file"', "multipart/form-data; boundary=xx"),
+        (400, 422),
+    ),
     "multipart without boundary": (_raw(b"abc", "multipart/form-data"), (400, 415, 422)),
     "json instead of multipart": (lambda c: c.post("/api/images", json={"file": "AAAA"}), (415, 422)),
     "no file field": (lambda c: c.post("/api/images", files={"category": (None, "x")}), (422,)),
@@ -121,12 +131,18 @@ CASES: dict[str, tuple[Callable[[TestClient], Response], tuple[int, ...]]] = {
     "unknown mode": (lambda c: c.get("/api/search/similar/1", params={"mode": "turbo"}), (422,)),
     "unknown model": (lambda c: c.get("/api/search/similar/1", params={"model": "nope"}), (404, 422)),
     "file:// url search": (lambda c: c.post("/api/search/image", json={"url": "file:///etc/passwd"}), (400, 422)),
-    "loopback url search": (lambda c: c.post("/api/search/image", json={"url": "http://127.0.0.1:1/x.png"}),
-                            (400, 403, 422)),
-    "metadata url search": (lambda c: c.post("/api/search/image",
-                                             json={"url": "http://169.254.169.254/latest/meta-data"}), (400, 403, 422)),
-    "search with text file": (lambda c: c.post("/api/search/image", files={"file": ("q.jpg", b"hello", "image/jpeg")}),
-                              (422,)),
+    "loopback url search": (
+        lambda c: c.post("/api/search/image", json={"url": "http://127.0.0.1:1/x.png"}),
+        (400, 403, 422),
+    ),
+    "metadata url search": (
+        lambda c: c.post("/api/search/image", json={"url": "http://169.254.169.254/latest/meta-data"}),
+        (400, 403, 422),
+    ),
+    "search with text file": (
+        lambda c: c.post("/api/search/image", files={"file": ("q.jpg", b"hello", "image/jpeg")}),
+        (422,),
+    ),
     "sql-looking filename": (_upload(SQLISH + ".png", b"not an image"), (422,)),
     # Formats Pillow decodes but the documented list leaves out, under image names (issue 12 item 12).
     "tga named .png": (_upload("x.png", _pillow_bytes("TGA")), (422,)),
@@ -134,10 +150,14 @@ CASES: dict[str, tuple[Callable[[TestClient], Response], tuple[int, ...]]] = {
     "ico upload": (_upload("x.ico", _pillow_bytes("ICO"), "image/x-icon"), (422,)),
     "pcx search": (lambda c: c.post("/api/search/image", files={"file": ("q.png", _pillow_bytes("PCX"))}), (422,)),
     # Pixel counts over the limits, from a header a few hundred bytes long (items 3 and 13).
-    "pixel bomb search": (lambda c: c.post("/api/search/image", files={"file": ("q.png", _png_bomb(30_000, 30_000))}),
-                          (422,)),
-    "wide pixel bomb search": (lambda c: c.post("/api/search/image",
-                                                files={"file": ("q.png", _png_bomb(5_000_000, 2))}), (422,)),
+    "pixel bomb search": (
+        lambda c: c.post("/api/search/image", files={"file": ("q.png", _png_bomb(30_000, 30_000))}),
+        (422,),
+    ),
+    "wide pixel bomb search": (
+        lambda c: c.post("/api/search/image", files={"file": ("q.png", _png_bomb(5_000_000, 2))}),
+        (422,),
+    ),
 }
 
 
@@ -165,8 +185,13 @@ def test_hostile_request(env: tuple[TestClient, Database], case: str) -> None:
 def test_mixed_upload_keeps_the_good_file_and_reports_the_bad(env: tuple[TestClient, Database]) -> None:
     client, db = env
     before = _counts(db)
-    response = client.post("/api/images", files=[("file", ("fine.png", make_image(8), "image/png")),
-                                                 ("file", ("bad.png", b"\x89PNG\r\n\x1a\nbroken", "image/png"))])
+    response = client.post(
+        "/api/images",
+        files=[
+            ("file", ("fine.png", make_image(8), "image/png")),
+            ("file", ("bad.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")),
+        ],
+    )
     assert response.status_code == 200
     statuses = {r["filename"]: r["status"] for r in response.json()["results"]}
     assert statuses == {"fine.png": "new", "bad.png": "failed"}
@@ -191,11 +216,16 @@ def test_bad_utf8_and_path_filenames_are_sanitised(env: tuple[TestClient, Databa
     client, _ = env
     boundary = "B0undary"
     data = make_image(10, size=(20, 20))
-    body = (f"--{boundary}\r\n".encode()
-            + b'Content-Disposition: form-data; name="file"; filename="../../\xff\xfe evil\x00.png"\r\n'
-            + b"Content-Type: image/png\r\n\r\n" + data + f"\r\n--{boundary}--\r\n".encode())
-    response = client.post("/api/images", content=body,
-                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        f"--{boundary}\r\n".encode()
+        + b'Content-Disposition: form-data; name="file"; filename="../../\xff\xfe evil\x00.png"\r\n'
+        + b"Content-Type: image/png\r\n\r\n"
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    response = client.post(
+        "/api/images", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert response.status_code == 200, response.text
     result = response.json()["results"][0]
     assert result["status"] == "new"
@@ -224,8 +254,12 @@ def cli_env(create_database) -> Iterator[dict[str, str]]:  # type: ignore[no-unt
     good.mkdir()
     (good / "one.png").write_bytes(make_image(12))
     _bad_files(root / "bad")
-    env = {"IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(root / "data"), "IMSRC_MODEL": "open_clip-tiny-test",
-           "ROOT": str(root)}
+    env = {
+        "IMSRC_DATABASE_URL": url,
+        "IMSRC_DATA_DIR": str(root / "data"),
+        "IMSRC_MODEL": "open_clip-tiny-test",
+        "ROOT": str(root),
+    }
     assert run_cli("index", str(good), env=env).returncode == 0
     yield env
     import shutil
@@ -266,6 +300,12 @@ def test_cli_index_of_bad_files_records_each_and_keeps_the_good(create_database,
     assert "Traceback" not in result.stderr
     counts = json.loads(result.stdout)["counts"]
     assert counts["new"] == 1 and counts["failed"] == 4, counts
-    rows = json.loads(run_cli("sql", "SELECT count(*) AS images, sum(array_length(embedded_models, 1)) AS vectors"
-                              " FROM catalog_images", "--json", env=env).stdout)
+    rows = json.loads(
+        run_cli(
+            "sql",
+            "SELECT count(*) AS images, sum(array_length(embedded_models, 1)) AS vectors FROM catalog_images",
+            "--json",
+            env=env,
+        ).stdout
+    )
     assert rows == [{"images": 1, "vectors": 1}]

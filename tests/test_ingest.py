@@ -60,29 +60,52 @@ def make_library(root: Path) -> dict[str, Path]:
 def test_index_folder(db: Database, embedder: Embedder, scratch: Path) -> None:
     root = scratch / "library"
     files = make_library(root)
-    near = hamming(phash64(open_image(files["b"].read_bytes(), 10**8).convert("RGB")),
-                   phash64(open_image(files["near_b"].read_bytes(), 10**8).convert("RGB")))
+    near = hamming(
+        phash64(open_image(files["b"].read_bytes(), 10**8).convert("RGB")),
+        phash64(open_image(files["near_b"].read_bytes(), 10**8).convert("RGB")),
+    )
     # The premise: a re-encode (different bytes) that looks the same.
     assert near <= db.settings.duplicate_threshold and files["b"].read_bytes() != files["near_b"].read_bytes()
 
-    summary = run_index_job(db, embedder, [str(root)], category_from_folder=True, workers=2, batch_size=4,
-                            inline_below=0)  # worker processes, as on a big folder
+    summary = run_index_job(
+        db, embedder, [str(root)], category_from_folder=True, workers=2, batch_size=4, inline_below=0
+    )  # worker processes, as on a big folder
     assert summary.status == "completed"
     assert summary.run_counts == {"new": 8, "duplicate": 1, "linked": 1, "skipped": 0, "failed": 1}
     assert summary.ignored_files == 1  # readme.txt; hidden files are not even looked at
 
     with db.engine.connect() as conn:
-        rows = {r.source_path: r for r in conn.execute(text(
-            "SELECT i.id, i.source_path, c.name AS category, i.canonical_id, i.width, i.height, i.format"
-            " FROM images i LEFT JOIN categories c ON c.id = i.category_id"))}
+        rows = {
+            r.source_path: r
+            for r in conn.execute(
+                text(
+                    "SELECT i.id, i.source_path, c.name AS category, i.canonical_id, i.width, i.height, i.format"
+                    " FROM images i LEFT JOIN categories c ON c.id = i.category_id"
+                )
+            )
+        }
         assert len(rows) == 9
         by = {k: rows.get(str(p)) for k, p in files.items()}
         assert by["a_copy"] is None and by["broken"] is None
         assert {k: r.category for k, r in by.items() if r} == {
-            "a": "cats", "b": "cats", "near_b": "cats", "k": "kittens", "c": "dogs", "d": "dogs", "e": "dogs",
-            "big": "dogs", "top": "library"}
+            "a": "cats",
+            "b": "cats",
+            "near_b": "cats",
+            "k": "kittens",
+            "c": "dogs",
+            "d": "dogs",
+            "e": "dogs",
+            "big": "dogs",
+            "top": "library",
+        }
         assert {k: r.format for k, r in by.items() if r and k in "abcdek"} == {
-            "a": "PNG", "b": "JPEG", "k": "WEBP", "c": "GIF", "d": "BMP", "e": "TIFF"}
+            "a": "PNG",
+            "b": "JPEG",
+            "k": "WEBP",
+            "c": "GIF",
+            "d": "BMP",
+            "e": "TIFF",
+        }
         # Near-duplicate points at the earliest image; nothing else is a duplicate.
         assert by["near_b"].canonical_id == by["b"].id
         assert [k for k, r in by.items() if r and r.canonical_id] == ["near_b"]
@@ -96,20 +119,33 @@ def test_index_folder(db: Database, embedder: Embedder, scratch: Path) -> None:
             assert thumb.format == "WEBP" and thumb.size == (w, h) and max(w, h) == 256
         assert conn.execute(text("SELECT count(*) FROM thumbnails")).scalar() == 9
         # Exactly one embedding per image for the model, unit length; the model became the active one.
-        emb = conn.execute(text("SELECT e.image_id, e.embedding::text FROM embeddings e JOIN embedding_models m"
-                                " ON m.id = e.model_id WHERE m.name = :n"), {"n": TEST_MODEL}).all()
+        emb = conn.execute(
+            text(
+                "SELECT e.image_id, e.embedding::text FROM embeddings e JOIN embedding_models m"
+                " ON m.id = e.model_id WHERE m.name = :n"
+            ),
+            {"n": TEST_MODEL},
+        ).all()
         assert sorted(r[0] for r in emb) == sorted(r.id for r in rows.values())
         assert all(abs(np.linalg.norm(np.array(v.strip("[]").split(","), float)) - 1) < 1e-5 for _, v in emb)
         assert conn.execute(text("SELECT name FROM embedding_models WHERE is_active")).scalar() == TEST_MODEL
         # Mean prototypes per category, over the category's members.
-        protos = dict(conn.execute(text(
-            "SELECT c.name, p.member_count FROM category_prototypes p JOIN categories c ON c.id = p.category_id"
-            " WHERE p.kind = 'mean' AND p.ordinal = 0")).all())
+        protos = dict(
+            conn.execute(
+                text(
+                    "SELECT c.name, p.member_count FROM category_prototypes p JOIN categories c ON c.id = p.category_id"
+                    " WHERE p.kind = 'mean' AND p.ordinal = 0"
+                )
+            ).all()
+        )
         assert protos == {"cats": 3, "kittens": 1, "dogs": 4, "library": 1}
-        mean = conn.execute(text(
-            "SELECT l2_normalize(avg(e.embedding))::text = p.vector::text FROM embeddings e JOIN categories c"
-            " ON c.id = e.category_id JOIN category_prototypes p ON p.category_id = c.id"
-            " WHERE c.name = 'dogs' GROUP BY p.vector")).scalar()
+        mean = conn.execute(
+            text(
+                "SELECT l2_normalize(avg(e.embedding))::text = p.vector::text FROM embeddings e JOIN categories c"
+                " ON c.id = e.category_id JOIN category_prototypes p ON p.category_id = c.id"
+                " WHERE c.name = 'dogs' GROUP BY p.vector"
+            )
+        ).scalar()
         assert mean is True
         failed = conn.execute(text("SELECT path, reason FROM ingest_files WHERE outcome = 'failed'")).all()
         assert failed == [(str(files["broken"]), failed[0][1])] and "not a recognised image" in failed[0][1]
@@ -134,9 +170,12 @@ def test_store_copy_keeps_bytes_and_links_identical(db: Database, embedder: Embe
     summary = run_index_job(db, embedder, [str(root)], category="Things", store="copy", workers=1, batch_size=8)
     assert summary.run_counts["new"] == 1 and summary.run_counts["linked"] == 1
     with db.engine.connect() as conn:
-        blob, category = conn.execute(text(
-            "SELECT b.data, c.name FROM image_blobs b JOIN images i ON i.id = b.image_id"
-            " JOIN categories c ON c.id = i.category_id")).one()
+        blob, category = conn.execute(
+            text(
+                "SELECT b.data, c.name FROM image_blobs b JOIN images i ON i.id = b.image_id"
+                " JOIN categories c ON c.id = i.category_id"
+            )
+        ).one()
         assert bytes(blob) == data and category == "Things"
         # Small images are not enlarged for their thumbnail.
         assert conn.execute(text("SELECT width, height FROM thumbnails")).one() == (120, 80)
@@ -155,8 +194,9 @@ def test_cli_index_json_and_jobs(db: Database, scratch: Path) -> None:
     assert shown.returncode == 0, shown.stderr
     job = json.loads(shown.stdout)
     assert job["status"] == "completed" and job["new_count"] == 1
-    assert job["failures"] == [{"path": str(root / "bad.jpg"), "outcome": "failed", "reason": "empty file (0 bytes)",
-                                "image_id": None}]
+    assert job["failures"] == [
+        {"path": str(root / "bad.jpg"), "outcome": "failed", "reason": "empty file (0 bytes)", "image_id": None}
+    ]
     listed = json.loads(run_cli("jobs", "--json", env=env).stdout)
     assert [j["id"] for j in listed] == [out["job_id"]]
     missing = run_cli("index", str(scratch / "nope"), env=env)

@@ -52,8 +52,16 @@ def test_bad_files_are_recorded_and_the_run_goes_on(db: Database, scratch: Path)
             if item.path == str(doomed):
                 doomed.unlink()
 
-    spec = JobSpec(kind="index", paths=[str(root)], options={"test": "bad"}, items=items, count=None,
-                   store_bytes=False, workers=1, batch_size=4)
+    spec = JobSpec(
+        kind="index",
+        paths=[str(root)],
+        options={"test": "bad"},
+        items=items,
+        count=None,
+        store_bytes=False,
+        workers=1,
+        batch_size=4,
+    )
     summary = run_job(db, get_embedder(TEST_MODEL), spec)
     assert summary.status == "completed"
     with db.engine.connect() as conn:
@@ -110,19 +118,26 @@ def test_database_error_mid_job_keeps_earlier_batches_and_fails_cleanly(db: Data
         write(root / f"img{i:02d}.png", make_image(700 + i, (40, 40)))
     write(root / "img30.png", make_image(799, (40, 40)))
     with db.engine.begin() as conn:  # the database refuses one row, as a full disk or a constraint would
-        conn.execute(text(
-            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-            " IF NEW.original_name = 'img30.png' THEN RAISE EXCEPTION 'disk full (simulated)'; END IF;"
-            " RETURN NEW; END $$;"
-            " CREATE TRIGGER poison BEFORE INSERT ON images FOR EACH ROW EXECUTE FUNCTION poison()"))
+        conn.execute(
+            text(
+                "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                " IF NEW.original_name = 'img30.png' THEN RAISE EXCEPTION 'disk full (simulated)'; END IF;"
+                " RETURN NEW; END $$;"
+                " CREATE TRIGGER poison BEFORE INSERT ON images FOR EACH ROW EXECUTE FUNCTION poison()"
+            )
+        )
     with pytest.raises(ImsrcError, match=r"stopped on a database error .*disk full \(simulated\)"):
         run_index_job(db, get_embedder(TEST_MODEL), [str(root)], workers=2, batch_size=8, inline_below=0)
     with db.engine.connect() as conn:
         status, message = conn.execute(text("SELECT status, message FROM ingest_jobs")).one()
         names = set(conn.execute(text("SELECT original_name FROM images")).scalars())
-        orphans = conn.execute(text("SELECT count(*) FROM images i WHERE NOT EXISTS (SELECT 1 FROM thumbnails t"
-                                    " WHERE t.image_id = i.id) OR NOT EXISTS (SELECT 1 FROM embeddings e"
-                                    " WHERE e.image_id = i.id)")).scalar()
+        orphans = conn.execute(
+            text(
+                "SELECT count(*) FROM images i WHERE NOT EXISTS (SELECT 1 FROM thumbnails t"
+                " WHERE t.image_id = i.id) OR NOT EXISTS (SELECT 1 FROM embeddings e"
+                " WHERE e.image_id = i.id)"
+            )
+        ).scalar()
     assert status == "failed" and "disk full" in message
     assert names == {f"img{i:02d}.png" for i in range(24)}  # three whole batches of 8, nothing of the fourth
     assert orphans == 0

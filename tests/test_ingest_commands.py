@@ -34,9 +34,16 @@ def db(create_database, scratch: Path) -> Iterator[Database]:  # type: ignore[no
 
 def _vectors(db: Database, model: str) -> dict[int, str]:
     with db.engine.connect() as conn:
-        return dict(conn.execute(text(
-            "SELECT e.image_id, e.embedding::text FROM embeddings e JOIN embedding_models m ON m.id = e.model_id"
-            " WHERE m.name = :n"), {"n": model}).all())
+        return dict(
+            conn.execute(
+                text(
+                    "SELECT e.image_id, e.embedding::text"
+                    " FROM embeddings e JOIN embedding_models m ON m.id = e.model_id"
+                    " WHERE m.name = :n"
+                ),
+                {"n": model},
+            ).all()
+        )
 
 
 def test_embed_fills_a_second_model_from_bytes_and_files(db: Database, scratch: Path) -> None:
@@ -57,10 +64,13 @@ def test_embed_fills_a_second_model_from_bytes_and_files(db: Database, scratch: 
     assert len(a) == 6 and len(b) == 5 and all(b[k] == a[k] for k in b)  # same pixels, same vectors
     with db.engine.connect() as conn:
         active = conn.execute(text("SELECT name FROM embedding_models WHERE is_active")).scalar()
-        protos = conn.execute(text(
-            "SELECT c.name, p.member_count FROM category_prototypes p JOIN categories c ON c.id = p.category_id"
-            " JOIN embedding_models m ON m.id = p.model_id WHERE m.name = :n AND p.kind = 'mean' ORDER BY 1"),
-                {"n": TWIN}).all()
+        protos = conn.execute(
+            text(
+                "SELECT c.name, p.member_count FROM category_prototypes p JOIN categories c ON c.id = p.category_id"
+                " JOIN embedding_models m ON m.id = p.model_id WHERE m.name = :n AND p.kind = 'mean' ORDER BY 1"
+            ),
+            {"n": TWIN},
+        ).all()
     assert active == TEST_MODEL  # adding a model does not switch the catalog to it
     assert [tuple(r) for r in protos] == [("copy", 3), ("ref", 2)]
     # Resumable: a second run only retries what is still missing.
@@ -77,20 +87,33 @@ def _idx(path: Path, array: np.ndarray) -> None:
 def test_demo_loads_idx_files_with_class_names(db: Database, scratch: Path) -> None:
     folder = scratch / "fmnist"
     folder.mkdir()
-    images = np.stack([np.asarray(Image.open(io.BytesIO(make_image(600 + i, (28, 28)))).convert("L"))
-                       for i in range(12)])
+    images = np.stack(
+        [np.asarray(Image.open(io.BytesIO(make_image(600 + i, (28, 28)))).convert("L")) for i in range(12)]
+    )
     labels = np.array([i % 4 for i in range(12)], dtype=np.uint8)
     _idx(folder / "t10k-images-idx3-ubyte.gz", images)
     _idx(folder / "t10k-labels-idx1-ubyte.gz", labels)
     data = load_fashion_mnist(scratch / "cache", folder)
     assert data.images.shape == (12, 28, 28) and list(data.labels) == list(labels)
-    spec = JobSpec(kind="demo", paths=["fashion-mnist"], options={"limit": 10}, items=lambda: data.items(10),
-                   count=lambda: 10, store_bytes=True, workers=1, batch_size=4)
+    spec = JobSpec(
+        kind="demo",
+        paths=["fashion-mnist"],
+        options={"limit": 10},
+        items=lambda: data.items(10),
+        count=lambda: 10,
+        store_bytes=True,
+        workers=1,
+        batch_size=4,
+    )
     summary = run_job(db, get_embedder(TEST_MODEL), spec)
     assert summary.run_counts["new"] + summary.run_counts["duplicate"] == 10
     with db.engine.connect() as conn:
-        rows = conn.execute(text("SELECT c.name, count(*) FROM images i JOIN categories c ON c.id = i.category_id"
-                                 " JOIN image_blobs b ON b.image_id = i.id GROUP BY 1 ORDER BY 1")).all()
+        rows = conn.execute(
+            text(
+                "SELECT c.name, count(*) FROM images i JOIN categories c ON c.id = i.category_id"
+                " JOIN image_blobs b ON b.image_id = i.id GROUP BY 1 ORDER BY 1"
+            )
+        ).all()
     assert [tuple(r) for r in rows] == sorted((FASHION_CLASSES[k], n) for k, n in [(0, 3), (1, 3), (2, 2), (3, 2)])
 
 

@@ -23,7 +23,7 @@ def test_a_worker_crash_costs_one_file() -> None:
         names = ["a", "b", "poison", "c", "d", "e"]
         items = [WorkItem(key=n, data=make_image(i, (13 if n == "poison" else 20, 10))) for i, n in enumerate(names)]
         for start in range(0, len(items), 2):
-            pool.submit(items[start:start + 2])
+            pool.submit(items[start : start + 2])
         results = [r for chunk in pool.drain() for r in chunk]
     finally:
         pool.close(cancel=True)

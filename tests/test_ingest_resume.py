@@ -50,13 +50,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(create_database, scratch:
     db_b = open_test_database(url_b, scratch / "data")
     env_a, env_b = cli_env(url_a, scratch / "data"), cli_env(url_b, scratch / "data")
     try:
-        whole = subprocess.run(index_command(root), env=env_a, capture_output=True, text=True,
-                               cwd=ROOT, timeout=600)
+        whole = subprocess.run(index_command(root), env=env_a, capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert whole.returncode == 0, whole.stderr
         assert json.loads(whole.stdout)["status"] == "completed"
 
-        proc = subprocess.Popen(index_command(root), env=env_b, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=ROOT)
+        proc = subprocess.Popen(
+            index_command(root), env=env_b, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+        )
         stored = 0
         with psycopg.connect(psycopg_url(url_b), autocommit=True) as conn:
             deadline = time.monotonic() + 300
@@ -71,13 +71,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(create_database, scratch:
             proc.wait(30)
             proc.stdout.close()  # type: ignore[union-attr]
             proc.stderr.close()  # type: ignore[union-attr]
-            status, done = conn.execute("SELECT status, new_count + duplicate_count + linked_count + failed_count"
-                                        " FROM ingest_jobs").fetchone()  # type: ignore[misc]
+            status, done = conn.execute(
+                "SELECT status, new_count + duplicate_count + linked_count + failed_count FROM ingest_jobs"
+            ).fetchone()  # type: ignore[misc]
         assert status == "running", "the indexer finished before it could be killed"
         assert 12 <= stored < total and done < total
 
-        resumed = subprocess.run(index_command(root), env=env_b, capture_output=True, text=True,
-                                 cwd=ROOT, timeout=600)
+        resumed = subprocess.run(index_command(root), env=env_b, capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert resumed.returncode == 0, resumed.stderr
         summary = json.loads(resumed.stdout)
         assert summary["resumed"] is True and summary["status"] == "completed"
@@ -89,12 +89,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(create_database, scratch:
             assert a[key] == b[key], key
         assert a["vectors"].keys() == b["vectors"].keys()
         assert all(np.array_equal(a["vectors"][k], b["vectors"][k]) for k in a["vectors"])
-        assert all(np.allclose(a["prototype_vectors"][k], b["prototype_vectors"][k], atol=1e-6)
-                   for k in a["prototype_vectors"])
+        assert all(
+            np.allclose(a["prototype_vectors"][k], b["prototype_vectors"][k], atol=1e-6) for k in a["prototype_vectors"]
+        )
         job_a = json.loads(whole.stdout)["counts"]
         job_b = summary["counts"]
-        assert {k: job_a[k] for k in ("new", "duplicate", "linked", "failed")} == \
-            {k: job_b[k] for k in ("new", "duplicate", "linked", "failed")}
+        assert {k: job_a[k] for k in ("new", "duplicate", "linked", "failed")} == {
+            k: job_b[k] for k in ("new", "duplicate", "linked", "failed")
+        }
         assert job_a == {"new": 150, "duplicate": 6, "linked": 6, "skipped": 0, "failed": 1}
     finally:
         db_a.dispose()

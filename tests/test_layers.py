@@ -16,7 +16,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "backend" / "imsrc"
 LAYERS: dict[str, int] = {
     # the foundation: settings, domain errors, logging, package resources, the image formats and the bounded
     # decoder (uploads, search queries and folder jobs all decode through imaging)
-    "__init__": 0, "config": 0, "errors": 0, "logs": 0, "resources": 0, "formats": 0, "imaging": 0,
+    "__init__": 0,
+    "config": 0,
+    "errors": 0,
+    "logs": 0,
+    "resources": 0,
+    "formats": 0,
+    "imaging": 0,
     "db": 1,  # engine, sessions, the embedded server, what database errors mean
     "embeddings": 2,  # models behind one protocol; embeddings.loading.load_embedder loads them all
     "catalog": 3,  # ORM models, repositories (all SQL for images, categories, prototypes, models), read services
@@ -103,14 +109,22 @@ def _calls(module: str, names: set[str]) -> list[str]:
 def test_one_function_loads_a_model() -> None:
     # Everyone asks embeddings.loading.load_embedder (directly, or through services.models.choose_and_load or a
     # search runtime's factory), so settings such as device, precision and engine apply everywhere alike.
-    stray = [c for m in MODULES if not m.startswith("imsrc.embeddings")
-             for c in _calls(m, {"get_embedder", "build_embedder"})]
+    stray = [
+        c
+        for m in MODULES
+        if not m.startswith("imsrc.embeddings")
+        for c in _calls(m, {"get_embedder", "build_embedder"})
+    ]
     assert stray == []
 
 
 def test_one_entry_point_brings_search_up_to_date() -> None:
     # The steps of a sync are search.sync's own; every write path calls sync_search instead.
     steps = {"recompute_means", "refresh_prototypes", "autogroup", "ensure_category_indexes", "predict_uncategorised"}
-    stray = [c for m in MODULES if m not in ("imsrc.search.sync", "imsrc.search.prototypes", "imsrc.search.autogroup")
-             for c in _calls(m, steps)]
+    stray = [
+        c
+        for m in MODULES
+        if m not in ("imsrc.search.sync", "imsrc.search.prototypes", "imsrc.search.autogroup")
+        for c in _calls(m, steps)
+    ]
     assert stray == []

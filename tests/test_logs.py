@@ -45,8 +45,12 @@ def records(stream: io.StringIO) -> list[dict[str, object]]:
 
 
 def test_every_response_carries_a_request_id(client: TestClient) -> None:
-    answers = [client.get("/health"), client.get("/api/nope"), client.get("/api/images/not-a-number"),
-               client.post("/api/categories", json={})]
+    answers = [
+        client.get("/health"),
+        client.get("/api/nope"),
+        client.get("/api/images/not-a-number"),
+        client.post("/api/categories", json={}),
+    ]
     assert [a.status_code for a in answers] == [200, 404, 422, 422]
     ids = [a.headers["x-request-id"] for a in answers]
     assert all(GENERATED.fullmatch(i) for i in ids) and len(set(ids)) == len(ids)
@@ -69,7 +73,8 @@ def test_refusals_by_the_key_check_carry_an_id(settings: Settings, database: Dat
 
 
 def test_an_unhandled_error_is_a_json_500_whose_id_finds_the_traceback(
-        settings: Settings, database: Database, captured: io.StringIO) -> None:
+    settings: Settings, database: Database, captured: io.StringIO
+) -> None:
     app = create_app(settings, database=database)
 
     def boom() -> None:

@@ -14,15 +14,21 @@ from imsrc.services.models import ModelService
 
 
 def _image(session: Session, n: int) -> int:
-    return int(session.execute(
-        text("INSERT INTO images (sha256, width, height, format, byte_size) VALUES (:s, 8, 8, 'PNG', 1) RETURNING id"),
-        {"s": (5000 + n).to_bytes(32, "big")},
-    ).scalar_one())
+    return int(
+        session.execute(
+            text(
+                "INSERT INTO images (sha256, width, height, format, byte_size) VALUES (:s, 8, 8, 'PNG', 1) RETURNING id"
+            ),
+            {"s": (5000 + n).to_bytes(32, "big")},
+        ).scalar_one()
+    )
 
 
 def _embed(session: Session, model_id: int, image_id: int, vec: np.ndarray) -> None:
-    session.execute(text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, :e)"),
-                    {"m": model_id, "i": image_id, "e": str(vec.tolist())})
+    session.execute(
+        text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, :e)"),
+        {"m": model_id, "i": image_id, "e": str(vec.tolist())},
+    )
 
 
 def test_first_model_becomes_active_and_second_waits(session: Session, settings: Settings) -> None:
@@ -34,15 +40,17 @@ def test_first_model_becomes_active_and_second_waits(session: Session, settings:
     rng = np.random.default_rng(0)
     for image_id in images:
         _embed(session, first.id, image_id, rng.normal(size=64))
-    before = session.execute(text("SELECT image_id, embedding::text FROM embeddings WHERE model_id = :m ORDER BY 1"),
-                             {"m": first.id}).all()
+    before = session.execute(
+        text("SELECT image_id, embedding::text FROM embeddings WHERE model_id = :m ORDER BY 1"), {"m": first.id}
+    ).all()
 
     second = service.add("efficientnet-lite0")
     assert second.dimension == 1280 and not second.is_active
     assert service.choose().name == "open_clip-tiny-test"  # the catalog's active model wins over IMSRC_MODEL
     # Adding the second model left the first model's vectors exactly as they were.
-    after = session.execute(text("SELECT image_id, embedding::text FROM embeddings WHERE model_id = :m ORDER BY 1"),
-                            {"m": first.id}).all()
+    after = session.execute(
+        text("SELECT image_id, embedding::text FROM embeddings WHERE model_id = :m ORDER BY 1"), {"m": first.id}
+    ).all()
     assert after == before
 
     with pytest.raises(ConflictError, match="has not embedded 3 image"):

@@ -63,8 +63,9 @@ def test_exact_with_category_filter_equals_numpy(session: Session, settings: Set
 
 
 @pytest.mark.parametrize("backend", ["pgvector", "faiss"])
-def test_two_stage_over_all_categories_equals_exact(session: Session, settings: Settings, small: Synthetic,
-                                                    backend: str) -> None:
+def test_two_stage_over_all_categories_equals_exact(
+    session: Session, settings: Settings, small: Synthetic, backend: str
+) -> None:
     # Categories this small are scanned exactly (no HNSW, flat FAISS), so the answer must be identical.
     service = SearchService(session, _runtime(settings, search_exact_max_rows=10_000, faiss_flat_max_rows=10_000))
     for q in _queries(small, 5):
@@ -100,8 +101,9 @@ def _recall(got: list[int], truth: list[int]) -> float:
 
 
 @pytest.mark.parametrize("backend", ["pgvector", "faiss"])
-def test_stage2_recall_with_and_without_far_filters(session: Session, large: tuple[Synthetic, Settings],
-                                                    backend: str) -> None:
+def test_stage2_recall_with_and_without_far_filters(
+    session: Session, large: tuple[Synthetic, Settings], backend: str
+) -> None:
     cat, tuned = large
     service = SearchService(session, _runtime(tuned))
     queries = _queries(cat, 20, seed=11)
@@ -128,15 +130,23 @@ def test_pgvector_plan_uses_the_per_category_index(session: Session, large: tupl
     c = cat.category_ids[0]
     session.execute(text("SET LOCAL enable_sort = off"))
     session.execute(text("SET LOCAL enable_seqscan = off"))
-    plan = "\n".join(r[0] for r in session.execute(text(
-        f"EXPLAIN SELECT image_id FROM embeddings WHERE model_id = {cat.model.id} AND category_id = {c} "
-        f"ORDER BY (embedding::halfvec(32)) <#> CAST(:q AS halfvec(32)) LIMIT 10"), {"q": str([0.1] * 32)}))
+    plan = "\n".join(
+        r[0]
+        for r in session.execute(
+            text(
+                f"EXPLAIN SELECT image_id FROM embeddings WHERE model_id = {cat.model.id} AND category_id = {c} "
+                f"ORDER BY (embedding::halfvec(32)) <#> CAST(:q AS halfvec(32)) LIMIT 10"
+            ),
+            {"q": str([0.1] * 32)},
+        )
+    )
     assert f"ix_embeddings_hv_m{cat.model.id}_c{c}" in plan
 
 
 @pytest.mark.parametrize("backend", ["pgvector", "faiss"])
-def test_filtered_query_always_returns_k_rows(session: Session, large: tuple[Synthetic, Settings],
-                                              backend: str) -> None:
+def test_filtered_query_always_returns_k_rows(
+    session: Session, large: tuple[Synthetic, Settings], backend: str
+) -> None:
     cat, tuned = large
     service = SearchService(session, _runtime(tuned))
     rng = np.random.default_rng(5)
@@ -148,28 +158,29 @@ def test_filtered_query_always_returns_k_rows(session: Session, large: tuple[Syn
 
 
 @pytest.mark.parametrize("backend", ["pgvector", "faiss"])
-def test_duplicates_hidden_unless_asked(session: Session, settings: Settings, small: Synthetic,
-                                        backend: str) -> None:
+def test_duplicates_hidden_unless_asked(session: Session, settings: Settings, small: Synthetic, backend: str) -> None:
     service = SearchService(session, _runtime(settings, search_exact_max_rows=10_000))
     q = _queries(small, 1)[0]
     before = _ids(service.search_vector(small.model, q, SearchOptions(k=10, mode="exact")))
     # Mark the 2nd and 4th best as copies of the best.
-    session.execute(text("UPDATE images SET canonical_id = :c WHERE id = ANY(:d)"),
-                    {"c": before[0], "d": [before[1], before[3]]})
+    session.execute(
+        text("UPDATE images SET canonical_id = :c WHERE id = ANY(:d)"), {"c": before[0], "d": [before[1], before[3]]}
+    )
     for mode in ("exact", "two_stage", "ann"):
         got = service.search_vector(small.model, q, SearchOptions(k=10, mode=mode, categories=6, backend=backend))
         assert before[1] not in _ids(got) and before[3] not in _ids(got)
         assert len(got.results) == 10
         assert got.results[0].id == before[0] and got.results[0].duplicates == 2
-        shown = service.search_vector(small.model, q, SearchOptions(k=10, mode=mode, categories=6,
-                                                                     backend=backend, include_duplicates=True))
+        shown = service.search_vector(
+            small.model, q, SearchOptions(k=10, mode=mode, categories=6, backend=backend, include_duplicates=True)
+        )
         assert _ids(shown)[:4] == before[:4]
 
 
 @pytest.mark.parametrize("flat_max_rows", [5000, 10])  # flat sub-indexes, rebuilt on growth or not
-def test_faiss_sees_images_added_moved_and_deleted_after_its_build(session: Session, settings: Settings,
-                                                                   small: Synthetic, scratch: Path,
-                                                                   flat_max_rows: int) -> None:
+def test_faiss_sees_images_added_moved_and_deleted_after_its_build(
+    session: Session, settings: Settings, small: Synthetic, scratch: Path, flat_max_rows: int
+) -> None:
     runtime = _runtime(settings, scratch, faiss_flat_max_rows=flat_max_rows)
     service = SearchService(session, runtime)
     index = runtime.faiss.get(session, small.model)
@@ -182,12 +193,12 @@ def test_faiss_sees_images_added_moved_and_deleted_after_its_build(session: Sess
     got = service.search_vector(small.model, query, SearchOptions(k=5, category=[name], backend="faiss"))
     assert got.results[0].id == new_id and got.results[0].score == pytest.approx(1.0, abs=1e-5)
     # Moved to another category: gone from category 2, found in category 3.
-    session.execute(text("UPDATE images SET category_id = :c WHERE id = :i"),
-                    {"c": small.category_ids[3], "i": new_id})
+    session.execute(text("UPDATE images SET category_id = :c WHERE id = :i"), {"c": small.category_ids[3], "i": new_id})
     got = service.search_vector(small.model, query, SearchOptions(k=5, category=[name], backend="faiss"))
     assert new_id not in _ids(got)
-    got = service.search_vector(small.model, query, SearchOptions(
-        k=5, category=[f"{small.model.name}-cat-03"], backend="faiss"))
+    got = service.search_vector(
+        small.model, query, SearchOptions(k=5, category=[f"{small.model.name}-cat-03"], backend="faiss")
+    )
     assert got.results[0].id == new_id
     # Deleted: gone everywhere.
     session.execute(text("DELETE FROM images WHERE id = :i"), {"i": new_id})
@@ -195,8 +206,9 @@ def test_faiss_sees_images_added_moved_and_deleted_after_its_build(session: Sess
     assert new_id not in _ids(got) and len(got.results) == 5
 
 
-def test_faiss_index_is_saved_validated_and_reloaded(session: Session, settings: Settings, small: Synthetic,
-                                                      scratch: Path) -> None:
+def test_faiss_index_is_saved_validated_and_reloaded(
+    session: Session, settings: Settings, small: Synthetic, scratch: Path
+) -> None:
     first = _runtime(settings, scratch)
     built = first.faiss.get(session, small.model)
     folder = scratch / "faiss" / f"model-{small.model.id}"
@@ -244,8 +256,7 @@ def test_text_query_on_an_image_only_model_is_a_clear_error(session: Session, se
     from imsrc.search.errors import ModelUnavailableError
 
     embedder = get_embedder("efficientnet-lite0")
-    cat = make_catalog(session, n_categories=2, per_category=5, dimension=embedder.dimension,
-                       name="efficientnet-lite0")
+    cat = make_catalog(session, n_categories=2, per_category=5, dimension=embedder.dimension, name="efficientnet-lite0")
     service = SearchService(session, SearchRuntime.create(settings, embedder_factory=lambda name: embedder))
     with pytest.raises(ModelUnavailableError) as err:
         service.search_text("a cat", SearchOptions(k=3))
@@ -253,22 +264,26 @@ def test_text_query_on_an_image_only_model_is_a_clear_error(session: Session, se
     assert "images only" in err.value.message and cat.model.name == "efficientnet-lite0"
 
 
-def test_sync_replaces_full_precision_category_indexes_with_halfvec_ones(session: Session,
-                                                                        settings: Settings) -> None:
+def test_sync_replaces_full_precision_category_indexes_with_halfvec_ones(session: Session, settings: Settings) -> None:
     # Catalogs indexed before the switch have ix_embeddings_ip_* indexes on embedding::vector(d).
     cat = make_catalog(session, n_categories=2, per_category=30, dimension=8, name="legacy")
     c = cat.category_ids[0]
     legacy = f"ix_embeddings_ip_m{cat.model.id}_c{c}"
-    session.execute(text(f"CREATE INDEX {legacy} ON embeddings USING hnsw ((embedding::vector(8)) vector_ip_ops) "
-                         f"WHERE model_id = {cat.model.id} AND category_id = {c}"))
+    session.execute(
+        text(
+            f"CREATE INDEX {legacy} ON embeddings USING hnsw ((embedding::vector(8)) vector_ip_ops) "
+            f"WHERE model_id = {cat.model.id} AND category_id = {c}"
+        )
+    )
     sync_search(session, settings.model_copy(update={"search_exact_max_rows": 10}), model_id=cat.model.id)
     names = set(session.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings'")).scalars())
     assert legacy not in names
     assert {f"ix_embeddings_hv_m{cat.model.id}_c{i}" for i in cat.category_ids} <= names
 
 
-def test_a_small_catalog_answers_two_stage_as_ann_and_says_so(session: Session, settings: Settings,
-                                                              small: Synthetic) -> None:
+def test_a_small_catalog_answers_two_stage_as_ann_and_says_so(
+    session: Session, settings: Settings, small: Synthetic
+) -> None:
     """pgvector: under IMSRC_SEARCH_TWO_STAGE_MIN_ROWS one graph walk beats stage 1 + per-category walks, so the
     service runs `ann` and reports it; an explicit fan-out, a category filter or FAISS keep two-stage."""
     rows = len(small.image_ids)

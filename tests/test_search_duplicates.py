@@ -39,8 +39,7 @@ GROUPS = {
     "textures": ("brick", "grass", "gravel", "moon"),
     "science": ("hubble_deep_field", "immunohistochemistry", "cell", "coins"),
 }
-MODES = [("exact", None), ("ann", "pgvector"), ("ann", "faiss"), ("two_stage", "pgvector"),
-         ("two_stage", "faiss")]
+MODES = [("exact", None), ("ann", "pgvector"), ("ann", "faiss"), ("two_stage", "pgvector"), ("two_stage", "faiss")]
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw: int) -> bytes:
@@ -80,9 +79,16 @@ class Catalog:
 def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-def]
     url = create_database("imsrc_search_dups")
     folder = Path(tempfile.mkdtemp(prefix="imsrc-search-dups-"))
-    settings = Settings(database_url=url, data_dir=folder / "data", model=MODEL, search_exact_max_rows=2,
-                        faiss_flat_max_rows=2, search_two_stage_min_rows=0, search_warmup=False,
-                        _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(
+        database_url=url,
+        data_dir=folder / "data",
+        model=MODEL,
+        search_exact_max_rows=2,
+        faiss_flat_max_rows=2,
+        search_two_stage_min_rows=0,
+        search_warmup=False,
+        _env_file=None,
+    )  # type: ignore[call-arg]
     database = database_for(settings)
     embedder = get_embedder(MODEL)
     ids: dict[str, int] = {}
@@ -97,15 +103,21 @@ def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-de
             ids[name.rsplit(".", 1)[0]] = int(outcome.image_id)
     with database.session() as session:
         cats = {str(n): int(i) for n, i in session.execute(text("SELECT name, id FROM categories"))}
-        canonical = session.execute(text("SELECT canonical_id FROM images WHERE id = :i"),
-                                    {"i": ids["coffee-copy"]}).scalar()
+        canonical = session.execute(
+            text("SELECT canonical_id FROM images WHERE id = :i"), {"i": ids["coffee-copy"]}
+        ).scalar()
         assert canonical == ids["coffee"]  # ingest grouped the copy with its original
         # Stage 1 must send the astronaut's edited copy elsewhere: the "people" prototypes point away from it.
-        vector = session.execute(text("SELECT embedding::text FROM embeddings WHERE image_id = :i"),
-                                 {"i": ids["astronaut"]}).scalar_one()
+        vector = session.execute(
+            text("SELECT embedding::text FROM embeddings WHERE image_id = :i"), {"i": ids["astronaut"]}
+        ).scalar_one()
         away = vector_literal(-np.asarray(json.loads(vector), dtype=np.float32))
-        session.execute(text("UPDATE category_prototypes SET vector = CAST(:v AS vector), updated_at = now() "
-                             "WHERE category_id = :c"), {"v": away, "c": cats["people"]})
+        session.execute(
+            text(
+                "UPDATE category_prototypes SET vector = CAST(:v AS vector), updated_at = now() WHERE category_id = :c"
+            ),
+            {"v": away, "c": cats["people"]},
+        )
     yield Catalog(url, settings, database, folder, ids, cats)
     database.dispose()
     shutil.rmtree(folder, ignore_errors=True)
@@ -119,8 +131,9 @@ def test_edited_copy_is_first_and_marked_in_every_mode(catalog: Catalog) -> None
     runtime = SearchRuntime.create(catalog.settings)
     for mode, backend in MODES:
         with catalog.database.session() as session:
-            got = runtime.service(session).search_image(query, SearchOptions(
-                k=4, mode=mode, backend=backend, categories=1))  # type: ignore[arg-type]
+            got = runtime.service(session).search_image(
+                query, SearchOptions(k=4, mode=mode, backend=backend, categories=1)
+            )  # type: ignore[arg-type]
         assert got.results[0].id == catalog.ids["astronaut"], (mode, backend, got.results)
         assert got.results[0].match_type == "duplicate" and got.results[0].phash_distance is not None
         assert len(got.results) == 4
@@ -147,8 +160,9 @@ def test_explicit_category_filter_still_limits_duplicates(catalog: Catalog) -> N
     """Only stage 1's own choice is overruled; a category the user names is a filter the duplicates obey."""
     runtime = SearchRuntime.create(catalog.settings)
     with catalog.database.session() as session:
-        got = runtime.service(session).search_image(_edited(_photo("astronaut")),
-                                                    SearchOptions(k=3, category=["things"]))
+        got = runtime.service(session).search_image(
+            _edited(_photo("astronaut")), SearchOptions(k=3, category=["things"])
+        )
     assert {r.category for r in got.results} == {"things"}
     assert {r.match_type for r in got.results} == {"similar"}
 
@@ -156,8 +170,9 @@ def test_explicit_category_filter_still_limits_duplicates(catalog: Catalog) -> N
 def test_api_cli_and_similar_show_the_marker(catalog: Catalog) -> None:
     query = _edited(_photo("rocket"), quality=30)
     with TestClient(create_app(catalog.settings, database=catalog.database)) as client:
-        resp = client.post("/api/search/image?k=3&mode=two_stage&categories=1",
-                           files={"file": ("q.jpg", query, "image/jpeg")})
+        resp = client.post(
+            "/api/search/image?k=3&mode=two_stage&categories=1", files={"file": ("q.jpg", query, "image/jpeg")}
+        )
         assert resp.status_code == 200, resp.text
         body = resp.json()
         assert body["results"][0]["id"] == catalog.ids["rocket"]
@@ -179,8 +194,7 @@ def test_api_cli_and_similar_show_the_marker(catalog: Catalog) -> None:
         assert schema["match_type"]["enum"] == ["duplicate", "similar", "partial"]
     path = catalog.folder / "query.jpg"
     path.write_bytes(query)
-    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"),
-           "IMSRC_MODEL": MODEL}
+    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"), "IMSRC_MODEL": MODEL}
     res = run_cli("search", "image", str(path), "-k", "2", "--json", env=env)
     assert res.returncode == 0, res.stderr
     hits = json.loads(res.stdout)["results"]
@@ -199,16 +213,24 @@ def test_band_lookup_equals_brute_force_and_uses_the_band_indexes(session) -> No
     for d in range(9):  # spread the flipped bits over the bands, worst case for the pigeonhole bound
         bits = rng.choice(64, size=d, replace=False)
         hashes.append(probe ^ sum(1 << int(b) for b in bits))
-    session.execute(text(
-        "INSERT INTO images (sha256, phash, width, height, format, byte_size) "
-        "SELECT sha256(int8send(o)), CAST(h AS bit(64)), 8, 8, 'PNG', 1 FROM unnest(CAST(:h AS bigint[])) "
-        "WITH ORDINALITY AS v(h, o)"), {"h": [to_signed(h) for h in hashes]})
+    session.execute(
+        text(
+            "INSERT INTO images (sha256, phash, width, height, format, byte_size) "
+            "SELECT sha256(int8send(o)), CAST(h AS bit(64)), 8, 8, 'PNG', 1 FROM unnest(CAST(:h AS bigint[])) "
+            "WITH ORDINALITY AS v(h, o)"
+        ),
+        {"h": [to_signed(h) for h in hashes]},
+    )
     session.execute(text("ANALYZE images"))
     repo = DuplicateSearchRepository(session)
     for threshold in (0, 3, 4, 7, 8, 12):
-        where_ids = session.execute(text(
-            "SELECT phash::bigint FROM images WHERE phash IS NOT NULL AND "
-            "bit_count(phash # CAST(:p AS bigint)::bit(64)) <= :t"), {"p": to_signed(probe), "t": threshold})
+        where_ids = session.execute(
+            text(
+                "SELECT phash::bigint FROM images WHERE phash IS NOT NULL AND "
+                "bit_count(phash # CAST(:p AS bigint)::bit(64)) <= :t"
+            ),
+            {"p": to_signed(probe), "t": threshold},
+        )
         expected = sorted(h & (2**64 - 1) for h in where_ids.scalars())
         brute = sorted(h for h in hashes if (h ^ probe).bit_count() <= threshold)
         assert expected == brute and len(brute) >= min(threshold, 8) + 1
@@ -234,8 +256,14 @@ def test_ssim_matches_scikit_image_and_comparators_are_one_on_identity() -> None
 
     a, b = rerank.prepare(_photo("astronaut")), rerank.prepare(_photo("camera"))
     for x, y in ((a, b), (a, rerank.prepare(Image.open(io.BytesIO(_edited(_photo("astronaut"))))))):
-        ref = structural_similarity(rerank._grey(x), rerank._grey(y), gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=True, data_range=255)
+        ref = structural_similarity(
+            rerank._grey(x),
+            rerank._grey(y),
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=True,
+            data_range=255,
+        )
         assert rerank.ssim(x, y) == pytest.approx(ref, abs=1e-6)
     for name in ("ssim", "histogram", "pixel"):
         assert rerank.SCORERS[name](a, a) == pytest.approx(1.0)
@@ -252,11 +280,21 @@ def test_rerank_orders_candidates_by_the_comparator(catalog: Catalog) -> None:
         plain = service.search_image(query, SearchOptions(k=40, mode="exact"))
         assert {r.match_type for r in plain.results} == {"similar"} and plain.rerank is None
         for comparator in ("ssim", "histogram", "pixel"):
-            got = service.search_image(query, SearchOptions(k=5, mode="exact", rerank=comparator,  # type: ignore[arg-type]
-                                                            rerank_top=40))
+            got = service.search_image(
+                query,
+                SearchOptions(
+                    k=5,
+                    mode="exact",
+                    rerank=comparator,  # type: ignore[arg-type]
+                    rerank_top=40,
+                ),
+            )
             # what the comparator says about every image in the catalog, from the stored thumbnails
-            every = rerank.scores(comparator, Image.open(io.BytesIO(query)),
-                                  rerank.ThumbnailRepository(session).images([r.id for r in plain.results]))
+            every = rerank.scores(
+                comparator,
+                Image.open(io.BytesIO(query)),
+                rerank.ThumbnailRepository(session).images([r.id for r in plain.results]),
+            )
             best = sorted(every, key=lambda i: -every[i])[:5]
             assert got.rerank == comparator and [r.id for r in got.results] == best
             assert [r.rerank_score for r in got.results] == [every[i] for i in best]
@@ -268,8 +306,7 @@ def test_rerank_orders_candidates_by_the_comparator(catalog: Catalog) -> None:
         assert {r.id for r in got.results[:2]} == {r.id for r in plain.results[:2]}
         assert [r.id for r in got.results[2:]] == [r.id for r in plain.results[2:6]]
         # near-duplicates stay first under any comparator
-        got = service.search_image(_edited(_photo("astronaut")), SearchOptions(
-            k=3, rerank="histogram", categories=1))
+        got = service.search_image(_edited(_photo("astronaut")), SearchOptions(k=3, rerank="histogram", categories=1))
         assert got.results[0].id == catalog.ids["astronaut"] and got.results[0].match_type == "duplicate"
         assert got.results[0].rerank_score is not None
         # "more like this" compares the image's own thumbnail
@@ -292,8 +329,15 @@ def test_orb_and_sift_put_rotated_brighter_and_mirrored_copies_first(catalog: Ca
         service = runtime.service(session)
         for query in (_encode(rotated, "JPEG", quality=90), _encode(ImageOps.mirror(photo))):
             for comparator in ("orb", "sift"):
-                got = service.search_image(query, SearchOptions(k=4, mode="exact", rerank=comparator,  # type: ignore[arg-type]
-                                                                rerank_top=17))
+                got = service.search_image(
+                    query,
+                    SearchOptions(
+                        k=4,
+                        mode="exact",
+                        rerank=comparator,  # type: ignore[arg-type]
+                        rerank_top=17,
+                    ),
+                )
                 first = got.results[0]
                 assert first.id == catalog.ids["rocket"] and first.match_type == "similar", (comparator, got)
                 assert first.rerank_score is not None and first.rerank_score >= MIN_INLIERS
@@ -304,8 +348,11 @@ def test_orb_and_sift_put_rotated_brighter_and_mirrored_copies_first(catalog: Ca
 def test_rerank_bad_input_is_a_clear_4xx(catalog: Catalog) -> None:
     with TestClient(create_app(catalog.settings, database=catalog.database)) as client:
         files = {"file": ("q.png", _encode(_photo("coins")), "image/png")}
-        for query, needle in (("rerank=surf", "sift"), ("rerank=ssim&rerank_top=0", "rerank_top"),
-                              ("rerank=ssim&rerank_top=201", "rerank_top")):
+        for query, needle in (
+            ("rerank=surf", "sift"),
+            ("rerank=ssim&rerank_top=0", "rerank_top"),
+            ("rerank=ssim&rerank_top=201", "rerank_top"),
+        ):
             resp = client.post(f"/api/search/image?{query}", files=files)
             assert 400 <= resp.status_code < 500 and needle in resp.json()["error"]["message"], resp.text
         resp = client.get("/api/search/text?q=coins&rerank=ssim")
@@ -313,8 +360,7 @@ def test_rerank_bad_input_is_a_clear_4xx(catalog: Catalog) -> None:
         resp = client.post("/api/search/image?rerank=pixel&rerank_top=3&k=2&mode=exact", files=files)
         assert resp.status_code == 200 and resp.json()["rerank"] == "pixel"
         assert all(r["rerank_score"] is not None for r in resp.json()["results"])
-    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"),
-           "IMSRC_MODEL": MODEL}
+    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"), "IMSRC_MODEL": MODEL}
     path = catalog.folder / "coins.png"
     path.write_bytes(_encode(_photo("coins")))
     res = run_cli("search", "image", str(path), "--rerank", "surf", env=env)
@@ -346,8 +392,9 @@ def test_url_query_puts_the_duplicate_first(catalog: Catalog) -> None:
     try:
         settings = catalog.settings.model_copy(update={"url_fetch_allow_private": True})
         with TestClient(create_app(settings, database=catalog.database)) as client:
-            resp = client.post("/api/search/image?k=3&categories=1",
-                               json={"url": f"http://127.0.0.1:{httpd.server_address[1]}/q.jpg"})
+            resp = client.post(
+                "/api/search/image?k=3&categories=1", json={"url": f"http://127.0.0.1:{httpd.server_address[1]}/q.jpg"}
+            )
         assert resp.status_code == 200, resp.text
         hits = resp.json()["results"]
         assert hits[0]["id"] == catalog.ids["colorwheel"] and hits[0]["match_type"] == "duplicate"

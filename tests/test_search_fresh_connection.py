@@ -16,8 +16,9 @@ def test_per_category_on_a_fresh_connection(database_url: str) -> None:
     engine = make_engine(database_url, pool_size=1)  # a new pool: its first connection is a new backend
     try:
         with Session(engine) as session:
-            hits = NeighbourRepository(session).per_category(987654, 3, "[1,0,0]", [(987654, True)], limit=5,
-                                                             ef_search=40)
+            hits = NeighbourRepository(session).per_category(
+                987654, 3, "[1,0,0]", [(987654, True)], limit=5, ef_search=40
+            )
             assert hits == []
             # the settings are back to the server defaults afterwards
             assert session.execute(text("SELECT current_setting('enable_seqscan')")).scalar() == "on"

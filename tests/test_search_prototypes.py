@@ -52,10 +52,10 @@ def test_prototypes_follow_ingest_deletes_and_moves(session: Session, settings: 
     assert np.allclose(mean0.vector, normalise(cat.vectors[cat.labels == 0].sum(0)), atol=1e-5)
     # Plain SQL moves 5 images and deletes 3; the next sync finds exactly the stale categories.
     moved = cat.image_ids[cat.labels == 0][:5].tolist()
-    session.execute(text("UPDATE images SET category_id = :c WHERE id = ANY(:i)"),
-                    {"c": cat.category_ids[1], "i": moved})
-    session.execute(text("DELETE FROM images WHERE id = ANY(:i)"),
-                    {"i": cat.image_ids[cat.labels == 2][:3].tolist()})
+    session.execute(
+        text("UPDATE images SET category_id = :c WHERE id = ANY(:i)"), {"c": cat.category_ids[1], "i": moved}
+    )
+    session.execute(text("DELETE FROM images WHERE id = ANY(:i)"), {"i": cat.image_ids[cat.labels == 2][:3].tolist()})
     report = sync_search(session, settings, model_id=cat.model.id)
     assert sorted(report.prototypes_refreshed) == sorted(cat.category_ids)
     counts = protos.member_counts(cat.model.id)
@@ -92,8 +92,13 @@ def test_uncategorised_images_are_grouped_and_reachable(session: Session, settin
     new_ids = insert_images(session, cat.model, cat.vectors[extra[:10]] * 0.99 + 0.01, [None] * 10, salt="n")
     small = sync_search(session, settings, model_id=cat.model.id)
     assert set(small.automatic_touched) <= set(auto)
-    assert session.execute(text("SELECT count(*) FROM images WHERE id = ANY(:i) AND category_id = ANY(:a)"),
-                           {"i": new_ids.tolist(), "a": auto}).scalar() == 10
+    assert (
+        session.execute(
+            text("SELECT count(*) FROM images WHERE id = ANY(:i) AND category_id = ANY(:a)"),
+            {"i": new_ids.tolist(), "a": auto},
+        ).scalar()
+        == 10
+    )
     insert_images(session, cat.model, cat.vectors[extra] * 0.98 + 0.02, [None] * len(extra), salt="m")
     big = sync_search(session, settings, model_id=cat.model.id)
     assert set(big.automatic_touched).isdisjoint(auto)  # regrouped: new automatic categories
@@ -108,9 +113,12 @@ def test_automatic_category_description_stays_true_as_images_join(session: Sessi
     insert_images(session, cat.model, cat.vectors[extra[:6]] * 0.99 + 0.01, [None] * 6, salt="j")
     joined = sync_search(session, settings, model_id=cat.model.id)
     assert joined.automatic_touched  # the newcomers joined existing groups (no regroup)
-    rows = session.execute(text(
-        "SELECT c.description, count(i.id) FROM categories c JOIN images i ON i.category_id = c.id"
-        " WHERE c.is_automatic GROUP BY c.id, c.description")).all()
+    rows = session.execute(
+        text(
+            "SELECT c.description, count(i.id) FROM categories c JOIN images i ON i.category_id = c.id"
+            " WHERE c.is_automatic GROUP BY c.id, c.description"
+        )
+    ).all()
     assert rows
     for description, members in rows:
         assert "automatic group" in description.lower()
@@ -131,9 +139,10 @@ def test_renaming_an_automatic_category_makes_it_real(session: Session, settings
 def test_predicted_category_for_uncategorised_images(session: Session, settings: Settings) -> None:
     cat = make_catalog(session, n_categories=4, per_category=40, dimension=16, uncategorised=40, seed=8)
     sync_search(session, settings, model_id=cat.model.id)
-    rows = session.execute(text(
-        "SELECT id, predicted_category_id, predicted_score FROM images WHERE id = ANY(:i)"),
-        {"i": cat.image_ids[cat.labels < 0].tolist()}).all()
+    rows = session.execute(
+        text("SELECT id, predicted_category_id, predicted_score FROM images WHERE id = ANY(:i)"),
+        {"i": cat.image_ids[cat.labels < 0].tolist()},
+    ).all()
     vectors = {int(i): v for i, v in zip(cat.image_ids, cat.vectors, strict=True)}
     correct = 0
     for image_id, predicted, score in rows:
@@ -141,15 +150,22 @@ def test_predicted_category_for_uncategorised_images(session: Session, settings:
         correct += predicted == truth
         assert 0.0 < score <= 1.0
     assert correct >= 0.9 * len(rows)
-    view = session.execute(text("SELECT predicted_category, predicted_score FROM catalog_images "
-                                "WHERE id = :i"), {"i": int(rows[0][0])}).one()
+    view = session.execute(
+        text("SELECT predicted_category, predicted_score FROM catalog_images WHERE id = :i"), {"i": int(rows[0][0])}
+    ).one()
     assert view.predicted_category is not None and view.predicted_score == pytest.approx(rows[0][2])
 
 
 def test_text_prototypes_and_text_search_with_tiny_clip(session: Session, settings: Settings) -> None:
     embedder = get_embedder("open_clip-tiny-test")
-    cat = make_catalog(session, n_categories=3, per_category=12, dimension=embedder.dimension,
-                       name="open_clip-tiny-test", supports_text=True)
+    cat = make_catalog(
+        session,
+        n_categories=3,
+        per_category=12,
+        dimension=embedder.dimension,
+        name="open_clip-tiny-test",
+        supports_text=True,
+    )
     report = sync_search(session, settings, model_id=cat.model.id, embedders=only(embedder))
     assert sorted(report.text_prototypes) == sorted(cat.category_ids)
     text_rows = PrototypeRepository(session).load(cat.model.id, ("text",))
@@ -158,7 +174,8 @@ def test_text_prototypes_and_text_search_with_tiny_clip(session: Session, settin
     # Renaming re-encodes only the renamed category.
     _rename(session, cat.category_ids[1], "lighthouse")
     assert sync_search(session, settings, model_id=cat.model.id, embedders=only(embedder)).text_prototypes == [
-        cat.category_ids[1]]
+        cat.category_ids[1]
+    ]
     service = SearchService(session, SearchRuntime.create(settings, embedder_factory=lambda n: embedder))
     got = service.search_text("a lighthouse at dusk", SearchOptions(k=5, mode="exact"))
     query = embedder.encode_texts(["a lighthouse at dusk"])[0]

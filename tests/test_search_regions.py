@@ -60,8 +60,7 @@ class Catalog:
 def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-def]
     url = create_database("imsrc_regions")
     folder = Path(tempfile.mkdtemp(prefix="imsrc-regions-"))
-    settings = Settings(database_url=url, data_dir=folder / "data", model=MODEL, search_warmup=False,
-                        _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(database_url=url, data_dir=folder / "data", model=MODEL, search_warmup=False, _env_file=None)  # type: ignore[call-arg]
     database = database_for(settings)
     files = [(f"{n}.png", _png(_photo(n))) for n in PHOTOS]
     with database.session() as session:
@@ -80,8 +79,10 @@ def _crop_query(name: str) -> bytes:
 
 def _region_rows(catalog: Catalog) -> dict[int, int]:
     with catalog.database.session() as session:
-        return {int(i): int(n) for i, n in session.execute(text(
-            "SELECT image_id, count(*) FROM region_embeddings GROUP BY 1"))}
+        return {
+            int(i): int(n)
+            for i, n in session.execute(text("SELECT image_id, count(*) FROM region_embeddings GROUP BY 1"))
+        }
 
 
 def test_partial_without_region_vectors_says_what_to_run(catalog: Catalog) -> None:
@@ -102,11 +103,11 @@ def test_partial_without_region_vectors_says_what_to_run(catalog: Catalog) -> No
 
 def test_region_pass_resumes_and_builds_the_index(catalog: Catalog) -> None:
     stop = threading.Event()
-    first = embed_regions(catalog.database, get_embedder(MODEL), batch_images=3,
-                          stop=stop, on_progress=lambda done, total: stop.set())
+    first = embed_regions(
+        catalog.database, get_embedder(MODEL), batch_images=3, stop=stop, on_progress=lambda done, total: stop.set()
+    )
     assert first.status == "interrupted" and first.images == 3 and first.remaining == len(PHOTOS) - 3
-    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"),
-           "IMSRC_MODEL": MODEL}
+    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"), "IMSRC_MODEL": MODEL}
     res = run_cli("embed", "--regions", "--json", env=env)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -135,16 +136,16 @@ def test_crop_finds_its_source_with_the_box(catalog: Catalog) -> None:
         assert len(got.results) == 3 and len({r.id for r in got.results}) == 3
         assert all(r.box is not None for r in got.results)
     with TestClient(create_app(catalog.settings, database=catalog.database)) as client:
-        resp = client.post("/api/search/image?k=2&match=partial&rerank=histogram",
-                           files={"file": ("q.png", _crop_query("coffee"))})
+        resp = client.post(
+            "/api/search/image?k=2&match=partial&rerank=histogram", files={"file": ("q.png", _crop_query("coffee"))}
+        )
         body = resp.json()
         assert resp.status_code == 200, resp.text
         assert body["match"] == "partial" and body["rerank"] == "histogram"
         assert body["results"][0]["id"] == catalog.ids["coffee"] and body["results"][0]["box"] == [0, 0, 0.5, 0.5]
     path = catalog.folder / "crop.png"
     path.write_bytes(_crop_query("rocket"))
-    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"),
-           "IMSRC_MODEL": MODEL}
+    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"), "IMSRC_MODEL": MODEL}
     res = run_cli("search", "image", str(path), "--partial", "-k", "2", "--json", env=env)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -169,14 +170,22 @@ def test_index_with_regions_on_adds_windows(catalog: Catalog) -> None:
     folder.mkdir()
     for name in ("clock", "text"):
         (folder / f"{name}.png").write_bytes(_png(_photo(name)))
-    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"),
-           "IMSRC_MODEL": MODEL, "IMSRC_REGIONS": "true"}
+    env = {
+        "IMSRC_DATABASE_URL": catalog.url,
+        "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"),
+        "IMSRC_MODEL": MODEL,
+        "IMSRC_REGIONS": "true",
+    }
     res = run_cli("index", str(folder), "--category", "more", "--json", env=env)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["regions"]["images"] == 2 and out["regions"]["failed"] == 0 and out["regions"]["remaining"] == 0
     with catalog.database.session() as session:
-        new = [int(i) for i in session.execute(text("SELECT id FROM images WHERE category_id = "
-                                                    "(SELECT id FROM categories WHERE name = 'more')")).scalars()]
+        new = [
+            int(i)
+            for i in session.execute(
+                text("SELECT id FROM images WHERE category_id = (SELECT id FROM categories WHERE name = 'more')")
+            ).scalars()
+        ]
     rows = _region_rows(catalog)
     assert len(new) == 2 and all(rows.get(i) == len(WINDOWS) for i in new)

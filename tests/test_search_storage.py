@@ -21,15 +21,24 @@ def _sparse(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def _insert(session: Session, dim: int, vectors: np.ndarray) -> tuple[int, list[int]]:
-    model = ModelRepository(session).register(name=f"storage-test-{dim}", dimension=dim, family="test", params={},
-                                              supports_text=False)
+    model = ModelRepository(session).register(
+        name=f"storage-test-{dim}", dimension=dim, family="test", params={}, supports_text=False
+    )
     ids = []
     for i, v in enumerate(vectors):
-        image_id = int(session.execute(text(
-            "INSERT INTO images (sha256, width, height, format, byte_size) VALUES (:s, 8, 8, 'PNG', 100) "
-            "RETURNING id"), {"s": bytes([dim % 256, i]) * 16}).scalar_one())
-        session.execute(text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, CAST(:v AS "
-                             "vector))"), {"m": model.id, "i": image_id, "v": vector_literal(v)})
+        image_id = int(
+            session.execute(
+                text(
+                    "INSERT INTO images (sha256, width, height, format, byte_size) VALUES (:s, 8, 8, 'PNG', 100) "
+                    "RETURNING id"
+                ),
+                {"s": bytes([dim % 256, i]) * 16},
+            ).scalar_one()
+        )
+        session.execute(
+            text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, CAST(:v AS vector))"),
+            {"m": model.id, "i": image_id, "v": vector_literal(v)},
+        )
         ids.append(image_id)
     return model.id, ids
 
@@ -37,9 +46,10 @@ def _insert(session: Session, dim: int, vectors: np.ndarray) -> tuple[int, list[
 def test_sparse_1280d_embeddings_are_stored_plain_in_the_row(session: Session) -> None:
     vectors = _sparse(20, 1280, seed=1)
     model_id, ids = _insert(session, 1280, vectors)
-    rows = session.execute(text(
-        "SELECT pg_column_compression(embedding), pg_column_size(embedding) FROM embeddings WHERE model_id = :m"),
-        {"m": model_id}).all()
+    rows = session.execute(
+        text("SELECT pg_column_compression(embedding), pg_column_size(embedding) FROM embeddings WHERE model_id = :m"),
+        {"m": model_id},
+    ).all()
     assert len(rows) == 20
     # Without toast_tuple_target these were pglz-compressed (~2.1 KB each instead of 5,128 bytes).
     assert {r[0] for r in rows} == {None}
@@ -54,6 +64,7 @@ def test_sparse_1280d_embeddings_are_stored_plain_in_the_row(session: Session) -
 def test_the_table_keeps_whole_vectors_in_the_row_up_to_a_page(session: Session) -> None:
     options = session.execute(text("SELECT reloptions FROM pg_class WHERE oid = 'embeddings'::regclass")).scalar()
     assert "toast_tuple_target=8160" in (options or [])
-    storage = session.execute(text("SELECT attstorage FROM pg_attribute WHERE attrelid = 'embeddings'::regclass "
-                                   "AND attname = 'embedding'")).scalar()
+    storage = session.execute(
+        text("SELECT attstorage FROM pg_attribute WHERE attrelid = 'embeddings'::regclass AND attname = 'embedding'")
+    ).scalar()
     assert storage == "m"  # in the row; out of line only when a row cannot fit a page

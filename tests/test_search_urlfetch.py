@@ -66,18 +66,36 @@ def server() -> Iterator[str]:
     httpd.shutdown()
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/x.png", "http://localhost/x.png", "http://10.1.2.3/x.png", "http://192.168.0.1/",
-    "http://169.254.169.254/latest/meta-data/", "http://[::1]/x.png", "http://[fd00::1]/", "http://0.0.0.0/",
-    "http://[::ffff:127.0.0.1]/", "http://100.64.0.1/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/x.png",
+        "http://localhost/x.png",
+        "http://10.1.2.3/x.png",
+        "http://192.168.0.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/x.png",
+        "http://[fd00::1]/",
+        "http://0.0.0.0/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://100.64.0.1/",
+    ],
+)
 def test_private_loopback_and_metadata_addresses_are_refused(url: str) -> None:
     with pytest.raises(UrlNotAllowedError, match="refusing"):
         check_url(url, allow_private=False)
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.org/x.png", "gopher://x/", "/relative.png",
-                                 "http://user:pw@example.org/x.png"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://example.org/x.png",
+        "gopher://x/",
+        "/relative.png",
+        "http://user:pw@example.org/x.png",
+    ],
+)
 def test_only_plain_http_and_https_urls(url: str) -> None:
     with pytest.raises(UrlNotAllowedError):
         check_url(url, allow_private=False)

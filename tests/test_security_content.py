@@ -41,8 +41,10 @@ from tests.helpers import make_image
 from tests.ingest_support import TEST_MODEL, open_test_database, write
 from tests.search_data import Synthetic, brute_force, make_catalog
 
-COUNTS = ("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM image_blobs), (SELECT count(*) FROM thumbnails),"
-          " (SELECT count(*) FROM embeddings), (SELECT count(*) FROM categories)")
+COUNTS = (
+    "SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM image_blobs), (SELECT count(*) FROM thumbnails),"
+    " (SELECT count(*) FROM embeddings), (SELECT count(*) FROM categories)"
+)
 ACCEPTED = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 
 
@@ -52,8 +54,9 @@ def env(create_database, settings: Settings) -> Iterator[tuple[TestClient, Datab
     own = db.settings
     with TestClient(create_app(own, database=db)) as client:
         for i in range(3):  # something to search in
-            ok = client.post("/api/images", files={"file": (f"good{i}.png", make_image(i, size=(64, 64)))},
-                             data={"category": "good"})
+            ok = client.post(
+                "/api/images", files={"file": (f"good{i}.png", make_image(i, size=(64, 64)))}, data={"category": "good"}
+            )
             assert ok.status_code == 200, ok.text
         yield client, db, own
     db.dispose()
@@ -74,9 +77,20 @@ def _other_formats() -> dict[str, bytes]:
     """Formats Pillow decodes but the documentation does not list, each written by Pillow itself."""
     rgb = PILImage.open(io.BytesIO(make_image(5, size=(48, 40)))).convert("RGB")
     out: dict[str, bytes] = {}
-    for fmt, img in [("TGA", rgb), ("PPM", rgb), ("ICO", rgb), ("QOI", rgb), ("PCX", rgb), ("SGI", rgb),
-                     ("IM", rgb), ("DDS", rgb.convert("RGBA")), ("JPEG2000", rgb), ("SPIDER", rgb.convert("F")),
-                     ("XBM", rgb.convert("1")), ("EPS", rgb)]:
+    for fmt, img in [
+        ("TGA", rgb),
+        ("PPM", rgb),
+        ("ICO", rgb),
+        ("QOI", rgb),
+        ("PCX", rgb),
+        ("SGI", rgb),
+        ("IM", rgb),
+        ("DDS", rgb.convert("RGBA")),
+        ("JPEG2000", rgb),
+        ("SPIDER", rgb.convert("F")),
+        ("XBM", rgb.convert("1")),
+        ("EPS", rgb),
+    ]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # Pillow is retiring IM
@@ -97,8 +111,7 @@ def test_the_probe_found_formats_to_refuse() -> None:
 
 # ------------------------------------------------------------------ item 12: the format allow-list
 @pytest.mark.parametrize("fmt", sorted(OTHER_FORMATS))
-def test_formats_outside_the_documented_list_are_refused(env: tuple[TestClient, Database, Settings],
-                                                         fmt: str) -> None:
+def test_formats_outside_the_documented_list_are_refused(env: tuple[TestClient, Database, Settings], fmt: str) -> None:
     client, db, _ = env
     data = OTHER_FORMATS[fmt]
     before = _counts(db)
@@ -136,10 +149,16 @@ def test_folder_indexing_skips_other_formats_with_a_reason(create_database, scra
 # ------------------------------------------------------------------ item 3 and 13: too many pixels
 def _png_header_only(width: int, height: int, colour_type: int = 6, depth: int = 8) -> bytes:
     """A PNG that claims width x height pixels but carries a few rows: a few hundred bytes on the wire."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * (width * 4 + 1) * 4)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * (width * 4 + 1) * 4))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_query_pixel_limit_is_checked_from_the_header(env: tuple[TestClient, Database, Settings]) -> None:
@@ -151,15 +170,17 @@ def test_query_pixel_limit_is_checked_from_the_header(env: tuple[TestClient, Dat
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "image_too_large"
-    assert error["message"] == ("image is 8000x7000 = 56000000 pixels, over the limit of 50000000 "
-                                "(IMSRC_QUERY_MAX_PIXELS)")
+    assert error["message"] == (
+        "image is 8000x7000 = 56000000 pixels, over the limit of 50000000 (IMSRC_QUERY_MAX_PIXELS)"
+    )
     categories = client.post("/api/search/categories", files={"file": ("big.png", _png_header_only(8000, 7000))})
     assert categories.status_code == 422 and categories.json()["error"]["code"] == "image_too_large"
 
 
 @pytest.mark.parametrize("size", [(9400, 9400), (20_000, 20_000), (70_000, 70_000)])
-def test_a_too_large_image_is_reported_as_too_large(env: tuple[TestClient, Database, Settings],
-                                                    size: tuple[int, int]) -> None:
+def test_a_too_large_image_is_reported_as_too_large(
+    env: tuple[TestClient, Database, Settings], size: tuple[int, int]
+) -> None:
     client, db, _ = env
     data = _png_header_only(*size)
     search = client.post("/api/search/image", files={"file": ("huge.png", data)})
@@ -191,10 +212,13 @@ print(result.ok, result.reason, result.width, result.height, result.thumb_width,
 def _run_peak_probe(path: Path) -> tuple[bool, int, int, int, int]:
     import imsrc  # the child imports the same imsrc as this process
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(imsrc.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(path)], capture_output=True, text=True, env=env,
-                         timeout=300, check=True).stdout.split()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(imsrc.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, str(path)], capture_output=True, text=True, env=env, timeout=300, check=True
+    ).stdout.split()
     return out[0] == "True", int(out[2]), int(out[3]), int(out[4]), int(out[5])
 
 
@@ -309,12 +333,21 @@ def wide(session: Session, settings: Settings) -> tuple[Synthetic, Settings]:
     return cat, tuned
 
 
-@pytest.mark.parametrize(("mode", "backend", "filtered"), [
-    ("two_stage", "pgvector", False), ("two_stage", "pgvector", True), ("ann", "pgvector", False),
-    ("exact", None, False), ("two_stage", "faiss", False), ("ann", "faiss", True)])
+@pytest.mark.parametrize(
+    ("mode", "backend", "filtered"),
+    [
+        ("two_stage", "pgvector", False),
+        ("two_stage", "pgvector", True),
+        ("ann", "pgvector", False),
+        ("exact", None, False),
+        ("two_stage", "faiss", False),
+        ("ann", "faiss", True),
+    ],
+)
 @pytest.mark.parametrize("k", [668, 1000])
-def test_k_up_to_1000_works_in_every_mode(session: Session, wide: tuple[Synthetic, Settings], mode: str,
-                                          backend: str | None, filtered: bool, k: int) -> None:
+def test_k_up_to_1000_works_in_every_mode(
+    session: Session, wide: tuple[Synthetic, Settings], mode: str, backend: str | None, filtered: bool, k: int
+) -> None:
     """k 668-1000 asked pgvector for an ef_search of up to 1,500 (k plus the duplicate margin): 422 "1500 is
     outside the valid range for parameter hnsw.ef_search" in the default mode, with category= and on similar."""
     cat, tuned = wide
@@ -324,8 +357,9 @@ def test_k_up_to_1000_works_in_every_mode(session: Session, wide: tuple[Syntheti
     options = SearchOptions(k=k, mode=mode, backend=backend, categories=1, category=names)  # type: ignore[arg-type]
     got = service.search_vector(cat.model, query, options)
     assert len(got.results) == k
-    truth = brute_force(cat.vectors, cat.image_ids, query, k, cat.labels == 0 if filtered or mode == "two_stage"
-                        else None)
+    truth = brute_force(
+        cat.vectors, cat.image_ids, query, k, cat.labels == 0 if filtered or mode == "two_stage" else None
+    )
     assert len(set(_ids(got)) & set(truth)) >= 0.95 * k
     similar = service.similar(int(cat.image_ids[3]), options)
     assert len(similar.results) == k and int(cat.image_ids[3]) not in _ids(similar)
@@ -344,8 +378,10 @@ def test_two_stage_fills_k_from_the_next_categories(session: Session, settings: 
     service = SearchService(session, _runtime(tuned))
     first, second = cat.category_ids[0], cat.category_ids[1]
     # Category 0 becomes nothing but near-duplicates (of an image in category 1): two-stage hides them.
-    session.execute(text("UPDATE images SET canonical_id = :c WHERE category_id = :d"),
-                    {"c": int(cat.image_ids[cat.labels == 1][0]), "d": first})
+    session.execute(
+        text("UPDATE images SET canonical_id = :c WHERE category_id = :d"),
+        {"c": int(cat.image_ids[cat.labels == 1][0]), "d": first},
+    )
     query = cat.centres[0]
     ann = service.search_vector(cat.model, query, SearchOptions(k=10, mode="ann", backend=backend))  # type: ignore[arg-type]
     assert len(ann.results) == 10
@@ -355,13 +391,22 @@ def test_two_stage_fills_k_from_the_next_categories(session: Session, settings: 
         assert got.stage1[0].category_id == first  # stage 1 still picked the duplicates' category first...
         assert {r.category_id for r in got.results} <= {c.category_id for c in got.stage1}  # ...and says what else
         assert all(r.category_id != first for r in got.results)
-        exact = service.search_vector(cat.model, query, SearchOptions(k=k, mode="exact",  # type: ignore[arg-type]
-                                                                       category=[c.category for c in got.stage1]))
+        exact = service.search_vector(
+            cat.model,
+            query,
+            SearchOptions(
+                k=k,
+                mode="exact",  # type: ignore[arg-type]
+                category=[c.category for c in got.stage1],
+            ),
+        )
         assert len(set(_ids(got)) & set(_ids(exact))) >= 0.9 * k
     # A small category: 3 images, k=10 -> 3 of them and 7 from the next category.
     session.execute(text("UPDATE images SET canonical_id = NULL"))
-    session.execute(text("DELETE FROM images WHERE category_id = :c AND id <> ALL(:keep)"),
-                    {"c": second, "keep": [int(i) for i in cat.image_ids[cat.labels == 1][:3]]})
+    session.execute(
+        text("DELETE FROM images WHERE category_id = :c AND id <> ALL(:keep)"),
+        {"c": second, "keep": [int(i) for i in cat.image_ids[cat.labels == 1][:3]]},
+    )
     sync_search(session, tuned, model_id=cat.model.id, category_ids=[second])
     got = service.search_vector(cat.model, cat.centres[1], SearchOptions(k=10, categories=1, backend=backend))  # type: ignore[arg-type]
     assert len(got.results) == 10
@@ -388,6 +433,7 @@ def test_referenced_file_is_served_only_while_it_holds_the_indexed_bytes(create_
         with db.engine.connect() as conn:
             ids = {Path(p).stem: int(i) for p, i in conn.execute(text("SELECT source_path, id FROM images"))}
         with TestClient(create_app(db.settings, database=db)) as client:
+
             def get(name: str) -> httpx.Response:
                 return client.get(f"/api/images/{ids[name]}/file")
 
@@ -429,14 +475,16 @@ def test_referenced_file_is_served_only_while_it_holds_the_indexed_bytes(create_
         db.dispose()
 
 
-def test_referenced_file_outside_every_indexed_root_is_not_served(client_with_key: TestClient, session: Session,
-                                                                  scratch: Path) -> None:
+def test_referenced_file_outside_every_indexed_root_is_not_served(
+    client_with_key: TestClient, session: Session, scratch: Path
+) -> None:
     """An image row pointing at a path no indexing job was given (a restored or hand-edited catalog)."""
     image = add_image(session, 77, stored=False, source_path=scratch / "x.png")
     response = client_with_key.get(f"/api/images/{image.id}/file")
     assert response.status_code == 404 and str(scratch) not in response.text
-    JobRepository(session).create(kind="index", job_key="t", paths=[str(scratch)], options={}, model_id=None,
-                                  model_name=None)
+    JobRepository(session).create(
+        kind="index", job_key="t", paths=[str(scratch)], options={}, model_id=None, model_name=None
+    )
     assert client_with_key.get(f"/api/images/{image.id}/file").content == make_image(77)
 
 
@@ -449,8 +497,9 @@ def client_with_key(settings: Settings, database: Database, session: Session) ->
         yield c
 
 
-def test_server_paths_are_shown_only_to_key_holders(client_with_key: TestClient, session: Session,
-                                                    scratch: Path) -> None:
+def test_server_paths_are_shown_only_to_key_holders(
+    client_with_key: TestClient, session: Session, scratch: Path
+) -> None:
     (scratch / "secret-folder").mkdir()
     image = add_image(session, 78, stored=False, source_path=scratch / "secret-folder" / "y.png")
     jobs = JobRepository(session)
@@ -476,10 +525,16 @@ def test_server_paths_are_shown_only_to_key_holders(client_with_key: TestClient,
     assert missing.status_code == 404 and "secret-folder" not in missing.text and str(scratch) not in missing.text
 
 
-@pytest.mark.parametrize("url", ["http://localhost/x.png", "http://127.0.0.1.nip.invalid/x.png",
-                                 "http://no-such-host.invalid/x.png", "http://[::1]:9/x.png"])
-def test_url_search_errors_do_not_reveal_name_resolution(env: tuple[TestClient, Database, Settings],
-                                                         url: str) -> None:
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost/x.png",
+        "http://127.0.0.1.nip.invalid/x.png",
+        "http://no-such-host.invalid/x.png",
+        "http://[::1]:9/x.png",
+    ],
+)
+def test_url_search_errors_do_not_reveal_name_resolution(env: tuple[TestClient, Database, Settings], url: str) -> None:
     client, _, _ = env
     response = client.post("/api/search/image", json={"url": url})
     assert response.status_code == 400, response.text

@@ -31,23 +31,34 @@ def catalog(session: Session) -> dict[str, int]:
     rows = [("a.png", shoes.id, [1, 0, 0]), ("b.png", shoes.id, [0.9, 0.1, 0]), ("c.png", bags.id, [0, 0, 1])]
     for n, (name, cat, vec) in enumerate(rows):
         ids[name] = session.execute(
-            text("INSERT INTO images (sha256, width, height, format, byte_size, original_name, category_id)"
-                 " VALUES (:s, 4, 3, 'PNG', 100, :n, :c) RETURNING id"),
+            text(
+                "INSERT INTO images (sha256, width, height, format, byte_size, original_name, category_id)"
+                " VALUES (:s, 4, 3, 'PNG', 100, :n, :c) RETURNING id"
+            ),
             {"s": (n + 100).to_bytes(32, "big"), "n": name, "c": cat},
         ).scalar_one()
         v = np.array(vec, dtype=float)
-        session.execute(text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, :e)"),
-                        {"m": model.id, "i": ids[name], "e": str((v / np.linalg.norm(v)).tolist())})
+        session.execute(
+            text("INSERT INTO embeddings (model_id, image_id, embedding) VALUES (:m, :i, :e)"),
+            {"m": model.id, "i": ids[name], "e": str((v / np.linalg.norm(v)).tolist())},
+        )
     # d.png: a duplicate of a.png with no embedding yet.
     ids["d.png"] = session.execute(
-        text("INSERT INTO images (sha256, width, height, format, byte_size, original_name, category_id,"
-             " canonical_id) VALUES (:s, 4, 3, 'PNG', 100, 'd.png', :c, :k) RETURNING id"),
+        text(
+            "INSERT INTO images (sha256, width, height, format, byte_size, original_name, category_id,"
+            " canonical_id) VALUES (:s, 4, 3, 'PNG', 100, 'd.png', :c, :k) RETURNING id"
+        ),
         {"s": (999).to_bytes(32, "big"), "c": shoes.id, "k": ids["a.png"]},
     ).scalar_one()
     # Mean prototypes (stage 1 of search) for both categories.
     for cat, vec in [(shoes.id, "[1,0,0]"), (bags.id, "[0,0,1]")]:
-        session.execute(text("INSERT INTO category_prototypes (category_id, model_id, kind, vector, member_count)"
-                             " VALUES (:c, :m, 'mean', CAST(:v AS vector), 2)"), {"c": cat, "m": model.id, "v": vec})
+        session.execute(
+            text(
+                "INSERT INTO category_prototypes (category_id, model_id, kind, vector, member_count)"
+                " VALUES (:c, :m, 'mean', CAST(:v AS vector), 2)"
+            ),
+            {"c": cat, "m": model.id, "v": vec},
+        )
     session.execute(text("SET LOCAL ROLE imsrc_reader"))  # run the queries with the reader's rights
     return ids
 
@@ -64,7 +75,9 @@ def test_every_example_query_is_covered() -> None:
 def test_images_per_category(session: Session, catalog: dict[str, int]) -> None:
     rows = _run(session, QUERIES[0])
     assert [(r["category"], r["image_count"], r["unique_image_count"]) for r in rows] == [
-        ("shoes", 3, 2), ("bags", 1, 1)]
+        ("shoes", 3, 2),
+        ("bags", 1, 1),
+    ]
 
 
 def test_missing_embeddings(session: Session, catalog: dict[str, int]) -> None:
@@ -80,8 +93,9 @@ def test_nearest_neighbours(session: Session, catalog: dict[str, int]) -> None:
 
 def test_duplicate_groups(session: Session, catalog: dict[str, int]) -> None:
     rows = _run(session, QUERIES[3])
-    assert rows == [{"canonical_id": catalog["a.png"], "original_name": "a.png",
-                     "duplicate_ids": [catalog["d.png"]], "copies": 1}]
+    assert rows == [
+        {"canonical_id": catalog["a.png"], "original_name": "a.png", "duplicate_ids": [catalog["d.png"]], "copies": 1}
+    ]
 
 
 def test_models_query(session: Session, catalog: dict[str, int]) -> None:
@@ -92,21 +106,29 @@ def test_models_query(session: Session, catalog: dict[str, int]) -> None:
 def test_two_stage_search_query(session: Session, catalog: dict[str, int]) -> None:
     rows = _run(session, QUERIES[6])
     # a.png itself is left out; d.png (its duplicate) has no vector; b.png is close, c.png far.
-    assert [(r["rank"], r["original_name"], r["category"]) for r in rows] == [(1, "b.png", "shoes"),
-                                                                              (2, "c.png", "bags")]
+    assert [(r["rank"], r["original_name"], r["category"]) for r in rows] == [
+        (1, "b.png", "shoes"),
+        (2, "c.png", "bags"),
+    ]
     assert float(rows[0]["score"]) == pytest.approx(0.9939, abs=1e-4)
 
 
 def test_categories_for_image_query(session: Session, catalog: dict[str, int]) -> None:
     rows = _run(session, QUERIES[7])
     assert [(r["rank"], r["category"], float(r["score"]), r["prototypes"]) for r in rows] == [
-        (1, "shoes", 1.0, 1), (2, "bags", 0.0, 1)]
+        (1, "shoes", 1.0, 1),
+        (2, "bags", 0.0, 1),
+    ]
 
 
 def _captions(session: Session, catalog: dict[str, int]) -> None:
     session.execute(text("RESET ROLE"))
-    for name, caption in (("a.png", "red shoes, worn"), ("b.png", "a blue shoe"), ("c.png", "a red handbag"),
-                          ("d.png", "red shoes again")):
+    for name, caption in (
+        ("a.png", "red shoes, worn"),
+        ("b.png", "a blue shoe"),
+        ("c.png", "a red handbag"),
+        ("d.png", "red shoes again"),
+    ):
         session.execute(text("UPDATE images SET caption = :c WHERE id = :i"), {"c": caption, "i": catalog[name]})
     session.execute(text("SET LOCAL ROLE imsrc_reader"))
 
@@ -122,8 +144,10 @@ def test_hybrid_keyword_search_query(session: Session, catalog: dict[str, int]) 
     _captions(session, catalog)
     rows = _run(session, QUERIES[9])
     # 'shoe' matches a.png and b.png (c.png is a handbag); ranked by the vector of a.png, the first embedded
-    assert [(r["rank"], r["original_name"], r["keyword_match"]) for r in rows] == [(1, "a.png", True),
-                                                                                   (2, "b.png", True)]
+    assert [(r["rank"], r["original_name"], r["keyword_match"]) for r in rows] == [
+        (1, "a.png", True),
+        (2, "b.png", True),
+    ]
     assert float(rows[1]["score"]) == pytest.approx(0.9939, abs=1e-4)
 
 

@@ -42,10 +42,14 @@ def split_db(create_database, scratch: Path) -> Iterator[Database]:  # type: ign
 
 def _prototypes(db: Database, model: str) -> list[tuple[str, str, int, int]]:
     with db.engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT c.name, p.kind, p.ordinal, p.member_count FROM category_prototypes p"
-            " JOIN categories c ON c.id = p.category_id JOIN embedding_models m ON m.id = p.model_id"
-            " WHERE m.name = :n AND p.kind IN ('mean', 'cluster') ORDER BY 1, 2, 3"), {"n": model}).all()
+        rows = conn.execute(
+            text(
+                "SELECT c.name, p.kind, p.ordinal, p.member_count FROM category_prototypes p"
+                " JOIN categories c ON c.id = p.category_id JOIN embedding_models m ON m.id = p.model_id"
+                " WHERE m.name = :n AND p.kind IN ('mean', 'cluster') ORDER BY 1, 2, 3"
+            ),
+            {"n": model},
+        ).all()
     return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
@@ -73,8 +77,14 @@ def test_removing_a_model_drops_its_per_category_indexes(session: Session, setti
     models = ModelRepository(session)
     models.set_active(models.register(name="kept-model", dimension=16, family="test", params={}, supports_text=False))
     ModelService(session, settings).remove(cat.model.name)
-    left = session.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings'"
-                                " AND indexname ~ :p"), {"p": f"_m{cat.model.id}(_|$)"}).scalars().all()
+    left = (
+        session.execute(
+            text("SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings' AND indexname ~ :p"),
+            {"p": f"_m{cat.model.id}(_|$)"},
+        )
+        .scalars()
+        .all()
+    )
     assert left == []
 
 
@@ -84,8 +94,9 @@ def test_cli_rename_goes_through_the_category_service(create_database, scratch: 
     db = open_test_database(create_database("imsrc_rename"), scratch / "data")
     with db.session() as s:
         models = ModelRepository(s)
-        models.set_active(models.register(name=TEST_MODEL, dimension=64, family="open_clip", params={},
-                                          supports_text=True))
+        models.set_active(
+            models.register(name=TEST_MODEL, dimension=64, family="open_clip", params={}, supports_text=True)
+        )
         cats = CategoryRepository(s)
         cat_id = cats.create("cats").id
         cats.create("dogs")
@@ -98,23 +109,26 @@ def test_cli_rename_goes_through_the_category_service(create_database, scratch: 
     assert done.returncode == 0, done.stderr
     with db.engine.connect() as conn:
         name = conn.execute(text("SELECT name FROM categories WHERE id = :c"), {"c": cat_id}).scalar_one()
-        text_protos = conn.execute(text("SELECT count(*) FROM category_prototypes WHERE category_id = :c"
-                                        " AND kind = 'text'"), {"c": cat_id}).scalar_one()
+        text_protos = conn.execute(
+            text("SELECT count(*) FROM category_prototypes WHERE category_id = :c AND kind = 'text'"), {"c": cat_id}
+        ).scalar_one()
     db.dispose()
     assert (name, text_protos) == ("kittens", 1)
 
 
 def _upload(client: TestClient, name: str, data: bytes, category: str | None = None) -> dict[str, Any]:
-    response = client.post("/api/images", data={"category": category} if category else {},
-                           files=[("file", (name, data, "image/png"))])
+    response = client.post(
+        "/api/images", data={"category": category} if category else {}, files=[("file", (name, data, "image/png"))]
+    )
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()["results"][0]
     return result
 
 
 def _category_count(session: Session, name: str) -> int:
-    return int(session.execute(text("SELECT count(*) FROM categories WHERE lower(name) = lower(:n)"),
-                               {"n": name}).scalar_one())
+    return int(
+        session.execute(text("SELECT count(*) FROM categories WHERE lower(name) = lower(:n)"), {"n": name}).scalar_one()
+    )
 
 
 def test_reuploading_known_bytes_answers_their_real_category(client: TestClient, session: Session) -> None:
@@ -134,8 +148,9 @@ def test_reuploading_known_bytes_answers_their_real_category(client: TestClient,
     assert loose["category"]["name"].startswith("auto-")
 
 
-async def _asgi(app: Any, method: str, path: str, headers: dict[str, str], chunks: list[bytes]
-                ) -> tuple[int, dict[str, Any], int]:
+async def _asgi(
+    app: Any, method: str, path: str, headers: dict[str, str], chunks: list[bytes]
+) -> tuple[int, dict[str, Any], int]:
     """Drive the app the way a server does, counting how much of the body it read: (status, JSON, bytes read)."""
     read = 0
     pending = list(chunks)
@@ -152,10 +167,20 @@ async def _asgi(app: Any, method: str, path: str, headers: dict[str, str], chunk
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
     await app(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -166,10 +191,12 @@ MB = 1024 * 1024
 
 
 def _multipart(size: int, boundary: str = "imsrcboundary") -> list[bytes]:
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
     body = head + b"\x89PNG\r\n\x1a\n" + b"\0" * size + f"\r\n--{boundary}--\r\n".encode()
-    return [body[i:i + 64 * 1024] for i in range(0, len(body), 64 * 1024)]
+    return [body[i : i + 64 * 1024] for i in range(0, len(body), 64 * 1024)]
 
 
 def test_search_upload_streams_and_stops_with_413(client: TestClient) -> None:
@@ -178,8 +205,9 @@ def test_search_upload_streams_and_stops_with_413(client: TestClient) -> None:
     app = client.app
     app.state.settings = app.state.settings.model_copy(update={"max_upload_bytes": 100_000})  # type: ignore[attr-defined]
     chunks = _multipart(8 * MB)
-    status, body, read = asyncio.run(_asgi(app, "POST", "/api/search/image",
-                                           {"content-type": "multipart/form-data; boundary=imsrcboundary"}, chunks))
+    status, body, read = asyncio.run(
+        _asgi(app, "POST", "/api/search/image", {"content-type": "multipart/form-data; boundary=imsrcboundary"}, chunks)
+    )
     assert status == 413 and body["error"]["code"] == "payload_too_large"
     assert read < MB  # stopped near the limit, not after 8 MB
 
@@ -189,8 +217,9 @@ def test_json_bodies_are_capped_without_reading_them_whole(client: TestClient) -
     huge = client.post("/api/search/image", json={"url": "https://example.org/" + "a" * 40_000})
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
     stream = [b'{"url": "https://example.org/' + b"a" * 64 * 1024] * 64  # 4 MB, no Content-Length
-    status, _, read = asyncio.run(_asgi(client.app, "POST", "/api/search/image",
-                                        {"content-type": "application/json"}, stream))
+    status, _, read = asyncio.run(
+        _asgi(client.app, "POST", "/api/search/image", {"content-type": "application/json"}, stream)
+    )
     assert status == 413 and read <= MAX_BODY_BYTES + 64 * 1024
     declared = {"content-type": "application/json", "content-length": str(400 * MB)}
     status, _, read = asyncio.run(_asgi(client.app, "POST", "/api/categories", declared, stream))

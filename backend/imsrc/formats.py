@@ -8,8 +8,9 @@ import warnings
 
 from PIL import Image, features
 
-BASE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib",
-                             ".tif", ".tiff"})
+BASE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff"}
+)
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
 AVIF_EXTENSIONS = frozenset({".avif"})
 

@@ -48,9 +48,15 @@ MIN_SIDE = 512
 STRIP_PIXELS = 1 << 20  # pixels converted at a time
 WORK_MODES = frozenset({"L", "LA", "RGB", "RGBA"})
 _ORIENTATION_TAG = 0x0112
-_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
-              7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageDecodeError(InvalidInputError):
@@ -86,14 +92,29 @@ def allowed_formats() -> tuple[str, ...]:
 
 
 def format_names() -> str:
-    names = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF",
-             "HEIF": "HEIC/HEIF", "AVIF": "AVIF"}
+    names = {
+        "JPEG": "JPEG",
+        "PNG": "PNG",
+        "WEBP": "WebP",
+        "GIF": "GIF",
+        "BMP": "BMP",
+        "TIFF": "TIFF",
+        "HEIF": "HEIC/HEIF",
+        "AVIF": "AVIF",
+    }
     listed = [names[f] for f in allowed_formats()]
     return ", ".join(listed[:-1]) + " or " + listed[-1]
 
 
-_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 
 
 def sniff(data: bytes) -> str | None:
@@ -106,8 +127,9 @@ def sniff(data: bytes) -> str | None:
 
 
 def too_large(width: int, height: int, max_pixels: int, setting: str) -> ImageTooLargeError:
-    return ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                              f"{max_pixels} ({setting})")
+    return ImageTooLargeError(
+        f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} ({setting})"
+    )
 
 
 def reduction_factor(width: int, height: int) -> int:
@@ -124,16 +146,16 @@ def decode(data: bytes, *, max_pixels: int, setting: str = "IMSRC_MAX_PIXELS") -
     except UnidentifiedImageError as exc:
         kind = sniff(data)
         if kind:
-            raise ImageDecodeError(f"corrupt or truncated image data: starts like a {kind} file but cannot be "
-                                   "decoded") from exc
+            raise ImageDecodeError(
+                f"corrupt or truncated image data: starts like a {kind} file but cannot be decoded"
+            ) from exc
         raise UnsupportedFormatError(f"not a recognised image format (content is not {format_names()})") from exc
     except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: it will not even open it
         found = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = f"{found.group(1)} pixels" if found else "too many pixels"
         raise ImageTooLargeError(f"image has {pixels}, over the limit of {max_pixels} ({setting})") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
-        raise ImageDecodeError(f"corrupt or truncated image data: {str(exc).strip() or type(exc).__name__}") \
-            from exc
+        raise ImageDecodeError(f"corrupt or truncated image data: {str(exc).strip() or type(exc).__name__}") from exc
     width, height = img.size
     if width * height > max_pixels:
         raise too_large(width, height, max_pixels, setting)
@@ -150,8 +172,7 @@ def decode(data: bytes, *, max_pixels: int, setting: str = "IMSRC_MAX_PIXELS") -
     except MemoryError:
         raise
     except Exception as exc:  # the decoders raise many kinds for bad data; each means "cannot decode"
-        raise ImageDecodeError(f"corrupt or truncated image data: {str(exc).strip() or type(exc).__name__}") \
-            from exc
+        raise ImageDecodeError(f"corrupt or truncated image data: {str(exc).strip() or type(exc).__name__}") from exc
     if orientation in _TRANSPOSE:
         work = work.transpose(_TRANSPOSE[orientation])
         if orientation >= 5:
@@ -275,8 +296,10 @@ class DecodeGate:
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         if not self._slots.acquire(timeout=self.wait_s):
-            raise BusyError(f"{self.limit} images are being decoded already; retry shortly "
-                            "(IMSRC_MAX_CONCURRENT_DECODES)", retry_after=max(1, math.ceil(self.wait_s)))
+            raise BusyError(
+                f"{self.limit} images are being decoded already; retry shortly (IMSRC_MAX_CONCURRENT_DECODES)",
+                retry_after=max(1, math.ceil(self.wait_s)),
+            )
         with self._lock:
             self._active += 1
         try:

@@ -49,8 +49,10 @@ TMP = ROOT / "bench" / "results" / "tmp" / "ingest"
 RESULTS = Path(__file__).resolve().parent / "results.json"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADING = "## Ingest throughput"
-MODELS = {"efficientnet-lite0": ("efficientnet-lite0", "ImageNet (PyPI)"),
-          "ViT-B-32": ("open_clip:ViT-B-32:none", "random init, speed only")}
+MODELS = {
+    "efficientnet-lite0": ("efficientnet-lite0", "ImageNet (PyPI)"),
+    "ViT-B-32": ("open_clip:ViT-B-32:none", "random init, speed only"),
+}
 
 
 def prepare_folder(n: int, parts: int) -> Path:
@@ -93,8 +95,13 @@ def worker_stage_ms(files: list[Path], embedder: Embedder, n: int = 300) -> dict
         t4 = time.perf_counter()
         embedder.preprocess(rgb)
         t5 = time.perf_counter()
-        for key, a, b in (("read_hash", t0, t1), ("decode", t1, t2), ("phash", t2, t3), ("thumbnail", t3, t4),
-                          ("preprocess", t4, t5)):
+        for key, a, b in (
+            ("read_hash", t0, t1),
+            ("decode", t1, t2),
+            ("phash", t2, t3),
+            ("thumbnail", t3, t4),
+            ("preprocess", t4, t5),
+        ):
             steps[key].append((b - a) * 1000)
     torch.set_num_threads(threads)
     out = {k: round(statistics.median(v), 3) for k, v in steps.items()}
@@ -116,8 +123,10 @@ def model_throughput(embedder: Embedder, files: list[Path], batch_size: int, bat
 
 
 def _model_throughput(embedder: Embedder, files: list[Path], batch_size: int, batches: int) -> float:
-    tensors = [embedder.preprocess(decode.model_image(decode.open_image(p.read_bytes(), 10**8)))
-               for p in files[: batch_size * 2]]
+    tensors = [
+        embedder.preprocess(decode.model_image(decode.open_image(p.read_bytes(), 10**8)))
+        for p in files[: batch_size * 2]
+    ]
     stack = torch.stack([torch.as_tensor(t) for t in tensors])
     batch_list = [stack[:batch_size], stack[batch_size:]]
     embedder.encode_images(batch_list[0])  # warm-up
@@ -138,29 +147,49 @@ def fresh_database(server_url: str) -> str:
     return url
 
 
-def run_model(label: str, server_url: str, folder: Path, batch_size: int, workers: int,
-              model_batches: int, inference: str = "torch") -> dict[str, Any]:
+def run_model(
+    label: str,
+    server_url: str,
+    folder: Path,
+    batch_size: int,
+    workers: int,
+    model_batches: int,
+    inference: str = "torch",
+) -> dict[str, Any]:
     name, weights = MODELS[label]
     embedder = build_embedder(name, precision="fp32", runtime=inference)
     files = files_of(folder)
     stage_ms = worker_stage_ms(files, embedder)
     url = fresh_database(server_url)
-    db = Database(url=url, engine=make_engine(url, pool_size=4),
-                  settings=Settings(database_url=url, _env_file=None), revision="head")  # type: ignore[call-arg]
+    db = Database(
+        url=url,
+        engine=make_engine(url, pool_size=4),
+        settings=Settings(database_url=url, _env_file=None),
+        revision="head",
+    )  # type: ignore[call-arg]
     load_before = os.getloadavg()[0]
     model_rates = [model_throughput(embedder, files, batch_size, model_batches)]
     parts: list[dict[str, Any]] = []
     try:
         for part in sorted(folder.glob("part*")):
-            summary = run_index_job(db, embedder, [str(part)], category_from_folder=True, workers=workers,
-                                    batch_size=batch_size)
+            summary = run_index_job(
+                db, embedder, [str(part)], category_from_folder=True, workers=workers, batch_size=batch_size
+            )
             model_rates.append(model_throughput(embedder, files, batch_size, model_batches))
             n = sum(summary.run_counts.values())
             model_ips = (model_rates[-2] + model_rates[-1]) / 2
-            parts.append({"images": n, "seconds": summary.seconds, "end_to_end_img_s": round(n / summary.seconds, 2),
-                          "model_img_s": round(model_ips, 2), "ratio": round(n / summary.seconds / model_ips, 3),
-                          "counts": summary.run_counts, "stage_s": summary.stage_seconds,
-                          "model_busy": round(summary.stage_seconds["embed"] / summary.seconds, 3)})
+            parts.append(
+                {
+                    "images": n,
+                    "seconds": summary.seconds,
+                    "end_to_end_img_s": round(n / summary.seconds, 2),
+                    "model_img_s": round(model_ips, 2),
+                    "ratio": round(n / summary.seconds / model_ips, 3),
+                    "counts": summary.run_counts,
+                    "stage_s": summary.stage_seconds,
+                    "model_busy": round(summary.stage_seconds["embed"] / summary.seconds, 3),
+                }
+            )
             print(f"  {part.name}: {json.dumps(parts[-1])}", flush=True)
     finally:
         db.dispose()
@@ -168,16 +197,26 @@ def run_model(label: str, server_url: str, folder: Path, batch_size: int, worker
     seconds = sum(p["seconds"] for p in parts)
     stage = {k: round(sum(p["stage_s"][k] for p in parts), 1) for k in parts[0]["stage_s"]}
     return {
-        "model": label, "registered_as": name, "weights": weights, "batch_size": batch_size, "workers": workers,
-        "inference": inference, "engines": dict(embedder.runtime),
-        "images": images, "parts_count": len(parts), "seconds": round(seconds, 1),
+        "model": label,
+        "registered_as": name,
+        "weights": weights,
+        "batch_size": batch_size,
+        "workers": workers,
+        "inference": inference,
+        "engines": dict(embedder.runtime),
+        "images": images,
+        "parts_count": len(parts),
+        "seconds": round(seconds, 1),
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
-        "measured_at": time.strftime("%Y-%m-%d %H:%M"), "end_to_end_img_s": round(images / seconds, 2),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M"),
+        "end_to_end_img_s": round(images / seconds, 2),
         "model_img_s_measurements": [round(r, 2) for r in model_rates],
         "ratio": round(statistics.median(p["ratio"] for p in parts), 3),
         "part_ratios": [p["ratio"] for p in parts],
         # Share of the wall time the model was computing: under 1.0 only where it waited for input or output.
-        "model_busy": round(stage["embed"] / seconds, 3), "pipeline_stage_s": stage, "parts": parts,
+        "model_busy": round(stage["embed"] / seconds, 3),
+        "pipeline_stage_s": stage,
+        "parts": parts,
         "worker_stage_ms": stage_ms,
     }
 
@@ -187,56 +226,77 @@ def _label(run: dict[str, Any]) -> str:
 
 
 def write_markdown(res: dict[str, Any]) -> None:
-    lines = [HEADING, "",
-             f"`bench/ingest/run.py` on {res['machine']}: `imsrc index` of Fashion-MNIST test images written as "
-             "JPEG (28x28, one folder per class, `--category-from-folder`), indexed in parts into one fresh "
-             "database per model and engine (IMSRC_INFERENCE), "
-             f"batch as labelled, {res['workers']} worker processes, fp32. End-to-end = "
-             "files / job wall time (scan, decode, pHash, thumbnail, preprocess, embed, COPY + HNSW insert, "
-             "prototypes, worker start-up). Model = `encode_images` alone (in a thread, like the pipeline) on "
-             "preprocessed batches of the same images, measured before the first part and after each part; each "
-             "part is compared with the mean of the measurements on either side, and the ratio is the median "
-             "over parts. Model busy = share of the wall time the embedding thread was computing (1.0 = never "
-             "starved). The machine is shared (load averages in the table are other people's jobs) and single "
-             "figures move several-fold within minutes; model busy is the load-independent check.",
-             "",
-             "| model | weights | images (parts) | load avg | end-to-end img/s | model-alone img/s (each measurement) "
-             "| ratio (per part) | model busy | target |",
-             "|---|---|---:|---|---:|---|---|---:|---|"]
+    lines = [
+        HEADING,
+        "",
+        f"`bench/ingest/run.py` on {res['machine']}: `imsrc index` of Fashion-MNIST test images written as "
+        "JPEG (28x28, one folder per class, `--category-from-folder`), indexed in parts into one fresh "
+        "database per model and engine (IMSRC_INFERENCE), "
+        f"batch as labelled, {res['workers']} worker processes, fp32. End-to-end = "
+        "files / job wall time (scan, decode, pHash, thumbnail, preprocess, embed, COPY + HNSW insert, "
+        "prototypes, worker start-up). Model = `encode_images` alone (in a thread, like the pipeline) on "
+        "preprocessed batches of the same images, measured before the first part and after each part; each "
+        "part is compared with the mean of the measurements on either side, and the ratio is the median "
+        "over parts. Model busy = share of the wall time the embedding thread was computing (1.0 = never "
+        "starved). The machine is shared (load averages in the table are other people's jobs) and single "
+        "figures move several-fold within minutes; model busy is the load-independent check.",
+        "",
+        "| model | weights | images (parts) | load avg | end-to-end img/s | model-alone img/s (each measurement) "
+        "| ratio (per part) | model busy | target |",
+        "|---|---|---:|---|---:|---|---|---:|---|",
+    ]
     for r in res["runs"]:
-        lines.append(f"| {_label(r)} | {r['weights']} | {r['images']} ({r['parts_count']}) | "
-                     f"{r['load_average'][0]} -> {r['load_average'][1]} | {r['end_to_end_img_s']} | "
-                     f"{' / '.join(str(x) for x in r['model_img_s_measurements'])} | **{r['ratio']:.2f}** "
-                     f"({', '.join(f'{x:.2f}' for x in r['part_ratios'])}) | {r['model_busy']:.3f} | "
-                     f"{'met' if r['ratio'] >= 0.9 else 'missed'} (>= 0.90) |")
+        lines.append(
+            f"| {_label(r)} | {r['weights']} | {r['images']} ({r['parts_count']}) | "
+            f"{r['load_average'][0]} -> {r['load_average'][1]} | {r['end_to_end_img_s']} | "
+            f"{' / '.join(str(x) for x in r['model_img_s_measurements'])} | **{r['ratio']:.2f}** "
+            f"({', '.join(f'{x:.2f}' for x in r['part_ratios'])}) | {r['model_busy']:.3f} | "
+            f"{'met' if r['ratio'] >= 0.9 else 'missed'} (>= 0.90) |"
+        )
     for r in res["runs"]:
         if r["ratio"] < 0.9 and r["model_busy"] >= 0.95:
-            lines += ["", f"{_label(r)}: the model was computing {r['model_busy']:.0%} of the time, so it was not "
-                      "starved; each batch ran slower than alone because the pipeline's own work (decode workers, "
-                      "the writer thread, PostgreSQL's COPY and HNSW inserts) shares the same CPU cores. With spare "
-                      "cores or a GPU that work no longer competes with the model."]
-    lines += ["", "Where the time went (seconds, summed per stage; stages overlap, so they add up to more than "
-              "the wall time; `wait_for_workers` is the main thread waiting on decoded images):", "",
-              "| model | wall | embed | write | wait_for_workers | scan_and_lookup |", "|---|---:|---:|---:|---:|---:|"]
+            lines += [
+                "",
+                f"{_label(r)}: the model was computing {r['model_busy']:.0%} of the time, so it was not "
+                "starved; each batch ran slower than alone because the pipeline's own work (decode workers, "
+                "the writer thread, PostgreSQL's COPY and HNSW inserts) shares the same CPU cores. With spare "
+                "cores or a GPU that work no longer competes with the model.",
+            ]
+    lines += [
+        "",
+        "Where the time went (seconds, summed per stage; stages overlap, so they add up to more than "
+        "the wall time; `wait_for_workers` is the main thread waiting on decoded images):",
+        "",
+        "| model | wall | embed | write | wait_for_workers | scan_and_lookup |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in res["runs"]:
         s = r["pipeline_stage_s"]
-        lines.append(f"| {_label(r)} | {r['seconds']} | {s['embed']} | {s['write']} | {s['wait_for_workers']} | "
-                     f"{s['scan_and_lookup']} |")
-    lines += ["", "Per-image worker cost (ms, median of 300 files, measured in the benchmark's own process before "
-              "the run, under the same load):", "",
-              "| model | read+sha256 | decode | pHash | thumbnail | preprocess | total |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {_label(r)} | {r['seconds']} | {s['embed']} | {s['write']} | {s['wait_for_workers']} | "
+            f"{s['scan_and_lookup']} |"
+        )
+    lines += [
+        "",
+        "Per-image worker cost (ms, median of 300 files, measured in the benchmark's own process before "
+        "the run, under the same load):",
+        "",
+        "| model | read+sha256 | decode | pHash | thumbnail | preprocess | total |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in res["runs"]:
         w = r["worker_stage_ms"]
-        lines.append(f"| {_label(r)} | {w['read_hash']} | {w['decode']} | {w['phash']} | {w['thumbnail']} | "
-                     f"{w['preprocess']} | {w['total']} |")
+        lines.append(
+            f"| {_label(r)} | {w['read_hash']} | {w['decode']} | {w['phash']} | {w['thumbnail']} | "
+            f"{w['preprocess']} | {w['total']} |"
+        )
     lines.append("")
     section = "\n".join(lines) + "\n"
     old = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     if HEADING in old:
         before, rest = old.split(HEADING, 1)
         nxt = rest.find("\n## ")
-        new = before + section + (rest[nxt + 1:] if nxt >= 0 else "")
+        new = before + section + (rest[nxt + 1 :] if nxt >= 0 else "")
     else:
         new = old.rstrip("\n") + "\n\n" + section
     BENCHMARKS.write_text(new)
@@ -250,8 +310,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="0 = one per CPU")
     ap.add_argument("--model-batches", type=int, default=6, help="timed batches per model-only measurement")
     ap.add_argument("--parts", type=int, default=5, help="interleave model-only measurements between this many parts")
-    ap.add_argument("--inference", default="torch", help="comma-separated engines (IMSRC_INFERENCE): torch, onnx, "
-                    "onnx-int8; each model is indexed once per engine")
+    ap.add_argument(
+        "--inference",
+        default="torch",
+        help="comma-separated engines (IMSRC_INFERENCE): torch, onnx, onnx-int8; each model is indexed once per engine",
+    )
     ap.add_argument("--no-markdown", action="store_true")
     args = ap.parse_args()
     started = time.monotonic()
@@ -264,8 +327,7 @@ def main() -> None:
         for label in args.models.split(","):
             for engine in args.inference.split(","):
                 print(f"{label} ({engine}): indexing {args.images} files ...", flush=True)
-                r = run_model(label, info.url("postgres"), folder, args.batch_size, workers, args.model_batches,
-                              engine)
+                r = run_model(label, info.url("postgres"), folder, args.batch_size, workers, args.model_batches, engine)
                 print(json.dumps(r), flush=True)
                 runs.append(r)
     finally:
@@ -275,9 +337,13 @@ def main() -> None:
     kept = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []
     runs = [r for r in kept if _label(r) not in done and "parts_count" in r] + runs
     runs.sort(key=lambda r: (list(MODELS).index(r["model"]) if r["model"] in MODELS else 99, _label(r)))
-    res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-           "batch_size": args.batch_size, "workers": workers, "runs": runs,
-           "elapsed_s": round(time.monotonic() - started, 1)}
+    res = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "batch_size": args.batch_size,
+        "workers": workers,
+        "runs": runs,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     if not args.no_markdown:
         write_markdown(res)

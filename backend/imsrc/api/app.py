@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 ROUTERS = (system.router, uploads.router, images.router, categories.router, search.router, metrics.router)
 
 
-def create_app(settings: Settings | None = None, database: Database | None = None, *,
-               database_url: str | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, database: Database | None = None, *, database_url: str | None = None
+) -> FastAPI:
     """`database`: one to use (not disposed here); else one is opened at startup, on `database_url` if given
     (a worker of `imsrc serve --workers N`: the parent resolved it, so workers never start the embedded server)."""
     settings = settings or get_settings()
@@ -40,8 +41,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         owned = database is None
         app.state.database = database or open_database(settings, url=database_url)
         # In the background: /health answers at once; the first searches find things warm when it is done.
-        app.state.search_warmup = warmup.start(app.state.database, app.state.search_runtime) \
-            if settings.search_warmup else None
+        app.state.search_warmup = (
+            warmup.start(app.state.database, app.state.search_runtime) if settings.search_warmup else None
+        )
         try:
             yield
         finally:
@@ -67,13 +69,18 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.add_middleware(HeadAsGetMiddleware)  # innermost: routes see GET, everything outside sees HEAD
     app.add_middleware(BodyLimitMiddleware)  # CORS and the key check wrap its 413
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, protect_reads=settings.protect_reads)
     # Outside the key check and CORS: a foreign Host or Origin is refused before anything else looks at it.
-    app.add_middleware(HostOriginMiddleware, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins,
-                       bound_host=settings.host)
+    app.add_middleware(
+        HostOriginMiddleware,
+        allowed_hosts=settings.allowed_hosts,
+        cors_origins=settings.cors_origins,
+        bound_host=settings.host,
+    )
     app.add_middleware(SecurityHeadersMiddleware)
     install_error_handlers(app)
     for router in ROUTERS:

@@ -22,22 +22,31 @@ def list_categories(session: SessionDep) -> list[CategorySummary]:
     return CategoryService(session).list()
 
 
-@router.post("", response_model=CategorySummary, status_code=201, responses=CONFLICT,
-             summary="Create a named category")
-def create_category(body: CategoryCreate, session: SessionDep, settings: SettingsDep,
-                    runtime: RuntimeDep) -> CategorySummary:
+@router.post("", response_model=CategorySummary, status_code=201, responses=CONFLICT, summary="Create a named category")
+def create_category(
+    body: CategoryCreate, session: SessionDep, settings: SettingsDep, runtime: RuntimeDep
+) -> CategorySummary:
     return CategoryService(session, settings, runtime.embedder_factory).create(body)
 
 
-@router.get("/{category_id}", response_model=CategoryDetail, responses=NOT_FOUND,
-            summary="One category with its prototypes per model")
+@router.get(
+    "/{category_id}",
+    response_model=CategoryDetail,
+    responses=NOT_FOUND,
+    summary="One category with its prototypes per model",
+)
 def get_category(category_id: CategoryId, session: SessionDep) -> CategoryDetail:
     return CategoryService(session).detail(category_id)
 
 
-@router.patch("/{category_id}", response_model=CategorySummary, responses={**NOT_FOUND, **CONFLICT},
-              summary="Rename or describe a category (renaming an automatic one makes it a named one)")
-def update_category(category_id: CategoryId, body: CategoryUpdate, session: SessionDep, settings: SettingsDep,
-                    runtime: RuntimeDep) -> CategorySummary:
+@router.patch(
+    "/{category_id}",
+    response_model=CategorySummary,
+    responses={**NOT_FOUND, **CONFLICT},
+    summary="Rename or describe a category (renaming an automatic one makes it a named one)",
+)
+def update_category(
+    category_id: CategoryId, body: CategoryUpdate, session: SessionDep, settings: SettingsDep, runtime: RuntimeDep
+) -> CategorySummary:
     # A plain `def` route: FastAPI runs it in the threadpool, so a text encoding after a rename stays off the loop.
     return CategoryService(session, settings, runtime.embedder_factory).update(category_id, body)

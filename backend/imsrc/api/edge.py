@@ -35,7 +35,7 @@ def split_host(value: str) -> str | None:
         end = value.find("]")
         if end < 0:
             return None
-        name, rest = value[1:end], value[end + 1:]
+        name, rest = value[1:end], value[end + 1 :]
     else:
         name, colon, port = value.partition(":")
         rest = colon + port
@@ -61,8 +61,9 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 class HostOriginMiddleware:
-    def __init__(self, app: ASGIApp, allowed_hosts: list[str], cors_origins: list[str],
-                 bound_host: str | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, allowed_hosts: list[str], cors_origins: list[str], bound_host: str | None = None
+    ) -> None:
         self.app = app
         self.public_names = [h.strip().lower().rstrip(".") for h in allowed_hosts if h.strip()]
         # The machine's name and the name it was bound to (`imsrc serve --host myhost.lan`) are its own too.
@@ -70,8 +71,13 @@ class HostOriginMiddleware:
         self.cors_origins = {o.strip().rstrip("/").lower() for o in cors_origins}
 
     def host_allowed(self, name: str) -> bool:
-        return (_is_ip(name) or name in LOCAL_NAMES or name.endswith(".localhost") or name in self.own_names
-                or _matches(name, self.public_names))
+        return (
+            _is_ip(name)
+            or name in LOCAL_NAMES
+            or name.endswith(".localhost")
+            or name in self.own_names
+            or _matches(name, self.public_names)
+        )
 
     def origin_allowed(self, origin: str, host_header: str | None) -> bool:
         origin = origin.strip().rstrip("/").lower()
@@ -99,9 +105,10 @@ class HostOriginMiddleware:
             name = split_host(host_header)
             if name is None or not self.host_allowed(name):
                 await error_response(
-                    400, "host_not_allowed",
-                    f"Host {host_header[:100]!r} is not a name of this server; add it to IMSRC_ALLOWED_HOSTS "
-                    "if it is")(scope, receive, send)
+                    400,
+                    "host_not_allowed",
+                    f"Host {host_header[:100]!r} is not a name of this server; add it to IMSRC_ALLOWED_HOSTS if it is",
+                )(scope, receive, send)
                 return
         if scope["method"] in STATE_CHANGING:
             origin = headers.get("origin")
@@ -113,20 +120,26 @@ class HostOriginMiddleware:
                     origin = "null"
             if origin is not None and not self.origin_allowed(origin, host_header):
                 await error_response(
-                    403, "origin_not_allowed",
+                    403,
+                    "origin_not_allowed",
                     f"requests from {origin[:100]!r} may not change anything here; add the origin to "
-                    "IMSRC_CORS_ORIGINS if it should")(scope, receive, send)
+                    "IMSRC_CORS_ORIGINS if it should",
+                )(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
 # The page loads only its own files; images may also be blob: (previews of files being uploaded) or data:.
-PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-            "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
-            "frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
 # Swagger UI (served from the fastapi-offline package) styles elements inline and draws icons as data: images.
-DOCS_CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-            "connect-src 'self'; font-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 # API answers are data, never documents: nothing in them may run, even if a browser opens one.
 API_CSP = "default-src 'none'; frame-ancestors 'none'; sandbox"
 DOCS_PATHS = ("/docs",)

@@ -27,14 +27,16 @@ THUMBNAIL_MAX_AGE = 86_400
 def list_images(
     session: SessionDep,
     category_id: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="only this category (id)")] = None,
-    category: Annotated[str | None, Query(min_length=1, max_length=200,
-                                          description="only this category (name, any case)")] = None,
+    category: Annotated[
+        str | None, Query(min_length=1, max_length=200, description="only this category (name, any case)")
+    ] = None,
     duplicates: Annotated[DuplicateFilter, Query(description="include, exclude or only near-duplicates")] = "include",
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     page_size: Annotated[int, Query(ge=1, le=200)] = 48,
 ) -> ImagePage:
-    return ImageService(session).list_images(category_id=category_id, category=category, duplicates=duplicates,
-                                             page=page, page_size=page_size)
+    return ImageService(session).list_images(
+        category_id=category_id, category=category, duplicates=duplicates, page=page, page_size=page_size
+    )
 
 
 @router.get("/{image_id}", response_model=ImageDetail, responses=ERRORS, summary="One image's metadata")
@@ -49,14 +51,20 @@ def get_image(image_id: ImageId, request: Request, session: SessionDep, settings
 @router.get(
     "/{image_id}/file",
     response_class=Response,
-    responses={200: {"content": {"image/*": {}}, "description": "the original bytes"}, **ERRORS,
-               409: {"description": "the referenced file has changed since it was indexed (error JSON)"}},
+    responses={
+        200: {"content": {"image/*": {}}, "description": "the original bytes"},
+        **ERRORS,
+        409: {"description": "the referenced file has changed since it was indexed (error JSON)"},
+    },
     summary="The original image (stored bytes, or the referenced file while it still holds the indexed bytes)",
 )
 def get_image_file(image_id: ImageId, session: SessionDep, settings: SettingsDep) -> Response:
     original = ImageService(session).original(image_id)
-    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": _cache(settings, 3600),
-               "Content-Disposition": f"inline; filename*=utf-8''{quote(original.filename)}"}
+    headers = {
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": _cache(settings, 3600),
+        "Content-Disposition": f"inline; filename*=utf-8''{quote(original.filename)}",
+    }
     if original.opened is not None:
         # The verified file object itself, not its path: nothing can be swapped in between check and read.
         headers["Content-Length"] = str(original.opened.size)
@@ -68,35 +76,44 @@ def get_image_file(image_id: ImageId, session: SessionDep, settings: SettingsDep
 @router.get(
     "/{image_id}/thumbnail",
     response_class=Response,
-    responses={200: {"content": {"image/webp": {}}, "description": "a WebP thumbnail"},
-               304: {"description": "not modified (If-None-Match)"}, **ERRORS},
+    responses={
+        200: {"content": {"image/webp": {}}, "description": "a WebP thumbnail"},
+        304: {"description": "not modified (If-None-Match)"},
+        **ERRORS,
+    },
     summary="The image's thumbnail (WebP), cacheable",
 )
 def get_thumbnail(image_id: ImageId, request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     data, mime, sha = ImageService(session).thumbnail(image_id)
     # Ids are never reused and an image's bytes never change, so its hash names its thumbnail's content.
     etag = f'"{sha[:32]}-{len(data)}"'
-    headers = {"ETag": etag, "Cache-Control": _cache(settings, THUMBNAIL_MAX_AGE),
-               "X-Content-Type-Options": "nosniff"}
+    headers = {"ETag": etag, "Cache-Control": _cache(settings, THUMBNAIL_MAX_AGE), "X-Content-Type-Options": "nosniff"}
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)
     return Response(data, media_type=mime, headers=headers)
 
 
-@router.patch("/{image_id}", response_model=ImageDetail,
-               responses={**ERRORS, 422: {"description": "caption over 2000 characters or with a NUL byte "
-                                                         "(error JSON)"}},
-               summary="Change an image's caption (searchable by keywords; null or blank removes it)")
-def update_image(image_id: ImageId, body: ImageUpdate, request: Request, session: SessionDep,
-                 settings: SettingsDep) -> ImageDetail:
+@router.patch(
+    "/{image_id}",
+    response_model=ImageDetail,
+    responses={**ERRORS, 422: {"description": "caption over 2000 characters or with a NUL byte (error JSON)"}},
+    summary="Change an image's caption (searchable by keywords; null or blank removes it)",
+)
+def update_image(
+    image_id: ImageId, body: ImageUpdate, request: Request, session: SessionDep, settings: SettingsDep
+) -> ImageDetail:
     detail = ImageService(session).update(image_id, body)
     if not holds_key(request.headers, settings.api_key):
         detail = detail.model_copy(update={"source_path": None})
     return detail
 
 
-@router.delete("/{image_id}", response_model=DeletedImage, responses=ERRORS,
-               summary="Delete an image with its thumbnail, vectors and stored bytes")
+@router.delete(
+    "/{image_id}",
+    response_model=DeletedImage,
+    responses=ERRORS,
+    summary="Delete an image with its thumbnail, vectors and stored bytes",
+)
 def delete_image(image_id: ImageId, session: SessionDep, settings: SettingsDep) -> DeletedImage:
     return image_writes.delete_image(session, settings, image_id)
 

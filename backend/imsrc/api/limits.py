@@ -31,12 +31,18 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in BODY_METHODS or (
-                (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower() == "multipart/form-data"):
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in BODY_METHODS
+            or ((_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower() == "multipart/form-data")
+        ):
             await self.app(scope, receive, send)
             return
-        refuse = error_response(413, "payload_too_large",
-                                f"request bodies other than multipart uploads are limited to {self.max_bytes} bytes")
+        refuse = error_response(
+            413,
+            "payload_too_large",
+            f"request bodies other than multipart uploads are limited to {self.max_bytes} bytes",
+        )
         length = _header(scope, b"content-length")
         if length is not None and length.strip().isdigit() and int(length) > self.max_bytes:
             await refuse(scope, receive, send)  # said so up front: read nothing

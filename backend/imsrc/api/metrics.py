@@ -32,13 +32,21 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 # Search stages: FAISS stage 2 is well under a millisecond, a CPU embedding a few hundred.
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
-HTTP_REQUESTS = Counter("imsrc_http_requests", "HTTP requests answered, by route template and status",
-                        ["method", "route", "status"])
-HTTP_LATENCY = Histogram("imsrc_http_request_duration_seconds", "Time to answer an HTTP request, by route template",
-                         ["method", "route"], buckets=HTTP_BUCKETS)
-SEARCH_STAGE = Histogram("imsrc_search_stage_seconds",
-                         "Search time per stage (embed, stage1, stage2, total), by mode and stage-2 backend",
-                         ["stage", "mode", "backend"], buckets=STAGE_BUCKETS)
+HTTP_REQUESTS = Counter(
+    "imsrc_http_requests", "HTTP requests answered, by route template and status", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "imsrc_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template",
+    ["method", "route"],
+    buckets=HTTP_BUCKETS,
+)
+SEARCH_STAGE = Histogram(
+    "imsrc_search_stage_seconds",
+    "Search time per stage (embed, stage1, stage2, total), by mode and stage-2 backend",
+    ["stage", "mode", "backend"],
+    buckets=STAGE_BUCKETS,
+)
 INGEST_FILES = Counter("imsrc_ingest_files", "Files uploaded through this server's API, by outcome", ["outcome"])
 INGEST_OUTCOMES = ("new", "duplicate", "failed")
 for _outcome in INGEST_OUTCOMES:
@@ -84,15 +92,19 @@ class CatalogCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        for name, help_text in (("images", "Images in the catalog"),
-                                ("duplicates", "Images that are near-duplicates of another (non-canonical)"),
-                                ("categories", "Categories, automatic ones included"),
-                                ("embeddings", "Stored vectors, all models")):
+        for name, help_text in (
+            ("images", "Images in the catalog"),
+            ("duplicates", "Images that are near-duplicates of another (non-canonical)"),
+            ("categories", "Categories, automatic ones included"),
+            ("embeddings", "Stored vectors, all models"),
+        ):
             yield GaugeMetricFamily(f"imsrc_catalog_{name}", help_text, value=int(counts[name]))
-        yield GaugeMetricFamily("imsrc_database_size_bytes", "Size of the catalog database",
-                                value=int(counts["database_bytes"]))
-        vectors = GaugeMetricFamily("imsrc_catalog_vectors", "Images with a vector, per embedding model",
-                                    labels=["model", "active"])
+        yield GaugeMetricFamily(
+            "imsrc_database_size_bytes", "Size of the catalog database", value=int(counts["database_bytes"])
+        )
+        vectors = GaugeMetricFamily(
+            "imsrc_catalog_vectors", "Images with a vector, per embedding model", labels=["model", "active"]
+        )
         for m in models:
             vectors.add_metric([m["name"], "true" if m["is_active"] else "false"], int(m["embedded_images"]))
         yield vectors
@@ -119,7 +131,11 @@ def render(session: Session) -> bytes:
     return generate_latest(_Scrape(_process_metrics(), CatalogCollector(session)))
 
 
-@router.get("/metrics", response_class=Response, summary="Prometheus metrics (text exposition format)",
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    summary="Prometheus metrics (text exposition format)",
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+)
 def metrics(session: Annotated[Session, Depends(get_session)]) -> Response:
     return Response(render(session), media_type=CONTENT_TYPE_LATEST)

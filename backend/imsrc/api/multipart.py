@@ -51,8 +51,7 @@ class _Part:
 class _Collector:
     """python-multipart callbacks. They run inside parser.write(); an error is kept and raised after it."""
 
-    def __init__(self, directory: Path, *, file_field: str, max_file_bytes: int, max_files: int,
-                 charset: str) -> None:
+    def __init__(self, directory: Path, *, file_field: str, max_file_bytes: int, max_files: int, charset: str) -> None:
         self.directory = directory
         self.file_field = file_field
         self.max_file_bytes = max_file_bytes
@@ -109,9 +108,12 @@ class _Collector:
         if self.part.handle is not None:
             self.part.size += len(chunk)
             if self.part.size > self.max_file_bytes:
-                self._fail(PayloadTooLargeError(
-                    f"{self.part.filename or 'a file'} is larger than the upload limit of "
-                    f"{self.max_file_bytes} bytes (IMSRC_MAX_UPLOAD_BYTES)"))
+                self._fail(
+                    PayloadTooLargeError(
+                        f"{self.part.filename or 'a file'} is larger than the upload limit of "
+                        f"{self.max_file_bytes} bytes (IMSRC_MAX_UPLOAD_BYTES)"
+                    )
+                )
                 return
             self.part.handle.write(chunk)
         elif self.part.filename is None:
@@ -150,8 +152,15 @@ class _Collector:
         }
 
 
-async def read_multipart(content_type: str | None, stream: AsyncIterator[bytes], directory: Path, *,
-                         file_field: str, max_file_bytes: int, max_files: int) -> ParsedForm:
+async def read_multipart(
+    content_type: str | None,
+    stream: AsyncIterator[bytes],
+    directory: Path,
+    *,
+    file_field: str,
+    max_file_bytes: int,
+    max_files: int,
+) -> ParsedForm:
     """Read a multipart body into temporary files under `directory` (the caller removes it)."""
     ctype, params = parse_options_header(content_type or "")
     if ctype != b"multipart/form-data":
@@ -164,8 +173,9 @@ async def read_multipart(content_type: str | None, stream: AsyncIterator[bytes],
         charset = codecs.lookup(charset).name
     except LookupError:
         charset = "utf-8"
-    collector = _Collector(directory, file_field=file_field, max_file_bytes=max_file_bytes, max_files=max_files,
-                           charset=charset)
+    collector = _Collector(
+        directory, file_field=file_field, max_file_bytes=max_file_bytes, max_files=max_files, charset=charset
+    )
     try:
         # Inside the try: the parser itself refuses some boundaries (over 256 bytes) with a ValueError.
         parser = MultipartParser(boundary, collector.callbacks())

@@ -97,7 +97,18 @@ class RequestMiddleware:
             seconds = time.perf_counter() - start
             route = route_template(scope, self.routes)
             observe_request(scope["method"], route, status, seconds)
-            access_log.info("%s %s %s %.1f ms", scope["method"], scope["path"], status, seconds * 1000,
-                            extra={"method": scope["method"], "path": scope["path"], "route": route,
-                                   "status": status, "duration_ms": round(seconds * 1000, 2)})
+            access_log.info(
+                "%s %s %s %.1f ms",
+                scope["method"],
+                scope["path"],
+                status,
+                seconds * 1000,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 2),
+                },
+            )
             REQUEST_ID.reset(token)

@@ -57,11 +57,13 @@ class GuardedH11Protocol(H11Protocol):
         else:
             self._head_deadline = None
             # Reading a body: only the client's own stalls count, not pauses while the app is not reading.
-            too_slow = (state is h11.SEND_BODY and not self.flow.read_paused
-                        and now - self._last_data > self.read_timeout_s)
+            too_slow = (
+                state is h11.SEND_BODY and not self.flow.read_paused and now - self._last_data > self.read_timeout_s
+            )
         if too_slow:
-            self.logger.info("closing a connection from %s: request not received within %g s",
-                             self.client, self.read_timeout_s)
+            self.logger.info(
+                "closing a connection from %s: request not received within %g s", self.client, self.read_timeout_s
+            )
             self.transport.close()
             return
         self._watchdog = self.loop.call_later(self._tick, self._check)

@@ -40,9 +40,12 @@ _BODY_DOC: dict[str, Any] = {
         "required": True,
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["file"],
-                           "properties": {"file": {"type": "string", "format": "binary",
-                                                   "description": "the query image"}}}},
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary", "description": "the query image"}},
+                }
+            },
             "application/json": {"schema": UrlQuery.model_json_schema()},
         },
     }
@@ -51,32 +54,60 @@ _BODY_DOC: dict[str, Any] = {
 
 def search_options(
     k: Annotated[int | None, Query(ge=1, le=1000, description="results (default IMSRC_SEARCH_K)")] = None,
-    categories: Annotated[str | None, Query(
-        description="stage-1 fan-out: a number of categories, or 'auto' (score-mass rule)")] = None,
-    category: Annotated[list[str] | None, Query(
-        description="explicit category filter, repeatable (names or ids); skips stage 1")] = None,
+    categories: Annotated[
+        str | None, Query(description="stage-1 fan-out: a number of categories, or 'auto' (score-mass rule)")
+    ] = None,
+    category: Annotated[
+        list[str] | None, Query(description="explicit category filter, repeatable (names or ids); skips stage 1")
+    ] = None,
     mode: Annotated[Mode, Query(description="two_stage (default), ann (no stage 1) or exact")] = "two_stage",
-    backend: Annotated[Backend | None, Query(description="stage-2 backend (default IMSRC_SEARCH_BACKEND)")]
-    = None,
+    backend: Annotated[Backend | None, Query(description="stage-2 backend (default IMSRC_SEARCH_BACKEND)")] = None,
     model: Annotated[str | None, Query(description="embedding model (default: the active one)")] = None,
     include_duplicates: Annotated[bool, Query(description="also return non-canonical copies")] = False,
-    rerank: Annotated[Comparator | None, Query(
-        description="re-score the first rerank_top candidates by orb, sift (RANSAC inliers), ssim, histogram or "
-        "pixel (image queries and similar)")] = None,
+    rerank: Annotated[
+        Comparator | None,
+        Query(
+            description="re-score the first rerank_top candidates by orb, sift (RANSAC inliers), ssim, histogram or "
+            "pixel (image queries and similar)"
+        ),
+    ] = None,
     rerank_top: Annotated[int, Query(ge=1, le=200, description="candidates to re-score (1-200)")] = 50,
-    match: Annotated[Match, Query(
-        description="whole (default) or partial: also match windows of each image (crops, details); needs region "
-        "vectors (imsrc embed --regions), else 409")] = "whole",
-    keywords: Annotated[str | None, Query(max_length=1000, description=(
-        "words to match in captions (web-search syntax: \"a phrase\", or, -word; English stemming)"))] = None,
-    keyword_mode: Annotated[KeywordMode, Query(description=(
-        "filter: only images whose caption matches, ranked by the query's vector; boost: the vector search's "
-        "results and the best matches, ranked by cosine + boost where the caption matches"))] = "filter",
-    boost: Annotated[float, Query(ge=0, le=1, description="added to a matching image's score (keyword_mode "
-                                                          "boost)")] = 0.1,
-    min_score: Annotated[float | None, Query(ge=-1, le=1000, description=(
-        "drop results scoring below this (cosine; ts_rank_cd for keywords alone); fewer than k may come back"))]
-    = None,
+    match: Annotated[
+        Match,
+        Query(
+            description="whole (default) or partial: also match windows of each image (crops, details); needs region "
+            "vectors (imsrc embed --regions), else 409"
+        ),
+    ] = "whole",
+    keywords: Annotated[
+        str | None,
+        Query(
+            max_length=1000,
+            description=('words to match in captions (web-search syntax: "a phrase", or, -word; English stemming)'),
+        ),
+    ] = None,
+    keyword_mode: Annotated[
+        KeywordMode,
+        Query(
+            description=(
+                "filter: only images whose caption matches, ranked by the query's vector; boost: the vector search's "
+                "results and the best matches, ranked by cosine + boost where the caption matches"
+            )
+        ),
+    ] = "filter",
+    boost: Annotated[
+        float, Query(ge=0, le=1, description="added to a matching image's score (keyword_mode boost)")
+    ] = 0.1,
+    min_score: Annotated[
+        float | None,
+        Query(
+            ge=-1,
+            le=1000,
+            description=(
+                "drop results scoring below this (cosine; ts_rank_cd for keywords alone); fewer than k may come back"
+            ),
+        ),
+    ] = None,
 ) -> SearchOptions:
     fan_out: int | Literal["auto"] | None = None
     if categories is not None:
@@ -87,10 +118,22 @@ def search_options(
         else:
             raise InvalidInputError("categories must be a positive integer or 'auto'")
     try:
-        return SearchOptions(k=k, categories=fan_out, category=category or [], mode=mode, backend=backend,
-                             model=model, include_duplicates=include_duplicates, rerank=rerank,
-                             rerank_top=rerank_top, match=match, keywords=_keywords(keywords),
-                             keyword_mode=keyword_mode, boost=boost, min_score=min_score)
+        return SearchOptions(
+            k=k,
+            categories=fan_out,
+            category=category or [],
+            mode=mode,
+            backend=backend,
+            model=model,
+            include_duplicates=include_duplicates,
+            rerank=rerank,
+            rerank_top=rerank_top,
+            match=match,
+            keywords=_keywords(keywords),
+            keyword_mode=keyword_mode,
+            boost=boost,
+            min_score=min_score,
+        )
     except ValidationError as exc:
         raise InvalidInputError(str(exc.errors()[0].get("msg", "invalid search options"))) from exc
 
@@ -117,21 +160,37 @@ async def _image_or_url(request: Request, settings: Settings) -> tuple[bytes | N
         return None, body.url
     if ctype.startswith("multipart/form-data"):
         with tempfile.TemporaryDirectory(prefix="imsrc-query-") as tmp:
-            form = await read_multipart(ctype, request.stream(), FilePath(tmp), file_field="file",
-                                        max_file_bytes=settings.max_upload_bytes, max_files=1)
+            form = await read_multipart(
+                ctype,
+                request.stream(),
+                FilePath(tmp),
+                file_field="file",
+                max_file_bytes=settings.max_upload_bytes,
+                max_files=1,
+            )
             if not form.files:
                 raise InvalidInputError("multipart field 'file' with the query image is missing")
             return form.files[0].path.read_bytes(), None
     raise InvalidInputError('send the image as multipart field "file", or JSON {"url": "https://..."}')
 
 
-@router.post("/image", response_model=SearchResponse, openapi_extra=_BODY_DOC,
-             summary="Search by an uploaded image or an image URL")
-async def search_image(request: Request, session: SessionDep, settings: SettingsDep, runtime: RuntimeDep,
-                       options: OptionsDep,
-                       q: Annotated[str | None, Query(max_length=1000, description=(
-                           "caption keywords, as `keywords` (text plus an image: hybrid search)"))] = None
-                       ) -> SearchResponse:
+@router.post(
+    "/image",
+    response_model=SearchResponse,
+    openapi_extra=_BODY_DOC,
+    summary="Search by an uploaded image or an image URL",
+)
+async def search_image(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    runtime: RuntimeDep,
+    options: OptionsDep,
+    q: Annotated[
+        str | None,
+        Query(max_length=1000, description=("caption keywords, as `keywords` (text plus an image: hybrid search)")),
+    ] = None,
+) -> SearchResponse:
     if q is not None and options.keywords is None:
         options = options.model_copy(update={"keywords": _keywords(q)})
     data, url = await _image_or_url(request, settings)
@@ -143,39 +202,57 @@ async def search_image(request: Request, session: SessionDep, settings: Settings
 
 
 @router.get("/text", response_model=SearchResponse, summary="Search by text (CLIP-family models)")
-async def search_text(session: SessionDep, runtime: RuntimeDep, options: OptionsDep,
-                      q: Annotated[str, Query(min_length=1, max_length=1000, description="the text query")]
-                      ) -> SearchResponse:
+async def search_text(
+    session: SessionDep,
+    runtime: RuntimeDep,
+    options: OptionsDep,
+    q: Annotated[str, Query(min_length=1, max_length=1000, description="the text query")],
+) -> SearchResponse:
     return observe_search(await run_in_threadpool(runtime.service(session).search_text, q, options))
 
 
 @router.get("/keywords", response_model=SearchResponse, summary="Search captions by keywords alone (no model)")
-async def search_keywords(session: SessionDep, runtime: RuntimeDep, options: OptionsDep,
-                          q: Annotated[str, Query(min_length=1, max_length=1000, description=(
-                              "words to match in captions (web-search syntax: \"a phrase\", or, -word)"))]
-                          ) -> SearchResponse:
-    return observe_search(await run_in_threadpool(runtime.service(session).search_keywords, check_keywords(q),
-                                                  options))
+async def search_keywords(
+    session: SessionDep,
+    runtime: RuntimeDep,
+    options: OptionsDep,
+    q: Annotated[
+        str,
+        Query(
+            min_length=1,
+            max_length=1000,
+            description=('words to match in captions (web-search syntax: "a phrase", or, -word)'),
+        ),
+    ],
+) -> SearchResponse:
+    return observe_search(await run_in_threadpool(runtime.service(session).search_keywords, check_keywords(q), options))
 
 
 @router.get("/similar/{image_id}", response_model=SearchResponse, summary="More like this indexed image")
-async def search_similar(session: SessionDep, runtime: RuntimeDep, options: OptionsDep,
-                         image_id: Annotated[int, Path(ge=1)]) -> SearchResponse:
+async def search_similar(
+    session: SessionDep, runtime: RuntimeDep, options: OptionsDep, image_id: Annotated[int, Path(ge=1)]
+) -> SearchResponse:
     return observe_search(await run_in_threadpool(runtime.service(session).similar, image_id, options))
 
 
-@router.post("/categories", response_model=CategoriesResponse, openapi_extra=_BODY_DOC,
-             summary="Which categories is this image like? (stage 1 alone, with scores)")
-async def search_categories(request: Request, session: SessionDep, settings: SettingsDep, runtime: RuntimeDep,
-                            model: Annotated[str | None, Query()] = None,
-                            limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
-                            samples: Annotated[int, Query(ge=0, le=12, description=(
-                                "sample images per category (thumbnail URLs)"))] = 0) -> CategoriesResponse:
+@router.post(
+    "/categories",
+    response_model=CategoriesResponse,
+    openapi_extra=_BODY_DOC,
+    summary="Which categories is this image like? (stage 1 alone, with scores)",
+)
+async def search_categories(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    runtime: RuntimeDep,
+    model: Annotated[str | None, Query()] = None,
+    limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    samples: Annotated[int, Query(ge=0, le=12, description=("sample images per category (thumbnail URLs)"))] = 0,
+) -> CategoriesResponse:
     data, url = await _image_or_url(request, settings)
     service = runtime.service(session)
     if url is not None:
-        return await run_in_threadpool(service.categories_for_url, url, model_name=model, limit=limit,
-                                       samples=samples)
+        return await run_in_threadpool(service.categories_for_url, url, model_name=model, limit=limit, samples=samples)
     assert data is not None
-    return await run_in_threadpool(service.categories_for_image, data, model_name=model, limit=limit,
-                                   samples=samples)
+    return await run_in_threadpool(service.categories_for_image, data, model_name=model, limit=limit, samples=samples)

@@ -72,8 +72,9 @@ class ApiKeyMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         key = presented_key(headers, allow_cookie=scope["method"] in ("GET", "HEAD"))
         if key is None:
-            response = error_response(401, "unauthorized",
-                                      "this imsrc requires an API key: send 'Authorization: Bearer KEY' or 'X-API-Key'")
+            response = error_response(
+                401, "unauthorized", "this imsrc requires an API key: send 'Authorization: Bearer KEY' or 'X-API-Key'"
+            )
         elif not hmac.compare_digest(key.encode(), self.api_key):
             response = error_response(403, "forbidden", "the API key is not valid")
         else:

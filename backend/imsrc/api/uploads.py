@@ -30,13 +30,21 @@ UPLOAD_BODY = {
                     "type": "object",
                     "required": ["file"],
                     "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                 "description": "one or more image files (repeat the field)"},
-                        "category": {"type": "string", "description": "put every file in this category "
-                                                                      "(created if new)"},
-                        "caption": {"type": "string", "maxLength": MAX_CAPTION_CHARS,
-                                    "description": "a caption for every file that has none yet (searchable "
-                                                   "by keywords; no NUL bytes)"},
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more image files (repeat the field)",
+                        },
+                        "category": {
+                            "type": "string",
+                            "description": "put every file in this category (created if new)",
+                        },
+                        "caption": {
+                            "type": "string",
+                            "maxLength": MAX_CAPTION_CHARS,
+                            "description": "a caption for every file that has none yet (searchable "
+                            "by keywords; no NUL bytes)",
+                        },
                     },
                 },
                 "encoding": {"file": {"style": "form", "explode": True}},
@@ -51,15 +59,22 @@ UPLOAD_BODY = {
     response_model=UploadResponse,
     summary="Upload images (multipart `file`, repeatable; optional `category`)",
     openapi_extra=UPLOAD_BODY,
-    responses={413: {"description": "a file is over IMSRC_MAX_UPLOAD_BYTES (error JSON)"},
-               415: {"description": "not multipart/form-data (error JSON)"},
-               422: {"description": "no file could be stored, each one's reason in the message (error JSON)"}},
+    responses={
+        413: {"description": "a file is over IMSRC_MAX_UPLOAD_BYTES (error JSON)"},
+        415: {"description": "not multipart/form-data (error JSON)"},
+        422: {"description": "no file could be stored, each one's reason in the message (error JSON)"},
+    },
 )
 async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep) -> UploadResponse:
     with tempfile.TemporaryDirectory(prefix="imsrc-upload-") as tmp:
-        form = await read_multipart(request.headers.get("content-type"), request.stream(), Path(tmp),
-                                    file_field="file", max_file_bytes=settings.max_upload_bytes,
-                                    max_files=MAX_FILES_PER_UPLOAD)
+        form = await read_multipart(
+            request.headers.get("content-type"),
+            request.stream(),
+            Path(tmp),
+            file_field="file",
+            max_file_bytes=settings.max_upload_bytes,
+            max_files=MAX_FILES_PER_UPLOAD,
+        )
         if not form.files:
             raise InvalidInputError("no files: send them in the multipart field 'file'")
         category = " ".join(form.fields.get("category", "").split()) or None
@@ -67,8 +82,9 @@ async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep
             raise InvalidInputError("category: at most 200 characters")
         caption = clean_caption(form.fields.get("caption"))
         # Decoding, hashing and the model run off the event loop.
-        results = await run_in_threadpool(ingest_uploads, db, settings, form.files, category,
-                                          request.app.state.decode_gate, caption)
+        results = await run_in_threadpool(
+            ingest_uploads, db, settings, form.files, category, request.app.state.decode_gate, caption
+        )
     observe_uploads(r.status for r in results)
     if all(r.status == "failed" for r in results):
         # Nothing was stored: that is a client error, not a partial success.

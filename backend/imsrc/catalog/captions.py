@@ -36,8 +36,9 @@ class CaptionRepository:
         self.session = session
 
     def set_caption(self, image_id: int, caption: str | None) -> None:
-        found = self.session.execute(text("UPDATE images SET caption = :c WHERE id = :i RETURNING id"),
-                                     {"c": caption, "i": image_id}).first()
+        found = self.session.execute(
+            text("UPDATE images SET caption = :c WHERE id = :i RETURNING id"), {"c": caption, "i": image_id}
+        ).first()
         if found is None:
             raise NotFoundError(f"image {image_id} does not exist")
         self.session.expire_all()
@@ -49,17 +50,22 @@ class CaptionRepository:
         ids = [i for i, _ in captions]
         values = [c for _, c in captions]
         result = self.session.execute(
-            text("UPDATE images i SET caption = u.c FROM unnest(CAST(:ids AS bigint[]), CAST(:cs AS text[])) u(id, c)"
-                 " WHERE i.id = u.id AND i.caption IS DISTINCT FROM u.c"),
-            {"ids": ids, "cs": values})
+            text(
+                "UPDATE images i SET caption = u.c FROM unnest(CAST(:ids AS bigint[]), CAST(:cs AS text[])) u(id, c)"
+                " WHERE i.id = u.id AND i.caption IS DISTINCT FROM u.c"
+            ),
+            {"ids": ids, "cs": values},
+        )
         self.session.expire_all()
         return int(getattr(result, "rowcount", 0) or 0)
 
     def set_where_missing(self, image_ids: Sequence[int], caption: str) -> None:
         """An upload's caption for images that have none yet (a re-uploaded copy keeps its own)."""
         if image_ids:
-            self.session.execute(text("UPDATE images SET caption = :c WHERE id = ANY(:ids) AND caption IS NULL"),
-                                 {"c": caption, "ids": list(image_ids)})
+            self.session.execute(
+                text("UPDATE images SET caption = :c WHERE id = ANY(:ids) AND caption IS NULL"),
+                {"c": caption, "ids": list(image_ids)},
+            )
             self.session.expire_all()
 
     def existing_ids(self, image_ids: Sequence[int]) -> set[int]:
@@ -67,13 +73,18 @@ class CaptionRepository:
         return {int(r[0]) for r in rows}
 
     def ids_by_sha256(self, digests: Sequence[bytes]) -> dict[bytes, int]:
-        rows = self.session.execute(text("SELECT sha256, min(id) FROM images WHERE sha256 = ANY(:d) GROUP BY 1"),
-                                    {"d": list(digests)})
+        rows = self.session.execute(
+            text("SELECT sha256, min(id) FROM images WHERE sha256 = ANY(:d) GROUP BY 1"), {"d": list(digests)}
+        )
         return {bytes(r[0]): int(r[1]) for r in rows}
 
     def ids_by_path(self, paths: Sequence[str]) -> dict[str, int]:
         """Indexed files by path (every path the indexer saw holding an image's bytes, and referenced paths)."""
         rows = self.session.execute(
-            text("SELECT path, image_id FROM image_sources WHERE path = ANY(:p)"
-                 " UNION SELECT source_path, id FROM images WHERE source_path = ANY(:p)"), {"p": list(paths)})
+            text(
+                "SELECT path, image_id FROM image_sources WHERE path = ANY(:p)"
+                " UNION SELECT source_path, id FROM images WHERE source_path = ANY(:p)"
+            ),
+            {"p": list(paths)},
+        )
         return {str(r[0]): int(r[1]) for r in rows}

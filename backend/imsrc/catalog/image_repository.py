@@ -45,9 +45,7 @@ class ImageRepository:
             conditions.append(Image.canonical_id.is_not(None))
         total = self.session.scalar(select(func.count()).select_from(Image).where(*conditions)) or 0
         dup = aliased(Image)
-        dup_count = (
-            select(func.count()).select_from(dup).where(dup.canonical_id == Image.id).scalar_subquery()
-        )
+        dup_count = select(func.count()).select_from(dup).where(dup.canonical_id == Image.id).scalar_subquery()
         stmt = (
             select(Image, Category.name.label("category_name"), dup_count.label("duplicate_count"))
             .outerjoin(Category, Category.id == Image.category_id)
@@ -73,8 +71,10 @@ class ImageRepository:
 
     def model_names(self, image_id: int) -> list[str]:
         rows = self.session.execute(
-            text("SELECT m.name FROM embeddings e JOIN embedding_models m ON m.id = e.model_id "
-                 "WHERE e.image_id = :i ORDER BY m.name"),
+            text(
+                "SELECT m.name FROM embeddings e JOIN embedding_models m ON m.id = e.model_id "
+                "WHERE e.image_id = :i ORDER BY m.name"
+            ),
             {"i": image_id},
         )
         return [str(r[0]) for r in rows]
@@ -87,15 +87,20 @@ class ImageRepository:
 
     def source_paths(self, image: Image) -> list[str]:
         """Where the image's bytes can be read: its own path first, then every other path found with them."""
-        rows = self.session.execute(text("SELECT path FROM image_sources WHERE image_id = :i ORDER BY id"),
-                                    {"i": image.id}).scalars()
+        rows = self.session.execute(
+            text("SELECT path FROM image_sources WHERE image_id = :i ORDER BY id"), {"i": image.id}
+        ).scalars()
         paths = [image.source_path] if image.source_path else []
         return paths + [str(p) for p in rows if p not in paths]
 
     def indexed_roots(self) -> list[str]:
         """Every folder or file an indexing job was given: referenced files are served only from inside them."""
-        return [str(p) for p in self.session.execute(
-            text("SELECT DISTINCT unnest(paths) FROM ingest_jobs WHERE kind = 'index'")).scalars()]
+        return [
+            str(p)
+            for p in self.session.execute(
+                text("SELECT DISTINCT unnest(paths) FROM ingest_jobs WHERE kind = 'index'")
+            ).scalars()
+        ]
 
     def thumbnail(self, image_id: int) -> tuple[bytes, str, str] | None:
         """(webp bytes, mime type, sha256 hex of the image) or None when there is no thumbnail."""
@@ -117,9 +122,12 @@ class ImageRepository:
         ).first()
         if row is None:
             raise NotFoundError(f"image {image_id} does not exist")
-        dups = [int(r[0]) for r in self.session.execute(
-            text("SELECT id FROM images WHERE canonical_id = :i ORDER BY id FOR UPDATE"), {"i": image_id}
-        )]
+        dups = [
+            int(r[0])
+            for r in self.session.execute(
+                text("SELECT id FROM images WHERE canonical_id = :i ORDER BY id FOR UPDATE"), {"i": image_id}
+            )
+        ]
         new_canonical = dups[0] if dups else None
         if new_canonical is not None:
             self.session.execute(text("UPDATE images SET canonical_id = NULL WHERE id = :n"), {"n": new_canonical})
@@ -129,8 +137,9 @@ class ImageRepository:
             )
         self.session.execute(text("DELETE FROM images WHERE id = :i"), {"i": image_id})
         self.session.expire_all()
-        return DeleteOutcome(image_id=image_id, category_id=row[1], new_canonical_id=new_canonical,
-                             repointed=max(0, len(dups) - 1))
+        return DeleteOutcome(
+            image_id=image_id, category_id=row[1], new_canonical_id=new_canonical, repointed=max(0, len(dups) - 1)
+        )
 
     def sample_thumbnails(self, category_ids: list[int], per_category: int) -> dict[int, list[int]]:
         """Up to `per_category` canonical image ids with thumbnails per category, newest first."""

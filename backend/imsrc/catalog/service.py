@@ -47,8 +47,12 @@ def _ref(category_id: int | None, name: str | None) -> CategoryRef | None:
 
 
 def _dup_ref(image: Image) -> DuplicateRef:
-    return DuplicateRef(id=image.id, original_name=image.original_name, thumbnail_url=image_thumbnail_url(image.id),
-                        file_url=image_file_url(image.id))
+    return DuplicateRef(
+        id=image.id,
+        original_name=image.original_name,
+        thumbnail_url=image_thumbnail_url(image.id),
+        file_url=image_file_url(image.id),
+    )
 
 
 class ImageService:
@@ -68,11 +72,13 @@ class ImageService:
             raise NotFoundError(f"category {category!r} does not exist")
         return found.id
 
-    def list_images(self, *, category_id: int | None, category: str | None, duplicates: DuplicateFilter,
-                    page: int, page_size: int) -> ImagePage:
+    def list_images(
+        self, *, category_id: int | None, category: str | None, duplicates: DuplicateFilter, page: int, page_size: int
+    ) -> ImagePage:
         cid = self.resolve_category_id(category_id, category)
-        rows, total = self.images.page(category_id=cid, duplicates=duplicates, offset=(page - 1) * page_size,
-                                       limit=page_size)
+        rows, total = self.images.page(
+            category_id=cid, duplicates=duplicates, offset=(page - 1) * page_size, limit=page_size
+        )
         items = [
             ImageSummary(
                 id=r["image"].id,
@@ -90,8 +96,9 @@ class ImageService:
             )
             for r in rows
         ]
-        return ImagePage(items=items, total=total, page=page, page_size=page_size,
-                         pages=max(1, math.ceil(total / page_size)))
+        return ImagePage(
+            items=items, total=total, page=page, page_size=page_size, pages=max(1, math.ceil(total / page_size))
+        )
 
     def detail(self, image_id: int) -> ImageDetail:
         image = self.images.get(image_id)
@@ -109,8 +116,9 @@ class ImageService:
             byte_size=image.byte_size,
             caption=image.caption,
             category=_ref(image.category_id, self.images.category_name(image.category_id)),
-            predicted_category=_ref(image.predicted_category_id,
-                                    self.images.category_name(image.predicted_category_id)),
+            predicted_category=_ref(
+                image.predicted_category_id, self.images.category_name(image.predicted_category_id)
+            ),
             predicted_score=image.predicted_score,
             canonical=_dup_ref(canonical) if canonical is not None else None,
             duplicates=[_dup_ref(d) for d in self.images.duplicates_of(image.id)],

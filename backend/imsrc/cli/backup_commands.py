@@ -25,11 +25,15 @@ def backup_command(
     if as_json:
         print_json(summary.__dict__)
         return
-    err_console.print(f"wrote {summary.file} ({summary.bytes:,} bytes): {summary.images} images, "
-                      f"{summary.stored_originals} with their originals inside")
+    err_console.print(
+        f"wrote {summary.file} ({summary.bytes:,} bytes): {summary.images} images, "
+        f"{summary.stored_originals} with their originals inside"
+    )
     if summary.referenced_files:
-        err_console.print(f"note: {summary.referenced_files} images reference files on disk; those files are not "
-                          "in the backup and must stay where they are (or be copied alongside)")
+        err_console.print(
+            f"note: {summary.referenced_files} images reference files on disk; those files are not "
+            "in the backup and must stay where they are (or be copied alongside)"
+        )
 
 
 def restore_command(

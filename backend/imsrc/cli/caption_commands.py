@@ -18,10 +18,11 @@ def register(app: typer.Typer) -> None:
 
 
 @captions_app.command("import")
-def captions_import(ctx: typer.Context,
-                    file: Annotated[Path, typer.Argument(help="CSV with a header: caption and one of id, sha256, "
-                                                              "path.")],
-                    as_json: JsonOpt = False) -> None:
+def captions_import(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="CSV with a header: caption and one of id, sha256, path.")],
+    as_json: JsonOpt = False,
+) -> None:
     """Set captions from a CSV file: all rows or none (a bad row is named by its line)."""
     from imsrc.ingest.captions import import_csv
 
@@ -34,8 +35,11 @@ def captions_import(ctx: typer.Context,
 
 
 @captions_app.command("set")
-def captions_set(ctx: typer.Context, image_id: Annotated[int, typer.Argument(help="The image's id.")],
-                 caption: Annotated[str, typer.Argument(help="The caption ('' removes it).")]) -> None:
+def captions_set(
+    ctx: typer.Context,
+    image_id: Annotated[int, typer.Argument(help="The image's id.")],
+    caption: Annotated[str, typer.Argument(help="The caption ('' removes it).")],
+) -> None:
     """Set (or with '' remove) one image's caption."""
     from imsrc.catalog.captions import CaptionRepository, clean_caption
 

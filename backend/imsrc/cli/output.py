@@ -47,8 +47,7 @@ def print_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     writer = csv.writer(sys.stdout)
     writer.writerow(columns)
     for row in rows:
-        writer.writerow(["" if v is None else (v if isinstance(v, int | float | str) else _jsonable(v))
-                         for v in row])
+        writer.writerow(["" if v is None else (v if isinstance(v, int | float | str) else _jsonable(v)) for v in row])
 
 
 def _short(value: Any) -> str:

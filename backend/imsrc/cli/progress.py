@@ -37,13 +37,24 @@ class JobBar:
 
     def __init__(self, description: str, *, enabled: bool = True) -> None:
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            TextColumn("new {task.fields[new]} dup {task.fields[duplicate]} linked {task.fields[linked]}"
-                       " skipped {task.fields[skipped]} [red]failed {task.fields[failed]}"),
-            console=err_console, disable=not enabled, transient=False)
-        self.task = self.progress.add_task(description, total=None, start=True, new=0, duplicate=0, linked=0,
-                                           skipped=0, failed=0)
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn(
+                "new {task.fields[new]} dup {task.fields[duplicate]} linked {task.fields[linked]}"
+                " skipped {task.fields[skipped]} [red]failed {task.fields[failed]}"
+            ),
+            console=err_console,
+            disable=not enabled,
+            transient=False,
+        )
+        self.task = self.progress.add_task(
+            description, total=None, start=True, new=0, duplicate=0, linked=0, skipped=0, failed=0
+        )
         self._first: int | None = None
 
     def __call__(self, state: JobProgress) -> None:
@@ -64,6 +75,7 @@ class JobBar:
 @contextmanager
 def ctrl_c_stops(stop: threading.Event, what: str = "the current batch") -> Iterator[None]:
     """First Ctrl-C: finish cleanly after `what`. Second Ctrl-C: stop now (the open batch rolls back)."""
+
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set():
             raise KeyboardInterrupt

@@ -40,8 +40,9 @@ class Database:
         self.engine.dispose()
 
 
-def open_database(settings: Settings, *, migrate: bool | None = None, pool_size: int = 10,
-                  url: str | None = None) -> Database:
+def open_database(
+    settings: Settings, *, migrate: bool | None = None, pool_size: int = 10, url: str | None = None
+) -> Database:
     """Resolve (and if embedded, start) the server, check pgvector and bring the schema to head. `url`: one
     already resolved (a server worker's, from the parent that started the embedded server), used as it is."""
     url = url or resolve_database_url(settings)

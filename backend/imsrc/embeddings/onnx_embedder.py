@@ -94,9 +94,7 @@ class OnnxEmbedder:
         self.device = torch.device("cpu")
         self.precision = "fp32"
         self._sessions = sessions
-        self._single = {
-            tower: SingleQuery(s, INPUT_NAMES[tower], base.dimension) for tower, s in sessions.items()
-        }
+        self._single = {tower: SingleQuery(s, INPUT_NAMES[tower], base.dimension) for tower, s in sessions.items()}
         for tower in sessions:  # warm: the first run sizes ORT's memory arena and picks kernels
             if tower == "image":
                 size = int(base.params.get("image_size", 224))

@@ -237,8 +237,9 @@ def loaded_runtime(name: str, setting: str) -> dict[str, str] | None:
     return dict(found[-1].runtime) if found else None
 
 
-def inference_label(name: str, supports_text: bool, setting: str, cache_dir: PathArg = None,
-                    export_dir: PathArg = None) -> str:
+def inference_label(
+    name: str, supports_text: bool, setting: str, cache_dir: PathArg = None, export_dir: PathArg = None
+) -> str:
     """The engine(s) `name` runs on: as loaded in this process, else as the recorded exports predict."""
     loaded = loaded_runtime(name, setting)
     if loaded is not None:

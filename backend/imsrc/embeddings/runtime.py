@@ -117,7 +117,9 @@ def _choose(embedder: TorchEmbedder, store: ExportStore, tower: str, setting: st
         if embedder.family not in INT8_OPS:
             log.warning(
                 "%s: dynamic int8 has nothing to quantize in a convolutional model (int8 convolutions ran slower "
-                "than fp32); %s tower runs ONNX fp32", embedder.name, tower,
+                "than fp32); %s tower runs ONNX fp32",
+                embedder.name,
+                tower,
             )
             return store.model_path(tower, "fp32"), "onnx"
         int8 = _prepared(embedder, store, tower, "int8")
@@ -147,8 +149,13 @@ def _prepared(embedder: TorchEmbedder, store: ExportStore, tower: str, variant: 
         try:
             manifest = _build(embedder, store, tower, variant)
         except Exception as exc:  # the exporter and quantizer raise anything from tracing to protobuf errors
-            log.warning("%s %s tower: ONNX %s export failed (%s); using torch", embedder.name, tower, variant,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning(
+                "%s %s tower: ONNX %s export failed (%s); using torch",
+                embedder.name,
+                tower,
+                variant,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
             return None
         manifest["identity"] = expected
         store.save(tower, variant, manifest)
@@ -191,9 +198,12 @@ def _build(embedder: TorchEmbedder, store: ExportStore, tower: str, variant: str
 
     check = onnx_export.compare(torch_fn, onnx_fn, inputs, inputs[:1])
     threshold = onnx_export.MIN_COSINE if variant == "fp32" else onnx_export.INT8_MIN_COSINE
-    manifest: dict[str, Any] = {"sha256": sha256_file(path), "bytes": path.stat().st_size,
-                                "verification": {**check, "threshold": threshold},
-                                "verified": check["min_cosine"] >= threshold}
+    manifest: dict[str, Any] = {
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "verification": {**check, "threshold": threshold},
+        "verified": check["min_cosine"] >= threshold,
+    }
     if manifest["verified"]:
         manifest["timing"] = onnx_export.timing(torch_fn, onnx_fn, inputs, len(inputs))
     else:

@@ -39,8 +39,11 @@ class SidecarReport:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (sidecar path, why it was skipped)
 
     def as_dict(self) -> dict[str, object]:
-        return {"captions": self.captions, "sidecars": self.sidecars,
-                "problems": [{"path": p, "reason": r} for p, r in self.problems]}
+        return {
+            "captions": self.captions,
+            "sidecars": self.sidecars,
+            "problems": [{"path": p, "reason": r} for p, r in self.problems],
+        }
 
 
 def sidecar_for(image_path: str) -> str | None:
@@ -56,8 +59,9 @@ def read_sidecar(path: str) -> str | None:
     with open(path, "rb") as f:
         raw = f.read(MAX_SIDECAR_BYTES + 1)
     if len(raw) > MAX_SIDECAR_BYTES:
-        raise InvalidInputError(f"over {MAX_SIDECAR_BYTES} bytes (a caption holds at most {MAX_CAPTION_CHARS} "
-                                "characters)")
+        raise InvalidInputError(
+            f"over {MAX_SIDECAR_BYTES} bytes (a caption holds at most {MAX_CAPTION_CHARS} characters)"
+        )
     try:
         content = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -125,8 +129,9 @@ def import_csv(session: Session, path: Path) -> ImportReport:
         raise InvalidInputError(f"{path}: no rows (expected a header with caption and one of id, sha256, path)")
     key = next((k for k in KEYS if k in header), None)
     if "caption" not in header or key is None:
-        raise InvalidInputError(f"{path}: the header needs a caption column and one of id, sha256, path "
-                                f"(found: {', '.join(header)})")
+        raise InvalidInputError(
+            f"{path}: the header needs a caption column and one of id, sha256, path (found: {', '.join(header)})"
+        )
     entries = list(_entries(rows, key))
     captions = CaptionRepository(session)
     ids = _resolve(captions, key, [e[1] for e in entries])
@@ -150,8 +155,11 @@ def _entries(rows: list[dict[str | None, str | None]], key: str) -> Iterator[tup
             raise InvalidInputError(f"line {n}: id must be a positive integer, not {value[:40]!r}")
         if key == "sha256" and not _is_sha256(value):
             raise InvalidInputError(f"line {n}: sha256 must be 64 hex digits")
-        yield n, value.lower() if key == "sha256" else value, clean_caption(clean.get("caption"),
-                                                                             where=f"line {n}: caption")
+        yield (
+            n,
+            value.lower() if key == "sha256" else value,
+            clean_caption(clean.get("caption"), where=f"line {n}: caption"),
+        )
 
 
 def _resolve(captions: CaptionRepository, key: str, values: list[str]) -> dict[str, int]:
@@ -178,4 +186,4 @@ def _last_per_image(pairs: list[tuple[int, str | None]]) -> list[tuple[int, str 
 
 def _chunks(values: list[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(values), size):
-        yield values[start:start + size]
+        yield values[start : start + size]

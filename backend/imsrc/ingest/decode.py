@@ -18,8 +18,7 @@ from PIL import Image
 from imsrc import imaging
 from imsrc.imaging import model_image, phash64, sniff
 
-__all__ = ["DecodeFailure", "DecodeOptions", "Processed", "WorkItem", "model_image", "open_image", "process",
-           "sniff"]
+__all__ = ["DecodeFailure", "DecodeOptions", "Processed", "WorkItem", "model_image", "open_image", "process", "sniff"]
 
 Preprocess = Callable[[Image.Image], "object"]
 
@@ -116,8 +115,11 @@ def decode_bytes(data: bytes, max_pixels: int) -> imaging.Decoded:
 
 
 def make_thumbnail(img: Image.Image, size: int) -> tuple[bytes, int, int]:
-    thumb = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB") \
-        if img.mode not in ("RGB", "RGBA") else img.copy()
+    thumb = (
+        img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
+        if img.mode not in ("RGB", "RGBA")
+        else img.copy()
+    )
     thumb.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)  # never enlarges
     buf = io.BytesIO()
     thumb.save(buf, "WEBP", quality=80, method=4)
@@ -146,8 +148,7 @@ def process(item: WorkItem, options: DecodeOptions) -> Processed:
             out.thumb, out.thumb_width, out.thumb_height = make_thumbnail(img, options.thumbnail_size)
         if options.preprocess is not None:
             tensor = options.preprocess(rgb)
-            out.tensor = np.ascontiguousarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor,
-                                              dtype=np.float32)
+            out.tensor = np.ascontiguousarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor, dtype=np.float32)
         if options.keep_bytes:
             out.data = data
         out.ok = True

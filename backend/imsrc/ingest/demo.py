@@ -18,8 +18,18 @@ from imsrc.errors import ImsrcError
 from imsrc.ingest.decode import WorkItem
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 DATASETS = ("fashion-mnist", "cifar10")
 DOWNLOAD_TIMEOUT_S = 30
 
@@ -42,8 +52,9 @@ class Dataset:
         for i in range(n):
             buf = io.BytesIO()
             Image.fromarray(self.images[i]).save(buf, "PNG")
-            yield WorkItem(key=f"{self.name}/test/{i:05d}.png", data=buf.getvalue(),
-                           category=self.classes[int(self.labels[i])])
+            yield WorkItem(
+                key=f"{self.name}/test/{i:05d}.png", data=buf.getvalue(), category=self.classes[int(self.labels[i])]
+            )
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -53,7 +64,7 @@ def _read_idx(path: Path) -> np.ndarray:
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype != 0x08:
         raise DatasetUnavailableError(f"{path} is not an IDX file of unsigned bytes")
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -61,8 +72,9 @@ def load_fashion_mnist(cache_dir: Path, folder: Path = DEBIAN_FASHION_MNIST) -> 
     images, labels = folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz"
     if images.exists() and labels.exists():
         return Dataset("fashion-mnist", str(folder), _read_idx(images), _read_idx(labels), FASHION_CLASSES)
-    return _torchvision("fashion-mnist", cache_dir, hint=f"not installed at {folder} (Debian/Ubuntu: "
-                        "apt install dataset-fashion-mnist)")
+    return _torchvision(
+        "fashion-mnist", cache_dir, hint=f"not installed at {folder} (Debian/Ubuntu: apt install dataset-fashion-mnist)"
+    )
 
 
 def load_cifar10(cache_dir: Path) -> Dataset:
@@ -85,8 +97,7 @@ def _torchvision(name: str, cache_dir: Path, hint: str) -> Dataset:
     finally:
         socket.setdefaulttimeout(previous)
     images = np.asarray(data.data)
-    return Dataset(name, f"torchvision download in {cache_dir}", images, np.asarray(data.targets),
-                   list(data.classes))
+    return Dataset(name, f"torchvision download in {cache_dir}", images, np.asarray(data.targets), list(data.classes))
 
 
 def load_dataset(name: str, cache_dir: Path) -> Dataset:

@@ -35,9 +35,15 @@ class EmbedSummary:
     failures: list[dict[str, str]] = field(default_factory=list)
 
 
-def embed_missing(database: Database, embedder: Embedder, *, workers: int = 0, batch_size: int = 16,
-                  stop: threading.Event | None = None,
-                  on_progress: Callable[[JobProgress], None] | None = None) -> EmbedSummary:
+def embed_missing(
+    database: Database,
+    embedder: Embedder,
+    *,
+    workers: int = 0,
+    batch_size: int = 16,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[JobProgress], None] | None = None,
+) -> EmbedSummary:
     """Commits once per batch (call it from a command boundary)."""
     stop = stop or threading.Event()
     started = time.monotonic()
@@ -49,16 +55,28 @@ def embed_missing(database: Database, embedder: Embedder, *, workers: int = 0, b
         jobs = JobRepository(session)
         key = job_key("embed", [], {}, model.name)
         job = jobs.find_resumable(key)
-        job_id = job["id"] if job else jobs.create(kind="embed", job_key=key, paths=[], options={"model": model.name},
-                                                   model_id=model_id, model_name=model.name)
+        job_id = (
+            job["id"]
+            if job
+            else jobs.create(
+                kind="embed",
+                job_key=key,
+                paths=[],
+                options={"model": model.name},
+                model_id=model_id,
+                model_name=model.name,
+            )
+        )
         jobs.mark(job_id, "running")
         jobs.set_total(job_id, todo_total)
     progress = JobProgress(job_id=job_id, total=todo_total)
-    options = DecodeOptions(preprocess=embedder.preprocess, max_pixels=database.settings.max_pixels,
-                            thumbnails=False, phash=False)
+    options = DecodeOptions(
+        preprocess=embedder.preprocess, max_pixels=database.settings.max_pixels, thumbnails=False, phash=False
+    )
     n_workers = resolve_workers(workers)
-    pool: OrderedPool | InlinePool = InlinePool(options) if todo_total < 48 else \
-        OrderedPool(n_workers, options, max_pending=n_workers * 4)
+    pool: OrderedPool | InlinePool = (
+        InlinePool(options) if todo_total < 48 else OrderedPool(n_workers, options, max_pending=n_workers * 4)
+    )
     batches: queue.Queue[list[tuple[Processed, bytes]] | None] = queue.Queue(maxsize=2)
     failures: list[dict[str, str]] = []
     state = {"embedded": 0, "failed": 0}
@@ -103,13 +121,26 @@ def embed_missing(database: Database, embedder: Embedder, *, workers: int = 0, b
         remaining = IngestRepository(session).missing_embedding_count(model_id)
         status = "interrupted" if stop.is_set() else "completed"
         JobRepository(session).mark(job_id, status, finished=status == "completed")
-    return EmbedSummary(job_id, embedder.name, state["embedded"], state["failed"], remaining, status,
-                        round(time.monotonic() - started, 3), failures)
+    return EmbedSummary(
+        job_id,
+        embedder.name,
+        state["embedded"],
+        state["failed"],
+        remaining,
+        status,
+        round(time.monotonic() - started, 3),
+        failures,
+    )
 
 
-def _collect(pool: OrderedPool | InlinePool, expected: dict[str, bytes], current: list[tuple[Processed, bytes]],
-             batches: queue.Queue[list[tuple[Processed, bytes]] | None], batch_size: int,
-             block: bool) -> list[tuple[Processed, bytes]]:
+def _collect(
+    pool: OrderedPool | InlinePool,
+    expected: dict[str, bytes],
+    current: list[tuple[Processed, bytes]],
+    batches: queue.Queue[list[tuple[Processed, bytes]] | None],
+    batch_size: int,
+    block: bool,
+) -> list[tuple[Processed, bytes]]:
     while len(pool) and (block or pool.head_ready()):
         for p in pool.pop():
             current.append((p, expected.pop(p.key)))
@@ -121,8 +152,17 @@ def _collect(pool: OrderedPool | InlinePool, expected: dict[str, bytes], current
     return current
 
 
-def _write(database: Database, embedder: Embedder, model_id: int, job_id: int, batch: list[tuple[Processed, bytes]],
-           batch_size: int, state: dict[str, int], failures: list[dict[str, str]], progress: JobProgress) -> None:
+def _write(
+    database: Database,
+    embedder: Embedder,
+    model_id: int,
+    job_id: int,
+    batch: list[tuple[Processed, bytes]],
+    batch_size: int,
+    state: dict[str, int],
+    failures: list[dict[str, str]],
+    progress: JobProgress,
+) -> None:
     for p, digest in batch:  # a referenced file that changed since indexing is not this image any more
         if p.ok and p.sha256 != digest:
             p.ok, p.reason, p.tensor = False, "the file changed since it was indexed (different content)", None

@@ -39,9 +39,15 @@ class RegionSummary:
     failures: list[dict[str, str]] = field(default_factory=list)
 
 
-def embed_regions(database: Database, embedder: Embedder, *, batch_images: int = 8,
-                  stop: threading.Event | None = None, image_ids: Sequence[int] | None = None,
-                  on_progress: Callable[[int, int], None] | None = None) -> RegionSummary:
+def embed_regions(
+    database: Database,
+    embedder: Embedder,
+    *,
+    batch_images: int = 8,
+    stop: threading.Event | None = None,
+    image_ids: Sequence[int] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> RegionSummary:
     """Commits once per batch of images (call it from a command boundary). image_ids: only these (uploads)."""
     stop = stop or threading.Event()
     started = time.monotonic()
@@ -63,7 +69,7 @@ def embed_regions(database: Database, embedder: Embedder, *, batch_images: int =
             if stop.is_set():
                 break
             rows: list[tuple[int, Sequence[tuple[float, float, float, float]], np.ndarray]] = []
-            for image_id, data, path in page[start:start + batch_images]:
+            for image_id, data, path in page[start : start + batch_images]:
                 try:
                     raw = data if data is not None else Path(path or "").read_bytes() if path else None
                     if raw is None:
@@ -84,6 +90,15 @@ def embed_regions(database: Database, embedder: Embedder, *, batch_images: int =
         if repo.has_any(model_id):
             index_built = repo.ensure_index(model_id, dimension)
         remaining = repo.missing_count(model_id) if image_ids is None else 0
-    return RegionSummary(embedder.name, done, done * len(WINDOWS), failed, remaining, len(WINDOWS),
-                         "interrupted" if stop.is_set() else "completed", round(time.monotonic() - started, 3),
-                         index_built, failures)
+    return RegionSummary(
+        embedder.name,
+        done,
+        done * len(WINDOWS),
+        failed,
+        remaining,
+        len(WINDOWS),
+        "interrupted" if stop.is_set() else "completed",
+        round(time.monotonic() - started, 3),
+        index_built,
+        failures,
+    )

@@ -93,20 +93,35 @@ def job_key(kind: str, paths: Iterable[str], options: dict[str, Any], model: str
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def run_index_job(database: Database, embedder: Embedder, paths: list[str], *, category: str | None = None,
-                  category_from_folder: bool = False, store: str = "reference", workers: int = 0,
-                  batch_size: int = 16, inline_below: int = 48, stop: threading.Event | None = None,
-                  on_progress: Callable[[JobProgress], None] | None = None) -> JobSummary:
+def run_index_job(
+    database: Database,
+    embedder: Embedder,
+    paths: list[str],
+    *,
+    category: str | None = None,
+    category_from_folder: bool = False,
+    store: str = "reference",
+    workers: int = 0,
+    batch_size: int = 16,
+    inline_below: int = 48,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[JobProgress], None] | None = None,
+) -> JobSummary:
     """Index folders/files. Commits once per batch (and to open and close the job): call it from a
     command boundary, never inside another unit of work."""
     roots = check_roots(paths)
     ignored = [0]
     spec = JobSpec(
-        kind="index", paths=roots,
+        kind="index",
+        paths=roots,
         options={"category": category, "category_from_folder": category_from_folder, "store": store},
         items=lambda: scan(roots, category=category, category_from_folder=category_from_folder, counter=ignored),
-        count=lambda: count_files(roots), store_bytes=store == "copy", workers=workers, batch_size=batch_size,
-        inline_below=inline_below)
+        count=lambda: count_files(roots),
+        store_bytes=store == "copy",
+        workers=workers,
+        batch_size=batch_size,
+        inline_below=inline_below,
+    )
     summary = run_job(database, embedder, spec, stop=stop, on_progress=on_progress)
     summary.ignored_files = ignored[0]
     # After the job, so unchanged files' sidecars count too: an edited sidecar updates the caption.
@@ -123,8 +138,14 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def run_job(database: Database, embedder: Embedder, spec: JobSpec, *, stop: threading.Event | None = None,
-            on_progress: Callable[[JobProgress], None] | None = None) -> JobSummary:
+def run_job(
+    database: Database,
+    embedder: Embedder,
+    spec: JobSpec,
+    *,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[JobProgress], None] | None = None,
+) -> JobSummary:
     stop = stop or threading.Event()
     started = time.monotonic()
     with database.session() as session:
@@ -142,9 +163,14 @@ def run_job(database: Database, embedder: Embedder, spec: JobSpec, *, stop: thre
         if existing is not None and not jobs.try_lock(existing["id"]):
             raise ConflictError(f"job {existing['id']} is being run by another process right now")
         if existing is None:
-            job_id = jobs.create(kind=spec.kind, job_key=key, paths=spec.paths,
-                                 options={**spec.options, "model": model_name}, model_id=model_id,
-                                 model_name=model_name)
+            job_id = jobs.create(
+                kind=spec.kind,
+                job_key=key,
+                paths=spec.paths,
+                options={**spec.options, "model": model_name},
+                model_id=model_id,
+                model_name=model_name,
+            )
             jobs.try_lock(job_id)
         locked = existing["id"] if existing is not None else job_id
         if existing is not None:
@@ -156,16 +182,25 @@ def run_job(database: Database, embedder: Embedder, spec: JobSpec, *, stop: thre
             for k in OUTCOMES:
                 progress.counts[k] = int(existing[f"{k}_count"])
             progress.done = sum(progress.counts.values())
-        status, stage_seconds, run_counts = _run(database, embedder, spec, control, job_id, model_id, progress,
-                                                 stop, on_progress)
+        status, stage_seconds, run_counts = _run(
+            database, embedder, spec, control, job_id, model_id, progress, stop, on_progress
+        )
         job = JobRepository(control).get(job_id) or {}
         control.commit()
         counts = {k: int(job.get(f"{k}_count", 0)) for k in OUTCOMES}
         elapsed = time.monotonic() - started
-        return JobSummary(job_id=job_id, status=status, resumed=progress.resumed, model=model_name, counts=counts,
-                          run_counts=run_counts, ignored_files=0, seconds=round(elapsed, 3),
-                          files_per_second=round(sum(run_counts.values()) / elapsed, 2) if elapsed else 0.0,
-                          stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()})
+        return JobSummary(
+            job_id=job_id,
+            status=status,
+            resumed=progress.resumed,
+            model=model_name,
+            counts=counts,
+            run_counts=run_counts,
+            ignored_files=0,
+            seconds=round(elapsed, 3),
+            files_per_second=round(sum(run_counts.values()) / elapsed, 2) if elapsed else 0.0,
+            stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
+        )
     finally:
         control.rollback()
         if locked is not None:
@@ -176,30 +211,43 @@ def run_job(database: Database, embedder: Embedder, spec: JobSpec, *, stop: thre
         lock_conn.close()
 
 
-def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, job_id: int, model_id: int,
-         progress: JobProgress, stop: threading.Event,
-         on_progress: Callable[[JobProgress], None] | None) -> tuple[str, dict[str, float], dict[str, int]]:
+def _run(
+    database: Database,
+    embedder: Embedder,
+    spec: JobSpec,
+    control: Any,
+    job_id: int,
+    model_id: int,
+    progress: JobProgress,
+    stop: threading.Event,
+    on_progress: Callable[[JobProgress], None] | None,
+) -> tuple[str, dict[str, float], dict[str, int]]:
     jobs, sources = JobRepository(control), IngestRepository(control)
     index = PhashIndex(database.settings.duplicate_threshold, sources.canonical_hashes())
     control.commit()
     if spec.count is not None:
         threading.Thread(target=_count, args=(spec.count, progress, on_progress), daemon=True).start()
     workers = resolve_workers(spec.workers)
-    options = DecodeOptions(preprocess=embedder.preprocess, max_pixels=database.settings.max_pixels,
-                            thumbnail_size=database.settings.thumbnail_size, keep_bytes=spec.store_bytes)
+    options = DecodeOptions(
+        preprocess=embedder.preprocess,
+        max_pixels=database.settings.max_pixels,
+        thumbnail_size=database.settings.thumbnail_size,
+        keep_bytes=spec.store_bytes,
+    )
     chunk_size = max(1, min(16, spec.batch_size // workers))
-    todo: Iterator[tuple[list[WorkItem], int]] = _todo(spec.items(), jobs, sources, job_id, progress.resumed,
-                                                        control)
+    todo: Iterator[tuple[list[WorkItem], int]] = _todo(spec.items(), jobs, sources, job_id, progress.resumed, control)
     head = list(itertools.islice(todo, 2))
     small = len(head) < 2 and sum(len(fresh) for fresh, _ in head) < spec.inline_below
     if not small and not _picklable(options):
         log.warning("the model's preprocessing cannot be sent to worker processes; decoding in this process")
         small = True
     todo = itertools.chain(head, todo)
-    pool: OrderedPool | InlinePool = InlinePool(options) if small else \
-        OrderedPool(workers, options, max_pending=workers * 4, warm_inline=spec.inline_below > 0)
-    ctx = WriteContext(model_id=model_id, store_bytes=spec.store_bytes, matcher=IndexPhashMatcher(index),
-                       job_id=job_id)
+    pool: OrderedPool | InlinePool = (
+        InlinePool(options)
+        if small
+        else OrderedPool(workers, options, max_pending=workers * 4, warm_inline=spec.inline_below > 0)
+    )
+    ctx = WriteContext(model_id=model_id, store_bytes=spec.store_bytes, matcher=IndexPhashMatcher(index), job_id=job_id)
     stages = Stages(database, embedder, ctx, index, progress, spec.batch_size, on_progress)
     batch: list[Processed] = []
     skipped = 0
@@ -215,7 +263,7 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
             batch.extend(results)
             if len(batch) >= spec.batch_size:
                 stages.put(stages.to_embed, (batch[: spec.batch_size], skipped))
-                batch, skipped = batch[spec.batch_size:], 0
+                batch, skipped = batch[spec.batch_size :], 0
             if block and not pool.full:
                 return
 
@@ -234,7 +282,7 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
                         break
                     if pool.full:
                         collect(block=True)
-                    pool.submit(fresh[start:start + chunk_size])
+                    pool.submit(fresh[start : start + chunk_size])
                     collect(block=False)
             if stop.is_set():
                 status = "interrupted"
@@ -255,18 +303,25 @@ def _run(database: Database, embedder: Embedder, spec: JobSpec, control: Any, jo
         jobs.mark(job_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", reason[:500])
         control.commit()
         if isinstance(exc, DBAPIError):  # the batch in flight rolled back; everything before it is kept
-            raise ImsrcError(f"job {job_id} stopped on a database error ({reason}); fix it and run the same "
-                             "command again to continue") from exc
+            raise ImsrcError(
+                f"job {job_id} stopped on a database error ({reason}); fix it and run the same "
+                "command again to continue"
+            ) from exc
         raise
     finally:
         pool.close(cancel=True)
     with database.session() as session:
-        sync_search(session, database.settings, model_id=model_id, category_ids=stages.touched,
-                    embedders=only(embedder))
+        sync_search(
+            session, database.settings, model_id=model_id, category_ids=stages.touched, embedders=only(embedder)
+        )
     if progress.total is not None:
         jobs.set_total(job_id, progress.total)
-    jobs.mark(job_id, status, "stopped by the user; run the same command again to continue"
-              if status == "interrupted" else None, finished=status == "completed")
+    jobs.mark(
+        job_id,
+        status,
+        "stopped by the user; run the same command again to continue" if status == "interrupted" else None,
+        finished=status == "completed",
+    )
     control.commit()
     return status, {**stages.seconds, "scan_and_lookup": feed_seconds}, stages.run_counts
 
@@ -293,8 +348,9 @@ def _count(count: Callable[[], int], progress: JobProgress, on_progress: Callabl
         on_progress(progress)
 
 
-def _todo(items: Iterator[WorkItem], jobs: JobRepository, sources: IngestRepository, job_id: int, resumed: bool,
-          control: Any) -> Iterator[tuple[list[WorkItem], int]]:
+def _todo(
+    items: Iterator[WorkItem], jobs: JobRepository, sources: IngestRepository, job_id: int, resumed: bool, control: Any
+) -> Iterator[tuple[list[WorkItem], int]]:
     """Chunks of items still to do, and how many were skipped as unchanged. Files this job already
     recorded (before a crash) are left out silently: they were counted then."""
     while True:

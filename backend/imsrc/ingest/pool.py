@@ -35,8 +35,12 @@ class OrderedPool:
         self.inline_chunks = 0
 
     def _start(self) -> ProcessPoolExecutor:
-        executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=init_worker, initargs=(self.options,))
+        executor = ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_worker,
+            initargs=(self.options,),
+        )
         self._warm = executor.submit(_ready)
         return executor
 

@@ -26,8 +26,16 @@ class Abort(Exception):
 class Stages:
     """The embed and writer threads, and the bounded queues between them."""
 
-    def __init__(self, database: Database, embedder: Embedder, ctx: WriteContext, index: PhashIndex,
-                 progress: JobProgress, batch_size: int, on_progress: Callable[[JobProgress], None] | None) -> None:
+    def __init__(
+        self,
+        database: Database,
+        embedder: Embedder,
+        ctx: WriteContext,
+        index: PhashIndex,
+        progress: JobProgress,
+        batch_size: int,
+        on_progress: Callable[[JobProgress], None] | None,
+    ) -> None:
         self.database, self.embedder, self.ctx, self.index = database, embedder, ctx, index
         self.progress, self.batch_size, self.on_progress = progress, batch_size, on_progress
         self.to_embed: queue.Queue[tuple[list[Processed], int] | None] = queue.Queue(maxsize=2)
@@ -36,8 +44,10 @@ class Stages:
         self.touched: set[int] = set()
         self.run_counts = dict.fromkeys(OUTCOMES, 0)
         self.seconds = {"embed": 0.0, "write": 0.0, "wait_for_workers": 0.0}
-        self.threads = [threading.Thread(target=self._guard, args=(self._embed,), name="imsrc-embed", daemon=True),
-                        threading.Thread(target=self._guard, args=(self._write,), name="imsrc-write", daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._guard, args=(self._embed,), name="imsrc-embed", daemon=True),
+            threading.Thread(target=self._guard, args=(self._write,), name="imsrc-write", daemon=True),
+        ]
         for t in self.threads:
             t.start()
 

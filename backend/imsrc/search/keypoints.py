@@ -65,8 +65,7 @@ def features(kind: str, img: Image.Image, detector: Any = None) -> Features:
 
 def inliers(kind: str, query: Features, candidate: Features) -> int:
     """RANSAC homography inliers among the ratio-test matches (0 when too few to fit one)."""
-    if query.descriptors is None or candidate.descriptors is None or len(query.points) < 4 \
-            or len(candidate.points) < 4:
+    if query.descriptors is None or candidate.descriptors is None or len(query.points) < 4 or len(candidate.points) < 4:
         return 0
     cv2 = _cv2()
     matcher = cv2.BFMatcher(cv2.NORM_HAMMING if kind == "orb" else cv2.NORM_L2)

@@ -10,9 +10,7 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def spherical_kmeans(
-    x: np.ndarray, k: int, *, iterations: int = 25, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+def spherical_kmeans(x: np.ndarray, k: int, *, iterations: int = 25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Cluster unit vectors by cosine similarity. Returns (unit centres (k, d), labels (n,)).
 
     k-means++ seeding with a fixed seed, so the same members always give the same prototypes.

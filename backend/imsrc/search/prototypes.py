@@ -20,8 +20,9 @@ KMEANS_SAMPLE = 4000
 TEXT_PROMPT = "a photo of a {name}"
 
 
-def compute_prototypes(vectors: np.ndarray, *, max_prototypes: int, min_gain: float,
-                       category_id: int = 0) -> list[PrototypeRow]:
+def compute_prototypes(
+    vectors: np.ndarray, *, max_prototypes: int, min_gain: float, category_id: int = 0
+) -> list[PrototypeRow]:
     """The 'mean' row, plus 'cluster' rows when the members form several groups.
 
     How many centres: the smallest k after which one more centre raises the members' mean cosine to their
@@ -53,8 +54,9 @@ def compute_prototypes(vectors: np.ndarray, *, max_prototypes: int, min_gain: fl
     return rows
 
 
-def refresh_prototypes(session: Session, settings: Settings, *, model_id: int, dimension: int,
-                       category_ids: Iterable[int]) -> list[int]:
+def refresh_prototypes(
+    session: Session, settings: Settings, *, model_id: int, dimension: int, category_ids: Iterable[int]
+) -> list[int]:
     """Recompute the prototypes of these categories only: their means for every model (a category's members
     changed for all of them), their k-means centres for this model. Returns the ids refreshed."""
     vectors = VectorRepository(session)
@@ -66,8 +68,12 @@ def refresh_prototypes(session: Session, settings: Settings, *, model_id: int, d
         batch = vectors.fetch(model_id, dimension, category_ids=[category_id])
         rows: list[PrototypeRow] = []
         if len(batch):
-            rows = compute_prototypes(batch.vectors, max_prototypes=settings.max_prototypes,
-                                      min_gain=settings.prototype_min_gain, category_id=category_id)
+            rows = compute_prototypes(
+                batch.vectors,
+                max_prototypes=settings.max_prototypes,
+                min_gain=settings.prototype_min_gain,
+                category_id=category_id,
+            )
         protos.replace(model_id, category_id, ("cluster",), [r for r in rows if r.kind == "cluster"])
     return done
 
@@ -90,8 +96,9 @@ def text_prototype_rows(names: dict[int, str], encode: object) -> list[Prototype
     return [PrototypeRow(c, "text", 0, normalise(matrix[i]), 0) for i, c in enumerate(ids)]
 
 
-def predict(vectors: np.ndarray, prototypes: Sequence[PrototypeRow], *, logit_scale: float
-            ) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    vectors: np.ndarray, prototypes: Sequence[PrototypeRow], *, logit_scale: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Best category and a softmax confidence for each vector, from per-category best prototype scores."""
     owners = np.array([p.category_id for p in prototypes], dtype=np.int64)
     matrix = np.stack([p.vector for p in prototypes]).astype(np.float32)

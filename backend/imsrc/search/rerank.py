@@ -64,8 +64,7 @@ def pixel(a: np.ndarray, b: np.ndarray) -> float:
     return float(1.0 - np.abs(_grey(a) - _grey(b)).mean() / 255.0)
 
 
-SCORERS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"ssim": ssim, "histogram": histogram,
-                                                                  "pixel": pixel}
+SCORERS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"ssim": ssim, "histogram": histogram, "pixel": pixel}
 
 
 class ThumbnailRepository:
@@ -76,8 +75,9 @@ class ThumbnailRepository:
         """Decoded thumbnails of the given images (those that have one), in one query."""
         if not image_ids:
             return {}
-        rows = self.session.execute(text("SELECT image_id, data FROM thumbnails WHERE image_id = ANY(:ids)"),
-                                    {"ids": list(image_ids)})
+        rows = self.session.execute(
+            text("SELECT image_id, data FROM thumbnails WHERE image_id = ANY(:ids)"), {"ids": list(image_ids)}
+        )
         out = {}
         for image_id, data in rows:
             with Image.open(io.BytesIO(bytes(data)), formats=["WEBP"]) as img:

@@ -36,8 +36,15 @@ IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 def is_public(address: IpAddress) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return not (address.is_private or address.is_loopback or address.is_link_local or address.is_multicast
-                or address.is_reserved or address.is_unspecified or not address.is_global)
+    return not (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+        or not address.is_global
+    )
 
 
 def resolve(host: str, port: int, deadline: float | None = None) -> list[IpAddress]:
@@ -95,7 +102,8 @@ def check_url(url: str, *, allow_private: bool, deadline: float | None = None) -
     # anyone which internal names exist and where they point.
     not_public = UrlNotAllowedError(
         f"refusing to fetch {hostname}: it does not resolve to a public address (loopback, private, link-local "
-        "and reserved addresses are refused unless IMSRC_URL_FETCH_ALLOW_PRIVATE=true)")
+        "and reserved addresses are refused unless IMSRC_URL_FETCH_ALLOW_PRIVATE=true)"
+    )
     try:
         addresses = resolve(hostname, port, deadline)
     except UnresolvableHostError:
@@ -133,10 +141,10 @@ class _DeadlineStream(httpcore.NetworkStream):
     def close(self) -> None:
         self._inner.close()
 
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, self._left(timeout)),
-                               self._deadline)
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, self._left(timeout)), self._deadline)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
@@ -147,17 +155,23 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         self._inner = httpcore.SyncBackend()
         self._deadline = deadline
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise httpcore.ConnectTimeout("the fetch's deadline passed")
         left = left if timeout is None else min(timeout, left)
-        return _DeadlineStream(self._inner.connect_tcp(host, port, left, local_address, socket_options),
-                               self._deadline)
+        return _DeadlineStream(self._inner.connect_tcp(host, port, left, local_address, socket_options), self._deadline)
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
         raise httpcore.ConnectError("unix sockets are not fetched")
 
     def sleep(self, seconds: float) -> None:
@@ -170,27 +184,31 @@ def deadline_transport(deadline: float) -> httpx.HTTPTransport:
     the address that was checked)."""
     transport = httpx.HTTPTransport(trust_env=False)
     transport._pool = httpcore.ConnectionPool(
-        ssl_context=httpx.create_ssl_context(trust_env=False), max_connections=1,
-        network_backend=_DeadlineBackend(deadline))
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        max_connections=1,
+        network_backend=_DeadlineBackend(deadline),
+    )
     return transport
 
 
-def fetch_image_bytes(url: str, *, timeout_s: float, max_bytes: int, allow_private: bool,
-                      transport: httpx.BaseTransport | None = None) -> bytes:
+def fetch_image_bytes(
+    url: str, *, timeout_s: float, max_bytes: int, allow_private: bool, transport: httpx.BaseTransport | None = None
+) -> bytes:
     deadline = time.monotonic() + timeout_s
     current = url
-    with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False,
-                      transport=transport or deadline_transport(deadline)) as client:
+    with httpx.Client(
+        timeout=timeout_s, follow_redirects=False, trust_env=False, transport=transport or deadline_transport(deadline)
+    ) as client:
         for _ in range(MAX_REDIRECTS + 1):
             host, port, address = check_url(current, allow_private=allow_private, deadline=deadline)
             parts = urlsplit(current)
             pinned_host = f"[{address}]" if address.version == 6 else str(address)
             pinned = parts._replace(netloc=f"{pinned_host}:{port}").geturl()
-            headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*",
-                       "User-Agent": "imsrc-url-search"}
+            headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*", "User-Agent": "imsrc-url-search"}
             try:
-                with client.stream("GET", pinned, headers=headers,
-                                   extensions={"sni_hostname": host} if parts.scheme == "https" else {}) as resp:
+                with client.stream(
+                    "GET", pinned, headers=headers, extensions={"sni_hostname": host} if parts.scheme == "https" else {}
+                ) as resp:
                     if resp.is_redirect:
                         location = resp.headers.get("location")
                         if not location:
@@ -240,15 +258,22 @@ class UrlFetcher:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UrlFetcher:
-        return cls(timeout_s=settings.url_fetch_timeout_s, max_bytes=settings.max_upload_bytes,
-                   allow_private=settings.url_fetch_allow_private, concurrency=settings.url_fetch_concurrency)
+        return cls(
+            timeout_s=settings.url_fetch_timeout_s,
+            max_bytes=settings.max_upload_bytes,
+            allow_private=settings.url_fetch_allow_private,
+            concurrency=settings.url_fetch_concurrency,
+        )
 
     def fetch(self, url: str) -> bytes:
         if not self._slots.acquire(blocking=False):
-            raise BusyError("too many image URLs are being fetched right now (IMSRC_URL_FETCH_CONCURRENCY); "
-                            "retry shortly", retry_after=math.ceil(self.timeout_s))
+            raise BusyError(
+                "too many image URLs are being fetched right now (IMSRC_URL_FETCH_CONCURRENCY); retry shortly",
+                retry_after=math.ceil(self.timeout_s),
+            )
         try:
-            return fetch_image_bytes(url, timeout_s=self.timeout_s, max_bytes=self.max_bytes,
-                                     allow_private=self.allow_private)
+            return fetch_image_bytes(
+                url, timeout_s=self.timeout_s, max_bytes=self.max_bytes, allow_private=self.allow_private
+            )
         finally:
             self._slots.release()

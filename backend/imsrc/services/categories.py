@@ -31,8 +31,9 @@ class CategoryService:
     """settings: without them (read-only callers) writes do not re-sync search. embedders: the search
     runtime's embedder factory, for the text prototypes of CLIP-family models."""
 
-    def __init__(self, session: Session, settings: Settings | None = None,
-                 embedders: EmbedderFor | None = None) -> None:
+    def __init__(
+        self, session: Session, settings: Settings | None = None, embedders: EmbedderFor | None = None
+    ) -> None:
         self.session = session
         self.settings = settings
         self.embedders = embedders
@@ -75,8 +76,12 @@ class CategoryService:
         became a real one takes part in predictions."""
         category = self.categories.get(category_id)
         old_name = category.name
-        self.categories.update(category, name=body.name, description=body.description,
-                               set_description="description" in body.model_fields_set)
+        self.categories.update(
+            category,
+            name=body.name,
+            description=body.description,
+            set_description="description" in body.model_fields_set,
+        )
         if category.name != old_name:
             self._sync()
         return self.summary(category.id)
