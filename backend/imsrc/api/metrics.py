@@ -43,7 +43,7 @@ HTTP_LATENCY = Histogram(
 )
 SEARCH_STAGE = Histogram(
     "imsrc_search_stage_seconds",
-    "Search time per stage (embed, stage1, stage2, total), by mode and stage-2 backend",
+    "Search time per stage (embed, stage1, stage2, rerank, total), by mode and stage-2 backend",
     ["stage", "mode", "backend"],
     buckets=STAGE_BUCKETS,
 )
@@ -61,6 +61,8 @@ def observe_request(method: str, route: str, status: int, seconds: float) -> Non
 def observe_search(response: SearchResponse) -> SearchResponse:
     backend = response.backend or "none"  # exact search has no stage-2 backend
     timings = response.timings_ms.model_dump()
+    if not response.rerank:
+        timings.pop("rerank", None)  # a stage only when a comparator ran, so its histogram is not all zeros
     for stage, ms in timings.items():
         SEARCH_STAGE.labels(stage, response.mode, backend).observe(ms / 1000.0)
     return response
