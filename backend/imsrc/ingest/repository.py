@@ -12,6 +12,7 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.missing import missing_embedding_count, missing_filter
 from imsrc.db.citus import UNCATEGORISED, distributed
 
 JOB_LOCK_CLASS = 727_002  # pg advisory lock class: one process runs a given job at a time
@@ -110,26 +111,11 @@ class JobRepository:
                 {"j": job_id, **_columns(rows, "porisb")})
 
 
-def _missing_filter() -> str:
-    return "NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = :m)"
-
-
-# On Citus the vectors are distributed and images stay on the coordinator, and Citus cannot plan a correlated
-# subquery between the two; an uncorrelated one is planned first (its ids gathered on the coordinator).
-def _missing_filter_citus() -> str:
-    return "i.id NOT IN (SELECT e.image_id FROM embeddings e WHERE e.model_id = :m)"
-
-
-def missing_filter(session: Session) -> str:
-    return _missing_filter_citus() if distributed(session) else _missing_filter()
-
-
 class _MissingMixin:
     session: Session
 
     def missing_embedding_count(self, model_id: int) -> int:
-        return int(self.session.execute(text(f"SELECT count(*) FROM images i WHERE {missing_filter(self.session)}"),
-                                        {"m": model_id}).scalar_one())
+        return missing_embedding_count(self.session, model_id)
 
     def missing_embedding_page(self, model_id: int, after_id: int, limit: int) -> list[tuple[Any, ...]]:
         """(id, sha256, stored bytes or None, a source path or None) of images lacking the model's vector."""

@@ -13,16 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.missing import missing_embedding_count
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import ModelRepository
 from imsrc.config import Settings
 from imsrc.embeddings import Embedder, load_embedder, model_info, resolve_model_name
 from imsrc.embeddings.registry import inference_label, registered_names
 from imsrc.errors import ConflictError, NotFoundError
-from imsrc.ingest.repository import missing_filter
 from imsrc.search.pg_queries import NeighbourRepository
 from imsrc.search.regions import RegionRepository
 
@@ -136,10 +135,7 @@ class ModelService:
         return model
 
     def missing_count(self, model: EmbeddingModel) -> int:
-        return int(self.session.execute(
-            text(f"SELECT count(*) FROM images i WHERE {missing_filter(self.session)}"),
-            {"m": model.id},
-        ).scalar_one())
+        return missing_embedding_count(self.session, model.id)
 
     def overview(self) -> list[dict[str, object]]:
         """Known models merged with what this catalog holds, for `imsrc models list`."""
