@@ -360,6 +360,12 @@ def test_rerank_bad_input_is_a_clear_4xx(catalog: Catalog) -> None:
         resp = client.post("/api/search/image?rerank=pixel&rerank_top=3&k=2&mode=exact", files=files)
         assert resp.status_code == 200 and resp.json()["rerank"] == "pixel"
         assert all(r["rerank_score"] is not None for r in resp.json()["results"])
+        # a 1x1 query has no keypoints: every candidate scores 0 (ORB's pyramid assertion made this a 500)
+        tiny = {"file": ("dot.png", _encode(Image.new("RGB", (1, 1), "red")), "image/png")}
+        for comparator in ("orb", "sift"):
+            resp = client.post(f"/api/search/image?rerank={comparator}&k=3&mode=exact", files=tiny)
+            assert resp.status_code == 200, resp.text
+            assert [r["rerank_score"] for r in resp.json()["results"]] == [0.0, 0.0, 0.0]
     env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"), "IMSRC_MODEL": MODEL}
     path = catalog.folder / "coins.png"
     path.write_bytes(_encode(_photo("coins")))

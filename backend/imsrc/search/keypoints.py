@@ -27,6 +27,7 @@ RANSAC_PX = 5.0
 MIN_INLIERS = 8
 SIDE = 256  # the query is scaled to this many pixels a side at most, as thumbnails are
 ORB_FEATURES = 500
+MIN_SIDE = 16  # smaller images cannot hold ORB's 31 px patch at any pyramid level
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,16 @@ def _grey(img: Image.Image, side: int = SIDE) -> np.ndarray:
 
 
 def features(kind: str, img: Image.Image, detector: Any = None) -> Features:
+    """Keypoints of an image; none for pictures too small to hold a descriptor patch (ORB's image pyramid
+    fails an OpenCV assertion on a 1x1 image, which made rerank=orb a 500 on such a query)."""
+    grey = _grey(img)
+    if min(grey.shape) < MIN_SIDE:
+        return Features(np.empty((0, 2), dtype=np.float32), None)
     detector = detector or _detector(kind)
-    keypoints, descriptors = detector.detectAndCompute(_grey(img), None)
+    try:
+        keypoints, descriptors = detector.detectAndCompute(grey, None)
+    except _cv2().error:  # a degenerate image OpenCV rejects has no usable features, which scores 0
+        return Features(np.empty((0, 2), dtype=np.float32), None)
     points = np.array([k.pt for k in keypoints], dtype=np.float32).reshape(-1, 2)
     return Features(points, descriptors)
 
