@@ -295,3 +295,16 @@ def test_sql_search_text_raises_clear_errors_and_the_reader_cannot_write(catalog
 
 def _zero(n: int) -> str:
     return "[" + ",".join(["0.1"] * n) + "]"
+
+
+@pytest.mark.parametrize("bad_id", ["²", "1" * 5000, "٣"])
+def test_csv_ids_that_are_not_ascii_digits_name_their_line(tmp_path: Path, bad_id: str) -> None:
+    """str.isdigit() is true for '²' (int() then fails) and for other scripts' digits; 5,000 digits exceed
+    Python's int conversion limit. Each is a one-line error for its row, checked before the database is read."""
+    from imsrc.errors import InvalidInputError
+    from imsrc.ingest.captions import import_csv
+
+    csv_file = tmp_path / "ids.csv"
+    csv_file.write_text(f"id,caption\n1,fine\n{bad_id},odd id\n", encoding="utf-8")
+    with pytest.raises(InvalidInputError, match="line 3: id must be a positive integer"):
+        import_csv(None, csv_file)  # type: ignore[arg-type]  # the rows are refused before the session is used

@@ -151,7 +151,7 @@ def _entries(rows: list[dict[str | None, str | None]], key: str) -> Iterator[tup
         value = (clean.get(key) or "").strip()
         if not value:
             raise InvalidInputError(f"line {n}: the {key} is empty")
-        if key == "id" and not (value.isdigit() and 0 < int(value) < 2**63):
+        if key == "id" and not _is_id(value):
             raise InvalidInputError(f"line {n}: id must be a positive integer, not {value[:40]!r}")
         if key == "sha256" and not _is_sha256(value):
             raise InvalidInputError(f"line {n}: sha256 must be 64 hex digits")
@@ -173,6 +173,11 @@ def _resolve(captions: CaptionRepository, key: str, values: list[str]) -> dict[s
             found |= captions.ids_by_path([os.path.abspath(v) for v in chunk] + chunk)
             found |= {v: found[os.path.abspath(v)] for v in chunk if os.path.abspath(v) in found}
     return found
+
+
+def _is_id(value: str) -> bool:
+    # isdigit() alone also accepts '²' (int() fails) and other scripts' digits; 19 digits bound int()'s work.
+    return value.isascii() and value.isdigit() and len(value) <= 19 and 0 < int(value) < 2**63
 
 
 def _is_sha256(value: str) -> bool:
