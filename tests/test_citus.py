@@ -250,6 +250,22 @@ def test_recategorise_rename_and_delete_move_the_vectors(catalogs: Catalogs) -> 
     assert _query(url, "SELECT count(*) FROM embeddings WHERE image_id = %s", (victim,)) == [(0,)]
 
 
+def test_uploads_on_citus(catalogs: Catalogs) -> None:
+    """POST /api/images through the coordinator: into a named category and uncategorised (an automatic group),
+    each vector on its category's shard; the upload is found by the next search."""
+    with TestClient(create_app(_settings(catalogs.citus_url, catalogs.data))) as client:
+        named = client.post("/api/images", data={"category": "trees"},
+                            files=[("file", ("t.png", make_image(4242), "image/png"))])
+        loose = client.post("/api/images", files=[("file", ("u.png", make_image(4343), "image/png"))])
+        assert named.status_code == 200 and loose.status_code == 200, (named.text, loose.text)
+        ids = [named.json()["results"][0]["id"], loose.json()["results"][0]["id"]]
+        found = client.get(f"/api/search/similar/{ids[0]}", params={"k": 3, "category": "trees"})
+        assert found.status_code == 200 and len(found.json()["results"]) == 3
+    rows = _query(catalogs.citus_url, "SELECT e.image_id, e.category_id, i.category_id FROM embeddings e"
+                  " JOIN images i ON i.id = e.image_id WHERE e.image_id = ANY(%s) ORDER BY 1", (ids,))
+    assert [r[0] for r in rows] == ids and all(r[1] == r[2] and r[1] for r in rows)
+
+
 def test_ingest_resumes_after_sigkill_on_citus(citus_cluster: CitusCluster, create_database: CreateDatabase) -> None:
     """COPY into the shards, SIGKILL mid-run, the same command again: the catalog equals an uninterrupted run's on
     one server (rows, vectors, duplicate links, prototypes), and no image has two vector rows."""
