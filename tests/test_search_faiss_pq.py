@@ -127,6 +127,8 @@ def test_saved_pq_index_reloads_without_retraining(session: Session, settings: S
     second = FaissStore(scratch, flat_max_rows=1000)
     loaded = second.get(session, cat.model)
     assert second.last_build_s is None  # read from disk
+    # Memory-mapped (shared by every process that maps the same files), the builder's copy included.
+    assert all(s.mapped for s in loaded.subs.values()) and all(s.mapped for s in built.subs.values())
     assert {c: s.trained_on for c, s in loaded.subs.items()} == {c: 1100 for c in cat.category_ids}
     for q in cat.vectors[:5]:
         assert loaded.search(q, None, 10) == built.search(q, None, 10)
@@ -140,6 +142,8 @@ def test_saved_pq_index_reloads_without_retraining(session: Session, settings: S
         k=3, category=[f"{cat.model.name}-cat-00"], backend="faiss"))
     assert got.results[0].id == new_id
     assert loaded.subs[cat.category_ids[0]].trained_on == 1100
+    # Only the changed category left the shared pages (an add to a mapped index would abort the process).
+    assert not loaded.subs[cat.category_ids[0]].mapped and loaded.subs[cat.category_ids[1]].mapped
 
 
 def test_category_ef_search_policy() -> None:

@@ -81,6 +81,13 @@ def _clients_per_worker(base: str, want: int = 2) -> dict[int, httpx.Client]:
     return clients
 
 
+def _mapped_files(pid: int, folder: Path) -> set[str]:
+    """The files under `folder` that process `pid` has memory-mapped (Linux /proc/PID/maps)."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {line.split(maxsplit=5)[-1] for line in lines
+            if len(line.split(maxsplit=5)) == 6 and line.split(maxsplit=5)[-1].startswith(str(folder.resolve()))}
+
+
 def _pid(client: httpx.Client) -> int:
     return int(client.get("/api/status").json()["worker_pid"])
 
@@ -105,6 +112,12 @@ def test_two_workers_answer_and_see_each_others_uploads(two_workers: LiveServer)
     # The reader builds its FAISS index (and loads its model) before the upload it must then see.
     query = make_image(500)
     assert _top(reader, query, "faiss") and _top(reader, query, "pgvector")
+    # Saved once, mapped by both: the writer loads the reader's saved index, and both processes map the same
+    # files (the OS's page cache holds one copy of the vectors, not one per worker).
+    assert _top(writer, query, "faiss")
+    saved = Path(two_workers.env["IMSRC_DATA_DIR"]) / "faiss"
+    mapped = {pid: _mapped_files(pid, saved) for pid in (pid_a, pid_b)}
+    assert mapped[pid_a] and mapped[pid_a] == mapped[pid_b], mapped
     up = writer.post("/api/images", data={"category": "things"}, files={"file": ("new.png", query, "image/png")})
     assert up.status_code == 200, up.text
     new_id = up.json()["results"][0]["id"]

@@ -2,8 +2,12 @@
 
 Reports zero-5xx, that every acknowledged upload is present afterwards, and p50/p95/p99 latency per route.
 Usage: python bench/load/run.py [--clients 50] [--seconds 60] [--model efficientnet-lite0] [--workers 1,2] [--url URL]
+         [--backend pgvector|faiss] [--upload-categories N]
 Without --url it starts `imsrc serve --workers N` on a fresh data directory for each N in --workers, one after the
-other, and seeds it with images first; the table has one block of rows per worker count.
+other, and seeds it with images first; the table has one block of rows per worker count. While the clients run it
+samples the server's memory (the supervisor and its workers together) every second: RSS, which counts pages that
+processes share (the page cache of memory-mapped FAISS files, the model's weights after fork) once per process,
+and PSS, which splits each shared page between the processes that map it (the memory the workers really cost).
 """
 
 from __future__ import annotations
@@ -45,13 +49,13 @@ def picture(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def start_server(model: str, workers: int) -> tuple[subprocess.Popen[bytes], str, Path]:
+def start_server(model: str, workers: int, backend: str) -> tuple[subprocess.Popen[bytes], str, Path]:
     data = Path(tempfile.mkdtemp(prefix="imsrc-load-"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
-    env.update(IMSRC_DATA_DIR=str(data / "data"), IMSRC_MODEL=model)
+    env.update(IMSRC_DATA_DIR=str(data / "data"), IMSRC_MODEL=model, IMSRC_SEARCH_BACKEND=backend)
     proc = subprocess.Popen([sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port),
                              "--workers", str(workers)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -68,7 +72,7 @@ def start_server(model: str, workers: int) -> tuple[subprocess.Popen[bytes], str
 
 
 async def client_loop(client: httpx.AsyncClient, deadline: float, seed: int, stats: dict[str, list[float]],
-                      errors: dict[str, int], uploaded: list[int], texts_ok: bool) -> None:
+                      errors: dict[str, int], uploaded: list[int], texts_ok: bool, categories: int) -> None:
     rng = random.Random(seed)
     n = 0
     while time.monotonic() < deadline:
@@ -78,7 +82,9 @@ async def client_loop(client: httpx.AsyncClient, deadline: float, seed: int, sta
         if roll < 0.25:
             route = "POST /api/images"
             data = picture(seed * 100_000 + n)
-            resp = await client.post("/api/images", files={"file": (f"load-{seed}-{n}.jpg", data, "image/jpeg")})
+            form = {"category": f"load-{seed % categories}"} if categories else {}
+            resp = await client.post("/api/images", data=form,
+                                     files={"file": (f"load-{seed}-{n}.jpg", data, "image/jpeg")})
             if resp.status_code < 300:
                 for item in resp.json().get("results", []):
                     if item.get("id"):
@@ -102,7 +108,7 @@ async def client_loop(client: httpx.AsyncClient, deadline: float, seed: int, sta
             errors[route] += 1
 
 
-async def run(base: str, clients: int, seconds: float) -> dict[str, object]:
+async def run(base: str, clients: int, seconds: float, categories: int) -> dict[str, object]:
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
         status = (await client.get("/api/status")).json()
@@ -111,7 +117,7 @@ async def run(base: str, clients: int, seconds: float) -> dict[str, object]:
         errors: dict[str, int] = defaultdict(int)
         uploaded: list[int] = []
         deadline = time.monotonic() + seconds
-        await asyncio.gather(*(client_loop(client, deadline, i + 1, stats, errors, uploaded, texts_ok)
+        await asyncio.gather(*(client_loop(client, deadline, i + 1, stats, errors, uploaded, texts_ok, categories)
                                for i in range(clients)))
         missing = [i for i in uploaded if (await client.get(f"/api/images/{i}")).status_code != 200]
     routes = {}
@@ -123,20 +129,63 @@ async def run(base: str, clients: int, seconds: float) -> dict[str, object]:
             "missing_uploads": len(missing), "total_5xx": sum(errors.values())}
 
 
+class MemorySampler:
+    """Peak and last RSS and PSS (MB) of a process and its children, sampled every second in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.peak = {"rss_mb": 0.0, "pss_mb": 0.0}
+        self.last = dict(self.peak)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> dict[str, float]:
+        import psutil
+
+        rss = pss = 0
+        for p in [self.root, *self.root.children(recursive=True)]:
+            try:
+                info = p.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        return {"rss_mb": round(rss / 2**20, 1), "pss_mb": round(pss / 2**20, 1)}
+
+    def _loop(self) -> None:
+        while not self.stop.wait(1.0):
+            self.last = self.sample()
+            self.peak = {k: max(self.peak[k], v) for k, v in self.last.items()}
+
+    def close(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join(5)
+        return {"peak_rss_mb": self.peak["rss_mb"], "peak_pss_mb": self.peak["pss_mb"],
+                "end_rss_mb": self.last["rss_mb"], "end_pss_mb": self.last["pss_mb"]}
+
+
 def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
     proc = data = None
     base = args.url
     if base is None:
         assert workers is not None
-        proc, base, data = start_server(args.model, workers)
+        proc, base, data = start_server(args.model, workers, args.backend)
         with httpx.Client(base_url=base, timeout=300) as c:
             for start in range(0, args.seed_images, 20):
                 files = [("file", (f"seed-{i}.jpg", picture(i), "image/jpeg"))
                          for i in range(start, min(start + 20, args.seed_images))]
                 c.post("/api/images", files=files).raise_for_status()
     load_before = os.getloadavg()[0]
+    sampler = MemorySampler(proc.pid) if proc is not None else None
     try:
-        result = asyncio.run(run(base, args.clients, args.seconds))
+        result = asyncio.run(run(base, args.clients, args.seconds, args.upload_categories))
+        if sampler is not None:
+            result["memory"] = sampler.close()
     finally:
         if proc is not None:
             proc.terminate()
@@ -156,30 +205,40 @@ def main() -> None:
     parser.add_argument("--seed-images", type=int, default=100)
     parser.add_argument("--workers", default="1,2", help="API worker counts to run one after the other")
     parser.add_argument("--url", help="an already running server (no seeding; --workers ignored)")
+    parser.add_argument("--section", default="Load (concurrent clients)", help="BENCHMARKS.md section to write")
+    parser.add_argument("--backend", default="pgvector", choices=["pgvector", "faiss"],
+                        help="IMSRC_SEARCH_BACKEND of the started servers (faiss: indexes saved once and mapped)")
+    parser.add_argument("--upload-categories", type=int, default=0,
+                        help="uploads go into this many named categories (client i into load-{i mod N}); 0: none")
     args = parser.parse_args()
     counts: list[int | None] = [None] if args.url else [int(w) for w in args.workers.split(",")]
     runs = [measure(args, w) for w in counts]
     result = {"machine": machine(), "model": args.model, "clients": args.clients, "seconds": args.seconds,
-              "runs": runs}
+              "backend": args.backend, "upload_categories": args.upload_categories, "runs": runs}
     write_json(Path(__file__).with_name("results.json"), result)
     lines = [f"{args.clients} concurrent clients for {args.seconds:.0f} s on loopback per run, model {args.model}, "
              f"{machine()['cpus']} CPUs; one run per `imsrc serve --workers N`, one after the other.",
              f"Command: `python bench/load/run.py --clients {args.clients} --seconds {args.seconds:g} "
-             f"--model {args.model} --seed-images {args.seed_images} --workers {args.workers}`.", "",
-             "| workers | load avg before/after | 5xx | acknowledged uploads | missing | searches/s |",
-             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+             f"--model {args.model} --seed-images {args.seed_images} --workers {args.workers} "
+             f"--backend {args.backend} --upload-categories {args.upload_categories}`.", "",
+             "| workers | load avg before/after | 5xx | acknowledged uploads | missing | searches/s | upload p50 ms |"
+             " peak RSS MB | peak PSS MB |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in runs:
         routes = r["routes"]
         searches = sum(v["requests"] for k, v in routes.items() if "/search/" in k)  # type: ignore[attr-defined]
+        upload = routes.get("POST /api/images", {}).get("p50_ms", "-")  # type: ignore[attr-defined]
+        memory = r.get("memory") or {}
         lines.append(f"| {r['workers'] or '-'} | {r['load_before']} / {r['load_after']} | {r['total_5xx']} | "
-                     f"{r['acknowledged_uploads']} | {r['missing_uploads']} | {searches / args.seconds:.1f} |")
+                     f"{r['acknowledged_uploads']} | {r['missing_uploads']} | {searches / args.seconds:.1f} | "
+                     f"{upload} | {memory.get('peak_rss_mb', '-')} | {memory.get('peak_pss_mb', '-')} |")
     lines += ["", "| workers | route | requests | p50 ms | p95 ms | p99 ms | 5xx |",
               "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in runs:
         for route, v in r["routes"].items():  # type: ignore[attr-defined]
             lines.append(f"| {r['workers'] or '-'} | {route} | {v['requests']} | {v['p50_ms']} | {v['p95_ms']} | "
                          f"{v['p99_ms']} | {v['5xx']} |")
-    replace_section("Load (concurrent clients)", "\n".join(lines))
+    replace_section(args.section, "\n".join(lines))
     print("\n".join(lines))
     if any(r["total_5xx"] or r["missing_uploads"] for r in runs):
         raise SystemExit(1)

@@ -75,7 +75,18 @@ class SubIndex:
     ids: np.ndarray  # position -> image id
     removed: set[int] = field(default_factory=set)
     trained_on: int = 0  # rows the PQ codebooks were trained on (0 for flat)
+    # Read from a saved file with mmap (FaissStore): the pages are the OS's file cache, shared by every worker
+    # process that maps the same file, and read-only: FAISS aborts the whole process on an add to such an index.
+    mapped: bool = False
     _selector: object | None = None
+
+    def own(self) -> None:
+        """Copy a memory-mapped index into this process's memory, so it can change."""
+        if self.mapped:
+            self.index = faiss.deserialize_index(faiss.serialize_index(self.index))
+            if isinstance(self.index, faiss.IndexRefine):
+                self.index.k_factor = RERANK_FACTOR
+            self.mapped = False
 
     @property
     def live(self) -> int:
@@ -172,6 +183,7 @@ class FaissModelIndex:
             self.add_category(category_id, image_ids, vectors)
             return
         start = len(sub.ids)
+        sub.own()  # only the categories that changed since the save stop sharing their pages
         sub.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
         sub.ids = np.concatenate([sub.ids, image_ids.astype(np.int64)])
         for offset, image_id in enumerate(image_ids.tolist()):

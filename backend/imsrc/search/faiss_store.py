@@ -5,6 +5,8 @@ Before each search the store reads the embedding_changes rows that snapshot coul
 one per insert, delete or category move, whoever makes it), re-reads those images' current rows, applies
 them and moves the watermark. So an image added or deleted after a build is seen by the next query.
 
+Sharing: saved once and memory-mapped by every process that uses them (see _load_or_build).
+
 Persistence: under data_dir/faiss/model-<id>/, one .faiss file and one ids .npy per category, plus meta.json
 with the model, dimension, catalog id, watermark and each file's size and SHA-256. A load that fails any
 check (other catalog, other model, truncated or altered file, count mismatch) is discarded and rebuilt.
@@ -36,6 +38,8 @@ from imsrc.search.repository import ChangeLogRepository, SearchStateRepository, 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: PQ fast-scan + re-rank sub-indexes replaced HNSW ones (older saves are rebuilt)
 CATALOG_KEY = "catalog"
+# Saved sub-indexes are memory-mapped (FAISS >= 1.11 maps flat codes in place), so API workers share them.
+MMAP_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
 NO_CATEGORY = -1
 
 
@@ -74,10 +78,27 @@ class FaissStore:
         with self._lock:
             index = self._indexes.get(model.id)
             if index is None:
-                index = self._load(session, model) or self.build(session, model)
+                index = self._load_or_build(session, model)
                 self._indexes[model.id] = index
         self.catch_up(session, index)
         return index
+
+    def _load_or_build(self, session: Session, model: EmbeddingModel) -> FaissModelIndex:
+        """Saved once, mapped by all: the first process (of the API workers sharing data_dir) to need the index
+        builds and saves it while holding a file lock, the others wait and then map the saved files, and so does
+        the builder, dropping its private copy. N workers then hold one copy of the vectors in the OS's page cache
+        instead of N in their own memory; each still catches up from the change log on its own."""
+        if self.root is None:
+            return self.build(session, model, save=False)
+        import fasteners
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with fasteners.InterProcessLock(str(self.root / f"model-{int(model.id)}.lock")):
+            loaded = self._load(session, model)
+            if loaded is not None:
+                return loaded
+            built = self.build(session, model)
+            return self._load(session, model) or built
 
     def build(self, session: Session, model: EmbeddingModel, *, save: bool = True) -> FaissModelIndex:
         started = time.perf_counter()
@@ -181,14 +202,15 @@ class FaissStore:
             for suffix, path in paths.items():
                 if path.stat().st_size != entry[suffix]["bytes"] or _sha256(path) != entry[suffix]["sha256"]:
                     raise ValueError(f"{path.name} does not match its checksum")
-            sub_index = faiss.read_index(str(paths[".faiss"]))
+            sub_index = faiss.read_index(str(paths[".faiss"]), MMAP_FLAGS)
             ids = np.load(paths[".ids.npy"])
             if sub_index.d != model.dimension or sub_index.ntotal != len(ids) or len(ids) != entry["count"]:
                 raise ValueError(f"sub-index for category {entry['category']} has inconsistent sizes")
             if isinstance(sub_index, faiss.IndexRefine):
                 sub_index.k_factor = RERANK_FACTOR
             category = int(entry["category"])
-            index.subs[category] = SubIndex(sub_index, ids.astype(np.int64), trained_on=int(entry["trained_on"]))
+            index.subs[category] = SubIndex(sub_index, ids.astype(np.int64), trained_on=int(entry["trained_on"]),
+                                            mapped=MMAP_FLAGS != 0)
             for pos, image_id in enumerate(ids.tolist()):
                 index.where[image_id] = (category, pos)
         if len(index) != meta["count"]:
