@@ -134,6 +134,24 @@ def _in_parallel(engine: Engine, statements: Sequence[str], params: Mapping[str,
 PARALLEL_BRANCHES_MAX = 8  # connections one Citus search may hold at once (the pool allows 30 per process)
 
 
+@contextmanager
+def local_settings(session: Session, settings: Mapping[str, str]) -> Iterator[None]:
+    """Planner settings for one query, restored afterwards (two round trips, not one per setting)."""
+    names = list(settings)
+    # missing_ok: pgvector's hnsw.* settings do not exist in a backend that has not loaded the vector
+    # library yet (a fresh pooled connection whose first statement this is); restoring NULL resets them.
+    get = ", ".join(f"current_setting(:n{i}, true)" for i in range(len(names)))
+    put = ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(names)))
+    params = {f"n{i}": n for i, n in enumerate(names)}
+    before = session.execute(
+        text(f"SELECT {get}, {put}"), {**params, **{f"v{i}": settings[n] for i, n in enumerate(names)}}
+    ).one()
+    try:
+        yield
+    finally:
+        session.execute(text(f"SELECT {put}"), {**params, **{f"v{i}": before[i] for i in range(len(names))}})
+
+
 class NeighbourRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -204,19 +222,8 @@ class NeighbourRepository:
             with self._plan_citus(settings):
                 yield
             return
-        names = list(settings)
-        # missing_ok: pgvector's hnsw.* settings do not exist in a backend that has not loaded the vector
-        # library yet (a fresh pooled connection whose first statement this is); restoring NULL resets them.
-        get = ", ".join(f"current_setting(:n{i}, true)" for i in range(len(names)))
-        put = ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(names)))
-        params = {f"n{i}": n for i, n in enumerate(names)}
-        before = self.session.execute(text(f"SELECT {get}, {put}"),
-                                      {**params, **{f"v{i}": settings[n] for i, n in enumerate(names)}}).one()
-        try:
+        with local_settings(self.session, settings):
             yield
-        finally:
-            self.session.execute(text(f"SELECT {put}"),
-                                 {**params, **{f"v{i}": before[i] for i in range(len(names))}})
 
     @contextmanager
     def _plan_citus(self, settings: dict[str, str]) -> Iterator[None]:

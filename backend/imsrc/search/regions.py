@@ -16,8 +16,7 @@ full precision. All SQL for the table is here (RegionRepository).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.errors import ConflictError
-from imsrc.search.pg_queries import EF_SEARCH_MAX, HNSW_EF_CONSTRUCTION, HNSW_M
+from imsrc.search.pg_queries import EF_SEARCH_MAX, HNSW_EF_CONSTRUCTION, HNSW_M, local_settings
 
 Box = tuple[float, float, float, float]
 # Windows are cut from a copy at most this many pixels a side: a 1/3 window is then still >= 224 px wide.
@@ -201,19 +200,6 @@ class RegionRepository:
         return {"table_bytes": int(row[0]), "index_bytes": int(row[1])}
 
     # ------------------------------------------------------------------ queries
-    @contextmanager
-    def _local(self, **settings: str) -> Iterator[None]:
-        names = list(settings)
-        put = ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(names)))
-        get = ", ".join(f"current_setting(:n{i}, true)" for i in range(len(names)))
-        params = {f"n{i}": n for i, n in enumerate(names)}
-        before = self.session.execute(text(f"SELECT {get}, {put}"),
-                                      {**params, **{f"v{i}": settings[n] for i, n in enumerate(names)}}).one()
-        try:
-            yield
-        finally:
-            self.session.execute(text(f"SELECT {put}"), {**params, **{f"v{i}": before[i] for i in range(len(names))}})
-
     def ann(self, model_id: int, dimension: int, query: str, limit: int, ef_search: int) -> list[RegionHit]:
         """The `limit` nearest windows through the model's graph, re-scored at full precision."""
         half = f"CAST(CAST(:q AS text) AS {_halfvec(dimension)})"
@@ -221,7 +207,7 @@ class RegionRepository:
                f"(SELECT image_id, x0, y0, x1, y1, embedding FROM region_embeddings WHERE model_id = "
                f"{int(model_id)} ORDER BY (embedding::{_halfvec(dimension)}) <#> {half} LIMIT {int(limit)}) s")
         ef = str(min(EF_SEARCH_MAX, max(ef_search, limit)))
-        with self._local(**{"hnsw.ef_search": ef, "hnsw.iterative_scan": "relaxed_order",
+        with local_settings(self.session, {"hnsw.ef_search": ef, "hnsw.iterative_scan": "relaxed_order",
                             "enable_seqscan": "off", "enable_sort": "off"}):
             rows = self.session.execute(text(sql), {"q": query}).all()
         return _hits(rows)
