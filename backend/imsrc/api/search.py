@@ -113,7 +113,7 @@ def search_options(
     if categories is not None:
         if categories == "auto":
             fan_out = "auto"
-        elif categories.isdigit() and int(categories) >= 1:
+        elif categories.isascii() and categories.isdigit() and len(categories) <= 9 and int(categories) >= 1:
             fan_out = int(categories)
         else:
             raise InvalidInputError("categories must be a positive integer or 'auto'")

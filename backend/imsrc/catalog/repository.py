@@ -55,7 +55,7 @@ class CategoryRepository:
         """A category's id by name (any case) or, failing that, by numeric id."""
         value = name_or_id.strip()
         found = self.by_name(value)
-        if found is None and value.isdigit() and len(value) < 19:
+        if found is None and value.isascii() and value.isdigit() and len(value) < 19:  # isdigit: also '²'
             found = self.session.get(Category, int(value))
         return None if found is None else found.id
 

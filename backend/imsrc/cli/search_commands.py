@@ -55,7 +55,9 @@ def _options(k: int | None, categories: str | None, category: list[str] | None, 
 
     fan_out: int | Literal["auto"] | None = None
     if categories is not None:
-        if categories != "auto" and not (categories.isdigit() and int(categories) >= 1):
+        if categories != "auto" and not (
+        categories.isascii() and categories.isdigit() and len(categories) <= 9 and int(categories) >= 1
+    ):
             raise InvalidInputError("--categories must be a positive integer or 'auto'")
         fan_out = "auto" if categories == "auto" else int(categories)
     try:
