@@ -308,3 +308,11 @@ def test_csv_ids_that_are_not_ascii_digits_name_their_line(tmp_path: Path, bad_i
     csv_file.write_text(f"id,caption\n1,fine\n{bad_id},odd id\n", encoding="utf-8")
     with pytest.raises(InvalidInputError, match="line 3: id must be a positive integer"):
         import_csv(None, csv_file)  # type: ignore[arg-type]  # the rows are refused before the session is used
+
+
+def test_csv_ids_with_leading_zeros_name_the_same_image() -> None:
+    """'007' is image 7: the looked-up ids are keyed by str(int), so the raw '007' was 'no image with id 007'."""
+    from imsrc.ingest.captions import _entries
+
+    rows: list[dict[str | None, str | None]] = [{"id": "007", "caption": "seven"}, {"id": " 12 ", "caption": None}]
+    assert [(line, value) for line, value, _ in _entries(rows, "id")] == [(2, "7"), (3, "12")]

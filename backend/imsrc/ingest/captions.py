@@ -157,7 +157,8 @@ def _entries(rows: list[dict[str | None, str | None]], key: str) -> Iterator[tup
             raise InvalidInputError(f"line {n}: sha256 must be 64 hex digits")
         yield (
             n,
-            value.lower() if key == "sha256" else value,
+            # ids as the look-up keys them (str(int): '007' is image 7), digests in lower case
+            str(int(value)) if key == "id" else value.lower() if key == "sha256" else value,
             clean_caption(clean.get("caption"), where=f"line {n}: caption"),
         )
 
