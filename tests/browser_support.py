@@ -29,8 +29,14 @@ def find_chromium() -> str | None:
 
 
 CHROMIUM = find_chromium() or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def screenshot_dir() -> Path:
@@ -51,14 +57,22 @@ def require_browser() -> Any:
     except ImportError:
         pytest.skip("browser tests need Playwright for Python (pip install playwright); not installed")
     if find_chromium() is None:
-        pytest.skip("browser tests need Chromium (Debian: apt-get install chromium; or set IMSRC_CHROMIUM to a "
-                    "Chromium/Chrome binary); none found")
+        pytest.skip(
+            "browser tests need Chromium (Debian: apt-get install chromium; or set IMSRC_CHROMIUM to a "
+            "Chromium/Chrome binary); none found"
+        )
     return sync_playwright
 
 
 @contextmanager
-def running_server(database_url: str, data_dir: Path, *, model: str = "open_clip-tiny-test",
-                   timeout: float = 120, extra_env: dict[str, str] | None = None) -> Iterator[str]:
+def running_server(
+    database_url: str,
+    data_dir: Path,
+    *,
+    model: str = "open_clip-tiny-test",
+    timeout: float = 120,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[str]:
     """`imsrc serve` on a free loopback port (tests.fixtures.servers.live_server); yields its base URL. Its log
     is data_dir/server.log, kept at IMSRC_SERVER_LOG too when that is set (for debugging a failure)."""
     env = serve_env(data_dir, database_url=database_url, model=model, **(extra_env or {}))

@@ -47,11 +47,12 @@ def browser() -> Iterator[Any]:
 def site(create_database, browser: Any) -> Iterator[Site]:  # type: ignore[no-untyped-def]
     url = create_database("imsrc_browser_features")
     upgrade(url)
-    with tempfile.TemporaryDirectory(prefix="imsrc-browser-features-") as tmp, \
-            running_server(url, Path(tmp)) as base:
+    with tempfile.TemporaryDirectory(prefix="imsrc-browser-features-") as tmp, running_server(url, Path(tmp)) as base:
         for n, category in enumerate(("Patterns", "Gradients", "Shapes")):
-            files = [("file", (f"{category.lower()}-{i}.png", make_image(500 + 10 * n + i, size=(200, 150)),
-                               "image/png")) for i in range(4)]
+            files = [
+                ("file", (f"{category.lower()}-{i}.png", make_image(500 + 10 * n + i, size=(200, 150)), "image/png"))
+                for i in range(4)
+            ]
             response = httpx.post(f"{base}/api/images", data={"category": category}, files=files, timeout=120)
             assert response.status_code == 200 and response.json()["new"] == 4, response.text
         yield Site(base, url, Path(tmp), {})
@@ -75,15 +76,22 @@ def _results(page: Any) -> list[dict[str, Any]]:
     for card in cards:
         caption = card.query_selector(".card-caption")
         score = card.query_selector(".score")
-        out.append({"id": int(card.get_attribute("data-image-id")),
-                    "caption": caption.inner_text() if caption else None,
-                    "score": float(score.inner_text()) if score else None})
+        out.append(
+            {
+                "id": int(card.get_attribute("data-image-id")),
+                "caption": caption.inner_text() if caption else None,
+                "score": float(score.inner_text()) if score else None,
+            }
+        )
     return out
 
 
 def _cli(site: Site, *args: str) -> Any:
-    env = {"IMSRC_DATABASE_URL": site.url, "IMSRC_DATA_DIR": str(site.folder / "cli"),
-           "IMSRC_MODEL": "open_clip-tiny-test"}
+    env = {
+        "IMSRC_DATABASE_URL": site.url,
+        "IMSRC_DATA_DIR": str(site.folder / "cli"),
+        "IMSRC_MODEL": "open_clip-tiny-test",
+    }
     result = run_cli(*args, "--json", env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -97,8 +105,9 @@ def test_captions_from_every_route_are_found_by_keywords_on_the_page(browser: An
     page.goto(f"{site.base}/#/upload")
     page.fill("#upload-caption", "a lighthouse at dusk")
     page.set_input_files("#upload-files", [str(upload)])
-    page.wait_for_function("() => document.querySelector('.upload-summary').textContent.startsWith('1 of 1 done')",
-                           timeout=120_000)
+    page.wait_for_function(
+        "() => document.querySelector('.upload-summary').textContent.startsWith('1 of 1 done')", timeout=120_000
+    )
     href = page.get_attribute(".upload-row .upload-state a", "href")
     site.captions["lighthouse"] = (int(href.rsplit("/", 1)[1]), "a lighthouse at dusk")
     # 2. a sidecar at `imsrc index`
@@ -201,8 +210,9 @@ def test_minimum_score_hides_weaker_results(browser: Any, site: Site) -> None:
     cut = round(scores[len(scores) // 2], 3)
     page.fill("#opt-min-score", str(cut))
     page.dispatch_event("#opt-min-score", "change")
-    page.wait_for_function(f"() => document.querySelectorAll('.results .grid .card-link').length < {len(full)}",
-                           timeout=60_000)
+    page.wait_for_function(
+        f"() => document.querySelectorAll('.results .grid .card-link').length < {len(full)}", timeout=60_000
+    )
     kept = _results(page)
     assert kept and all(r["score"] >= cut - 0.0005 for r in kept)  # cards show scores to 3 digits
     assert f"min_score={cut}" in page.url

@@ -41,8 +41,9 @@ def _run(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Comp
     """The command's result, and which of HEAVY, MIGRATOR and ORM it imported."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
     full_env.update(env or {})
-    result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=full_env,
-                            cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=120
+    )
     marker = [line for line in result.stderr.splitlines() if line.startswith("HEAVY=")]
     assert marker, result.stderr
     heavy = [m for m in marker[-1].removeprefix("HEAVY=").split(",") if m]
@@ -86,11 +87,19 @@ def test_the_plain_reader_answers_like_the_orm_repositories(create_database, set
     with database.session() as session:
         CategoryRepository(session).get_or_create("Cats", description="felines")
         CategoryRepository(session).get_or_create("auto-001", automatic=True)
-        session.execute(text("INSERT INTO ingest_jobs (kind, job_key, status, paths, options) "
-                             "VALUES ('index', 'k1', 'completed', ARRAY['/x'], '{\"a\": 1}')"))
+        session.execute(
+            text(
+                "INSERT INTO ingest_jobs (kind, job_key, status, paths, options) "
+                "VALUES ('index', 'k1', 'completed', ARRAY['/x'], '{\"a\": 1}')"
+            )
+        )
     with database.session() as session:
-        orm = (StatsRepository(session).counts(), StatsRepository(session).models(),
-               CategoryRepository(session).list_with_counts(), JobRepository(session).recent(5))
+        orm = (
+            StatsRepository(session).counts(),
+            StatsRepository(session).models(),
+            CategoryRepository(session).list_with_counts(),
+            JobRepository(session).recent(5),
+        )
     with connect_current(database.settings) as direct:
         reader = CatalogReader(direct.conn)
         plain = (reader.counts(), reader.models(), reader.categories(), reader.recent_jobs(5))
@@ -123,7 +132,6 @@ def test_db_status_without_heavy_imports(tmp_path_factory: pytest.TempPathFactor
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["running"] is False
     assert heavy == []
-
 
 
 def test_an_empty_database_still_migrates(create_database) -> None:  # type: ignore[no-untyped-def]

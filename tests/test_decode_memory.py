@@ -40,13 +40,17 @@ def server(create_database, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     settings = Settings(database_url=url, data_dir=data_dir, model=TEST_MODEL, _env_file=None)  # type: ignore[call-arg]
     db = database_for(settings)
     with db.session() as session:
-        ingest_bytes(session, get_embedder(TEST_MODEL), [(f"{i}.png", make_image(i)) for i in range(4)],
-                     settings=settings, category="things")
+        ingest_bytes(
+            session,
+            get_embedder(TEST_MODEL),
+            [(f"{i}.png", make_image(i)) for i in range(4)],
+            settings=settings,
+            category="things",
+        )
     db.dispose()
     # The test is about memory, not about turning requests away: let every query wait its turn. One worker:
     # the memory measured is the server pid's own.
-    env = serve_env(data_dir, database_url=url, model=TEST_MODEL, IMSRC_DECODE_WAIT_S="300",
-                    IMSRC_WORKERS_HTTP="1")
+    env = serve_env(data_dir, database_url=url, model=TEST_MODEL, IMSRC_DECODE_WAIT_S="300", IMSRC_WORKERS_HTTP="1")
     with live_server(env, tmp_path_factory.mktemp("memory-log") / "serve.log") as running:
         yield running.base, running.proc.pid
 
@@ -60,8 +64,9 @@ def test_memory_returns_to_baseline_after_a_burst_of_big_queries(server: tuple[s
     assert len(big) < 1 * MB  # a small upload that decodes to 196 MB
 
     def search(data: bytes) -> int:
-        return httpx.post(f"{base}/api/search/image", files={"file": ("q.png", data, "image/png")},
-                          timeout=600).status_code
+        return httpx.post(
+            f"{base}/api/search/image", files={"file": ("q.png", data, "image/png")}, timeout=600
+        ).status_code
 
     for _ in range(2):  # warm up: the model, the code paths, the connection pool
         assert search(make_image(9, size=(300, 200))) == 200

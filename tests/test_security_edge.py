@@ -248,10 +248,12 @@ def test_concurrent_fetches_are_capped(slow_server: str) -> None:
         fetcher.fetch(f"{slow_server}/headers")
 
 
-def test_api_answers_busy_with_retry_after(slow_server: str, settings: Settings, database: Database,
-                                           session: Session) -> None:
-    changed = settings.model_copy(update={"url_fetch_allow_private": True, "url_fetch_concurrency": 1,
-                                          "url_fetch_timeout_s": 2.0})
+def test_api_answers_busy_with_retry_after(
+    slow_server: str, settings: Settings, database: Database, session: Session
+) -> None:
+    changed = settings.model_copy(
+        update={"url_fetch_allow_private": True, "url_fetch_concurrency": 1, "url_fetch_timeout_s": 2.0}
+    )
     app = create_app(changed, database=database)
     app.dependency_overrides[get_session] = lambda: session
     with TestClient(app) as api:
@@ -265,8 +267,16 @@ def test_api_answers_busy_with_retry_after(slow_server: str, settings: Settings,
     assert response.json()["error"]["code"] == "busy"
 
 
-@pytest.mark.parametrize("url", ["http://[::1/", "http://[zzz]/", "http://" + "a" * 300 + ".example/x.png",
-                                 "http://" + "b" * 64 + ".example/", "http://exa mple.org/"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1/",
+        "http://[zzz]/",
+        "http://" + "a" * 300 + ".example/x.png",
+        "http://" + "b" * 64 + ".example/",
+        "http://exa mple.org/",
+    ],
+)
 def test_malformed_urls_are_a_json_4xx(url: str, client: TestClient) -> None:
     response = client.post("/api/search/image", json={"url": url})
     assert 400 <= response.status_code < 500, response.text
@@ -277,11 +287,15 @@ def test_malformed_urls_are_a_json_4xx(url: str, client: TestClient) -> None:
 @pytest.mark.parametrize("path", ["/api/images", "/api/search/image"])
 @pytest.mark.parametrize("boundary", ["b" * 10_000, "b" * 257])
 def test_odd_multipart_boundaries_are_a_json_4xx(client: TestClient, path: str, boundary: str) -> None:
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode("latin-1") + make_image(3) + f"\r\n--{boundary}--\r\n".encode(
-        "latin-1")
-    response = client.post(path, content=body,
-                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode("latin-1")
+        + make_image(3)
+        + f"\r\n--{boundary}--\r\n".encode("latin-1")
+    )
+    response = client.post(path, content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert 400 <= response.status_code < 500, response.text
     assert "error" in response.json()
 
@@ -309,35 +323,59 @@ def _app_client(settings: Settings, database: Database, session: Session, **chan
     return TestClient(app, base_url="http://127.0.0.1:8000")
 
 
-@pytest.mark.parametrize("host", ["rebind.example", "rebind.example:8000", "127.0.0.1.nip.io", "evil.localhost.com",
-                                  "[::1", "a b", "127.0.0.1:80:80", ""])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "rebind.example",
+        "rebind.example:8000",
+        "127.0.0.1.nip.io",
+        "evil.localhost.com",
+        "[::1",
+        "a b",
+        "127.0.0.1:80:80",
+        "",
+    ],
+)
 def test_foreign_host_names_are_refused(settings: Settings, database: Database, session: Session, host: str) -> None:
     with _app_client(settings, database, session, allowed_hosts=[]) as c:
-        for method, path in (("GET", "/api/categories"), ("GET", "/health"), ("GET", "/"),
-                             ("POST", "/api/categories")):
+        for method, path in (("GET", "/api/categories"), ("GET", "/health"), ("GET", "/"), ("POST", "/api/categories")):
             response = c.request(method, path, headers={"Host": host}, json={"name": "rebound"})
             assert response.status_code == 400, (method, path, response.text)
             assert response.json()["error"]["code"] == "host_not_allowed"
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000", "10.1.2.3",
-                                  "imsrc.localhost:8000", "images.example.org", "a.b.example.net"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1:8000",
+        "localhost:8000",
+        "LOCALHOST",
+        "[::1]:8000",
+        "10.1.2.3",
+        "imsrc.localhost:8000",
+        "images.example.org",
+        "a.b.example.net",
+    ],
+)
 def test_own_host_names_pass(settings: Settings, database: Database, session: Session, host: str) -> None:
-    with _app_client(settings, database, session,
-                     allowed_hosts=["images.example.org", "*.example.net"]) as c:
+    with _app_client(settings, database, session, allowed_hosts=["images.example.org", "*.example.net"]) as c:
         assert c.get("/api/categories", headers={"Host": host}).status_code == 200
 
 
-@pytest.mark.parametrize("headers", [
-    {"Origin": "https://evil.example"},
-    {"Origin": "http://127.0.0.1:9999"},  # another local origin (another port)
-    {"Origin": "http://localhost:8000"},  # same machine, but not this page's origin
-    {"Origin": "null"},
-    {"Referer": "https://evil.example/page.html"},
-    {"Origin": "https://evil.example", "Referer": "http://127.0.0.1:8000/"},
-])
-def test_cross_origin_writes_are_refused(settings: Settings, database: Database, session: Session,
-                                         headers: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "http://127.0.0.1:9999"},  # another local origin (another port)
+        {"Origin": "http://localhost:8000"},  # same machine, but not this page's origin
+        {"Origin": "null"},
+        {"Referer": "https://evil.example/page.html"},
+        {"Origin": "https://evil.example", "Referer": "http://127.0.0.1:8000/"},
+    ],
+)
+def test_cross_origin_writes_are_refused(
+    settings: Settings, database: Database, session: Session, headers: dict[str, str]
+) -> None:
     with _app_client(settings, database, session) as c:
         # A no-cors form post: urlencoded or multipart, and a JSON one, a search and a delete.
         for method, path, kwargs in (
@@ -352,27 +390,36 @@ def test_cross_origin_writes_are_refused(settings: Settings, database: Database,
         assert "planted" not in {cat["name"] for cat in c.get("/api/categories").json()}
 
 
-@pytest.mark.parametrize("headers", [
-    {},  # curl, scripts: no Origin, no Referer
-    {"Origin": "http://127.0.0.1:8000"},  # the page itself
-    {"Referer": "http://127.0.0.1:8000/#/upload"},
-    {"Origin": "https://app.example.com"},  # listed in IMSRC_CORS_ORIGINS
-    {"Origin": "https://images.example.org", "Host": "127.0.0.1:8000"},  # behind a proxy that rewrites Host
-])
-def test_own_and_allowed_origins_may_write(settings: Settings, database: Database, session: Session,
-                                           headers: dict[str, str]) -> None:
-    with _app_client(settings, database, session, cors_origins=["https://app.example.com"],
-                     allowed_hosts=["images.example.org"]) as c:
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # curl, scripts: no Origin, no Referer
+        {"Origin": "http://127.0.0.1:8000"},  # the page itself
+        {"Referer": "http://127.0.0.1:8000/#/upload"},
+        {"Origin": "https://app.example.com"},  # listed in IMSRC_CORS_ORIGINS
+        {"Origin": "https://images.example.org", "Host": "127.0.0.1:8000"},  # behind a proxy that rewrites Host
+    ],
+)
+def test_own_and_allowed_origins_may_write(
+    settings: Settings, database: Database, session: Session, headers: dict[str, str]
+) -> None:
+    with _app_client(
+        settings, database, session, cors_origins=["https://app.example.com"], allowed_hosts=["images.example.org"]
+    ) as c:
         response = c.post("/api/categories", json={"name": f"ok-{len(headers)}-{sorted(headers)}"}, headers=headers)
         assert response.status_code == 201, response.text
 
 
-def test_api_key_with_surrounding_whitespace_is_accepted(settings: Settings, database: Database,
-                                                         session: Session) -> None:
+def test_api_key_with_surrounding_whitespace_is_accepted(
+    settings: Settings, database: Database, session: Session
+) -> None:
     with _app_client(settings, database, session, api_key="s3cret") as c:
         for value in ("s3cret ", " s3cret", "\ts3cret  "):
-            response = c.post("/api/categories", json={"name": f"k{len(value)}{value.strip()}{value[0] == ' '}"},
-                              headers={"X-API-Key": value})
+            response = c.post(
+                "/api/categories",
+                json={"name": f"k{len(value)}{value.strip()}{value[0] == ' '}"},
+                headers={"X-API-Key": value},
+            )
             assert response.status_code == 201, (repr(value), response.text)
         assert c.post("/api/categories", json={"name": "no"}, headers={"X-API-Key": "s3cre"}).status_code == 403
 
@@ -424,8 +471,10 @@ def served(create_database) -> Iterator[str]:  # type: ignore[no-untyped-def]
 
     url = create_database("imsrc_slow")
     upgrade(url)
-    with tempfile.TemporaryDirectory(prefix="imsrc-slow-") as tmp, \
-            running_server(url, Path(tmp), extra_env={"IMSRC_CLIENT_TIMEOUT_S": "2"}) as base:
+    with (
+        tempfile.TemporaryDirectory(prefix="imsrc-slow-") as tmp,
+        running_server(url, Path(tmp), extra_env={"IMSRC_CLIENT_TIMEOUT_S": "2"}) as base,
+    ):
         yield base
 
 
@@ -511,18 +560,27 @@ def test_sql_memory_stays_flat(scratch: Path, database_url: str) -> None:
 
     from tests.helpers import ROOT
 
-    probe = ("import resource, sys\n"
-             "from imsrc.cli.main import main\n"
-             "sys.argv = ['imsrc', 'sql', sys.argv[1], '--csv']\n"
-             "try:\n    main()\nfinally:\n"
-             "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    probe = (
+        "import resource, sys\n"
+        "from imsrc.cli.main import main\n"
+        "sys.argv = ['imsrc', 'sql', sys.argv[1], '--csv']\n"
+        "try:\n    main()\nfinally:\n"
+        "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_") or k == "IMSRC_INFERENCE"}
     env.update({"IMSRC_DATABASE_URL": database_url, "IMSRC_DATA_DIR": str(scratch)})
 
     def peak_kb(rows: int) -> int:
         query = f"SELECT g, repeat('x', 200) AS pad FROM generate_series(1, {rows}) g"
-        done = subprocess.run([sys.executable, "-c", probe, query], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", probe, query],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr
         return int(done.stderr.split("maxrss")[1].split()[0])
 

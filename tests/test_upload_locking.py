@@ -72,8 +72,7 @@ def test_upload_decodes_and_embeds_while_another_writer_holds_a_lock(db: Databas
         held_id = CategoryRepository(setup).get_or_create("held").id
     with db.engine.connect() as holder:  # another writer, mid-way through refreshing that category
         holder.execute(text("SELECT pg_advisory_lock(:c, :k)"), {"c": locks.CATEGORY, "k": held_id})
-        worker = threading.Thread(target=lambda: results.extend(ingest_uploads(db, db.settings, files, "held",
-                                                                               gate)))
+        worker = threading.Thread(target=lambda: results.extend(ingest_uploads(db, db.settings, files, "held", gate)))
         worker.start()
         for _ in range(600):  # the model loads on first use: allow it a while on a busy machine
             if gate.done == len(files):
@@ -89,8 +88,9 @@ def test_upload_decodes_and_embeds_while_another_writer_holds_a_lock(db: Databas
     assert [r.status for r in results] == ["new", "new"]  # type: ignore[attr-defined]
 
 
-def test_an_upload_does_not_wait_for_another_category_s_writer(db: Database, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_upload_does_not_wait_for_another_category_s_writer(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One upload stops between its writes and its search sync (its transaction open); an upload into another
     category must finish meanwhile. With the catalog-wide lock (taken before the first write) it waited."""
     from imsrc.ingest import uploads
@@ -109,8 +109,9 @@ def test_an_upload_does_not_wait_for_another_category_s_writer(db: Database, tmp
     assert [r.status for r in ingest_uploads(db, db.settings, [_staged(tmp_path, 800)], "green")] == ["new"]
     monkeypatch.setattr(uploads, "sync_search", sync_pausing_red)
     red: list[object] = []
-    first = threading.Thread(target=lambda: red.extend(ingest_uploads(db, db.settings, [_staged(tmp_path, 801)],
-                                                                      "red")))
+    first = threading.Thread(
+        target=lambda: red.extend(ingest_uploads(db, db.settings, [_staged(tmp_path, 801)], "red"))
+    )
     first.start()
     try:
         assert paused.wait(300), "the first upload never reached its sync"
@@ -155,27 +156,39 @@ def test_fifty_concurrent_uploaders_lose_nothing(db: Database, tmp_path: Path) -
     pair = sorted(answers[-2:], key=lambda a: a[0])
     assert [s for s, _, _ in pair] == ["duplicate", "new"] and pair[0][2] == pair[1][1], pair  # linked, once
     with db.session() as session:
+
         def scalar(sql: str) -> int:
             return int(session.execute(text(sql), {"ids": sorted(ids)}).scalar_one())
 
         assert scalar("SELECT count(*) FROM images") == 49
         for table in ("thumbnails", "embeddings", "image_blobs"):
             assert scalar(f"SELECT count(DISTINCT image_id) FROM {table} WHERE image_id = ANY(:ids)") == 49, table
-        assert scalar("SELECT count(*) FROM (SELECT lower(name) FROM categories GROUP BY 1 HAVING count(*) > 1) d") \
-            == 0
-        named = session.execute(text(
-            "SELECT c.name, count(i.id) FROM categories c JOIN images i ON i.category_id = c.id"
-            " WHERE NOT c.is_automatic GROUP BY c.name ORDER BY c.name")).all()
+        assert scalar("SELECT count(*) FROM (SELECT lower(name) FROM categories GROUP BY 1 HAVING count(*) > 1) d") == 0
+        named = session.execute(
+            text(
+                "SELECT c.name, count(i.id) FROM categories c JOIN images i ON i.category_id = c.id"
+                " WHERE NOT c.is_automatic GROUP BY c.name ORDER BY c.name"
+            )
+        ).all()
         assert [tuple(r) for r in named] == [("blue", 9), ("green", 12), ("grey", 9), ("red", 10)]
         # Every uncategorised upload joined an automatic group, and no group is empty.
         assert scalar("SELECT count(*) FROM images WHERE category_id IS NULL") == 0
-        assert scalar("SELECT count(*) FROM images i JOIN categories c ON c.id = i.category_id"
-                      " WHERE c.is_automatic") == 9
-        assert scalar("SELECT count(*) FROM categories c WHERE c.is_automatic AND NOT EXISTS"
-                      " (SELECT 1 FROM images i WHERE i.category_id = c.id)") == 0
+        assert (
+            scalar("SELECT count(*) FROM images i JOIN categories c ON c.id = i.category_id WHERE c.is_automatic") == 9
+        )
+        assert (
+            scalar(
+                "SELECT count(*) FROM categories c WHERE c.is_automatic AND NOT EXISTS"
+                " (SELECT 1 FROM images i WHERE i.category_id = c.id)"
+            )
+            == 0
+        )
         # No lost prototype update: each category's mean prototype counts every member.
-        stale = session.execute(text(
-            "SELECT c.name FROM categories c LEFT JOIN category_prototypes p ON p.category_id = c.id"
-            " AND p.kind = 'mean' WHERE coalesce(p.member_count, 0)"
-            " <> (SELECT count(*) FROM images i WHERE i.category_id = c.id)")).all()
+        stale = session.execute(
+            text(
+                "SELECT c.name FROM categories c LEFT JOIN category_prototypes p ON p.category_id = c.id"
+                " AND p.kind = 'mean' WHERE coalesce(p.member_count, 0)"
+                " <> (SELECT count(*) FROM images i WHERE i.category_id = c.id)"
+            )
+        ).all()
         assert stale == []

@@ -43,22 +43,43 @@ class Installed:
     def env(self) -> dict[str, str]:
         keep = {"IMSRC_INFERENCE"}  # tests run torch (conftest): no ONNX export in every subprocess
         env = {k: v for k, v in os.environ.items() if (not k.startswith("IMSRC_") or k in keep) and k != "PYTHONPATH"}
-        env.update({"IMSRC_DATABASE_URL": self.database_url, "IMSRC_DATA_DIR": str(self.work / "data"),
-                    "IMSRC_MODEL": "open_clip-tiny-test", "IMSRC_WORKERS": "1"})
+        env.update(
+            {
+                "IMSRC_DATABASE_URL": self.database_url,
+                "IMSRC_DATA_DIR": str(self.work / "data"),
+                "IMSRC_MODEL": "open_clip-tiny-test",
+                "IMSRC_WORKERS": "1",
+            }
+        )
         return env
 
     def imsrc(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([_exe(self.venv, "imsrc"), *args], capture_output=True, text=True,
-                              env=self.env(), cwd=self.work, timeout=timeout)
+        return subprocess.run(
+            [_exe(self.venv, "imsrc"), *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            cwd=self.work,
+            timeout=timeout,
+        )
 
 
 def _sources(dest: Path) -> None:
     """The checkout's files as git sees them (tracked or not ignored), so the build gets no .venv or data/."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, timeout=60)
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
     if listed.returncode != 0:  # not a git checkout: copy everything but the usual local state
-        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".venv", "data", ".git", "build", "dist",
-                                                                  "*.egg-info", "__pycache__", "node_modules"))
+        shutil.copytree(
+            ROOT,
+            dest,
+            ignore=shutil.ignore_patterns(
+                ".venv", "data", ".git", "build", "dist", "*.egg-info", "__pycache__", "node_modules"
+            ),
+        )
         return
     for name in filter(None, listed.stdout.decode().split("\0")):
         source = ROOT / name
@@ -68,8 +89,14 @@ def _sources(dest: Path) -> None:
 
 
 def _run(argv: list[str], cwd: Path, timeout: float = 300) -> str:
-    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    done = subprocess.run(
+        argv,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert done.returncode == 0, f"{argv} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -81,18 +108,50 @@ def installed(create_database) -> Iterator[Installed]:  # type: ignore[no-untype
         src = work / "src"
         _sources(src)
         # sdist first, then the wheel from it: checks MANIFEST.in carries what setup.py puts into the wheel.
-        sdist = _run([sys.executable, "-c", "from setuptools import build_meta; print(build_meta.build_sdist('dist'))"],
-                     src).strip().splitlines()[-1]
-        _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-              str(work / "wheels"), str(src / "dist" / sdist)], work)
+        sdist = (
+            _run(
+                [sys.executable, "-c", "from setuptools import build_meta; print(build_meta.build_sdist('dist'))"], src
+            )
+            .strip()
+            .splitlines()[-1]
+        )
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "-q",
+                "-w",
+                str(work / "wheels"),
+                str(src / "dist" / sdist),
+            ],
+            work,
+        )
         wheels = list((work / "wheels").glob("imsrc-*.whl"))
         assert len(wheels) == 1, wheels
         venv = work / "venv"
         _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], work)
-        _run([sys.executable, "-m", "pip", "--python", _exe(venv, "python"), "install", "-q", "--no-deps",
-              "--no-index", str(wheels[0])], work)
-        purelib = _run([_exe(venv, "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                       work).strip()
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                _exe(venv, "python"),
+                "install",
+                "-q",
+                "--no-deps",
+                "--no-index",
+                str(wheels[0]),
+            ],
+            work,
+        )
+        purelib = _run(
+            [_exe(venv, "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], work
+        ).strip()
         ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
         (Path(purelib) / "_imsrc_test_dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
         shutil.rmtree(src)  # nothing of the checkout is left for the installed package to lean on
@@ -103,10 +162,18 @@ def installed(create_database) -> Iterator[Installed]:  # type: ignore[no-untype
 
 
 def test_the_installed_package_is_the_wheel(installed: Installed) -> None:
-    code = ("import json, imsrc, imsrc.resources as r; print(json.dumps([imsrc.__file__, str(r.frontend_dir()), "
-            "str(r.migrations_dir())]))")
-    done = subprocess.run([_exe(installed.venv, "python"), "-c", code], capture_output=True, text=True,
-                          env=installed.env(), cwd=installed.work, timeout=120)
+    code = (
+        "import json, imsrc, imsrc.resources as r; print(json.dumps([imsrc.__file__, str(r.frontend_dir()), "
+        "str(r.migrations_dir())]))"
+    )
+    done = subprocess.run(
+        [_exe(installed.venv, "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        env=installed.env(),
+        cwd=installed.work,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     for path in json.loads(done.stdout):
         assert Path(path).is_relative_to(installed.venv), path
@@ -132,8 +199,13 @@ def test_wheel_migrates_an_empty_database_and_indexes_a_folder(installed: Instal
 
 @pytest.fixture(scope="module")
 def served(installed: Installed) -> Iterator[str]:
-    with live_server(installed.env(), installed.work / "server.log", command=[_exe(installed.venv, "imsrc")],
-                     cwd=installed.work, start_timeout=180) as server:
+    with live_server(
+        installed.env(),
+        installed.work / "server.log",
+        command=[_exe(installed.venv, "imsrc")],
+        cwd=installed.work,
+        start_timeout=180,
+    ) as server:
         yield server.base
 
 

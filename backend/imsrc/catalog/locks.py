@@ -69,7 +69,8 @@ class WriteLocks:
         function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
         self.session.execute(
             text(f"SELECT count({function}(:c, k)) FROM (SELECT unnest(CAST(:k AS int[])) AS k ORDER BY 1) s"),
-            {"c": kind, "k": ordered})
+            {"c": kind, "k": ordered},
+        )
 
     def categories(self, category_ids: Iterable[int]) -> None:
         self._take(CATEGORY, category_ids)

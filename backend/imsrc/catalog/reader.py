@@ -20,9 +20,7 @@ COUNTS_SQL = (
     " (SELECT coalesce(sum(byte_size), 0) FROM images)::bigint AS image_bytes,"
     " pg_database_size(current_database()) AS database_bytes"
 )
-MODELS_SQL = (
-    "SELECT name, dimension, family, supports_text, is_active, embedded_images FROM catalog_models ORDER BY id"
-)
+MODELS_SQL = "SELECT name, dimension, family, supports_text, is_active, embedded_images FROM catalog_models ORDER BY id"
 CATEGORIES_SQL = "SELECT * FROM catalog_categories ORDER BY lower(name)"
 
 

@@ -123,8 +123,9 @@ def open_readonly(url: str, query: str) -> Iterator[RowStream]:
                     if plain.description is None:
                         raise InvalidInputError("imsrc sql only runs queries that return rows (SELECT, WITH, ...)")
                     head = [first] if first is not None else []
-                    yield RowStream(columns=[d.name for d in plain.description],
-                                    rows=_guarded(itertools.chain(head, rows)))
+                    yield RowStream(
+                        columns=[d.name for d in plain.description], rows=_guarded(itertools.chain(head, rows))
+                    )
         finally:
             conn.rollback()
 

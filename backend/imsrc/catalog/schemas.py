@@ -79,8 +79,9 @@ class ImageDetail(BaseModel):
 class ImageUpdate(BaseModel):
     """PATCH /api/images/{id}: the fields given change; `caption: null` or blank removes the caption."""
 
-    caption: str | None = Field(default=None, description="at most 2000 characters, no NUL bytes; searchable by "
-                                "keywords (left out: unchanged)")
+    caption: str | None = Field(
+        default=None, description="at most 2000 characters, no NUL bytes; searchable by keywords (left out: unchanged)"
+    )
 
 
 class DeletedImage(BaseModel):

@@ -75,9 +75,12 @@ def sql(
     query: Annotated[str, typer.Argument(help="One read-only SQL statement.")],
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
-    limit: Annotated[int | None, typer.Option(
-        help="Print at most this many rows (default: all, streamed); stderr says when rows were left out.",
-        min=0)] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Print at most this many rows (default: all, streamed); stderr says when rows were left out.", min=0
+        ),
+    ] = None,
 ) -> None:
     """Run read-only SQL against the catalog as the imsrc_reader role."""
     from imsrc.catalog.readonly_sql import open_readonly, reader_url
@@ -140,9 +143,12 @@ def serve(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Address to bind (default IMSRC_HOST, 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default IMSRC_PORT, 8000).")] = None,
-    workers: Annotated[int | None, typer.Option(
-        help="API worker processes on the one port (default IMSRC_WORKERS_HTTP; 0 there = one per CPU core).")]
-    = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="API worker processes on the one port (default IMSRC_WORKERS_HTTP; 0 there = one per CPU core)."
+        ),
+    ] = None,
 ) -> None:
     """Run the web page and REST API."""
     import socket
@@ -190,8 +196,16 @@ def _run_uvicorn(settings: Settings, *, app: Any, workers: int) -> None:
 
     # A partial of a module-level class stays picklable for uvicorn's worker processes.
     protocol = functools.partial(GuardedH11Protocol, read_timeout_s=settings.client_timeout_s)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                http=cast(Any, protocol), workers=workers, factory=workers > 1)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        http=cast(Any, protocol),
+        workers=workers,
+        factory=workers > 1,
+    )
 
 
 def _serve_workers(settings: Settings, count: int, database_url: str) -> None:

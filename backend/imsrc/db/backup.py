@@ -120,12 +120,27 @@ def restore(url: str, file: Path, *, force: bool = False) -> None:
     if listing.returncode != 0:
         raise InvalidInputError(f"{file} is not an imsrc backup (pg_restore cannot read it)")
     if not database_is_empty(url) and not force:
-        raise ConflictError("the target catalog already holds images; restore into an empty data directory or "
-                            "database, or pass --force to replace it")
+        raise ConflictError(
+            "the target catalog already holds images; restore into an empty data directory or "
+            "database, or pass --force to replace it"
+        )
     with psycopg.connect(_libpq(url), autocommit=True) as conn:
         conn.execute(READER_ROLE_SQL)
         # Whatever the target holds (an empty schema made by auto-migration, or a catalog being replaced with
         # --force) is dropped inside the same transaction as the restore.
     dbname, env = _tool_login(url)
-    _run([_exe("pg_restore"), "--clean", "--if-exists", "--no-owner", "--single-transaction", "--exit-on-error",
-          "--dbname", dbname, str(file)], "pg_restore", env)
+    _run(
+        [
+            _exe("pg_restore"),
+            "--clean",
+            "--if-exists",
+            "--no-owner",
+            "--single-transaction",
+            "--exit-on-error",
+            "--dbname",
+            dbname,
+            str(file),
+        ],
+        "pg_restore",
+        env,
+    )

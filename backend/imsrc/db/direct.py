@@ -65,13 +65,11 @@ def _resolve(settings: Settings) -> str | None:
 
 def _connect(url: str) -> psycopg.Connection[dict[str, Any]]:
     try:
-        conn = psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S, application_name="imsrc",
-                               row_factory=dict_row)
+        conn = psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S, application_name="imsrc", row_factory=dict_row)
     except psycopg.OperationalError as exc:
         lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
         raise DatabaseUnavailableError(
-            f"cannot connect to the database at {describe(url)} (IMSRC_DATABASE_URL): "
-            f"{lines[0] if lines else exc}"
+            f"cannot connect to the database at {describe(url)} (IMSRC_DATABASE_URL): {lines[0] if lines else exc}"
         ) from exc
     conn.read_only = True  # these commands only read; a slip in a repository fails instead of writing
     return conn

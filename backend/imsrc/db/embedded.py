@@ -112,8 +112,9 @@ class EmbeddedServer:
         host = lines[5].strip() or None
         if host in ("*", "0.0.0.0"):
             host = "127.0.0.1"
-        return ServerInfo(pid=pid, port=port, socket_dir=socket_dir, host=host,
-                          password=auth.read_password(self.data_dir, SUPERUSER))
+        return ServerInfo(
+            pid=pid, port=port, socket_dir=socket_dir, host=host, password=auth.read_password(self.data_dir, SUPERUSER)
+        )
 
     # ------------------------------------------------------------------ start
     def start(self) -> ServerInfo:
@@ -190,8 +191,12 @@ class EmbeddedServer:
         elif self._auth_current():
             return
         password = auth.read_password(self.data_dir, SUPERUSER) or auth.create_password(self.data_dir, SUPERUSER)
-        self._run([_exe("postgres"), "--single", "-D", str(self.pgdata), "postgres"], timeout=120,
-                  stdin_text=auth.alter_password_sql(SUPERUSER, password) + "\n", fail_on="ERROR")
+        self._run(
+            [_exe("postgres"), "--single", "-D", str(self.pgdata), "postgres"],
+            timeout=120,
+            stdin_text=auth.alter_password_sql(SUPERUSER, password) + "\n",
+            fail_on="ERROR",
+        )
         self._install_hba()
 
     def _secure_online(self, info: ServerInfo) -> ServerInfo:
@@ -219,8 +224,12 @@ class EmbeddedServer:
     def _install_hba(self) -> None:
         kept = auth.write_hba(self.pgdata)
         if kept is not None:
-            log.warning("replaced %s (TCP logins now need the password in %s); the old file is kept as %s",
-                        self.pgdata / "pg_hba.conf", auth.password_file(self.data_dir, SUPERUSER), kept)
+            log.warning(
+                "replaced %s (TCP logins now need the password in %s); the old file is kept as %s",
+                self.pgdata / "pg_hba.conf",
+                auth.password_file(self.data_dir, SUPERUSER),
+                kept,
+            )
         if _running_as_root():
             import pwd
 
@@ -265,8 +274,18 @@ class EmbeddedServer:
         self.pgdata.mkdir(mode=0o700)
         self._fix_ownership()
         self._run(
-            [_exe("initdb"), "-D", str(self.pgdata), "-U", SUPERUSER, "--auth-local=trust",
-             "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C", "--no-instructions"],
+            [
+                _exe("initdb"),
+                "-D",
+                str(self.pgdata),
+                "-U",
+                SUPERUSER,
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ],
             timeout=120,
         )
         # Settings that suit an embedded, single-machine catalog.
@@ -327,7 +346,8 @@ class EmbeddedServer:
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != owner:
             raise ConfigurationError(
                 f"{candidate} (the embedded database's socket folder) exists but is not a folder of this user; "
-                "remove it or set IMSRC_DATA_DIR to a shorter path")
+                "remove it or set IMSRC_DATA_DIR to a shorter path"
+            )
         # Root passes the 0700 as well; others, including other local users, cannot reach the socket.
         os.chmod(candidate, 0o700)
         return candidate
@@ -349,7 +369,7 @@ class EmbeddedServer:
         if self.shared_buffers:
             opts.append(f"-c shared_buffers={self.shared_buffers}")
         if _IS_WINDOWS:
-            opts += ['-h 127.0.0.1']
+            opts += ["-h 127.0.0.1"]
         else:
             opts += [f"-k '{self._socket_dir()}'", "-h 127.0.0.1" if self.port else "-h ''"]
         self._remove_stale_pid_file()
@@ -420,8 +440,15 @@ class EmbeddedServer:
                 stdin.write((stdin_text or "").encode())
                 stdin.seek(0)
                 result = subprocess.run(
-                    cmd, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False,
-                    user=as_user, group=as_user, extra_groups=[] if as_user else None,
+                    cmd,
+                    stdin=stdin,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    check=False,
+                    user=as_user,
+                    group=as_user,
+                    extra_groups=[] if as_user else None,
                 )
                 out.seek(0)
                 output = out.read().decode(errors="replace")
@@ -493,8 +520,11 @@ def _ensure_os_user(name: str) -> None:
     try:
         pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", name],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", name],
+            check=True,
+            capture_output=True,
+        )
 
 
 def _make_traversable(path: Path) -> list[Path]:
@@ -544,5 +574,8 @@ def resolve_shared_buffers(value: str) -> str:
 
 def server_for(settings: Settings) -> EmbeddedServer:
     """The embedded server these settings describe (data directory, port, cache size)."""
-    return EmbeddedServer(settings.resolved_data_dir, port=settings.embedded_port,
-                          shared_buffers=resolve_shared_buffers(settings.embedded_shared_buffers))
+    return EmbeddedServer(
+        settings.resolved_data_dir,
+        port=settings.embedded_port,
+        shared_buffers=resolve_shared_buffers(settings.embedded_shared_buffers),
+    )

@@ -30,9 +30,7 @@ def _sqlalchemy_url(url: str) -> str:
     except ArgumentError as exc:
         raise ConfigurationError(f"IMSRC_DATABASE_URL is not a valid database URL: {url!r}") from exc
     if parsed.get_backend_name() not in ("postgresql", "postgres"):
-        raise ConfigurationError(
-            f"IMSRC_DATABASE_URL must be a postgresql:// URL, got scheme {parsed.drivername!r}"
-        )
+        raise ConfigurationError(f"IMSRC_DATABASE_URL must be a postgresql:// URL, got scheme {parsed.drivername!r}")
     return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
@@ -64,8 +62,10 @@ def _citus_session_defaults(dbapi_connection: Any, _record: Any) -> None:
     to a reference table (images, ingest_jobs) after the same transaction read the shards over several
     connections per worker, and every catalog write reads vectors first. No-op elsewhere (no row)."""
     with dbapi_connection.cursor() as cur:
-        cur.execute("SELECT set_config('citus.multi_shard_modify_mode', 'sequential', false)"
-                    " FROM pg_extension WHERE extname = 'citus'")
+        cur.execute(
+            "SELECT set_config('citus.multi_shard_modify_mode', 'sequential', false)"
+            " FROM pg_extension WHERE extname = 'citus'"
+        )
     dbapi_connection.commit()
 
 

@@ -54,6 +54,7 @@ def classify(exc: BaseException) -> DatabaseFailure:
     if isinstance(exc, (DataError, psycopg.DataError)):
         return DatabaseFailure("invalid_value", detail)
     if isinstance(exc, (OperationalError, psycopg.OperationalError)) or (
-            isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
         return DatabaseFailure("unavailable", detail)
     return DatabaseFailure("error", detail)

@@ -45,5 +45,3 @@ def linear_head(versions: Path | None = None) -> str | None:
     if len(revisions) != len(files) or not parents <= revisions or len(heads) != 1:
         return None
     return heads.pop()
-
-

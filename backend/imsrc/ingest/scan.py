@@ -63,8 +63,13 @@ def _item(path: str, category_mode: str | None, category: str | None, reason: st
     return WorkItem(key=key, path=path, category=category, fail_reason=reason)
 
 
-def scan(roots: Sequence[str], *, category: str | None = None, category_from_folder: bool = False,
-         counter: list[int] | None = None) -> Iterator[WorkItem]:
+def scan(
+    roots: Sequence[str],
+    *,
+    category: str | None = None,
+    category_from_folder: bool = False,
+    counter: list[int] | None = None,
+) -> Iterator[WorkItem]:
     """Yield one WorkItem per image file under roots. `counter[0]` counts files ignored as not images."""
     exts = image_extensions()
     mode = "folder" if category_from_folder else None
@@ -75,8 +80,9 @@ def scan(roots: Sequence[str], *, category: str | None = None, category_from_fol
         yield from _walk(root, exts, mode, category, counter)
 
 
-def _walk(folder: str, exts: frozenset[str], mode: str | None, category: str | None,
-          counter: list[int] | None) -> Iterator[WorkItem]:
+def _walk(
+    folder: str, exts: frozenset[str], mode: str | None, category: str | None, counter: list[int] | None
+) -> Iterator[WorkItem]:
     try:
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -128,9 +134,17 @@ def _not_readable_reason(entry: os.DirEntry[str]) -> str | None:
         return f"cannot stat file: {exc.strerror or exc}"
     if stat.S_ISREG(mode):
         return None
-    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "not a regular file")
+    kind = (
+        "a folder"
+        if stat.S_ISDIR(mode)
+        else "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
     return f"not a regular file ({kind})"
 
 

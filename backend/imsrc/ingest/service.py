@@ -45,9 +45,12 @@ class SqlPhashMatcher:
 
     def match(self, value: int, before_id: int) -> int | None:
         return self.session.execute(
-            text("SELECT min(id) FROM images WHERE canonical_id IS NULL AND phash IS NOT NULL AND id < :b"
-                 " AND bit_count(phash # CAST(:p AS bigint)::bit(64)) <= :t"),
-            {"p": to_signed(value), "t": self.threshold, "b": before_id}).scalar()
+            text(
+                "SELECT min(id) FROM images WHERE canonical_id IS NULL AND phash IS NOT NULL AND id < :b"
+                " AND bit_count(phash # CAST(:p AS bigint)::bit(64)) <= :t"
+            ),
+            {"p": to_signed(value), "t": self.threshold, "b": before_id},
+        ).scalar()
 
 
 class IndexPhashMatcher:
@@ -72,8 +75,15 @@ class FileOutcome:
     sha256: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.key, "outcome": self.outcome, "reason": self.reason, "image_id": self.image_id,
-                "duplicate_of": self.canonical_id, "category": self.category, "sha256": self.sha256}
+        return {
+            "name": self.key,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "image_id": self.image_id,
+            "duplicate_of": self.canonical_id,
+            "category": self.category,
+            "sha256": self.sha256,
+        }
 
 
 @dataclass(slots=True)
@@ -97,8 +107,9 @@ def ensure_model(session: Session, embedder: Embedder, settings: Settings) -> Em
     return ModelService(session, settings).register(embedder)
 
 
-def write_batch(session: Session, ctx: WriteContext, batch: Sequence[Processed],
-                existing: dict[bytes, ExistingImage] | None = None) -> BatchResult:
+def write_batch(
+    session: Session, ctx: WriteContext, batch: Sequence[Processed], existing: dict[bytes, ExistingImage] | None = None
+) -> BatchResult:
     """existing: the batch's digests already in the catalog, when the caller has just looked them up."""
     repo = IngestRepository(session)
     outcomes: dict[int, FileOutcome] = {}
@@ -129,8 +140,9 @@ def write_batch(session: Session, ctx: WriteContext, batch: Sequence[Processed],
     categories = _category_ids(session, wanted)
     inserted = repo.insert_images([_image_row(p, categories) for _, p in fresh])
     if len(inserted) < len(fresh):  # another writer (an upload) stored some of them meanwhile
-        existing.update(repo.existing_by_sha([p.sha256 for _, p in fresh if p.sha256 and p.sha256 not in inserted],
-                                             ctx.model_id))
+        existing.update(
+            repo.existing_by_sha([p.sha256 for _, p in fresh if p.sha256 and p.sha256 not in inserted], ctx.model_id)
+        )
 
     result = BatchResult([], counts)
     blobs: list[tuple[int, bytes]] = []
@@ -190,12 +202,16 @@ def write_batch(session: Session, ctx: WriteContext, batch: Sequence[Processed],
     repo.copy_blobs(blobs)
     repo.set_canonical(canonical)
     repo.set_category_where_missing(adopt_category)
-    sources = [(p.key, outcomes[n].image_id, p.byte_size, p.mtime_ns, ctx.job_id)
-               for n, p in ok if p.path is not None and outcomes[n].image_id is not None]
+    sources = [
+        (p.key, outcomes[n].image_id, p.byte_size, p.mtime_ns, ctx.job_id)
+        for n, p in ok
+        if p.path is not None and outcomes[n].image_id is not None
+    ]
     repo.upsert_sources(sources)  # type: ignore[arg-type]
     # A path whose bytes changed no longer shows its old image; drop that image if nothing else holds it.
-    repo.delete_orphans(known[p.key].image_id for n, p in ok
-                        if p.key in known and known[p.key].image_id != outcomes[n].image_id)
+    repo.delete_orphans(
+        known[p.key].image_id for n, p in ok if p.key in known and known[p.key].image_id != outcomes[n].image_id
+    )
     for n, p in enumerate(batch):
         o = outcomes[n]
         o.sha256 = p.sha256.hex() if p.sha256 else None
@@ -203,22 +219,27 @@ def write_batch(session: Session, ctx: WriteContext, batch: Sequence[Processed],
         result.outcomes.append(o)
     if ctx.job_id is not None:
         jobs = JobRepository(session)
-        jobs.record_files(ctx.job_id, [(o.key, o.outcome, o.reason, o.image_id, p.sha256, p.byte_size or None)
-                                       for o, p in zip(result.outcomes, batch, strict=True)
-                                       if o.outcome != "skipped"])
+        jobs.record_files(
+            ctx.job_id,
+            [
+                (o.key, o.outcome, o.reason, o.image_id, p.sha256, p.byte_size or None)
+                for o, p in zip(result.outcomes, batch, strict=True)
+                if o.outcome != "skipped"
+            ],
+        )
         jobs.add_counts(ctx.job_id, counts)
     result.new_canonicals = batch_canonicals
     return result
 
 
-def _near_duplicate_of(matcher: PhashMatcher, batch_canonicals: list[tuple[int, int]], value: int | None,
-                       image_id: int, first_new: int) -> int | None:
+def _near_duplicate_of(
+    matcher: PhashMatcher, batch_canonicals: list[tuple[int, int]], value: int | None, image_id: int, first_new: int
+) -> int | None:
     if value is None:
         return None
     best = matcher.match(value, first_new)
     for other_id, other in batch_canonicals:
-        if other_id < image_id and hamming(other, value) <= matcher.threshold and (
-                best is None or other_id < best):
+        if other_id < image_id and hamming(other, value) <= matcher.threshold and (best is None or other_id < best):
             best = other_id
     return best
 
@@ -229,10 +250,17 @@ def _category_ids(session: Session, names: set[str | None]) -> dict[str, int]:
 
 
 def _image_row(p: Processed, categories: dict[str, int]) -> dict[str, Any]:
-    return {"sha256": p.sha256, "phash": None if p.phash is None else to_signed(p.phash), "width": p.width,
-            "height": p.height, "format": p.format, "byte_size": p.byte_size,
-            "original_name": os.path.basename(p.key) or p.key, "source_path": p.key if p.path else None,
-            "category_id": categories.get(p.category.strip().lower()) if p.category else None}
+    return {
+        "sha256": p.sha256,
+        "phash": None if p.phash is None else to_signed(p.phash),
+        "width": p.width,
+        "height": p.height,
+        "format": p.format,
+        "byte_size": p.byte_size,
+        "original_name": os.path.basename(p.key) or p.key,
+        "source_path": p.key if p.path else None,
+        "category_id": categories.get(p.category.strip().lower()) if p.category else None,
+    }
 
 
 def embed_processed(embedder: Embedder, batch: Sequence[Processed], pad_to: int | None = None) -> None:
@@ -251,9 +279,15 @@ def embed_processed(embedder: Embedder, batch: Sequence[Processed], pad_to: int 
         p.vector, p.tensor = v, None
 
 
-def ingest_bytes(session: Session, embedder: Embedder, files: Sequence[tuple[str, bytes]], *,
-                 settings: Settings, category: str | None = None, gate: DecodeGate | None = None
-                 ) -> list[FileOutcome]:
+def ingest_bytes(
+    session: Session,
+    embedder: Embedder,
+    files: Sequence[tuple[str, bytes]],
+    *,
+    settings: Settings,
+    category: str | None = None,
+    gate: DecodeGate | None = None,
+) -> list[FileOutcome]:
     """Files whose bytes are in memory: decode, embed and store each one (bytes always kept in image_blobs),
     then bring search up to date. Does not commit.
 
@@ -262,23 +296,37 @@ def ingest_bytes(session: Session, embedder: Embedder, files: Sequence[tuple[str
     gate: the server's DecodeGate, so uploads and search queries share one bound on concurrent decodes."""
     model = ensure_model(session, embedder, settings)
     result = store_bytes(session, embedder, model.id, files, settings=settings, category=category, gate=gate)
-    sync_search(session, settings, model_id=model.id, category_ids=result.touched_categories,
-                embedders=only(embedder))
+    sync_search(session, settings, model_id=model.id, category_ids=result.touched_categories, embedders=only(embedder))
     return result.outcomes
 
 
-def store_bytes(session: Session, embedder: Embedder, model_id: int, files: Sequence[tuple[str, bytes]], *,
-                settings: Settings, category: str | None = None, gate: DecodeGate | None = None) -> BatchResult:
+def store_bytes(
+    session: Session,
+    embedder: Embedder,
+    model_id: int,
+    files: Sequence[tuple[str, bytes]],
+    *,
+    settings: Settings,
+    category: str | None = None,
+    gate: DecodeGate | None = None,
+) -> BatchResult:
     """ingest_bytes without the search sync, for a caller that stores several chunks and syncs once."""
     batch = decode_bytes(embedder, files, settings=settings, category=category, gate=gate)
     existing = IngestRepository(session).existing_by_sha([p.sha256 for p in batch if p.ok and p.sha256], model_id)
-    embed_decoded(embedder, [p for p in batch if not (p.sha256 in existing and existing[p.sha256].has_embedding)],
-                  settings)
+    embed_decoded(
+        embedder, [p for p in batch if not (p.sha256 in existing and existing[p.sha256].has_embedding)], settings
+    )
     return write_decoded(session, model_id, batch, settings, existing)
 
 
-def prepare_bytes(embedder: Embedder, files: Sequence[tuple[str, bytes]], *, settings: Settings,
-                  category: str | None = None, gate: DecodeGate | None = None) -> list[Processed]:
+def prepare_bytes(
+    embedder: Embedder,
+    files: Sequence[tuple[str, bytes]],
+    *,
+    settings: Settings,
+    category: str | None = None,
+    gate: DecodeGate | None = None,
+) -> list[Processed]:
     """Decode, hash, thumbnail and embed, touching no database: an upload does this before it takes the
     catalog write lock, so uploads decode and run the model side by side. Every decoded file is embedded,
     even bytes the catalog may already hold with a vector (write_decoded then leaves that vector unused)."""
@@ -287,34 +335,58 @@ def prepare_bytes(embedder: Embedder, files: Sequence[tuple[str, bytes]], *, set
     return batch
 
 
-def write_decoded(session: Session, model_id: int, batch: Sequence[Processed], settings: Settings,
-                  existing: dict[bytes, ExistingImage] | None = None) -> BatchResult:
+def write_decoded(
+    session: Session,
+    model_id: int,
+    batch: Sequence[Processed],
+    settings: Settings,
+    existing: dict[bytes, ExistingImage] | None = None,
+) -> BatchResult:
     """The database half of store_bytes: images, bytes, thumbnails, vectors, near-duplicate links."""
     # Near-duplicates are looked up in committed rows: two uploads of near-identical pictures at once must take
     # turns, or neither would see the other (catalog.locks: the hash bands they share).
-    WriteLocks(session).phash_bands([p.phash for p in batch if p.ok and p.phash is not None],
-                                    settings.duplicate_threshold)
-    ctx = WriteContext(model_id=model_id, store_bytes=True,
-                       matcher=SqlPhashMatcher(session, settings.duplicate_threshold))
+    WriteLocks(session).phash_bands(
+        [p.phash for p in batch if p.ok and p.phash is not None], settings.duplicate_threshold
+    )
+    ctx = WriteContext(
+        model_id=model_id, store_bytes=True, matcher=SqlPhashMatcher(session, settings.duplicate_threshold)
+    )
     return write_batch(session, ctx, batch, existing)
 
 
 def embed_decoded(embedder: Embedder, batch: Sequence[Processed], settings: Settings) -> None:
     to_embed = [p for p in batch if p.ok]
     for start in range(0, len(to_embed), settings.batch_size):
-        embed_processed(embedder, to_embed[start:start + settings.batch_size])
+        embed_processed(embedder, to_embed[start : start + settings.batch_size])
 
 
-def decode_bytes(embedder: Embedder, files: Sequence[tuple[str, bytes]], *, settings: Settings,
-                 category: str | None = None, gate: DecodeGate | None = None) -> list[Processed]:
-    options = DecodeOptions(preprocess=embedder.preprocess, max_pixels=settings.max_pixels,
-                            thumbnail_size=settings.thumbnail_size, keep_bytes=True)
+def decode_bytes(
+    embedder: Embedder,
+    files: Sequence[tuple[str, bytes]],
+    *,
+    settings: Settings,
+    category: str | None = None,
+    gate: DecodeGate | None = None,
+) -> list[Processed]:
+    options = DecodeOptions(
+        preprocess=embedder.preprocess,
+        max_pixels=settings.max_pixels,
+        thumbnail_size=settings.thumbnail_size,
+        keep_bytes=True,
+    )
     batch: list[Processed] = []
     for name, data in files:
         if len(data) > settings.max_upload_bytes:
-            batch.append(Processed(key=name, category=category, path=None, ok=False,
-                                   reason=f"file is {len(data)} bytes, over the upload limit of "
-                                          f"{settings.max_upload_bytes} (IMSRC_MAX_UPLOAD_BYTES)"))
+            batch.append(
+                Processed(
+                    key=name,
+                    category=category,
+                    path=None,
+                    ok=False,
+                    reason=f"file is {len(data)} bytes, over the upload limit of "
+                    f"{settings.max_upload_bytes} (IMSRC_MAX_UPLOAD_BYTES)",
+                )
+            )
             continue
         with gate.slot() if gate is not None else contextlib.nullcontext():
             batch.append(process(WorkItem(key=name, data=data, category=category), options))

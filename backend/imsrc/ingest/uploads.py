@@ -41,8 +41,14 @@ class StagedFile(Protocol):
     def size(self) -> int: ...
 
 
-def ingest_uploads(db: Database, settings: Settings, files: Sequence[StagedFile], category: str | None,
-                   gate: DecodeGate | None = None, caption: str | None = None) -> list[UploadResult]:
+def ingest_uploads(
+    db: Database,
+    settings: Settings,
+    files: Sequence[StagedFile],
+    category: str | None,
+    gate: DecodeGate | None = None,
+    caption: str | None = None,
+) -> list[UploadResult]:
     """All files in one unit of work: a crash (not a bad file) leaves nothing behind; bad files are reported
     per file. A deadlock or serialization failure rolls the whole unit back, so it simply runs again.
     gate: the server's DecodeGate, shared with search queries (one bound on concurrent decodes).
@@ -57,8 +63,14 @@ def ingest_uploads(db: Database, settings: Settings, files: Sequence[StagedFile]
     raise AssertionError("unreachable")
 
 
-def _ingest_once(db: Database, settings: Settings, files: Sequence[StagedFile], category: str | None,
-                 gate: DecodeGate | None, caption: str | None) -> list[UploadResult]:
+def _ingest_once(
+    db: Database,
+    settings: Settings,
+    files: Sequence[StagedFile],
+    category: str | None,
+    gate: DecodeGate | None,
+    caption: str | None,
+) -> list[UploadResult]:
     outcomes: list[FileOutcome] = []
     touched: set[int] = set()
     with db.session() as session:
@@ -80,7 +92,8 @@ def _ingest_once(db: Database, settings: Settings, files: Sequence[StagedFile], 
         assert model_id is not None  # the route refuses an upload without files
         if caption is not None:
             CaptionRepository(session).set_where_missing(
-                [o.image_id for o in outcomes if o.image_id is not None], caption)
+                [o.image_id for o in outcomes if o.image_id is not None], caption
+            )
         sync_search(session, settings, model_id=model_id, category_ids=touched, embedders=only(loaded.embedder))
         # The answer names the category each image is in once the upload is done: for bytes the catalog already
         # held, the one they had (whatever this upload asked for); without one, the automatic group it joined.
@@ -121,9 +134,23 @@ def _result(o: FileOutcome, where: dict[int, tuple[int, str]]) -> UploadResult:
     if o.outcome == "new":
         return UploadResult(filename=o.key, status="new", id=o.image_id, category=category, thumbnail_url=thumb)
     if o.outcome == "duplicate":  # stored, and recorded as a near-duplicate of an earlier image
-        return UploadResult(filename=o.key, status="duplicate", id=o.image_id, duplicate_of=o.canonical_id,
-                            exact=False, category=category, thumbnail_url=thumb)
+        return UploadResult(
+            filename=o.key,
+            status="duplicate",
+            id=o.image_id,
+            duplicate_of=o.canonical_id,
+            exact=False,
+            category=category,
+            thumbnail_url=thumb,
+        )
     if o.outcome in ("linked", "skipped"):  # identical bytes were already catalogued: nothing new stored
-        return UploadResult(filename=o.key, status="duplicate", id=o.image_id, duplicate_of=o.image_id,
-                            exact=True, category=category, thumbnail_url=thumb)
+        return UploadResult(
+            filename=o.key,
+            status="duplicate",
+            id=o.image_id,
+            duplicate_of=o.image_id,
+            exact=True,
+            category=category,
+            thumbnail_url=thumb,
+        )
     return UploadResult(filename=o.key, status="failed", reason=o.reason or "could not be read as an image")

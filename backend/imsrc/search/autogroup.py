@@ -47,8 +47,15 @@ def plan(session: Session, settings: Settings, *, model_id: int, force: bool = F
     return "join" if new else None
 
 
-def autogroup(session: Session, settings: Settings, *, model_id: int, dimension: int,
-              force: bool = False, may_regroup: bool = True) -> set[int]:
+def autogroup(
+    session: Session,
+    settings: Settings,
+    *,
+    model_id: int,
+    dimension: int,
+    force: bool = False,
+    may_regroup: bool = True,
+) -> set[int]:
     """Group or extend. Returns the automatic categories whose members changed (their prototypes are stale).
     may_regroup=False (the caller holds the automatic-groups lock only shared, see catalog.locks): a regroup that
     has become due is left to the next writer, and new images join the existing groups meanwhile."""
@@ -63,11 +70,11 @@ def autogroup(session: Session, settings: Settings, *, model_id: int, dimension:
     return _join_nearest(session, model_id=model_id, dimension=dimension, auto_ids=auto_ids)
 
 
-def _regroup(session: Session, settings: Settings, *, model_id: int, dimension: int,
-             auto_ids: list[int]) -> set[int]:
+def _regroup(session: Session, settings: Settings, *, model_id: int, dimension: int, auto_ids: list[int]) -> set[int]:
     cats = CategoryRepository(session)
-    batch = VectorRepository(session).fetch(model_id, dimension, category_ids=auto_ids or None,
-                                            uncategorised=not auto_ids)
+    batch = VectorRepository(session).fetch(
+        model_id, dimension, category_ids=auto_ids or None, uncategorised=not auto_ids
+    )
     if auto_ids:  # members of the old groups plus the images that arrived since
         extra = VectorRepository(session).fetch(model_id, dimension, uncategorised=True)
         ids = np.concatenate([batch.image_ids, extra.image_ids])
@@ -99,8 +106,9 @@ def _regroup(session: Session, settings: Settings, *, model_id: int, dimension: 
 
 
 def _join_nearest(session: Session, *, model_id: int, dimension: int, auto_ids: list[int]) -> set[int]:
-    protos = [p for p in PrototypeRepository(session).load(model_id, ("mean", "cluster"))
-              if p.category_id in set(auto_ids)]
+    protos = [
+        p for p in PrototypeRepository(session).load(model_id, ("mean", "cluster")) if p.category_id in set(auto_ids)
+    ]
     if not protos:
         return _regroup_all(session, model_id=model_id, dimension=dimension, auto_ids=auto_ids)
     batch = VectorRepository(session).fetch(model_id, dimension, uncategorised=True)

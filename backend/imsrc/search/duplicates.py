@@ -77,9 +77,18 @@ class DuplicateSearchRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def near(self, phash: int, threshold: int, *, model_id: int, query: str, limit: int,
-             categories: Sequence[int] | None = None, exclude: int | None = None,
-             include_duplicates: bool = False) -> list[NearDuplicate]:
+    def near(
+        self,
+        phash: int,
+        threshold: int,
+        *,
+        model_id: int,
+        query: str,
+        limit: int,
+        categories: Sequence[int] | None = None,
+        exclude: int | None = None,
+        include_duplicates: bool = False,
+    ) -> list[NearDuplicate]:
         """Images within `threshold` of the unsigned 64-bit `phash` that have an embedding for the model,
         closest first (then by cosine score). Without include_duplicates a near copy that is itself a
         duplicate stands for its canonical image, as stage 2 shows groups by their canonical member."""
@@ -91,34 +100,48 @@ class DuplicateSearchRepository:
         in_categories = ""
         if categories is not None:
             in_categories = f" AND e.category_id IN ({','.join(str(int(c)) for c in categories) or 'NULL'})"
-        sql = (f"SELECT t.target, t.d, 1 - (e.embedding <=> CAST(:q AS vector)) AS score FROM "
-               f"(SELECT {target} AS target, min(bit_count(phash # CAST(:p AS bigint)::bit(64))) AS d "
-               f" FROM images WHERE {where} GROUP BY 1) t "
-               f"JOIN embeddings e ON e.image_id = t.target AND e.model_id = :m "
-               f"WHERE t.target <> :x{in_categories} ORDER BY t.d, score DESC, t.target LIMIT {int(limit)}")
+        sql = (
+            f"SELECT t.target, t.d, 1 - (e.embedding <=> CAST(:q AS vector)) AS score FROM "
+            f"(SELECT {target} AS target, min(bit_count(phash # CAST(:p AS bigint)::bit(64))) AS d "
+            f" FROM images WHERE {where} GROUP BY 1) t "
+            f"JOIN embeddings e ON e.image_id = t.target AND e.model_id = :m "
+            f"WHERE t.target <> :x{in_categories} ORDER BY t.d, score DESC, t.target LIMIT {int(limit)}"
+        )
         rows = self.session.execute(text(sql), params).all()
         return [NearDuplicate(int(r[0]), int(r[1]), float(r[2])) for r in rows]
 
-    def _near_citus(self, where: str, params: dict[str, object], target: str, limit: int,
-                    categories: Sequence[int] | None) -> list[NearDuplicate]:
+    def _near_citus(
+        self, where: str, params: dict[str, object], target: str, limit: int, categories: Sequence[int] | None
+    ) -> list[NearDuplicate]:
         """near() on Citus, in two steps: the candidates from the images (on the coordinator), then the vectors
         of just those, from the shards of their categories only. One join would ask every shard, so a search
         would fail while any worker is down even when no near-duplicate lives there."""
-        found = {int(r[0]): (int(r[1]), int(r[2])) for r in self.session.execute(text(
-            f"SELECT t.target, t.d, coalesce(i.category_id, {UNCATEGORISED}) FROM (SELECT {target} AS target,"
-            f" min(bit_count(phash # CAST(:p AS bigint)::bit(64))) AS d FROM images WHERE {where} GROUP BY 1) t"
-            " JOIN images i ON i.id = t.target WHERE t.target <> :x"), params)}
+        found = {
+            int(r[0]): (int(r[1]), int(r[2]))
+            for r in self.session.execute(
+                text(
+                    f"SELECT t.target, t.d, coalesce(i.category_id, {UNCATEGORISED}) FROM (SELECT {target} AS target,"
+                    f" min(bit_count(phash # CAST(:p AS bigint)::bit(64))) AS d FROM images WHERE {where} GROUP BY 1) t"
+                    " JOIN images i ON i.id = t.target WHERE t.target <> :x"
+                ),
+                params,
+            )
+        }
         if categories is not None:
             found = {i: v for i, v in found.items() if v[1] in set(categories)}
         if not found:
             return []
         shards = ",".join(str(c) for c in sorted({c for _, c in found.values()}))
-        rows = self.session.execute(text(
-            "SELECT image_id, 1 - (embedding <=> CAST(:q AS vector)) FROM embeddings WHERE model_id = :m"
-            f" AND category_id IN ({shards}) AND image_id = ANY(:ids)"),
-            {"q": params["q"], "m": params["m"], "ids": sorted(found)}).all()
-        hits = sorted(((int(i), found[int(i)][0], float(score)) for i, score in rows),
-                      key=lambda h: (h[1], -h[2], h[0]))
+        rows = self.session.execute(
+            text(
+                "SELECT image_id, 1 - (embedding <=> CAST(:q AS vector)) FROM embeddings WHERE model_id = :m"
+                f" AND category_id IN ({shards}) AND image_id = ANY(:ids)"
+            ),
+            {"q": params["q"], "m": params["m"], "ids": sorted(found)},
+        ).all()
+        hits = sorted(
+            ((int(i), found[int(i)][0], float(score)) for i, score in rows), key=lambda h: (h[1], -h[2], h[0])
+        )
         return [NearDuplicate(i, d, score) for i, d, score in hits[:limit]]
 
     def explain(self, phash: int, threshold: int) -> str:
@@ -128,6 +151,5 @@ class DuplicateSearchRepository:
         return "\n".join(rows)
 
     def stored_phash(self, image_id: int) -> int | None:
-        value = self.session.execute(text("SELECT phash::bigint FROM images WHERE id = :i"),
-                                     {"i": image_id}).scalar()
+        value = self.session.execute(text("SELECT phash::bigint FROM images WHERE id = :i"), {"i": image_id}).scalar()
         return None if value is None else int(value) & _MASK

@@ -39,29 +39,49 @@ class KeywordRepository:
         if keywords not in self._parsed:
             parsed, nodes = self.session.execute(
                 text("SELECT q::text, numnode(q) FROM websearch_to_tsquery('english'::regconfig, :k) q"),
-                {"k": keywords}).one()
+                {"k": keywords},
+            ).one()
             if not nodes:
-                raise InvalidInputError(f"the keywords {keywords!r} have no searchable words (only stop words or "
-                                        "punctuation)")
+                raise InvalidInputError(
+                    f"the keywords {keywords!r} have no searchable words (only stop words or punctuation)"
+                )
             self._parsed[keywords] = str(parsed)
         return self._parsed[keywords]
 
     def ranked(self, keywords: str, k: int, categories: Sequence[int] | None, include_duplicates: bool) -> list[Hit]:
         """Keywords alone: matching images by ts_rank_cd, then id."""
         rows = self.session.execute(
-            text("SELECT image_id, score FROM imsrc._keyword_rank(CAST(:q AS tsquery), :k,"
-                 " CAST(:c AS bigint[]), :d)"),
-            {"q": self._tsquery(keywords), "k": k, "c": _ids(categories), "d": include_duplicates})
+            text("SELECT image_id, score FROM imsrc._keyword_rank(CAST(:q AS tsquery), :k, CAST(:c AS bigint[]), :d)"),
+            {"q": self._tsquery(keywords), "k": k, "c": _ids(categories), "d": include_duplicates},
+        )
         return [(int(r[0]), float(r[1])) for r in rows]
 
-    def matching(self, model_id: int, vector: str, keywords: str, k: int, categories: Sequence[int] | None,
-                 include_duplicates: bool, exclude: int | None) -> list[Hit]:
+    def matching(
+        self,
+        model_id: int,
+        vector: str,
+        keywords: str,
+        k: int,
+        categories: Sequence[int] | None,
+        include_duplicates: bool,
+        exclude: int | None,
+    ) -> list[Hit]:
         """Keywords filter, vectors rank: the k matching images nearest the vector (exact cosine)."""
         rows = self.session.execute(
-            text("SELECT image_id, score FROM imsrc._keyword_hits(:m, CAST(:v AS vector), CAST(:q AS tsquery), :k,"
-                 " CAST(:c AS bigint[]), :d, :x)"),
-            {"m": model_id, "v": vector, "q": self._tsquery(keywords), "k": k, "c": _ids(categories),
-             "d": include_duplicates, "x": exclude})
+            text(
+                "SELECT image_id, score FROM imsrc._keyword_hits(:m, CAST(:v AS vector), CAST(:q AS tsquery), :k,"
+                " CAST(:c AS bigint[]), :d, :x)"
+            ),
+            {
+                "m": model_id,
+                "v": vector,
+                "q": self._tsquery(keywords),
+                "k": k,
+                "c": _ids(categories),
+                "d": include_duplicates,
+                "x": exclude,
+            },
+        )
         return [(int(r[0]), float(r[1])) for r in rows]
 
     def boosted(self, candidates: Sequence[Hit], keywords: str, boost: float, k: int) -> list[tuple[int, float, bool]]:
@@ -69,10 +89,18 @@ class KeywordRepository:
         if not candidates:
             return []
         rows = self.session.execute(
-            text("SELECT image_id, score, keyword_match FROM imsrc._boosted(CAST(:i AS bigint[]),"
-                 " CAST(:s AS double precision[]), CAST(:q AS tsquery), :b, :k)"),
-            {"i": [c[0] for c in candidates], "s": [c[1] for c in candidates], "q": self._tsquery(keywords),
-             "b": boost, "k": k})
+            text(
+                "SELECT image_id, score, keyword_match FROM imsrc._boosted(CAST(:i AS bigint[]),"
+                " CAST(:s AS double precision[]), CAST(:q AS tsquery), :b, :k)"
+            ),
+            {
+                "i": [c[0] for c in candidates],
+                "s": [c[1] for c in candidates],
+                "q": self._tsquery(keywords),
+                "b": boost,
+                "k": k,
+            },
+        )
         return [(int(r[0]), float(r[1]), bool(r[2])) for r in rows]
 
 
