@@ -25,6 +25,11 @@ def clean_caption(value: str | None, *, where: str = "caption") -> str | None:
         return None
     if "\x00" in value:
         raise InvalidInputError(f"{where}: contains a NUL byte")
+    if not value.isascii():
+        try:  # a lone surrogate (a JSON "\ud800", argv bytes that are not UTF-8) fails in the driver otherwise
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(f"{where}: not valid Unicode (a lone surrogate at {exc.start})") from exc
     cleaned = value.strip()
     if len(cleaned) > MAX_CAPTION_CHARS:
         raise InvalidInputError(f"{where}: {len(cleaned)} characters, at most {MAX_CAPTION_CHARS}")

@@ -18,6 +18,11 @@ def check_keywords(keywords: str) -> str:
     """Refused here with a 4xx before PostgreSQL sees it (imsrc._keywords RAISEs the same for SQL users)."""
     if "\x00" in keywords:
         raise InvalidInputError("keywords: contains a NUL byte")
+    if not keywords.isascii():
+        try:  # a lone surrogate (argv bytes that are not UTF-8) fails in the driver otherwise
+            keywords.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(f"keywords: not valid Unicode (a lone surrogate at {exc.start})") from exc
     cleaned = keywords.strip()
     if not cleaned:
         raise InvalidInputError("keywords: empty")
