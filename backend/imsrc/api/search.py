@@ -225,6 +225,11 @@ async def search_keywords(
         ),
     ],
 ) -> SearchResponse:
+    # Keywords alone have no query vector or image: say so rather than answer as if these had been applied.
+    if options.match == "partial":
+        raise InvalidInputError("match=partial needs a query image or text; keywords alone match whole captions")
+    if options.rerank is not None:
+        raise InvalidInputError("rerank needs a query image; keywords alone are ranked by ts_rank_cd")
     return observe_search(await run_in_threadpool(runtime.service(session).search_keywords, check_keywords(q), options))
 
 

@@ -1,0 +1,16 @@
+"""GET /api/search/keywords takes the common search parameters; those that need a query vector or image
+(match=partial, rerank) were silently ignored (a 200 with plain keyword results). They are a 422 now, like
+keywords with match=partial on the other routes."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+
+@pytest.mark.parametrize(("extra", "needle"), [("match=partial", "match=partial"), ("rerank=orb", "rerank")])
+def test_keywords_alone_refuse_what_needs_a_query_vector(client: TestClient, extra: str, needle: str) -> None:
+    resp = client.get(f"/api/search/keywords?q=sofa&{extra}")
+    assert resp.status_code == 422, resp.text
+    assert needle in resp.json()["error"]["message"]
+    assert client.get("/api/search/keywords?q=sofa").status_code == 200
