@@ -384,7 +384,8 @@ def cold_restart(server: EmbeddedServer, url: str, data_dir: Path, ids: np.ndarr
     few more. Default method (two_stage pgvector)."""
     server.stop()
     server.start()
-    http = Http(url, data_dir, {"IMSRC_INFERENCE": args.inference, "IMSRC_SEARCH_WARMUP": str(warm_up).lower()})
+    http = Http(url, data_dir, {"IMSRC_INFERENCE": args.inference, "IMSRC_SEARCH_WARMUP": str(warm_up).lower(),
+                                **({"IMSRC_WORKERS_HTTP": str(args.cold_workers)} if args.cold_workers else {})})
     try:
         rng = np.random.default_rng(11)
         queries = [int(i) for i in rng.choice(ids, 21, replace=False)]
@@ -398,6 +399,7 @@ def cold_restart(server: EmbeddedServer, url: str, data_dir: Path, ids: np.ndarr
         time.sleep(10)
         later = [http.similar(q, "two_stage", None)[0] for q in queries[1:]]
         return {"health_s": round(http.health_s, 2), "first_query_ms": round(first_ms, 2),
+                "workers": args.cold_workers or os.cpu_count() or 1,
                 **({"warm_up_wait_s": round(warm_wait_s, 2)} if wait_warm else {}),
                 "later_p50_ms": round(statistics.median(later), 2)}
     finally:
@@ -512,6 +514,8 @@ def main() -> None:
     parser.add_argument("--image-queries", type=int, default=30, help="real data: POST /api/search/image queries")
     parser.add_argument("--no-http", dest="http", action="store_false")
     parser.add_argument("--inference", default="auto", help="IMSRC_INFERENCE for embedding (real data)")
+    parser.add_argument("--cold-workers", type=int, default=0,
+                        help="imsrc serve workers for the cold-restart rows (0: its default, one per core)")
     parser.add_argument("--shared-buffers", default="1GB")
     parser.add_argument("--report", action="store_true", help="rewrite BENCHMARKS.md's Search section and stop")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where to write the results file")

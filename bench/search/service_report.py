@@ -74,8 +74,9 @@ def stage1_section(r: dict[str, Any]) -> list[str]:
     if cold:
         what = {"warm_up_off": "warm-up off", "warm_up_on": "warm-up on",
                 "warm_up_on_after_ready": "warm-up on, first query once `/health/ready` said `search_warm`"}
-        lines += ["", "Cold start at that load (PostgreSQL restarted, fresh `imsrc serve` with its default 2 workers; "
-                  "first `similar` query, then the p50 of 20 more after 10 s): "
+        workers = next(iter(cold.values())).get("workers", 2)
+        lines += ["", f"Cold start at that load (PostgreSQL restarted, fresh `imsrc serve` with {workers} worker"
+                  f"{'s' if workers != 1 else ''}; first `similar` query, then the p50 of 20 more after 10 s): "
                   + "; ".join(f"{what.get(key, key)}: first query {c['first_query_ms']:.0f} ms, then p50 "
                               f"{c['later_p50_ms']:.0f} ms ({c['first_query_ms'] / c['later_p50_ms']:.0f}x)"
                               + (f", warm-up finished {c['warm_up_wait_s']} s after /health" if "warm_up_wait_s" in c
