@@ -13,6 +13,7 @@ index pages one query needs), then the HNSW indexes, the model, and last the emb
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -118,6 +119,11 @@ def warm(database: Database, runtime: SearchRuntime, report: WarmReport) -> None
         report.inference = describe(engines) if isinstance(engines, dict) else None
         with database.session() as session:  # the biggest read last: the rows a search hydrates and re-scores
             report.prewarmed_bytes += prewarm(session, model_id, heap=True)
+        # Loading the model created hundreds of thousands of long-lived objects (torch, onnx); without this the
+        # first request's allocations trigger a full collection that walks them all. Collect once here, in the
+        # background, and move the survivors out of the collector's way.
+        gc.collect()
+        gc.freeze()
     except Exception as exc:  # best effort: searches warm what they need on first use anyway
         report.error = f"{type(exc).__name__}: {exc}"
         log.warning("search warm-up failed (first searches will be slower): %s", report.error)
