@@ -1,6 +1,6 @@
-"""GET /api/search/keywords takes the common search parameters; those that need a query vector or image
-(match=partial, rerank) were silently ignored (a 200 with plain keyword results). They are a 422 now, like
-keywords with match=partial on the other routes."""
+"""Search route parameters. GET /api/search/keywords takes the common search parameters; those that need a
+query vector or image (match=partial, rerank) were silently ignored (a 200 with plain keyword results). They are
+a 422 now, like keywords with match=partial on the other routes. /similar/{id} bounds the id like /images/{id}."""
 
 from __future__ import annotations
 
@@ -14,3 +14,8 @@ def test_keywords_alone_refuse_what_needs_a_query_vector(client: TestClient, ext
     assert resp.status_code == 422, resp.text
     assert needle in resp.json()["error"]["message"]
     assert client.get("/api/search/keywords?q=sofa").status_code == 200
+
+
+def test_similar_refuses_an_id_beyond_bigint_like_the_image_routes(client: TestClient) -> None:
+    resp = client.get(f"/api/search/similar/{2**63}")
+    assert resp.status_code == 422 and "image_id" in resp.json()["error"]["message"], resp.text

@@ -235,7 +235,7 @@ async def search_keywords(
 
 @router.get("/similar/{image_id}", response_model=SearchResponse, summary="More like this indexed image")
 async def search_similar(
-    session: SessionDep, runtime: RuntimeDep, options: OptionsDep, image_id: Annotated[int, Path(ge=1)]
+    session: SessionDep, runtime: RuntimeDep, options: OptionsDep, image_id: Annotated[int, Path(ge=1, le=2**63 - 1)]
 ) -> SearchResponse:
     return observe_search(await run_in_threadpool(runtime.service(session).similar, image_id, options))
 
