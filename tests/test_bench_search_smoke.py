@@ -16,9 +16,31 @@ LABELS = {"exact", "ann pgvector", "two_stage pgvector", "ann FAISS", "two_stage
 def test_service_bench_produces_every_row(repo_root: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{repo_root / 'backend'}{os.pathsep}{repo_root}"}
     done = subprocess.run(
-        [sys.executable, str(repo_root / "bench/search/service_bench.py"), "--synthetic", "300", "--categories", "5",
-         "--dim", "32", "--queries", "6", "--calibration", "3", "--http-queries", "3", "--shared-buffers", "",
-         "--results-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(repo_root / "bench/search/service_bench.py"),
+            "--synthetic",
+            "300",
+            "--categories",
+            "5",
+            "--dim",
+            "32",
+            "--queries",
+            "6",
+            "--calibration",
+            "3",
+            "--http-queries",
+            "3",
+            "--shared-buffers",
+            "",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "synthetic-300.json").read_text())
     assert set(result["service"]) >= LABELS and len(result["service"]) == len(LABELS) + 2

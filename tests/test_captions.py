@@ -44,17 +44,28 @@ class Catalog:
     folder: Path
 
     def env(self) -> dict[str, str]:
-        return {"IMSRC_DATABASE_URL": self.url, "IMSRC_DATA_DIR": str(self.settings.data_dir),
-                "IMSRC_READER_URL": self.reader, "IMSRC_MODEL": MODEL}
+        return {
+            "IMSRC_DATABASE_URL": self.url,
+            "IMSRC_DATA_DIR": str(self.settings.data_dir),
+            "IMSRC_READER_URL": self.reader,
+            "IMSRC_MODEL": MODEL,
+        }
 
 
 @pytest.fixture(scope="module")
 def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-def]
     url = create_database("imsrc_captions")
     folder = Path(tempfile.mkdtemp(prefix="imsrc-captions-"))
-    settings = Settings(database_url=url, data_dir=folder / "data", model=MODEL, search_exact_max_rows=4,
-                        search_backend="pgvector", search_two_stage_min_rows=0, search_warmup=False,
-                        _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(
+        database_url=url,
+        data_dir=folder / "data",
+        model=MODEL,
+        search_exact_max_rows=4,
+        search_backend="pgvector",
+        search_two_stage_min_rows=0,
+        search_warmup=False,
+        _env_file=None,
+    )  # type: ignore[call-arg]
     database = database_for(settings)
     embedder = get_embedder(MODEL)
     ids: dict[str, int] = {}
@@ -66,8 +77,11 @@ def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-de
     # Every other image has a red sail: the keywords "red sail" keep 9 of 18, across all categories.
     with database.session() as session:
         CaptionRepository(session).set_many(
-            [(i, "a striped pattern with a red sail" if n % 2 == 0 else "plain blue water, nothing else")
-             for n, i in enumerate(sorted(ids.values()))])
+            [
+                (i, "a striped pattern with a red sail" if n % 2 == 0 else "plain blue water, nothing else")
+                for n, i in enumerate(sorted(ids.values()))
+            ]
+        )
     with TestClient(create_app(settings, database=database)) as client:
         yield Catalog(url, reader_url(settings, url), settings, database, client, ids, folder)
     database.dispose()
@@ -106,8 +120,11 @@ def _found_everywhere(catalog: Catalog, found: dict[str, tuple[int, str]]) -> No
 def test_a_caption_from_each_route_is_found_by_keywords_in_api_cli_and_sql(catalog: Catalog) -> None:
     # 1. the upload form's caption field
     png = make_image(9001, size=(80, 60))
-    resp = catalog.client.post("/api/images", data={"category": "boats", "caption": "  a lighthouse at dusk "},
-                               files={"file": ("lighthouse.png", png, "image/png")})
+    resp = catalog.client.post(
+        "/api/images",
+        data={"category": "boats", "caption": "  a lighthouse at dusk "},
+        files={"file": ("lighthouse.png", png, "image/png")},
+    )
     assert resp.status_code == 200, resp.text
     uploaded = resp.json()["results"][0]["id"]
     # 2. sidecars next to indexed files (.txt, and .json with {"caption": ...}); a broken one is reported
@@ -139,12 +156,16 @@ def test_a_caption_from_each_route_is_found_by_keywords_in_api_cli_and_sql(catal
     resp = catalog.client.patch(f"/api/images/{patched}", json={"caption": "a tabby cat asleep on a windowsill"})
     assert resp.status_code == 200 and resp.json()["caption"] == "a tabby cat asleep on a windowsill"
 
-    _found_everywhere(catalog, {
-        "lighthouse": (uploaded, "a lighthouse at dusk"),
-        "trawler": (harbour, "Fishing trawlers in the harbour"),  # stemmed: trawlers
-        "dunes": (kite, "a kite over dunes"),
-        "islands": (target, "an old map, hand-drawn, of islands"),
-        "windowsill": (patched, "a tabby cat asleep on a windowsill")})
+    _found_everywhere(
+        catalog,
+        {
+            "lighthouse": (uploaded, "a lighthouse at dusk"),
+            "trawler": (harbour, "Fishing trawlers in the harbour"),  # stemmed: trawlers
+            "dunes": (kite, "a kite over dunes"),
+            "islands": (target, "an old map, hand-drawn, of islands"),
+            "windowsill": (patched, "a tabby cat asleep on a windowsill"),
+        },
+    )
     assert _get(catalog, f"/api/images/{patched}")["caption"] == "a tabby cat asleep on a windowsill"
 
     # An edited sidecar updates the caption on the next index run (the file itself is unchanged).
@@ -159,9 +180,12 @@ def test_a_caption_from_each_route_is_found_by_keywords_in_api_cli_and_sql(catal
 
 def test_keywords_alone_rank_the_same_in_api_and_sql(catalog: Catalog) -> None:
     api = _get(catalog, "/api/search/keywords?q=red%20sail&k=20&category=boats&category=maps")
-    rows = _reader(catalog, "SELECT image_id, score, category, rank, keyword_match FROM imsrc.search_text("
-                            "'red sail', 20, category_ids => (SELECT array_agg(id) FROM categories"
-                            " WHERE name IN ('boats', 'maps')))")
+    rows = _reader(
+        catalog,
+        "SELECT image_id, score, category, rank, keyword_match FROM imsrc.search_text("
+        "'red sail', 20, category_ids => (SELECT array_agg(id) FROM categories"
+        " WHERE name IN ('boats', 'maps')))",
+    )
     assert [r[0] for r in rows] == [h["id"] for h in api["results"]] and len(rows) == 6
     assert {r[2] for r in rows} == {"boats", "maps"} and all(r[4] for r in rows)
     assert [round(r[1], 6) for r in rows] == [h["score"] for h in api["results"]]
@@ -181,10 +205,15 @@ def test_hybrid_text_search_matches_sql(catalog: Catalog, mode: str, keyword_mod
     with catalog.database.session() as session:
         service = SearchRuntime.create(catalog.settings).service(session)
         vector = vector_literal(service.embed_text(service.model(None), "a boat on the sea"))
-    api = _get(catalog, f"/api/search/text?q=a%20boat%20on%20the%20sea&k=6&mode={mode}&keywords=red%20sail"
-                        f"&keyword_mode={keyword_mode}")
-    rows = _reader(catalog, "SELECT image_id, score, keyword_match FROM imsrc.search_text('red sail', 6,"
-                            " %s::vector, %s, mode => %s)", (vector, keyword_mode, mode))
+    api = _get(
+        catalog,
+        f"/api/search/text?q=a%20boat%20on%20the%20sea&k=6&mode={mode}&keywords=red%20sail&keyword_mode={keyword_mode}",
+    )
+    rows = _reader(
+        catalog,
+        "SELECT image_id, score, keyword_match FROM imsrc.search_text('red sail', 6, %s::vector, %s, mode => %s)",
+        (vector, keyword_mode, mode),
+    )
     assert [r[0] for r in rows] == [h["id"] for h in api["results"]] and len(rows) == 6
     assert [r[2] for r in rows] == [h["keyword_match"] for h in api["results"]]
     assert [round(r[1], 6) for r in rows] == pytest.approx([h["score"] for h in api["results"]], abs=1.5e-6)
@@ -193,13 +222,19 @@ def test_hybrid_text_search_matches_sql(catalog: Catalog, mode: str, keyword_mod
         assert all("red sail" in h["caption"] for h in api["results"]) and api["mode"] == "exact"
         assert [h["score"] for h in api["results"]] == sorted((h["score"] for h in api["results"]), reverse=True)
     else:  # boost 1 puts every match first (cosine is at most 1); boost 0 leaves the vector ranking alone
-        strong = _get(catalog, f"/api/search/text?q=a%20boat%20on%20the%20sea&k=6&mode={mode}&keywords=red%20sail"
-                               "&keyword_mode=boost&boost=1")
+        strong = _get(
+            catalog,
+            f"/api/search/text?q=a%20boat%20on%20the%20sea&k=6&mode={mode}&keywords=red%20sail"
+            "&keyword_mode=boost&boost=1",
+        )
         assert all(h["keyword_match"] for h in strong["results"]) and len(strong["results"]) == 6
         if mode == "exact":
             plain = _get(catalog, "/api/search/text?q=a%20boat%20on%20the%20sea&k=6&mode=exact")
-            none = _get(catalog, "/api/search/text?q=a%20boat%20on%20the%20sea&k=6&mode=exact&keywords=red%20sail"
-                                 "&keyword_mode=boost&boost=0")
+            none = _get(
+                catalog,
+                "/api/search/text?q=a%20boat%20on%20the%20sea&k=6&mode=exact&keywords=red%20sail"
+                "&keyword_mode=boost&boost=0",
+            )
             assert [h["id"] for h in none["results"]] == [h["id"] for h in plain["results"]]
 
 
@@ -248,8 +283,9 @@ def test_bad_captions_and_keywords_are_refused(catalog: Catalog) -> None:
     for caption, needle in (("x" * 2001, "at most 2000"), ("nul\x00byte", "NUL")):
         resp = catalog.client.patch(f"/api/images/{image}", json={"caption": caption})
         assert resp.status_code == 422 and needle in resp.json()["error"]["message"], resp.text
-        resp = catalog.client.post("/api/images", data={"caption": caption},
-                                   files={"file": ("new.png", make_image(9100), "image/png")})
+        resp = catalog.client.post(
+            "/api/images", data={"caption": caption}, files={"file": ("new.png", make_image(9100), "image/png")}
+        )
         assert resp.status_code == 422 and needle in resp.json()["error"]["message"], resp.text
     assert catalog.client.patch("/api/images/987654321", json={"caption": "x"}).status_code == 404
     assert catalog.client.patch(f"/api/images/{image}", json={}).json()["caption"] == before  # nothing given

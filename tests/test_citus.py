@@ -39,14 +39,25 @@ EXACT_MAX_ROWS = 5  # categories of 5+ vectors get their own HNSW index (IMSRC_S
 
 
 def _env(url: str, data: Path) -> dict[str, str]:
-    return {"IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data), "IMSRC_MODEL": TEST_MODEL,
-            "IMSRC_SEARCH_EXACT_MAX_ROWS": str(EXACT_MAX_ROWS), "IMSRC_WORKERS": "1"}
+    return {
+        "IMSRC_DATABASE_URL": url,
+        "IMSRC_DATA_DIR": str(data),
+        "IMSRC_MODEL": TEST_MODEL,
+        "IMSRC_SEARCH_EXACT_MAX_ROWS": str(EXACT_MAX_ROWS),
+        "IMSRC_WORKERS": "1",
+    }
 
 
 def _settings(url: str, data: Path) -> Settings:
-    return Settings(database_url=url, data_dir=data, model=TEST_MODEL, search_two_stage_min_rows=0,
-                    search_exact_max_rows=EXACT_MAX_ROWS, search_warmup=False,
-                    _env_file=None)  # type: ignore[call-arg]
+    return Settings(
+        database_url=url,
+        data_dir=data,
+        model=TEST_MODEL,
+        search_two_stage_min_rows=0,
+        search_exact_max_rows=EXACT_MAX_ROWS,
+        search_warmup=False,
+        _env_file=None,
+    )  # type: ignore[call-arg]
 
 
 def _cli(url: str, data: Path, *args: str) -> Any:
@@ -95,11 +106,17 @@ def test_migrate_distributes_the_catalog(catalogs: Catalogs) -> None:
         assert shapes[reference] == "n", reference
     for local in ("images", "thumbnails", "image_blobs", "image_sources"):
         assert shapes.get(local) == "n", local  # Citus-local: in the metadata, kept on the coordinator
-    column = _query(catalogs.citus_url, "SELECT column_to_column_name(logicalrelid, partkey) FROM pg_dist_partition"
-                                        " WHERE logicalrelid = 'embeddings'::regclass")
+    column = _query(
+        catalogs.citus_url,
+        "SELECT column_to_column_name(logicalrelid, partkey) FROM pg_dist_partition"
+        " WHERE logicalrelid = 'embeddings'::regclass",
+    )
     assert column == [("category_id",)]
-    reference_placements = _query(catalogs.citus_url, "SELECT count(DISTINCT groupid) FROM pg_dist_placement p "
-                                  "JOIN pg_dist_shard s USING (shardid) WHERE s.logicalrelid = 'categories'::regclass")
+    reference_placements = _query(
+        catalogs.citus_url,
+        "SELECT count(DISTINCT groupid) FROM pg_dist_placement p "
+        "JOIN pg_dist_shard s USING (shardid) WHERE s.logicalrelid = 'categories'::regclass",
+    )
     assert reference_placements[0][0] >= 3  # the coordinator and both workers hold a copy
     # Migrating again is a no-op; a plain server got none of it.
     _cli(catalogs.citus_url, catalogs.data, "migrate")
@@ -113,22 +130,30 @@ def test_index_on_citus_matches_one_node(catalogs: Catalogs) -> None:
     expected = sum(len(s) for s in CATEGORIES.values()) + 1
     counts = catalogs.index_report["counts"]
     assert catalogs.index_report["status"] == "completed" and counts["new"] + counts["duplicate"] == expected
-    sql = ("SELECT i.id, c.name, i.canonical_id, (t.image_id IS NOT NULL), e.category_id, e.embedding::text"
-           " FROM images i JOIN categories c ON c.id = i.category_id LEFT JOIN thumbnails t ON t.image_id = i.id"
-           " LEFT JOIN catalog_embeddings e ON e.image_id = i.id ORDER BY i.id")
+    sql = (
+        "SELECT i.id, c.name, i.canonical_id, (t.image_id IS NOT NULL), e.category_id, e.embedding::text"
+        " FROM images i JOIN categories c ON c.id = i.category_id LEFT JOIN thumbnails t ON t.image_id = i.id"
+        " LEFT JOIN catalog_embeddings e ON e.image_id = i.id ORDER BY i.id"
+    )
     citus, plain = _query(catalogs.citus_url, sql), _query(catalogs.plain_url, sql)
     assert len(citus) == expected and citus == plain
     assert all(row[3] for row in citus)  # every image has its thumbnail
     assert all(row[4] is not None for row in citus)  # ... and its vector, on its category's shard
     dups = json.loads(_cli(catalogs.citus_url, catalogs.data, "duplicates", "--json").stdout)
     assert json.dumps(dups, sort_keys=True) == json.dumps(
-        json.loads(_cli(catalogs.plain_url, catalogs.data, "duplicates", "--json").stdout), sort_keys=True)
-    copy_id, original_id = _query(catalogs.citus_url, "SELECT c.id, o.id FROM images c, images o WHERE"
-                                  " c.original_name = 'boats-copy.jpg' AND o.original_name = 'boats-0.png'")[0]
+        json.loads(_cli(catalogs.plain_url, catalogs.data, "duplicates", "--json").stdout), sort_keys=True
+    )
+    copy_id, original_id = _query(
+        catalogs.citus_url,
+        "SELECT c.id, o.id FROM images c, images o WHERE"
+        " c.original_name = 'boats-copy.jpg' AND o.original_name = 'boats-0.png'",
+    )[0]
     assert [(g["canonical_id"], g["duplicate_ids"]) for g in dups["groups"]] == [(original_id, [copy_id])]
     # Each category's vectors live in one shard: the shard holding it has them all.
-    per_shard = _query(catalogs.citus_url, "SELECT get_shard_id_for_distribution_column('embeddings', category_id),"
-                       " count(*) FROM embeddings GROUP BY 1")
+    per_shard = _query(
+        catalogs.citus_url,
+        "SELECT get_shard_id_for_distribution_column('embeddings', category_id), count(*) FROM embeddings GROUP BY 1",
+    )
     assert sum(n for _, n in per_shard) == expected
 
 
@@ -164,18 +189,29 @@ def test_search_equals_one_node(catalogs: Catalogs, options: SearchOptions) -> N
 
 
 def test_category_indexes_are_per_shard_and_one_category_is_a_router_query(catalogs: Catalogs) -> None:
-    names = [r[0] for r in _query(catalogs.citus_url, "SELECT indexname FROM pg_indexes WHERE tablename = "
-                                  "'embeddings' AND indexname LIKE 'ix_embeddings_hv_%' ORDER BY 1")]
+    names = [
+        r[0]
+        for r in _query(
+            catalogs.citus_url,
+            "SELECT indexname FROM pg_indexes WHERE tablename = "
+            "'embeddings' AND indexname LIKE 'ix_embeddings_hv_%' ORDER BY 1",
+        )
+    ]
     assert len(names) == len(CATEGORIES)  # every category has 6+ rows: each got its partial HNSW index
-    category_id, dimension = _query(catalogs.citus_url, "SELECT c.id, m.dimension FROM categories c, embedding_models m"
-                                    " WHERE c.name = 'cats'")[0]
+    category_id, dimension = _query(
+        catalogs.citus_url, "SELECT c.id, m.dimension FROM categories c, embedding_models m WHERE c.name = 'cats'"
+    )[0]
     with psycopg.connect(psycopg_url(catalogs.citus_url)) as conn:
         conn.execute("SET LOCAL citus.propagate_set_commands = 'local'")
         conn.execute("SET LOCAL enable_seqscan = off")
-        plan = "\n".join(r[0] for r in conn.execute(
-            f"EXPLAIN SELECT image_id FROM embeddings WHERE model_id = 1 AND category_id = {category_id}"
-            f" ORDER BY (embedding::halfvec({dimension})) <#> (SELECT embedding FROM embeddings LIMIT 1)::halfvec"
-            f"({dimension}) LIMIT 5").fetchall())
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                f"EXPLAIN SELECT image_id FROM embeddings WHERE model_id = 1 AND category_id = {category_id}"
+                f" ORDER BY (embedding::halfvec({dimension})) <#> (SELECT embedding FROM embeddings LIMIT 1)::halfvec"
+                f"({dimension}) LIMIT 5"
+            ).fetchall()
+        )
     assert "Task Count: 1" in plan and f"ix_embeddings_hv_m1_c{category_id}" in plan, plan
 
 
@@ -192,16 +228,21 @@ def test_keyword_functions_on_citus(catalogs: Catalogs) -> None:
         with psycopg.connect(psycopg_url(url)) as conn:
             conn.execute("UPDATE images SET caption = 'a red boat at sea' WHERE id IN (2, 3)")
             conn.execute("UPDATE images SET caption = 'a tabby cat' WHERE id = 12")
-    queries = ["SELECT image_id, round(score::numeric, 5) FROM imsrc._keyword_rank(to_tsquery('english', 'boat'),"
-               " 5, NULL, false)",
-               "SELECT image_id, round(score::numeric, 5) FROM imsrc._keyword_hits(1, %s::vector,"
-               " to_tsquery('english', 'boat | cat'), 5, NULL, false, NULL)"]
+    queries = [
+        "SELECT image_id, round(score::numeric, 5) FROM imsrc._keyword_rank(to_tsquery('english', 'boat'),"
+        " 5, NULL, false)",
+        "SELECT image_id, round(score::numeric, 5) FROM imsrc._keyword_hits(1, %s::vector,"
+        " to_tsquery('english', 'boat | cat'), 5, NULL, false, NULL)",
+    ]
     vector = _query(catalogs.plain_url, "SELECT embedding::text FROM embeddings WHERE image_id = 2")[0][0]
     assert _query(catalogs.citus_url, queries[0]) == _query(catalogs.plain_url, queries[0]) != []
     assert _query(catalogs.citus_url, queries[1], (vector,)) == _query(catalogs.plain_url, queries[1], (vector,))
     assert len(_query(catalogs.citus_url, queries[1], (vector,))) == 3
-    languages = _query(catalogs.citus_url, "SELECT DISTINCT l.lanname FROM pg_proc p JOIN pg_language l ON"
-                       " l.oid = p.prolang WHERE p.pronamespace = 'imsrc'::regnamespace AND p.provolatile <> 'i'")
+    languages = _query(
+        catalogs.citus_url,
+        "SELECT DISTINCT l.lanname FROM pg_proc p JOIN pg_language l ON"
+        " l.oid = p.prolang WHERE p.pronamespace = 'imsrc'::regnamespace AND p.provolatile <> 'i'",
+    )
     assert languages == [("plpgsql",)]
 
 
@@ -218,19 +259,24 @@ def test_recategorise_rename_and_delete_move_the_vectors(catalogs: Catalogs) -> 
     image update's transaction), whoever makes the change (here plain SQL, as the API and regrouping do)."""
     url = catalogs.citus_url
     with psycopg.connect(psycopg_url(url)) as conn:
-        boats, cats = (conn.execute("SELECT id FROM categories WHERE name = %s", (n,)).fetchone()[0]  # type: ignore[index]
-                       for n in ("boats", "cats"))
-        image = conn.execute("SELECT id FROM images WHERE category_id = %s ORDER BY id DESC LIMIT 1",
-                             (boats,)).fetchone()[0]  # type: ignore[index]
+        boats, cats = (
+            conn.execute("SELECT id FROM categories WHERE name = %s", (n,)).fetchone()[0]  # type: ignore[index]
+            for n in ("boats", "cats")
+        )
+        image = conn.execute(
+            "SELECT id FROM images WHERE category_id = %s ORDER BY id DESC LIMIT 1", (boats,)
+        ).fetchone()[0]  # type: ignore[index]
         vector = conn.execute("SELECT embedding::text FROM embeddings WHERE image_id = %s", (image,)).fetchone()
         conn.execute("UPDATE images SET category_id = %s WHERE id = %s", (cats, image))
-        rows = conn.execute("SELECT category_id, embedding::text FROM embeddings WHERE image_id = %s",
-                            (image,)).fetchall()
+        rows = conn.execute(
+            "SELECT category_id, embedding::text FROM embeddings WHERE image_id = %s", (image,)
+        ).fetchall()
         assert rows == [(cats, vector[0])]  # type: ignore[index]
         # Uncategorised (category 0 on the shards, NULL in the views) and back.
         conn.execute("UPDATE images SET category_id = NULL WHERE id = %s", (image,))
-        assert conn.execute("SELECT category_id FROM catalog_embeddings WHERE image_id = %s",
-                            (image,)).fetchall() == [(None,)]
+        assert conn.execute("SELECT category_id FROM catalog_embeddings WHERE image_id = %s", (image,)).fetchall() == [
+            (None,)
+        ]
         conn.execute("UPDATE images SET category_id = %s WHERE id = %s", (boats, image))
         conn.commit()
     options = SearchOptions(k=3, mode="exact", category=["boats"], include_duplicates=True)
@@ -254,15 +300,20 @@ def test_uploads_on_citus(catalogs: Catalogs) -> None:
     """POST /api/images through the coordinator: into a named category and uncategorised (an automatic group),
     each vector on its category's shard; the upload is found by the next search."""
     with TestClient(create_app(_settings(catalogs.citus_url, catalogs.data))) as client:
-        named = client.post("/api/images", data={"category": "trees"},
-                            files=[("file", ("t.png", make_image(4242), "image/png"))])
+        named = client.post(
+            "/api/images", data={"category": "trees"}, files=[("file", ("t.png", make_image(4242), "image/png"))]
+        )
         loose = client.post("/api/images", files=[("file", ("u.png", make_image(4343), "image/png"))])
         assert named.status_code == 200 and loose.status_code == 200, (named.text, loose.text)
         ids = [named.json()["results"][0]["id"], loose.json()["results"][0]["id"]]
         found = client.get(f"/api/search/similar/{ids[0]}", params={"k": 3, "category": "trees"})
         assert found.status_code == 200 and len(found.json()["results"]) == 3
-    rows = _query(catalogs.citus_url, "SELECT e.image_id, e.category_id, i.category_id FROM embeddings e"
-                  " JOIN images i ON i.id = e.image_id WHERE e.image_id = ANY(%s) ORDER BY 1", (ids,))
+    rows = _query(
+        catalogs.citus_url,
+        "SELECT e.image_id, e.category_id, i.category_id FROM embeddings e"
+        " JOIN images i ON i.id = e.image_id WHERE e.image_id = ANY(%s) ORDER BY 1",
+        (ids,),
+    )
     assert [r[0] for r in rows] == ids and all(r[1] == r[2] and r[1] for r in rows)
 
 
@@ -281,8 +332,9 @@ def test_ingest_resumes_after_sigkill_on_citus(citus_cluster: CitusCluster, crea
     whole = subprocess.run(index_command(root), env=env_plain, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert whole.returncode == 0, whole.stderr
     _cli(citus_url, scratch / "data", "migrate")
-    proc = subprocess.Popen(index_command(root), env=env_citus, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=ROOT)
+    proc = subprocess.Popen(
+        index_command(root), env=env_citus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+    )
     with psycopg.connect(psycopg_url(citus_url), autocommit=True) as conn:
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
@@ -293,8 +345,7 @@ def test_ingest_resumes_after_sigkill_on_citus(citus_cluster: CitusCluster, crea
         proc.wait(30)
         status = conn.execute("SELECT status FROM ingest_jobs").fetchone()[0]  # type: ignore[index]
     assert status == "running", "the indexer finished before it could be killed"
-    resumed = subprocess.run(index_command(root), env=env_citus, capture_output=True, text=True, cwd=ROOT,
-                             timeout=600)
+    resumed = subprocess.run(index_command(root), env=env_citus, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["resumed"] is True
     a = snapshot(database_for(_settings(plain_url, scratch / "data"), migrate=False))
@@ -307,12 +358,19 @@ def test_ingest_resumes_after_sigkill_on_citus(citus_cluster: CitusCluster, crea
 
 
 def _worker_of(url: str, category_id: int) -> str:
-    return str(_query(url, "SELECT n.nodename || ':' || n.nodeport FROM pg_dist_shard_placement n WHERE n.shardid ="
-                      " get_shard_id_for_distribution_column('embeddings', %s)", (category_id,))[0][0])
+    return str(
+        _query(
+            url,
+            "SELECT n.nodename || ':' || n.nodeport FROM pg_dist_shard_placement n WHERE n.shardid ="
+            " get_shard_id_for_distribution_column('embeddings', %s)",
+            (category_id,),
+        )[0][0]
+    )
 
 
 def test_worker_down_answers_503_naming_it_and_other_categories_still_answer(
-        citus_cluster: CitusCluster, catalogs: Catalogs) -> None:
+    citus_cluster: CitusCluster, catalogs: Catalogs
+) -> None:
     local = citus_cluster.require_local()
     url = catalogs.citus_url
     ids = dict(_query(url, "SELECT name, id FROM categories"))
@@ -365,7 +423,8 @@ def test_add_worker_and_rebalance_keep_the_results(citus_cluster: CitusCluster, 
         moved = conn.execute(
             "SELECT count(*) FROM pg_dist_placement p JOIN pg_dist_shard s USING (shardid) JOIN pg_dist_node n"
             " ON n.groupid = p.groupid WHERE s.logicalrelid = 'embeddings'::regclass AND n.nodeport = %s",
-            (new.port,)).fetchone()[0]  # type: ignore[index]
+            (new.port,),
+        ).fetchone()[0]  # type: ignore[index]
     assert moved > 0  # the new worker holds shards now
     after = {str(o): _search(url, catalogs.data, 12, o) for o in SEARCHES}
     assert after == before

@@ -87,7 +87,10 @@ def test_backends_agree(name: str, model_cache: Path, gallery: list[Image.Image]
     assert all(p.is_meta for p in onnx_embedder.base.module.parameters())
     # Same identity, so a catalog cannot tell which engine wrote a vector.
     assert (onnx_embedder.name, onnx_embedder.params, onnx_embedder.dimension) == (
-        torch_embedder.name, torch_embedder.params, torch_embedder.dimension)
+        torch_embedder.name,
+        torch_embedder.params,
+        torch_embedder.dimension,
+    )
 
     batch = _batch(torch_embedder, gallery)
     ref, got = torch_embedder.encode_images(batch), onnx_embedder.encode_images(batch)
@@ -237,8 +240,9 @@ def test_auto_follows_the_recorded_timing(model_cache: Path) -> None:
             paths[tower].write_text(text)
 
 
-def test_int8_is_opt_in_and_close(model_cache: Path, gallery: list[Image.Image],
-                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_int8_is_opt_in_and_close(
+    model_cache: Path, gallery: list[Image.Image], caplog: pytest.LogCaptureFixture
+) -> None:
     export_dir = _export_dir(model_cache)
     torch_embedder = build_embedder(TINY_TEST, runtime="torch")
     int8 = build_embedder(TINY_TEST, runtime="onnx-int8", export_dir=export_dir)
@@ -265,10 +269,19 @@ def test_missing_onnxruntime_is_one_line_error(monkeypatch: pytest.MonkeyPatch, 
     folder = Path(tempfile.mkdtemp(prefix="imsrc-onnx-missing-"))
     try:
         (folder / "a.png").write_bytes(make_image(1))
-        code = ("import sys; sys.modules['onnxruntime'] = None; from imsrc.cli.main import main; "
-                f"sys.argv = ['imsrc', 'index', {str(folder)!r}]; main()")
-        result = run_cli_code(code, {"IMSRC_DATABASE_URL": url, "IMSRC_MODEL": TINY_TEST,
-                                     "IMSRC_INFERENCE": "onnx", "IMSRC_DATA_DIR": str(folder / "data")})
+        code = (
+            "import sys; sys.modules['onnxruntime'] = None; from imsrc.cli.main import main; "
+            f"sys.argv = ['imsrc', 'index', {str(folder)!r}]; main()"
+        )
+        result = run_cli_code(
+            code,
+            {
+                "IMSRC_DATABASE_URL": url,
+                "IMSRC_MODEL": TINY_TEST,
+                "IMSRC_INFERENCE": "onnx",
+                "IMSRC_DATA_DIR": str(folder / "data"),
+            },
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     assert result.returncode != 0
@@ -291,16 +304,24 @@ def test_models_list_shows_the_engine(model_cache: Path, database_url: str) -> N
     build_embedder("efficientnet-lite0", runtime="onnx", export_dir=_export_dir(model_cache))
     rows = {}
     for setting in ("torch", "onnx"):
-        out = run_cli("models", "list", "--json", env={"IMSRC_DATABASE_URL": database_url,
-                                                       "IMSRC_MODEL_CACHE_DIR": str(model_cache),
-                                                       "IMSRC_INFERENCE": setting})
+        out = run_cli(
+            "models",
+            "list",
+            "--json",
+            env={
+                "IMSRC_DATABASE_URL": database_url,
+                "IMSRC_MODEL_CACHE_DIR": str(model_cache),
+                "IMSRC_INFERENCE": setting,
+            },
+        )
         assert out.returncode == 0, out.stderr
         rows[setting] = {r["name"]: r["inference"] for r in json.loads(out.stdout)}
     assert set(rows["torch"].values()) == {"torch"}
     assert rows["onnx"]["efficientnet-lite0"] == "onnx"
     assert rows["onnx"]["clip-vit-b-32"] == "onnx (decided at first load)"
-    table = run_cli("models", "list", env={"IMSRC_DATABASE_URL": database_url, "IMSRC_INFERENCE": "torch",
-                                           "COLUMNS": "200"})
+    table = run_cli(
+        "models", "list", env={"IMSRC_DATABASE_URL": database_url, "IMSRC_INFERENCE": "torch", "COLUMNS": "200"}
+    )
     assert table.returncode == 0 and "inference" in table.stdout
 
 
@@ -309,8 +330,14 @@ def torch_catalog(create_database, model_cache: Path) -> Iterator[tuple[Settings
     """Images indexed with the torch engine."""
     url = create_database("imsrc_onnx_catalog")
     folder = Path(tempfile.mkdtemp(prefix="imsrc-onnx-catalog-"))
-    settings = Settings(database_url=url, data_dir=folder / "data", model=TINY_TEST, inference="torch",
-                        model_cache_dir=model_cache, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(
+        database_url=url,
+        data_dir=folder / "data",
+        model=TINY_TEST,
+        inference="torch",
+        model_cache_dir=model_cache,
+        _env_file=None,
+    )  # type: ignore[call-arg]
     database = database_for(settings)
     files = [(f"img-{i}.png", make_image(500 + i, size=(64 + 4 * (i % 5), 48))) for i in range(24)]
     with database.session() as session:
@@ -338,10 +365,16 @@ def test_catalog_indexed_with_torch_is_searched_with_onnx(
                 status = client.get("/api/status").json()
                 assert status["search_model"]["inference"] in ("onnx", "onnx (decided at first load)")
             for name in ("img-3.png", "img-17.png"):
-                resp = client.post("/api/search/image?k=8&mode=exact",
-                                   files={"file": (name, make_image(500 + int(name[4:-4]),
-                                                                    size=(64 + 4 * (int(name[4:-4]) % 5), 48)),
-                                                   "image/png")})
+                resp = client.post(
+                    "/api/search/image?k=8&mode=exact",
+                    files={
+                        "file": (
+                            name,
+                            make_image(500 + int(name[4:-4]), size=(64 + 4 * (int(name[4:-4]) % 5), 48)),
+                            "image/png",
+                        )
+                    },
+                )
                 assert resp.status_code == 200, resp.text
                 body = resp.json()
                 assert body["results"][0]["id"] == ids[name]
@@ -366,8 +399,13 @@ def test_cli_index_and_search_under_auto(create_database, model_cache: Path) -> 
     try:
         for i in range(6):
             (folder / f"img-{i}.png").write_bytes(make_image(900 + i))
-        base = {"IMSRC_DATABASE_URL": url, "IMSRC_MODEL": TINY_TEST, "IMSRC_DATA_DIR": str(folder / "data"),
-                "IMSRC_MODEL_CACHE_DIR": str(model_cache), "IMSRC_WORKERS": "1"}
+        base = {
+            "IMSRC_DATABASE_URL": url,
+            "IMSRC_MODEL": TINY_TEST,
+            "IMSRC_DATA_DIR": str(folder / "data"),
+            "IMSRC_MODEL_CACHE_DIR": str(model_cache),
+            "IMSRC_WORKERS": "1",
+        }
         auto = {**base, "IMSRC_INFERENCE": "auto"}
         indexed = run_cli("index", str(folder), "--json", env=auto)
         assert indexed.returncode == 0, indexed.stderr
@@ -376,8 +414,16 @@ def test_cli_index_and_search_under_auto(create_database, model_cache: Path) -> 
         assert "first load" not in row["inference"] and row["inference"] != ""
         found = {}
         for engine in ("auto", "torch"):
-            out = run_cli("search", "image", str(folder / "img-2.png"), "--json", "-k", "4", "--exact",
-                          env={**base, "IMSRC_INFERENCE": engine})
+            out = run_cli(
+                "search",
+                "image",
+                str(folder / "img-2.png"),
+                "--json",
+                "-k",
+                "4",
+                "--exact",
+                env={**base, "IMSRC_INFERENCE": engine},
+            )
             assert out.returncode == 0, out.stderr
             found[engine] = json.loads(out.stdout)["results"]
         assert [r["id"] for r in found["auto"]] == [r["id"] for r in found["torch"]] and len(found["auto"]) == 4

@@ -39,9 +39,16 @@ class Catalog:
 def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-def]
     url = create_database("imsrc_search_e2e")
     folder = Path(tempfile.mkdtemp(prefix="imsrc-search-e2e-"))
-    settings = Settings(database_url=url, data_dir=folder / "data", model=MODEL, search_exact_max_rows=4,
-                        faiss_flat_max_rows=4, search_two_stage_min_rows=0, search_warmup=False,
-                        _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(
+        database_url=url,
+        data_dir=folder / "data",
+        model=MODEL,
+        search_exact_max_rows=4,
+        faiss_flat_max_rows=4,
+        search_two_stage_min_rows=0,
+        search_warmup=False,
+        _env_file=None,
+    )  # type: ignore[call-arg]
     database = database_for(settings)
     embedder = get_embedder(MODEL)
     ids: dict[str, int] = {}
@@ -87,8 +94,10 @@ def test_the_server_warms_search_in_the_background_after_start(catalog: Catalog)
 def test_upload_search_finds_the_same_image_first(client: TestClient, catalog: Catalog) -> None:
     name = "cats-3.png"
     for backend in ("pgvector", "faiss"):
-        resp = client.post(f"/api/search/image?k=5&backend={backend}",
-                           files={"file": (name, (catalog.folder / name).read_bytes(), "image/png")})
+        resp = client.post(
+            f"/api/search/image?k=5&backend={backend}",
+            files={"file": (name, (catalog.folder / name).read_bytes(), "image/png")},
+        )
         assert resp.status_code == 200, resp.text
         body = resp.json()
         top = body["results"][0]
@@ -119,8 +128,7 @@ def test_search_modes_filters_and_categories_only(client: TestClient, catalog: C
     assert only["stage1"] == []
     cats = client.post("/api/search/categories", files={"file": ("q.png", data)}).json()
     assert {c["category"] for c in cats["categories"]} == set(CATEGORIES)
-    assert [c["score"] for c in cats["categories"]] == sorted((c["score"] for c in cats["categories"]),
-                                                              reverse=True)
+    assert [c["score"] for c in cats["categories"]] == sorted((c["score"] for c in cats["categories"]), reverse=True)
 
 
 def test_text_and_similar(client: TestClient, catalog: Catalog) -> None:
@@ -152,8 +160,7 @@ def test_bad_requests_get_clear_json_errors(client: TestClient) -> None:
 
 def test_openapi_describes_search(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
-    for path in ("/api/search/image", "/api/search/text", "/api/search/similar/{image_id}",
-                 "/api/search/categories"):
+    for path in ("/api/search/image", "/api/search/text", "/api/search/similar/{image_id}", "/api/search/categories"):
         assert path in spec["paths"]
     body = spec["paths"]["/api/search/image"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
@@ -162,8 +169,7 @@ def test_openapi_describes_search(client: TestClient) -> None:
 
 
 def test_cli_search_round_trips(catalog: Catalog) -> None:
-    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"),
-           "IMSRC_MODEL": MODEL}
+    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.folder / "cli-data"), "IMSRC_MODEL": MODEL}
     name = "boats-5.png"
     res = run_cli("search", "image", str(catalog.folder / name), "-k", "3", "--json", env=env)
     assert res.returncode == 0, res.stderr

@@ -36,8 +36,9 @@ def _recall(got: list[int], truth: list[int]) -> float:
 
 
 def _index(flat_max_rows: int = 1000) -> FaissModelIndex:
-    return FaissModelIndex(model_id=1, model_name="t", dimension=DIM, flat_max_rows=flat_max_rows,
-                           watermark=Watermark(0, (), None, 0))
+    return FaissModelIndex(
+        model_id=1, model_name="t", dimension=DIM, flat_max_rows=flat_max_rows, watermark=Watermark(0, (), None, 0)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,9 @@ def test_pq_sub_indexes_reach_exact_recall_near_and_far(isotropic: tuple[np.ndar
     q = vectors[0]
     top = index.search(q, None, 3)
     assert top[0][0] == 0 and top[0][1] == pytest.approx(1.0, abs=1e-5)
-    assert [s for _, s in top] == pytest.approx(sorted((vectors[[i for i, _ in top]] @ q).tolist(), reverse=True),
-                                                abs=1e-5)
+    assert [s for _, s in top] == pytest.approx(
+        sorted((vectors[[i for i, _ in top]] @ q).tolist(), reverse=True), abs=1e-5
+    )
 
 
 def test_pq_tombstones_never_crowd_out_live_rows(isotropic: tuple[np.ndarray, ...]) -> None:
@@ -92,8 +94,9 @@ def test_pq_tombstones_never_crowd_out_live_rows(isotropic: tuple[np.ndarray, ..
     assert again[:6] == first[4:]
     # Remove most of a category: still exactly the live rows, up to k.
     rows = np.flatnonzero(labels == 2)
-    index.apply(rows[: len(rows) - 7].tolist(), np.zeros(0, np.int64), np.zeros(0, np.int64),
-                np.zeros((0, DIM), np.float32))
+    index.apply(
+        rows[: len(rows) - 7].tolist(), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, DIM), np.float32)
+    )
     assert sorted(h[0] for h in index.search(q, [2], 10)) == sorted(rows[-7:].tolist())
 
 
@@ -138,8 +141,9 @@ def test_saved_pq_index_reloads_without_retraining(session: Session, settings: S
     new_id = int(insert_images(session, cat.model, probe[None, :], [cat.category_ids[0]], salt="late")[0])
     runtime = SearchRuntime.create(tuned, embedder_factory=lambda name: None)
     runtime.faiss = second
-    got = SearchService(session, runtime).search_vector(cat.model, probe, SearchOptions(
-        k=3, category=[f"{cat.model.name}-cat-00"], backend="faiss"))
+    got = SearchService(session, runtime).search_vector(
+        cat.model, probe, SearchOptions(k=3, category=[f"{cat.model.name}-cat-00"], backend="faiss")
+    )
     assert got.results[0].id == new_id
     assert loaded.subs[cat.category_ids[0]].trained_on == 1100
     # Only the changed category left the shared pages (an add to a mapped index would abort the process).
@@ -158,13 +162,13 @@ def test_category_ef_search_policy() -> None:
     assert branch_plan(indexed, [1], near={1}, base=100) == ([(1, True)], 200)
 
 
-def test_pgvector_far_filter_widens_the_walk(session: Session, settings: Settings,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pgvector_far_filter_widens_the_walk(
+    session: Session, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A filter of categories unlike the query: pgvector must still find the true top 10 there."""
     # These 1,500-row categories would be scanned exactly as far ones; make them walk, the case under test.
     monkeypatch.setattr("imsrc.search.pg_queries.FAR_EXACT_MAX_ROWS", 1000)
-    cat = make_catalog(session, n_categories=4, per_category=1500, dimension=DIM, spread=0.8, seed=5,
-                       name="iso-pg")
+    cat = make_catalog(session, n_categories=4, per_category=1500, dimension=DIM, spread=0.8, seed=5, name="iso-pg")
     tuned = settings.model_copy(update={"search_exact_max_rows": 200, "search_ef_search": 16})
     report = sync_search(session, tuned, model_id=cat.model.id, autogroup_images=False)
     assert sorted(report.indexes_created) == sorted(cat.category_ids)
@@ -178,13 +182,15 @@ def test_pgvector_far_filter_widens_the_walk(session: Session, settings: Setting
             q = (noisy / np.linalg.norm(noisy)).astype(np.float32)
             others = [o for o in range(4) if o != c][:2]
             truth = brute_force(cat.vectors, cat.image_ids, q, 10, np.isin(cat.labels, others))
-            got = service.search_vector(cat.model, q, SearchOptions(
-                k=10, category=[f"iso-pg-cat-{o:02d}" for o in others]))
+            got = service.search_vector(
+                cat.model, q, SearchOptions(k=10, category=[f"iso-pg-cat-{o:02d}" for o in others])
+            )
             assert len(got.results) == 10
             served.append(_recall([r.id for r in got.results], truth))
             # The same branches walked at the base width: what the policy exists to avoid.
-            hits = nb.per_category(cat.model.id, DIM, vector_literal(q),
-                                   [(cat.category_ids[o], True) for o in others], 10, 16)
+            hits = nb.per_category(
+                cat.model.id, DIM, vector_literal(q), [(cat.category_ids[o], True) for o in others], 10, 16
+            )
             narrow.append(_recall([h[0] for h in hits], truth))
     assert np.mean(served) >= 0.95
     assert np.mean(narrow) < np.mean(served)
@@ -195,9 +201,14 @@ def test_default_stage1_follows_the_score_mass_up_to_the_cap(session: Session, s
     sync_search(session, settings, model_id=cat.model.id, autogroup_images=False)
     service = SearchService(session, SearchRuntime.create(settings, embedder_factory=lambda name: None))
     q = cat.centres[2]
-    assert [c.category_id for c in service.search_vector(cat.model, q, SearchOptions(k=5)).stage1] == \
-        [cat.category_ids[2]]  # a clear query: one category
+    assert [c.category_id for c in service.search_vector(cat.model, q, SearchOptions(k=5)).stage1] == [
+        cat.category_ids[2]
+    ]  # a clear query: one category
     assert len(service.search_vector(cat.model, q, SearchOptions(k=5, categories=4)).stage1) == 4
-    spread = SearchService(session, SearchRuntime.create(settings.model_copy(update={"search_score_mass": 1.0}),
-                                                         embedder_factory=lambda name: None))
+    spread = SearchService(
+        session,
+        SearchRuntime.create(
+            settings.model_copy(update={"search_score_mass": 1.0}), embedder_factory=lambda name: None
+        ),
+    )
     assert len(spread.search_vector(cat.model, q, SearchOptions(k=5)).stage1) == settings.search_categories

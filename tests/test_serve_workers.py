@@ -31,8 +31,9 @@ from tests.ingest_support import TEST_MODEL
 
 
 def _env(url: str, data_dir: Path, **extra: str) -> dict[str, str]:
-    return serve_env(data_dir, database_url=url, model=TEST_MODEL, IMSRC_DECODE_WAIT_S="300",
-                     IMSRC_SEARCH_WARMUP="false", **extra)
+    return serve_env(
+        data_dir, database_url=url, model=TEST_MODEL, IMSRC_DECODE_WAIT_S="300", IMSRC_SEARCH_WARMUP="false", **extra
+    )
 
 
 def _seeded(create_database, tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[str, Path]:  # type: ignore[no-untyped-def]
@@ -41,8 +42,13 @@ def _seeded(create_database, tmp_path_factory: pytest.TempPathFactory, name: str
     settings = Settings(database_url=url, data_dir=data_dir, model=TEST_MODEL, _env_file=None)  # type: ignore[call-arg]
     db = database_for(settings)
     with db.session() as session:
-        ingest_bytes(session, get_embedder(TEST_MODEL), [(f"{i}.png", make_image(i)) for i in range(6)],
-                     settings=settings, category="things")
+        ingest_bytes(
+            session,
+            get_embedder(TEST_MODEL),
+            [(f"{i}.png", make_image(i)) for i in range(6)],
+            settings=settings,
+            category="things",
+        )
     db.dispose()
     return url, data_dir
 
@@ -50,8 +56,9 @@ def _seeded(create_database, tmp_path_factory: pytest.TempPathFactory, name: str
 @pytest.fixture(scope="module")
 def two_workers(create_database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:  # type: ignore[no-untyped-def]
     url, data_dir = _seeded(create_database, tmp_path_factory, "imsrc_workers")
-    with live_server(_env(url, data_dir), tmp_path_factory.mktemp("workers-log") / "serve.log",
-                     args=["--workers", "2"]) as server:
+    with live_server(
+        _env(url, data_dir), tmp_path_factory.mktemp("workers-log") / "serve.log", args=["--workers", "2"]
+    ) as server:
         yield server
 
 
@@ -84,8 +91,11 @@ def _clients_per_worker(base: str, want: int = 2) -> dict[int, httpx.Client]:
 def _mapped_files(pid: int, folder: Path) -> set[str]:
     """The files under `folder` that process `pid` has memory-mapped (Linux /proc/PID/maps)."""
     lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    return {line.split(maxsplit=5)[-1] for line in lines
-            if len(line.split(maxsplit=5)) == 6 and line.split(maxsplit=5)[-1].startswith(str(folder.resolve()))}
+    return {
+        line.split(maxsplit=5)[-1]
+        for line in lines
+        if len(line.split(maxsplit=5)) == 6 and line.split(maxsplit=5)[-1].startswith(str(folder.resolve()))
+    }
 
 
 def _pid(client: httpx.Client) -> int:
@@ -93,8 +103,9 @@ def _pid(client: httpx.Client) -> int:
 
 
 def _top(client: httpx.Client, image: bytes, backend: str) -> list[int]:
-    r = client.post("/api/search/image", params={"backend": backend, "k": 3},
-                    files={"file": ("q.png", image, "image/png")})
+    r = client.post(
+        "/api/search/image", params={"backend": backend, "k": 3}, files={"file": ("q.png", image, "image/png")}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["backend"] == backend
     return [hit["id"] for hit in r.json()["results"]]
@@ -127,8 +138,12 @@ def test_two_workers_answer_and_see_each_others_uploads(two_workers: LiveServer)
     assert _pid(reader) == pid_b  # the same worker that built its index before the upload
     # Prometheus multiprocess mode, set up by `serve`: /metrics adds up both workers' counters.
     text_metrics = reader.get("/metrics").text
-    counted = sum(float(m) for m in re.findall(
-        r'imsrc_http_requests_total\{method="GET",route="/api/status",status="200"\} (\S+)', text_metrics))
+    counted = sum(
+        float(m)
+        for m in re.findall(
+            r'imsrc_http_requests_total\{method="GET",route="/api/status",status="200"\} (\S+)', text_metrics
+        )
+    )
     assert counted >= 6, text_metrics[:2000]
     for client in clients.values():
         client.close()
@@ -147,8 +162,12 @@ def test_sigterm_finishes_uploads_in_flight(create_database, tmp_path_factory: p
             while not stop.is_set():
                 seed += 1
                 try:
-                    r = httpx.post(f"{server.base}/api/images", data={"category": f"up{n % 2}"}, timeout=120,
-                                   files={"file": (f"{seed}.png", make_image(seed), "image/png")})
+                    r = httpx.post(
+                        f"{server.base}/api/images",
+                        data={"category": f"up{n % 2}"},
+                        timeout=120,
+                        files={"file": (f"{seed}.png", make_image(seed), "image/png")},
+                    )
                 except httpx.HTTPError:
                     return  # the server has stopped accepting: nothing was acknowledged
                 if r.status_code // 100 == 2:
@@ -179,8 +198,10 @@ def test_sigterm_finishes_uploads_in_flight(create_database, tmp_path_factory: p
         with db.session() as session:
             for table in ("images", "thumbnails", "embeddings"):
                 column = "id" if table == "images" else "image_id"
-                stored = session.execute(text(f"SELECT count(DISTINCT {column}) FROM {table} "
-                                              f"WHERE {column} = ANY(:ids)"), {"ids": acknowledged}).scalar_one()
+                stored = session.execute(
+                    text(f"SELECT count(DISTINCT {column}) FROM {table} WHERE {column} = ANY(:ids)"),
+                    {"ids": acknowledged},
+                ).scalar_one()
                 assert stored == len(set(acknowledged)), (table, stored, len(set(acknowledged)))
     finally:
         db.dispose()
@@ -189,8 +210,14 @@ def test_sigterm_finishes_uploads_in_flight(create_database, tmp_path_factory: p
 
 def _serve_fails(args: list[str], env: dict[str, str]) -> str:
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "imsrc.cli.main", "serve", *args], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "imsrc.cli.main", "serve", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1, result
     assert time.monotonic() - started < 30
     lines = result.stderr.strip().splitlines()

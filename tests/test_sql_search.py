@@ -46,8 +46,14 @@ def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-de
     url = create_database("imsrc_sql_search")
     folder = Path(tempfile.mkdtemp(prefix="imsrc-sql-search-"))
     # search_exact_max_rows 4: every 8-image category gets its own HNSW index, so the index branches run.
-    settings = Settings(database_url=url, data_dir=folder / "data", model=MODEL, search_exact_max_rows=4,
-                        search_warmup=False, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(
+        database_url=url,
+        data_dir=folder / "data",
+        model=MODEL,
+        search_exact_max_rows=4,
+        search_warmup=False,
+        _env_file=None,
+    )  # type: ignore[call-arg]
     database = database_for(settings)
     embedder = get_embedder(MODEL)
     ids: dict[str, int] = {}
@@ -61,13 +67,18 @@ def catalog(create_database) -> Iterator[Catalog]:  # type: ignore[no-untyped-de
     # Two images marked as near-duplicates of cats-0: hidden from results unless asked for.
     duplicates = [ids["cats-1.png"], ids["boats-2.png"]]
     with database.session() as session:
-        session.execute(text("UPDATE images SET canonical_id = :c WHERE id = ANY(:d)"),
-                        {"c": ids["cats-0.png"], "d": duplicates})
+        session.execute(
+            text("UPDATE images SET canonical_id = :c WHERE id = ANY(:d)"), {"c": ids["cats-0.png"], "d": duplicates}
+        )
         # maps-6 gets the pHash of cats-4 with one bit flipped: a near-duplicate by pHash in another category,
         # which `similar` must list first whatever stage 1 picks (service._duplicates_first).
-        session.execute(text("UPDATE images SET phash = (SELECT phash # ('1' || repeat('0', 63))::bit(64)"
-                             " FROM images WHERE id = :a) WHERE id = :b"),
-                        {"a": ids["cats-4.png"], "b": ids["maps-6.png"]})
+        session.execute(
+            text(
+                "UPDATE images SET phash = (SELECT phash # ('1' || repeat('0', 63))::bit(64)"
+                " FROM images WHERE id = :a) WHERE id = :b"
+            ),
+            {"a": ids["cats-4.png"], "b": ids["maps-6.png"]},
+        )
         session.commit()
     yield Catalog(url, reader_url(settings, url), settings, database, ids, duplicates)
     database.dispose()
@@ -92,12 +103,16 @@ def _reader(catalog: Catalog, sql: str, params: tuple[Any, ...] = (), **gucs: st
 
 
 def test_the_catalog_has_per_category_indexes_and_prototypes(catalog: Catalog) -> None:
-    rows = _reader(catalog, "SELECT category, index_rows, index_expression FROM catalog_category_indexes"
-                            " ORDER BY category")
+    rows = _reader(
+        catalog, "SELECT category, index_rows, index_expression FROM catalog_category_indexes ORDER BY category"
+    )
     assert [r[0] for r in rows] == list(CATEGORIES)
     assert all(r[1] >= 6 and r[2].startswith("(embedding::halfvec(") for r in rows)
-    protos = _reader(catalog, "SELECT category, model, kind, member_count, vector_dims(vector)"
-                              " FROM catalog_prototypes WHERE kind = 'mean' ORDER BY category")
+    protos = _reader(
+        catalog,
+        "SELECT category, model, kind, member_count, vector_dims(vector)"
+        " FROM catalog_prototypes WHERE kind = 'mean' ORDER BY category",
+    )
     assert [p[0] for p in protos] == list(CATEGORIES) and all(p[1] == MODEL and p[3] >= 7 for p in protos)
 
 
@@ -111,16 +126,26 @@ def test_similar_matches_the_api_two_stage_path(catalog: Catalog, mode: str, cat
         image = catalog.ids[name]
         api = _api(catalog, f"/api/search/similar/{image}?k=10&mode={mode}{fan}", search_two_stage_min_rows=0)
         assert api["mode"] == mode
-        rows = _reader(catalog, "SELECT image_id, score, category, rank FROM imsrc.similar(%s, 10, %s, %s)",
-                       (image, categories, mode), two_stage_min_rows="0")
+        rows = _reader(
+            catalog,
+            "SELECT image_id, score, category, rank FROM imsrc.similar(%s, 10, %s, %s)",
+            (image, categories, mode),
+            two_stage_min_rows="0",
+        )
         assert [r[0] for r in rows] == [h["id"] for h in api["results"]]
         assert [r[2] for r in rows] == [h["category"] for h in api["results"]]
         assert [r[3] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) == 10
         # Full-precision scores on both sides (the API's per-category re-sort once used a half-precision query:
         # 1.4e-5 off, near-ties in another order).
         assert [round(r[1], 6) for r in rows] == pytest.approx([h["score"] for h in api["results"]], abs=1.5e-6)
-        truth = dict(_reader(catalog, "SELECT b.image_id, 1 - (b.embedding <=> a.embedding) FROM embeddings a"
-                                      " JOIN embeddings b USING (model_id) WHERE a.image_id = %s", (image,)))
+        truth = dict(
+            _reader(
+                catalog,
+                "SELECT b.image_id, 1 - (b.embedding <=> a.embedding) FROM embeddings a"
+                " JOIN embeddings b USING (model_id) WHERE a.image_id = %s",
+                (image,),
+            )
+        )
         assert [h["score"] for h in api["results"]] == pytest.approx([truth[r[0]] for r in rows], abs=1.5e-6)
         assert not set(catalog.duplicates) & {r[0] for r in rows}
         if name == "cats-4.png":
@@ -133,11 +158,15 @@ def test_search_in_categories_matches_the_api(catalog: Catalog, mode: str) -> No
     vector = _reader(catalog, "SELECT embedding::text FROM embeddings WHERE image_id = %s", (image,))[0][0]
     cats = dict(_reader(catalog, "SELECT name, id FROM categories"))
     api = _api(catalog, f"/api/search/similar/{image}?k=12&mode={mode}&category=maps&category=cats")
-    rows = _reader(catalog, "SELECT image_id FROM imsrc.similar_in(%s, %s, 12, %s)",
-                   (image, [cats["maps"], cats["cats"]], mode))
+    rows = _reader(
+        catalog, "SELECT image_id FROM imsrc.similar_in(%s, %s, 12, %s)", (image, [cats["maps"], cats["cats"]], mode)
+    )
     assert [r[0] for r in rows] == [h["id"] for h in api["results"]]
-    searched = _reader(catalog, "SELECT image_id, category FROM imsrc.search_in(%s::vector, %s::int[], 5, %s)",
-                       (vector, [cats["maps"]], mode))
+    searched = _reader(
+        catalog,
+        "SELECT image_id, category FROM imsrc.search_in(%s::vector, %s::int[], 5, %s)",
+        (vector, [cats["maps"]], mode),
+    )
     assert len(searched) == 5 and {r[1] for r in searched} == {"maps"}
 
 
@@ -146,8 +175,9 @@ def test_search_with_a_vector_includes_the_image_and_duplicates_on_request(catal
     vector = _reader(catalog, "SELECT embedding::text FROM embeddings WHERE image_id = %s", (image,))[0][0]
     rows = _reader(catalog, "SELECT image_id, score FROM imsrc.search(%s::vector, 5)", (vector,))
     assert rows[0][0] == image and rows[0][1] == pytest.approx(1.0, abs=1e-5)
-    with_dups = _reader(catalog, "SELECT image_id FROM imsrc.search(%s::vector, 30, include_duplicates => true)",
-                        (vector,))
+    with_dups = _reader(
+        catalog, "SELECT image_id FROM imsrc.search(%s::vector, 30, include_duplicates => true)", (vector,)
+    )
     assert set(catalog.duplicates) <= {r[0] for r in with_dups}
 
 
@@ -157,8 +187,11 @@ def test_default_similar_through_imsrc_sql_equals_the_api(catalog: Catalog) -> N
     image = catalog.ids["maps-0.png"]
     api = _api(catalog, f"/api/search/similar/{image}?k=10")
     assert api["mode"] == "ann"
-    env = {"IMSRC_DATABASE_URL": catalog.url, "IMSRC_DATA_DIR": str(catalog.settings.data_dir),
-           "IMSRC_READER_URL": catalog.reader}
+    env = {
+        "IMSRC_DATABASE_URL": catalog.url,
+        "IMSRC_DATA_DIR": str(catalog.settings.data_dir),
+        "IMSRC_READER_URL": catalog.reader,
+    }
     result = run_cli("sql", f"select * from imsrc.similar({image}, 10)", "--json", env=env)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
@@ -183,15 +216,19 @@ def test_stage1_functions_match_the_api_categories(catalog: Catalog) -> None:
 
 
 @pytest.mark.parametrize(("temperature", "expected"), [(0.0005, 1), (5.0, 3)])
-def test_stage1_follows_the_models_calibrated_temperature(catalog: Catalog, temperature: float,
-                                                          expected: int) -> None:
+def test_stage1_follows_the_models_calibrated_temperature(catalog: Catalog, temperature: float, expected: int) -> None:
     """Sync stored a calibrated temperature (search_state stage1:m<id>); the API and imsrc.stage1/similar both
     pick by it: a tiny one searches one category, a huge one the cap (3), on both sides."""
     with catalog.database.session() as session:
         key, saved = session.execute(text("SELECT key, value FROM search_state WHERE key LIKE 'stage1:m%'")).one()
         assert saved["temperature"] > 0 and saved["samples"] == 32 and saved["categories"] == len(CATEGORIES)
-        session.execute(text("UPDATE search_state SET value = jsonb_set(value, '{temperature}', to_jsonb(CAST(:t AS"
-                             " float8))), updated_at = clock_timestamp() WHERE key = :k"), {"t": temperature, "k": key})
+        session.execute(
+            text(
+                "UPDATE search_state SET value = jsonb_set(value, '{temperature}', to_jsonb(CAST(:t AS"
+                " float8))), updated_at = clock_timestamp() WHERE key = :k"
+            ),
+            {"t": temperature, "k": key},
+        )
         session.commit()
     try:
         image = catalog.ids["toys-2.png"]
@@ -203,8 +240,12 @@ def test_stage1_follows_the_models_calibrated_temperature(catalog: Catalog, temp
         assert [r[0] for r in rows] == [h["id"] for h in api["results"]]
     finally:
         with catalog.database.session() as session:
-            session.execute(text("UPDATE search_state SET value = CAST(:v AS jsonb), updated_at = clock_timestamp()"
-                                 " WHERE key = :k"), {"v": json.dumps(saved), "k": key})
+            session.execute(
+                text(
+                    "UPDATE search_state SET value = CAST(:v AS jsonb), updated_at = clock_timestamp() WHERE key = :k"
+                ),
+                {"v": json.dumps(saved), "k": key},
+            )
             session.commit()
 
 
@@ -240,22 +281,29 @@ def test_reader_can_search_but_still_cannot_write(catalog: Catalog) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("UPDATE images SET original_name = 'x'")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("CREATE OR REPLACE FUNCTION imsrc._setting(name text, fallback numeric) RETURNS numeric"
-                         " LANGUAGE sql AS 'SELECT 1'")
+            conn.execute(
+                "CREATE OR REPLACE FUNCTION imsrc._setting(name text, fallback numeric) RETURNS numeric"
+                " LANGUAGE sql AS 'SELECT 1'"
+            )
 
 
 def test_the_readme_recipe_for_a_hand_written_query_uses_the_category_index(catalog: Catalog) -> None:
     """db/README.md: the partial index is used when the query repeats its predicate and ORDER BY."""
     model_id, category_id, index_name, predicate, order_by, dimension = _reader(
-        catalog, "SELECT x.model_id, x.category_id, x.index_name, x.index_predicate, x.order_by, m.dimension"
-                 " FROM catalog_category_indexes x JOIN catalog_models m ON m.id = x.model_id"
-                 " WHERE x.category = 'maps'")[0]
+        catalog,
+        "SELECT x.model_id, x.category_id, x.index_name, x.index_predicate, x.order_by, m.dimension"
+        " FROM catalog_category_indexes x JOIN catalog_models m ON m.id = x.model_id"
+        " WHERE x.category = 'maps'",
+    )[0]
     assert predicate == f"WHERE model_id = {model_id} AND category_id = {category_id}"
-    vector = _reader(catalog, "SELECT embedding::text FROM embeddings WHERE image_id = %s",
-                     (catalog.ids["maps-5.png"],))[0][0]
+    vector = _reader(
+        catalog, "SELECT embedding::text FROM embeddings WHERE image_id = %s", (catalog.ids["maps-5.png"],)
+    )[0][0]
     q = f"'{vector}'::vector"
-    inner = (f"SELECT image_id, embedding FROM embeddings {predicate} "
-             f"{order_by.replace('CAST(q AS', f'CAST({q} AS')} LIMIT 5")
+    inner = (
+        f"SELECT image_id, embedding FROM embeddings {predicate} "
+        f"{order_by.replace('CAST(q AS', f'CAST({q} AS')} LIMIT 5"
+    )
     sql = f"SELECT image_id, 1 - (embedding <=> {q}) AS score FROM ({inner}) s ORDER BY score DESC LIMIT 5"
     assert f"halfvec({dimension})" in sql
     with psycopg.connect(catalog.reader) as conn:
@@ -263,8 +311,11 @@ def test_the_readme_recipe_for_a_hand_written_query_uses_the_category_index(cata
         plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {sql}").fetchall())
         assert f"Index Scan using {index_name}" in plan
         hand = [r[0] for r in conn.execute(sql).fetchall()]
-    exact = _reader(catalog, "SELECT image_id FROM imsrc.search_in(%s::vector, %s, 5, 'exact',"
-                             " include_duplicates => true)", (vector, [category_id]))
+    exact = _reader(
+        catalog,
+        "SELECT image_id FROM imsrc.search_in(%s::vector, %s, 5, 'exact', include_duplicates => true)",
+        (vector, [category_id]),
+    )
     assert hand == [r[0] for r in exact] and hand[0] == catalog.ids["maps-5.png"]
 
 
@@ -283,7 +334,11 @@ def test_search_with_a_query_image_vector_matches_the_api(catalog: Catalog, mode
         resp = client.post(f"/api/search/image?k=10&mode={mode}", files={"file": ("q.png", png, "image/png")})
     assert resp.status_code == 200, resp.text
     api = resp.json()
-    rows = _reader(catalog, "SELECT image_id, score FROM imsrc.search(%s::vector, 10, NULL, %s)", (vector, mode),
-                   two_stage_min_rows="0")
+    rows = _reader(
+        catalog,
+        "SELECT image_id, score FROM imsrc.search(%s::vector, 10, NULL, %s)",
+        (vector, mode),
+        two_stage_min_rows="0",
+    )
     assert [r[0] for r in rows] == [h["id"] for h in api["results"]] and len(rows) == 10
     assert [round(r[1], 6) for r in rows] == pytest.approx([h["score"] for h in api["results"]], abs=1.5e-6)

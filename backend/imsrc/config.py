@@ -117,8 +117,9 @@ class Settings(BaseSettings):
 
     # `IMSRC_X=` (as .env.example writes the optional ones) means unset, not an empty string, and for paths not
     # Path("."), which would point the model checkpoint or cache at the working directory.
-    @field_validator("database_url", "reader_url", "reader_password", "model_checkpoint", "model_cache_dir",
-                     "api_key", mode="before")
+    @field_validator(
+        "database_url", "reader_url", "reader_password", "model_checkpoint", "model_cache_dir", "api_key", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -46,9 +46,11 @@ from imsrc.search.sync import ensure_category_indexes, sync_search  # noqa: E402
 
 K = 10
 MODEL = "bench-citus"
-MODES = {"two_stage, 1 category": SearchOptions(k=K, categories=1),
-         "two_stage, 3 categories": SearchOptions(k=K, categories=3),
-         "ann": SearchOptions(k=K, mode="ann")}
+MODES = {
+    "two_stage, 1 category": SearchOptions(k=K, categories=1),
+    "two_stage, 3 categories": SearchOptions(k=K, categories=3),
+    "ann": SearchOptions(k=K, mode="ann"),
+}
 
 
 def load(db: Database, vectors: np.ndarray, labels: np.ndarray, categories: int) -> tuple[Any, dict[str, float]]:
@@ -57,17 +59,23 @@ def load(db: Database, vectors: np.ndarray, labels: np.ndarray, categories: int)
     started = time.perf_counter()
     with db.session() as session:
         models = ModelRepository(session)
-        model = models.register(name=MODEL, dimension=vectors.shape[1], family="bench", params={},
-                                supports_text=False)
+        model = models.register(name=MODEL, dimension=vectors.shape[1], family="bench", params={}, supports_text=False)
         models.set_active(model)
-        cat_ids = [int(session.execute(text("INSERT INTO categories (name) VALUES (:n) RETURNING id"),
-                                       {"n": f"bench-{i:03d}"}).scalar_one()) for i in range(categories)]
+        cat_ids = [
+            int(
+                session.execute(
+                    text("INSERT INTO categories (name) VALUES (:n) RETURNING id"), {"n": f"bench-{i:03d}"}
+                ).scalar_one()
+            )
+            for i in range(categories)
+        ]
         session.expunge(model)
     category_of = np.asarray(cat_ids, dtype=np.int64)[labels]
     ids = np.arange(1, len(vectors) + 1, dtype=np.int64)
     with psycopg.connect(db.url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        with conn.cursor().copy("COPY images (id, sha256, width, height, format, byte_size, category_id)"
-                                " FROM STDIN") as copy:
+        with conn.cursor().copy(
+            "COPY images (id, sha256, width, height, format, byte_size, category_id) FROM STDIN"
+        ) as copy:
             for i, c in zip(ids.tolist(), category_of.tolist(), strict=True):
                 copy.write_row((i, i.to_bytes(32, "big"), 8, 8, "PNG", 100, c))
         with conn.cursor().copy("COPY embeddings (model_id, image_id, category_id, embedding) FROM STDIN") as copy:
@@ -99,8 +107,9 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def measure(db: Database, model: Any, queries: np.ndarray, truth: list[list[int]], clients: int,
-            seconds: float) -> dict[str, Any]:
+def measure(
+    db: Database, model: Any, queries: np.ndarray, truth: list[list[int]], clients: int, seconds: float
+) -> dict[str, Any]:
     runtime = SearchRuntime.create(db.settings)
     out: dict[str, Any] = {}
     lat: dict[str, list[float]] = {m: [] for m in MODES}
@@ -121,8 +130,12 @@ def measure(db: Database, model: Any, queries: np.ndarray, truth: list[list[int]
             short[name] += len(found) < K
             results[name].append(found)
     for name in MODES:
-        out[name] = {"p50_ms": round(pct(lat[name], 50), 2), "p95_ms": round(pct(lat[name], 95), 2),
-                     "recall_at_10": round(statistics.fmean(recall[name]), 4), "short_answers": short[name]}
+        out[name] = {
+            "p50_ms": round(pct(lat[name], 50), 2),
+            "p95_ms": round(pct(lat[name], 95), 2),
+            "recall_at_10": round(statistics.fmean(recall[name]), 4),
+            "short_answers": short[name],
+        }
     out["_results"] = results
     # Throughput: `clients` threads, each its own session per search, one-category two-stage queries.
     done = [0] * clients
@@ -132,8 +145,7 @@ def measure(db: Database, model: Any, queries: np.ndarray, truth: list[list[int]
         i = n
         while time.monotonic() < stop:
             with db.session() as session:
-                runtime.service(session).search_vector(model, queries[i % len(queries)],
-                                                       MODES["two_stage, 1 category"])
+                runtime.service(session).search_vector(model, queries[i % len(queries)], MODES["two_stage, 1 category"])
             done[n] += 1
             i += clients
 
@@ -167,8 +179,9 @@ def local_cluster(base: Path) -> tuple[Any, str]:
 
 
 def open_db(url: str, data: Path) -> Database:
-    settings = Settings(database_url=url, data_dir=data, model=MODEL, search_two_stage_min_rows=0,
-                        search_warmup=False, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(
+        database_url=url, data_dir=data, model=MODEL, search_two_stage_min_rows=0, search_warmup=False, _env_file=None
+    )  # type: ignore[call-arg]
     upgrade(url)
     return Database(url=url, engine=make_engine(url, pool_size=16), settings=settings, revision="head")
 
@@ -191,9 +204,14 @@ def main() -> None:
     truth = [ids[np.argsort(-(vectors @ q), kind="stable")[:K]].tolist() for q in queries]
     scratch = Path(tempfile.mkdtemp(prefix="imsrc-bench-citus-"))
     os.chmod(scratch, 0o755)
-    report: dict[str, Any] = {"rows": args.rows, "categories": args.categories, "dimension": args.dimension,
-                              "queries": args.queries, "clients": args.clients,
-                              "load_average_before": os.getloadavg()}
+    report: dict[str, Any] = {
+        "rows": args.rows,
+        "categories": args.categories,
+        "dimension": args.dimension,
+        "queries": args.queries,
+        "clients": args.clients,
+        "load_average_before": os.getloadavg(),
+    }
     server = EmbeddedServer(scratch / "single")
     cluster = None
     try:
@@ -204,14 +222,17 @@ def main() -> None:
             db = open_db(url, scratch / "data")
             try:
                 model, timings = load(db, vectors, labels, args.categories)
-                report[name] = {"build": {k: round(v, 2) for k, v in timings.items()},
-                                **measure(db, model, queries, truth, args.clients, args.seconds)}
+                report[name] = {
+                    "build": {k: round(v, 2) for k, v in timings.items()},
+                    **measure(db, model, queries, truth, args.clients, args.seconds),
+                }
             finally:
                 db.dispose()
             print(name, json.dumps({k: v for k, v in report[name].items() if k != "_results"}), flush=True)
         one, dist = report["one node"].pop("_results"), report["citus 1+2"].pop("_results")
-        report["same_ids_as_one_node"] = {m: sum(a == b for a, b in zip(one[m], dist[m], strict=True)) / len(one[m])
-                                          for m in MODES}
+        report["same_ids_as_one_node"] = {
+            m: sum(a == b for a, b in zip(one[m], dist[m], strict=True)) / len(one[m]) for m in MODES
+        }
         report["load_average_after"] = os.getloadavg()
     finally:
         if cluster is not None:

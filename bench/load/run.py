@@ -56,9 +56,13 @@ def start_server(model: str, workers: int, backend: str) -> tuple[subprocess.Pop
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
     env.update(IMSRC_DATA_DIR=str(data / "data"), IMSRC_MODEL=model, IMSRC_SEARCH_BACKEND=backend)
-    proc = subprocess.Popen([sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port),
-                             "--workers", str(workers)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port), "--workers", str(workers)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -71,8 +75,16 @@ def start_server(model: str, workers: int, backend: str) -> tuple[subprocess.Pop
     raise SystemExit("server did not start")
 
 
-async def client_loop(client: httpx.AsyncClient, deadline: float, seed: int, stats: dict[str, list[float]],
-                      errors: dict[str, int], uploaded: list[int], texts_ok: bool, categories: int) -> None:
+async def client_loop(
+    client: httpx.AsyncClient,
+    deadline: float,
+    seed: int,
+    stats: dict[str, list[float]],
+    errors: dict[str, int],
+    uploaded: list[int],
+    texts_ok: bool,
+    categories: int,
+) -> None:
     rng = random.Random(seed)
     n = 0
     while time.monotonic() < deadline:
@@ -83,16 +95,20 @@ async def client_loop(client: httpx.AsyncClient, deadline: float, seed: int, sta
             route = "POST /api/images"
             data = picture(seed * 100_000 + n)
             form = {"category": f"load-{seed % categories}"} if categories else {}
-            resp = await client.post("/api/images", data=form,
-                                     files={"file": (f"load-{seed}-{n}.jpg", data, "image/jpeg")})
+            resp = await client.post(
+                "/api/images", data=form, files={"file": (f"load-{seed}-{n}.jpg", data, "image/jpeg")}
+            )
             if resp.status_code < 300:
                 for item in resp.json().get("results", []):
                     if item.get("id"):
                         uploaded.append(int(item["id"]))
         elif roll < 0.6:
             route = "POST /api/search/image"
-            resp = await client.post("/api/search/image", params={"k": 10},
-                                     files={"file": ("q.jpg", picture(rng.randrange(200)), "image/jpeg")})
+            resp = await client.post(
+                "/api/search/image",
+                params={"k": 10},
+                files={"file": ("q.jpg", picture(rng.randrange(200)), "image/jpeg")},
+            )
         elif roll < 0.8 and texts_ok:
             route = "GET /api/search/text"
             resp = await client.get("/api/search/text", params={"q": rng.choice(["a red circle", "blue", "shoe"])})
@@ -117,16 +133,31 @@ async def run(base: str, clients: int, seconds: float, categories: int) -> dict[
         errors: dict[str, int] = defaultdict(int)
         uploaded: list[int] = []
         deadline = time.monotonic() + seconds
-        await asyncio.gather(*(client_loop(client, deadline, i + 1, stats, errors, uploaded, texts_ok, categories)
-                               for i in range(clients)))
+        await asyncio.gather(
+            *(
+                client_loop(client, deadline, i + 1, stats, errors, uploaded, texts_ok, categories)
+                for i in range(clients)
+            )
+        )
         missing = [i for i in uploaded if (await client.get(f"/api/images/{i}")).status_code != 200]
     routes = {}
     for route, values in sorted(stats.items()):
         q = statistics.quantiles(values, n=100) if len(values) > 1 else values * 99
-        routes[route] = {"requests": len(values), "p50_ms": round(q[49], 1), "p95_ms": round(q[94], 1),
-                         "p99_ms": round(q[98], 1), "5xx": errors.get(route, 0)}
-    return {"clients": clients, "seconds": seconds, "routes": routes, "acknowledged_uploads": len(uploaded),
-            "missing_uploads": len(missing), "total_5xx": sum(errors.values())}
+        routes[route] = {
+            "requests": len(values),
+            "p50_ms": round(q[49], 1),
+            "p95_ms": round(q[94], 1),
+            "p99_ms": round(q[98], 1),
+            "5xx": errors.get(route, 0),
+        }
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "routes": routes,
+        "acknowledged_uploads": len(uploaded),
+        "missing_uploads": len(missing),
+        "total_5xx": sum(errors.values()),
+    }
 
 
 class MemorySampler:
@@ -165,8 +196,12 @@ class MemorySampler:
     def close(self) -> dict[str, float]:
         self.stop.set()
         self.thread.join(5)
-        return {"peak_rss_mb": self.peak["rss_mb"], "peak_pss_mb": self.peak["pss_mb"],
-                "end_rss_mb": self.last["rss_mb"], "end_pss_mb": self.last["pss_mb"]}
+        return {
+            "peak_rss_mb": self.peak["rss_mb"],
+            "peak_pss_mb": self.peak["pss_mb"],
+            "end_rss_mb": self.last["rss_mb"],
+            "end_pss_mb": self.last["pss_mb"],
+        }
 
 
 def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
@@ -177,8 +212,10 @@ def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
         proc, base, data = start_server(args.model, workers, args.backend)
         with httpx.Client(base_url=base, timeout=300) as c:
             for start in range(0, args.seed_images, 20):
-                files = [("file", (f"seed-{i}.jpg", picture(i), "image/jpeg"))
-                         for i in range(start, min(start + 20, args.seed_images))]
+                files = [
+                    ("file", (f"seed-{i}.jpg", picture(i), "image/jpeg"))
+                    for i in range(start, min(start + 20, args.seed_images))
+                ]
                 c.post("/api/images", files=files).raise_for_status()
     load_before = os.getloadavg()[0]
     sampler = MemorySampler(proc.pid) if proc is not None else None
@@ -190,8 +227,13 @@ def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
-            subprocess.run([sys.executable, "-m", "imsrc.cli.main", "db", "stop"], cwd=ROOT, check=False,
-                           env={**os.environ, "IMSRC_DATA_DIR": str(data / "data")}, capture_output=True)  # type: ignore[operator]
+            subprocess.run(
+                [sys.executable, "-m", "imsrc.cli.main", "db", "stop"],
+                cwd=ROOT,
+                check=False,
+                env={**os.environ, "IMSRC_DATA_DIR": str(data / "data")},
+                capture_output=True,
+            )  # type: ignore[operator]
             shutil.rmtree(data, ignore_errors=True)  # type: ignore[arg-type]
     result.update(workers=workers, load_before=round(load_before, 2), load_after=round(os.getloadavg()[0], 2))
     return result
@@ -206,38 +248,63 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="API worker counts to run one after the other")
     parser.add_argument("--url", help="an already running server (no seeding; --workers ignored)")
     parser.add_argument("--section", default="Load (concurrent clients)", help="BENCHMARKS.md section to write")
-    parser.add_argument("--backend", default="pgvector", choices=["pgvector", "faiss"],
-                        help="IMSRC_SEARCH_BACKEND of the started servers (faiss: indexes saved once and mapped)")
-    parser.add_argument("--upload-categories", type=int, default=0,
-                        help="uploads go into this many named categories (client i into load-{i mod N}); 0: none")
+    parser.add_argument(
+        "--backend",
+        default="pgvector",
+        choices=["pgvector", "faiss"],
+        help="IMSRC_SEARCH_BACKEND of the started servers (faiss: indexes saved once and mapped)",
+    )
+    parser.add_argument(
+        "--upload-categories",
+        type=int,
+        default=0,
+        help="uploads go into this many named categories (client i into load-{i mod N}); 0: none",
+    )
     args = parser.parse_args()
     counts: list[int | None] = [None] if args.url else [int(w) for w in args.workers.split(",")]
     runs = [measure(args, w) for w in counts]
-    result = {"machine": machine(), "model": args.model, "clients": args.clients, "seconds": args.seconds,
-              "backend": args.backend, "upload_categories": args.upload_categories, "runs": runs}
+    result = {
+        "machine": machine(),
+        "model": args.model,
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "backend": args.backend,
+        "upload_categories": args.upload_categories,
+        "runs": runs,
+    }
     write_json(Path(__file__).with_name("results.json"), result)
-    lines = [f"{args.clients} concurrent clients for {args.seconds:.0f} s on loopback per run, model {args.model}, "
-             f"{machine()['cpus']} CPUs; one run per `imsrc serve --workers N`, one after the other.",
-             f"Command: `python bench/load/run.py --clients {args.clients} --seconds {args.seconds:g} "
-             f"--model {args.model} --seed-images {args.seed_images} --workers {args.workers} "
-             f"--backend {args.backend} --upload-categories {args.upload_categories}`.", "",
-             "| workers | load avg before/after | 5xx | acknowledged uploads | missing | searches/s | upload p50 ms |"
-             " peak RSS MB | peak PSS MB |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"{args.clients} concurrent clients for {args.seconds:.0f} s on loopback per run, model {args.model}, "
+        f"{machine()['cpus']} CPUs; one run per `imsrc serve --workers N`, one after the other.",
+        f"Command: `python bench/load/run.py --clients {args.clients} --seconds {args.seconds:g} "
+        f"--model {args.model} --seed-images {args.seed_images} --workers {args.workers} "
+        f"--backend {args.backend} --upload-categories {args.upload_categories}`.",
+        "",
+        "| workers | load avg before/after | 5xx | acknowledged uploads | missing | searches/s | upload p50 ms |"
+        " peak RSS MB | peak PSS MB |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in runs:
         routes = r["routes"]
         searches = sum(v["requests"] for k, v in routes.items() if "/search/" in k)  # type: ignore[attr-defined]
         upload = routes.get("POST /api/images", {}).get("p50_ms", "-")  # type: ignore[attr-defined]
         memory = r.get("memory") or {}
-        lines.append(f"| {r['workers'] or '-'} | {r['load_before']} / {r['load_after']} | {r['total_5xx']} | "
-                     f"{r['acknowledged_uploads']} | {r['missing_uploads']} | {searches / args.seconds:.1f} | "
-                     f"{upload} | {memory.get('peak_rss_mb', '-')} | {memory.get('peak_pss_mb', '-')} |")
-    lines += ["", "| workers | route | requests | p50 ms | p95 ms | p99 ms | 5xx |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines.append(
+            f"| {r['workers'] or '-'} | {r['load_before']} / {r['load_after']} | {r['total_5xx']} | "
+            f"{r['acknowledged_uploads']} | {r['missing_uploads']} | {searches / args.seconds:.1f} | "
+            f"{upload} | {memory.get('peak_rss_mb', '-')} | {memory.get('peak_pss_mb', '-')} |"
+        )
+    lines += [
+        "",
+        "| workers | route | requests | p50 ms | p95 ms | p99 ms | 5xx |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in runs:
         for route, v in r["routes"].items():  # type: ignore[attr-defined]
-            lines.append(f"| {r['workers'] or '-'} | {route} | {v['requests']} | {v['p50_ms']} | {v['p95_ms']} | "
-                         f"{v['p99_ms']} | {v['5xx']} |")
+            lines.append(
+                f"| {r['workers'] or '-'} | {route} | {v['requests']} | {v['p50_ms']} | {v['p95_ms']} | "
+                f"{v['p99_ms']} | {v['5xx']} |"
+            )
     replace_section(args.section, "\n".join(lines))
     print("\n".join(lines))
     if any(r["total_5xx"] or r["missing_uploads"] for r in runs):

@@ -55,7 +55,7 @@ def captions(rows: int, rng: np.random.Generator) -> list[str]:
     words = rng.choice(VOCABULARY, size=int(lengths.sum()), p=p)
     out, at = [], 0
     for n in lengths:
-        out.append(" ".join(f"w{w}" for w in words[at:at + n]))
+        out.append(" ".join(f"w{w}" for w in words[at : at + n]))
         at += n
     return out
 
@@ -85,17 +85,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute('CREATE DATABASE "imsrc_bench"')
-        db_url = url.replace("/postgres?", "/imsrc_bench?") if "/postgres?" in url else \
-            url.rsplit("/", 1)[0] + "/imsrc_bench"
+        db_url = (
+            url.replace("/postgres?", "/imsrc_bench?")
+            if "/postgres?" in url
+            else url.rsplit("/", 1)[0] + "/imsrc_bench"
+        )
         upgrade(db_url)
         # Categories of up to 2,000 rows are scanned exactly (no per-category HNSW builds: at 100k they took 16
         # minutes on the loaded shared machine, and keyword search does not use them; boost's vector part does).
-        settings = Settings(database_url=db_url, data_dir=scratch / "data", search_exact_max_rows=2000,
-                            _env_file=None)  # type: ignore[call-arg]
+        settings = Settings(database_url=db_url, data_dir=scratch / "data", search_exact_max_rows=2000, _env_file=None)  # type: ignore[call-arg]
         engine = make_engine(db_url)
         db = Database(url=db_url, engine=engine, settings=settings, revision="head", pgvector_version="")
-        _model, build, ids, _cats = load(db, settings, vectors, labels, int(labels.max()) + 1,
-                                         model_name="bench-synthetic")
+        _model, build, ids, _cats = load(
+            db, settings, vectors, labels, int(labels.max()) + 1, model_name="bench-synthetic"
+        )
         texts = captions(args.rows, rng)
         started = time.perf_counter()
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -118,16 +121,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model = service.model(None)
             conn.read_only = True
             for label, words in queries.items():
-                matches[label] = int(conn.execute(
-                    "SELECT count(*) FROM images WHERE to_tsvector('english', coalesce(caption, ''))"
-                    " @@ websearch_to_tsquery('english', %s)", (words,)).fetchone()[0])  # type: ignore[index]
+                matches[label] = int(
+                    conn.execute(
+                        "SELECT count(*) FROM images WHERE to_tsvector('english', coalesce(caption, ''))"
+                        " @@ websearch_to_tsquery('english', %s)",
+                        (words,),
+                    ).fetchone()[0]
+                )  # type: ignore[index]
             for n, row in enumerate(picks):
                 vector = vectors[row]
                 literal = vector_literal(vector)
                 for label, words in queries.items():
                     for how in ("alone", "filter", "boost"):
-                        options = SearchOptions(k=K, keywords=None if how == "alone" else words,
-                                                keyword_mode="boost" if how == "boost" else "filter")
+                        options = SearchOptions(
+                            k=K,
+                            keywords=None if how == "alone" else words,
+                            keyword_mode="boost" if how == "boost" else "filter",
+                        )
                         t = time.perf_counter()
                         if how == "alone":
                             service.search_keywords(words, options)
@@ -138,8 +148,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         if how == "alone":
                             conn.execute("SELECT * FROM imsrc.search_text(%s, %s)", (words, K)).fetchall()
                         else:
-                            conn.execute("SELECT * FROM imsrc.search_text(%s, %s, %s::vector, %s)",
-                                         (words, K, literal, how)).fetchall()
+                            conn.execute(
+                                "SELECT * FROM imsrc.search_text(%s, %s, %s::vector, %s)", (words, K, literal, how)
+                            ).fetchall()
                         sql_ms = (time.perf_counter() - t) * 1000
                         if n == 0:
                             continue  # the first round warms caches and plans
@@ -150,16 +161,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    rows = {key: {"p50_ms": round(statistics.median(v), 2), "p95_ms": round(pct(v, 95), 2), "n": len(v)}
-            for key, v in lat.items()}
-    return {"command": " ".join(["python", "bench/search/keywords_bench.py", *sys.argv[1:]]),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "load_average_before": [round(x, 2) for x in load_before],
-                        "load_average_after": [round(x, 2) for x in os.getloadavg()]},
-            "data": {"rows": args.rows, "dim": args.dim, "categories": args.categories, "vocabulary": VOCABULARY},
-            "settings": {"search_exact_max_rows": 2000, "search_backend": "pgvector"},
-            "queries": queries, "matching_captions": matches, "k": K,
-            "build_s": {k: round(v, 2) for k, v in build.items()}, "latency": rows}
+    rows = {
+        key: {"p50_ms": round(statistics.median(v), 2), "p95_ms": round(pct(v, 95), 2), "n": len(v)}
+        for key, v in lat.items()
+    }
+    return {
+        "command": " ".join(["python", "bench/search/keywords_bench.py", *sys.argv[1:]]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "data": {"rows": args.rows, "dim": args.dim, "categories": args.categories, "vocabulary": VOCABULARY},
+        "settings": {"search_exact_max_rows": 2000, "search_backend": "pgvector"},
+        "queries": queries,
+        "matching_captions": matches,
+        "k": K,
+        "build_s": {k: round(v, 2) for k, v in build.items()},
+        "latency": rows,
+    }
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ class Mixture:
         labels = rng.permutation(np.arange(n) % k)
         out = np.empty((n, d), dtype=np.float32)
         for start in range(0, n, 50_000):  # in blocks: 1M x 512 noise in one go would need 4 GB more
-            lab = labels[start:start + 50_000]
+            lab = labels[start : start + 50_000]
             if self.bases is None:
                 noise = rng.standard_normal((len(lab), d), dtype=np.float32) * (self.spread / np.sqrt(d))
             else:  # most of the spread along a few directions per category, like real embeddings
@@ -43,7 +43,7 @@ class Mixture:
                 noise = np.einsum("nr,nrd->nd", z, self.bases[lab])
                 noise += rng.standard_normal((len(lab), d), dtype=np.float32) * (0.1 * self.spread / np.sqrt(d))
             x = self.centres[lab] + noise
-            out[start:start + len(lab)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+            out[start : start + len(lab)] = x / np.linalg.norm(x, axis=1, keepdims=True)
         return out, labels
 
 
@@ -57,8 +57,9 @@ def make_mixture(categories: int, dimension: int, spread: float, seed: int, intr
     return Mixture(centres / np.linalg.norm(centres, axis=1, keepdims=True), spread, seed, bases)
 
 
-def real_calibrated(n: int, base: np.ndarray, labels: np.ndarray, rng: np.random.Generator, noise: float = 0.5
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def real_calibrated(
+    n: int, base: np.ndarray, labels: np.ndarray, rng: np.random.Generator, noise: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """n vectors shaped by real embeddings: each is a random real vector plus Gaussian noise with its category's
     per-dimension spread (times `noise`), renormalised. Categories then overlap as the real ones do (stage 1 makes
     the real mistakes), unlike the isotropic mixture; the label is the real vector's."""
@@ -66,10 +67,10 @@ def real_calibrated(n: int, base: np.ndarray, labels: np.ndarray, rng: np.random
     pick = rng.integers(0, len(base), n)
     out = np.empty((n, base.shape[1]), dtype=np.float32)
     for start in range(0, n, 20_000):
-        rows = pick[start:start + 20_000]
+        rows = pick[start : start + 20_000]
         sigma = np.stack([spread[int(c)] for c in labels[rows]])
         x = base[rows] + rng.standard_normal(sigma.shape, dtype=np.float32) * sigma
-        out[start:start + len(rows)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        out[start : start + len(rows)] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out, labels[pick].astype(np.int64)
 
 
@@ -89,10 +90,18 @@ def _binary_copy(columns: list[tuple[str, np.ndarray]], vectors: np.ndarray) -> 
     return b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8 + rows.tobytes() + b"\xff\xff"
 
 
-def load(database: Database, settings: Settings, vectors: np.ndarray, labels: np.ndarray,
-         n_categories: int, *, parallel_builds: bool = False, model_name: str = MODEL,
-         category_names: list[str] | None = None, global_graph: tuple[int, int] | None = None
-         ) -> tuple[EmbeddingModel, dict[str, float], np.ndarray, np.ndarray]:
+def load(
+    database: Database,
+    settings: Settings,
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    n_categories: int,
+    *,
+    parallel_builds: bool = False,
+    model_name: str = MODEL,
+    category_names: list[str] | None = None,
+    global_graph: tuple[int, int] | None = None,
+) -> tuple[EmbeddingModel, dict[str, float], np.ndarray, np.ndarray]:
     """Fresh rows for the benchmark model: categories, images, embeddings (COPY), then every index.
 
     global_graph: (m, ef_construction) for the per-model HNSW index (mode `ann`), so the baseline can get the
@@ -101,13 +110,23 @@ def load(database: Database, settings: Settings, vectors: np.ndarray, labels: np
     names = category_names or [f"bench-{i:03d}" for i in range(n_categories)]
     with database.session() as session:
         models = ModelRepository(session)
-        model = models.register(name=model_name, dimension=vectors.shape[1], family="bench", params={},
-                                supports_text=False)
+        model = models.register(
+            name=model_name, dimension=vectors.shape[1], family="bench", params={}, supports_text=False
+        )
         models.set_active(model)
         session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_hnsw_m{model.id}"))
-        cat_ids = [int(session.execute(text(
-            "INSERT INTO categories (name) VALUES (:n) ON CONFLICT ((lower(name))) DO UPDATE SET name = EXCLUDED.name"
-            " RETURNING id"), {"n": names[i]}).scalar_one()) for i in range(n_categories)]
+        cat_ids = [
+            int(
+                session.execute(
+                    text(
+                        "INSERT INTO categories (name) VALUES (:n)"
+                        " ON CONFLICT ((lower(name))) DO UPDATE SET name = EXCLUDED.name RETURNING id"
+                    ),
+                    {"n": names[i]},
+                ).scalar_one()
+            )
+            for i in range(n_categories)
+        ]
     category_of = np.asarray(cat_ids, dtype=np.int64)[labels]
     started = time.perf_counter()
     raw_url = database.url
@@ -116,18 +135,25 @@ def load(database: Database, settings: Settings, vectors: np.ndarray, labels: np
         ids = np.arange(first, first + len(vectors), dtype=np.int64)
         # Bulk load as the table owner: the per-row triggers (category fill, change log) are for live writes.
         conn.execute("ALTER TABLE embeddings DISABLE TRIGGER USER")
-        with conn.cursor().copy("COPY images (id, sha256, width, height, format, byte_size, category_id) "
-                                "FROM STDIN") as copy:
+        with conn.cursor().copy(
+            "COPY images (id, sha256, width, height, format, byte_size, category_id) FROM STDIN"
+        ) as copy:
             for i, c in zip(ids.tolist(), category_of.tolist(), strict=True):
                 copy.write_row((i, i.to_bytes(32, "big"), 8, 8, "PNG", 100, c))
         chunk = 20_000
         for start in range(0, len(vectors), chunk):
             stop = start + chunk
-            stream = _binary_copy([("model_id", np.full(min(chunk, len(vectors) - start), model.id, np.int32)),
-                                   ("image_id", ids[start:stop]), ("category_id", category_of[start:stop])],
-                                  vectors[start:stop])
-            with conn.cursor().copy("COPY embeddings (model_id, image_id, category_id, embedding) FROM STDIN "
-                                    "(FORMAT BINARY)") as copy:
+            stream = _binary_copy(
+                [
+                    ("model_id", np.full(min(chunk, len(vectors) - start), model.id, np.int32)),
+                    ("image_id", ids[start:stop]),
+                    ("category_id", category_of[start:stop]),
+                ],
+                vectors[start:stop],
+            )
+            with conn.cursor().copy(
+                "COPY embeddings (model_id, image_id, category_id, embedding) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
                 copy.write(stream)
         conn.execute("ALTER TABLE embeddings ENABLE TRIGGER USER")
         conn.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), (SELECT max(id) FROM images))")
@@ -136,16 +162,20 @@ def load(database: Database, settings: Settings, vectors: np.ndarray, labels: np
         conn.execute("VACUUM ANALYZE images")
         conn.execute("VACUUM ANALYZE embeddings")
     timings["copy_s"] = time.perf_counter() - started
+
     def build_global() -> None:
         with database.session() as session:
             _maintenance(session)
             started = time.perf_counter()
             if global_graph is not None:  # same name as the service's index, so mode `ann` walks this one
                 dim = int(vectors.shape[1])
-                session.execute(text(
-                    f"CREATE INDEX ix_embeddings_hnsw_m{model.id} ON embeddings USING hnsw "
-                    f"({embedding_expr(dim)} {opclass(dim)}) WITH (m = {int(global_graph[0])}, "
-                    f"ef_construction = {int(global_graph[1])}) WHERE model_id = {model.id}"))
+                session.execute(
+                    text(
+                        f"CREATE INDEX ix_embeddings_hnsw_m{model.id} ON embeddings USING hnsw "
+                        f"({embedding_expr(dim)} {opclass(dim)}) WITH (m = {int(global_graph[0])}, "
+                        f"ef_construction = {int(global_graph[1])}) WHERE model_id = {model.id}"
+                    )
+                )
             ModelRepository(session).ensure_index(model)
             timings["hnsw_global_build_s"] = time.perf_counter() - started
 
@@ -179,9 +209,12 @@ def _maintenance(session: Session) -> None:
 
 
 def index_sizes(session: Session, model_id: int) -> dict[str, int]:
-    rows = session.execute(text(
-        "SELECT indexname, pg_relation_size(format('%I', indexname)::regclass) FROM pg_indexes "
-        "WHERE tablename = 'embeddings'")).all()
+    rows = session.execute(
+        text(
+            "SELECT indexname, pg_relation_size(format('%I', indexname)::regclass) FROM pg_indexes "
+            "WHERE tablename = 'embeddings'"
+        )
+    ).all()
     glob = sum(int(s) for n, s in rows if n == f"ix_embeddings_hnsw_m{model_id}")
     per = sum(int(s) for n, s in rows if n.startswith(f"{INDEX_PREFIX}_m{model_id}_c"))
     table = int(session.execute(text("SELECT pg_table_size('embeddings')")).scalar_one())
@@ -193,14 +226,18 @@ def prewarm(database: Database) -> int:
     there; a freshly built one has them only in the OS page cache, one syscall per 8 KB page). Returns bytes."""
     with database.session() as session:
         session.execute(text("CREATE EXTENSION IF NOT EXISTS pg_prewarm"))
-        blocks = session.execute(text(
-            "SELECT coalesce(sum(pg_prewarm(c.oid)), 0) FROM pg_class c WHERE c.oid = 'embeddings'::regclass "
-            "OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'embeddings'::regclass)")).scalar_one()
+        blocks = session.execute(
+            text(
+                "SELECT coalesce(sum(pg_prewarm(c.oid)), 0) FROM pg_class c WHERE c.oid = 'embeddings'::regclass "
+                "OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'embeddings'::regclass)"
+            )
+        ).scalar_one()
     return int(blocks) * 8192
 
 
-def reuse(database: Database, build_file: str | None) -> tuple[EmbeddingModel, dict[str, float], np.ndarray,
-                                                               np.ndarray]:
+def reuse(
+    database: Database, build_file: str | None
+) -> tuple[EmbeddingModel, dict[str, float], np.ndarray, np.ndarray]:
     """The benchmark model of a kept database, its image ids and categories in load order, and (from an
     earlier results file, if given) the build times measured when it was loaded."""
     import json
@@ -210,8 +247,9 @@ def reuse(database: Database, build_file: str | None) -> tuple[EmbeddingModel, d
         model = ModelRepository(session).by_name(MODEL)
         if model is None:
             raise SystemExit(f"no {MODEL} model in this database")
-        rows = session.execute(text("SELECT image_id, category_id FROM embeddings WHERE model_id = :m "
-                                    "ORDER BY image_id"), {"m": model.id}).all()
+        rows = session.execute(
+            text("SELECT image_id, category_id FROM embeddings WHERE model_id = :m ORDER BY image_id"), {"m": model.id}
+        ).all()
         session.expunge(model)
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     cats = np.array([r[1] for r in rows], dtype=np.int64)

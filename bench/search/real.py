@@ -19,11 +19,12 @@ from PIL import Image
 from imsrc.config import Settings
 
 DATASET = Path("/usr/share/datasets/fashion-mnist")
-SPLITS = (("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-          ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"))
+SPLITS = (
+    ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+)
 MODEL = "efficientnet-lite0"
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-           "Ankle boot"]
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DATA = Path(__file__).resolve().parent / "data"
 
 
@@ -31,15 +32,17 @@ def check_available() -> None:
     """Stops with one line before any work when the Debian dataset is missing."""
     missing = [name for pair in SPLITS for name in pair if not (DATASET / name).is_file()]
     if missing:
-        raise SystemExit(f"real-data mode needs Debian's dataset-fashion-mnist ({DATASET}/{missing[0]} is "
-                         "missing): apt install dataset-fashion-mnist")
+        raise SystemExit(
+            f"real-data mode needs Debian's dataset-fashion-mnist ({DATASET}/{missing[0]} is "
+            "missing): apt install dataset-fashion-mnist"
+        )
 
 
 def _idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as fh:
         raw = fh.read()
     _, _dtype, ndim = struct.unpack(">HBB", raw[:4])
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -98,8 +101,10 @@ def embed(n: int, inference: str = "auto", batch: int = 64) -> tuple[np.ndarray,
     start = done
     while start < n:
         end = min(start + batch, n, (start // CHECKPOINT + 1) * CHECKPOINT)
-        tensors = [embedder.preprocess(model_image(Image.fromarray(a)))  # type: ignore[attr-defined]
-                   for a in raw[start:end]]
+        tensors = [
+            embedder.preprocess(model_image(Image.fromarray(a)))  # type: ignore[attr-defined]
+            for a in raw[start:end]
+        ]
         got = np.asarray(embedder.encode_images(torch.stack(tensors)), dtype=np.float32)
         out[start:end] = got / np.linalg.norm(got, axis=1, keepdims=True)
         if end % CHECKPOINT == 0 and end < n:

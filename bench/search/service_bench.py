@@ -56,9 +56,13 @@ K = 10
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 # (row label, mode, backend); backend None = the service's default (pgvector)
-METHODS = [("exact", "exact", None), ("ann pgvector", "ann", "pgvector"),
-           ("two_stage pgvector", "two_stage", "pgvector"), ("ann FAISS", "ann", "faiss"),
-           ("two_stage FAISS", "two_stage", "faiss")]
+METHODS = [
+    ("exact", "exact", None),
+    ("ann pgvector", "ann", "pgvector"),
+    ("two_stage pgvector", "two_stage", "pgvector"),
+    ("ann FAISS", "ann", "faiss"),
+    ("two_stage FAISS", "two_stage", "faiss"),
+]
 FORCED = "two_stage pgvector, small-catalog rule off"
 EF_LADDER = (40, 60, 100, 150, 200, 300, 400, 600, 1000)
 SERVER_SETTINGS = ("shared_buffers", "work_mem", "max_parallel_workers_per_gather", "jit", "effective_cache_size")
@@ -77,8 +81,8 @@ def truth_for(vectors: np.ndarray, ids: np.ndarray, query_rows: np.ndarray) -> l
     """Exact top k by cosine, the query image itself left out (as `similar` does)."""
     out = []
     for start in range(0, len(query_rows), 50):
-        block = vectors @ vectors[query_rows[start:start + 50]].T
-        for j, row in enumerate(query_rows[start:start + 50]):
+        block = vectors @ vectors[query_rows[start : start + 50]].T
+        for j, row in enumerate(query_rows[start : start + 50]):
             scores = block[:, j].copy()
             scores[row] = -np.inf
             out.append(ids[np.argsort(-scores, kind="stable")[:K]].tolist())
@@ -100,9 +104,16 @@ class Http:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from imsrc.cli.main import main; main()", "serve", "--port", str(self.port)],
-            env={**os.environ, **env, "IMSRC_DATABASE_URL": url, "IMSRC_DATA_DIR": str(data_dir),
-                 "PYTHONPATH": str(ROOT / "backend")}, stdout=subprocess.DEVNULL,
-            stderr=(data_dir.parent / "serve.log").open("wb"))  # a pipe nobody reads would fill and block it
+            env={
+                **os.environ,
+                **env,
+                "IMSRC_DATABASE_URL": url,
+                "IMSRC_DATA_DIR": str(data_dir),
+                "PYTHONPATH": str(ROOT / "backend"),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=(data_dir.parent / "serve.log").open("wb"),
+        )  # a pipe nobody reads would fill and block it
         self.log = data_dir.parent / "serve.log"
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
         started = time.perf_counter()
@@ -144,8 +155,9 @@ class Http:
             self.proc.wait(10)
 
 
-def service_call(db: Database, runtime: SearchRuntime, image_id: int, mode: str, backend: str | None,
-                 categories: int | None = None) -> tuple[float, SearchResponse]:
+def service_call(
+    db: Database, runtime: SearchRuntime, image_id: int, mode: str, backend: str | None, categories: int | None = None
+) -> tuple[float, SearchResponse]:
     """One request's worth of work, as the API does it: a session (one transaction), the service, commit."""
     started = time.perf_counter()
     options = SearchOptions(k=K, mode=mode, backend=backend, categories=categories)  # type: ignore[arg-type]
@@ -156,17 +168,34 @@ def service_call(db: Database, runtime: SearchRuntime, image_id: int, mode: str,
 
 # Stage-1 rules compared on the same queries (two_stage pgvector, small-catalog rule off): the rule of earlier
 # releases (softmax temperature fixed at 0.05), the calibrated default, and fixed fan-outs.
-RULES = [("fixed temperature 0.05", 0.05, None), ("calibrated (default)", 0.0, None), ("fan-out 1", 0.0, 1),
-         ("fan-out 2", 0.0, 2), ("fan-out 3", 0.0, 3)]
+RULES = [
+    ("fixed temperature 0.05", 0.05, None),
+    ("calibrated (default)", 0.0, None),
+    ("fan-out 1", 0.0, 1),
+    ("fan-out 2", 0.0, 2),
+    ("fan-out 3", 0.0, 3),
+]
 
 
-def measure_rules(db: Database, settings: Settings, ids: np.ndarray, rows: np.ndarray, truths: list[list[int]],
-                  cat_of: dict[int, int], label_of: dict[int, int]) -> dict[str, Any]:
+def measure_rules(
+    db: Database,
+    settings: Settings,
+    ids: np.ndarray,
+    rows: np.ndarray,
+    truths: list[list[int]],
+    cat_of: dict[int, int],
+    label_of: dict[int, int],
+) -> dict[str, Any]:
     """Label p@10, neighbour recall, stage-1 category recall and categories picked per rule, interleaved."""
-    runtimes = {label: SearchRuntime.create(settings.model_copy(update={
-        "search_two_stage_min_rows": 0, "search_stage1_temperature": temperature})) for label, temperature, _ in RULES}
-    got: dict[str, dict[str, list[float]]] = {label: {"lat": [], "rec": [], "prec": [], "cat": [], "n": []}
-                                              for label, _, _ in RULES}
+    runtimes = {
+        label: SearchRuntime.create(
+            settings.model_copy(update={"search_two_stage_min_rows": 0, "search_stage1_temperature": temperature})
+        )
+        for label, temperature, _ in RULES
+    }
+    got: dict[str, dict[str, list[float]]] = {
+        label: {"lat": [], "rec": [], "prec": [], "cat": [], "n": []} for label, _, _ in RULES
+    }
     for warm in rows[:5]:
         for label, _, fan in RULES:
             service_call(db, runtimes[label], int(ids[warm]), "two_stage", "pgvector", fan)
@@ -188,20 +217,26 @@ def measure_rules(db: Database, settings: Settings, ids: np.ndarray, rows: np.nd
     for label, temperature, fan in RULES:
         g = got[label]
         n = np.array(g["n"], dtype=int)
-        out[label] = {**summary(g["lat"]), "recall_at_10": round(float(np.mean(g["rec"])), 4),
-                      "label_p_at_10": round(float(np.mean(g["prec"])), 4),
-                      "category_recall": round(float(np.mean(g["cat"])), 4),
-                      "mean_categories": round(float(n.mean()), 3),
-                      "categories_histogram": {str(k): int(v) for k, v in zip(*np.unique(n, return_counts=True),
-                                                                               strict=True)},
-                      "temperature": temperature or None, "fan_out": fan}
+        out[label] = {
+            **summary(g["lat"]),
+            "recall_at_10": round(float(np.mean(g["rec"])), 4),
+            "label_p_at_10": round(float(np.mean(g["prec"])), 4),
+            "category_recall": round(float(np.mean(g["cat"])), 4),
+            "mean_categories": round(float(n.mean()), 3),
+            "categories_histogram": {str(k): int(v) for k, v in zip(*np.unique(n, return_counts=True), strict=True)},
+            "temperature": temperature or None,
+            "fan_out": fan,
+        }
     return out
 
 
 # The SQL functions (schema imsrc, db/README.md) beside the service rows they mirror.
-SQL_METHODS = [("exact SQL", "exact", "exact", None), ("ann SQL", "ann", "ann pgvector", None),
-               ("two_stage SQL", "two_stage", "two_stage pgvector", None),
-               ("two_stage SQL, small-catalog rule off", "two_stage", FORCED, 0)]
+SQL_METHODS = [
+    ("exact SQL", "exact", "exact", None),
+    ("ann SQL", "ann", "ann pgvector", None),
+    ("two_stage SQL", "two_stage", "two_stage pgvector", None),
+    ("two_stage SQL, small-catalog rule off", "two_stage", FORCED, 0),
+]
 
 
 def sql_similar(conn: psycopg.Connection[Any], image_id: int, mode: str) -> tuple[float, list[int]]:
@@ -212,18 +247,26 @@ def sql_similar(conn: psycopg.Connection[Any], image_id: int, mode: str) -> tupl
     return (time.perf_counter() - started) * 1000, [int(r[0]) for r in rows]
 
 
-def measure_sql(url: str, settings: Settings, ids: np.ndarray, rows: np.ndarray, truths: list[list[int]],
-                service_ids: dict[tuple[str, int], list[int]]) -> dict[str, Any]:
+def measure_sql(
+    url: str,
+    settings: Settings,
+    ids: np.ndarray,
+    rows: np.ndarray,
+    truths: list[list[int]],
+    service_ids: dict[tuple[str, int], list[int]],
+) -> dict[str, Any]:
     """imsrc.similar per mode: latency, recall, and how often it returned the service's ids in its order."""
     out: dict[str, Any] = {}
     url = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     for label, mode, service_label, min_rows in SQL_METHODS:
         with psycopg.connect(url) as conn:
             # The service's settings, as db/README.md tells SQL users to mirror them.
-            for name, value in (("ef_search", settings.search_ef_search), ("score_mass", settings.search_score_mass),
-                                ("categories", settings.search_categories),
-                                ("two_stage_min_rows", settings.search_two_stage_min_rows
-                                 if min_rows is None else min_rows)):
+            for name, value in (
+                ("ef_search", settings.search_ef_search),
+                ("score_mass", settings.search_score_mass),
+                ("categories", settings.search_categories),
+                ("two_stage_min_rows", settings.search_two_stage_min_rows if min_rows is None else min_rows),
+            ):
                 conn.execute(f"SET imsrc.{name} = '{value}'")
             conn.commit()
             for warm in rows[:5]:
@@ -234,31 +277,44 @@ def measure_sql(url: str, settings: Settings, ids: np.ndarray, rows: np.ndarray,
                 lat.append(took)
                 rec.append(len(set(got) & set(truths[i])) / K)
                 same.append(got == service_ids[(service_label, int(ids[r]))])
-        out[label] = {**summary(lat), "recall_at_10": round(float(np.mean(rec)), 4),
-                      "same_as_service": round(float(np.mean(same)), 4), "service_row": service_label}
+        out[label] = {
+            **summary(lat),
+            "recall_at_10": round(float(np.mean(rec)), 4),
+            "same_as_service": round(float(np.mean(same)), 4),
+            "service_row": service_label,
+        }
     return out
 
 
-def tune_ann_ef(db: Database, settings: Settings, ids: np.ndarray, rows: np.ndarray, truths: list[list[int]],
-                target: float) -> tuple[int, float]:
+def tune_ann_ef(
+    db: Database, settings: Settings, ids: np.ndarray, rows: np.ndarray, truths: list[list[int]], target: float
+) -> tuple[int, float]:
     """The smallest hnsw.ef_search at which service `ann` reaches `target` recall on calibration queries."""
     recall = 0.0
     for ef in EF_LADDER:
         runtime = SearchRuntime.create(settings.model_copy(update={"search_ef_search": ef}))
         got = [service_call(db, runtime, int(ids[r]), "ann", "pgvector")[1] for r in rows]
-        recall = float(np.mean([len({h.id for h in g.results} & set(t)) / K for g, t in zip(got, truths,
-                                                                                               strict=True)]))
+        recall = float(np.mean([len({h.id for h in g.results} & set(t)) / K for g, t in zip(got, truths, strict=True)]))
         if recall >= target:
             return ef, recall
     return EF_LADDER[-1], recall
 
 
-def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, vectors: np.ndarray,
-            labels: np.ndarray, ids: np.ndarray, cats: np.ndarray, args: argparse.Namespace,
-            pngs: list[bytes] | None) -> dict[str, Any]:
+def measure(
+    db: Database,
+    settings: Settings,
+    data_dir: Path,
+    server_url: str,
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    ids: np.ndarray,
+    cats: np.ndarray,
+    args: argparse.Namespace,
+    pngs: list[bytes] | None,
+) -> dict[str, Any]:
     rng = np.random.default_rng(7)
     picks = rng.choice(len(ids), args.queries + args.calibration, replace=False)
-    rows, calib_rows = picks[:args.queries], picks[args.queries:]
+    rows, calib_rows = picks[: args.queries], picks[args.queries :]
     truths = truth_for(vectors, ids, rows)
     calib_truths = truth_for(vectors, ids, calib_rows)
     cat_of = dict(zip(ids.tolist(), cats.tolist(), strict=True))
@@ -271,8 +327,9 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
     # Two-stage pgvector's recall on the calibration queries is the target for the tuned `ann` row.
     calib_runtime = SearchRuntime.create(settings.model_copy(update={"search_two_stage_min_rows": 0}))
     two = [service_call(db, calib_runtime, int(ids[r]), "two_stage", "pgvector")[1] for r in calib_rows]
-    target = float(np.mean([len({h.id for h in g.results} & set(t)) / K for g, t in
-                            zip(two, calib_truths, strict=True)]))
+    target = float(
+        np.mean([len({h.id for h in g.results} & set(t)) / K for g, t in zip(two, calib_truths, strict=True)])
+    )
     ef, ef_recall = tune_ann_ef(db, settings, ids, calib_rows, calib_truths, target)
     tuned = SearchRuntime.create(settings.model_copy(update={"search_ef_search": ef}))
     tuned.faiss = runtime.faiss
@@ -295,8 +352,9 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
     def record(label: str, took: float, got: list[int], truth: list[int], query_id: int, mode: str) -> None:
         lat.setdefault(label, []).append(took)
         rec.setdefault(label, []).append(len(set(got) & set(truth)) / K)
-        prec.setdefault(label, []).append(float(np.mean([label_of[g] == label_of[query_id] for g in got]))
-                                          if got else 0.0)
+        prec.setdefault(label, []).append(
+            float(np.mean([label_of[g] == label_of[query_id] for g in got])) if got else 0.0
+        )
         modes.setdefault(label, set()).add(mode)
 
     for warm in rows[:5]:  # plans, caches, the FAISS index in memory; not measured
@@ -316,25 +374,36 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
                 stage1_ms.append(resp.timings_ms.stage1)
     out: dict[str, Any] = {"service": {}, "http": {}, "http_image": {}}
     for label in lat:
-        out["service"][label] = {**summary(lat[label]), "recall_at_10": round(float(np.mean(rec[label])), 4),
-                                 "label_p_at_10": round(float(np.mean(prec[label])), 4),
-                                 "stage2_p50_ms": round(statistics.median(stage2_ms[label]), 3),
-                                 "response_mode": sorted(modes[label])}
-    out["stage1"] = {"mean_categories": round(float(np.mean(stage1_n)), 3),
-                     "categories_histogram": {str(k): int(v) for k, v in zip(*np.unique(stage1_n, return_counts=True),
-                                                                              strict=True)},
-                     "category_recall": round(float(np.mean(stage1_recall)), 4),
-                     "p50_ms": round(statistics.median(stage1_ms), 3)}
+        out["service"][label] = {
+            **summary(lat[label]),
+            "recall_at_10": round(float(np.mean(rec[label])), 4),
+            "label_p_at_10": round(float(np.mean(prec[label])), 4),
+            "stage2_p50_ms": round(statistics.median(stage2_ms[label]), 3),
+            "response_mode": sorted(modes[label]),
+        }
+    out["stage1"] = {
+        "mean_categories": round(float(np.mean(stage1_n)), 3),
+        "categories_histogram": {str(k): int(v) for k, v in zip(*np.unique(stage1_n, return_counts=True), strict=True)},
+        "category_recall": round(float(np.mean(stage1_recall)), 4),
+        "p50_ms": round(statistics.median(stage1_ms), 3),
+    }
     out["stage1_rules"] = measure_rules(db, settings, ids, rows, truths, cat_of, label_of)
     with db.session() as session:
         out["calibration"] = SearchStateRepository(session).get(state_key(int(runtime.service(session).model(None).id)))
-    out["ann_tuning"] = {"target_recall": round(target, 4), "ef_search": ef, "recall_at_ef": round(ef_recall, 4),
-                         "calibration_queries": len(calib_rows)}
+    out["ann_tuning"] = {
+        "target_recall": round(target, 4),
+        "ef_search": ef,
+        "recall_at_ef": round(ef_recall, 4),
+        "calibration_queries": len(calib_rows),
+    }
     out["faiss_first_use_s"] = round(faiss_first_s, 2)
     out["sql"] = measure_sql(settings.database_url, settings, ids, rows, truths, service_ids)
     if args.http:
-        http = Http(server_url, data_dir, {"IMSRC_INFERENCE": args.inference,
-                                           "IMSRC_SEARCH_EF_SEARCH": str(settings.search_ef_search)})
+        http = Http(
+            server_url,
+            data_dir,
+            {"IMSRC_INFERENCE": args.inference, "IMSRC_SEARCH_EF_SEARCH": str(settings.search_ef_search)},
+        )
         try:
             out["http_health_s"] = round(http.health_s, 2)
             first = time.perf_counter()
@@ -352,7 +421,7 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
             il: dict[str, list[float]] = {}
             im: dict[str, set[str]] = {}
             embed_ms: list[float] = []
-            for i, r in enumerate(rows[:args.http_queries]):
+            for i, r in enumerate(rows[: args.http_queries]):
                 qid = int(ids[r])
                 for label, mode, backend in http_methods:
                     took, body = http.similar(qid, mode, backend)
@@ -360,14 +429,22 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
                     hr.setdefault(label, []).append(len({h["id"] for h in body["results"]} & set(truths[i])) / K)
                     hm.setdefault(label, set()).add(body["mode"])
                 if pngs is not None and i < args.image_queries:
-                    for label, mode, backend in (("two_stage pgvector", "two_stage", "pgvector"),
-                                                 ("ann pgvector", "ann", "pgvector")):
+                    for label, mode, backend in (
+                        ("two_stage pgvector", "two_stage", "pgvector"),
+                        ("ann pgvector", "ann", "pgvector"),
+                    ):
                         took, body = http.image(pngs[int(r)], mode, backend)
                         il.setdefault(label, []).append(took)
                         im.setdefault(label, set()).add(body["mode"])
                         embed_ms.append(body["timings_ms"]["embed"])
-            out["http"] = {label: {**summary(hl[label]), "recall_at_10": round(float(np.mean(hr[label])), 4),
-                                   "response_mode": sorted(hm[label])} for label in hl}
+            out["http"] = {
+                label: {
+                    **summary(hl[label]),
+                    "recall_at_10": round(float(np.mean(hr[label])), 4),
+                    "response_mode": sorted(hm[label]),
+                }
+                for label in hl
+            }
             out["http_image"] = {label: {**summary(il[label]), "response_mode": sorted(im[label])} for label in il}
             if embed_ms:
                 out["http_image_embed_p50_ms"] = round(statistics.median(embed_ms), 2)
@@ -376,16 +453,30 @@ def measure(db: Database, settings: Settings, data_dir: Path, server_url: str, v
     return out
 
 
-def cold_restart(server: EmbeddedServer, url: str, data_dir: Path, ids: np.ndarray, args: argparse.Namespace,
-                 warm_up: bool, wait_warm: bool = False) -> dict[str, float]:
+def cold_restart(
+    server: EmbeddedServer,
+    url: str,
+    data_dir: Path,
+    ids: np.ndarray,
+    args: argparse.Namespace,
+    warm_up: bool,
+    wait_warm: bool = False,
+) -> dict[str, float]:
     """PostgreSQL restarted (shared_buffers empty; the OS page cache stays warm: dropping it would need the whole
     machine), then a fresh `imsrc serve`: its first `similar` query as soon as /health answers (or, `wait_warm`,
     once /health/ready says the warm-up is done), then, after a pause that lets a warm-up finish, the p50 of a
     few more. Default method (two_stage pgvector)."""
     server.stop()
     server.start()
-    http = Http(url, data_dir, {"IMSRC_INFERENCE": args.inference, "IMSRC_SEARCH_WARMUP": str(warm_up).lower(),
-                                **({"IMSRC_WORKERS_HTTP": str(args.cold_workers)} if args.cold_workers else {})})
+    http = Http(
+        url,
+        data_dir,
+        {
+            "IMSRC_INFERENCE": args.inference,
+            "IMSRC_SEARCH_WARMUP": str(warm_up).lower(),
+            **({"IMSRC_WORKERS_HTTP": str(args.cold_workers)} if args.cold_workers else {}),
+        },
+    )
     try:
         rng = np.random.default_rng(11)
         queries = [int(i) for i in rng.choice(ids, 21, replace=False)]
@@ -398,10 +489,13 @@ def cold_restart(server: EmbeddedServer, url: str, data_dir: Path, ids: np.ndarr
         first_ms, _ = http.similar(queries[0], "two_stage", None)
         time.sleep(10)
         later = [http.similar(q, "two_stage", None)[0] for q in queries[1:]]
-        return {"health_s": round(http.health_s, 2), "first_query_ms": round(first_ms, 2),
-                "workers": args.cold_workers or os.cpu_count() or 1,
-                **({"warm_up_wait_s": round(warm_wait_s, 2)} if wait_warm else {}),
-                "later_p50_ms": round(statistics.median(later), 2)}
+        return {
+            "health_s": round(http.health_s, 2),
+            "first_query_ms": round(first_ms, 2),
+            "workers": args.cold_workers or os.cpu_count() or 1,
+            **({"warm_up_wait_s": round(warm_wait_s, 2)} if wait_warm else {}),
+            "later_p50_ms": round(statistics.median(later), 2),
+        }
     finally:
         http.close()
 
@@ -427,8 +521,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return buf.getvalue()
 
         pngs = [png(a) for a in raw]
-        data = {"kind": "real", "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), test split first",
-                "model": model_name, "inference": args.inference, "rows": args.real, **facts}
+        data = {
+            "kind": "real",
+            "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), test split first",
+            "model": model_name,
+            "inference": args.inference,
+            "rows": args.real,
+            **facts,
+        }
     elif args.real_calibrated:
         from bench.search import real
 
@@ -437,16 +537,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         vectors, labels = real_calibrated(args.real_calibrated, base, base_labels, np.random.default_rng(2))
         names = real.CLASSES
         model_name = "bench-real-calibrated"
-        data = {"kind": "real-calibrated", "rows": args.real_calibrated, "base_rows": args.real_base,
-                "noise": 0.5, "model": real.MODEL,
-                "dataset": "Fashion-MNIST embeddings (EfficientNet-Lite0) + Gaussian noise of each label's spread"}
+        data = {
+            "kind": "real-calibrated",
+            "rows": args.real_calibrated,
+            "base_rows": args.real_base,
+            "noise": 0.5,
+            "model": real.MODEL,
+            "dataset": "Fashion-MNIST embeddings (EfficientNet-Lite0) + Gaussian noise of each label's spread",
+        }
     else:
         mixture = make_mixture(args.categories, args.dim, args.spread, seed=1)
         vectors, labels = mixture.sample(args.synthetic, np.random.default_rng(2))
         names = None
         model_name = "bench-synthetic"
-        data = {"kind": "synthetic", "categories": args.categories, "dim": args.dim, "spread": args.spread,
-                "rows": args.synthetic}
+        data = {
+            "kind": "synthetic",
+            "categories": args.categories,
+            "dim": args.dim,
+            "spread": args.spread,
+            "rows": args.synthetic,
+        }
     server = EmbeddedServer(scratch / "server")
     url = server.start().url("postgres")
     try:
@@ -461,36 +571,72 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             settings_row = {s: conn.execute(f"SHOW {s}").fetchone()[0] for s in SERVER_SETTINGS}  # type: ignore[index]
         db_url = url.replace("/postgres?", f"/{name}?") if "/postgres?" in url else url.rsplit("/", 1)[0] + f"/{name}"
         upgrade(db_url)
-        settings = Settings(database_url=db_url, data_dir=scratch / "data", inference=args.inference,  # type: ignore[call-arg]
-                            _env_file=None)
+        settings = Settings(
+            database_url=db_url,
+            data_dir=scratch / "data",
+            inference=args.inference,  # type: ignore[call-arg]
+            _env_file=None,
+        )
         engine = make_engine(db_url)
         db = Database(url=db_url, engine=engine, settings=settings, revision="head", pgvector_version="")
         n_cat = int(labels.max()) + 1
-        _model, build, ids, cats = load(db, settings, vectors, labels, n_cat, model_name=model_name,
-                                       category_names=names, global_graph=(HNSW_M, HNSW_EF_CONSTRUCTION))
+        _model, build, ids, cats = load(
+            db,
+            settings,
+            vectors,
+            labels,
+            n_cat,
+            model_name=model_name,
+            category_names=names,
+            global_graph=(HNSW_M, HNSW_EF_CONSTRUCTION),
+        )
         prewarm(db)
         result = measure(db, settings, scratch / "data", db_url, vectors, labels, ids, cats, args, pngs)
         engine.dispose()
         if args.http:
             result["cold_restart"] = {
                 key: cold_restart(server, db_url, scratch / "data", ids, args, on, wait)
-                for key, on, wait in (("warm_up_off", False, False), ("warm_up_on", True, False),
-                                      ("warm_up_on_after_ready", True, True))}
+                for key, on, wait in (
+                    ("warm_up_off", False, False),
+                    ("warm_up_on", True, False),
+                    ("warm_up_on_after_ready", True, True),
+                )
+            }
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    imsrc_settings = {k: getattr(settings, k) for k in ("search_ef_search", "search_exact_max_rows",
-                                                         "search_categories", "search_score_mass",
-                                                         "search_stage1_temperature", "search_stage1_coverage",
-                                                         "faiss_flat_max_rows", "search_backend", "inference")}
+    imsrc_settings = {
+        k: getattr(settings, k)
+        for k in (
+            "search_ef_search",
+            "search_exact_max_rows",
+            "search_categories",
+            "search_score_mass",
+            "search_stage1_temperature",
+            "search_stage1_coverage",
+            "faiss_flat_max_rows",
+            "search_backend",
+            "inference",
+        )
+    }
     argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--results-dir" and sys.argv[i] != "--results-dir"]
-    return {"command": " ".join(["python", "bench/search/service_bench.py", *argv]),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "load_average_before": [round(x, 2) for x in load_start],
-                        "load_average_after": [round(x, 2) for x in os.getloadavg()]},
-            "server": settings_row, "settings": imsrc_settings, "data": data, "k": K,
-            "global_hnsw": {"m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION},
-            "queries": args.queries, "build_s": {k: round(v, 2) for k, v in build.items()}, **result}
+    return {
+        "command": " ".join(["python", "bench/search/service_bench.py", *argv]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_before": [round(x, 2) for x in load_start],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "server": settings_row,
+        "settings": imsrc_settings,
+        "data": data,
+        "k": K,
+        "global_hnsw": {"m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION},
+        "queries": args.queries,
+        "build_s": {k: round(v, 2) for k, v in build.items()},
+        **result,
+    }
 
 
 def main() -> None:
@@ -500,10 +646,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--synthetic", type=int, metavar="ROWS", help="Gaussian mixture of this many vectors")
-    what.add_argument("--real", type=int, metavar="ROWS",
-                      help="this many Fashion-MNIST images embedded with EfficientNet-Lite0 (cached)")
-    what.add_argument("--real-calibrated", type=int, metavar="ROWS",
-                      help="this many vectors made from the real embeddings plus noise (sizes beyond 70k)")
+    what.add_argument(
+        "--real",
+        type=int,
+        metavar="ROWS",
+        help="this many Fashion-MNIST images embedded with EfficientNet-Lite0 (cached)",
+    )
+    what.add_argument(
+        "--real-calibrated",
+        type=int,
+        metavar="ROWS",
+        help="this many vectors made from the real embeddings plus noise (sizes beyond 70k)",
+    )
     parser.add_argument("--real-base", type=int, default=10_000, help="real embeddings --real-calibrated draws on")
     parser.add_argument("--categories", type=int, default=100)
     parser.add_argument("--dim", type=int, default=512)
@@ -514,8 +668,12 @@ def main() -> None:
     parser.add_argument("--image-queries", type=int, default=30, help="real data: POST /api/search/image queries")
     parser.add_argument("--no-http", dest="http", action="store_false")
     parser.add_argument("--inference", default="auto", help="IMSRC_INFERENCE for embedding (real data)")
-    parser.add_argument("--cold-workers", type=int, default=0,
-                        help="imsrc serve workers for the cold-restart rows (0: its default, one per core)")
+    parser.add_argument(
+        "--cold-workers",
+        type=int,
+        default=0,
+        help="imsrc serve workers for the cold-restart rows (0: its default, one per core)",
+    )
     parser.add_argument("--shared-buffers", default="1GB")
     parser.add_argument("--report", action="store_true", help="rewrite BENCHMARKS.md's Search section and stop")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where to write the results file")

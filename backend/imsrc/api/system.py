@@ -40,13 +40,17 @@ class Readiness(BaseModel):
     version: str
     database: Literal["ok", "unreachable"]
     migrations: Literal["current", "out_of_date", "unknown"] = Field(
-        description="'out_of_date': the schema is not the revision this version of imsrc ships (run imsrc migrate)")
+        description="'out_of_date': the schema is not the revision this version of imsrc ships (run imsrc migrate)"
+    )
     schema_revision: str | None
     schema_head: str | None
     round_trip_ms: float | None = Field(description="one trivial query on a pooled connection")
-    search_warm: bool | None = Field(default=None, description="whether the background search warm-up after start "
-                                     "has finished (None when IMSRC_SEARCH_WARMUP is off); readiness does not wait "
-                                     "for it, a balancer may")
+    search_warm: bool | None = Field(
+        default=None,
+        description="whether the background search warm-up after start "
+        "has finished (None when IMSRC_SEARCH_WARMUP is off); readiness does not wait "
+        "for it, a balancer may",
+    )
 
 
 class ModelStatus(BaseModel):
@@ -61,10 +65,15 @@ class ModelStatus(BaseModel):
 class SearchModel(BaseModel):
     name: str
     supports_text: bool
-    inference: str = Field(default="torch", description="the engine computing query vectors (IMSRC_INFERENCE): "
-                           "'torch', 'onnx', 'onnx-int8', per tower when they differ ('image onnx, text torch')")
-    source: str = Field(description="'catalog' (the active model in the database) or 'settings' (IMSRC_MODEL, "
-                                    "used once the first image is indexed)")
+    inference: str = Field(
+        default="torch",
+        description="the engine computing query vectors (IMSRC_INFERENCE): "
+        "'torch', 'onnx', 'onnx-int8', per tower when they differ ('image onnx, text torch')",
+    )
+    source: str = Field(
+        description="'catalog' (the active model in the database) or 'settings' (IMSRC_MODEL, "
+        "used once the first image is indexed)"
+    )
 
 
 class JobStatus(BaseModel):
@@ -88,8 +97,9 @@ class IndexStatus(BaseModel):
     model: str = Field(description="the model whose vectors are indexed")
     vectors: int
     hnsw: bool = Field(description="whether the model's catalog-wide HNSW index exists")
-    category_indexes: int = Field(description="categories large enough to have their own HNSW index; smaller "
-                                              "ones are scanned exactly")
+    category_indexes: int = Field(
+        description="categories large enough to have their own HNSW index; smaller ones are scanned exactly"
+    )
     state: str = Field(description="'ready', or 'empty' before the first image is embedded")
 
 
@@ -120,11 +130,15 @@ class Status(BaseModel):
     index: IndexStatus | None = Field(description="the active model's search index; none before any model")
     jobs: list[JobStatus] = Field(description="the most recent indexing jobs, newest first")
     max_upload_bytes: int = Field(description="largest file POST /api/images accepts (IMSRC_MAX_UPLOAD_BYTES)")
-    worker_pid: int = Field(description="the server process that answered (with `imsrc serve --workers N` they "
-                                        "differ from one connection to another)")
+    worker_pid: int = Field(
+        description="the server process that answered (with `imsrc serve --workers N` they "
+        "differ from one connection to another)"
+    )
     cluster: ClusterStatus | None = Field(
-        default=None, description="the Citus cluster's nodes when the catalog is distributed (None on one server); "
-                                  "with a worker down, the figures that need its shards are left out (zero)")
+        default=None,
+        description="the Citus cluster's nodes when the catalog is distributed (None on one server); "
+        "with a worker down, the figures that need its shards are left out (zero)",
+    )
 
 
 @router.get("/health", response_model=Health, summary="Liveness: the process answers (touches nothing else)")
@@ -132,10 +146,17 @@ def health() -> Health:
     return Health(status="ok", version=__version__)
 
 
-@router.get("/health/ready", response_model=Readiness,
-            summary="Readiness: the database answers and its schema is the one this version needs",
-            responses={503: {"model": Readiness, "description": "not ready: database unreachable or schema out of "
-                                                                "date (the body says which)"}})
+@router.get(
+    "/health/ready",
+    response_model=Readiness,
+    summary="Readiness: the database answers and its schema is the one this version needs",
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "not ready: database unreachable or schema out of date (the body says which)",
+        }
+    },
+)
 def ready(request: Request, db: DatabaseDep, response: Response) -> Readiness:
     head = shipped_head()
     warming = getattr(request.app.state, "search_warmup", None)
@@ -147,15 +168,30 @@ def ready(request: Request, db: DatabaseDep, response: Response) -> Readiness:
         # The reason is for the operator's log; the public answer says only what failed.
         log.warning("not ready: the database cannot be reached: %s", str(exc).strip().splitlines()[0])
         response.status_code = 503
-        return Readiness(status="unavailable", version=__version__, database="unreachable", migrations="unknown",
-                         schema_revision=None, schema_head=head, round_trip_ms=None, search_warm=warm)
+        return Readiness(
+            status="unavailable",
+            version=__version__,
+            database="unreachable",
+            migrations="unknown",
+            schema_revision=None,
+            schema_head=head,
+            round_trip_ms=None,
+            search_warm=warm,
+        )
     revision = current_revision(db.engine)
     current = revision is not None and revision == head
     if not current:
         response.status_code = 503
-    return Readiness(status="ready" if current else "unavailable", version=__version__, database="ok",
-                     migrations="current" if current else "out_of_date", schema_revision=revision,
-                     schema_head=head, round_trip_ms=trip, search_warm=warm)
+    return Readiness(
+        status="ready" if current else "unavailable",
+        version=__version__,
+        database="ok",
+        migrations="current" if current else "out_of_date",
+        schema_revision=revision,
+        schema_head=head,
+        round_trip_ms=trip,
+        search_warm=warm,
+    )
 
 
 @router.get("/api/status", response_model=Status)
@@ -190,8 +226,10 @@ def status(request: Request, session: SessionDep, db: DatabaseDep, settings: Set
         text_search=bool(search_model and search_model.supports_text),
         index=index,
         # A job's message can carry server paths (a failed job's error): for key holders only, when a key is set.
-        jobs=[_job(j, with_message=holds_key(request.headers, settings.api_key))
-              for j in JobRepository(session).recent(RECENT_JOBS)],
+        jobs=[
+            _job(j, with_message=holds_key(request.headers, settings.api_key))
+            for j in JobRepository(session).recent(RECENT_JOBS)
+        ],
         max_upload_bytes=settings.max_upload_bytes,
         worker_pid=os.getpid(),
         cluster=cluster,
@@ -201,8 +239,10 @@ def status(request: Request, session: SessionDep, db: DatabaseDep, settings: Set
 def _cluster(session: Session) -> ClusterStatus | None:
     if not distributed(session):
         return None
-    return ClusterStatus(distribution="embeddings by category_id; categories, models and prototypes on every node",
-                         nodes=[ClusterNode(**vars(n)) for n in node_statuses(session)])
+    return ClusterStatus(
+        distribution="embeddings by category_id; categories, models and prototypes on every node",
+        nodes=[ClusterNode(**vars(n)) for n in node_statuses(session)],
+    )
 
 
 def _index(session: Session, settings: Settings) -> IndexStatus | None:
@@ -211,18 +251,31 @@ def _index(session: Session, settings: Settings) -> IndexStatus | None:
     if active is None:
         return None
     vectors = models.embedded_count(active.id)
-    return IndexStatus(backend=settings.search_backend, model=active.name, vectors=vectors,
-                       hnsw=models.has_index(active.id),
-                       category_indexes=len(NeighbourRepository(session).category_indexes(active.id)),
-                       state="ready" if vectors else "empty")
+    return IndexStatus(
+        backend=settings.search_backend,
+        model=active.name,
+        vectors=vectors,
+        hnsw=models.has_index(active.id),
+        category_indexes=len(NeighbourRepository(session).category_indexes(active.id)),
+        state="ready" if vectors else "empty",
+    )
 
 
 def _job(row: dict[str, Any], *, with_message: bool) -> JobStatus:
     return JobStatus(
-        id=row["id"], kind=row["kind"], status=row["status"], model_name=row["model_name"],
-        files_total=row["files_total"], new=row["new_count"], duplicates=row["duplicate_count"],
-        linked=row["linked_count"], skipped=row["skipped_count"], failed=row["failed_count"],
-        message=row["message"] if with_message else None, started_at=row["started_at"], finished_at=row["finished_at"],
+        id=row["id"],
+        kind=row["kind"],
+        status=row["status"],
+        model_name=row["model_name"],
+        files_total=row["files_total"],
+        new=row["new_count"],
+        duplicates=row["duplicate_count"],
+        linked=row["linked_count"],
+        skipped=row["skipped_count"],
+        failed=row["failed_count"],
+        message=row["message"] if with_message else None,
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
     )
 
 
@@ -231,7 +284,11 @@ def _search_model(session: Session, settings: Settings) -> SearchModel | None:
         choice = ModelService(session, settings).choose()
         text_ok = choice.supports_text
         engine = inference_label(choice.name, text_ok, settings.inference, settings.model_cache_dir)
-        return SearchModel(name=choice.name, supports_text=text_ok,
-                           source="catalog" if choice.source == "catalog" else "settings", inference=engine)
+        return SearchModel(
+            name=choice.name,
+            supports_text=text_ok,
+            source="catalog" if choice.source == "catalog" else "settings",
+            inference=engine,
+        )
     except ModelError:
         return None  # a misconfigured model is reported by the commands that need it

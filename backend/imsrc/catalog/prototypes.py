@@ -40,38 +40,54 @@ class PrototypeRepository:
         )
         for r in rows:
             self.session.execute(
-                text("INSERT INTO category_prototypes (category_id, model_id, kind, ordinal, vector, member_count)"
-                     " VALUES (:c, :m, :k, :o, CAST(:v AS vector), :n)"),
-                {"c": r.category_id, "m": model_id, "k": r.kind, "o": r.ordinal, "v": vector_literal(r.vector),
-                 "n": r.member_count},
+                text(
+                    "INSERT INTO category_prototypes (category_id, model_id, kind, ordinal, vector, member_count)"
+                    " VALUES (:c, :m, :k, :o, CAST(:v AS vector), :n)"
+                ),
+                {
+                    "c": r.category_id,
+                    "m": model_id,
+                    "k": r.kind,
+                    "o": r.ordinal,
+                    "v": vector_literal(r.vector),
+                    "n": r.member_count,
+                },
             )
 
     def load(self, model_id: int, kinds: Sequence[str]) -> list[PrototypeRow]:
         rows = self.session.execute(
-            text("SELECT category_id, kind, ordinal, vector::text AS v, member_count FROM category_prototypes"
-                 " WHERE model_id = :m AND kind = ANY(:k) ORDER BY category_id, kind, ordinal"),
+            text(
+                "SELECT category_id, kind, ordinal, vector::text AS v, member_count FROM category_prototypes"
+                " WHERE model_id = :m AND kind = ANY(:k) ORDER BY category_id, kind, ordinal"
+            ),
             {"m": model_id, "k": list(kinds)},
         )
-        return [PrototypeRow(int(r.category_id), r.kind, int(r.ordinal), np.asarray(json.loads(r.v), np.float32),
-                             int(r.member_count)) for r in rows]
+        return [
+            PrototypeRow(
+                int(r.category_id), r.kind, int(r.ordinal), np.asarray(json.loads(r.v), np.float32), int(r.member_count)
+            )
+            for r in rows
+        ]
 
     def version(self, model_id: int, state_key: str = "") -> tuple[Any, ...]:
         """Changes whenever a prototype or a category name changes, or the search_state row `state_key` (the
         stage-1 calibration) is rewritten: the in-memory matrix reloads then. One statement, run per search."""
         row = self.session.execute(
-            text("SELECT count(*), max(p.updated_at), coalesce(sum(p.id), 0), coalesce(sum(hashtext(c.name)), 0),"
-                 " (SELECT s.updated_at FROM search_state s WHERE s.key = :k)"
-                 " FROM category_prototypes p JOIN categories c ON c.id = p.category_id WHERE p.model_id = :m"),
+            text(
+                "SELECT count(*), max(p.updated_at), coalesce(sum(p.id), 0), coalesce(sum(hashtext(c.name)), 0),"
+                " (SELECT s.updated_at FROM search_state s WHERE s.key = :k)"
+                " FROM category_prototypes p JOIN categories c ON c.id = p.category_id WHERE p.model_id = :m"
+            ),
             {"m": model_id, "k": state_key},
         ).one()
         return tuple(row)
 
     def member_counts(self, model_id: int) -> dict[int, int]:
         rows = self.session.execute(
-            text("SELECT category_id, member_count FROM category_prototypes"
-                 " WHERE model_id = :m AND kind = 'mean'"), {"m": model_id})
+            text("SELECT category_id, member_count FROM category_prototypes WHERE model_id = :m AND kind = 'mean'"),
+            {"m": model_id},
+        )
         return {int(r[0]): int(r[1]) for r in rows}
-
 
     def recompute_means(self, category_ids: Iterable[int] | None, model_id: int | None = None) -> int:
         """Set each category's 'mean' prototype (ordinal 0) to the L2-normalised average of its members'

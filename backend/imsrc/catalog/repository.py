@@ -98,8 +98,14 @@ class CategoryRepository:
             raise ConflictError(f"a category named {name.strip()!r} already exists")
         return self.get(int(row[0]))
 
-    def update(self, category: Category, *, name: str | None = None, description: str | None = None,
-               set_description: bool = False) -> Category:
+    def update(
+        self,
+        category: Category,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        set_description: bool = False,
+    ) -> Category:
         """Rename and/or describe. Renaming an automatic category makes it a real one: a person named it."""
         if name is not None and name != category.name:
             clash = self.by_name(name)
@@ -114,8 +120,9 @@ class CategoryRepository:
             except IntegrityError as exc:  # a concurrent rename won the name
                 raise ConflictError(f"a category named {name!r} already exists") from exc
         if set_description:
-            self.session.execute(text("UPDATE categories SET description = :d WHERE id = :i"),
-                                 {"d": description, "i": category.id})
+            self.session.execute(
+                text("UPDATE categories SET description = :d WHERE id = :i"), {"d": description, "i": category.id}
+            )
         self.session.refresh(category)
         return category
 
@@ -123,15 +130,19 @@ class CategoryRepository:
         if category_ids is None:
             rows = self.session.execute(text("SELECT id, name FROM categories"))
         else:
-            rows = self.session.execute(text("SELECT id, name FROM categories WHERE id = ANY(:c)"),
-                                        {"c": list(category_ids)})
+            rows = self.session.execute(
+                text("SELECT id, name FROM categories WHERE id = ANY(:c)"), {"c": list(category_ids)}
+            )
         return {int(r[0]): str(r[1]) for r in rows}
 
     def of_images(self, image_ids: Iterable[int]) -> dict[int, tuple[int, str]]:
         """image id -> (category id, name), for those of the images that are in a category."""
         rows = self.session.execute(
-            text("SELECT i.id, c.id, c.name FROM images i JOIN categories c ON c.id = i.category_id"
-                 " WHERE i.id = ANY(:i)"), {"i": sorted(set(image_ids))})
+            text(
+                "SELECT i.id, c.id, c.name FROM images i JOIN categories c ON c.id = i.category_id WHERE i.id = ANY(:i)"
+            ),
+            {"i": sorted(set(image_ids))},
+        )
         return {int(r[0]): (int(r[1]), str(r[2])) for r in rows}
 
     def automatic_ids(self) -> list[int]:
@@ -142,9 +153,12 @@ class CategoryRepository:
 
     def create_automatic(self, name: str, description: str) -> int:
         """A group made by clustering (search/autogroup.py picks a free name under the catalog write lock)."""
-        return int(self.session.execute(
-            text("INSERT INTO categories (name, description, is_automatic) VALUES (:n, :d, true) RETURNING id"),
-            {"n": name, "d": description}).scalar_one())
+        return int(
+            self.session.execute(
+                text("INSERT INTO categories (name, description, is_automatic) VALUES (:n, :d, true) RETURNING id"),
+                {"n": name, "d": description},
+            ).scalar_one()
+        )
 
     def delete(self, category_ids: Sequence[int]) -> None:
         # images.category_id is ON DELETE SET NULL; the sync trigger clears embeddings.category_id too.
@@ -154,8 +168,10 @@ class CategoryRepository:
         if len(image_ids) == 0:
             return
         self.session.execute(
-            text("UPDATE images i SET category_id = v.c FROM unnest(CAST(:i AS bigint[]), CAST(:c AS bigint[]))"
-                 " AS v(i, c) WHERE i.id = v.i AND i.category_id IS DISTINCT FROM v.c"),
+            text(
+                "UPDATE images i SET category_id = v.c FROM unnest(CAST(:i AS bigint[]), CAST(:c AS bigint[]))"
+                " AS v(i, c) WHERE i.id = v.i AND i.category_id IS DISTINCT FROM v.c"
+            ),
             {"i": [int(x) for x in image_ids], "c": [int(x) for x in category_ids]},
         )
 
@@ -163,11 +179,12 @@ class CategoryRepository:
         if len(image_ids) == 0:
             return
         self.session.execute(
-            text("UPDATE images i SET predicted_category_id = v.c, predicted_score = v.s"
-                 " FROM unnest(CAST(:i AS bigint[]), CAST(:c AS bigint[]), CAST(:s AS float8[])) AS v(i, c, s)"
-                 " WHERE i.id = v.i"),
-            {"i": [int(x) for x in image_ids], "c": [int(x) for x in category_ids],
-             "s": [float(x) for x in scores]},
+            text(
+                "UPDATE images i SET predicted_category_id = v.c, predicted_score = v.s"
+                " FROM unnest(CAST(:i AS bigint[]), CAST(:c AS bigint[]), CAST(:s AS float8[])) AS v(i, c, s)"
+                " WHERE i.id = v.i"
+            ),
+            {"i": [int(x) for x in image_ids], "c": [int(x) for x in category_ids], "s": [float(x) for x in scores]},
         )
 
 
@@ -221,8 +238,9 @@ class ModelRepository:
         )
 
     def set_active(self, model: EmbeddingModel) -> None:
-        self.session.execute(text("UPDATE embedding_models SET is_active = false WHERE is_active AND id <> :i"),
-                             {"i": model.id})
+        self.session.execute(
+            text("UPDATE embedding_models SET is_active = false WHERE is_active AND id <> :i"), {"i": model.id}
+        )
         self.session.execute(text("UPDATE embedding_models SET is_active = true WHERE id = :i"), {"i": model.id})
         # The UPDATEs bypass the ORM: make every loaded model re-read its flag.
         for obj in list(self.session.identity_map.values()):
@@ -238,13 +256,19 @@ class ModelRepository:
 
     def has_index(self, model_id: int) -> bool:
         """Whether the model's catalog-wide HNSW index exists (it is built by ensure_index)."""
-        return bool(self.session.execute(
-            text("SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE tablename = 'embeddings' AND indexname = :n)"),
-            {"n": f"ix_embeddings_hnsw_m{int(model_id)}"}).scalar())
+        return bool(
+            self.session.execute(
+                text("SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE tablename = 'embeddings' AND indexname = :n)"),
+                {"n": f"ix_embeddings_hnsw_m{int(model_id)}"},
+            ).scalar()
+        )
 
     def embedded_count(self, model_id: int) -> int:
-        return int(self.session.execute(text("SELECT count(*) FROM embeddings WHERE model_id = :m"),
-                                        {"m": model_id}).scalar_one())
+        return int(
+            self.session.execute(
+                text("SELECT count(*) FROM embeddings WHERE model_id = :m"), {"m": model_id}
+            ).scalar_one()
+        )
 
 
 class StatsRepository:
@@ -258,9 +282,14 @@ class StatsRepository:
         return dict(row._mapping)
 
     def models(self, *, count_vectors: bool = True) -> list[dict[str, Any]]:
-        sql = MODELS_SQL if count_vectors else (
-            "SELECT name, dimension, family, supports_text, is_active, 0::bigint AS embedded_images"
-            " FROM embedding_models ORDER BY id")
+        sql = (
+            MODELS_SQL
+            if count_vectors
+            else (
+                "SELECT name, dimension, family, supports_text, is_active, 0::bigint AS embedded_images"
+                " FROM embedding_models ORDER BY id"
+            )
+        )
         rows = self.session.execute(text(sql))
         return [dict(r._mapping) for r in rows]
 

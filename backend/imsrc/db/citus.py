@@ -33,14 +33,24 @@ def distributed(session: Session) -> bool:
     with _GUARD:
         if key in _CACHE:
             return _CACHE[key]
-    found = bool(session.execute(text(
-        "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND EXISTS ("
-        " SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.relname = 'embeddings' AND n.nspname = current_schema())")).scalar())
+    found = bool(
+        session.execute(
+            text(
+                "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND EXISTS ("
+                " SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE c.relname = 'embeddings' AND n.nspname = current_schema())"
+            )
+        ).scalar()
+    )
     if found:
-        found = bool(session.execute(text(
-            "SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'embeddings'::regclass"
-            " AND partmethod = 'h')")).scalar())
+        found = bool(
+            session.execute(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'embeddings'::regclass"
+                    " AND partmethod = 'h')"
+                )
+            ).scalar()
+        )
     with _GUARD:
         _CACHE[key] = found
     return found
@@ -95,11 +105,15 @@ END $$
 def after_migrations(connection: Any) -> None:
     """Run by migrations/env.py after every upgrade: on a distributed catalog, rewrite the SQL functions that the
     revisions just applied may have (re)created in LANGUAGE sql (see CITUS_SQL_FUNCTIONS_TO_PLPGSQL)."""
-    distributed_now = connection.execute(text(
-        "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND to_regclass('embeddings') IS NOT NULL"
-    )).scalar()
-    if distributed_now and connection.execute(text(
-            "SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'embeddings'::regclass)")).scalar():
+    distributed_now = connection.execute(
+        text("SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND to_regclass('embeddings') IS NOT NULL")
+    ).scalar()
+    if (
+        distributed_now
+        and connection.execute(
+            text("SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'embeddings'::regclass)")
+        ).scalar()
+    ):
         connection.execute(text(CITUS_SQL_FUNCTIONS_TO_PLPGSQL))
 
 
@@ -114,19 +128,30 @@ class NodeStatus:
 
 def node_statuses(session: Session) -> list[NodeStatus]:
     """Every node of the cluster with its shard count of embeddings, and whether it answers right now."""
-    rows = session.execute(text(
-        "SELECT n.nodename, n.nodeport, n.groupid, n.isactive,"
-        " (SELECT count(*) FROM pg_dist_shard s JOIN pg_dist_placement p ON p.shardid = s.shardid"
-        "   WHERE s.logicalrelid = 'embeddings'::regclass AND p.groupid = n.groupid) AS shards"
-        " FROM pg_dist_node n WHERE n.noderole = 'primary' ORDER BY n.groupid, n.nodeid")).all()
+    rows = session.execute(
+        text(
+            "SELECT n.nodename, n.nodeport, n.groupid, n.isactive,"
+            " (SELECT count(*) FROM pg_dist_shard s JOIN pg_dist_placement p ON p.shardid = s.shardid"
+            "   WHERE s.logicalrelid = 'embeddings'::regclass AND p.groupid = n.groupid) AS shards"
+            " FROM pg_dist_node n WHERE n.noderole = 'primary' ORDER BY n.groupid, n.nodeid"
+        )
+    ).all()
     # run_command_on_workers reports each worker's success instead of failing the whole statement.
-    health = {(str(r[0]), int(r[1])): bool(r[2]) for r in session.execute(text(
-        "SELECT nodename, nodeport, success FROM run_command_on_workers('SELECT 1')"))}
+    health = {
+        (str(r[0]), int(r[1])): bool(r[2])
+        for r in session.execute(text("SELECT nodename, nodeport, success FROM run_command_on_workers('SELECT 1')"))
+    }
     out = []
     for host, port, group, active, shards in rows:
-        out.append(NodeStatus(node=f"{host}:{port}", role="coordinator" if int(group) == 0 else "worker",
-                              active=bool(active), reachable=health.get((str(host), int(port)), int(group) == 0),
-                              shards=int(shards)))
+        out.append(
+            NodeStatus(
+                node=f"{host}:{port}",
+                role="coordinator" if int(group) == 0 else "worker",
+                active=bool(active),
+                reachable=health.get((str(host), int(port)), int(group) == 0),
+                shards=int(shards),
+            )
+        )
     return out
 
 

@@ -68,8 +68,9 @@ def picked_counts(sorted_scores: np.ndarray, temperature: float, mass: float, ca
     return np.clip(n, 1, min(cap, sorted_scores.shape[1]))
 
 
-def held_out_scores(vectors: np.ndarray, own: np.ndarray, prototypes: list[PrototypeRow],
-                    own_cosine: dict[tuple[int, int], float]) -> tuple[np.ndarray, np.ndarray]:
+def held_out_scores(
+    vectors: np.ndarray, own: np.ndarray, prototypes: list[PrototypeRow], own_cosine: dict[tuple[int, int], float]
+) -> tuple[np.ndarray, np.ndarray]:
     """(each member's score per category (n, C), the categories' ids (C,)): a category scores its best
     prototype, as stage1.PrototypeMatrix.score does; in its own category, the prototype the member belongs to
     is replaced by that prototype without the member. A prototype is the normalised sum of its members, and
@@ -119,12 +120,15 @@ def fit(scores: np.ndarray, own_column: np.ndarray, *, mass: float, cap: int, ta
         means.append(float(np.mean(n)))
     reachable = min(target, max(coverages) - 1e-9)
     j = next(i for i, c in enumerate(coverages) if c >= reachable)
-    return {"temperature": float(GRID[j]), "coverage": coverages[j], "mean_categories": means[j],
-            "top1": float(np.mean(own_rank == 0))}
+    return {
+        "temperature": float(GRID[j]),
+        "coverage": coverages[j],
+        "mean_categories": means[j],
+        "top1": float(np.mean(own_rank == 0)),
+    }
 
 
-def sample_members(session: Session, model: EmbeddingModel, size: int, seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def sample_members(session: Session, model: EmbeddingModel, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Up to `size` categorised members drawn at random (fixed seed), by image id so no full scan is needed."""
     vectors = VectorRepository(session)
     low, high = vectors.id_range(model.id)
@@ -160,11 +164,22 @@ def calibrate(session: Session, settings: Settings, model: EmbeddingModel) -> Ca
             own_cosine[(row.category_id, p)] = float(np.mean(vectors[mine] @ row.vector))
     scores, cats = held_out_scores(vectors, own, protos, own_cosine)
     own_column = np.searchsorted(cats, own)
-    fitted = fit(scores, own_column, mass=settings.search_score_mass, cap=settings.search_categories,
-                 target=settings.search_stage1_coverage)
-    result = Calibration(**fitted, samples=len(own), target=settings.search_stage1_coverage,
-                         mass=settings.search_score_mass, cap=settings.search_categories, members=members,
-                         categories=categories)
+    fitted = fit(
+        scores,
+        own_column,
+        mass=settings.search_score_mass,
+        cap=settings.search_categories,
+        target=settings.search_stage1_coverage,
+    )
+    result = Calibration(
+        **fitted,
+        samples=len(own),
+        target=settings.search_stage1_coverage,
+        mass=settings.search_score_mass,
+        cap=settings.search_categories,
+        members=members,
+        categories=categories,
+    )
     SearchStateRepository(session).put(state_key(model.id), result.as_dict())
     return result
 
@@ -176,6 +191,10 @@ def needs_calibration(session: Session, settings: Settings, model: EmbeddingMode
     if not saved:
         return len(counts) >= 2
     members = sum(counts.values())
-    return (saved.get("target") != settings.search_stage1_coverage or saved.get("mass") != settings.search_score_mass
-            or saved.get("cap") != settings.search_categories or saved.get("categories") != len(counts)
-            or abs(members - int(saved.get("members", 0))) > DRIFT * max(1, int(saved.get("members", 0))))
+    return (
+        saved.get("target") != settings.search_stage1_coverage
+        or saved.get("mass") != settings.search_score_mass
+        or saved.get("cap") != settings.search_categories
+        or saved.get("categories") != len(counts)
+        or abs(members - int(saved.get("members", 0))) > DRIFT * max(1, int(saved.get("members", 0)))
+    )

@@ -107,8 +107,11 @@ class SubIndex:
             # Fast-scan codes take no IDSelector: ask for enough extra rows that tombstones cannot crowd out
             # live ones, then drop them here.
             scores, labels = self.index.search(query.reshape(1, -1), min(want + len(self.removed), len(self.ids)))
-            hits = [(int(p), float(s)) for p, s in zip(labels[0], scores[0], strict=True)
-                    if p >= 0 and int(p) not in self.removed]
+            hits = [
+                (int(p), float(s))
+                for p, s in zip(labels[0], scores[0], strict=True)
+                if p >= 0 and int(p) not in self.removed
+            ]
             return [(int(self.ids[p]), s) for p, s in hits[:want]]
         params = None
         if self.removed:
@@ -124,8 +127,9 @@ class SubIndex:
 class FaissModelIndex:
     """All sub-indexes of one model, plus where each image lives. Thread-safe."""
 
-    def __init__(self, *, model_id: int, model_name: str, dimension: int, flat_max_rows: int,
-                 watermark: Watermark) -> None:
+    def __init__(
+        self, *, model_id: int, model_name: str, dimension: int, flat_max_rows: int, watermark: Watermark
+    ) -> None:
         self.model_id = model_id
         self.model_name = model_name
         self.dimension = dimension
@@ -152,8 +156,7 @@ class FaissModelIndex:
         for pos, image_id in enumerate(image_ids.tolist()):
             self.where[image_id] = (category_id, pos)
 
-    def apply(self, changed: list[int], image_ids: np.ndarray, category_ids: np.ndarray,
-              vectors: np.ndarray) -> None:
+    def apply(self, changed: list[int], image_ids: np.ndarray, category_ids: np.ndarray, vectors: np.ndarray) -> None:
         """Make the index match the database for `changed` images, given their current rows (absent = gone).
 
         Idempotent: applying the same change twice leaves the same state, so re-reading the change log from
@@ -188,8 +191,9 @@ class FaissModelIndex:
         sub.ids = np.concatenate([sub.ids, image_ids.astype(np.int64)])
         for offset, image_id in enumerate(image_ids.tolist()):
             self.where[image_id] = (category_id, start + offset)
-        if (sub.kind == "flat" and sub.live >= max(self.flat_max_rows, PQ_MIN_ROWS)) or \
-                (sub.kind == "pq" and sub.live > RETRAIN_GROWTH * sub.trained_on):
+        if (sub.kind == "flat" and sub.live >= max(self.flat_max_rows, PQ_MIN_ROWS)) or (
+            sub.kind == "pq" and sub.live > RETRAIN_GROWTH * sub.trained_on
+        ):
             self._rebuild(category_id)  # a flat index turned large, or codebooks trained on too few rows
 
     def _maybe_compact(self, category_id: int) -> None:

@@ -106,11 +106,20 @@ class FaissStore:
         mark = changes.snapshot()  # taken before reading: nothing committed later is missed
         watermark = Watermark(mark.xmax, mark.xip, mark.own_xid, changes.own_max_seq(model.id, mark.own_xid))
         vectors = VectorRepository(session)
-        index = FaissModelIndex(model_id=model.id, model_name=model.name, dimension=model.dimension,
-                                flat_max_rows=self.flat_max_rows, watermark=watermark)
+        index = FaissModelIndex(
+            model_id=model.id,
+            model_name=model.name,
+            dimension=model.dimension,
+            flat_max_rows=self.flat_max_rows,
+            watermark=watermark,
+        )
         for category_id in sorted(vectors.category_counts(model.id), key=lambda c: -1 if c is None else c):
-            batch = vectors.fetch(model.id, model.dimension, category_ids=None if category_id is None else
-                                  [category_id], uncategorised=category_id is None)
+            batch = vectors.fetch(
+                model.id,
+                model.dimension,
+                category_ids=None if category_id is None else [category_id],
+                uncategorised=category_id is None,
+            )
             index.add_category(NO_CATEGORY if category_id is None else category_id, batch.image_ids, batch.vectors)
         self.last_build_s = time.perf_counter() - started
         log.info("built FAISS index for %s: %d vectors in %.1f s", model.name, len(index), self.last_build_s)
@@ -159,11 +168,20 @@ class FaissStore:
             for category_id, sub in index.subs.items():
                 faiss.write_index(sub.index, str(tmp / f"c{category_id}.faiss"))
                 np.save(tmp / f"c{category_id}.ids.npy", sub.ids)
-                files.append({"category": category_id, "kind": sub.kind, "count": len(sub.ids),
-                              "trained_on": sub.trained_on})
-            meta = {"format": FORMAT_VERSION, "catalog": catalog_identity(session), "model_id": index.model_id,
-                    "model": index.model_name, "dimension": index.dimension, "watermark": index.watermark.as_dict(),
-                    "flat_max_rows": index.flat_max_rows, "count": len(index), "subs": files}
+                files.append(
+                    {"category": category_id, "kind": sub.kind, "count": len(sub.ids), "trained_on": sub.trained_on}
+                )
+            meta = {
+                "format": FORMAT_VERSION,
+                "catalog": catalog_identity(session),
+                "model_id": index.model_id,
+                "model": index.model_name,
+                "dimension": index.dimension,
+                "watermark": index.watermark.as_dict(),
+                "flat_max_rows": index.flat_max_rows,
+                "count": len(index),
+                "subs": files,
+            }
         for entry in files:
             for suffix in (".faiss", ".ids.npy"):
                 path = tmp / f"c{entry['category']}{suffix}"
@@ -187,16 +205,27 @@ class FaissStore:
 
     def _read(self, session: Session, model: EmbeddingModel, folder: Path) -> FaissModelIndex:
         meta = json.loads((folder / "meta.json").read_text())
-        expected = {"format": FORMAT_VERSION, "catalog": catalog_identity(session), "model_id": model.id,
-                    "model": model.name, "dimension": model.dimension, "flat_max_rows": self.flat_max_rows}
+        expected = {
+            "format": FORMAT_VERSION,
+            "catalog": catalog_identity(session),
+            "model_id": model.id,
+            "model": model.name,
+            "dimension": model.dimension,
+            "flat_max_rows": self.flat_max_rows,
+        }
         for key, value in expected.items():
             if meta.get(key) != value:
                 raise ValueError(f"{key} is {meta.get(key)!r}, expected {value!r}")
         watermark = Watermark.from_dict(meta["watermark"])
         if watermark.xmax > ChangeLogRepository(session).snapshot().xmax:
             raise ValueError("watermark is ahead of the database (restored from an older backup?)")
-        index = FaissModelIndex(model_id=model.id, model_name=model.name, dimension=model.dimension,
-                                flat_max_rows=self.flat_max_rows, watermark=watermark)
+        index = FaissModelIndex(
+            model_id=model.id,
+            model_name=model.name,
+            dimension=model.dimension,
+            flat_max_rows=self.flat_max_rows,
+            watermark=watermark,
+        )
         for entry in meta["subs"]:
             paths = {s: folder / f"c{entry['category']}{s}" for s in (".faiss", ".ids.npy")}
             for suffix, path in paths.items():
@@ -209,8 +238,9 @@ class FaissStore:
             if isinstance(sub_index, faiss.IndexRefine):
                 sub_index.k_factor = RERANK_FACTOR
             category = int(entry["category"])
-            index.subs[category] = SubIndex(sub_index, ids.astype(np.int64), trained_on=int(entry["trained_on"]),
-                                            mapped=MMAP_FLAGS != 0)
+            index.subs[category] = SubIndex(
+                sub_index, ids.astype(np.int64), trained_on=int(entry["trained_on"]), mapped=MMAP_FLAGS != 0
+            )
             for pos, image_id in enumerate(ids.tolist()):
                 index.where[image_id] = (category, pos)
         if len(index) != meta["count"]:

@@ -66,8 +66,9 @@ def category_ef_search(rows: int, base: int, *, near: bool) -> int:
 FAR_EXACT_MAX_ROWS = 2000
 
 
-def branch_plan(indexed: Mapping[int, int], categories: Sequence[int], near: Container[int], base: int
-                ) -> tuple[list[tuple[int, bool]], int]:
+def branch_plan(
+    indexed: Mapping[int, int], categories: Sequence[int], near: Container[int], base: int
+) -> tuple[list[tuple[int, bool]], int]:
     """How to search each chosen category (through its index or exactly) and the statement's ef_search.
 
     `indexed`: category -> rows of its HNSW index. One statement searches every chosen category, so it gets
@@ -111,8 +112,9 @@ class HitInfo:
     caption: str | None = None
 
 
-def _in_parallel(engine: Engine, statements: Sequence[str], params: Mapping[str, str], settings: Mapping[str, str]
-                 ) -> list[Hit]:
+def _in_parallel(
+    engine: Engine, statements: Sequence[str], params: Mapping[str, str], settings: Mapping[str, str]
+) -> list[Hit]:
     """Each statement on a connection of its own, at once (Citus stage-2 branches); their rows together. Read-only:
     each connection sees what was committed, as the search's own transaction does."""
 
@@ -159,9 +161,13 @@ class NeighbourRepository:
     # ------------------------------------------------------------------ per-category indexes
     def _embedding_indexes(self, like: str) -> list[tuple[str, float]]:
         """(name, reltuples) of the embeddings table's indexes whose name matches a LIKE pattern."""
-        rows = self.session.execute(text(
-            "SELECT c.relname, c.reltuples FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
-            "WHERE x.indrelid = 'embeddings'::regclass AND c.relname LIKE :p"), {"p": like})
+        rows = self.session.execute(
+            text(
+                "SELECT c.relname, c.reltuples FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
+                "WHERE x.indrelid = 'embeddings'::regclass AND c.relname LIKE :p"
+            ),
+            {"p": like},
+        )
         return [(str(name), float(tuples)) for name, tuples in rows]
 
     def category_indexes(self, model_id: int) -> dict[int, int]:
@@ -181,21 +187,32 @@ class NeighbourRepository:
 
     def member_counts(self, model_id: int) -> dict[int, int]:
         """Vectors per category as the mean prototypes last counted them (search sync keeps them current)."""
-        return {int(c): int(n) for c, n in self.session.execute(text(
-            "SELECT category_id, member_count FROM category_prototypes WHERE model_id = :m AND kind = 'mean'"
-            " AND ordinal = 0"), {"m": int(model_id)})}
+        return {
+            int(c): int(n)
+            for c, n in self.session.execute(
+                text(
+                    "SELECT category_id, member_count FROM category_prototypes WHERE model_id = :m AND kind = 'mean'"
+                    " AND ordinal = 0"
+                ),
+                {"m": int(model_id)},
+            )
+        }
 
     def legacy_category_indexes(self, model_id: int) -> list[str]:
-        return sorted(name for prefix in LEGACY_PREFIXES
-                      for name, _ in self._embedding_indexes(f"{prefix}_m{int(model_id)}_c%"))
+        return sorted(
+            name for prefix in LEGACY_PREFIXES for name, _ in self._embedding_indexes(f"{prefix}_m{int(model_id)}_c%")
+        )
 
     def create_category_index(self, model_id: int, dimension: int, category_id: int) -> None:
         sequential_shard_commands(self.session)
-        self.session.execute(text(
-            f"CREATE INDEX IF NOT EXISTS {category_index_name(model_id, category_id)} ON embeddings "
-            f"USING hnsw ({category_index_expr(dimension)} halfvec_ip_ops) "
-            f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION}) "
-            f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)}"))
+        self.session.execute(
+            text(
+                f"CREATE INDEX IF NOT EXISTS {category_index_name(model_id, category_id)} ON embeddings "
+                f"USING hnsw ({category_index_expr(dimension)} halfvec_ip_ops) "
+                f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION}) "
+                f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)}"
+            )
+        )
 
     def drop_category_index(self, model_id: int, category_id: int) -> None:
         self.drop_index(category_index_name(model_id, category_id))
@@ -231,17 +248,21 @@ class NeighbourRepository:
         is passed on to the workers' transactions when citus.propagate_set_commands is 'local'."""
         names = ["citus.propagate_set_commands", *settings]
         wanted = {"citus.propagate_set_commands": "local", **settings}
-        before = self.session.execute(text(
-            "SELECT " + ", ".join(f"current_setting(:n{i}, true)" for i in range(len(names)))),
-            {f"n{i}": n for i, n in enumerate(names)}).one()
+        before = self.session.execute(
+            text("SELECT " + ", ".join(f"current_setting(:n{i}, true)" for i in range(len(names)))),
+            {f"n{i}": n for i, n in enumerate(names)},
+        ).one()
 
         def apply(values: Sequence[str | None]) -> None:
             parts = []
             for name, value in zip(names, values, strict=True):
                 if not re.fullmatch(r"[a-z_.]+", name):
                     raise ValueError(f"unexpected setting {name!r}")
-                parts.append(f"SET LOCAL {name} TO DEFAULT" if value is None
-                             else f"SET LOCAL {name} = '{str(value).replace(chr(39), chr(39) * 2)}'")
+                parts.append(
+                    f"SET LOCAL {name} TO DEFAULT"
+                    if value is None
+                    else f"SET LOCAL {name} = '{str(value).replace(chr(39), chr(39) * 2)}'"
+                )
             # The propagation switch first on the way in, last on the way out.
             for part in parts if values is not before else reversed(parts):
                 self.session.execute(text(part))
@@ -252,8 +273,15 @@ class NeighbourRepository:
         yield
         apply(before)
 
-    def per_category(self, model_id: int, dimension: int, query: str, categories: Sequence[tuple[int, bool]],
-                     limit: int, ef_search: int) -> list[Hit]:
+    def per_category(
+        self,
+        model_id: int,
+        dimension: int,
+        query: str,
+        categories: Sequence[tuple[int, bool]],
+        limit: int,
+        ef_search: int,
+    ) -> list[Hit]:
         """Top `limit` over the union of categories; each (category_id, indexed) says which branch to use."""
         if not categories:
             return []
@@ -268,7 +296,8 @@ class NeighbourRepository:
             order = f"{category_index_expr(dimension)} <#> {half}" if indexed else f"({expr} <=> {q}) + 0"
             branches.append(
                 f"(SELECT image_id, {expr} AS e FROM embeddings WHERE model_id = {int(model_id)} "
-                f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})")
+                f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})"
+            )
         settings = {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
         engine = self.session.get_bind()
         if len(branches) > 1 and isinstance(engine, Engine) and distributed(self.session):
@@ -278,8 +307,10 @@ class NeighbourRepository:
             parts = [f"SELECT image_id, 1 - (e <=> {q}) AS score FROM {b} s" for b in branches]
             hits = sorted(_in_parallel(engine, parts, {"q": query}, settings), key=lambda h: (-h[1], h[0]))
             return hits[:limit]
-        sql = (f"SELECT image_id, 1 - (e <=> {q}) AS score FROM ({' UNION ALL '.join(branches)}) s "
-               f"ORDER BY score DESC, image_id LIMIT {int(limit)}")
+        sql = (
+            f"SELECT image_id, 1 - (e <=> {q}) AS score FROM ({' UNION ALL '.join(branches)}) s "
+            f"ORDER BY score DESC, image_id LIMIT {int(limit)}"
+        )
         with self._plan(**settings):
             rows = self.session.execute(text(sql), {"q": query}).all()
         return [(int(r[0]), float(r[1])) for r in rows]
@@ -290,21 +321,33 @@ class NeighbourRepository:
             # Categorised vectors as the prototypes count them: no shard is asked, so a worker being down does
             # not fail every search here.
             return min(limit, sum(self.member_counts(model_id).values()))
-        return int(self.session.execute(text(
-            f"SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_id = {int(model_id)} "
-            f"LIMIT {int(limit)}) s")).scalar_one())
+        return int(
+            self.session.execute(
+                text(
+                    f"SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_id = {int(model_id)} "
+                    f"LIMIT {int(limit)}) s"
+                )
+            ).scalar_one()
+        )
 
     def count_in(self, model_id: int, category_ids: Sequence[int]) -> int:
-        return int(self.session.execute(text(
-            f"SELECT count(*) FROM embeddings WHERE model_id = {int(model_id)} AND category_id IN "
-            f"({','.join(str(int(c)) for c in category_ids) or 'NULL'})")).scalar_one())
+        return int(
+            self.session.execute(
+                text(
+                    f"SELECT count(*) FROM embeddings WHERE model_id = {int(model_id)} AND category_id IN "
+                    f"({','.join(str(int(c)) for c in category_ids) or 'NULL'})"
+                )
+            ).scalar_one()
+        )
 
     def global_ann(self, model_id: int, dimension: int, query: str, limit: int, ef_search: int) -> list[Hit]:
         """The per-model cosine HNSW index over every image (mode `ann` without a category filter)."""
         expr = embedding_expr(dimension)
         q = f"CAST(:q AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
-        sql = (f"SELECT image_id, 1 - ({expr} <=> {q}) AS score FROM embeddings WHERE model_id = {int(model_id)} "
-               f"ORDER BY {expr} <=> {q} LIMIT {int(limit)}")
+        sql = (
+            f"SELECT image_id, 1 - ({expr} <=> {q}) AS score FROM embeddings WHERE model_id = {int(model_id)} "
+            f"ORDER BY {expr} <=> {q} LIMIT {int(limit)}"
+        )
         with self._plan(**walk_settings(ef_search, limit), enable_sort="off", enable_seqscan="off"):
             rows = self.session.execute(text(sql), {"q": query}).all()
         return sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda h: (-h[1], h[0]))
@@ -315,8 +358,10 @@ class NeighbourRepository:
         if category_ids is not None:
             where += f" AND category_id IN ({','.join(str(int(c)) for c in category_ids) or 'NULL'})"
         # Full precision vectors and `+ 0`, so no (approximate) index can take over the ordering.
-        sql = (f"SELECT image_id, 1 - (embedding <=> CAST(:q AS vector)) AS score FROM embeddings WHERE {where} "
-               f"ORDER BY (embedding <=> CAST(:q AS vector)) + 0, image_id LIMIT {int(limit)}")
+        sql = (
+            f"SELECT image_id, 1 - (embedding <=> CAST(:q AS vector)) AS score FROM embeddings WHERE {where} "
+            f"ORDER BY (embedding <=> CAST(:q AS vector)) + 0, image_id LIMIT {int(limit)}"
+        )
         rows = self.session.execute(text(sql), {"q": query}).all()
         return [(int(r[0]), float(r[1])) for r in rows]
 
@@ -325,12 +370,26 @@ class NeighbourRepository:
         if not image_ids:
             return {}
         rows = self.session.execute(
-            text("SELECT i.id, i.category_id, c.name, i.canonical_id,"
-                 " (SELECT count(*) FROM images d WHERE d.canonical_id = i.id) AS duplicates,"
-                 " i.original_name, i.width, i.height, i.byte_size, i.caption"
-                 " FROM images i LEFT JOIN categories c ON c.id = i.category_id WHERE i.id = ANY(:ids)"),
-            {"ids": list(image_ids)})
-        return {int(r[0]): HitInfo(int(r[0]), None if r[1] is None else int(r[1]), r[2],
-                                   None if r[3] is None else int(r[3]), int(r[4]), r[5], r[6], r[7], r[8],
-                                   r[9])
-                for r in rows}
+            text(
+                "SELECT i.id, i.category_id, c.name, i.canonical_id,"
+                " (SELECT count(*) FROM images d WHERE d.canonical_id = i.id) AS duplicates,"
+                " i.original_name, i.width, i.height, i.byte_size, i.caption"
+                " FROM images i LEFT JOIN categories c ON c.id = i.category_id WHERE i.id = ANY(:ids)"
+            ),
+            {"ids": list(image_ids)},
+        )
+        return {
+            int(r[0]): HitInfo(
+                int(r[0]),
+                None if r[1] is None else int(r[1]),
+                r[2],
+                None if r[3] is None else int(r[3]),
+                int(r[4]),
+                r[5],
+                r[6],
+                r[7],
+                r[8],
+                r[9],
+            )
+            for r in rows
+        }

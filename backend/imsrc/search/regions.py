@@ -35,8 +35,11 @@ WORK_SIDE = 768
 
 def _grid(n: int) -> list[Box]:
     s = 1.0 / n
-    return [(round(c * s, 4), round(r * s, 4), round((c + 1) * s, 4), round((r + 1) * s, 4))
-            for r in range(n) for c in range(n)]
+    return [
+        (round(c * s, 4), round(r * s, 4), round((c + 1) * s, 4), round((r + 1) * s, 4))
+        for r in range(n)
+        for c in range(n)
+    ]
 
 
 def _centred(side: float, cx: float = 0.5, cy: float = 0.5) -> Box:
@@ -58,7 +61,9 @@ WINDOW_SETS: dict[str, list[Box]] = {
     "half-stride+centre": [*_half_stride(), _centred(0.7), _centred(0.85)],
     "grid": _grid(2) + _grid(3),
     "grid+centre": _grid(2) + _grid(3) + [_centred(0.5), _centred(0.7)],
-    "dense": _grid(2) + _grid(3) + [_centred(0.5), _centred(0.7), _centred(0.85)]
+    "dense": _grid(2)
+    + _grid(3)
+    + [_centred(0.5), _centred(0.7), _centred(0.85)]
     + [_centred(0.5, cx, cy) for cx, cy in ((0.25, 0.5), (0.75, 0.5), (0.5, 0.25), (0.5, 0.75))],
 }
 # 11 windows: on bench/robustness's crops (25-50 % of the area) as good at rank 1 as all 20 of "dense" (the 3x3 grid
@@ -116,74 +121,102 @@ class RegionRepository:
         self.session = session
 
     def has_any(self, model_id: int) -> bool:
-        return bool(self.session.execute(text(
-            "SELECT EXISTS (SELECT 1 FROM region_embeddings WHERE model_id = :m)"), {"m": model_id}).scalar())
+        return bool(
+            self.session.execute(
+                text("SELECT EXISTS (SELECT 1 FROM region_embeddings WHERE model_id = :m)"), {"m": model_id}
+            ).scalar()
+        )
 
     def require(self, model_id: int, model_name: str) -> None:
         if not self.has_any(model_id):
             raise RegionsMissingError(
                 f"match=partial needs region vectors, and model {model_name} has none in this catalog: run "
-                "`imsrc embed --regions` to add them (set IMSRC_REGIONS=true to add them while indexing)")
+                "`imsrc embed --regions` to add them (set IMSRC_REGIONS=true to add them while indexing)"
+            )
 
     def counts(self, model_id: int) -> tuple[int, int]:
         """(images with region vectors, region rows) of one model."""
-        row = self.session.execute(text("SELECT count(DISTINCT image_id), count(*) FROM region_embeddings "
-                                        "WHERE model_id = :m"), {"m": model_id}).one()
+        row = self.session.execute(
+            text("SELECT count(DISTINCT image_id), count(*) FROM region_embeddings WHERE model_id = :m"),
+            {"m": model_id},
+        ).one()
         return int(row[0]), int(row[1])
 
     def write(self, model_id: int, rows: Sequence[tuple[int, Sequence[Box], np.ndarray]]) -> None:
         """(image_id, boxes, vectors) per image; an image's earlier windows are replaced."""
         if not rows:
             return
-        self.session.execute(text("DELETE FROM region_embeddings WHERE model_id = :m AND image_id = ANY(:ids)"),
-                             {"m": model_id, "ids": [int(r[0]) for r in rows]})
+        self.session.execute(
+            text("DELETE FROM region_embeddings WHERE model_id = :m AND image_id = ANY(:ids)"),
+            {"m": model_id, "ids": [int(r[0]) for r in rows]},
+        )
         # COPY (text format, rows streamed): a million images are tens of millions of rows.
         raw = self.session.connection().connection.driver_connection
         assert raw is not None
-        with raw.cursor() as cur, cur.copy("COPY region_embeddings (model_id, image_id, region, x0, y0, x1, y1, "
-                                           "embedding) FROM STDIN") as copy:
+        with (
+            raw.cursor() as cur,
+            cur.copy(
+                "COPY region_embeddings (model_id, image_id, region, x0, y0, x1, y1, embedding) FROM STDIN"
+            ) as copy,
+        ):
             for image_id, boxes, vectors in rows:
                 for n, (box, vec) in enumerate(zip(boxes, vectors, strict=True)):
-                    copy.write_row((model_id, int(image_id), n, *box,
-                                    "[" + ",".join(map(repr, np.asarray(vec, np.float32).tolist())) + "]"))
+                    copy.write_row(
+                        (
+                            model_id,
+                            int(image_id),
+                            n,
+                            *box,
+                            "[" + ",".join(map(repr, np.asarray(vec, np.float32).tolist())) + "]",
+                        )
+                    )
 
-    def missing_page(self, model_id: int, after_id: int, limit: int, image_ids: Sequence[int] | None = None
-                     ) -> list[tuple[int, bytes | None, str | None]]:
+    def missing_page(
+        self, model_id: int, after_id: int, limit: int, image_ids: Sequence[int] | None = None
+    ) -> list[tuple[int, bytes | None, str | None]]:
         """(id, stored bytes or None, a source path or None) of images that have the model's vector but no
         region vectors yet, in id order after `after_id` (keyset: a resumed run starts where work is left);
         image_ids: only among these."""
         only = "" if image_ids is None else " AND i.id = ANY(:ids)"
         # No join with embeddings, only an uncorrelated IN: on Citus, embeddings is distributed and images is
         # not, and a correlated subquery or join between them is refused (helpers' coordination note).
-        rows = self.session.execute(text(
-            "SELECT i.id, b.data, coalesce(i.source_path,"
-            " (SELECT s.path FROM image_sources s WHERE s.image_id = i.id ORDER BY s.id LIMIT 1))"
-            " FROM images i LEFT JOIN image_blobs b ON b.image_id = i.id"
-            " WHERE i.id > :a AND i.id IN (SELECT image_id FROM embeddings WHERE model_id = :m)"
-            " AND NOT EXISTS (SELECT 1 FROM region_embeddings r WHERE r.model_id = :m AND r.image_id = i.id)"
-            f"{only} ORDER BY i.id LIMIT :n"),
-            {"m": model_id, "a": after_id, "n": limit, "ids": [int(i) for i in image_ids or []]})
+        rows = self.session.execute(
+            text(
+                "SELECT i.id, b.data, coalesce(i.source_path,"
+                " (SELECT s.path FROM image_sources s WHERE s.image_id = i.id ORDER BY s.id LIMIT 1))"
+                " FROM images i LEFT JOIN image_blobs b ON b.image_id = i.id"
+                " WHERE i.id > :a AND i.id IN (SELECT image_id FROM embeddings WHERE model_id = :m)"
+                " AND NOT EXISTS (SELECT 1 FROM region_embeddings r WHERE r.model_id = :m AND r.image_id = i.id)"
+                f"{only} ORDER BY i.id LIMIT :n"
+            ),
+            {"m": model_id, "a": after_id, "n": limit, "ids": [int(i) for i in image_ids or []]},
+        )
         return [(int(r[0]), None if r[1] is None else bytes(r[1]), r[2]) for r in rows]
 
     def missing_count(self, model_id: int) -> int:
         """Images with the model's vector but no windows. Two counts, not an anti-join with embeddings (Citus,
         as above); windows are only ever written for images that have the vector, and go with the image."""
-        vectors = int(self.session.execute(text("SELECT count(*) FROM embeddings WHERE model_id = :m"),
-                                           {"m": model_id}).scalar_one())
+        vectors = int(
+            self.session.execute(
+                text("SELECT count(*) FROM embeddings WHERE model_id = :m"), {"m": model_id}
+            ).scalar_one()
+        )
         return max(0, vectors - self.counts(model_id)[0])
 
     # ------------------------------------------------------------------ the index
     def ensure_index(self, model_id: int, dimension: int) -> bool:
         """One HNSW graph per model over its region vectors (half precision, inner product: the vectors are
         unit length). Built after a bulk pass, not before, so the rows go in without graph upkeep."""
-        exists = self.session.execute(text("SELECT to_regclass(:n) IS NOT NULL"),
-                                      {"n": index_name(model_id)}).scalar()
+        exists = self.session.execute(text("SELECT to_regclass(:n) IS NOT NULL"), {"n": index_name(model_id)}).scalar()
         if exists:
             return False
-        self.session.execute(text(
-            f"CREATE INDEX IF NOT EXISTS {index_name(model_id)} ON region_embeddings USING hnsw "
-            f"((embedding::{_halfvec(dimension)}) halfvec_ip_ops) "
-            f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION}) WHERE model_id = {int(model_id)}"))
+        self.session.execute(
+            text(
+                f"CREATE INDEX IF NOT EXISTS {index_name(model_id)} ON region_embeddings USING hnsw "
+                f"((embedding::{_halfvec(dimension)}) halfvec_ip_ops) "
+                f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION}) WHERE model_id = {int(model_id)}"
+            )
+        )
         return True
 
     def drop_index(self, model_id: int) -> None:
@@ -194,21 +227,31 @@ class RegionRepository:
 
     def sizes(self, model_id: int) -> dict[str, int]:
         """Bytes: the table (heap + TOAST) and the model's region index."""
-        row = self.session.execute(text(
-            "SELECT pg_table_size('region_embeddings'), coalesce(pg_relation_size(to_regclass(:n)), 0)"),
-            {"n": index_name(model_id)}).one()
+        row = self.session.execute(
+            text("SELECT pg_table_size('region_embeddings'), coalesce(pg_relation_size(to_regclass(:n)), 0)"),
+            {"n": index_name(model_id)},
+        ).one()
         return {"table_bytes": int(row[0]), "index_bytes": int(row[1])}
 
     # ------------------------------------------------------------------ queries
     def ann(self, model_id: int, dimension: int, query: str, limit: int, ef_search: int) -> list[RegionHit]:
         """The `limit` nearest windows through the model's graph, re-scored at full precision."""
         half = f"CAST(CAST(:q AS text) AS {_halfvec(dimension)})"
-        sql = (f"SELECT image_id, x0, y0, x1, y1, 1 - (embedding <=> CAST(CAST(:q AS text) AS vector)) FROM "
-               f"(SELECT image_id, x0, y0, x1, y1, embedding FROM region_embeddings WHERE model_id = "
-               f"{int(model_id)} ORDER BY (embedding::{_halfvec(dimension)}) <#> {half} LIMIT {int(limit)}) s")
+        sql = (
+            f"SELECT image_id, x0, y0, x1, y1, 1 - (embedding <=> CAST(CAST(:q AS text) AS vector)) FROM "
+            f"(SELECT image_id, x0, y0, x1, y1, embedding FROM region_embeddings WHERE model_id = "
+            f"{int(model_id)} ORDER BY (embedding::{_halfvec(dimension)}) <#> {half} LIMIT {int(limit)}) s"
+        )
         ef = str(min(EF_SEARCH_MAX, max(ef_search, limit)))
-        with local_settings(self.session, {"hnsw.ef_search": ef, "hnsw.iterative_scan": "relaxed_order",
-                            "enable_seqscan": "off", "enable_sort": "off"}):
+        with local_settings(
+            self.session,
+            {
+                "hnsw.ef_search": ef,
+                "hnsw.iterative_scan": "relaxed_order",
+                "enable_seqscan": "off",
+                "enable_sort": "off",
+            },
+        ):
             rows = self.session.execute(text(sql), {"q": query}).all()
         return _hits(rows)
 
@@ -219,9 +262,11 @@ class RegionRepository:
         if category_ids is not None:
             join = " JOIN images i ON i.id = r.image_id"
             where += f" AND i.category_id IN ({','.join(str(int(c)) for c in category_ids) or 'NULL'})"
-        sql = (f"SELECT r.image_id, r.x0, r.y0, r.x1, r.y1, 1 - (r.embedding <=> CAST(:q AS vector)) AS s "
-               f"FROM region_embeddings r{join} WHERE {where} "
-               f"ORDER BY (r.embedding <=> CAST(:q AS vector)) + 0, r.image_id LIMIT {int(limit)}")
+        sql = (
+            f"SELECT r.image_id, r.x0, r.y0, r.x1, r.y1, 1 - (r.embedding <=> CAST(:q AS vector)) AS s "
+            f"FROM region_embeddings r{join} WHERE {where} "
+            f"ORDER BY (r.embedding <=> CAST(:q AS vector)) + 0, r.image_id LIMIT {int(limit)}"
+        )
         return _hits(self.session.execute(text(sql), {"q": query}).all())
 
 

@@ -40,17 +40,29 @@ def _parse_binary_copy(data: bytes, dimension: int) -> VectorBatch:
     if not data.startswith(_COPY_SIGNATURE):
         raise ValueError("not a binary COPY stream")
     body = memoryview(data)[_HEADER : len(data) - 2]  # trailer: int16 -1
-    row = np.dtype([
-        ("nf", ">i2"), ("l1", ">i4"), ("id", ">i8"), ("l2", ">i4"), ("cat", ">i8"),
-        ("l3", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f4", (dimension,)),
-    ])
+    row = np.dtype(
+        [
+            ("nf", ">i2"),
+            ("l1", ">i4"),
+            ("id", ">i8"),
+            ("l2", ">i4"),
+            ("cat", ">i8"),
+            ("l3", ">i4"),
+            ("dim", ">i2"),
+            ("unused", ">i2"),
+            ("vec", ">f4", (dimension,)),
+        ]
+    )
     if len(body) % row.itemsize:
         raise ValueError(f"vectors are not all {dimension}-dimensional")
     rows = np.frombuffer(body, dtype=row)
     if len(rows) and (rows["dim"] != dimension).any():
         raise ValueError(f"vectors are not all {dimension}-dimensional")
-    return VectorBatch(rows["id"].astype(np.int64), rows["cat"].astype(np.int64),
-                       np.ascontiguousarray(rows["vec"], dtype=np.float32).reshape(len(rows), dimension))
+    return VectorBatch(
+        rows["id"].astype(np.int64),
+        rows["cat"].astype(np.int64),
+        np.ascontiguousarray(rows["vec"], dtype=np.float32).reshape(len(rows), dimension),
+    )
 
 
 class VectorRepository:
@@ -59,9 +71,16 @@ class VectorRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def fetch(self, model_id: int, dimension: int, *, category_ids: Sequence[int] | None = None,
-              uncategorised: bool = False, image_ids: Sequence[int] | None = None,
-              unpredicted: bool = False) -> VectorBatch:
+    def fetch(
+        self,
+        model_id: int,
+        dimension: int,
+        *,
+        category_ids: Sequence[int] | None = None,
+        uncategorised: bool = False,
+        image_ids: Sequence[int] | None = None,
+        unpredicted: bool = False,
+    ) -> VectorBatch:
         where = [f"model_id = {int(model_id)}"]
         if category_ids is not None:
             where.append(f"category_id IN ({','.join(str(int(c)) for c in category_ids) or 'NULL'})")
@@ -72,8 +91,10 @@ class VectorRepository:
         if unpredicted:
             where.append("image_id IN (SELECT id FROM images WHERE predicted_category_id IS NULL)")
         # nullif: uncategorised vectors have category 0 on Citus (db/citus.py), NULL elsewhere.
-        sql = (f"COPY (SELECT image_id, coalesce(nullif(category_id, 0), -1), embedding FROM embeddings "
-               f"WHERE {' AND '.join(where)} ORDER BY image_id) TO STDOUT (FORMAT BINARY)")
+        sql = (
+            f"COPY (SELECT image_id, coalesce(nullif(category_id, 0), -1), embedding FROM embeddings "
+            f"WHERE {' AND '.join(where)} ORDER BY image_id) TO STDOUT (FORMAT BINARY)"
+        )
         raw = self.session.connection().connection.driver_connection
         assert raw is not None
         buf = bytearray()
@@ -102,23 +123,32 @@ class VectorRepository:
     def has_unlabelled(self, model_id: int, *, unpredicted: bool) -> bool:
         """Whether there is an uncategorised image or a member of an automatic category (with unpredicted: one
         without a predicted label yet), with a vector of this model."""
-        return bool(self.session.execute(
-            text("SELECT EXISTS (SELECT 1 FROM embeddings e JOIN images i ON i.id = e.image_id"
-                 " LEFT JOIN categories c ON c.id = e.category_id WHERE e.model_id = :m"
-                 " AND (NOT :u OR i.predicted_category_id IS NULL) AND (e.category_id IS NULL OR c.is_automatic))"),
-            {"m": model_id, "u": unpredicted}).scalar())
+        return bool(
+            self.session.execute(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM embeddings e JOIN images i ON i.id = e.image_id"
+                    " LEFT JOIN categories c ON c.id = e.category_id WHERE e.model_id = :m"
+                    " AND (NOT :u OR i.predicted_category_id IS NULL) AND (e.category_id IS NULL OR c.is_automatic))"
+                ),
+                {"m": model_id, "u": unpredicted},
+            ).scalar()
+        )
 
     def id_range(self, model_id: int) -> tuple[int | None, int | None]:
         """Smallest and largest image id with a vector of the model (two primary-key probes)."""
         row = self.session.execute(
-            text("SELECT (SELECT min(image_id) FROM embeddings WHERE model_id = :m),"
-                 " (SELECT max(image_id) FROM embeddings WHERE model_id = :m)"), {"m": model_id}).one()
+            text(
+                "SELECT (SELECT min(image_id) FROM embeddings WHERE model_id = :m),"
+                " (SELECT max(image_id) FROM embeddings WHERE model_id = :m)"
+            ),
+            {"m": model_id},
+        ).one()
         return (None if row[0] is None else int(row[0])), (None if row[1] is None else int(row[1]))
 
     def category_counts(self, model_id: int) -> dict[int | None, int]:
         rows = self.session.execute(
             text("SELECT nullif(category_id, 0), count(*) FROM embeddings WHERE model_id = :m GROUP BY 1"),
-            {"m": model_id}
+            {"m": model_id},
         )
         return {(None if r[0] is None else int(r[0])): int(r[1]) for r in rows}
 
@@ -133,9 +163,12 @@ class SearchStateRepository:
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         self.session.execute(
-            text("INSERT INTO search_state (key, value) VALUES (:k, CAST(:v AS jsonb)) ON CONFLICT (key)"
-                 " DO UPDATE SET value = EXCLUDED.value, updated_at = now()"),
-            {"k": key, "v": json.dumps(value)})
+            text(
+                "INSERT INTO search_state (key, value) VALUES (:k, CAST(:v AS jsonb)) ON CONFLICT (key)"
+                " DO UPDATE SET value = EXCLUDED.value, updated_at = now()"
+            ),
+            {"k": key, "v": json.dumps(value)},
+        )
 
 
 @dataclass(frozen=True)
@@ -154,8 +187,12 @@ class Watermark:
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> Watermark:
-        return cls(int(value["xmax"]), tuple(int(x) for x in value.get("xip", ())),
-                   None if value.get("own_xid") is None else int(value["own_xid"]), int(value.get("own_seq", 0)))
+        return cls(
+            int(value["xmax"]),
+            tuple(int(x) for x in value.get("xip", ())),
+            None if value.get("own_xid") is None else int(value["own_xid"]),
+            int(value.get("own_seq", 0)),
+        )
 
 
 class ChangeLogRepository:
@@ -165,9 +202,12 @@ class ChangeLogRepository:
         self.session = session
 
     def snapshot(self) -> Watermark:
-        row = self.session.execute(text(
-            "SELECT pg_snapshot_xmax(s)::text, coalesce((SELECT array_agg(x::text) FROM pg_snapshot_xip(s) x),"
-            " '{}'), pg_current_xact_id_if_assigned()::text FROM pg_current_snapshot() s")).one()
+        row = self.session.execute(
+            text(
+                "SELECT pg_snapshot_xmax(s)::text, coalesce((SELECT array_agg(x::text) FROM pg_snapshot_xip(s) x),"
+                " '{}'), pg_current_xact_id_if_assigned()::text FROM pg_current_snapshot() s"
+            )
+        ).one()
         own = None if row[2] is None else int(row[2])
         # The own transaction is tracked by seq (own_seq), not re-read wholesale as "in progress".
         return Watermark(int(row[0]), tuple(int(x) for x in row[1] if int(x) != own), own)
@@ -175,17 +215,30 @@ class ChangeLogRepository:
     def since(self, model_id: int, mark: Watermark) -> list[tuple[int, int, int]]:
         """(seq, xid, image_id) of changes not visible when `mark` was taken (plus a few re-reads)."""
         rows = self.session.execute(
-            text("SELECT seq, xid::text, image_id FROM embedding_changes WHERE model_id = :m AND"
-                 " ((xid >= CAST(:xmax AS xid8) AND xid IS DISTINCT FROM CAST(:own AS xid8))"
-                 "  OR xid = ANY(CAST(:xip AS xid8[]))"
-                 "  OR (xid = CAST(:own AS xid8) AND seq > :own_seq)) ORDER BY seq"),
-            {"m": model_id, "xmax": str(mark.xmax), "xip": [str(x) for x in mark.xip],
-             "own": None if mark.own_xid is None else str(mark.own_xid), "own_seq": mark.own_seq})
+            text(
+                "SELECT seq, xid::text, image_id FROM embedding_changes WHERE model_id = :m AND"
+                " ((xid >= CAST(:xmax AS xid8) AND xid IS DISTINCT FROM CAST(:own AS xid8))"
+                "  OR xid = ANY(CAST(:xip AS xid8[]))"
+                "  OR (xid = CAST(:own AS xid8) AND seq > :own_seq)) ORDER BY seq"
+            ),
+            {
+                "m": model_id,
+                "xmax": str(mark.xmax),
+                "xip": [str(x) for x in mark.xip],
+                "own": None if mark.own_xid is None else str(mark.own_xid),
+                "own_seq": mark.own_seq,
+            },
+        )
         return [(int(r[0]), int(r[1]), int(r[2])) for r in rows]
 
     def own_max_seq(self, model_id: int, own_xid: int | None) -> int:
         if own_xid is None:
             return 0
-        return int(self.session.execute(
-            text("SELECT coalesce(max(seq), 0) FROM embedding_changes WHERE model_id = :m AND xid = CAST(:x AS xid8)"),
-            {"m": model_id, "x": str(own_xid)}).scalar_one())
+        return int(
+            self.session.execute(
+                text(
+                    "SELECT coalesce(max(seq), 0) FROM embedding_changes WHERE model_id = :m AND xid = CAST(:x AS xid8)"
+                ),
+                {"m": model_id, "x": str(own_xid)},
+            ).scalar_one()
+        )

@@ -74,13 +74,17 @@ class SearchRuntime:
     _rows_cache: dict[int, tuple[float, int]] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, settings: Settings, embedder_factory: EmbedderFactory | None = None,
-               decode_gate: DecodeGate | None = None) -> SearchRuntime:
-        return cls(settings=settings, embedder_factory=embedder_factory or default_embedder_factory(settings),
-                   prototypes=PrototypeCache(),
-                   faiss=FaissStore(settings.resolved_data_dir, flat_max_rows=settings.faiss_flat_max_rows),
-                   url_fetcher=UrlFetcher.from_settings(settings),
-                   decode_gate=decode_gate or DecodeGate.from_settings(settings))
+    def create(
+        cls, settings: Settings, embedder_factory: EmbedderFactory | None = None, decode_gate: DecodeGate | None = None
+    ) -> SearchRuntime:
+        return cls(
+            settings=settings,
+            embedder_factory=embedder_factory or default_embedder_factory(settings),
+            prototypes=PrototypeCache(),
+            faiss=FaissStore(settings.resolved_data_dir, flat_max_rows=settings.faiss_flat_max_rows),
+            url_fetcher=UrlFetcher.from_settings(settings),
+            decode_gate=decode_gate or DecodeGate.from_settings(settings),
+        )
 
     def service(self, session: Session) -> SearchService:
         return SearchService(session, self)
@@ -198,23 +202,30 @@ class SearchService:
             raise NotFoundError(f"model {options.model!r} has not indexed any images in this catalog")
         chosen = self._explicit_categories(options.category) if options.category else None
         t2 = time.perf_counter()
-        ranked = self.keywords.ranked(keywords, options.k or self.settings.search_k, chosen,
-                                                         options.include_duplicates)
+        ranked = self.keywords.ranked(keywords, options.k or self.settings.search_k, chosen, options.include_duplicates)
         info = NeighbourRepository(self.session).hydrate([i for i, _ in ranked])
         hits = [_hit(i, s, info[i], keyword_match=True) for i, s in ranked if i in info]
         return SearchResponse(
-            results=_at_least(hits, options.min_score), stage1=[], model=model.name if model else None,
-            mode="keywords", backend=None, keywords=keywords.strip(),
-            timings_ms=Timings(embed=0.0, stage1=0.0, stage2=_ms(t2), total=_ms(started)))
+            results=_at_least(hits, options.min_score),
+            stage1=[],
+            model=model.name if model else None,
+            mode="keywords",
+            backend=None,
+            keywords=keywords.strip(),
+            timings_ms=Timings(embed=0.0, stage1=0.0, stage2=_ms(t2), total=_ms(started)),
+        )
 
-    def _embed_and_search(self, options: SearchOptions,
-                          embed: Callable[[EmbeddingModel], tuple[np.ndarray, int | None, Image.Image | None]]
-                          ) -> SearchResponse:
+    def _embed_and_search(
+        self,
+        options: SearchOptions,
+        embed: Callable[[EmbeddingModel], tuple[np.ndarray, int | None, Image.Image | None]],
+    ) -> SearchResponse:
         model = self.model(options.model)
         started = time.perf_counter()  # the embed time includes decoding and hashing the query
         vector, phash, image = embed(model)
-        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started, phash=phash,
-                                  query_image=image)
+        return self.search_vector(
+            model, vector, options, embed_ms=_ms(started), started=started, phash=phash, query_image=image
+        )
 
     def similar(self, image_id: int, options: SearchOptions) -> SearchResponse:
         """More like this: the stored vector of an indexed image, the image itself left out."""
@@ -231,16 +242,27 @@ class SearchService:
             image = ThumbnailRepository(self.session).images([image_id]).get(image_id)
             if image is None:
                 raise InvalidInputError(f"image {image_id} has no thumbnail to compare with: search without rerank")
-        return self.search_vector(model, vector, options, embed_ms=_ms(started), started=started, exclude=image_id,
-                                  phash=phash, query_image=image)
+        return self.search_vector(
+            model,
+            vector,
+            options,
+            embed_ms=_ms(started),
+            started=started,
+            exclude=image_id,
+            phash=phash,
+            query_image=image,
+        )
 
-    def categories_for_url(self, url: str, *, model_name: str | None = None,
-                           limit: int | None = None, samples: int = 0) -> CategoriesResponse:
-        return self.categories_for_image(self.runtime.url_fetcher.fetch(url), model_name=model_name, limit=limit,
-                                         samples=samples)
+    def categories_for_url(
+        self, url: str, *, model_name: str | None = None, limit: int | None = None, samples: int = 0
+    ) -> CategoriesResponse:
+        return self.categories_for_image(
+            self.runtime.url_fetcher.fetch(url), model_name=model_name, limit=limit, samples=samples
+        )
 
-    def categories_for_image(self, data: bytes, *, model_name: str | None = None,
-                             limit: int | None = None, samples: int = 0) -> CategoriesResponse:
+    def categories_for_image(
+        self, data: bytes, *, model_name: str | None = None, limit: int | None = None, samples: int = 0
+    ) -> CategoriesResponse:
         """Stage 1 alone: which categories is this image like, with scores."""
         model = self.model(model_name)
         started = time.perf_counter()
@@ -253,16 +275,31 @@ class SearchService:
         hits = [_category_hit(c) for c in ranked]
         if samples:  # a few of each category's images, to show what it holds
             found = ImageRepository(self.session).sample_thumbnails([c.category_id for c in hits], samples)
-            hits = [c.model_copy(update={"sample_thumbnail_urls": [image_thumbnail_url(i)
-                                                                   for i in found.get(c.category_id, [])]})
-                    for c in hits]
-        return CategoriesResponse(categories=hits, model=model.name,
-                                  timings_ms=Timings(embed=embed_ms, stage1=stage1, stage2=0.0, total=_ms(started)))
+            hits = [
+                c.model_copy(
+                    update={"sample_thumbnail_urls": [image_thumbnail_url(i) for i in found.get(c.category_id, [])]}
+                )
+                for c in hits
+            ]
+        return CategoriesResponse(
+            categories=hits,
+            model=model.name,
+            timings_ms=Timings(embed=embed_ms, stage1=stage1, stage2=0.0, total=_ms(started)),
+        )
 
     # ------------------------------------------------------------------ the two stages
-    def search_vector(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, *,
-                      embed_ms: float = 0.0, started: float | None = None, exclude: int | None = None,
-                      phash: int | None = None, query_image: Image.Image | None = None) -> SearchResponse:
+    def search_vector(
+        self,
+        model: EmbeddingModel,
+        vector: np.ndarray,
+        options: SearchOptions,
+        *,
+        embed_ms: float = 0.0,
+        started: float | None = None,
+        exclude: int | None = None,
+        phash: int | None = None,
+        query_image: Image.Image | None = None,
+    ) -> SearchResponse:
         """`phash`: the query image's perceptual hash; its near-duplicates in the catalog come first.
         `query_image`: what a rerank comparator compares candidates with (image queries and similar)."""
         started = started or time.perf_counter()
@@ -275,12 +312,29 @@ class SearchService:
         backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
         if options.match == "partial":
             if options.keywords:
-                raise InvalidInputError("keywords do not combine with match=partial yet: search captions with "
-                                        "whole-image search (match=whole)")
-            return self._search_partial(model, vector, options, wanted, k, embed_ms=embed_ms, started=started,
-                                        exclude=exclude, phash=phash, query_image=query_image)
-        if mode == "two_stage" and backend == "pgvector" and not options.category and options.categories is None \
-                and self.runtime.small_catalog(self.session, model.id):
+                raise InvalidInputError(
+                    "keywords do not combine with match=partial yet: search captions with "
+                    "whole-image search (match=whole)"
+                )
+            return self._search_partial(
+                model,
+                vector,
+                options,
+                wanted,
+                k,
+                embed_ms=embed_ms,
+                started=started,
+                exclude=exclude,
+                phash=phash,
+                query_image=query_image,
+            )
+        if (
+            mode == "two_stage"
+            and backend == "pgvector"
+            and not options.category
+            and options.categories is None
+            and self.runtime.small_catalog(self.session, model.id)
+        ):
             # Stage 1 cannot pay here: one walk of the model's graph is faster than stage 1 plus a walk per
             # picked category, and misses nothing at a category's edge. Said so in the response's mode.
             mode = "ann"
@@ -297,51 +351,101 @@ class SearchService:
             # Keywords filter, vectors rank: the matching images (inside an explicit category filter only) by
             # exact cosine. A caption match is a strong filter; a graph walk with it as a post-filter misses rows.
             mode, backend, stage1 = "exact", None, []
-            hits = self._keyword_hits(model, vector, options, plan.categories if options.category else None, k,
-                                      exclude)
+            hits = self._keyword_hits(model, vector, options, plan.categories if options.category else None, k, exclude)
         else:
             hits = self._stage2(model, vector, plan, options.include_duplicates, exclude)
             if mode == "two_stage" and not options.category:
-                hits, stage1 = self._fill(model, vector, plan, hits, ranked, stage1, options.include_duplicates,
-                                          exclude)
+                hits, stage1 = self._fill(
+                    model, vector, plan, hits, ranked, stage1, options.include_duplicates, exclude
+                )
             if options.keywords:
-                hits = self._boosted(model, vector, options, plan.categories if options.category else None, hits,
-                                     k, exclude)
+                hits = self._boosted(
+                    model, vector, options, plan.categories if options.category else None, hits, k, exclude
+                )
         if phash is not None and not filtered:
             explicit = plan.categories if options.category else None
-            hits = self._duplicates_first(model, vector, phash, hits, k, explicit, options.include_duplicates,
-                                          exclude)
-        return self._respond(model, hits, wanted, stage1, mode, backend, options, embed_ms, stage1_ms, t2, started,
-                             query_image=query_image)
+            hits = self._duplicates_first(model, vector, phash, hits, k, explicit, options.include_duplicates, exclude)
+        return self._respond(
+            model,
+            hits,
+            wanted,
+            stage1,
+            mode,
+            backend,
+            options,
+            embed_ms,
+            stage1_ms,
+            t2,
+            started,
+            query_image=query_image,
+        )
 
-    def _respond(self, model: EmbeddingModel, hits: list[SearchHit], wanted: int, stage1: list[CategoryScore],
-                 mode: str, backend: str | None, options: SearchOptions, embed_ms: float, stage1_ms: float,
-                 t2: float, started: float, *, query_image: Image.Image | None) -> SearchResponse:
+    def _respond(
+        self,
+        model: EmbeddingModel,
+        hits: list[SearchHit],
+        wanted: int,
+        stage1: list[CategoryScore],
+        mode: str,
+        backend: str | None,
+        options: SearchOptions,
+        embed_ms: float,
+        stage1_ms: float,
+        t2: float,
+        started: float,
+        *,
+        query_image: Image.Image | None,
+    ) -> SearchResponse:
         t3 = time.perf_counter()
         if options.rerank and query_image is not None:
-            hits = _reranked(hits[:options.rerank_top], options.rerank,
-                             query_image, ThumbnailRepository(self.session)) + hits[options.rerank_top:]
+            hits = (
+                _reranked(hits[: options.rerank_top], options.rerank, query_image, ThumbnailRepository(self.session))
+                + hits[options.rerank_top :]
+            )
         rerank_ms = _ms(t3) if options.rerank else 0.0
         hits = _at_least(hits[:wanted], options.min_score)
         return SearchResponse(
-            results=hits, stage1=[_category_hit(c) for c in stage1], model=model.name, mode=mode,  # type: ignore[arg-type]
-            backend=backend, rerank=options.rerank, match=options.match,  # type: ignore[arg-type]
+            results=hits,
+            stage1=[_category_hit(c) for c in stage1],
+            model=model.name,
+            mode=mode,  # type: ignore[arg-type]
+            backend=backend,  # type: ignore[arg-type]
+            rerank=options.rerank,
+            match=options.match,
             keywords=options.keywords.strip() if options.keywords else None,
             keyword_mode=options.keyword_mode if options.keywords else None,
-            timings_ms=Timings(embed=embed_ms, stage1=stage1_ms, stage2=round(_ms(t2) - rerank_ms, 3),
-                               rerank=rerank_ms, total=_ms(started)))
+            timings_ms=Timings(
+                embed=embed_ms,
+                stage1=stage1_ms,
+                stage2=round(_ms(t2) - rerank_ms, 3),
+                rerank=rerank_ms,
+                total=_ms(started),
+            ),
+        )
 
-    def _search_partial(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, wanted: int,
-                        k: int, *, embed_ms: float, started: float, exclude: int | None, phash: int | None,
-                        query_image: Image.Image | None) -> SearchResponse:
+    def _search_partial(
+        self,
+        model: EmbeddingModel,
+        vector: np.ndarray,
+        options: SearchOptions,
+        wanted: int,
+        k: int,
+        *,
+        embed_ms: float,
+        started: float,
+        exclude: int | None,
+        phash: int | None,
+        query_image: Image.Image | None,
+    ) -> SearchResponse:
         """match=partial: the query against every window of every image and against whole images; an image
         scores its best. No stage 1 (a crop is often routed to the wrong category, and the windows have one
         graph per model), so a two_stage request is answered as `ann` and says so."""
         regions = RegionRepository(self.session)
         regions.require(model.id, model.name)
         t1 = time.perf_counter()
-        categories, _, near, _ = self._stage1(model, vector, options, walks=False) if options.category \
-            else (None, [], set(), [])
+        categories, _, near, _ = (
+            self._stage1(model, vector, options, walks=False) if options.category else (None, [], set(), [])
+        )
         exact = options.mode == "exact" or categories is not None
         mode = "exact" if options.mode == "exact" else "ann"
         backend = None if mode == "exact" else (options.backend or self.settings.search_backend)
@@ -351,11 +455,18 @@ class SearchService:
         # that k distinct images are among them.
         limit = min(EF_SEARCH_MAX, k * len(WINDOWS) // 2 + 40)
         query = vector_literal(vector)
-        windows = regions.exact(model.id, query, limit, categories) if exact else \
-            regions.ann(model.id, model.dimension, query, limit, self.settings.search_ef_search)
-        whole = self._stage2(model, vector, Stage2Plan(categories, near or set(categories or []), k,
-                                                       "exact" if exact else "ann", backend),
-                             options.include_duplicates, exclude)
+        windows = (
+            regions.exact(model.id, query, limit, categories)
+            if exact
+            else regions.ann(model.id, model.dimension, query, limit, self.settings.search_ef_search)
+        )
+        whole = self._stage2(
+            model,
+            vector,
+            Stage2Plan(categories, near or set(categories or []), k, "exact" if exact else "ann", backend),
+            options.include_duplicates,
+            exclude,
+        )
         best = best_per_image(windows)
         info = NeighbourRepository(self.session).hydrate([i for i in best if i not in {h.id for h in whole}])
         merged: dict[int, SearchHit] = {h.id: h.model_copy(update={"box": [0.0, 0.0, 1.0, 1.0]}) for h in whole}
@@ -363,43 +474,74 @@ class SearchService:
             known = merged.get(image_id)
             if known is not None:
                 if hit.score > known.score:
-                    merged[image_id] = known.model_copy(update={
-                        "score": round(hit.score, 6), "box": [round(v, 4) for v in hit.box], "match_type": "partial"})
+                    merged[image_id] = known.model_copy(
+                        update={
+                            "score": round(hit.score, 6),
+                            "box": [round(v, 4) for v in hit.box],
+                            "match_type": "partial",
+                        }
+                    )
                 continue
             i = info.get(image_id)
             if i is None or image_id == exclude or (not options.include_duplicates and i.canonical_id is not None):
                 continue
             merged[image_id] = _hit(image_id, hit.score, i, match_type="partial").model_copy(
-                update={"box": [round(v, 4) for v in hit.box]})
+                update={"box": [round(v, 4) for v in hit.box]}
+            )
         hits = sorted(merged.values(), key=lambda h: (-h.score, h.id))[:k]
         if phash is not None:
-            hits = self._duplicates_first(model, vector, phash, hits, k, categories, options.include_duplicates,
-                                          exclude)
-        return self._respond(model, hits, wanted, [], mode, backend, options, embed_ms, stage1_ms, t2, started,
-                             query_image=query_image)
+            hits = self._duplicates_first(
+                model, vector, phash, hits, k, categories, options.include_duplicates, exclude
+            )
+        return self._respond(
+            model, hits, wanted, [], mode, backend, options, embed_ms, stage1_ms, t2, started, query_image=query_image
+        )
 
-    def _keyword_hits(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions,
-                      categories: list[int] | None, k: int, exclude: int | None) -> list[SearchHit]:
+    def _keyword_hits(
+        self,
+        model: EmbeddingModel,
+        vector: np.ndarray,
+        options: SearchOptions,
+        categories: list[int] | None,
+        k: int,
+        exclude: int | None,
+    ) -> list[SearchHit]:
         assert options.keywords
-        found = self.keywords.matching(model.id, vector_literal(vector), options.keywords, k,
-                                                         categories, options.include_duplicates, exclude)
+        found = self.keywords.matching(
+            model.id, vector_literal(vector), options.keywords, k, categories, options.include_duplicates, exclude
+        )
         info = NeighbourRepository(self.session).hydrate([i for i, _ in found])
         return [_hit(i, s, info[i], keyword_match=True) for i, s in found if i in info]
 
-    def _boosted(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions,
-                 categories: list[int] | None, hits: list[SearchHit], k: int, exclude: int | None) -> list[SearchHit]:
+    def _boosted(
+        self,
+        model: EmbeddingModel,
+        vector: np.ndarray,
+        options: SearchOptions,
+        categories: list[int] | None,
+        hits: list[SearchHit],
+        k: int,
+        exclude: int | None,
+    ) -> list[SearchHit]:
         """Vectors rank, keywords boost: the vector search's hits and the k best caption matches, ordered by
         cosine + boost where the caption matches (imsrc._boosted, which imsrc.search_text uses too)."""
         assert options.keywords
         matches = self._keyword_hits(model, vector, options, categories, k, exclude)
         by_id = {h.id: h for h in matches} | {h.id: h for h in hits}
-        order = self.keywords.boosted([(h.id, h.score) for h in matches + hits],
-                                                        options.keywords, options.boost, k)
+        order = self.keywords.boosted([(h.id, h.score) for h in matches + hits], options.keywords, options.boost, k)
         return [by_id[i].model_copy(update={"keyword_match": hit}) for i, _, hit in order if i in by_id]
 
-    def _fill(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, hits: list[SearchHit],
-              ranked: list[CategoryScore], stage1: list[CategoryScore], include_duplicates: bool,
-              exclude: int | None) -> tuple[list[SearchHit], list[CategoryScore]]:
+    def _fill(
+        self,
+        model: EmbeddingModel,
+        vector: np.ndarray,
+        plan: Stage2Plan,
+        hits: list[SearchHit],
+        ranked: list[CategoryScore],
+        stage1: list[CategoryScore],
+        include_duplicates: bool,
+        exclude: int | None,
+    ) -> tuple[list[SearchHit], list[CategoryScore]]:
         """k results are promised: when the picked categories hold fewer than k (small ones, or ones made only
         of near-duplicates, which are hidden), take the next categories in stage-1 order, doubling the set each
         round, and at the end every image (uncategorised ones too). Reported in stage1 as searched."""
@@ -407,7 +549,7 @@ class SearchService:
         rest = [c for c in ranked if c.category_id not in set(plan.categories or [])]
         while len(hits) < plan.k and plan.categories is not None:
             if rest:
-                more, rest = rest[:max(1, len(searched))], rest[max(1, len(searched)):]
+                more, rest = rest[: max(1, len(searched))], rest[max(1, len(searched)) :]
                 searched += more
                 ids = [c.category_id for c in searched]
                 # The next categories are what stage 1 would have picked with a wider fan-out: near ones.
@@ -417,25 +559,44 @@ class SearchService:
             hits = self._stage2(model, vector, plan, include_duplicates, exclude)
         return hits, searched
 
-    def _duplicates_first(self, model: EmbeddingModel, vector: np.ndarray, phash: int, hits: list[SearchHit],
-                          k: int, categories: list[int] | None, include_duplicates: bool, exclude: int | None
-                          ) -> list[SearchHit]:
+    def _duplicates_first(
+        self,
+        model: EmbeddingModel,
+        vector: np.ndarray,
+        phash: int,
+        hits: list[SearchHit],
+        k: int,
+        categories: list[int] | None,
+        include_duplicates: bool,
+        exclude: int | None,
+    ) -> list[SearchHit]:
         """Near-duplicates of the query (pHash within IMSRC_DUPLICATE_THRESHOLD) first, closest first, then
         the neighbours stage 2 found. Looked up on their own, so no stage-1 choice can hide them; only an
         explicit category filter (the user's own) limits them."""
         near = DuplicateSearchRepository(self.session).near(
-            phash, self.settings.duplicate_threshold, model_id=model.id, query=vector_literal(vector), limit=k,
-            categories=categories, exclude=exclude, include_duplicates=include_duplicates)
+            phash,
+            self.settings.duplicate_threshold,
+            model_id=model.id,
+            query=vector_literal(vector),
+            limit=k,
+            categories=categories,
+            exclude=exclude,
+            include_duplicates=include_duplicates,
+        )
         if not near:
             return hits
         info = NeighbourRepository(self.session).hydrate([n.image_id for n in near])
-        first = [_hit(n.image_id, n.score, info[n.image_id], match_type="duplicate", distance=n.distance)
-                 for n in near if n.image_id in info]
+        first = [
+            _hit(n.image_id, n.score, info[n.image_id], match_type="duplicate", distance=n.distance)
+            for n in near
+            if n.image_id in info
+        ]
         taken = {h.id for h in first}
         return (first + [h for h in hits if h.id not in taken])[:k]
 
-    def _stage1(self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, *, walks: bool
-                ) -> tuple[list[int] | None, list[CategoryScore], set[int], list[CategoryScore]]:
+    def _stage1(
+        self, model: EmbeddingModel, vector: np.ndarray, options: SearchOptions, *, walks: bool
+    ) -> tuple[list[int] | None, list[CategoryScore], set[int], list[CategoryScore]]:
         """(categories to search or None for all, stage-1 picks to report, categories the query is near,
         every category ranked for a two-stage search). `walks`: stage 2 walks pgvector graphs, the only place
         where nearness matters for a filter."""
@@ -466,23 +627,34 @@ class SearchService:
             ids.append(found)
         return sorted(set(ids))
 
-    def _pick(self, ranked: list[CategoryScore], requested: int | str | None, matrix: PrototypeMatrix | None
-              ) -> list[CategoryScore]:
-        temperature = matrix.temperature(self.settings.search_stage1_temperature) if matrix is not None \
-            else STAGE1_TEMPERATURE
-        return pick(ranked, requested, mass=self.settings.search_score_mass, cap=self.settings.search_categories,
-                    temperature=temperature)
+    def _pick(
+        self, ranked: list[CategoryScore], requested: int | str | None, matrix: PrototypeMatrix | None
+    ) -> list[CategoryScore]:
+        temperature = (
+            matrix.temperature(self.settings.search_stage1_temperature) if matrix is not None else STAGE1_TEMPERATURE
+        )
+        return pick(
+            ranked,
+            requested,
+            mass=self.settings.search_score_mass,
+            cap=self.settings.search_categories,
+            temperature=temperature,
+        )
 
-    def _stage2(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, include_duplicates: bool,
-                exclude: int | None) -> list[SearchHit]:
+    def _stage2(
+        self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, include_duplicates: bool, exclude: int | None
+    ) -> list[SearchHit]:
         neighbours = NeighbourRepository(self.session)
         k = plan.k
         limit = k + (0 if include_duplicates else max(5, k // 2)) + (1 if exclude is not None else 0)
         while True:
             raw = self._neighbours(model, vector, plan, limit)
             info = neighbours.hydrate([h[0] for h in raw])
-            kept = [(i, s) for i, s in raw if i in info and i != exclude
-                    and (include_duplicates or info[i].canonical_id is None)]
+            kept = [
+                (i, s)
+                for i, s in raw
+                if i in info and i != exclude and (include_duplicates or info[i].canonical_id is None)
+            ]
             if len(kept) >= k or len(raw) < limit or limit >= MAX_FETCH:
                 break
             limit = min(limit * 2, MAX_FETCH)
@@ -503,12 +675,14 @@ class SearchService:
         indexed = self.runtime.category_indexes(self.session, model.id)
         branches, ef = branch_plan(indexed, chosen, plan.near, ef)
         hits = neighbours.per_category(model.id, model.dimension, query, branches, limit, ef)
-        if len(hits) < limit and any(c in indexed for c in chosen) and \
-                neighbours.count_in(model.id, chosen) > len(hits):
+        if (
+            len(hits) < limit
+            and any(c in indexed for c in chosen)
+            and neighbours.count_in(model.id, chosen) > len(hits)
+        ):
             # An HNSW graph can strand a few rows (e.g. after many deletes); k rows are promised, so
             # answer this query exactly rather than short.
-            hits = neighbours.per_category(model.id, model.dimension, query, [(c, False) for c in chosen],
-                                           limit, ef)
+            hits = neighbours.per_category(model.id, model.dimension, query, [(c, False) for c in chosen], limit, ef)
         return hits
 
 
@@ -521,16 +695,19 @@ class Stage2Plan:
     backend: str | None
 
 
-def _reranked(hits: list[SearchHit], comparator: str, query: Image.Image, thumbs: ThumbnailRepository
-              ) -> list[SearchHit]:
+def _reranked(
+    hits: list[SearchHit], comparator: str, query: Image.Image, thumbs: ThumbnailRepository
+) -> list[SearchHit]:
     """Near-duplicates first as before (closest first), then the others by the comparator's score; each
     keeps its cosine score and gains the comparator's. A candidate without a thumbnail scores last. The sort is
     stable: equal scores (orb/sift candidates without a geometric match all score 0) keep the embedding order."""
     found = rerank.scores(comparator, query, thumbs.images([h.id for h in hits]))
     scored = [h.model_copy(update={"rerank_score": found.get(h.id)}) for h in hits]
     dups = [h for h in scored if h.match_type == "duplicate"]
-    rest = sorted((h for h in scored if h.match_type != "duplicate"),
-                  key=lambda h: float("inf") if h.rerank_score is None else -h.rerank_score)
+    rest = sorted(
+        (h for h in scored if h.match_type != "duplicate"),
+        key=lambda h: float("inf") if h.rerank_score is None else -h.rerank_score,
+    )
     return dups + rest
 
 
@@ -538,13 +715,32 @@ def _at_least(hits: list[SearchHit], min_score: float | None) -> list[SearchHit]
     return hits if min_score is None else [h for h in hits if h.score >= min_score]
 
 
-def _hit(image_id: int, score: float, info: HitInfo, *, match_type: MatchType = "similar",
-         distance: int | None = None, keyword_match: bool | None = None) -> SearchHit:
-    return SearchHit(id=image_id, score=round(score, 6), category=info.category, category_id=info.category_id,
-                     thumbnail_url=f"/api/images/{image_id}/thumbnail", file_url=f"/api/images/{image_id}/file",
-                     original_name=info.original_name, width=info.width, height=info.height,
-                     byte_size=info.byte_size, duplicates=info.duplicates, match_type=match_type,
-                     phash_distance=distance, caption=info.caption, keyword_match=keyword_match)
+def _hit(
+    image_id: int,
+    score: float,
+    info: HitInfo,
+    *,
+    match_type: MatchType = "similar",
+    distance: int | None = None,
+    keyword_match: bool | None = None,
+) -> SearchHit:
+    return SearchHit(
+        id=image_id,
+        score=round(score, 6),
+        category=info.category,
+        category_id=info.category_id,
+        thumbnail_url=f"/api/images/{image_id}/thumbnail",
+        file_url=f"/api/images/{image_id}/file",
+        original_name=info.original_name,
+        width=info.width,
+        height=info.height,
+        byte_size=info.byte_size,
+        duplicates=info.duplicates,
+        match_type=match_type,
+        phash_distance=distance,
+        caption=info.caption,
+        keyword_match=keyword_match,
+    )
 
 
 def _category_hit(c: CategoryScore) -> CategoryHit:

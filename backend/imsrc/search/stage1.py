@@ -57,8 +57,14 @@ class PrototypeMatrix:
         return [CategoryScore(c, self.names.get(c, str(c)), s) for c, s in ranked]
 
 
-def choose(ranked: list[CategoryScore], *, count: int | None, mass: float, cap: int | None = None,
-           temperature: float = STAGE1_TEMPERATURE) -> list[CategoryScore]:
+def choose(
+    ranked: list[CategoryScore],
+    *,
+    count: int | None,
+    mass: float,
+    cap: int | None = None,
+    temperature: float = STAGE1_TEMPERATURE,
+) -> list[CategoryScore]:
     """Exactly the top `count` categories; or (count None) as many as cover `mass` of the softmax score
     mass, at most `cap`. The mass rule is what keeps a confident query to one category: at 1M vectors each
     extra 10,000-row category costs pgvector about as much as the first (bench/search)."""
@@ -76,8 +82,14 @@ def choose(ranked: list[CategoryScore], *, count: int | None, mass: float, cap: 
     return ranked[: max(1, min(n, len(ranked), cap or len(ranked)))]
 
 
-def pick(ranked: list[CategoryScore], requested: int | str | None, *, mass: float, cap: int,
-         temperature: float = STAGE1_TEMPERATURE) -> list[CategoryScore]:
+def pick(
+    ranked: list[CategoryScore],
+    requested: int | str | None,
+    *,
+    mass: float,
+    cap: int,
+    temperature: float = STAGE1_TEMPERATURE,
+) -> list[CategoryScore]:
     """The service's stage-1 rule: a number searches exactly that many categories; 'auto' follows the score
     mass alone; None (the default) follows it up to `cap` (IMSRC_SEARCH_CATEGORIES)."""
     if requested == "auto":

@@ -60,9 +60,16 @@ class SyncReport:
         return dict(self.__dict__)
 
 
-def sync_search(session: Session, settings: Settings, *, model_id: int | None = None,
-                category_ids: Iterable[int] = (), embedders: EmbedderFor | None = None,
-                autogroup_images: bool = True, force_regroup: bool = False) -> SyncReport:
+def sync_search(
+    session: Session,
+    settings: Settings,
+    *,
+    model_id: int | None = None,
+    category_ids: Iterable[int] = (),
+    embedders: EmbedderFor | None = None,
+    autogroup_images: bool = True,
+    force_regroup: bool = False,
+) -> SyncReport:
     """Bring prototypes, automatic categories, indexes and predictions up to date after a change.
 
     model_id: the model whose search structures to refresh (default: the active one). category_ids:
@@ -84,18 +91,28 @@ def sync_search(session: Session, settings: Settings, *, model_id: int | None = 
     regroup = autogroup_images and plan(session, settings, model_id=model.id, force=force_regroup) == "regroup"
     locks.automatic_groups(model.id, regroup=regroup)
     if autogroup_images:
-        report.automatic_touched = sorted(autogroup(session, settings, model_id=model.id, dimension=model.dimension,
-                                                    force=force_regroup, may_regroup=regroup))
+        report.automatic_touched = sorted(
+            autogroup(
+                session,
+                settings,
+                model_id=model.id,
+                dimension=model.dimension,
+                force=force_regroup,
+                may_regroup=regroup,
+            )
+        )
     existing = set(cats.names())
     # Stale categories are found by comparing member counts with the stored means, so nothing may have
     # recomputed the means before this point.
-    touched = (set(category_ids) | stale_categories(session, model.id, existing)
-               | set(report.automatic_touched)) & existing
+    touched = (
+        set(category_ids) | stale_categories(session, model.id, existing) | set(report.automatic_touched)
+    ) & existing
     # Before the members are read: a writer adding to the same category recomputes after this one commits, with
     # both writers' images, instead of both computing from what each alone could see (a lost update).
     locks.categories(touched)
-    report.prototypes_refreshed = refresh_prototypes(session, settings, model_id=model.id,
-                                                     dimension=model.dimension, category_ids=touched)
+    report.prototypes_refreshed = refresh_prototypes(
+        session, settings, model_id=model.id, dimension=model.dimension, category_ids=touched
+    )
     embedder = embedders(model.name) if embedders is not None and model.supports_text else None
     if embedder is not None:
         report.text_prototypes = _refresh_text_prototypes(session, model.id, embedder)
@@ -130,8 +147,7 @@ def _refresh_text_prototypes(session: Session, model_id: int, embedder: Any) -> 
     return sorted(todo)
 
 
-def ensure_category_indexes(session: Session, settings: Settings, model: EmbeddingModel
-                            ) -> tuple[list[int], list[int]]:
+def ensure_category_indexes(session: Session, settings: Settings, model: EmbeddingModel) -> tuple[list[int], list[int]]:
     """Per-category HNSW for categories of at least search_exact_max_rows vectors; dropped below half that
     (hysteresis, so a category hovering at the threshold is not rebuilt on every change)."""
     neighbours = NeighbourRepository(session)
@@ -144,8 +160,10 @@ def ensure_category_indexes(session: Session, settings: Settings, model: Embeddi
 
     def plan() -> tuple[list[int], list[int]]:
         have = neighbours.category_indexes(model.id)
-        return (sorted(c for c, n in counts.items() if n >= threshold and c not in have),
-                sorted(c for c in have if counts.get(c, 0) < threshold // 2 or c not in counts))
+        return (
+            sorted(c for c, n in counts.items() if n >= threshold and c not in have),
+            sorted(c for c in have if counts.get(c, 0) < threshold // 2 or c not in counts),
+        )
 
     create, drop = plan()
     if create or drop:  # another writer may be building the same index: decide again once it is done

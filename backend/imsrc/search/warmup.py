@@ -59,11 +59,16 @@ def prewarm(session: Session, model_id: int, *, heap: bool) -> int:
     bytes read. 0 without pg_prewarm."""
     if not prewarm_available(session):
         return 0
-    where = ("c.oid = 'embeddings'::regclass" if heap else
-             "c.oid IN (SELECT x.indexrelid FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
-             "WHERE x.indrelid = 'embeddings'::regclass AND i.relname LIKE :p)")
-    blocks = session.execute(text(f"SELECT coalesce(sum(pg_prewarm(c.oid)), 0) FROM pg_class c WHERE {where}"),
-                             {"p": f"ix_embeddings_h%_m{int(model_id)}%"}).scalar_one()
+    where = (
+        "c.oid = 'embeddings'::regclass"
+        if heap
+        else "c.oid IN (SELECT x.indexrelid FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+        "WHERE x.indrelid = 'embeddings'::regclass AND i.relname LIKE :p)"
+    )
+    blocks = session.execute(
+        text(f"SELECT coalesce(sum(pg_prewarm(c.oid)), 0) FROM pg_class c WHERE {where}"),
+        {"p": f"ix_embeddings_h%_m{int(model_id)}%"},
+    ).scalar_one()
     return int(blocks) * 8192
 
 

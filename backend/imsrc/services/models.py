@@ -99,8 +99,13 @@ class ModelService:
             existing = self.models.by_name(name)
             if existing is not None:
                 return existing
-            return self.models.register(name=info.name, dimension=info.dimension, family=info.family,
-                                        params={"description": info.description}, supports_text=info.supports_text)
+            return self.models.register(
+                name=info.name,
+                dimension=info.dimension,
+                family=info.family,
+                params={"description": info.description},
+                supports_text=info.supports_text,
+            )
         # Unknown dimension (generic hub ids) or weights still to download: load it once to learn the rest.
         return self.register(load_embedder(name, self.settings), activate_if_none=False)
 
@@ -149,10 +154,16 @@ class ModelService:
                 old = in_catalog[name]
                 dimension, text_ok, present = old.dimension, old.supports_text, False
             m = in_catalog.get(name)
-            rows.append({
-                "name": name, "dimension": m.dimension if m else dimension, "text": text_ok,
-                "weights_present": present, "in_catalog": m is not None, "active": bool(m and m.is_active),
-                "embedded": self.models.embedded_count(m.id) if m else 0,
-                "inference": inference_label(name, text_ok, self.settings.inference, self.settings.model_cache_dir),
-            })
+            rows.append(
+                {
+                    "name": name,
+                    "dimension": m.dimension if m else dimension,
+                    "text": text_ok,
+                    "weights_present": present,
+                    "in_catalog": m is not None,
+                    "active": bool(m and m.is_active),
+                    "embedded": self.models.embedded_count(m.id) if m else 0,
+                    "inference": inference_label(name, text_ok, self.settings.inference, self.settings.model_cache_dir),
+                }
+            )
         return rows
