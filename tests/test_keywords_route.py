@@ -19,3 +19,17 @@ def test_keywords_alone_refuse_what_needs_a_query_vector(client: TestClient, ext
 def test_similar_refuses_an_id_beyond_bigint_like_the_image_routes(client: TestClient) -> None:
     resp = client.get(f"/api/search/similar/{2**63}")
     assert resp.status_code == 422 and "image_id" in resp.json()["error"]["message"], resp.text
+
+
+def test_image_search_refuses_keywords_given_twice(client: TestClient) -> None:
+    """POST /api/search/image takes caption keywords as q or keywords; with both, q was silently dropped."""
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), "green").save(png, format="PNG")
+    files = {"file": ("q.png", png.getvalue(), "image/png")}
+    resp = client.post("/api/search/image?q=sofa&keywords=chair", files=files)
+    assert resp.status_code == 422, resp.text
+    assert "either q or keywords" in resp.json()["error"]["message"]

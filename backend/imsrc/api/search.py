@@ -191,7 +191,10 @@ async def search_image(
         Query(max_length=1000, description=("caption keywords, as `keywords` (text plus an image: hybrid search)")),
     ] = None,
 ) -> SearchResponse:
-    if q is not None and options.keywords is None:
+    if q is not None:
+        if options.keywords is not None:
+            # two keyword strings would leave one silently unused
+            raise InvalidInputError("give the caption keywords once: either q or keywords, not both")
         options = options.model_copy(update={"keywords": _keywords(q)})
     data, url = await _image_or_url(request, settings)
     service = runtime.service(session)
