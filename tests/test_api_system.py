@@ -157,6 +157,7 @@ def test_liveness_stays_up_and_readiness_fails_while_the_database_is_down(settin
             "schema_revision": None,
             "schema_head": None,
             "round_trip_ms": None,
+            "search_warm": None,  # the tests' settings turn the warm-up off
         }
         assert str(port) not in ready.text  # where the database lives is for the log, not the public answer
         status = c.get("/api/status", headers={"X-API-Key": "k"})
