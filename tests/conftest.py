@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.database", "tests.fixtures.api", "tests.fixtures.citus"]
+pytest_plugins = ["tests.fixtures.database", "tests.fixtures.api", "tests.fixtures.citus", "tests.fixtures.browser"]
 
 # Tests run torch unless they ask for another engine (tests/test_inference.py): an ONNX export on first load
 # would slow every test that builds a model. Subprocesses inherit it (tests/helpers.run_cli keeps it).

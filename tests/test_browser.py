@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from imsrc.db.engine import upgrade
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, require_browser, running_server, screenshot_dir
+from tests.browser_support import running_server, screenshot_dir
 from tests.helpers import make_image
 
 pytestmark = pytest.mark.browser
@@ -21,15 +21,6 @@ pytestmark = pytest.mark.browser
 WIDE = {"width": 1280, "height": 860}
 DATABASES: dict[str, str] = {}  # server base URL -> its database
 NARROW = {"width": 390, "height": 844}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    sync_playwright = require_browser()
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

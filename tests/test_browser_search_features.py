@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from imsrc.db.engine import upgrade
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, require_browser, running_server
+from tests.browser_support import running_server
 from tests.helpers import make_image, run_cli
 
 pytestmark = pytest.mark.browser
@@ -32,15 +32,6 @@ class Site:
     url: str
     folder: Path
     captions: dict[str, tuple[int, str]]  # keyword -> (image id, caption), one per route
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    sync_playwright = require_browser()
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
