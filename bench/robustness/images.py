@@ -8,7 +8,6 @@ import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -42,19 +41,6 @@ GROUPS = {
     "documents": ("page", "text", "clock"),
     "objects": ("chelsea", "coins", "colorwheel"),
 }
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 
 
 @dataclass(frozen=True)
@@ -88,14 +74,12 @@ def photos() -> list[Indexed]:
 
 def distractors(n: int) -> list[Indexed]:
     """The first n Fashion-MNIST test images, 28 px scaled to 112 px, their class as category."""
-    import gzip
+    from imsrc.ingest.demo import DEBIAN_FASHION_MNIST, FASHION_CLASSES, read_idx
 
     if n <= 0:
         return []
-    with gzip.open(FASHION / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)
-    with gzip.open(FASHION / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read()[8:], np.uint8)
+    images = read_idx(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")
     return [
         Indexed(
             f"fashion-{i:05d}",

@@ -8,8 +8,6 @@ grey -> RGB) and the embedder's preprocess, as an uploaded image would.
 
 from __future__ import annotations
 
-import gzip
-import struct
 import time
 from pathlib import Path
 
@@ -17,14 +15,15 @@ import numpy as np
 from PIL import Image
 
 from imsrc.config import Settings
+from imsrc.ingest.demo import DEBIAN_FASHION_MNIST, FASHION_CLASSES, read_idx
 
-DATASET = Path("/usr/share/datasets/fashion-mnist")
+DATASET = DEBIAN_FASHION_MNIST
 SPLITS = (
     ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
     ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
 )
 MODEL = "efficientnet-lite0"
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CLASSES = FASHION_CLASSES
 DATA = Path(__file__).resolve().parent / "data"
 
 
@@ -38,18 +37,10 @@ def check_available() -> None:
         )
 
 
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    _, _dtype, ndim = struct.unpack(">HBB", raw[:4])
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def images(n: int) -> tuple[np.ndarray, np.ndarray]:
     check_available()
-    imgs = np.concatenate([_idx(DATASET / a) for a, _ in SPLITS])
-    labels = np.concatenate([_idx(DATASET / b) for _, b in SPLITS]).astype(np.int64)
+    imgs = np.concatenate([read_idx(DATASET / a) for a, _ in SPLITS])
+    labels = np.concatenate([read_idx(DATASET / b) for _, b in SPLITS]).astype(np.int64)
     if n > len(imgs):
         raise SystemExit(f"Fashion-MNIST has {len(imgs)} images; asked for {n}")
     return imgs[:n], labels[:n]

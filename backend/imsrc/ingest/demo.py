@@ -57,7 +57,7 @@ class Dataset:
             )
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
     """The IDX format of (Fashion-)MNIST: big-endian magic (0, 0, dtype 0x08, ndim), dims, then bytes."""
     with gzip.open(path, "rb") as fh:
         raw = fh.read()
@@ -71,7 +71,7 @@ def _read_idx(path: Path) -> np.ndarray:
 def load_fashion_mnist(cache_dir: Path, folder: Path = DEBIAN_FASHION_MNIST) -> Dataset:
     images, labels = folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz"
     if images.exists() and labels.exists():
-        return Dataset("fashion-mnist", str(folder), _read_idx(images), _read_idx(labels), FASHION_CLASSES)
+        return Dataset("fashion-mnist", str(folder), read_idx(images), read_idx(labels), FASHION_CLASSES)
     return _torchvision(
         "fashion-mnist", cache_dir, hint=f"not installed at {folder} (Debian/Ubuntu: apt install dataset-fashion-mnist)"
     )
