@@ -101,11 +101,13 @@ def load(
     model_name: str = MODEL,
     category_names: list[str] | None = None,
     global_graph: tuple[int, int] | None = None,
+    indexes: bool = True,
 ) -> tuple[EmbeddingModel, dict[str, float], np.ndarray, np.ndarray]:
     """Fresh rows for the benchmark model: categories, images, embeddings (COPY), then every index.
 
     global_graph: (m, ef_construction) for the per-model HNSW index (mode `ann`), so the baseline can get the
-    same graph density as the per-category indexes; None builds it as the service does (pgvector defaults)."""
+    same graph density as the per-category indexes; None builds it as the service does (pgvector defaults).
+    indexes False: rows only (no HNSW index, no prototypes), for a benchmark that times the builds itself."""
     timings: dict[str, float] = {}
     names = category_names or [f"bench-{i:03d}" for i in range(n_categories)]
     with database.session() as session:
@@ -162,6 +164,8 @@ def load(
         conn.execute("VACUUM ANALYZE images")
         conn.execute("VACUUM ANALYZE embeddings")
     timings["copy_s"] = time.perf_counter() - started
+    if not indexes:
+        return model, timings, ids, category_of
 
     def build_global() -> None:
         with database.session() as session:
