@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from imsrc.api.app import create_app
 from imsrc.config import Settings
 from imsrc.search.errors import BackendUnavailableError
+from imsrc.search.pg_queries import citus_read, walk_settings
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime
 from tests.fixtures.citus import CitusCluster
@@ -219,6 +220,35 @@ def test_sql_functions_on_citus(catalogs: Catalogs) -> None:
     sql = "SELECT image_id, round(score::numeric, 5) FROM imsrc.similar(%s, 6)"
     for image_id in (2, 15):
         assert _query(catalogs.citus_url, sql, (image_id,)) == _query(catalogs.plain_url, sql, (image_id,))
+
+
+# Run on the shard: the walk's settings as the worker sees them, e.g. 321.111 (ef_search 321, then 1 for each of
+# enable_seqscan off, enable_sort off, hnsw.iterative_scan relaxed_order).
+WORKER_SETTINGS = (
+    "SELECT image_id, (current_setting('hnsw.ef_search') || '.' || (current_setting('enable_seqscan') = 'off')::int"
+    " || (current_setting('enable_sort') = 'off')::int"
+    " || (current_setting('hnsw.iterative_scan') = 'relaxed_order')::int)::float8 FROM embeddings"
+    " WHERE model_id = 1 AND category_id = {c} LIMIT 1"
+)
+
+
+def test_walk_settings_reach_the_workers(catalogs: Catalogs) -> None:
+    """The workers plan and walk each shard: the SQL functions' walk (imsrc._walk) and the service's stage 2
+    (citus_read) must have their settings in force there, and only for that statement."""
+    category = _query(catalogs.citus_url, "SELECT min(category_id) FROM embeddings WHERE category_id > 0")[0][0]
+    probe = WORKER_SETTINGS.format(c=category)
+    walk = "SELECT score FROM imsrc._walk(%s, NULL, 321, 5)"
+    for url in (catalogs.citus_url, catalogs.plain_url):
+        assert _query(url, walk, (probe,)) == [(321.111,)], url
+    with psycopg.connect(psycopg_url(catalogs.citus_url)) as conn:  # inside BEGIN ... COMMIT too, then put back
+        assert conn.execute(walk, (probe,)).fetchall() == [(321.111,)]
+        assert conn.execute(probe).fetchall()[0][1] == 40.0  # pgvector's default again, every flag off
+    db = database_for(_settings(catalogs.citus_url, catalogs.data), migrate=False)
+    try:
+        settings = {**walk_settings(123, 10), "enable_sort": "off", "enable_seqscan": "off"}
+        assert citus_read(db.engine, probe, {}, settings)[0][1] == 123.111
+    finally:
+        db.dispose()
 
 
 def test_keyword_functions_on_citus(catalogs: Catalogs) -> None:

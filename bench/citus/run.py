@@ -113,6 +113,7 @@ def measure(
     runtime = SearchRuntime.create(db.settings)
     out: dict[str, Any] = {}
     lat: dict[str, list[float]] = {m: [] for m in MODES}
+    stage2: dict[str, list[float]] = {m: [] for m in MODES}
     recall: dict[str, list[float]] = {m: [] for m in MODES}
     short: dict[str, int] = dict.fromkeys(MODES, 0)
     results: dict[str, list[list[int]]] = {m: [] for m in MODES}
@@ -124,8 +125,10 @@ def measure(
         for name, options in MODES.items():
             started = time.perf_counter()
             with db.session() as session:
-                found = [h.id for h in runtime.service(session).search_vector(model, q, options).results]
+                response = runtime.service(session).search_vector(model, q, options)
             lat[name].append((time.perf_counter() - started) * 1000)
+            stage2[name].append(response.timings_ms.stage2)
+            found = [h.id for h in response.results]
             recall[name].append(len(set(found) & set(truth[qi])) / K)
             short[name] += len(found) < K
             results[name].append(found)
@@ -133,6 +136,7 @@ def measure(
         out[name] = {
             "p50_ms": round(pct(lat[name], 50), 2),
             "p95_ms": round(pct(lat[name], 95), 2),
+            "stage2_p50_ms": round(pct(stage2[name], 50), 2),  # the service's own timing, hydration included
             "recall_at_10": round(statistics.fmean(recall[name]), 4),
             "short_answers": short[name],
         }
@@ -156,6 +160,77 @@ def measure(
         t.join()
     out["searches_per_s_two_stage_1_category"] = round(sum(done) / seconds, 1)
     return out
+
+
+def _median_ms(run: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 3)
+
+
+def profile(db: Database, model: Any, queries: np.ndarray, repeats: int = 30) -> dict[str, float]:
+    """Where a one-category stage 2 spends its time on Citus: the same router query (the largest category,
+    k = 10 + the duplicate margin), median ms over the queries x `repeats`."""
+    from imsrc.catalog.repository import vector_literal
+    from imsrc.search.pg_queries import citus_read, walk_settings
+
+    settings = {**walk_settings(100, 15), "enable_sort": "off", "enable_seqscan": "off"}
+    url = db.url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as conn:
+        biggest = "SELECT category_id FROM embeddings GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"
+        category = conn.execute(biggest).fetchone()
+        assert category is not None
+        shard, host, port = conn.execute(
+            "SELECT p.shardid, p.nodename, p.nodeport FROM pg_dist_shard_placement p WHERE p.shardid ="
+            " get_shard_id_for_distribution_column('embeddings', %s)",
+            (category[0],),
+        ).fetchone() or (None, None, None)
+    sql = (
+        f"SELECT image_id, 1 - ((embedding::vector({model.dimension})) <=> CAST(CAST(%(q)s AS text) AS"
+        f" vector({model.dimension}))) AS score FROM {{table}} WHERE model_id = {model.id} AND category_id ="
+        f" {category[0]} ORDER BY (embedding::halfvec({model.dimension})) <#> CAST(CAST(%(q)s AS text) AS"
+        f" halfvec({model.dimension})) LIMIT 15"
+    )
+    routed = sql.format(table="embeddings")
+    wanted = {"citus.propagate_set_commands": "local", **settings}
+    sets = [f"SET LOCAL {n} = '{v}'" for n, v in wanted.items()]
+    restores = [f"SET LOCAL {n} TO DEFAULT" for n in reversed(wanted)]
+    literals = [vector_literal(q) for q in queries]
+    out: dict[str, float] = {}
+    worker_url = f"postgresql://postgres@{host}:{port}/{url.rsplit('/', 1)[1].split('?')[0]}"
+    with psycopg.connect(url) as conn, psycopg.connect(worker_url, autocommit=True) as worker:
+
+        def each(run: Any) -> Any:
+            return lambda: [run(v) for v in literals]
+
+        def statement_by_statement(v: str) -> None:  # what imsrc did before: a round trip per SET, restored after
+            for statement in sets:
+                conn.execute(statement)
+            conn.execute(routed, {"q": v}).fetchall()
+            for statement in restores:
+                conn.execute(statement)
+            conn.commit()
+
+        n = len(literals)
+        out["coordinator: SETs and restores one statement each, then COMMIT"] = (
+            _median_ms(each(statement_by_statement), repeats) / n
+        )
+        out["coordinator: citus_read (one pipeline: SETs, query, ROLLBACK)"] = (
+            _median_ms(each(lambda v: citus_read(db.engine, routed, {"q": v}, settings)), repeats) / n
+        )
+        conn.autocommit = True
+        out["coordinator: the query alone, autocommit, no settings"] = (
+            _median_ms(each(lambda v: conn.execute(routed, {"q": v}).fetchall()), repeats) / n
+        )
+        shard_sql = sql.format(table=f"embeddings_{shard}")
+        out["worker: the shard's query alone, direct"] = (
+            _median_ms(each(lambda v: worker.execute(shard_sql, {"q": v}).fetchall()), repeats) / n
+        )
+        out["coordinator: SELECT 1"] = _median_ms(lambda: conn.execute("SELECT 1").fetchall(), repeats * n)
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def local_cluster(base: Path) -> tuple[Any, str]:
@@ -226,6 +301,8 @@ def main() -> None:
                     "build": {k: round(v, 2) for k, v in timings.items()},
                     **measure(db, model, queries, truth, args.clients, args.seconds),
                 }
+                if name == "citus 1+2":
+                    report[name]["profile_ms"] = profile(db, model, queries[:10])
             finally:
                 db.dispose()
             print(name, json.dumps({k: v for k, v in report[name].items() if k != "_results"}), flush=True)

@@ -102,9 +102,52 @@ END $$
 """
 
 
+# The SQL functions' stage-2 walk (imsrc._walk, migration 0005) sets its planner and pgvector settings with
+# set_config() and SET clauses: on Citus those stay on the coordinator, and the workers, which plan and run each
+# shard's query, walked at their defaults (ef_search 40, and a sequential scan + sort where the planner liked it
+# better than the partial index). Citus passes a SET LOCAL on to the workers' transactions only when (1)
+# citus.propagate_set_commands is 'local', (2) it sees the SET below a nested executor (a function called by a
+# statement: imsrc._set_local via PERFORM; a SET run directly in the PL/pgSQL body is not seen as one), and (3)
+# the remote transaction is a coordinated one, which a read-only statement outside BEGIN ... COMMIT is not:
+# create_intermediate_result (a one-row result kept on the coordinator until the end of the transaction) makes
+# it one. The caller's values are put back afterwards, on the workers too. SET is not allowed in a non-volatile
+# function, hence VOLATILE (same results; it only takes a new snapshot per statement, which a read does not mind).
+CITUS_WALK = r"""
+CREATE OR REPLACE FUNCTION imsrc._set_local(p_name text, p_value text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF p_name !~ '^[a-z_.]+$' THEN
+        RAISE EXCEPTION 'imsrc: unexpected setting name %', p_name USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_value IS NULL THEN
+        EXECUTE format('SET LOCAL %s TO DEFAULT', p_name);
+    ELSE
+        EXECUTE format('SET LOCAL %s = %L', p_name, p_value);
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION imsrc._walk(p_sql text, p_query vector, p_ef int, p_limit int)
+RETURNS TABLE (image_id bigint, score double precision)
+LANGUAGE plpgsql VOLATILE
+SET citus.propagate_set_commands = 'local' AS $$
+DECLARE
+    names text[] := ARRAY['enable_sort', 'enable_seqscan', 'hnsw.iterative_scan', 'hnsw.ef_search'];
+    wanted text[] := ARRAY['off', 'off', 'relaxed_order', least(1000, greatest(p_ef, p_limit))::text];
+    before text[];
+BEGIN
+    SELECT array_agg(current_setting(n, true) ORDER BY o) INTO before FROM unnest(names) WITH ORDINALITY u(n, o);
+    PERFORM create_intermediate_result('imsrc_walk', 'SELECT 1');
+    PERFORM imsrc._set_local(n, v) FROM unnest(names, wanted) u(n, v);
+    RETURN QUERY EXECUTE p_sql USING p_query;
+    PERFORM imsrc._set_local(n, v) FROM unnest(names, before) u(n, v);
+END $$;
+"""
+
+
 def after_migrations(connection: Any) -> None:
     """Run by migrations/env.py after every upgrade: on a distributed catalog, rewrite the SQL functions that the
-    revisions just applied may have (re)created in LANGUAGE sql (see CITUS_SQL_FUNCTIONS_TO_PLPGSQL)."""
+    revisions just applied may have (re)created in LANGUAGE sql (see CITUS_SQL_FUNCTIONS_TO_PLPGSQL), and the
+    stage-2 walk whose settings must reach the workers (CITUS_WALK)."""
     distributed_now = connection.execute(
         text("SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND to_regclass('embeddings') IS NOT NULL")
     ).scalar()
@@ -115,6 +158,7 @@ def after_migrations(connection: Any) -> None:
         ).scalar()
     ):
         connection.execute(text(CITUS_SQL_FUNCTIONS_TO_PLPGSQL))
+        connection.execute(text(CITUS_WALK))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from collections.abc import Container, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
@@ -98,6 +99,11 @@ def _halfvec(dimension: int) -> str:
     return f"halfvec({int(dimension)})"
 
 
+def _psycopg(sql: str) -> str:
+    """The statements here bind the query vector as :q (SQLAlchemy); citus_read hands them to psycopg."""
+    return sql.replace(":q", "%(q)s")
+
+
 @dataclass(frozen=True)
 class HitInfo:
     id: int
@@ -112,25 +118,48 @@ class HitInfo:
     caption: str | None = None
 
 
-def _in_parallel(
-    engine: Engine, statements: Sequence[str], params: Mapping[str, str], settings: Mapping[str, str]
-) -> list[Hit]:
-    """Each statement on a connection of its own, at once (Citus stage-2 branches); their rows together. Read-only:
-    each connection sees what was committed, as the search's own transaction does."""
+_SETTING_NAME = re.compile(r"[a-z_.]+")
+_SETTING_VALUE = re.compile(r"[a-z0-9_]+")
 
-    def run(sql: str) -> list[Hit]:
-        with engine.connect() as conn:
-            conn.execute(text("SET LOCAL citus.propagate_set_commands = 'local'"))
+
+def _set_local(name: str, value: str) -> str:
+    if not _SETTING_NAME.fullmatch(name) or not _SETTING_VALUE.fullmatch(value):
+        raise ValueError(f"unexpected setting {name}={value!r}")
+    return f"SET LOCAL {name} = '{value}'"
+
+
+def citus_read(engine: Engine, sql: str, params: Mapping[str, str], settings: Mapping[str, str]) -> list[Any]:
+    """One read on a pooled connection of its own, with `settings` in force on the workers that run it.
+
+    Citus plans each shard's query on its worker: set_config() stays on the coordinator, but a SET LOCAL is
+    passed on to the workers' transactions when citus.propagate_set_commands is 'local'. The SETs, the query
+    and the ROLLBACK go as one pipeline: one round trip from here (the settings used to cost a round trip
+    each, and their restore one more to every worker in the transaction: ~7 ms of a 1-category search,
+    BENCHMARKS "Citus"), and nothing is left to restore. `sql` uses psycopg placeholders (%(name)s).
+    Read-only and on another connection: it sees what is committed, as the search's own transaction does."""
+    with engine.connect() as conn:
+        raw: Any = conn.connection.driver_connection
+        with raw.pipeline():
+            raw.execute(_set_local("citus.propagate_set_commands", "local"))
             for name, value in settings.items():
-                if not re.fullmatch(r"[a-z_.]+", name) or not re.fullmatch(r"[a-z0-9_]+", value):
-                    raise ValueError(f"unexpected setting {name}={value!r}")
-                conn.execute(text(f"SET LOCAL {name} = '{value}'"))
-            rows = conn.execute(text(sql), dict(params)).all()
-            conn.rollback()
-        return [(int(r[0]), float(r[1])) for r in rows]
+                raw.execute(_set_local(name, value))
+            cursor = raw.execute(sql, dict(params))
+            raw.rollback()
+        return list(cursor.fetchall())
 
+
+def _citus_reads(
+    engine: Engine, statements: Sequence[str], params: Mapping[str, str], settings: Mapping[str, str]
+) -> list[Any]:
+    """citus_read for each statement, at once when there are several (their rows together): Citus runs the
+    legs of a UNION ALL one after another, as subplans, so several categories' workers walk their graphs at
+    the same time only when each leg is a statement of its own."""
+    if len(statements) == 1:
+        return citus_read(engine, statements[0], params, settings)
     with ThreadPoolExecutor(max_workers=min(len(statements), PARALLEL_BRANCHES_MAX)) as pool:
-        return [hit for rows in pool.map(run, statements) for hit in rows]
+        return [
+            row for rows in pool.map(lambda sql: citus_read(engine, sql, params, settings), statements) for row in rows
+        ]
 
 
 PARALLEL_BRANCHES_MAX = 8  # connections one Citus search may hold at once (the pool allows 30 per process)
@@ -291,22 +320,29 @@ class NeighbourRepository:
         # query (scores off by up to ~1e-5, near-ties in another order than exact: issue 19's SQL comparison).
         q = f"CAST(CAST(:q AS text) AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
         half = f"CAST(CAST(:q AS text) AS {_halfvec(dimension)})"
-        branches = []
-        for category_id, indexed in categories:
-            order = f"{category_index_expr(dimension)} <#> {half}" if indexed else f"({expr} <=> {q}) + 0"
-            branches.append(
-                f"(SELECT image_id, {expr} AS e FROM embeddings WHERE model_id = {int(model_id)} "
-                f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})"
-            )
+        orders = [
+            f"{category_index_expr(dimension)} <#> {half}" if indexed else f"({expr} <=> {q}) + 0"
+            for _, indexed in categories
+        ]
+        branches = [
+            f"(SELECT image_id, {expr} AS e FROM embeddings WHERE model_id = {int(model_id)} "
+            f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})"
+            for (category_id, _), order in zip(categories, orders, strict=True)
+        ]
         settings = {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
         engine = self.session.get_bind()
-        if len(branches) > 1 and isinstance(engine, Engine) and distributed(self.session):
-            # Citus runs the subqueries of a UNION ALL one after another (a subplan each); one connection per
-            # branch lets each category's worker walk its graph at the same time. Each branch is the same
-            # statement as below with one category, so the merged top `limit` is the same list.
-            parts = [f"SELECT image_id, 1 - (e <=> {q}) AS score FROM {b} s" for b in branches]
-            hits = sorted(_in_parallel(engine, parts, {"q": query}, settings), key=lambda h: (-h[1], h[0]))
-            return hits[:limit]
+        if isinstance(engine, Engine) and distributed(self.session):
+            # One router query per category, each on its own connection (citus_read), merged here in the
+            # order the UNION below sorts by: the same rows, at full precision, in the same order. Flat (no
+            # subquery) so that Citus plans it on its fast path for single-shard queries.
+            statements = [
+                f"SELECT image_id, 1 - ({expr} <=> {_psycopg(q)}) AS score FROM embeddings "
+                f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)} "
+                f"ORDER BY {_psycopg(order)} LIMIT {int(limit)}"
+                for (category_id, _), order in zip(categories, orders, strict=True)
+            ]
+            found = _citus_reads(engine, statements, {"q": query}, settings)
+            return sorted(((int(r[0]), float(r[1])) for r in found), key=lambda h: (-h[1], h[0]))[:limit]
         sql = (
             f"SELECT image_id, 1 - (e <=> {q}) AS score FROM ({' UNION ALL '.join(branches)}) s "
             f"ORDER BY score DESC, image_id LIMIT {int(limit)}"
@@ -348,8 +384,14 @@ class NeighbourRepository:
             f"SELECT image_id, 1 - ({expr} <=> {q}) AS score FROM embeddings WHERE model_id = {int(model_id)} "
             f"ORDER BY {expr} <=> {q} LIMIT {int(limit)}"
         )
-        with self._plan(**walk_settings(ef_search, limit), enable_sort="off", enable_seqscan="off"):
-            rows = self.session.execute(text(sql), {"q": query}).all()
+        settings = {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
+        engine = self.session.get_bind()
+        rows: Sequence[Any]
+        if isinstance(engine, Engine) and distributed(self.session):
+            rows = citus_read(engine, _psycopg(sql), {"q": query}, settings)
+        else:
+            with self._plan(**settings):
+                rows = self.session.execute(text(sql), {"q": query}).all()
         return sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda h: (-h[1], h[0]))
 
     def exact(self, model_id: int, query: str, limit: int, category_ids: Sequence[int] | None) -> list[Hit]:
