@@ -115,6 +115,9 @@ def test_two_workers_answer_and_see_each_others_uploads(two_workers: LiveServer)
     clients = _clients_per_worker(two_workers.base)
     parent = two_workers.proc.pid
     assert parent not in clients  # the parent only supervises
+    # ... and stays small: neither the app nor torch is imported there (it once held 0.5 GB for nothing).
+    parent_maps = Path(f"/proc/{parent}/maps").read_text()
+    assert "libtorch" not in parent_maps and "onnxruntime" not in parent_maps
     (pid_a, writer), (pid_b, reader) = sorted(clients.items())
     # Both workers answer every route, each with its own lazily loaded model.
     for client in (writer, reader):
@@ -136,14 +139,20 @@ def test_two_workers_answer_and_see_each_others_uploads(two_workers: LiveServer)
     for backend in ("faiss", "pgvector"):
         assert _top(reader, query, backend)[0] == new_id, backend
     assert _pid(reader) == pid_b  # the same worker that built its index before the upload
-    # Prometheus multiprocess mode, set up by `serve`: /metrics adds up both workers' counters.
-    text_metrics = reader.get("/metrics").text
-    counted = sum(
-        float(m)
-        for m in re.findall(
-            r'imsrc_http_requests_total\{method="GET",route="/api/status",status="200"\} (\S+)', text_metrics
+    # Prometheus multiprocess mode, set up by `serve`: /metrics adds up both workers' counters. A request is
+    # counted after its response went out (observability's `finally`), so the last one may land a moment later.
+    deadline = time.monotonic() + 10
+    while True:
+        text_metrics = reader.get("/metrics").text
+        counted = sum(
+            float(m)
+            for m in re.findall(
+                r'imsrc_http_requests_total\{method="GET",route="/api/status",status="200"\} (\S+)', text_metrics
+            )
         )
-    )
+        if counted >= 6 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert counted >= 6, text_metrics[:2000]
     for client in clients.values():
         client.close()

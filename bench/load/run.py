@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ROOT, machine, replace_section, write_json
 
 
@@ -240,6 +241,12 @@ def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
 
 
 def main() -> None:
+    if "--memory" in sys.argv:  # the memory mode has its own options (bench/load/memory.py)
+        import memory
+
+        at = sys.argv.index("--memory")
+        memory.main(["--rows", sys.argv[at + 1], *sys.argv[1:at], *sys.argv[at + 2 :]])
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=60)
