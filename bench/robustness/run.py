@@ -161,6 +161,38 @@ def _latency(
     return p50s
 
 
+def _paired_latency(
+    pair: dict[str, tuple[Database, SearchRuntime]], model: Any, vectors: list[np.ndarray], rounds: int
+) -> dict[str, Any]:
+    """Default search on two copies of one catalog, with and without region vectors, query by query in turn
+    (ABAB...; the order flips every round), so the shared machine's load drift falls on both alike: the p50 of
+    each side per round, and the median of the per-query ratios (regions / none)."""
+    times: dict[str, list[float]] = {name: [] for name in pair}
+    p50s: dict[str, list[float]] = {name: [] for name in pair}
+    order = list(pair)
+    for r in range(rounds):
+        per_round: dict[str, list[float]] = {name: [] for name in pair}
+        for vec in vectors:
+            for name in order if r % 2 == 0 else order[::-1]:
+                db, runtime = pair[name]
+                with db.session() as session:
+                    t = time.perf_counter()
+                    runtime.service(session).search_vector(model, vec, SearchOptions(k=K))
+                    per_round[name].append((time.perf_counter() - t) * 1000)
+        for name, ts in per_round.items():
+            p50s[name].append(round(statistics.median(ts), 3))
+            times[name].extend(ts)
+    a, b = order
+    ratios = [y / x for x, y in zip(times[a], times[b], strict=True)]
+    return {
+        "rounds": rounds,
+        "queries": len(vectors),
+        "p50_ms_per_round": p50s,
+        "p50_ms": {name: round(statistics.median(ts), 3) for name, ts in times.items()},
+        "median_ratio": round(statistics.median(ratios), 3),
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     scratch = ROOT / "bench" / "results" / "tmp" / f"robustness-{uuid.uuid4().hex[:6]}"
@@ -220,6 +252,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return result
         vectors = [q[0] for q in queries.values()][: args.latency_queries]
         result["latency_default_before_ms_p50"] = _latency(db, runtime, model, vectors)
+        # A copy of the catalog as it is now (no region vectors), for the paired latency after the region pass.
+        db.dispose()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute('CREATE DATABASE "imsrc_noregions" TEMPLATE "imsrc_robust"')
+        twin_url = db_url.replace("imsrc_robust", "imsrc_noregions")
+        twin = Database(
+            url=twin_url, engine=make_engine(twin_url), settings=settings, revision="head", pgvector_version=""
+        )
         from imsrc.ingest.embed_regions import embed_regions
 
         _say("region pass")
@@ -254,6 +294,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
         }
         result["latency_default_after_ms_p50"] = _latency(db, runtime, model, vectors)
+        with twin.session() as session:
+            session.execute(_sql("ANALYZE embeddings"))
+        twin_runtime = SearchRuntime.create(settings, embedder_factory=runtime.embedder_factory)
+        _say("paired latency")
+        result["latency_paired"] = _paired_latency(
+            {"no regions": (twin, twin_runtime), "regions stored": (db, runtime)}, model, vectors, args.paired_rounds
+        )
+        twin.dispose()
+        if args.latency_only:
+            _say("comparator cost")
+            result["rerank_cost_ms_per_candidate"] = _cost(db, runtime, model, queries)
+            return result
         result["accuracy"], result["rerank_cost_ms_per_candidate"] = _accuracy(db, runtime, model, queries, ids)
     finally:
         server.stop()
@@ -261,6 +313,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["load_average_before"] = [round(x, 2) for x in load_before]
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return result
+
+
+def _cost(
+    db: Database, runtime: SearchRuntime, model: Any, queries: dict[tuple[str, str], tuple[np.ndarray, int, Any]]
+) -> dict[str, float]:
+    """Median ms per candidate of each comparator (rerank time / rerank_top) over the rotated+brighter queries
+    (no pHash near-duplicates among them, so every candidate is compared)."""
+    out = {}
+    for comparator in COMPARATORS:
+        options = SearchOptions(k=K, mode="exact", rerank=comparator, rerank_top=RERANK_TOP)  # type: ignore[arg-type]
+        per = []
+        for (_, edit), (vec, phash, image) in queries.items():
+            if edit == "rotated_12_brighter_30":
+                with db.session() as session:
+                    got = runtime.service(session).search_vector(model, vec, options, phash=phash, query_image=image)
+                per.append(got.timings_ms.rerank / RERANK_TOP)
+        out[comparator] = round(statistics.median(per), 2)
+    return out
 
 
 def _accuracy(
@@ -349,12 +419,26 @@ def report(res: dict[str, Any]) -> str:
             f"table ~{r['per_million_images_gb']['table']} GB, index ~{r['per_million_images_gb']['hnsw_index']} GB "
             f"(1280-d float32 rows; the index holds half precision). Default search p50 (k {K}, query vectors given, "
             f"{res['latency_queries']} queries, 3 rounds): before region vectors "
-            f"{res['latency_default_before_ms_p50']} ms, after {res['latency_default_after_ms_p50']} ms. "
-            f"Comparator cost per candidate (median, ms): "
-            + ", ".join(f"{c} {v}" for c, v in res["rerank_cost_ms_per_candidate"].items())
+            f"{res['latency_default_before_ms_p50']} ms, after {res['latency_default_after_ms_p50']} ms"
+            + _paired_text(res.get("latency_paired"))
+            + ". Comparator cost per candidate (median, ms): "
+            + ", ".join(f"{c} {v}" for c, v in res.get("rerank_cost_ms_per_candidate", {}).items())
             + f". Query decode + pHash + embed: {res['query_embed_ms']} ms."
         )
     return "\n".join(lines)
+
+
+def _paired_text(paired: dict[str, Any] | None) -> str:
+    if not paired:
+        return ""
+    a, b = paired["p50_ms"]
+    return (
+        f"; paired (the same {paired['queries']} queries on a copy of the catalog made before the region pass and "
+        f"on the catalog with region vectors, in turn, {paired['rounds']} rounds): p50 {a} "
+        f"{paired['p50_ms'][a]} ms vs {b} {paired['p50_ms'][b]} ms, median per-query ratio "
+        f"{paired['median_ratio']} (per round: {a} {paired['p50_ms_per_round'][a]}, "
+        f"{b} {paired['p50_ms_per_round'][b]})"
+    )
 
 
 def main() -> None:
@@ -363,6 +447,12 @@ def main() -> None:
     parser.add_argument("--inference", default="onnx", help="IMSRC_INFERENCE (onnx is the fastest here)")
     parser.add_argument("--latency-queries", type=int, default=150)
     parser.add_argument("--windows-only", action="store_true", help="only compare the window sets")
+    parser.add_argument("--paired-rounds", type=int, default=6, help="rounds of the paired latency (ABAB)")
+    parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="timings only: latency rows and comparator cost; no accuracy, no BENCHMARKS (give --out)",
+    )
     parser.add_argument("--photos", type=int, default=0, help="only the first N photos (a smoke run; no BENCHMARKS)")
     parser.add_argument("--windows-from", type=Path, help="take the window-set table from this --windows-only JSON")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
@@ -383,7 +473,7 @@ def main() -> None:
     write_json(args.out, res)
     text = report(res)
     print(text)
-    if not args.windows_only and not args.photos:
+    if not args.windows_only and not args.photos and not args.latency_only:
         replace_section("Robustness", text)
 
 
