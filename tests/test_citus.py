@@ -11,8 +11,10 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from fastapi.testclient import TestClient
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
+from imsrc.ingest.repository import IngestRepository
 from imsrc.search.errors import BackendUnavailableError
 from imsrc.search.pg_queries import citus_read, walk_settings
 from imsrc.search.schemas import SearchOptions
@@ -74,6 +77,7 @@ class Catalogs:
     data: Path
     folder: Path
     index_report: dict[str, Any]
+    plain_snapshot: dict[str, Any]  # the one-node catalog as indexed, before any test changed it
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +89,23 @@ def catalogs(citus_cluster: CitusCluster, create_database: CreateDatabase) -> It
             write(folder / name / f"{name}-{seed}.png", make_image(seed))
     # A near-duplicate: the first boat re-encoded as JPEG (same picture, other bytes).
     write(folder / "boats" / "boats-copy.jpg", reencode(make_image(0), "JPEG", quality=90))
-    citus_url = citus_cluster.create_database()
-    migrated = _cli(citus_url, data, "migrate")
-    assert "schema at revision" in migrated.stdout + migrated.stderr  # the head, whatever comes after 0010_citus
-    report = json.loads(_cli(citus_url, data, "index", str(folder), "--category-from-folder", "--json").stdout)
-    plain_url = create_database("imsrc_single")
-    _cli(plain_url, data, "migrate")
-    _cli(plain_url, data, "index", str(folder), "--category-from-folder", "--json")
-    yield Catalogs(citus_url, plain_url, data, folder, report)
+    citus_url, plain_url = citus_cluster.create_database(), create_database("imsrc_single")
+
+    def migrate_and_index(url: str) -> tuple[str, dict[str, Any]]:
+        migrated = _cli(url, data, "migrate")
+        indexed = _cli(url, data, "index", str(folder), "--category-from-folder", "--json")
+        return migrated.stdout + migrated.stderr, json.loads(indexed.stdout)
+
+    # Both catalogs at once: each command is mostly one process's start-up and the other core is idle.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        (migrated, report), _ = pool.map(migrate_and_index, [citus_url, plain_url])
+    assert "schema at revision" in migrated  # the head, whatever comes after 0010_citus
+    plain = database_for(_settings(plain_url, data), migrate=False)
+    try:
+        plain_snapshot = snapshot(plain)
+    finally:
+        plain.dispose()
+    yield Catalogs(citus_url, plain_url, data, folder, report, plain_snapshot)
 
 
 def _query(url: str, sql: str, params: tuple[Any, ...] | None = None) -> list[tuple[Any, ...]]:
@@ -326,6 +339,50 @@ def test_recategorise_rename_and_delete_move_the_vectors(catalogs: Catalogs) -> 
     assert _query(url, "SELECT count(*) FROM embeddings WHERE image_id = %s", (victim,)) == [(0,)]
 
 
+def test_embedding_an_image_while_it_is_recategorised_keeps_its_vector_with_it(catalogs: Catalogs) -> None:
+    """Embedding an existing image (embed-missing) reads its category, then COPYs its vector to that shard; a
+    re-categorisation committed in between used to move nothing (the vector was not committed yet) and leave the
+    vector under the old category. Now the re-categorisation waits for the embedding's transaction and moves it."""
+    url = catalogs.citus_url
+    image, old, new, vector = _query(
+        url,
+        "SELECT e.image_id, e.category_id, (SELECT id FROM categories WHERE id <> e.category_id ORDER BY id LIMIT 1),"
+        " e.embedding::text FROM embeddings e WHERE e.category_id <> 0 ORDER BY e.image_id DESC LIMIT 1",
+    )[0]
+    with psycopg.connect(psycopg_url(url), autocommit=True) as conn:
+        conn.execute("DELETE FROM embeddings WHERE image_id = %s", (image,))  # the image now lacks its vector
+    db = database_for(_settings(url, catalogs.data), migrate=False)
+    moved: list[float] = []
+
+    def recategorise() -> None:
+        with psycopg.connect(psycopg_url(url), autocommit=True) as conn:
+            started = time.monotonic()
+            conn.execute("UPDATE images SET category_id = %s WHERE id = %s", (new, image))
+            moved.append(time.monotonic() - started)
+
+    try:
+        with db.session() as session:
+            IngestRepository(session).copy_embeddings(1, [(image, np.array(json.loads(vector), dtype=np.float32))])
+            mover = threading.Thread(target=recategorise)
+            mover.start()
+            time.sleep(1.0)  # the UPDATE is sent while the embedding's transaction is still open
+            assert not moved, "the re-categorisation did not wait for the embedding's transaction"
+            session.commit()
+        mover.join(60)
+    finally:
+        db.dispose()
+    assert moved
+    rows = _query(
+        url,
+        "SELECT e.category_id, i.category_id FROM embeddings e JOIN images i ON i.id = e.image_id"
+        " WHERE e.image_id = %s",
+        (image,),
+    )
+    assert rows == [(new, new)]
+    with psycopg.connect(psycopg_url(url), autocommit=True) as conn:
+        conn.execute("UPDATE images SET category_id = %s WHERE id = %s", (old, image))  # as it was
+
+
 def test_uploads_on_citus(catalogs: Catalogs) -> None:
     """POST /api/images through the coordinator: into a named category and uncategorised (an automatic group),
     each vector on its category's shard; the upload is found by the next search."""
@@ -347,23 +404,15 @@ def test_uploads_on_citus(catalogs: Catalogs) -> None:
     assert [r[0] for r in rows] == ids and all(r[1] == r[2] and r[1] for r in rows)
 
 
-def test_ingest_resumes_after_sigkill_on_citus(citus_cluster: CitusCluster, create_database: CreateDatabase) -> None:
-    """COPY into the shards, SIGKILL mid-run, the same command again: the catalog equals an uninterrupted run's on
-    one server (rows, vectors, duplicate links, prototypes), and no image has two vector rows."""
-    scratch = scratch_dir("citus-resume")
-    root = scratch / "photos"
-    for i in range(48):
-        data = make_image(5000 + i, (320, 240), "JPEG")
-        write(root / ["red", "green", "blue"][i % 3] / f"img{i:03d}.jpg", data)
-        if i % 16 == 0:
-            write(root / "copies" / f"near{i:03d}.jpg", reencode(data, "JPEG", quality=70))
-    citus_url, plain_url = citus_cluster.create_database(), create_database("imsrc_resume_plain")
-    env_plain, env_citus = cli_env(plain_url, scratch / "data"), cli_env(citus_url, scratch / "data")
-    whole = subprocess.run(index_command(root), env=env_plain, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert whole.returncode == 0, whole.stderr
-    _cli(citus_url, scratch / "data", "migrate")
+def test_ingest_resumes_after_sigkill_on_citus(citus_cluster: CitusCluster, catalogs: Catalogs) -> None:
+    """COPY into the shards, SIGKILL mid-run, the same command again: the catalog equals the module's one-node
+    catalog of the same folder, indexed without interruption (rows, vectors, duplicate links, prototypes), and
+    no image has two vector rows."""
+    citus_url = citus_cluster.create_database()
+    env_citus = cli_env(citus_url, catalogs.data)
+    _cli(citus_url, catalogs.data, "migrate")
     proc = subprocess.Popen(
-        index_command(root), env=env_citus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+        index_command(catalogs.folder), env=env_citus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
     )
     with psycopg.connect(psycopg_url(citus_url), autocommit=True) as conn:
         deadline = time.monotonic() + 300
@@ -375,11 +424,13 @@ def test_ingest_resumes_after_sigkill_on_citus(citus_cluster: CitusCluster, crea
         proc.wait(30)
         status = conn.execute("SELECT status FROM ingest_jobs").fetchone()[0]  # type: ignore[index]
     assert status == "running", "the indexer finished before it could be killed"
-    resumed = subprocess.run(index_command(root), env=env_citus, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    resumed = subprocess.run(
+        index_command(catalogs.folder), env=env_citus, capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["resumed"] is True
-    a = snapshot(database_for(_settings(plain_url, scratch / "data"), migrate=False))
-    b = snapshot(database_for(_settings(citus_url, scratch / "data"), migrate=False))
+    a = catalogs.plain_snapshot
+    b = snapshot(database_for(_settings(citus_url, catalogs.data), migrate=False))
     for key in ("images", "sources", "prototypes", "categories"):
         assert a[key] == b[key], key
     assert a["vectors"].keys() == b["vectors"].keys()

@@ -320,11 +320,17 @@ class IngestRepository(_MissingMixin):
             )
             return
         # On Citus the row is routed to its shard by the category it arrives with (a trigger would run too late,
-        # on the shard), so the category is read here, in the same transaction as the COPY.
+        # on the shard), so the category is read here, in the same transaction as the COPY, and the images are
+        # locked FOR SHARE until it commits: a concurrent re-categorisation waits, and its trigger then moves
+        # these vectors too. Unlocked, it could commit in between, move nothing (our rows were not committed yet)
+        # and leave the new vector under the old category (embedding existing images; new ones are our own rows).
         categories = {
             int(r[0]): int(r[1])
             for r in self.session.execute(
-                text(f"SELECT id, coalesce(category_id, {UNCATEGORISED}) FROM images WHERE id = ANY(:i)"),
+                text(
+                    f"SELECT id, coalesce(category_id, {UNCATEGORISED}) FROM images WHERE id = ANY(:i)"
+                    " ORDER BY id FOR SHARE"
+                ),
                 {"i": [int(i) for i, _ in rows]},
             )
         }
