@@ -21,6 +21,7 @@ TABLES = {
     "prototypes": "SELECT category_id, model_id, kind, ordinal, vector::text, member_count FROM category_prototypes"
     " ORDER BY 1, 2, 3, 4",
     "models": "SELECT id, name, dimension, is_active FROM embedding_models ORDER BY id",
+    "category_vectors": "SELECT model_id, image_id, category_id, embedding::text FROM category_vectors ORDER BY 1, 2",
 }
 
 
@@ -58,6 +59,12 @@ def _fill(url: str) -> None:
             "INSERT INTO category_prototypes (category_id, model_id, vector, member_count)"
             " VALUES (1, 1, '[1,0,0]', 1), (2, 1, '[0,1,0]', 2)"
         )
+        # A per-category index on its partition of category_vectors, as search sync builds it.
+        conn.execute("SELECT imsrc._create_category_partition(2)")
+        conn.execute(
+            "CREATE INDEX ix_embeddings_hv_m1_c2 ON category_vectors_c2 USING hnsw ((embedding::halfvec(3))"
+            " halfvec_ip_ops) WHERE model_id = 1"
+        )
 
 
 def test_backup_restore_into_empty_data_directory(create_database, scratch: Path) -> None:  # type: ignore[no-untyped-def]
@@ -82,6 +89,10 @@ def test_backup_restore_into_empty_data_directory(create_database, scratch: Path
     with psycopg.connect(url) as conn:
         found = conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_embeddings_hnsw_m1'").fetchone()
         assert found == (1,)
+        # the per-category index on its partition, whose rows came back once (not again through the trigger)
+        part = conn.execute("SELECT tablename FROM pg_indexes WHERE indexname = 'ix_embeddings_hv_m1_c2'").fetchone()
+        assert part == ("category_vectors_c2",)
+    assert len(_snapshot(url)["category_vectors"]) == 2
 
     # A second restore over a catalog that holds images is refused without --force, and leaves it intact.
     again = run_cli("restore", str(dump), env=env)

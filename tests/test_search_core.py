@@ -134,7 +134,7 @@ def test_pgvector_plan_uses_the_per_category_index(session: Session, large: tupl
         r[0]
         for r in session.execute(
             text(
-                f"EXPLAIN SELECT image_id FROM embeddings WHERE model_id = {cat.model.id} AND category_id = {c} "
+                f"EXPLAIN SELECT image_id FROM category_vectors WHERE model_id = {cat.model.id} AND category_id = {c} "
                 f"ORDER BY (embedding::halfvec(32)) <#> CAST(:q AS halfvec(32)) LIMIT 10"
             ),
             {"q": str([0.1] * 32)},
@@ -276,7 +276,13 @@ def test_sync_replaces_full_precision_category_indexes_with_halfvec_ones(session
         )
     )
     sync_search(session, settings.model_copy(update={"search_exact_max_rows": 10}), model_id=cat.model.id)
-    names = set(session.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings'")).scalars())
+    names = set(
+        session.execute(
+            text(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings' OR tablename LIKE 'category_vectors%'"
+            )
+        ).scalars()
+    )
     assert legacy not in names
     assert {f"ix_embeddings_hv_m{cat.model.id}_c{i}" for i in cat.category_ids} <= names
 

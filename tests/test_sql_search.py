@@ -300,11 +300,12 @@ def test_the_readme_recipe_for_a_hand_written_query_uses_the_category_index(cata
         catalog, "SELECT embedding::text FROM embeddings WHERE image_id = %s", (catalog.ids["maps-5.png"],)
     )[0][0]
     q = f"'{vector}'::vector"
-    inner = (
-        f"SELECT image_id, embedding FROM embeddings {predicate} "
-        f"{order_by.replace('CAST(q AS', f'CAST({q} AS')} LIMIT 5"
+    # The walk on the category's partition of category_vectors, the re-sort on embeddings' full vectors.
+    inner = f"SELECT image_id FROM category_vectors {predicate} {order_by.replace('CAST(q AS', f'CAST({q} AS')} LIMIT 5"
+    sql = (
+        f"SELECT image_id, 1 - (e.embedding <=> {q}) AS score FROM ({inner}) s JOIN embeddings e USING (image_id)"
+        f" WHERE e.model_id = {model_id} ORDER BY score DESC LIMIT 5"
     )
-    sql = f"SELECT image_id, 1 - (embedding <=> {q}) AS score FROM ({inner}) s ORDER BY score DESC LIMIT 5"
     assert f"halfvec({dimension})" in sql
     with psycopg.connect(catalog.reader) as conn:
         conn.execute("SET LOCAL enable_seqscan = off")

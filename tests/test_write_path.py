@@ -79,7 +79,10 @@ def test_removing_a_model_drops_its_per_category_indexes(session: Session, setti
     ModelService(session, settings).remove(cat.model.name)
     left = (
         session.execute(
-            text("SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings' AND indexname ~ :p"),
+            text(
+                "SELECT indexname FROM pg_indexes"
+                " WHERE (tablename = 'embeddings' OR tablename LIKE 'category_vectors%') AND indexname ~ :p"
+            ),
             {"p": f"_m{cat.model.id}(_|$)"},
         )
         .scalars()

@@ -216,7 +216,7 @@ def index_sizes(session: Session, model_id: int) -> dict[str, int]:
     rows = session.execute(
         text(
             "SELECT indexname, pg_relation_size(format('%I', indexname)::regclass) FROM pg_indexes "
-            "WHERE tablename = 'embeddings'"
+            "WHERE tablename = 'embeddings' OR tablename LIKE 'category_vectors%'"
         )
     ).all()
     glob = sum(int(s) for n, s in rows if n == f"ix_embeddings_hnsw_m{model_id}")
@@ -233,7 +233,9 @@ def prewarm(database: Database) -> int:
         blocks = session.execute(
             text(
                 "SELECT coalesce(sum(pg_prewarm(c.oid)), 0) FROM pg_class c WHERE c.oid = 'embeddings'::regclass "
-                "OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'embeddings'::regclass)"
+                "OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = to_regclass('category_vectors')) "
+                "OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'embeddings'::regclass OR indrelid IN "
+                "(SELECT inhrelid FROM pg_inherits WHERE inhparent = to_regclass('category_vectors')))"
             )
         ).scalar_one()
     return int(blocks) * 8192

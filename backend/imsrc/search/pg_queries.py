@@ -8,6 +8,13 @@ a UNION ALL of one `ORDER BY ... LIMIT n` per chosen category returns n rows fro
 Small categories get no index: an exact scan of a few thousand rows via the (model_id, category_id) btree
 is as fast and exact (threshold chosen by bench/search/run.py, see BENCHMARKS.md).
 
+Where the per-category indexes live (migration 0013_category_vectors): PostgreSQL builds any index, partial or
+not, by reading its whole table, so a partial index on `embeddings` cost O(catalog) per category. On plain
+PostgreSQL each indexed category's vectors are also kept (half precision, by a trigger on embeddings) in its own
+partition of `category_vectors`, and its index is built there: O(that category's rows). A walk reads the
+partition's index, then the full-precision vectors of the rows it found from embeddings. On Citus, embeddings is
+already split by category into shards, and the partial index on embeddings is built per shard.
+
 The per-category indexes hold half-precision copies (category_index_expr) with the inner-product opclass
 (vectors are unit length, so the order equals cosine order); results are re-sorted at full precision. The
 per-model index uses cosine, so it can never serve a per-category `<#>` ordering: the plan is decided by
@@ -86,6 +93,11 @@ HALFVEC_MAX_DIM = 4000  # pgvector indexes halfvec up to 4,000 dimensions
 
 def category_index_name(model_id: int, category_id: int) -> str:
     return f"{INDEX_PREFIX}_m{int(model_id)}_c{int(category_id)}"
+
+
+def partition_name(category_id: int) -> str:
+    """The category's partition of category_vectors (migration 0013), where its indexes are built."""
+    return f"category_vectors_c{int(category_id)}"
 
 
 def category_index_expr(dimension: int) -> str:
@@ -183,21 +195,38 @@ def local_settings(session: Session, settings: Mapping[str, str]) -> Iterator[No
         session.execute(text(f"SELECT {put}"), {**params, **{f"v{i}": before[i] for i in range(len(names))}})
 
 
+# Indexes of the vectors: on embeddings, or on a partition of category_vectors (absent on Citus: NULL parent).
+ON_VECTOR_TABLES = (
+    "(x.indrelid = 'embeddings'::regclass OR x.indrelid IN (SELECT inhrelid FROM pg_inherits "
+    "WHERE inhparent = to_regclass('category_vectors')))"
+)
+
+
 class NeighbourRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._partitions: bool | None = None
 
     # ------------------------------------------------------------------ per-category indexes
     def _embedding_indexes(self, like: str) -> list[tuple[str, float]]:
-        """(name, reltuples) of the embeddings table's indexes whose name matches a LIKE pattern."""
+        """(name, reltuples) of the indexes on embeddings, or on a partition of category_vectors, whose name
+        matches a LIKE pattern."""
         rows = self.session.execute(
             text(
                 "SELECT c.relname, c.reltuples FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
-                "WHERE x.indrelid = 'embeddings'::regclass AND c.relname LIKE :p"
+                f"WHERE {ON_VECTOR_TABLES} AND c.relname LIKE :p"
             ),
             {"p": like},
         )
         return [(str(name), float(tuples)) for name, tuples in rows]
+
+    def partitions(self) -> bool:
+        """Whether per-category indexes live on category_vectors' partitions (plain PostgreSQL since 0013)."""
+        if self._partitions is None:
+            self._partitions = not distributed(self.session) and bool(
+                self.session.execute(text("SELECT to_regclass('category_vectors') IS NOT NULL")).scalar()
+            )
+        return self._partitions
 
     def category_indexes(self, model_id: int) -> dict[int, int]:
         """Categories that have a per-category HNSW index, with the rows it held when last built/analysed."""
@@ -233,6 +262,18 @@ class NeighbourRepository:
         )
 
     def create_category_index(self, model_id: int, dimension: int, category_id: int) -> None:
+        if self.partitions():
+            # The category's partition (filled from embeddings through the (model_id, category_id) btree), then
+            # the index on it: both read only this category's rows.
+            self.session.execute(text("SELECT imsrc._create_category_partition(:c)"), {"c": int(category_id)})
+            self.session.execute(
+                text(
+                    f"CREATE INDEX IF NOT EXISTS {category_index_name(model_id, category_id)} ON "
+                    f"{partition_name(category_id)} USING hnsw ({category_index_expr(dimension)} halfvec_ip_ops) "
+                    f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION}) WHERE model_id = {int(model_id)}"
+                )
+            )
+            return
         sequential_shard_commands(self.session)
         self.session.execute(
             text(
@@ -244,6 +285,9 @@ class NeighbourRepository:
         )
 
     def drop_category_index(self, model_id: int, category_id: int) -> None:
+        # The category's partition stays (kept current by the trigger, reused if the category grows again):
+        # dropping it would take an ACCESS EXCLUSIVE lock on category_vectors to the end of this unit of work,
+        # which uploads' triggers write to. `imsrc maintenance`-style clean-up of empty ones: db/README.md.
         self.drop_index(category_index_name(model_id, category_id))
 
     def drop_model_indexes(self, model_id: int) -> None:
@@ -324,11 +368,21 @@ class NeighbourRepository:
             f"{category_index_expr(dimension)} <#> {half}" if indexed else f"({expr} <=> {q}) + 0"
             for _, indexed in categories
         ]
-        branches = [
-            f"(SELECT image_id, {expr} AS e FROM embeddings WHERE model_id = {int(model_id)} "
-            f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})"
-            for (category_id, _), order in zip(categories, orders, strict=True)
-        ]
+        branches = []
+        partitions = self.partitions()
+        for (category_id, indexed), order in zip(categories, orders, strict=True):
+            if indexed and partitions:
+                # The walk on the category's partition, then the full-precision vectors of the rows it found.
+                branches.append(
+                    f"(SELECT image_id, {expr} AS e FROM (SELECT image_id FROM category_vectors WHERE model_id = "
+                    f"{int(model_id)} AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)}) v "
+                    f"JOIN embeddings USING (image_id) WHERE embeddings.model_id = {int(model_id)})"
+                )
+                continue
+            branches.append(
+                f"(SELECT image_id, {expr} AS e FROM embeddings WHERE model_id = {int(model_id)} "
+                f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})"
+            )
         settings = {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
         engine = self.session.get_bind()
         if isinstance(engine, Engine) and distributed(self.session):

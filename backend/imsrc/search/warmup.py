@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import ModelRepository
 from imsrc.db.session import Database
+from imsrc.search.pg_queries import ON_VECTOR_TABLES
 from imsrc.search.service import SearchRuntime
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,12 @@ def prewarm(session: Session, model_id: int, *, heap: bool) -> int:
     if not prewarm_available(session):
         return 0
     where = (
-        "c.oid = 'embeddings'::regclass"
+        # and the partitions the per-category walks read (category_vectors, migration 0013)
+        "(c.oid = 'embeddings'::regclass OR c.oid IN (SELECT inhrelid FROM pg_inherits "
+        "WHERE inhparent = to_regclass('category_vectors')))"
         if heap
         else "c.oid IN (SELECT x.indexrelid FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
-        "WHERE x.indrelid = 'embeddings'::regclass AND i.relname LIKE :p)"
+        f"WHERE {ON_VECTOR_TABLES} AND i.relname LIKE :p)"
     )
     blocks = session.execute(
         text(f"SELECT coalesce(sum(pg_prewarm(c.oid)), 0) FROM pg_class c WHERE {where}"),
