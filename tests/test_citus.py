@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -262,6 +263,21 @@ def test_walk_settings_reach_the_workers(catalogs: Catalogs) -> None:
         assert citus_read(db.engine, probe, {}, settings)[0][1] == 123.111
     finally:
         db.dispose()
+
+
+def test_similar_function_asks_only_the_shards_it_needs(catalogs: Catalogs) -> None:
+    """imsrc.similar looked the image's vector up on every shard, and imsrc._search counted the catalog
+    (small-catalog rule) on every shard too; now the vector comes from its category's shard and the count from
+    the prototypes, as in the service."""
+    with psycopg.connect(psycopg_url(catalogs.citus_url), autocommit=True) as conn:
+        commands: list[str] = []
+        conn.add_notice_handler(lambda d: commands.append(d.message_primary or ""))
+        conn.execute("SET citus.log_remote_commands = on")
+        conn.execute("SET client_min_messages = log")
+        found = conn.execute("SELECT image_id FROM imsrc.similar(21, 5)").fetchall()
+    vector_fetches = [c for c in commands if re.search(r"SELECT embedding FROM \S*embeddings_\d+ e WHERE", c)]
+    counts = [c for c in commands if re.search(r"SELECT 1 AS \S+ FROM \S*embeddings_\d+", c)]
+    assert len(found) == 5 and len(vector_fetches) == 1 and counts == [], (vector_fetches, counts)
 
 
 def test_keyword_functions_on_citus(catalogs: Catalogs) -> None:

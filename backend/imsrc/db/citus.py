@@ -144,10 +144,61 @@ END $$;
 """
 
 
+# imsrc.similar's first step looked the image's vector up by (model_id, image_id): not the distribution column,
+# so every shard was asked (32 tasks for one row). The image's category names its shard; read in the same
+# snapshot (the function is STABLE), so a concurrent move cannot hide the row.
+CITUS_IMAGE_VECTOR = r"""
+CREATE OR REPLACE FUNCTION imsrc._image_vector(p_image_id bigint, p_model_id int, p_model text) RETURNS vector
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v vector;
+    c bigint;
+BEGIN
+    SELECT coalesce(i.category_id, 0) INTO c FROM images i WHERE i.id = p_image_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'imsrc: image % does not exist', coalesce(p_image_id::text, 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT e.embedding INTO v FROM embeddings e
+     WHERE e.model_id = p_model_id AND e.category_id = c AND e.image_id = p_image_id;
+    IF v IS NULL THEN
+        RAISE EXCEPTION 'imsrc: image % has no embedding for model % yet', p_image_id, p_model
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v;
+END
+$$;
+"""
+
+# imsrc._search's small-catalog rule counted the model's vectors up to two_stage_min_rows (20,000) with
+# `SELECT count(*) FROM (SELECT 1 FROM embeddings ... LIMIT min_rows)`: on Citus every shard returns up to that
+# many rows to the coordinator, per search. The service counts categorised vectors from the mean prototypes'
+# member_count there (a reference table, no shard asked: NeighbourRepository.count_up_to); the SQL functions now
+# do the same. Rewritten in whichever imsrc function holds that statement, so a later revision of _search
+# keeps it; if the text changes, the function keeps its own count (slower on Citus, still right).
+CITUS_COUNT_FROM_PROTOTYPES = r"""
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN
+        SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname = 'imsrc' AND p.prosrc ~ 'SELECT 1 FROM embeddings WHERE model_id = p_model_id LIMIT min_rows'
+    LOOP
+        EXECUTE regexp_replace(pg_get_functiondef(f.oid),
+            '\(SELECT count\(\*\) FROM \(\s*SELECT 1 FROM embeddings WHERE model_id = p_model_id LIMIT min_rows\) s\)',
+            '(SELECT least(min_rows, coalesce(sum(x.member_count), 0)) FROM category_prototypes x'
+            ' WHERE x.model_id = p_model_id AND x.kind = ''mean'' AND x.ordinal = 0)', 'g');
+    END LOOP;
+END $$
+"""
+
+
 def after_migrations(connection: Any) -> None:
     """Run by migrations/env.py after every upgrade: on a distributed catalog, rewrite the SQL functions that the
-    revisions just applied may have (re)created in LANGUAGE sql (see CITUS_SQL_FUNCTIONS_TO_PLPGSQL), and the
-    stage-2 walk whose settings must reach the workers (CITUS_WALK)."""
+    revisions just applied may have (re)created in LANGUAGE sql (see CITUS_SQL_FUNCTIONS_TO_PLPGSQL), the
+    stage-2 walk whose settings must reach the workers (CITUS_WALK), and two look-ups that asked every shard
+    (CITUS_IMAGE_VECTOR, CITUS_COUNT_FROM_PROTOTYPES)."""
     distributed_now = connection.execute(
         text("SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND to_regclass('embeddings') IS NOT NULL")
     ).scalar()
@@ -159,6 +210,8 @@ def after_migrations(connection: Any) -> None:
     ):
         connection.execute(text(CITUS_SQL_FUNCTIONS_TO_PLPGSQL))
         connection.execute(text(CITUS_WALK))
+        connection.execute(text(CITUS_IMAGE_VECTOR))
+        connection.execute(text(CITUS_COUNT_FROM_PROTOTYPES))
 
 
 @dataclass(frozen=True)
