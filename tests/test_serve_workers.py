@@ -246,3 +246,10 @@ def test_bad_worker_counts_and_a_busy_port_fail_before_anything_starts(tmp_path:
         busy.listen()
         taken = str(busy.getsockname()[1])
         assert f"cannot listen on 127.0.0.1:{taken}" in _serve_fails(["--port", taken, "--workers", "2"], env)
+
+
+@pytest.mark.parametrize("port", ["0", "-1", "65536", "99999"])
+def test_a_port_out_of_range_is_one_line_not_a_traceback(tmp_path: Path, port: str) -> None:
+    # bind() raised OverflowError (not OSError) for these: a traceback; 0 was silently replaced by IMSRC_PORT.
+    env = _env("postgresql+psycopg://nobody@127.0.0.1:1/none", tmp_path)
+    assert f"--port must be between 1 and 65535 (got {port})" in _serve_fails(["--port", port], env)

@@ -155,6 +155,9 @@ def serve(
 
     settings = ctx.obj.settings
     host = host or settings.host
+    # Checked here: bind() raises OverflowError, not OSError, for a port out of range.
+    if port is not None and not 1 <= port <= 65535:
+        raise ImsrcError(f"--port must be between 1 and 65535 (got {port})")
     port = port or settings.port
     if workers is not None and not 1 <= workers <= MAX_HTTP_WORKERS:
         raise ImsrcError(f"--workers must be between 1 and {MAX_HTTP_WORKERS} (got {workers})")
