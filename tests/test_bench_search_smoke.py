@@ -56,9 +56,18 @@ def test_service_bench_produces_every_row(repo_root: Path, tmp_path: Path) -> No
         assert row["same_as_service"] == 1.0 and 0 < row["p50_ms"] <= row["p95_ms"]
     # Stage-1 rules side by side; the fixed fan-outs search exactly that many categories; sync calibrated
     rules = result["stage1_rules"]
-    assert list(rules) == ["fixed temperature 0.05", "calibrated (default)", "fan-out 1", "fan-out 2", "fan-out 3"]
+    assert list(rules) == [
+        "fixed temperature 0.05, cut at the cap",
+        "calibrated, cut at the cap",
+        "calibrated, ann over the cap (default)",
+        "fan-out 1",
+        "fan-out 2",
+        "fan-out 3",
+    ]
     assert [rules[f"fan-out {n}"]["mean_categories"] for n in (1, 2, 3)] == [1.0, 2.0, 3.0]
+    assert all(0 <= r["ann_share"] <= 1 for r in rules.values()) and rules["fan-out 1"]["ann_share"] == 0
     assert result["calibration"]["temperature"] > 0 and result["calibration"]["samples"] > 0
+    assert result["calibration"]["fallback"] is True and 0 <= result["calibration"]["over_cap"] <= 1
     assert set(result["http"]) == LABELS and all(r["p50_ms"] > 0 for r in result["http"].values())
     for cold in result["cold_restart"].values():  # PostgreSQL restarted, warm-up off and on
         assert cold["health_s"] > 0 and cold["first_query_ms"] > 0 and cold["later_p50_ms"] > 0

@@ -205,10 +205,18 @@ def test_default_stage1_follows_the_score_mass_up_to_the_cap(session: Session, s
         cat.category_ids[2]
     ]  # a clear query: one category
     assert len(service.search_vector(cat.model, q, SearchOptions(k=5, categories=4)).stage1) == 4
-    spread = SearchService(
-        session,
-        SearchRuntime.create(
-            settings.model_copy(update={"search_score_mass": 1.0}), embedder_factory=lambda name: None
-        ),
-    )
-    assert len(spread.search_vector(cat.model, q, SearchOptions(k=5)).stage1) == settings.search_categories
+    # All of the score mass: every one of the 6 categories, more than the cap (3). Stage 1 is then not sure: the
+    # query is answered by ann over the whole model (the default), or cut at the cap (fallback off).
+    for fallback in (True, False):
+        spread = SearchService(
+            session,
+            SearchRuntime.create(
+                settings.model_copy(update={"search_score_mass": 1.0, "search_stage1_fallback": fallback}),
+                embedder_factory=lambda name: None,
+            ),
+        )
+        got = spread.search_vector(cat.model, q, SearchOptions(k=5))
+        if fallback:
+            assert got.mode == "ann" and got.stage1 == [] and len(got.results) == 5
+        else:
+            assert got.mode == "two_stage" and len(got.stage1) == settings.search_categories

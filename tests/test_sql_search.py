@@ -120,17 +120,24 @@ def test_the_catalog_has_per_category_indexes_and_prototypes(catalog: Catalog) -
 @pytest.mark.parametrize("categories", [None, 1, 2])
 def test_similar_matches_the_api_two_stage_path(catalog: Catalog, mode: str, categories: int | None) -> None:
     """Every mode, with the small-catalog rule off on both sides, so stage 1, the per-category branches, the
-    duplicate margin and the fill from the next categories all run."""
+    duplicate margin and the fill from the next categories all run. The stage-1 fallback is off too: the tiny
+    random model's categories overlap, so it would answer these as `ann` (covered by the test below)."""
     fan = "" if categories is None else f"&categories={categories}"
     for name in ("cats-0.png", "maps-3.png", "toys-7.png", "cats-4.png"):
         image = catalog.ids[name]
-        api = _api(catalog, f"/api/search/similar/{image}?k=10&mode={mode}{fan}", search_two_stage_min_rows=0)
+        api = _api(
+            catalog,
+            f"/api/search/similar/{image}?k=10&mode={mode}{fan}",
+            search_two_stage_min_rows=0,
+            search_stage1_fallback=False,
+        )
         assert api["mode"] == mode
         rows = _reader(
             catalog,
             "SELECT image_id, score, category, rank FROM imsrc.similar(%s, 10, %s, %s)",
             (image, categories, mode),
             two_stage_min_rows="0",
+            stage1_fallback="0",
         )
         assert [r[0] for r in rows] == [h["id"] for h in api["results"]]
         assert [r[2] for r in rows] == [h["category"] for h in api["results"]]
@@ -201,9 +208,16 @@ def test_default_similar_through_imsrc_sql_equals_the_api(catalog: Catalog) -> N
 
 def test_stage1_functions_match_the_api_categories(catalog: Catalog) -> None:
     image = catalog.ids["toys-2.png"]
-    api = _api(catalog, f"/api/search/similar/{image}?k=10&mode=two_stage", search_two_stage_min_rows=0)
+    # The fallback off: the tiny random model's overlapping categories would have stage 1 pick none.
+    api = _api(
+        catalog,
+        f"/api/search/similar/{image}?k=10&mode=two_stage",
+        search_two_stage_min_rows=0,
+        search_stage1_fallback=False,
+    )
     vector = _reader(catalog, "SELECT embedding::text FROM embeddings WHERE image_id = %s", (image,))[0][0]
-    picked = _reader(catalog, "SELECT category FROM imsrc.stage1(%s::vector)", (vector,))
+    picked = _reader(catalog, "SELECT category FROM imsrc.stage1(%s::vector)", (vector,), stage1_fallback="0")
+    assert picked
     ranked = _reader(catalog, "SELECT category, score, rank FROM imsrc.categories_for(%s::vector, 10)", (vector,))
     assert len(ranked) == len(CATEGORIES) and [r[2] for r in ranked] == [1, 2, 3, 4]
     assert [r[1] for r in ranked] == sorted((r[1] for r in ranked), reverse=True)
@@ -215,13 +229,22 @@ def test_stage1_functions_match_the_api_categories(catalog: Catalog) -> None:
     assert [t[0] for t in top2] == [r[0] for r in ranked[:2]]
 
 
-@pytest.mark.parametrize(("temperature", "expected"), [(0.0005, 1), (5.0, 3)])
-def test_stage1_follows_the_models_calibrated_temperature(catalog: Catalog, temperature: float, expected: int) -> None:
+@pytest.mark.parametrize(
+    ("temperature", "fallback", "expected", "mode"),
+    [(0.0005, True, 1, "two_stage"), (5.0, True, 0, "ann"), (5.0, False, 3, "two_stage")],
+)
+def test_stage1_follows_the_models_calibrated_temperature(
+    catalog: Catalog, temperature: float, fallback: bool, expected: int, mode: str
+) -> None:
     """Sync stored a calibrated temperature (search_state stage1:m<id>); the API and imsrc.stage1/similar both
-    pick by it: a tiny one searches one category, a huge one the cap (3), on both sides."""
+    pick by it: a tiny one searches one category. A huge one spreads the score mass over all 4 categories, more
+    than the cap (3): with the fallback (default) stage 1 is not sure, picks nothing and the whole model is
+    searched (mode ann), on both sides; without it (IMSRC_SEARCH_STAGE1_FALLBACK=false, imsrc.stage1_fallback
+    0) the cap cuts the rule at 3 categories, as before."""
     with catalog.database.session() as session:
         key, saved = session.execute(text("SELECT key, value FROM search_state WHERE key LIKE 'stage1:m%'")).one()
         assert saved["temperature"] > 0 and saved["samples"] == 32 and saved["categories"] == len(CATEGORIES)
+        assert saved["fallback"] is True and 0.0 <= saved["over_cap"] <= 1.0
         session.execute(
             text(
                 "UPDATE search_state SET value = jsonb_set(value, '{temperature}', to_jsonb(CAST(:t AS"
@@ -230,14 +253,25 @@ def test_stage1_follows_the_models_calibrated_temperature(catalog: Catalog, temp
             {"t": temperature, "k": key},
         )
         session.commit()
+    gucs = {} if fallback else {"stage1_fallback": "0"}
     try:
         image = catalog.ids["toys-2.png"]
-        api = _api(catalog, f"/api/search/similar/{image}?k=10&mode=two_stage", search_two_stage_min_rows=0)
+        api = _api(
+            catalog,
+            f"/api/search/similar/{image}?k=10&mode=two_stage",
+            search_two_stage_min_rows=0,
+            search_stage1_fallback=fallback,
+        )
+        assert api["mode"] == mode
         vector = _reader(catalog, "SELECT embedding::text FROM embeddings WHERE image_id = %s", (image,))[0][0]
-        picked = [p[0] for p in _reader(catalog, "SELECT category FROM imsrc.stage1(%s::vector)", (vector,))]
+        picked = [p[0] for p in _reader(catalog, "SELECT category FROM imsrc.stage1(%s::vector)", (vector,), **gucs)]
         assert len(picked) == expected and [c["category"] for c in api["stage1"]][:expected] == picked
-        rows = _reader(catalog, "SELECT image_id FROM imsrc.similar(%s, 10)", (image,), two_stage_min_rows="0")
+        rows = _reader(catalog, "SELECT image_id FROM imsrc.similar(%s, 10)", (image,), two_stage_min_rows="0", **gucs)
         assert [r[0] for r in rows] == [h["id"] for h in api["results"]]
+        if mode == "ann":  # nothing picked, the same results as asking for ann
+            assert api["stage1"] == []
+            ann = _api(catalog, f"/api/search/similar/{image}?k=10&mode=ann")
+            assert [h["id"] for h in ann["results"]] == [h["id"] for h in api["results"]]
     finally:
         with catalog.database.session() as session:
             session.execute(

@@ -8,7 +8,7 @@ import pytest
 
 from imsrc.catalog.prototypes import PrototypeRow
 from imsrc.search.calibration import fit, held_out_scores, picked_counts
-from imsrc.search.stage1 import CategoryScore, choose
+from imsrc.search.stage1 import CategoryScore, choose, sure
 
 
 def _scores(rng: np.random.Generator, n: int, categories: int, lead: float, noise: float) -> np.ndarray:
@@ -58,3 +58,28 @@ def test_a_member_is_held_out_of_its_own_prototype() -> None:
     assert cats.tolist() == [1, 2]
     assert scores[0, 0] == pytest.approx(float(a @ b), abs=1e-6)  # 0: the other member alone
     assert scores[0, 1] == pytest.approx(0.6, abs=1e-6)  # other categories as they are
+
+
+def test_with_the_fallback_the_target_is_reached_beyond_the_cap() -> None:
+    """Close categories: cut at the cap, the best coverage is below the target; fitted for the fallback rule
+    (over-cap queries search everything) the target is met and the share that falls back is reported."""
+    rng = np.random.default_rng(4)
+    scores = _scores(rng, 2000, 10, lead=0.08, noise=0.03)
+    own = np.zeros(2000, dtype=np.int64)
+    capped = fit(scores, own, mass=0.9, cap=3, target=0.99)
+    assert capped["coverage"] < 0.99 and capped["over_cap"] == 0.0
+    sure = fit(scores, own, mass=0.9, cap=3, target=0.99, fallback=True)
+    assert sure["coverage"] >= 0.99 and 0.2 < sure["over_cap"] < 0.6
+    # The over-cap share is the rule's own count: queries whose uncapped pick exceeds 3.
+    order = np.argsort(-scores, axis=1)
+    ranked = np.take_along_axis(scores, order, axis=1)
+    n = picked_counts(ranked, sure["temperature"], 0.9, 10)
+    assert sure["over_cap"] == pytest.approx(float(np.mean(n > 3)))
+
+
+def test_sure_is_the_uncapped_rule_within_the_cap() -> None:
+    scores = [0.80, 0.79, 0.78, 0.77, 0.5]
+    ranked = [CategoryScore(c, str(c), s) for c, s in enumerate(scores)]
+    assert sure(ranked, mass=0.9, cap=3, temperature=0.001)  # one category holds the mass
+    assert not sure(ranked, mass=0.9, cap=3, temperature=0.1)  # four close ones: more than the cap
+    assert sure(ranked, mass=0.9, cap=4, temperature=0.1)

@@ -166,14 +166,17 @@ def service_call(
     return (time.perf_counter() - started) * 1000, resp
 
 
-# Stage-1 rules compared on the same queries (two_stage pgvector, small-catalog rule off): the rule of earlier
-# releases (softmax temperature fixed at 0.05), the calibrated default, and fixed fan-outs.
+# Stage-1 rules compared on the same queries (two_stage pgvector, small-catalog rule off): (label, softmax
+# temperature (0 = the calibrated one), fixed fan-out, fallback to `ann` over the cap). The rule of earlier releases
+# (temperature fixed at 0.05, cut at the cap), the calibrated temperature cut at the cap, the default (calibrated,
+# a query the rule cannot fit within the cap answered by `ann`), and fixed fan-outs.
 RULES = [
-    ("fixed temperature 0.05", 0.05, None),
-    ("calibrated (default)", 0.0, None),
-    ("fan-out 1", 0.0, 1),
-    ("fan-out 2", 0.0, 2),
-    ("fan-out 3", 0.0, 3),
+    ("fixed temperature 0.05, cut at the cap", 0.05, None, False),
+    ("calibrated, cut at the cap", 0.0, None, False),
+    ("calibrated, ann over the cap (default)", 0.0, None, True),
+    ("fan-out 1", 0.0, 1, True),
+    ("fan-out 2", 0.0, 2, True),
+    ("fan-out 3", 0.0, 3, True),
 ]
 
 
@@ -186,35 +189,45 @@ def measure_rules(
     cat_of: dict[int, int],
     label_of: dict[int, int],
 ) -> dict[str, Any]:
-    """Label p@10, neighbour recall, stage-1 category recall and categories picked per rule, interleaved."""
+    """Label p@10, neighbour recall, stage-1 category recall and categories searched per rule, interleaved. A
+    query answered by `ann` (the fallback) searched every category: category recall 1, all categories."""
     runtimes = {
         label: SearchRuntime.create(
-            settings.model_copy(update={"search_two_stage_min_rows": 0, "search_stage1_temperature": temperature})
+            settings.model_copy(
+                update={
+                    "search_two_stage_min_rows": 0,
+                    "search_stage1_temperature": temperature,
+                    "search_stage1_fallback": fallback,
+                }
+            )
         )
-        for label, temperature, _ in RULES
+        for label, temperature, _, fallback in RULES
     }
+    every = len(set(cat_of.values()))
     got: dict[str, dict[str, list[float]]] = {
-        label: {"lat": [], "rec": [], "prec": [], "cat": [], "n": []} for label, _, _ in RULES
+        label: {"lat": [], "rec": [], "prec": [], "cat": [], "n": [], "ann": []} for label, *_ in RULES
     }
     for warm in rows[:5]:
-        for label, _, fan in RULES:
+        for label, _, fan, _ in RULES:
             service_call(db, runtimes[label], int(ids[warm]), "two_stage", "pgvector", fan)
     for i, r in enumerate(rows):
         qid = int(ids[r])
-        for label, _, fan in RULES:
+        for label, _, fan, _ in RULES:
             took, resp = service_call(db, runtimes[label], qid, "two_stage", "pgvector", fan)
             found = [h.id for h in resp.results]
             # The categories searched (stage 1's picks; a fill from the next ones would be listed too, but
-            # every category here holds far more than k images).
-            picked = {c.category_id for c in resp.stage1}
+            # every category here holds far more than k images); all of them when stage 1 fell back to ann.
+            fell_back = resp.mode == "ann"
+            picked = set(cat_of.values()) if fell_back else {c.category_id for c in resp.stage1}
             g = got[label]
             g["lat"].append(took)
             g["rec"].append(len(set(found) & set(truths[i])) / K)
             g["prec"].append(float(np.mean([label_of[f] == label_of[qid] for f in found])) if found else 0.0)
             g["cat"].append(float(np.mean([cat_of[t] in picked for t in truths[i]])))
-            g["n"].append(len(picked))
+            g["n"].append(every if fell_back else len(picked))
+            g["ann"].append(float(fell_back))
     out: dict[str, Any] = {}
-    for label, temperature, fan in RULES:
+    for label, temperature, fan, fallback in RULES:
         g = got[label]
         n = np.array(g["n"], dtype=int)
         out[label] = {
@@ -224,8 +237,10 @@ def measure_rules(
             "category_recall": round(float(np.mean(g["cat"])), 4),
             "mean_categories": round(float(n.mean()), 3),
             "categories_histogram": {str(k): int(v) for k, v in zip(*np.unique(n, return_counts=True), strict=True)},
+            "ann_share": round(float(np.mean(g["ann"])), 4),
             "temperature": temperature or None,
             "fan_out": fan,
+            "fallback": fallback,
         }
     return out
 
@@ -368,7 +383,8 @@ def measure(
             service_ids[(label, qid)] = [h.id for h in resp.results]
             stage2_ms.setdefault(label, []).append(resp.timings_ms.stage2)
             if label == FORCED:
-                picked = {c.category_id for c in resp.stage1}
+                # A query stage 1 was not sure of was answered by ann: every category searched.
+                picked = set(cat_of.values()) if resp.mode == "ann" else {c.category_id for c in resp.stage1}
                 stage1_n.append(len(picked))
                 stage1_recall.append(float(np.mean([cat_of[t] in picked for t in truths[i]])))
                 stage1_ms.append(resp.timings_ms.stage1)
@@ -614,6 +630,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "search_score_mass",
             "search_stage1_temperature",
             "search_stage1_coverage",
+            "search_stage1_fallback",
             "faiss_flat_max_rows",
             "search_backend",
             "inference",

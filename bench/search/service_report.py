@@ -43,22 +43,27 @@ def rules_lines(r: dict[str, Any]) -> list[str]:
             "Stage-1 rules on the same queries (two_stage pgvector, small-catalog rule off; exact search's "
             f"label p@10 is {exact['label_p_at_10']:.3f}). The calibrated rule's temperature was fitted at "
             f"sync time on {cal.get('samples', '?')} members held out of their own prototypes "
-            f"(search/calibration.py): {cal.get('temperature', float('nan')):.4f}, which picks the member's "
-            f"own category for {cal.get('coverage', float('nan')):.3f} of them (target "
-            f"{cal.get('target', '?')}, cap {cal.get('cap', '?')}; "
-            f"{cal.get('mean_categories', float('nan')):.2f} "
-            f"categories on average; the prototype classifier's top-1 accuracy there "
-            f"{cal.get('top1', float('nan')):.3f}).",
+            f"(search/calibration.py): {cal.get('temperature', float('nan')):.4f}, at which the rule picks the "
+            f"member's own category for {cal.get('coverage', float('nan')):.3f} of them (target "
+            f"{cal.get('target', '?')}; {cal.get('mean_categories', float('nan')):.2f} categories on average; "
+            + (
+                f"{cal.get('over_cap', 0.0):.3f} of them want more than the cap of {cal.get('cap', '?')} and are "
+                "answered by `ann`; "
+                if cal.get("fallback")
+                else f"cut at the cap of {cal.get('cap', '?')}; "
+            )
+            + f"the prototype classifier's top-1 accuracy there {cal.get('top1', float('nan')):.3f}). A query "
+            "answered by `ann` counts as searching every category.",
             "",
             "| rule | label p@10 | recall@10 vs exact | stage-1 category recall | categories searched "
-            "(mean; histogram) | p50 ms |",
-            "|---|---:|---:|---:|---|---:|",
+            "(mean; histogram) | answered by ann | p50 ms |",
+            "|---|---:|---:|---:|---|---:|---:|",
         ]
         for label, m in rules.items():
             lines.append(
                 f"| {label} | {m['label_p_at_10']:.3f} | {m['recall_at_10']:.3f} | "
                 f"{m['category_recall']:.3f} | {m['mean_categories']:.2f}; {m['categories_histogram']} | "
-                f"{m['p50_ms']:.2f} |"
+                f"{m.get('ann_share', 0.0):.3f} | {m['p50_ms']:.2f} |"
             )
     return lines
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,39 @@ from imsrc.search import warmup
 from imsrc.search.service import SearchRuntime
 
 log = logging.getLogger(__name__)
+
+
+def build_routes(app: FastAPI) -> int:
+    """Have FastAPI build every included router's routes now. Since 0.16x it builds them (dependants, a pydantic
+    TypeAdapter per parameter) when the first request reaches a router, and a request walks every router in
+    front of the one it matches: the first `GET /api/search/similar/{id}` after a start paid for all of them
+    (0.1-0.4 s here, most of a cold first query). Best effort: without those methods it does nothing.
+    Returns how many routers were built."""
+    built = 0
+    pending = list(app.router.routes)
+    while pending:
+        route = pending.pop()
+        candidates = getattr(route, "effective_candidates", None)
+        if not callable(candidates):
+            continue
+        pending.extend(candidates())
+        low_priority = getattr(route, "effective_low_priority_routes", None)
+        if callable(low_priority):
+            low_priority()
+        built += 1
+    return built
+
+
+def _build_routes_in_background(app: FastAPI) -> None:
+    def run() -> None:
+        try:
+            log.debug("built %d routers before the first request", build_routes(app))
+        except Exception as exc:  # best effort: the first request builds them as before
+            log.warning("building the routes at start failed: %s: %s", type(exc).__name__, exc)
+
+    threading.Thread(target=run, name="imsrc-build-routes", daemon=True).start()
+
+
 ROUTERS = (system.router, uploads.router, images.router, categories.router, search.router, metrics.router)
 
 
@@ -40,6 +74,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
         app.state.database = database or open_database(settings, url=database_url)
+        _build_routes_in_background(app)  # not before /health answers: in a thread
         # In the background: /health answers at once; the first searches find things warm when it is done.
         app.state.search_warmup = (
             warmup.start(app.state.database, app.state.search_runtime) if settings.search_warmup else None

@@ -6,8 +6,13 @@ EfficientNet-Lite0: shirts, T-shirts, pullovers and coats all within a few hundr
 right category for some queries and spends the cap on others. So at sync time a sample of categorised members
 is scored against every prototype, each member held out of its own category's prototypes, and the temperature
 is the smallest (fewest categories searched) at which the rule still picks the member's own category for
-`coverage` of the sample (IMSRC_SEARCH_STAGE1_COVERAGE). Where even the cap cannot reach that, it is the
-smallest temperature with the best coverage the cap allows.
+`coverage` of the sample (IMSRC_SEARCH_STAGE1_COVERAGE).
+
+With IMSRC_SEARCH_STAGE1_FALLBACK (the default) the rule is fitted without the cap: a query that needs more
+than the cap is answered by `ann` over the whole model, so the coverage is reachable on any catalog and the
+share of such queries is recorded (`over_cap`). Without it the cap cuts the rule, and where even the cap cannot
+reach the target the fit is the smallest temperature with the best coverage the cap allows (the rule before:
+on Fashion-MNIST that stopped at 0.974 and spent the cap on most queries).
 
 The fitted value lives in search_state (key stage1:m<model id>), where the service's PrototypeCache and the SQL
 function imsrc.search (migration 0012) both read it, so both keep picking the same categories.
@@ -52,6 +57,8 @@ class Calibration:
     cap: int
     members: int  # categorised vectors of the model when calibrated
     categories: int  # categories with prototypes when calibrated
+    fallback: bool = False  # fitted for the rule that answers over-cap queries with `ann`
+    over_cap: float = 0.0  # share of the sample whose rule wants more than the cap (answered by `ann`)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,17 +114,22 @@ def held_out_scores(
     return scores, categories
 
 
-def fit(scores: np.ndarray, own_column: np.ndarray, *, mass: float, cap: int, target: float) -> dict[str, float]:
-    """The smallest temperature on GRID whose coverage reaches `target` (or the best the cap allows)."""
+def fit(
+    scores: np.ndarray, own_column: np.ndarray, *, mass: float, cap: int, target: float, fallback: bool = False
+) -> dict[str, float]:
+    """The smallest temperature on GRID whose coverage reaches `target` (or the best the cap allows).
+    `fallback`: over-cap queries search everything, so the rule is counted without the cap (its coverage then
+    reaches any target) and `over_cap` is the share that would fall back."""
     # Best first with ties by category id, as the service ranks (stage1.PrototypeMatrix.score).
     order = np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores), axis=1)
     ranked = np.take_along_axis(scores, order, axis=1).astype(np.float64)
     own_rank = np.argmax(order == own_column[:, None], axis=1)
-    coverages, means = [], []
+    coverages, means, over = [], [], []
     for t in GRID:
-        n = picked_counts(ranked, float(t), mass, cap)
+        n = picked_counts(ranked, float(t), mass, scores.shape[1] if fallback else cap)
         coverages.append(float(np.mean(own_rank < n)))
         means.append(float(np.mean(n)))
+        over.append(float(np.mean(n > cap)))
     reachable = min(target, max(coverages) - 1e-9)
     j = next(i for i, c in enumerate(coverages) if c >= reachable)
     return {
@@ -125,6 +137,7 @@ def fit(scores: np.ndarray, own_column: np.ndarray, *, mass: float, cap: int, ta
         "coverage": coverages[j],
         "mean_categories": means[j],
         "top1": float(np.mean(own_rank == 0)),
+        "over_cap": over[j] if fallback else 0.0,
     }
 
 
@@ -170,6 +183,7 @@ def calibrate(session: Session, settings: Settings, model: EmbeddingModel) -> Ca
         mass=settings.search_score_mass,
         cap=settings.search_categories,
         target=settings.search_stage1_coverage,
+        fallback=settings.search_stage1_fallback,
     )
     result = Calibration(
         **fitted,
@@ -179,6 +193,7 @@ def calibrate(session: Session, settings: Settings, model: EmbeddingModel) -> Ca
         cap=settings.search_categories,
         members=members,
         categories=categories,
+        fallback=settings.search_stage1_fallback,
     )
     SearchStateRepository(session).put(state_key(model.id), result.as_dict())
     return result
@@ -193,6 +208,7 @@ def needs_calibration(session: Session, settings: Settings, model: EmbeddingMode
     members = sum(counts.values())
     return (
         saved.get("target") != settings.search_stage1_coverage
+        or bool(saved.get("fallback", False)) != settings.search_stage1_fallback
         or saved.get("mass") != settings.search_score_mass
         or saved.get("cap") != settings.search_categories
         or saved.get("categories") != len(counts)

@@ -41,7 +41,7 @@ from imsrc.search.schemas import (
     SearchResponse,
     Timings,
 )
-from imsrc.search.stage1 import STAGE1_TEMPERATURE, CategoryScore, PrototypeCache, PrototypeMatrix, pick
+from imsrc.search.stage1 import STAGE1_TEMPERATURE, CategoryScore, PrototypeCache, PrototypeMatrix, pick, sure
 from imsrc.search.urlfetch import UrlFetcher
 
 EmbedderFactory = Callable[[str], object]
@@ -614,6 +614,10 @@ class SearchService:
         ranked = matrix.score(vector)
         if not ranked:
             return None, [], set(), []
+        if options.categories is None and self.settings.search_stage1_fallback and not self._sure(ranked, matrix):
+            # Stage 1 is not sure enough to narrow this query to search_categories categories: search them all
+            # (the caller answers it as `ann`, and says so), rather than cut the rule at the cap.
+            return None, [], set(), []
         picked = self._pick(ranked, options.categories, matrix)
         return [c.category_id for c in picked], picked, {c.category_id for c in picked}, ranked
 
@@ -627,12 +631,21 @@ class SearchService:
             ids.append(found)
         return sorted(set(ids))
 
+    def _temperature(self, matrix: PrototypeMatrix | None) -> float:
+        return matrix.temperature(self.settings.search_stage1_temperature) if matrix is not None else STAGE1_TEMPERATURE
+
+    def _sure(self, ranked: list[CategoryScore], matrix: PrototypeMatrix) -> bool:
+        return sure(
+            ranked,
+            mass=self.settings.search_score_mass,
+            cap=self.settings.search_categories,
+            temperature=self._temperature(matrix),
+        )
+
     def _pick(
         self, ranked: list[CategoryScore], requested: int | str | None, matrix: PrototypeMatrix | None
     ) -> list[CategoryScore]:
-        temperature = (
-            matrix.temperature(self.settings.search_stage1_temperature) if matrix is not None else STAGE1_TEMPERATURE
-        )
+        temperature = self._temperature(matrix)
         return pick(
             ranked,
             requested,
