@@ -24,9 +24,11 @@ import numpy as np
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
+from imsrc.db.session import Database
 from imsrc.ingest.repository import IngestRepository
 from imsrc.search.errors import BackendUnavailableError
 from imsrc.search.pg_queries import citus_read, walk_settings
@@ -201,6 +203,22 @@ def test_search_equals_one_node(catalogs: Catalogs, options: SearchOptions) -> N
         assert [i for i, _ in citus] == [i for i, _ in plain], (image_id, options)
         assert [s for _, s in citus] == pytest.approx([s for _, s in plain], abs=1e-6)
         assert len(citus) == options.k
+
+
+def test_stage2_connections_do_not_wait_on_the_sessions_pool(catalogs: Catalogs) -> None:
+    """On Citus each stage-2 statement runs on a connection beside the search's own. Searches holding every
+    connection of their pool must not wait for those (they would, until the pool timeout, if both came from
+    one pool): here a pool of one connection, held by the search's session."""
+    settings = _settings(catalogs.citus_url, catalogs.data)
+    url = catalogs.citus_url.replace("postgresql://", "postgresql+psycopg://")
+    engine = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=3)  # database_for cannot cap overflow
+    db = Database(url=catalogs.citus_url, engine=engine, settings=settings, revision="head")
+    try:
+        with db.session() as session:
+            found = SearchRuntime.create(settings).service(session).similar(12, SearchOptions(k=5, categories=2))
+        assert len(found.results) == 5
+    finally:
+        db.dispose()
 
 
 def test_category_indexes_are_per_shard_and_one_category_is_a_router_query(catalogs: Catalogs) -> None:

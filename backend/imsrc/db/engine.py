@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +56,32 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     )
     event.listen(engine, "connect", _citus_session_defaults)
     return engine
+
+
+_SIDE_POOLS: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_SIDE_GUARD = threading.Lock()
+SIDE_POOL_SIZE = 8  # idle connections kept; more are opened when needed and closed after use
+
+
+def side_engine(engine: Engine) -> Engine:
+    """A second pool beside `engine`'s, for statements a unit of work runs on connections of their own while it
+    holds its session's (Citus stage 2: one per category, search/pg_queries.citus_read). Drawn from the same
+    pool, N searches holding N of its connections could all wait for the ones they still need once pool_size +
+    max_overflow are out, until the pool timeout. This pool never makes them wait (no overflow limit; the server's
+    max_connections is the bound). Made on first use, disposed with `engine`."""
+    with _SIDE_GUARD:
+        side = _SIDE_POOLS.get(engine)
+        if side is None:
+            side = create_engine(
+                engine.url,
+                pool_pre_ping=True,
+                pool_size=SIDE_POOL_SIZE,
+                max_overflow=-1,
+                connect_args={"connect_timeout": 10, "application_name": "imsrc"},
+            )
+            event.listen(engine, "engine_disposed", lambda _conn, side=side: side.dispose())
+            _SIDE_POOLS[engine] = side
+        return side
 
 
 def _citus_session_defaults(dbapi_connection: Any, _record: Any) -> None:

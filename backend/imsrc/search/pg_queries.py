@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import embedding_expr
 from imsrc.db.citus import distributed, sequential_shard_commands
+from imsrc.db.engine import side_engine
 
 Hit = tuple[int, float]  # (image_id, cosine similarity)
 # Denser graphs than pgvector's default (m 16, ef_construction 64): inside one category the true neighbours are
@@ -149,7 +150,7 @@ def citus_read(engine: Engine, sql: str, params: Mapping[str, str], settings: Ma
     each, and their restore one more to every worker in the transaction: ~7 ms of a 1-category search,
     BENCHMARKS "Citus"), and nothing is left to restore. `sql` uses psycopg placeholders (%(name)s).
     Read-only and on another connection: it sees what is committed, as the search's own transaction does."""
-    with engine.connect() as conn:
+    with side_engine(engine).connect() as conn:
         raw: Any = conn.connection.driver_connection
         with raw.pipeline():
             raw.execute(_set_local("citus.propagate_set_commands", "local"))
@@ -174,7 +175,7 @@ def _citus_reads(
         ]
 
 
-PARALLEL_BRANCHES_MAX = 8  # connections one Citus search may hold at once (the pool allows 30 per process)
+PARALLEL_BRANCHES_MAX = 8  # connections one Citus search may hold at once (db.engine.side_engine's pool)
 
 
 @contextmanager
