@@ -31,13 +31,12 @@ from typing import Any
 
 import httpx
 import numpy as np
-import psycopg
 from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT), str(ROOT / "bench"), str(Path(__file__).resolve().parent)]
 
-from bench.search.load import _binary_copy, make_mixture  # noqa: E402
+from bench.search.load import bulk_load, copy_rows, make_mixture  # noqa: E402
 from bench_common import machine, replace_section, write_json  # noqa: E402
 
 MODEL = "open_clip:ViT-B-32:none"
@@ -125,31 +124,12 @@ def build_catalog(scratch: Path, rows: int, categories: int) -> tuple[str, dict[
     mixture = make_mixture(categories, DIMENSION, 1.0, seed=16)
     rng = np.random.default_rng(16)
     chunk = 50_000
-    with psycopg.connect(url) as conn:
-        conn.execute("ALTER TABLE embeddings DISABLE TRIGGER USER")  # bulk load: the change log is for live writes
+    with bulk_load(url) as conn:
         for start in range(0, rows, chunk):
             n = min(chunk, rows - start)
             vectors, labels = mixture.sample(n, rng)
             ids = np.arange(start + 1, start + n + 1, dtype=np.int64)
-            cats = np.asarray(cat_ids, dtype=np.int64)[labels]
-            with conn.cursor().copy(
-                "COPY images (id, sha256, width, height, format, byte_size, category_id) FROM STDIN"
-            ) as copy:
-                for i, c in zip(ids.tolist(), cats.tolist(), strict=True):
-                    copy.write_row((i, i.to_bytes(32, "big"), 8, 8, "PNG", 100, c))
-            stream = _binary_copy(
-                [("model_id", np.full(n, model_id, np.int32)), ("image_id", ids), ("category_id", cats)], vectors
-            )
-            with conn.cursor().copy(
-                "COPY embeddings (model_id, image_id, category_id, embedding) FROM STDIN (FORMAT BINARY)"
-            ) as copy:
-                copy.write(stream)
-        conn.execute("ALTER TABLE embeddings ENABLE TRIGGER USER")
-        conn.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), (SELECT max(id) FROM images))")
-        conn.commit()
-        conn.autocommit = True
-        conn.execute("VACUUM ANALYZE images")
-        conn.execute("VACUUM ANALYZE embeddings")
+            copy_rows(conn, model_id, ids, np.asarray(cat_ids, dtype=np.int64)[labels], vectors)
     timings["copy_s"] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
     with db.session() as session:

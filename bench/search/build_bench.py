@@ -36,11 +36,10 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
-from bench.search.load import load, make_mixture  # noqa: E402
+from bench.search.load import load, make_mixture, start_server  # noqa: E402
 
 from imsrc.catalog.repository import ModelRepository, embedding_expr, opclass  # noqa: E402
 from imsrc.config import Settings  # noqa: E402
-from imsrc.db.embedded import EmbeddedServer  # noqa: E402
 from imsrc.db.engine import make_engine, upgrade  # noqa: E402
 from imsrc.db.session import Database  # noqa: E402
 from imsrc.search.pg_queries import HNSW_EF_CONSTRUCTION, HNSW_M, NeighbourRepository  # noqa: E402
@@ -221,13 +220,7 @@ def main() -> None:
     server = None
     url = args.database_url
     if not url:
-        server = EmbeddedServer(scratch / "server")
-        url = server.start().url("postgres")
-        if args.shared_buffers:
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute(f"ALTER SYSTEM SET shared_buffers = '{args.shared_buffers}'")
-            server.stop()
-            url = server.start().url("postgres")
+        server, url = start_server(scratch / "server", args.shared_buffers)
     try:
         result = measure(url, args, scratch)
     finally:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -14,6 +17,7 @@ from sqlalchemy.orm import Session
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import ModelRepository, embedding_expr, opclass
 from imsrc.config import Settings
+from imsrc.db.embedded import EmbeddedServer
 from imsrc.db.session import Database
 from imsrc.search.pg_queries import INDEX_PREFIX
 from imsrc.search.sync import ensure_category_indexes, sync_search
@@ -90,6 +94,60 @@ def _binary_copy(columns: list[tuple[str, np.ndarray]], vectors: np.ndarray) -> 
     return b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8 + rows.tobytes() + b"\xff\xff"
 
 
+def start_server(data_dir: Path, shared_buffers: str) -> tuple[EmbeddedServer, str]:
+    """A scratch embedded server and its maintenance-database URL, restarted with `shared_buffers` when given:
+    PostgreSQL's default 128 MB cache makes every scan of a 100k+ table go through the OS page cache (a syscall
+    per 8 KB page); a server that holds a vector catalog is given more."""
+    server = EmbeddedServer(data_dir)
+    url = server.start().url("postgres")
+    if shared_buffers:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"ALTER SYSTEM SET shared_buffers = '{shared_buffers}'")
+        server.stop()
+        url = server.start().url("postgres")
+    return server, url
+
+
+@contextmanager
+def bulk_load(url: str) -> Iterator[psycopg.Connection]:
+    """A connection for copy_rows into a fresh catalog; then the ids' sequence moved past the rows, commit,
+    VACUUM ANALYZE. embeddings' user triggers are off meanwhile (as the table owner): the category fill and the
+    change log are for live writes, and the copy into category_vectors has nothing to do while no category
+    has a partition, which is checked (a partition's rows would silently go missing)."""
+    with psycopg.connect(url) as conn:
+        partitions = conn.execute(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = to_regclass('category_vectors')"
+        ).fetchone()
+        if partitions and partitions[0]:
+            raise RuntimeError("bulk_load needs a catalog without category_vectors partitions (a fresh one)")
+        conn.execute("ALTER TABLE embeddings DISABLE TRIGGER USER")
+        yield conn
+        conn.execute("ALTER TABLE embeddings ENABLE TRIGGER USER")
+        conn.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), (SELECT max(id) FROM images))")
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("VACUUM ANALYZE images")
+        conn.execute("VACUUM ANALYZE embeddings")
+
+
+def copy_rows(
+    conn: psycopg.Connection, model_id: int, ids: np.ndarray, category_of: np.ndarray, vectors: np.ndarray
+) -> None:
+    """One batch of catalog rows by COPY: images (placeholder metadata, no bytes) and their vectors."""
+    with conn.cursor().copy(
+        "COPY images (id, sha256, width, height, format, byte_size, category_id) FROM STDIN"
+    ) as copy:
+        for i, c in zip(ids.tolist(), category_of.tolist(), strict=True):
+            copy.write_row((i, i.to_bytes(32, "big"), 8, 8, "PNG", 100, c))
+    stream = _binary_copy(
+        [("model_id", np.full(len(ids), model_id, np.int32)), ("image_id", ids), ("category_id", category_of)], vectors
+    )
+    with conn.cursor().copy(
+        "COPY embeddings (model_id, image_id, category_id, embedding) FROM STDIN (FORMAT BINARY)"
+    ) as copy:
+        copy.write(stream)
+
+
 def load(
     database: Database,
     settings: Settings,
@@ -131,38 +189,13 @@ def load(
         ]
     category_of = np.asarray(cat_ids, dtype=np.int64)[labels]
     started = time.perf_counter()
-    raw_url = database.url
-    with psycopg.connect(raw_url) as conn:
+    with bulk_load(database.url) as conn:
         first = int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM images").fetchone()[0])  # type: ignore[index]
         ids = np.arange(first, first + len(vectors), dtype=np.int64)
-        # Bulk load as the table owner: the per-row triggers (category fill, change log) are for live writes.
-        conn.execute("ALTER TABLE embeddings DISABLE TRIGGER USER")
-        with conn.cursor().copy(
-            "COPY images (id, sha256, width, height, format, byte_size, category_id) FROM STDIN"
-        ) as copy:
-            for i, c in zip(ids.tolist(), category_of.tolist(), strict=True):
-                copy.write_row((i, i.to_bytes(32, "big"), 8, 8, "PNG", 100, c))
         chunk = 20_000
         for start in range(0, len(vectors), chunk):
             stop = start + chunk
-            stream = _binary_copy(
-                [
-                    ("model_id", np.full(min(chunk, len(vectors) - start), model.id, np.int32)),
-                    ("image_id", ids[start:stop]),
-                    ("category_id", category_of[start:stop]),
-                ],
-                vectors[start:stop],
-            )
-            with conn.cursor().copy(
-                "COPY embeddings (model_id, image_id, category_id, embedding) FROM STDIN (FORMAT BINARY)"
-            ) as copy:
-                copy.write(stream)
-        conn.execute("ALTER TABLE embeddings ENABLE TRIGGER USER")
-        conn.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), (SELECT max(id) FROM images))")
-        conn.commit()
-        conn.autocommit = True
-        conn.execute("VACUUM ANALYZE images")
-        conn.execute("VACUUM ANALYZE embeddings")
+            copy_rows(conn, model.id, ids[start:stop], category_of[start:stop], vectors[start:stop])
     timings["copy_s"] = time.perf_counter() - started
     if not indexes:
         return model, timings, ids, category_of

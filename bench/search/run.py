@@ -32,7 +32,7 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
-from bench.search.load import index_sizes, load, make_mixture, prewarm, reuse  # noqa: E402
+from bench.search.load import index_sizes, load, make_mixture, prewarm, reuse, start_server  # noqa: E402
 from bench.search.report import plot  # noqa: E402
 from bench.search.variants import (  # noqa: E402
     build_partitions,
@@ -44,7 +44,6 @@ from bench.search.variants import (  # noqa: E402
 
 from imsrc.catalog.repository import embedding_expr, vector_literal  # noqa: E402
 from imsrc.config import Settings  # noqa: E402
-from imsrc.db.embedded import EmbeddedServer  # noqa: E402
 from imsrc.db.engine import make_engine, upgrade  # noqa: E402
 from imsrc.db.session import Database  # noqa: E402
 from imsrc.search.faiss_store import FaissStore  # noqa: E402
@@ -433,15 +432,7 @@ def main() -> None:
     server = None
     url = args.database_url
     if not url:
-        server = EmbeddedServer(scratch / "server")
-        url = server.start().url("postgres")
-        if args.shared_buffers:
-            # PostgreSQL's default 128 MB cache makes every scan of a 100k+ table go through the OS page
-            # cache (a syscall per 8 KB page); a server that holds a vector catalog is given more.
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute(f"ALTER SYSTEM SET shared_buffers = '{args.shared_buffers}'")
-            server.stop()
-            url = server.start().url("postgres")
+        server, url = start_server(scratch / "server", args.shared_buffers)
     with psycopg.connect(url) as conn:
         results["server"] = {"shared_buffers": conn.execute("SHOW shared_buffers").fetchone()[0]}  # type: ignore[index]
     try:

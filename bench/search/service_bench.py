@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
-from bench.search.load import load, make_mixture, prewarm, real_calibrated  # noqa: E402
+from bench.search.load import load, make_mixture, prewarm, real_calibrated, start_server  # noqa: E402
 
 from imsrc.config import Settings  # noqa: E402
 from imsrc.db.embedded import EmbeddedServer  # noqa: E402
@@ -573,14 +573,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "spread": args.spread,
             "rows": args.synthetic,
         }
-    server = EmbeddedServer(scratch / "server")
-    url = server.start().url("postgres")
+    server, url = start_server(scratch / "server", args.shared_buffers)
     try:
-        if args.shared_buffers:
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute(f"ALTER SYSTEM SET shared_buffers = '{args.shared_buffers}'")
-            server.stop()
-            url = server.start().url("postgres")
         name = "imsrc_bench"
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
