@@ -192,3 +192,60 @@ def test_fifty_concurrent_uploaders_lose_nothing(db: Database, tmp_path: Path) -
             )
         ).all()
         assert stale == []
+
+
+def test_embedding_an_image_while_it_is_recategorised_keeps_its_vector_with_it(db: Database) -> None:
+    """`imsrc embed` / a new model's re-embedding COPYs the vector of an existing image; the category is filled in
+    from images with the COPY's snapshot. A re-categorisation committed before that COPY commits used to move
+    nothing (the vector was not visible to it yet) and leave the vector, and its category_vectors copy, under
+    the old category for good. Now the images are locked FOR SHARE first: the re-categorisation waits and moves
+    it (as on Citus, tests/test_citus.py)."""
+    import time
+
+    import numpy as np
+
+    from imsrc.catalog.repository import ModelRepository
+    from imsrc.ingest.repository import IngestRepository
+    from tests.search_data import insert_images
+
+    with db.session() as session:
+        model = ModelRepository(session).register(
+            name="recat-model", dimension=8, family="test", params={}, supports_text=False
+        )
+        old, new = (CategoryRepository(session).get_or_create(n).id for n in ("recat-old", "recat-new"))
+        vector = np.eye(8, dtype=np.float32)[0]
+        image = int(insert_images(session, model, vector[None, :], [old], salt="recat")[0])
+        session.execute(text("DELETE FROM embeddings WHERE image_id = :i"), {"i": image})  # lacks its vector
+        for c in (old, new):  # both categories have their copy of the vectors (0013)
+            session.execute(text("SELECT imsrc._create_category_partition(:c)"), {"c": c})
+        session.commit()
+        model_id = int(model.id)
+    moved: list[float] = []
+
+    def recategorise() -> None:
+        with db.session() as other:
+            started = time.monotonic()
+            other.execute(text("UPDATE images SET category_id = :c WHERE id = :i"), {"c": new, "i": image})
+            other.commit()
+            moved.append(time.monotonic() - started)
+
+    with db.session() as session:
+        IngestRepository(session).copy_embeddings(model_id, [(image, vector)])
+        mover = threading.Thread(target=recategorise)
+        mover.start()
+        time.sleep(1.0)  # the UPDATE is sent while the embedding's transaction is still open
+        waited = not moved
+        session.commit()
+    mover.join(60)
+    assert moved and waited, "the re-categorisation did not wait for the embedding's transaction"
+    with db.session() as session:
+        rows = session.execute(
+            text(
+                "SELECT e.category_id, i.category_id FROM embeddings e JOIN images i ON i.id = e.image_id"
+                " WHERE e.image_id = :i"
+            ),
+            {"i": image},
+        ).all()
+        assert [tuple(r) for r in rows] == [(new, new)]
+        copies = session.execute(text("SELECT category_id FROM category_vectors WHERE image_id = :i"), {"i": image})
+        assert copies.scalars().all() == [new]

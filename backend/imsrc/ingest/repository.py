@@ -312,18 +312,11 @@ class IngestRepository(_MissingMixin):
     def copy_embeddings(self, model_id: int, rows: Sequence[tuple[int, np.ndarray]]) -> None:
         if not rows:
             return
-        if not distributed(self.session):
-            # A trigger copies each image's category into its vector row.
-            self._copy(
-                "embeddings (model_id, image_id, embedding)",
-                [(("i", model_id), ("q", i), ("b", _vector_binary(v))) for i, v in rows],
-            )
-            return
-        # On Citus the row is routed to its shard by the category it arrives with (a trigger would run too late,
-        # on the shard), so the category is read here, in the same transaction as the COPY, and the images are
-        # locked FOR SHARE until it commits: a concurrent re-categorisation waits, and its trigger then moves
-        # these vectors too. Unlocked, it could commit in between, move nothing (our rows were not committed yet)
-        # and leave the new vector under the old category (embedding existing images; new ones are our own rows).
+        # Each vector goes under its image's category as of this transaction, and the images are locked FOR SHARE
+        # until it commits: a concurrent re-categorisation waits, and its trigger then moves these vectors (and
+        # their category_vectors copies) too. Unlocked, it could commit in between, move nothing (our rows were not
+        # committed yet) and leave the new vector under the old category for good (embedding existing images;
+        # new ones are our own rows). Plain PostgreSQL and Citus alike.
         categories = {
             int(r[0]): int(r[1])
             for r in self.session.execute(
@@ -334,6 +327,15 @@ class IngestRepository(_MissingMixin):
                 {"i": [int(i) for i, _ in rows]},
             )
         }
+        if not distributed(self.session):
+            # A trigger copies each image's category into its vector row (the COPY's snapshot is after the lock).
+            self._copy(
+                "embeddings (model_id, image_id, embedding)",
+                [(("i", model_id), ("q", i), ("b", _vector_binary(v))) for i, v in rows],
+            )
+            return
+        # On Citus the row is routed to its shard by the category it arrives with (a trigger would run too late,
+        # on the shard): the one read above.
         self._copy(
             "embeddings (model_id, image_id, category_id, embedding)",
             [
