@@ -426,8 +426,8 @@ def reading(kept: list[dict[str, Any]]) -> list[str]:
         "measured separately: where the default stays below exact's precision (the real-calibrated vectors, "
         "whose noisy copies of one real vector are each other's neighbours and share its label, so exact search "
         "is already precise there), the loss is the queries whose own category stage 1 misses while sure of "
-        "itself; the fallback only catches the unsure ones. `bench/search/stage1_offline.py` compares more coverage targets and caps offline (exact "
-        "search inside the picked categories).",
+        "itself; the fallback only catches the unsure ones. `bench/search/stage1_offline.py` compares more "
+        "coverage targets and caps offline (exact search inside the picked categories).",
         "",
     ]
 
