@@ -443,15 +443,15 @@ def test_ingest_resumes_after_sigkill_on_citus(citus_cluster: CitusCluster, cata
     catalog of the same folder, indexed without interruption (rows, vectors, duplicate links, prototypes), and
     no image has two vector rows."""
     citus_url = citus_cluster.create_database()
-    env_citus = cli_env(citus_url, catalogs.data)
-    _cli(citus_url, catalogs.data, "migrate")
+    env_citus = cli_env(citus_url, catalogs.data)  # `imsrc index` migrates the new database itself
     proc = subprocess.Popen(
         index_command(catalogs.folder), env=env_citus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
     )
     with psycopg.connect(psycopg_url(citus_url), autocommit=True) as conn:
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
-            if conn.execute("SELECT count(*) FROM images").fetchone()[0] >= 8:  # type: ignore[index]
+            migrated = conn.execute("SELECT to_regclass('images') IS NOT NULL").fetchone()[0]  # type: ignore[index]
+            if migrated and conn.execute("SELECT count(*) FROM images").fetchone()[0] >= 8:  # type: ignore[index]
                 break
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
