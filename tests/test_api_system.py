@@ -176,10 +176,13 @@ def test_readiness_fails_on_a_schema_that_is_not_migrated(settings: Settings, cr
 def test_the_routers_are_built_at_start_not_by_the_first_request(settings: Settings, database) -> None:  # type: ignore[no-untyped-def]
     """FastAPI builds an included router's routes (dependants, parameter adapters) when the first request
     reaches it, and a request walks every router in front of its own: the first search after a start paid
-    0.1-0.4 s for that. The app builds them in a background thread at start (after /health can answer)."""
+    0.1-0.4 s for that. With the warm-up on, the app builds them in a background thread at start (after /health
+    can answer)."""
     import threading
 
-    app = create_app(settings.model_copy(update={"search_warmup": False}), database=database)
+    # IMSRC_SEARCH_WARMUP on (the default; the test settings turn it off): the catalog is empty, so the search
+    # warm-up itself finds no model and stops.
+    app = create_app(settings.model_copy(update={"search_warmup": True}), database=database)
     included = [r for r in app.router.routes if callable(getattr(r, "effective_candidates", None))]
     assert included, "this FastAPI has no lazily built routers: nothing to build"
     with TestClient(app):

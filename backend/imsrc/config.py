@@ -93,8 +93,9 @@ class Settings(BaseSettings):
     # `ann`: at 10,000 real embeddings one global graph walk beat stage 1 + per-category walks (HTTP p50 10.0 vs
     # 13.3 ms) at recall 1.0 vs 0.97; at 100,000 two-stage won (bench/search). 0 = always two-stage.
     search_two_stage_min_rows: int = Field(default=20000, ge=0)
-    # At server start, in the background: pg_prewarm the embeddings and the active model's HNSW indexes, load its
-    # prototypes and (backend faiss) its FAISS index, so the first searches after a restart are not cold.
+    # At server start, in the background: build the API's routes (api.app.build_routes), pg_prewarm the embeddings
+    # and the active model's HNSW indexes, load its prototypes and (backend faiss) its FAISS index, so the first
+    # searches after a restart are not cold.
     search_warmup: bool = True
     faiss_flat_max_rows: int = Field(default=5000, ge=0)
     # Regroup automatic categories when the uncategorised set has grown by this fraction since the last grouping.

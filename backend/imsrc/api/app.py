@@ -74,7 +74,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
         app.state.database = database or open_database(settings, url=database_url)
-        _build_routes_in_background(app)  # not before /health answers: in a thread
+        if settings.search_warmup:  # off in the tests: an app per test would build every route in a thread
+            _build_routes_in_background(app)  # not before /health answers: in a thread
         # In the background: /health answers at once; the first searches find things warm when it is done.
         app.state.search_warmup = (
             warmup.start(app.state.database, app.state.search_runtime) if settings.search_warmup else None
