@@ -12,7 +12,7 @@ Times, in one process against one server, on one freshly loaded catalog:
 - a breakdown on a few categories: one index rebuilt alone, and what the statement reads besides its own rows
   (a scan of the rows the index holds, and a scan of the whole embeddings table).
 Figures are also given per million catalog rows. Builds run with the server's own maintenance settings (those the
-service gets) unless --maintenance-work-mem is given. Writes bench/search/results/build/build-ROWS.json.
+service gets) unless --maintenance-work-mem is given. Writes bench/search/results/index_builds/build-ROWS.json.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from imsrc.db.session import Database  # noqa: E402
 from imsrc.search.pg_queries import HNSW_EF_CONSTRUCTION, HNSW_M, NeighbourRepository  # noqa: E402
 from imsrc.search.sync import ensure_category_indexes  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "results" / "build"
+OUT = Path(__file__).resolve().parent / "results" / "index_builds"
 SERVER_SETTINGS = ("shared_buffers", "maintenance_work_mem", "max_parallel_maintenance_workers", "server_version")
 
 
@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--breakdown", type=int, default=3, metavar="N", help="categories to break down (0 = none)")
     parser.add_argument("--skip-dense-global", action="store_true", help="skip the m 32 global baseline")
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
-    parser.add_argument("--out", default="", help="results file (default results/build/build-ROWS.json)")
+    parser.add_argument("--out", default="", help="results file (default results/index_builds/build-ROWS.json)")
     args = parser.parse_args()
     if args.rows < args.categories or args.categories < 1:
         raise SystemExit("build_bench: --rows must be at least --categories, and --categories at least 1")
