@@ -296,6 +296,25 @@ def test_similar_function_asks_only_the_shards_it_needs(catalogs: Catalogs) -> N
     vector_fetches = [c for c in commands if re.search(r"SELECT embedding FROM \S*embeddings_\d+ e WHERE", c)]
     counts = [c for c in commands if re.search(r"SELECT 1 AS \S+ FROM \S*embeddings_\d+", c)]
     assert len(found) == 5 and len(vector_fetches) == 1 and counts == [], (vector_fetches, counts)
+    # An image with a near-duplicate (boats-0 and its JPEG copy, shown with include_duplicates): the
+    # duplicates-first step joins the pHash candidates with the vectors of their categories' shards only, and the
+    # answer is one node's.
+    boat, copy = (
+        _query(catalogs.citus_url, "SELECT id FROM images WHERE original_name = %s", (name,))[0][0]
+        for name in ("boats-0.png", "boats-copy.jpg")
+    )
+    sql = "SELECT image_id, round(score::numeric, 5) FROM imsrc.similar(%s, 6, include_duplicates => true)"
+    assert _query(catalogs.citus_url, sql, (boat,)) == _query(catalogs.plain_url, sql, (boat,))
+    with psycopg.connect(psycopg_url(catalogs.citus_url), autocommit=True) as conn:
+        commands.clear()
+        conn.add_notice_handler(lambda d: commands.append(d.message_primary or ""))
+        conn.execute("SET citus.log_remote_commands = on")
+        conn.execute("SET client_min_messages = log")
+        first = conn.execute(sql, (boat,)).fetchall()[0][0]
+    # (the candidates reach the workers as an intermediate result; the k-NN part is an `ann` over every shard here:
+    # the catalog is under the small-catalog threshold)
+    joined = {m for c in commands if "read_intermediate_result" in c for m in re.findall(r"embeddings_(\d+)", c)}
+    assert first == copy and len(joined) == 1, joined
 
 
 def test_keyword_functions_on_citus(catalogs: Catalogs) -> None:

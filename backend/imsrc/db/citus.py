@@ -194,11 +194,87 @@ END $$
 """
 
 
+# imsrc._duplicates_first (migration 0004) joins the query image's pHash near-duplicates with `embeddings` by image
+# id: on Citus every shard is asked, and the call fails while any worker is down even when no near-duplicate lives
+# there (the service asks only their categories' shards: DuplicateSearchRepository._near_citus). On Citus the
+# candidates' categories are read first and the join names them as constants, so Citus prunes to those shards.
+# Applied only while the function still has 0004's join (not after the function itself has changed); same result.
+CITUS_DUPLICATES_FIRST = r"""
+DO $do$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname = 'imsrc' AND p.proname = '_duplicates_first'
+           AND position('JOIN embeddings e ON e.image_id = t.target AND e.model_id = %s''' IN p.prosrc) > 0
+    ) THEN
+        RETURN;
+    END IF;
+    CREATE OR REPLACE FUNCTION imsrc._duplicates_first(p_model_id int, p_query vector, p_image bigint, p_k int,
+                                                       p_categories bigint[], p_include_duplicates boolean,
+                                                       p_ids bigint[], p_scores double precision[])
+    RETURNS TABLE (image_id bigint, score double precision, category text, rank int)
+    LANGUAGE plpgsql STABLE AS $f$
+    DECLARE
+        ph bit(64);
+        threshold int := imsrc._setting('duplicate_threshold', 4)::int;
+        cond text := 'phash IS NOT NULL AND bit_count(phash # $1) <= $2';
+        target text := CASE WHEN p_include_duplicates THEN 'id' ELSE 'coalesce(canonical_id, id)' END;
+        near_ids bigint[];
+        near_scores double precision[];
+        shards bigint[];
+    BEGIN
+        SELECT i.phash INTO ph FROM images i WHERE i.id = p_image;
+        IF ph IS NOT NULL THEN
+            IF threshold / 4 <= 2 THEN  -- duplicates.MAX_BAND_RADIUS: beyond it a scan is cheaper than the probes
+                SELECT cond || ' AND (' || string_agg(format(
+                           '(((phash::bigint >> %s) & 65535)::int) = ANY(%L::int[])', 48 - 16 * b,
+                           imsrc._band_values(((ph::bigint >> (48 - 16 * b)) & 65535)::int, threshold / 4)),
+                           ' OR ') || ')'
+                  INTO cond FROM generate_series(0, 3) b;
+            END IF;
+            -- The candidates' categories (on the coordinator), within the caller's categories if any.
+            EXECUTE format(
+                'SELECT array_agg(DISTINCT coalesce(i.category_id, 0)) FROM'
+                ' (SELECT %s AS target FROM images WHERE %s GROUP BY 1) t JOIN images i ON i.id = t.target'
+                ' WHERE t.target <> $3 AND ($4::bigint[] IS NULL OR i.category_id = ANY($4))', target, cond)
+                INTO shards USING ph, threshold, coalesce(p_image, 0), p_categories;
+            IF shards IS NOT NULL THEN
+                EXECUTE format(
+                    'SELECT array_agg(x.target ORDER BY x.o), array_agg(x.score ORDER BY x.o) FROM ('
+                    ' SELECT t.target, 1 - (e.embedding <=> $3) AS score,'
+                    '        row_number() OVER (ORDER BY t.d, 1 - (e.embedding <=> $3) DESC, t.target) AS o'
+                    '   FROM (SELECT %s AS target, min(bit_count(phash # $1)) AS d FROM images WHERE %s GROUP BY 1) t'
+                    '   JOIN embeddings e ON e.image_id = t.target AND e.model_id = %s'
+                    '    AND e.category_id = ANY(%L::bigint[])'
+                    '  WHERE t.target <> $4) x WHERE x.o <= %s',
+                    target, cond, p_model_id, shards, p_k)
+                    INTO near_ids, near_scores USING ph, threshold, p_query, coalesce(p_image, 0);
+            END IF;
+        END IF;
+        RETURN QUERY
+            WITH dups AS (
+                SELECT u.id, u.s, u.o FROM unnest(near_ids, near_scores) WITH ORDINALITY u(id, s, o)
+            ), rest AS (
+                SELECT u.id, u.s, 1000000 + u.o AS o FROM unnest(p_ids, p_scores) WITH ORDINALITY u(id, s, o)
+                 WHERE NOT EXISTS (SELECT 1 FROM dups f WHERE f.id = u.id)
+            ), a AS (
+                SELECT * FROM dups UNION ALL SELECT * FROM rest
+            )
+            SELECT a.id, a.s, c.name, (row_number() OVER (ORDER BY a.o))::int
+              FROM a JOIN images i ON i.id = a.id LEFT JOIN categories c ON c.id = i.category_id
+             ORDER BY a.o
+             LIMIT p_k;
+    END
+    $f$;
+END $do$
+"""
+
+
 def after_migrations(connection: Any) -> None:
     """Run by migrations/env.py after every upgrade: on a distributed catalog, rewrite the SQL functions that the
     revisions just applied may have (re)created in LANGUAGE sql (see CITUS_SQL_FUNCTIONS_TO_PLPGSQL), the
     stage-2 walk whose settings must reach the workers (CITUS_WALK), and two look-ups that asked every shard
-    (CITUS_IMAGE_VECTOR, CITUS_COUNT_FROM_PROTOTYPES)."""
+    (CITUS_IMAGE_VECTOR, CITUS_COUNT_FROM_PROTOTYPES, CITUS_DUPLICATES_FIRST)."""
     distributed_now = connection.execute(
         text("SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND to_regclass('embeddings') IS NOT NULL")
     ).scalar()
@@ -212,6 +288,7 @@ def after_migrations(connection: Any) -> None:
         connection.execute(text(CITUS_WALK))
         connection.execute(text(CITUS_IMAGE_VECTOR))
         connection.execute(text(CITUS_COUNT_FROM_PROTOTYPES))
+        connection.execute(text(CITUS_DUPLICATES_FIRST))
 
 
 @dataclass(frozen=True)
