@@ -24,6 +24,7 @@ from imsrc.config import Settings
 from imsrc.db.session import Database
 from imsrc.imaging import DecodeGate
 from imsrc.ingest.uploads import ingest_uploads
+from imsrc.search.sync import sync_search
 from tests.fixtures.database import fresh_database
 from tests.helpers import make_image
 from tests.ingest_support import TEST_MODEL
@@ -249,3 +250,38 @@ def test_embedding_an_image_while_it_is_recategorised_keeps_its_vector_with_it(d
         assert [tuple(r) for r in rows] == [(new, new)]
         copies = session.execute(text("SELECT category_id FROM category_vectors WHERE image_id = :i"), {"i": image})
         assert copies.scalars().all() == [new]
+
+
+def test_concurrent_uploads_while_categories_get_their_partitions(db: Database, tmp_path: Path) -> None:
+    # A tiny index threshold: the uploads' syncs create per-category partitions and indexes (migration 0013) while
+    # other uploads write vectors into the same categories. Nothing fails, and each partition equals embeddings.
+    tuned = db.settings.model_copy(update={"search_exact_max_rows": 2})
+    names = ["red", "green", "blue", "grey"]
+    jobs = [([_staged(tmp_path, 1200 + i)], names[i % 4]) for i in range(20)]
+    gate = DecodeGate(2, 300.0)
+
+    def upload(job: tuple[list[Staged], str | None]) -> list[str]:
+        return [r.status for r in ingest_uploads(db, tuned, job[0], job[1], gate)]
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = [s for batch in pool.map(upload, jobs) for s in batch]
+    assert statuses.count("new") == 20
+    with db.session() as session:
+        # An index whose table was busy with another upload's writes is built at a later sync (as here).
+        sync_search(session, tuned)
+    with db.session() as session:
+        want = session.execute(
+            text(
+                "SELECT model_id, image_id, category_id, CAST(embedding AS halfvec)::text FROM embeddings"
+                " WHERE category_id IS NOT NULL AND imsrc._category_partition(category_id) IS NOT NULL"
+            )
+        ).all()
+        got = session.execute(text("SELECT model_id, image_id, category_id, embedding::text FROM category_vectors"))
+        assert sorted(map(tuple, got.all())) == sorted(map(tuple, want)) and len(want) == 20
+        indexed = session.execute(
+            text(
+                "SELECT c.name FROM pg_indexes x JOIN categories c ON x.tablename = 'category_vectors_c' || c.id"
+                " WHERE x.indexname LIKE 'ix_embeddings_hv_%' ORDER BY 1"
+            )
+        ).scalars()
+        assert list(indexed) == sorted(names)

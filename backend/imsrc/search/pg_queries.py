@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import embedding_expr
@@ -87,6 +88,7 @@ def branch_plan(
     return plan, ef
 
 
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a NOWAIT lock that is held by another transaction
 INDEX_PREFIX = "ix_embeddings_hv"  # per-category indexes on halfvec
 LEGACY_PREFIXES = ("ix_embeddings_ip",)  # earlier per-category indexes (full-precision vector), replaced on sync
 HALFVEC_MAX_DIM = 4000  # pgvector indexes halfvec up to 4,000 dimensions
@@ -262,10 +264,26 @@ class NeighbourRepository:
             name for prefix in LEGACY_PREFIXES for name, _ in self._embedding_indexes(f"{prefix}_m{int(model_id)}_c%")
         )
 
-    def create_category_index(self, model_id: int, dimension: int, category_id: int) -> None:
+    def create_category_index(self, model_id: int, dimension: int, category_id: int) -> bool:
+        """Build one category's index; False when writers in flight hold the table it needs (tried again at the
+        next sync; until then the category is scanned exactly, which gives the same results)."""
         if self.partitions():
             # The category's partition (filled from embeddings through the (model_id, category_id) btree), then
-            # the index on it: both read only this category's rows.
+            # the index on it: both read only this category's rows. Both need a SHARE lock (on embeddings while
+            # the partition is filled, on the partition for the index), which waits for every writer in flight;
+            # taken inside an upload's unit of work that holds the category locks those writers wait for, waiting
+            # would deadlock (tests/test_upload_locking.py). So the lock is asked for without waiting.
+            exists = self.session.execute(
+                text("SELECT imsrc._category_partition(:c) IS NOT NULL"), {"c": int(category_id)}
+            ).scalar()
+            target = partition_name(category_id) if exists else "embeddings"
+            try:
+                with self.session.begin_nested():
+                    self.session.execute(text(f"LOCK TABLE {target} IN SHARE MODE NOWAIT"))
+            except DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+                    return False
+                raise
             self.session.execute(text("SELECT imsrc._create_category_partition(:c)"), {"c": int(category_id)})
             self.session.execute(
                 text(
@@ -274,7 +292,7 @@ class NeighbourRepository:
                     f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION}) WHERE model_id = {int(model_id)}"
                 )
             )
-            return
+            return True
         sequential_shard_commands(self.session)
         self.session.execute(
             text(
@@ -284,6 +302,7 @@ class NeighbourRepository:
                 f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)}"
             )
         )
+        return True
 
     def drop_category_index(self, model_id: int, category_id: int) -> None:
         # The category's partition stays (kept current by the trigger, reused if the category grows again):

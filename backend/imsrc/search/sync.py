@@ -171,9 +171,8 @@ def ensure_category_indexes(session: Session, settings: Settings, model: Embeddi
         create, drop = plan()
     for c in drop:
         neighbours.drop_category_index(model.id, c)
-    for c in create:
-        neighbours.create_category_index(model.id, model.dimension, c)
-    return create, drop
+    created = [c for c in create if neighbours.create_category_index(model.id, model.dimension, c)]
+    return created, drop
 
 
 def predict_uncategorised(session: Session, model: EmbeddingModel, *, only_new: bool) -> int:
