@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -109,6 +110,7 @@ def catalogs(citus_cluster: CitusCluster, create_database: CreateDatabase) -> It
     finally:
         plain.dispose()
     yield Catalogs(citus_url, plain_url, data, folder, report, plain_snapshot)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def _query(url: str, sql: str, params: tuple[Any, ...] | None = None) -> list[tuple[Any, ...]]:
