@@ -248,7 +248,13 @@ def section(r: dict[str, Any]) -> list[str]:
                 f"({c['first_query_ms'] / c['later_p50_ms']:.1f}x)"
                 for key, c in cold.items()
             )
-            + f" ({next(iter(cold.values())).get('workers', '?')} serve worker(s)). What the first request paid "
+            + f" ({next(iter(cold.values())).get('workers', '?')} serve worker(s))."
+            + (
+                " (This run predates building the routes at start.)"
+                if "search_stage1_fallback" not in r.get("settings", {})  # both landed in one commit
+                else ""
+            )
+            + " What the first request paid "
             "before (found with a stack sampler in `imsrc serve`, not a benchmark): FastAPI 0.16x builds an "
             "included router's routes (dependants, a pydantic adapter per parameter) when the first request "
             "reaches it, and a request walks every router in front of its own (0.36 s for all of them at load "
@@ -383,7 +389,7 @@ def targets(results: list[dict[str, Any]], kept: list[dict[str, Any]]) -> list[s
     row(
         "all per-category indexes, 100k rows / 100 categories: <= 2x the global HNSW build",
         None,
-        "measured by bench/search/build_bench.py (issue 14 item 5), not by these runs: see its section",
+        "timed by bench/search/build_bench.py (issue 14 item 5), not by service_bench: not in this section",
         "-",
     )
     return [*out, ""]
