@@ -193,6 +193,34 @@ def test_corrupt_or_mismatched_export_is_rebuilt(scratch: Path, caplog: pytest.L
     assert sha256_file(path) == good and rebuilt.runtime["image"] == "onnx"
 
 
+def test_sessions_load_an_external_data_copy_of_each_export(scratch: Path) -> None:
+    """ONNX Runtime keeps less memory per process when the weights sit outside the graph (onnx_layout): sessions
+    load such a copy, made once beside the verified export, with the same outputs; a damaged copy is remade."""
+    import onnxruntime as ort
+
+    from imsrc.embeddings.onnx_layout import WEIGHTS, external_data_copy
+
+    export_dir = scratch / "onnx"
+    embedder = build_embedder(TINY_TEST, runtime="onnx", export_dir=export_dir)
+    assert isinstance(embedder, OnnxEmbedder)
+    path = ExportStore(export_dir, TINY_TEST, embedder.fingerprint).model_path("image", "fp32")
+    copy = external_data_copy(path)
+    weights = copy.with_name(WEIGHTS)
+    assert copy != path and copy.parent == path.with_name("image.ext")
+    assert weights.stat().st_size > 10 * copy.stat().st_size  # the graph without its tensors is small
+    probe = _batch(embedder, [Image.fromarray(data.chelsea())]).numpy()
+    inline = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = onnx_export.INPUT_NAMES["image"]
+    np.testing.assert_array_equal(
+        inline.run(None, {name: probe})[0], ort.InferenceSession(str(copy)).run(None, {name: probe})[0]
+    )
+    good = sha256_file(weights)
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    assert external_data_copy(path) == copy and sha256_file(weights) == good
+
+
 def test_failed_verification_falls_back_to_torch_once(
     scratch: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,7 @@ The server logs to a file: an unread stderr pipe would fill and block it."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -119,6 +120,11 @@ def test_two_workers_answer_and_see_each_others_uploads(two_workers: LiveServer)
     parent_maps = Path(f"/proc/{parent}/maps").read_text()
     assert "libtorch" not in parent_maps and "onnxruntime" not in parent_maps
     (pid_a, writer), (pid_b, reader) = sorted(clients.items())
+    # Each worker's model threads: its share of the cores, not all of them.
+    chosen = two_workers.env.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // 2)  # an operator's wins
+    share = f"OMP_NUM_THREADS={chosen}".encode()
+    for pid in clients:
+        assert share in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     # Both workers answer every route, each with its own lazily loaded model.
     for client in (writer, reader):
         assert client.get("/health/ready").status_code == 200

@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     # searches after a restart are not cold.
     search_warmup: bool = True
     faiss_flat_max_rows: int = Field(default=5000, ge=0)
+    # The saved FAISS index is refreshed once the processes using it have replayed this many changed images from
+    # the change log since it was saved (one of them saves, the others load the new files on their next query),
+    # so catching up after a restart stays short and changed categories are shared again. 0 = never.
+    faiss_resave_changes: int = Field(default=10000, ge=0)
     # Regroup automatic categories when the uncategorised set has grown by this fraction since the last grouping.
     autogroup_growth: float = Field(default=0.5, gt=0.0)
     autogroup_max_categories: int = Field(default=50, ge=1)

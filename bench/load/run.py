@@ -35,6 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ROOT, machine, replace_section, write_json
 
+# Cumulative shares: uploads below the first, searches by image below the second, text searches (when the model
+# has a text tower) below the third, listing below the fourth, `similar` above it. "issue": issue 16's mix, 70 %
+# searches (45 by image, 25 similar), 20 % listing, 10 % uploads.
+MIXES: dict[str, tuple[float, float, float, float]] = {
+    "default": (0.25, 0.6, 0.8, 0.9),
+    "issue": (0.10, 0.55, 0.55, 0.75),
+}
+
 
 def picture(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
@@ -85,14 +93,16 @@ async def client_loop(
     uploaded: list[int],
     texts_ok: bool,
     categories: int,
+    mix: tuple[float, float, float, float] = (0.25, 0.6, 0.8, 0.9),
 ) -> None:
     rng = random.Random(seed)
     n = 0
+    upload_to, image_to, text_to, listing_to = mix
     while time.monotonic() < deadline:
         n += 1
         roll = rng.random()
         t0 = time.perf_counter()
-        if roll < 0.25:
+        if roll < upload_to:
             route = "POST /api/images"
             data = picture(seed * 100_000 + n)
             form = {"category": f"load-{seed % categories}"} if categories else {}
@@ -103,17 +113,17 @@ async def client_loop(
                 for item in resp.json().get("results", []):
                     if item.get("id"):
                         uploaded.append(int(item["id"]))
-        elif roll < 0.6:
+        elif roll < image_to:
             route = "POST /api/search/image"
             resp = await client.post(
                 "/api/search/image",
                 params={"k": 10},
                 files={"file": ("q.jpg", picture(rng.randrange(200)), "image/jpeg")},
             )
-        elif roll < 0.8 and texts_ok:
+        elif roll < text_to and texts_ok:
             route = "GET /api/search/text"
             resp = await client.get("/api/search/text", params={"q": rng.choice(["a red circle", "blue", "shoe"])})
-        elif roll < 0.9:
+        elif roll < listing_to:
             route = "GET /api/images"
             resp = await client.get("/api/images", params={"page": rng.randint(1, 3)})
         else:
@@ -125,7 +135,7 @@ async def client_loop(
             errors[route] += 1
 
 
-async def run(base: str, clients: int, seconds: float, categories: int) -> dict[str, object]:
+async def run(base: str, clients: int, seconds: float, categories: int, mix: str = "default") -> dict[str, object]:
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
         status = (await client.get("/api/status")).json()
@@ -136,7 +146,7 @@ async def run(base: str, clients: int, seconds: float, categories: int) -> dict[
         deadline = time.monotonic() + seconds
         await asyncio.gather(
             *(
-                client_loop(client, deadline, i + 1, stats, errors, uploaded, texts_ok, categories)
+                client_loop(client, deadline, i + 1, stats, errors, uploaded, texts_ok, categories, MIXES[mix])
                 for i in range(clients)
             )
         )
@@ -205,6 +215,100 @@ class MemorySampler:
         }
 
 
+def _ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime of the process (all its threads)
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _tree(root: int) -> list[int]:
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parent[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [p for p, pp in parent.items() if pp in frontier]
+        found += frontier
+    return found
+
+
+def _postmaster(data: Path) -> int | None:
+    """The embedded PostgreSQL of this run (its postmaster.pid under the data directory)."""
+    for pid_file in data.rglob("postmaster.pid"):
+        try:
+            return int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+class CpuSampler:
+    """CPU used during the run by: the server (serve process and its workers), this run's PostgreSQL (postmaster
+    and its backends), this load generator, and everything else on the machine; in cores (CPU seconds per
+    second). Shows whether one worker left CPU idle (then a second can gain) or the machine was saturated."""
+
+    def __init__(self, server: int, data: Path) -> None:
+        self.groups = {"server": _tree(server), "load generator": [os.getpid()]}
+        postmaster = _postmaster(data)
+        self.server, self.postmaster = server, postmaster
+        self.start = time.monotonic()
+        self.before = self._snapshot()
+        self.machine = _machine_ticks()
+
+    def _snapshot(self) -> dict[str, dict[int, int]]:
+        groups = {"server": _tree(self.server), "load generator": [os.getpid()]}
+        if self.postmaster is not None:
+            groups["postgres"] = _tree(self.postmaster)
+        return {name: {p: _ticks(p) for p in pids} for name, pids in groups.items()}
+
+    def close(self) -> dict[str, object]:
+        after = self._snapshot()
+        wall = time.monotonic() - self.start
+        hz = os.sysconf("SC_CLK_TCK")
+        busy0, total0 = self.machine
+        busy1, total1 = _machine_ticks()
+        cpus = os.cpu_count() or 1
+        used: dict[str, float] = {}
+        for name, pids in after.items():
+            # Backends that started during the run count from 0; ones that ended are missed (a few, short).
+            ticks = sum(t - self.before.get(name, {}).get(p, 0) for p, t in pids.items())
+            used[name] = round(ticks / hz / wall, 2)
+        machine_busy = round((busy1 - busy0) / max(1, total1 - total0) * cpus, 2)
+        used["everything else"] = round(max(0.0, machine_busy - sum(used.values())), 2)
+        return {"cores": cpus, "machine_busy_cores": machine_busy, "busy_cores_by": used, "seconds": round(wall, 1)}
+
+
+def wait_warm(base: str, timeout: float = 900) -> None:
+    """Until 20 answers of /health/ready in a row, on fresh connections (any worker), say the search warm-up
+    (model, indexes, one search) is done, so no worker loads its model inside the timed run."""
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while streak < 20 and time.monotonic() < deadline:
+        try:
+            with httpx.Client(base_url=base, timeout=30) as c:
+                warm = c.get("/health/ready").json().get("search_warm")
+        except (httpx.HTTPError, ValueError):
+            warm = False
+        streak = streak + 1 if warm in (True, None) else 0
+        time.sleep(0.05 if streak else 1.0)
+
+
 def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
     proc = data = None
     base = args.url
@@ -218,10 +322,14 @@ def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
                     for i in range(start, min(start + 20, args.seed_images))
                 ]
                 c.post("/api/images", files=files).raise_for_status()
+        wait_warm(base)
     load_before = os.getloadavg()[0]
     sampler = MemorySampler(proc.pid) if proc is not None else None
+    cpu = CpuSampler(proc.pid, data) if proc is not None and data is not None else None
     try:
-        result = asyncio.run(run(base, args.clients, args.seconds, args.upload_categories))
+        result = asyncio.run(run(base, args.clients, args.seconds, args.upload_categories, args.mix))
+        if cpu is not None:
+            result["cpu"] = cpu.close()
         if sampler is not None:
             result["memory"] = sampler.close()
     finally:
@@ -267,6 +375,7 @@ def main() -> None:
         default=0,
         help="uploads go into this many named categories (client i into load-{i mod N}); 0: none",
     )
+    parser.add_argument("--mix", default="default", choices=sorted(MIXES), help="request mix (see MIXES)")
     args = parser.parse_args()
     counts: list[int | None] = [None] if args.url else [int(w) for w in args.workers.split(",")]
     runs = [measure(args, w) for w in counts]
@@ -277,6 +386,7 @@ def main() -> None:
         "seconds": args.seconds,
         "backend": args.backend,
         "upload_categories": args.upload_categories,
+        "mix": args.mix,
         "runs": runs,
     }
     write_json(Path(__file__).with_name("results.json"), result)
@@ -285,21 +395,29 @@ def main() -> None:
         f"{machine()['cpus']} CPUs; one run per `imsrc serve --workers N`, one after the other.",
         f"Command: `python bench/load/run.py --clients {args.clients} --seconds {args.seconds:g} "
         f"--model {args.model} --seed-images {args.seed_images} --workers {args.workers} "
-        f"--backend {args.backend} --upload-categories {args.upload_categories}`.",
+        f"--backend {args.backend} --upload-categories {args.upload_categories} --mix {args.mix}`.",
         "",
         "| workers | load avg before/after | 5xx | acknowledged uploads | missing | searches/s | upload p50 ms |"
-        " peak RSS MB | peak PSS MB |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        " peak RSS MB | peak PSS MB | busy cores: machine / server / postgres / load generator / others |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in runs:
         routes = r["routes"]
         searches = sum(v["requests"] for k, v in routes.items() if "/search/" in k)  # type: ignore[attr-defined]
         upload = routes.get("POST /api/images", {}).get("p50_ms", "-")  # type: ignore[attr-defined]
         memory = r.get("memory") or {}
+        cpu = r.get("cpu") or {}
+        by = cpu.get("busy_cores_by", {})  # type: ignore[attr-defined]
+        cores = (
+            f"{cpu['machine_busy_cores']} of {cpu['cores']} / {by.get('server')} / {by.get('postgres')} / "
+            f"{by.get('load generator')} / {by.get('everything else')}"
+            if cpu
+            else "-"
+        )
         lines.append(
             f"| {r['workers'] or '-'} | {r['load_before']} / {r['load_after']} | {r['total_5xx']} | "
             f"{r['acknowledged_uploads']} | {r['missing_uploads']} | {searches / args.seconds:.1f} | "
-            f"{upload} | {memory.get('peak_rss_mb', '-')} | {memory.get('peak_pss_mb', '-')} |"
+            f"{upload} | {memory.get('peak_rss_mb', '-')} | {memory.get('peak_pss_mb', '-')} | {cores} |"
         )
     lines += [
         "",

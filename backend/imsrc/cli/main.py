@@ -222,6 +222,10 @@ def _serve_workers(settings: Settings, count: int, database_url: str) -> None:
 
     os.environ["IMSRC_HOST"] = settings.host
     os.environ["IMSRC_PORT"] = str(settings.port)
+    # The model's threads (torch and ONNX Runtime both follow OMP_NUM_THREADS): one worker alone would use every
+    # core, so N workers would run N x cores threads that preempt each other mid-inference. Cores / N each, unless
+    # the operator chose.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // count)))
     from imsrc.api.worker import DATABASE_URL_ENV
 
     os.environ[DATABASE_URL_ENV] = database_url

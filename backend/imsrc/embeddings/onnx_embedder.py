@@ -33,6 +33,8 @@ def cpu_threads() -> int:
 def make_session(path: Path) -> Any:
     import onnxruntime as ort
 
+    from imsrc.embeddings.onnx_layout import external_data_copy
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -44,7 +46,7 @@ def make_session(path: Path) -> Any:
     # the ingest workers. Measured on the 2-core box: a torch call right after a spinning ORT call took 56 ms
     # instead of 28 ms, while ORT itself lost nothing measurable without spinning (BENCHMARKS.md).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(external_data_copy(path)), opts, providers=["CPUExecutionProvider"])
 
 
 def normalise(x: np.ndarray) -> np.ndarray:

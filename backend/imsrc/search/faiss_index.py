@@ -138,6 +138,10 @@ class FaissModelIndex:
         self.subs: dict[int, SubIndex] = {}  # category id (-1 = none) -> sub-index
         self.where: dict[int, tuple[int, int]] = {}  # image id -> (category, position)
         self.lock = threading.RLock()
+        # The saved files this index was loaded from (FaissStore: meta.json's inode and mtime), None if unsaved,
+        # and how many changed images it has replayed from the change log since.
+        self.saved_as: tuple[int, int] | None = None
+        self.replayed = 0
 
     def __len__(self) -> int:
         return len(self.where)

@@ -64,10 +64,14 @@ def _sha256(path: Path) -> str:
 class FaissStore:
     """Created once per process (app.state / CLI context) and injected into the search service."""
 
-    def __init__(self, data_dir: Path | None, *, flat_max_rows: int) -> None:
+    def __init__(self, data_dir: Path | None, *, flat_max_rows: int, resave_changes: int = 0) -> None:
         self.root = None if data_dir is None else Path(data_dir) / "faiss"
         self.flat_max_rows = flat_max_rows
+        self.resave_changes = resave_changes  # 0: the saved index is never refreshed
         self._lock = threading.Lock()
+        # The file lock is per process (fcntl), so threads of one process that read or write the saved files take
+        # this one as well.
+        self._files = threading.Lock()
         self._indexes: dict[int, FaissModelIndex] = {}
         self.last_build_s: float | None = None
 
@@ -77,11 +81,64 @@ class FaissStore:
             raise BackendUnavailableError(FAISS_ON_CITUS)
         with self._lock:
             index = self._indexes.get(model.id)
+            if index is not None and self._saved_since(index):
+                index = None  # another process saved a newer index: map its files, replay less
             if index is None:
                 index = self._load_or_build(session, model)
                 self._indexes[model.id] = index
         self.catch_up(session, index)
+        if self.resave_changes and index.replayed >= self.resave_changes and index.watermark.own_xid is None:
+            self._resave(session, index)
         return index
+
+    def _meta_stamp(self, model_id: int) -> tuple[int, int] | None:
+        try:
+            st = (self._dir(model_id) / "meta.json").stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
+
+    def _saved_since(self, index: FaissModelIndex) -> bool:
+        """Whether the saved files are newer than the ones this index was loaded from (one stat per query)."""
+        if self.root is None or index.saved_as is None:
+            return False
+        stamp = self._meta_stamp(index.model_id)
+        return stamp is not None and stamp != index.saved_as
+
+    def _resave(self, session: Session, index: FaissModelIndex) -> None:
+        """Refresh the saved index once this process has replayed resave_changes changed images since it was
+        loaded. Without it every process replays the whole change log since the first save at each start, and
+        each category changed since then stays a private copy in every worker. One process saves (the file
+        lock, not waited for: whoever holds it is saving or loading and the others go on answering); the others
+        notice the new meta.json on their next query and map the new files. Only from a session that has written
+        nothing: its own uncommitted changes must not reach the files."""
+        import fasteners
+
+        assert self.root is not None
+        if not self._files.acquire(blocking=False):
+            return
+        lock = fasteners.InterProcessLock(str(self.root / f"model-{int(index.model_id)}.lock"))
+        if not lock.acquire(blocking=False):
+            self._files.release()
+            return
+        try:
+            if self._saved_since(index):
+                return  # saved by another process meanwhile: this one reloads on its next query
+            started = time.perf_counter()
+            self.save(session, index)
+            log.info(
+                "re-saved FAISS index for %s after %d replayed changes, in %.1f s",
+                index.model_name,
+                index.replayed,
+                time.perf_counter() - started,
+            )
+            index.replayed = 0
+            # Stamped as unseen: this process, too, maps the new files on its next query (its changed categories
+            # were private copies until now).
+            index.saved_as = (-1, -1)
+        finally:
+            lock.release()
+            self._files.release()
 
     def _load_or_build(self, session: Session, model: EmbeddingModel) -> FaissModelIndex:
         """Saved once, mapped by all: the first process (of the API workers sharing data_dir) to need the index
@@ -93,7 +150,7 @@ class FaissStore:
         import fasteners
 
         self.root.mkdir(parents=True, exist_ok=True)
-        with fasteners.InterProcessLock(str(self.root / f"model-{int(model.id)}.lock")):
+        with self._files, fasteners.InterProcessLock(str(self.root / f"model-{int(model.id)}.lock")):
             loaded = self._load(session, model)
             if loaded is not None:
                 return loaded
@@ -141,6 +198,7 @@ class FaissStore:
             if mark.own_xid is not None and mark.own_xid == index.watermark.own_xid:
                 own_seq = max(own_seq, index.watermark.own_seq)
             index.watermark = Watermark(mark.xmax, mark.xip, mark.own_xid, own_seq)
+            index.replayed += len(changed)
         return len(changed)
 
     def invalidate(self, model_id: int | None = None) -> None:
@@ -204,6 +262,7 @@ class FaissStore:
             return None
 
     def _read(self, session: Session, model: EmbeddingModel, folder: Path) -> FaissModelIndex:
+        stamp = self._meta_stamp(model.id)  # under the file lock: no save replaces the files meanwhile
         meta = json.loads((folder / "meta.json").read_text())
         expected = {
             "format": FORMAT_VERSION,
@@ -245,4 +304,5 @@ class FaissStore:
                 index.where[image_id] = (category, pos)
         if len(index) != meta["count"]:
             raise ValueError("image count does not match")
+        index.saved_as = stamp
         return index

@@ -81,7 +81,11 @@ class SearchRuntime:
             settings=settings,
             embedder_factory=embedder_factory or default_embedder_factory(settings),
             prototypes=PrototypeCache(),
-            faiss=FaissStore(settings.resolved_data_dir, flat_max_rows=settings.faiss_flat_max_rows),
+            faiss=FaissStore(
+                settings.resolved_data_dir,
+                flat_max_rows=settings.faiss_flat_max_rows,
+                resave_changes=settings.faiss_resave_changes,
+            ),
             url_fetcher=UrlFetcher.from_settings(settings),
             decode_gate=decode_gate or DecodeGate.from_settings(settings),
         )
