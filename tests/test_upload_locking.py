@@ -285,3 +285,75 @@ def test_concurrent_uploads_while_categories_get_their_partitions(db: Database, 
             )
         ).scalars()
         assert list(indexed) == sorted(names)
+
+
+def test_two_models_building_indexes_in_the_same_new_categories_share_their_partitions(db: Database) -> None:
+    """Per-category indexes live on one partition of category_vectors per category (migration 0013), created with
+    the category's first index; the index lock is per model. Two models' builds of the same new categories at once
+    (uploads for the active model while `imsrc embed` indexes another) both saw no partition and both created it:
+    the second failed with a unique violation in pg_type, losing its unit of work. Now one transaction at a time
+    makes partitions; the other leaves those categories for its next sync (as it does for a busy table)."""
+    import time
+
+    import numpy as np
+
+    from imsrc.catalog.repository import ModelRepository
+    from imsrc.search.pg_queries import NeighbourRepository
+    from tests.search_data import insert_images
+
+    with db.session() as session:
+        models = [
+            ModelRepository(session).register(
+                name=f"twin-{i}", dimension=8, family="test", params={}, supports_text=False
+            )
+            for i in range(2)
+        ]
+        cats = sorted(CategoryRepository(session).get_or_create(f"twin-cat-{i}").id for i in range(2))
+        rng = np.random.default_rng(3)
+        vectors = rng.normal(size=(20, 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        ids = insert_images(session, models[0], vectors, [cats[i % 2] for i in range(20)], salt="twin")
+        session.execute(
+            text(
+                "INSERT INTO embeddings (model_id, image_id, embedding) SELECT :m, image_id, embedding FROM embeddings"
+            ),
+            {"m": models[1].id},
+        )
+        session.commit()
+        model_ids = [int(m.id) for m in models]
+    errors: list[str] = []
+    start = threading.Barrier(2)
+
+    left: list[tuple[int, int]] = []
+
+    def build(model_id: int) -> None:
+        try:
+            with db.session() as session:
+                start.wait(10)
+                for c in cats:  # in id order, as search sync does
+                    if not NeighbourRepository(session).create_category_index(model_id, 8, c):
+                        left.append((model_id, c))
+                time.sleep(0.5)  # the other build reaches the same categories before this one commits
+                session.commit()
+        except Exception as exc:  # the assertion below names it
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+    threads = [threading.Thread(target=build, args=(m,)) for m in model_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    with db.session() as session:  # the next sync builds what was left
+        assert all(NeighbourRepository(session).create_category_index(m, 8, c) for m, c in left)
+        session.commit()
+    with db.session() as session:
+        tables = {
+            str(r[0]): str(r[1])
+            for r in session.execute(
+                text("SELECT indexname, tablename FROM pg_indexes WHERE indexname LIKE 'ix_embeddings_hv_%'")
+            )
+        }
+        assert tables == {f"ix_embeddings_hv_m{m}_c{c}": f"category_vectors_c{c}" for m in model_ids for c in cats}
+        copies = session.execute(text("SELECT model_id, count(*) FROM category_vectors GROUP BY 1 ORDER BY 1")).all()
+        assert [tuple(r) for r in copies] == [(m, len(ids)) for m in model_ids]

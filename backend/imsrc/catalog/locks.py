@@ -14,6 +14,10 @@ after, which is what makes the next holder see the previous one's result instead
   there is something to change, at the end of the unit of work. (Predicted labels are advisory: an upload of
   unlabelled images that read the prototypes just before another writer committed new ones keeps labels from
   the older set until the next change of labels re-predicts them.)
+- New partitions of category_vectors (search/pg_queries.py): one lock, so that two models' index builds (the
+  per-model index lock does not serialise them) never create the same category's partition twice. It costs no
+  concurrency: ATTACH PARTITION already lets one transaction at a time add partitions until it commits. It is
+  only tried, never waited for: a build that finds it taken leaves the category for the next sync.
 - Near-duplicates of uploads: a lock per perceptual-hash band. Two hashes within the duplicate threshold t
   agree on at least one of t + 1 disjoint bands (pigeonhole), so two uploads of near-identical pictures always
   share a lock and the second one sees the first as its duplicate; unrelated pictures rarely do.
@@ -36,6 +40,7 @@ PREDICTIONS = 727_012
 TEXT_PROMPTS = 727_013
 INDEXES = 727_014
 PHASH_BAND = 727_015
+CATEGORY_PARTITIONS = 727_016
 
 _INT4 = 2_147_483_647
 
@@ -86,6 +91,12 @@ class WriteLocks:
 
     def indexes(self, model_id: int) -> None:
         self._take(INDEXES, [model_id])
+
+    def try_category_partitions(self) -> bool:
+        """The new-partitions lock if it is free (held to the end of the transaction), else False at once."""
+        return bool(
+            self.session.execute(text("SELECT pg_try_advisory_xact_lock(:c, 0)"), {"c": CATEGORY_PARTITIONS}).scalar()
+        )
 
     def phash_bands(self, hashes: Iterable[int], threshold: int) -> None:
         self._take(PHASH_BAND, [k for h in hashes for k in phash_band_keys(h, threshold)])

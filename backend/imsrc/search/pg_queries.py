@@ -36,6 +36,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.locks import WriteLocks
 from imsrc.catalog.repository import embedding_expr
 from imsrc.db.citus import distributed, sequential_shard_commands
 from imsrc.db.engine import side_engine
@@ -264,18 +265,38 @@ class NeighbourRepository:
             name for prefix in LEGACY_PREFIXES for name, _ in self._embedding_indexes(f"{prefix}_m{int(model_id)}_c%")
         )
 
+    def _partition_made(self, category_id: int) -> bool:
+        """Asked of pg_class with this statement's snapshot: it sees a partition another transaction committed a
+        moment ago (to_regclass, which imsrc._category_partition uses, may answer from this backend's catalog
+        cache, and creating a partition twice failed with a unique violation in pg_type)."""
+        return bool(
+            self.session.execute(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_class"
+                    " WHERE relname = :p AND relnamespace = 'public'::regnamespace)"
+                ),
+                {"p": partition_name(category_id)},
+            ).scalar()
+        )
+
     def create_category_index(self, model_id: int, dimension: int, category_id: int) -> bool:
-        """Build one category's index; False when writers in flight hold the table it needs (tried again at the
-        next sync; until then the category is scanned exactly, which gives the same results)."""
+        """Build one category's index; False when writers in flight hold the table it needs, or another
+        transaction is making partitions (tried again at the next sync; until then the category is scanned
+        exactly, which gives the same results)."""
         if self.partitions():
             # The category's partition (filled from embeddings through the (model_id, category_id) btree), then
             # the index on it: both read only this category's rows. Both need a SHARE lock (on embeddings while
             # the partition is filled, on the partition for the index), which waits for every writer in flight;
             # taken inside an upload's unit of work that holds the category locks those writers wait for, waiting
             # would deadlock (tests/test_upload_locking.py). So the lock is asked for without waiting.
-            exists = self.session.execute(
-                text("SELECT imsrc._category_partition(:c) IS NOT NULL"), {"c": int(category_id)}
-            ).scalar()
+            exists = self._partition_made(category_id)
+            if not exists:
+                # Two models' builds may want the same new partition at once (the index lock is per model): one
+                # transaction at a time makes partitions (ATTACH PARTITION allows no more anyway), and it may
+                # have just made this one.
+                if not WriteLocks(self.session).try_category_partitions():
+                    return False
+                exists = self._partition_made(category_id)
             target = partition_name(category_id) if exists else "embeddings"
             try:
                 with self.session.begin_nested():
@@ -284,7 +305,8 @@ class NeighbourRepository:
                 if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
                     return False
                 raise
-            self.session.execute(text("SELECT imsrc._create_category_partition(:c)"), {"c": int(category_id)})
+            if not exists:
+                self.session.execute(text("SELECT imsrc._create_category_partition(:c)"), {"c": int(category_id)})
             self.session.execute(
                 text(
                     f"CREATE INDEX IF NOT EXISTS {category_index_name(model_id, category_id)} ON "
