@@ -1,8 +1,9 @@
-"""Shared by the benchmark scripts: write results JSON and replace one section of BENCHMARKS.md."""
+"""Shared by the benchmark scripts: write results JSON, replace one section of BENCHMARKS.md, find a process tree."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 from pathlib import Path
@@ -12,8 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict[str, Any]:
-    import os
-
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
 
 
@@ -31,3 +30,20 @@ def replace_section(heading: str, body: str) -> None:
     pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     path.write_text(text.rstrip() + "\n")
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (a server's workers and helpers), by /proc's parent links (Linux)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parent[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [p for p, pp in parent.items() if pp in frontier]
+        found += frontier
+    return found

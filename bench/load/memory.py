@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT), str(ROOT / "bench"), str(Path(__file__).resolve().parent)]
 
 from bench.search.load import bulk_load, copy_rows, make_mixture  # noqa: E402
-from bench_common import machine, replace_section, write_json  # noqa: E402
+from bench_common import machine, process_tree, replace_section, write_json  # noqa: E402
 
 MODEL = "open_clip:ViT-B-32:none"
 DIMENSION = 512
@@ -69,23 +69,6 @@ def mapped(pid: int, folder: str) -> dict[str, int]:
             elif inside and head[0].rstrip(":") in out:
                 out[head[0].rstrip(":")] += int(head[1])
     return out
-
-
-def server_pids(root: int) -> list[int]:
-    """The serve process and every process below it (uvicorn's workers and helpers), by /proc's parent links."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    parent[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = [root], [root]
-    while frontier:
-        frontier = [p for p, pp in parent.items() if pp in frontier]
-        found += frontier
-    return found
 
 
 def cmdline(pid: int) -> str:
@@ -229,7 +212,7 @@ def measure(workers: int, url: str, scratch: Path, rows: int, port: int) -> dict
                 raise SystemExit("warm-up did not finish in 20 min")
             time.sleep(0.1 if streak else 1.0)
         warm_s = time.perf_counter() - started
-        pids = server_pids(proc.pid)
+        pids = process_tree(proc.pid)
         workers_pids = [p for p in pids if "multiprocessing" in cmdline(p) and "resource_tracker" not in cmdline(p)]
         if workers == 1:
             workers_pids = [proc.pid]

@@ -33,7 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, machine, replace_section, write_json
+from bench_common import ROOT, machine, process_tree, replace_section, write_json
 
 # Cumulative shares: uploads below the first, searches by image below the second, text searches (when the model
 # has a text tower) below the third, listing below the fourth, `similar` above it. "issue": issue 16's mix, 70 %
@@ -224,22 +224,6 @@ def _ticks(pid: int) -> int:
         return 0
 
 
-def _tree(root: int) -> list[int]:
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    parent[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = [root], [root]
-    while frontier:
-        frontier = [p for p, pp in parent.items() if pp in frontier]
-        found += frontier
-    return found
-
-
 def _postmaster(data: Path) -> int | None:
     """The embedded PostgreSQL of this run (its postmaster.pid under the data directory)."""
     for pid_file in data.rglob("postmaster.pid"):
@@ -264,7 +248,7 @@ class CpuSampler:
     second). Shows whether one worker left CPU idle (then a second can gain) or the machine was saturated."""
 
     def __init__(self, server: int, data: Path) -> None:
-        self.groups = {"server": _tree(server), "load generator": [os.getpid()]}
+        self.groups = {"server": process_tree(server), "load generator": [os.getpid()]}
         postmaster = _postmaster(data)
         self.server, self.postmaster = server, postmaster
         self.start = time.monotonic()
@@ -272,9 +256,9 @@ class CpuSampler:
         self.machine = _machine_ticks()
 
     def _snapshot(self) -> dict[str, dict[int, int]]:
-        groups = {"server": _tree(self.server), "load generator": [os.getpid()]}
+        groups = {"server": process_tree(self.server), "load generator": [os.getpid()]}
         if self.postmaster is not None:
-            groups["postgres"] = _tree(self.postmaster)
+            groups["postgres"] = process_tree(self.postmaster)
         return {name: {p: _ticks(p) for p in pids} for name, pids in groups.items()}
 
     def close(self) -> dict[str, object]:
