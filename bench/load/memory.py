@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_json(Path(__file__).with_name("memory.json"), result)
     lines = [
-        f"`PYTHONPATH=backend python bench/load/run.py --memory {args.rows}` ({args.categories} categories, "
+        f"`PYTHONPATH=backend python bench/load/run.py --memory {args.rows} --categories {args.categories}` ("
         f"{DIMENSION}-d synthetic vectors loaded by COPY, model {MODEL}, IMSRC_SEARCH_BACKEND=faiss; "
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after). Server = the serve process and "
         "every process below it (uvicorn's supervisor and workers); PostgreSQL not counted. 'Hot': after `ann` "
