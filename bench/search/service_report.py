@@ -248,7 +248,9 @@ def section(r: dict[str, Any]) -> list[str]:
                 f"({c['first_query_ms'] / c['later_p50_ms']:.1f}x)"
                 for key, c in cold.items()
             )
-            + f" ({next(iter(cold.values())).get('workers', '?')} serve worker(s))."
+            + (  # older results files did not record it
+                f" ({workers} serve worker(s))." if (workers := next(iter(cold.values())).get("workers")) else "."
+            )
             + (
                 " (This run predates building the routes at start.)"
                 if "search_stage1_fallback" not in r.get("settings", {})  # both landed in one commit
