@@ -16,6 +16,13 @@ def machine() -> dict[str, Any]:
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
 
 
+def database_url(server_url: str, name: str) -> str:
+    """The URL of database `name` on the server that `server_url` (its postgres database) points at."""
+    if "/postgres?" in server_url:
+        return server_url.replace("/postgres?", f"/{name}?")
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")

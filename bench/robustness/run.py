@@ -34,7 +34,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
-from bench.bench_common import replace_section, write_json  # noqa: E402
+from bench.bench_common import database_url, replace_section, write_json  # noqa: E402
 from bench.robustness.images import EDITS, Indexed, distractors, photos  # noqa: E402
 
 from imsrc.config import Settings  # noqa: E402
@@ -203,11 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute('CREATE DATABASE "imsrc_robust"')
-        db_url = (
-            url.replace("/postgres?", "/imsrc_robust?")
-            if "/postgres?" in url
-            else url.rsplit("/", 1)[0] + "/imsrc_robust"
-        )
+        db_url = database_url(url, "imsrc_robust")
         upgrade(db_url)
         settings = Settings(
             database_url=db_url,

@@ -36,6 +36,7 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
+from bench.bench_common import database_url  # noqa: E402
 from bench.search.load import load, make_mixture, start_server  # noqa: E402
 
 from imsrc.catalog.repository import ModelRepository, embedding_expr, opclass  # noqa: E402
@@ -63,7 +64,7 @@ def measure(url: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]
     name = f"imsrc_build_{args.rows}_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    db_url = url.replace("/postgres?", f"/{name}?") if "/postgres?" in url else url.rsplit("/", 1)[0] + f"/{name}"
+    db_url = database_url(url, name)
     try:
         upgrade(db_url)
         settings = Settings(

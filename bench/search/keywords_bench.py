@@ -31,6 +31,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
+from bench.bench_common import database_url  # noqa: E402
 from bench.search.load import load, make_mixture, prewarm  # noqa: E402
 
 from imsrc.catalog.repository import vector_literal  # noqa: E402
@@ -85,11 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute('CREATE DATABASE "imsrc_bench"')
-        db_url = (
-            url.replace("/postgres?", "/imsrc_bench?")
-            if "/postgres?" in url
-            else url.rsplit("/", 1)[0] + "/imsrc_bench"
-        )
+        db_url = database_url(url, "imsrc_bench")
         upgrade(db_url)
         # Categories of up to 2,000 rows are scanned exactly (no per-category HNSW builds: at 100k they took 16
         # minutes on the loaded shared machine, and keyword search does not use them; boost's vector part does).

@@ -32,6 +32,7 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
+from bench.bench_common import database_url  # noqa: E402
 from bench.search.load import index_sizes, load, make_mixture, prewarm, reuse, start_server  # noqa: E402
 from bench.search.report import plot  # noqa: E402
 from bench.search.variants import (  # noqa: E402
@@ -93,11 +94,7 @@ def run_size(server_url: str, n: int, args: argparse.Namespace, scratch: Path) -
     if not args.reuse:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-    url = (
-        server_url.replace("/postgres?", f"/{name}?")
-        if "/postgres?" in server_url
-        else server_url.rsplit("/", 1)[0] + f"/{name}"
-    )
+    url = database_url(server_url, name)
     try:
         upgrade(url)
         settings = Settings(

@@ -40,6 +40,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
+from bench.bench_common import database_url  # noqa: E402
 from bench.search.load import load, make_mixture, prewarm, real_calibrated, start_server  # noqa: E402
 
 from imsrc.config import Settings  # noqa: E402
@@ -579,7 +580,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
             settings_row = {s: conn.execute(f"SHOW {s}").fetchone()[0] for s in SERVER_SETTINGS}  # type: ignore[index]
-        db_url = url.replace("/postgres?", f"/{name}?") if "/postgres?" in url else url.rsplit("/", 1)[0] + f"/{name}"
+        db_url = database_url(url, name)
         upgrade(db_url)
         settings = Settings(
             database_url=db_url,
