@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
-from bench.bench_common import database_url  # noqa: E402
+from bench.bench_common import check_resources, database_url, timed_phase  # noqa: E402
 from bench.search.load import load, make_mixture, prewarm, real_calibrated, start_server  # noqa: E402
 
 from imsrc.config import Settings  # noqa: E402
@@ -270,6 +272,7 @@ def measure_sql(
     rows: np.ndarray,
     truths: list[list[int]],
     service_ids: dict[tuple[str, int], list[int]],
+    exact_n: int,
 ) -> dict[str, Any]:
     """imsrc.similar per mode: latency, recall, and how often it returned the service's ids in its order."""
     out: dict[str, Any] = {}
@@ -288,7 +291,7 @@ def measure_sql(
             for warm in rows[:5]:
                 sql_similar(conn, int(ids[warm]), mode)
             lat, rec, same = [], [], []
-            for i, r in enumerate(rows):
+            for i, r in enumerate(rows[:exact_n] if mode == "exact" else rows):
                 took, got = sql_similar(conn, int(ids[r]), mode)
                 lat.append(took)
                 rec.append(len(set(got) & set(truths[i])) / K)
@@ -316,23 +319,32 @@ def tune_ann_ef(
     return EF_LADDER[-1], recall
 
 
+def pick_queries(
+    vectors: np.ndarray, ids: np.ndarray, args: argparse.Namespace
+) -> tuple[np.ndarray, np.ndarray, list[list[int]], list[list[int]]]:
+    """Query rows, calibration rows and the exact top 10 of each (NumPy), before the vectors are let go."""
+    rng = np.random.default_rng(7)
+    picks = rng.choice(len(ids), args.queries + args.calibration, replace=False)
+    rows, calib_rows = picks[: args.queries], picks[args.queries :]
+    return rows, calib_rows, truth_for(vectors, ids, rows), truth_for(vectors, ids, calib_rows)
+
+
 def measure(
     db: Database,
     settings: Settings,
     data_dir: Path,
     server_url: str,
-    vectors: np.ndarray,
+    queries: tuple[np.ndarray, np.ndarray, list[list[int]], list[list[int]]],
     labels: np.ndarray,
     ids: np.ndarray,
     cats: np.ndarray,
     args: argparse.Namespace,
     pngs: list[bytes] | None,
+    start_timing: Callable[[], None],
 ) -> dict[str, Any]:
-    rng = np.random.default_rng(7)
-    picks = rng.choice(len(ids), args.queries + args.calibration, replace=False)
-    rows, calib_rows = picks[: args.queries], picks[args.queries :]
-    truths = truth_for(vectors, ids, rows)
-    calib_truths = truth_for(vectors, ids, calib_rows)
+    """Every timed row. `start_timing` is called once the untimed set-up (the FAISS build) is done."""
+    rows, calib_rows, truths, calib_truths = queries
+    exact_n = args.exact_queries or len(rows)  # exact scans of a 1M catalog take seconds each
     cat_of = dict(zip(ids.tolist(), cats.tolist(), strict=True))
     label_of = dict(zip(ids.tolist(), labels.tolist(), strict=True))
     runtime = SearchRuntime.create(settings)
@@ -340,6 +352,7 @@ def measure(
     started = time.perf_counter()
     service_call(db, runtime, int(ids[rows[0]]), "ann", "faiss")
     faiss_first_s = time.perf_counter() - started
+    start_timing()
     # Two-stage pgvector's recall on the calibration queries is the target for the tuned `ann` row.
     calib_runtime = SearchRuntime.create(settings.model_copy(update={"search_two_stage_min_rows": 0}))
     two = [service_call(db, calib_runtime, int(ids[r]), "two_stage", "pgvector")[1] for r in calib_rows]
@@ -379,6 +392,8 @@ def measure(
     for i, r in enumerate(rows):
         qid = int(ids[r])
         for label, mode, backend, rt in methods:
+            if mode == "exact" and i >= exact_n:
+                continue
             took, resp = service_call(db, rt, qid, mode, backend)
             record(label, took, [h.id for h in resp.results], truths[i], qid, resp.mode)
             service_ids[(label, qid)] = [h.id for h in resp.results]
@@ -414,7 +429,7 @@ def measure(
         "calibration_queries": len(calib_rows),
     }
     out["faiss_first_use_s"] = round(faiss_first_s, 2)
-    out["sql"] = measure_sql(settings.database_url, settings, ids, rows, truths, service_ids)
+    out["sql"] = measure_sql(settings.database_url, settings, ids, rows, truths, service_ids, exact_n)
     if args.http:
         http = Http(
             server_url,
@@ -431,7 +446,7 @@ def measure(
                 for _, mode, backend in http_methods:
                     http.similar(int(ids[warm]), mode, backend)
                 if pngs is not None:
-                    http.image(pngs[int(warm)], "two_stage", "pgvector")
+                    http.image(pngs[int(warm) % len(pngs)], "two_stage", "pgvector")
             hl: dict[str, list[float]] = {}
             hr: dict[str, list[float]] = {}
             hm: dict[str, set[str]] = {}
@@ -441,6 +456,8 @@ def measure(
             for i, r in enumerate(rows[: args.http_queries]):
                 qid = int(ids[r])
                 for label, mode, backend in http_methods:
+                    if mode == "exact" and i >= exact_n:
+                        continue
                     took, body = http.similar(qid, mode, backend)
                     hl.setdefault(label, []).append(took)
                     hr.setdefault(label, []).append(len({h["id"] for h in body["results"]} & set(truths[i])) / K)
@@ -450,7 +467,7 @@ def measure(
                         ("two_stage pgvector", "two_stage", "pgvector"),
                         ("ann pgvector", "ann", "pgvector"),
                     ):
-                        took, body = http.image(pngs[int(r)], mode, backend)
+                        took, body = http.image(pngs[int(r) % len(pngs)], mode, backend)
                         il.setdefault(label, []).append(took)
                         im.setdefault(label, set()).add(body["mode"])
                         embed_ms.append(body["timings_ms"]["embed"])
@@ -517,9 +534,29 @@ def cold_restart(
         http.close()
 
 
+def check_size(args: argparse.Namespace, scratch: Path) -> None:
+    """One line and stop, before any work, when the size asked does not fit this machine. Estimates for rows x
+    dim float32 vectors: memory for NumPy's copy, the FAISS build's copy and 2 GiB for the rest (the vectors are
+    let go once the exact answers are known); disk for the table, its halfvec copy, two HNSW graphs and the
+    saved FAISS index (about 4.5 times the float vectors, measured at 100k), with a margin."""
+    rows = args.real or args.real_calibrated or args.synthetic
+    dim = 1280 if (args.real or args.real_calibrated) else args.dim
+    raw = rows * dim * 4
+    check_resources("service_bench", memory=2 * raw + 2 * 2**30, disk=5 * raw + 2 * 2**30, folder=scratch)
+
+
+def png(a: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_start = os.getloadavg()
     scratch = ROOT / "bench" / "results" / "tmp" / f"service-{uuid.uuid4().hex[:6]}"
+    check_size(args, scratch.parent)
     scratch.mkdir(parents=True, exist_ok=True)
     pngs: list[bytes] | None = None
     if args.real:
@@ -530,13 +567,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         names = real.CLASSES
         model_name = real.MODEL
         raw, _ = real.images(args.real)
-        from PIL import Image
-
-        def png(a: np.ndarray) -> bytes:
-            buf = io.BytesIO()
-            Image.fromarray(a).save(buf, "PNG")
-            return buf.getvalue()
-
         pngs = [png(a) for a in raw]
         data = {
             "kind": "real",
@@ -552,8 +582,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         real.check_available()
         base, base_labels, facts = real.embed(args.real_base, args.inference)
         vectors, labels = real_calibrated(args.real_calibrated, base, base_labels, np.random.default_rng(2))
+        del base
         names = real.CLASSES
-        model_name = "bench-real-calibrated"
+        # Registered as the real model, so `POST /api/search/image` embeds real Fashion-MNIST images with
+        # EfficientNet-Lite0 and searches this catalog: the image row times what a user of a 1M catalog waits for.
+        model_name = real.MODEL
+        raw, _ = real.images(args.real_base)
+        pngs = [png(a) for a in raw[: max(args.image_queries, 1) * 20]]
+        del raw
         data = {
             "kind": "real-calibrated",
             "rows": args.real_calibrated,
@@ -561,6 +597,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "noise": 0.5,
             "model": real.MODEL,
             "dataset": "Fashion-MNIST embeddings (EfficientNet-Lite0) + Gaussian noise of each label's spread",
+            "image_queries": "real Fashion-MNIST images of the base set, embedded by the server",
         }
     else:
         mixture = make_mixture(args.categories, args.dim, args.spread, seed=1)
@@ -575,6 +612,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rows": args.synthetic,
         }
     server, url = start_server(scratch / "server", args.shared_buffers)
+    timing = ExitStack()
+    timed: dict[str, Any] = {}
+
+    def start_timing() -> None:
+        info = server.info()
+        roots = [os.getpid(), *([info.pid] if info else [])]
+        timed.update(timing.enter_context(timed_phase(args.timing_lock, args.timing_nice, roots)))
+        print(f"timed phase: {timed}", flush=True)
+
     try:
         name = "imsrc_bench"
         with psycopg.connect(url, autocommit=True) as conn:
@@ -601,8 +647,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             category_names=names,
             global_graph=(HNSW_M, HNSW_EF_CONSTRUCTION),
         )
+        queries = pick_queries(vectors, ids, args)
+        del vectors  # 5 GB at 1M x 1280: the exact answers are known, the catalog has the rest
         prewarm(db)
-        result = measure(db, settings, scratch / "data", db_url, vectors, labels, ids, cats, args, pngs)
+        result = measure(db, settings, scratch / "data", db_url, queries, labels, ids, cats, args, pngs, start_timing)
         engine.dispose()
         if args.http:
             result["cold_restart"] = {
@@ -614,6 +662,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             }
     finally:
+        timing.close()
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     imsrc_settings = {
@@ -643,6 +692,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "load_average_before": [round(x, 2) for x in load_start],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
+        "timed_phase": timed,
         "server": settings_row,
         "settings": imsrc_settings,
         "data": data,
@@ -688,6 +738,22 @@ def main() -> None:
         type=int,
         default=0,
         help="imsrc serve workers for the cold-restart rows (0: its default, one per core)",
+    )
+    parser.add_argument(
+        "--exact-queries",
+        type=int,
+        default=0,
+        help="time mode exact on only the first N queries (0: all); each exact scan of 1M rows takes seconds",
+    )
+    parser.add_argument(
+        "--timing-lock",
+        type=Path,
+        help="wait for an exclusive flock on this file before the timed phase (keeps timing runs apart)",
+    )
+    parser.add_argument(
+        "--timing-nice",
+        type=int,
+        help="renice this run and its PostgreSQL to this for the timed phase (the build can run at low priority)",
     )
     parser.add_argument("--shared-buffers", default="1GB")
     parser.add_argument("--report", action="store_true", help="rewrite BENCHMARKS.md's Search section and stop")
