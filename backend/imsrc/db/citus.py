@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 UNCATEGORISED = 0  # embeddings.category_id of uncategorised images on Citus
 _CACHE: dict[str, bool] = {}
+_PARTITIONS: dict[str, bool] = {}
 _GUARD = threading.Lock()
 
 
@@ -56,13 +57,29 @@ def distributed(session: Session) -> bool:
     return found
 
 
-def forget(url: str | None = None) -> None:
-    """Drop cached answers (tests that migrate a database after it was first seen)."""
+def category_partitions(session: Session) -> bool:
+    """Whether per-category indexes live on category_vectors' partitions (plain PostgreSQL since migration 0013).
+    Cached per database like `distributed`: asked on every two-stage search, it was one more round trip each."""
+    key = _cache_key(session)
     with _GUARD:
-        if url is None:
-            _CACHE.clear()
-        else:
-            _CACHE.pop(url, None)
+        if key in _PARTITIONS:
+            return _PARTITIONS[key]
+    found = not distributed(session) and bool(
+        session.execute(text("SELECT to_regclass('category_vectors') IS NOT NULL")).scalar()
+    )
+    with _GUARD:
+        _PARTITIONS[key] = found
+    return found
+
+
+def forget(url: str | None = None) -> None:
+    """Drop cached answers about a catalog's shape (after migrations: imsrc.db.engine.upgrade/downgrade)."""
+    with _GUARD:
+        for cache in (_CACHE, _PARTITIONS):
+            if url is None:
+                cache.clear()
+            else:
+                cache.pop(url, None)
 
 
 def uncategorised_condition(session: Session, alias: str = "") -> str:

@@ -180,12 +180,18 @@ def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
     command.upgrade(alembic_config(url), revision)
+    from imsrc.db import citus
+
+    citus.forget()  # the catalog's shape may have changed under this process's cached answers
 
 
 def downgrade(url: str, revision: str = "base") -> None:
     from alembic import command
 
     command.downgrade(alembic_config(url), revision)
+    from imsrc.db import citus
+
+    citus.forget()
 
 
 def ensure_schema(engine: Engine, url: str, *, auto_migrate: bool) -> str:

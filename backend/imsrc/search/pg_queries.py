@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from imsrc.catalog.locks import WriteLocks
 from imsrc.catalog.repository import embedding_expr
-from imsrc.db.citus import distributed, sequential_shard_commands
+from imsrc.db.citus import category_partitions, distributed, sequential_shard_commands
 from imsrc.db.engine import side_engine
 
 Hit = tuple[int, float]  # (image_id, cosine similarity)
@@ -209,7 +209,6 @@ ON_VECTOR_TABLES = (
 class NeighbourRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
-        self._partitions: bool | None = None
 
     # ------------------------------------------------------------------ per-category indexes
     def _embedding_indexes(self, like: str) -> list[tuple[str, float]]:
@@ -226,11 +225,7 @@ class NeighbourRepository:
 
     def partitions(self) -> bool:
         """Whether per-category indexes live on category_vectors' partitions (plain PostgreSQL since 0013)."""
-        if self._partitions is None:
-            self._partitions = not distributed(self.session) and bool(
-                self.session.execute(text("SELECT to_regclass('category_vectors') IS NOT NULL")).scalar()
-            )
-        return self._partitions
+        return category_partitions(self.session)
 
     def category_indexes(self, model_id: int) -> dict[int, int]:
         """Categories that have a per-category HNSW index, with the rows it held when last built/analysed."""
