@@ -9,13 +9,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
+import numpy as np
 import pytest
 
 from imsrc.catalog.repository import ModelRepository
 from imsrc.config import Settings
 from imsrc.embeddings.registry import get_embedder
 from imsrc.ingest.service import ingest_bytes
+from imsrc.search import faiss_store
 from imsrc.search.faiss_store import FaissStore
 from tests.fixtures.database import database_for
 from tests.helpers import ROOT, make_image
@@ -90,6 +93,7 @@ def test_resaved_index_is_mapped_by_the_other_process(
         with db.session() as session:
             caught_up = store.get(session, model)
         assert caught_up is first and len(first) == 10
+        assert store.wait_for_save(60)  # written in a thread of its own
         resaved = json.loads(meta_path.read_text())
         assert resaved["count"] == 10 and resaved["watermark"] != saved["watermark"]
         assert first.replayed == 0
@@ -112,4 +116,63 @@ def test_resaved_index_is_mapped_by_the_other_process(
         again = store.get(session, model)
     assert again is not first and len(again) == 10 and again.replayed == 0
     assert all(s.mapped for s in again.subs.values())
+    db.dispose()
+
+
+def test_searches_answer_while_the_index_is_being_saved(
+    create_database, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The re-save writes a snapshot outside the index lock: while it is held half-way (after its first file), a
+    query in the same process catches up with new uploads and searches; the files get the snapshot's rows only,
+    and load cleanly. (Before, the save held the index lock while writing: that query waited for the whole save,
+    seconds at 1M vectors.)"""
+    url = create_database("imsrc_resave_busy")
+    data_dir = tmp_path_factory.mktemp("resave-busy")
+    settings = Settings(database_url=url, data_dir=data_dir, model=TEST_MODEL, _env_file=None)  # type: ignore[call-arg]
+    db = database_for(settings)
+    _upload(db, settings, range(6))
+    store = FaissStore(data_dir, flat_max_rows=settings.faiss_flat_max_rows, resave_changes=3)
+    with db.session() as session:
+        model = ModelRepository(session).active()
+        assert model is not None
+        first = store.get(session, model)
+    meta_path = data_dir / "faiss" / f"model-{int(model.id)}" / "meta.json"
+
+    halfway, release = threading.Event(), threading.Event()
+    write_sub = faiss_store.write_sub
+
+    def held(index, path):  # type: ignore[no-untyped-def]
+        write_sub(index, path)
+        halfway.set()
+        release.wait(60)
+
+    monkeypatch.setattr(faiss_store, "write_sub", held)
+    probe = np.ones(model.dimension, dtype=np.float32) / np.sqrt(model.dimension)
+
+    def query(out: list[tuple[int, list[tuple[int, float]]]]) -> None:
+        with db.session() as session:
+            index = store.get(session, model)
+            out.append((len(index), index.search(probe, None, 5)))
+
+    try:
+        _upload(db, settings, range(100, 104))  # 4 changes > 3: the next query starts a save
+        threading.Thread(target=query, args=([],), daemon=True).start()
+        assert halfway.wait(60), "the save did not start"
+        _upload(db, settings, range(200, 202))  # 2 more, into the category being written
+        answered: list[tuple[int, list[tuple[int, float]]]] = []
+        searcher = threading.Thread(target=query, args=(answered,), daemon=True)
+        searcher.start()
+        searcher.join(20)
+        assert answered, "a search waited for the save"
+        assert not release.is_set() and store.saving is not None and store.saving.is_alive()
+        count, hits = answered[0]
+        assert count == 12 and len(hits) == 5
+    finally:
+        release.set()
+    assert store.wait_for_save(60)
+    saved = json.loads(meta_path.read_text())
+    assert saved["count"] == 10  # the snapshot's rows, not the 2 appended while it was written
+    with db.session() as session:  # the new files pass every check and the 2 later changes are replayed
+        again = store.get(session, model)
+    assert again is not first and len(again) == 12 and again.replayed == 2
     db.dispose()

@@ -78,15 +78,18 @@ class SubIndex:
     # Read from a saved file with mmap (FaissStore): the pages are the OS's file cache, shared by every worker
     # process that maps the same file, and read-only: FAISS aborts the whole process on an add to such an index.
     mapped: bool = False
+    # Handed to a save that writes it outside the index lock (FaissModelIndex.snapshot): the next change works on
+    # a copy instead, so the file gets the rows of the snapshot, never half of an add.
+    frozen: bool = False
     _selector: object | None = None
 
     def own(self) -> None:
-        """Copy a memory-mapped index into this process's memory, so it can change."""
-        if self.mapped:
+        """Copy a memory-mapped index, or one a save is writing, into a private one, so it can change."""
+        if self.mapped or self.frozen:
             self.index = faiss.deserialize_index(faiss.serialize_index(self.index))
             if isinstance(self.index, faiss.IndexRefine):
                 self.index.k_factor = RERANK_FACTOR
-            self.mapped = False
+            self.mapped = self.frozen = False
 
     @property
     def live(self) -> int:
@@ -122,6 +125,25 @@ class SubIndex:
             params.sel = self._selector[1]  # type: ignore[index]
         scores, labels = self.index.search(query.reshape(1, -1), want, params=params)
         return [(int(self.ids[p]), float(s)) for p, s in zip(labels[0], scores[0], strict=True) if p >= 0]
+
+
+@dataclass(frozen=True)
+class SavedSub:
+    """One category of a snapshot: what a save writes (the index object no change touches any more)."""
+
+    category_id: int
+    index: faiss.Index
+    ids: np.ndarray
+    kind: str
+    trained_on: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    subs: list[SavedSub]
+    watermark: Watermark
+    count: int
+    replayed: int
 
 
 class FaissModelIndex:
@@ -214,6 +236,22 @@ class FaissModelIndex:
         del self.subs[category_id]
         if len(keep):
             self.add_category(category_id, sub.ids[keep], vectors)
+
+    def snapshot(self) -> Snapshot:
+        """The index as of now, for a save that writes it without holding the lock (searches and catch-ups go
+        on meanwhile). Sub-indexes with tombstones are compacted first (tombstones are not saved); every sub-index
+        is then frozen: the change log's next append to it copies it first (SubIndex.own), and removals and
+        rebuilds replace the SubIndex rather than touching the frozen index. ids arrays are replaced, never
+        changed in place, so holding references is enough."""
+        with self.lock:
+            for category_id, sub in list(self.subs.items()):
+                if sub.removed:
+                    self._rebuild(category_id)
+            subs = []
+            for category_id, sub in self.subs.items():
+                sub.frozen = True
+                subs.append(SavedSub(category_id, sub.index, sub.ids, sub.kind, sub.trained_on))
+            return Snapshot(subs, self.watermark, len(self), self.replayed)
 
     def search(self, query: np.ndarray, category_ids: list[int] | None, limit: int) -> list[Hit]:
         q = np.ascontiguousarray(query, dtype=np.float32)

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.db.citus import distributed
 from imsrc.search.errors import FAISS_ON_CITUS, BackendUnavailableError
-from imsrc.search.faiss_index import RERANK_FACTOR, FaissModelIndex, SubIndex
+from imsrc.search.faiss_index import RERANK_FACTOR, FaissModelIndex, Snapshot, SubIndex
 from imsrc.search.repository import ChangeLogRepository, SearchStateRepository, VectorRepository, Watermark
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,11 @@ def catalog_identity(session: Session) -> str:
         value = uuid.uuid4().hex
         state.put(CATALOG_KEY, {"id": value})
     return str(value)
+
+
+def write_sub(index: faiss.Index, path: Path) -> None:
+    """One sub-index to its file (a function of its own so a test can hold a save half-way)."""
+    faiss.write_index(index, str(path))
 
 
 def _sha256(path: Path) -> str:
@@ -73,6 +78,7 @@ class FaissStore:
         # this one as well.
         self._files = threading.Lock()
         self._indexes: dict[int, FaissModelIndex] = {}
+        self.saving: threading.Thread | None = None  # the latest re-save's thread (see _resave)
         self.last_build_s: float | None = None
 
     def get(self, session: Session, model: EmbeddingModel) -> FaissModelIndex:
@@ -111,34 +117,60 @@ class FaissStore:
         each category changed since then stays a private copy in every worker. One process saves (the file
         lock, not waited for: whoever holds it is saving or loading and the others go on answering); the others
         notice the new meta.json on their next query and map the new files. Only from a session that has written
-        nothing: its own uncommitted changes must not reach the files."""
+        nothing: its own uncommitted changes must not reach the files.
+
+        The files are written in a thread of their own, from a snapshot (FaissModelIndex.snapshot), without the
+        index lock: at 1M vectors writing and hashing 2 GB takes seconds, during which this process's searches
+        (the one that triggered the save included) and catch-ups go on. The thread is not a daemon: a process that
+        exits (a CLI command, a worker told to stop) finishes the save first, never leaving half of one."""
         import fasteners
 
         assert self.root is not None
         if not self._files.acquire(blocking=False):
-            return
+            return  # a save (or a load) is in progress in this process
         lock = fasteners.InterProcessLock(str(self.root / f"model-{int(index.model_id)}.lock"))
         if not lock.acquire(blocking=False):
             self._files.release()
             return
         try:
-            if self._saved_since(index):
-                return  # saved by another process meanwhile: this one reloads on its next query
-            started = time.perf_counter()
-            self.save(session, index)
-            log.info(
-                "re-saved FAISS index for %s after %d replayed changes, in %.1f s",
-                index.model_name,
-                index.replayed,
-                time.perf_counter() - started,
-            )
-            index.replayed = 0
-            # Stamped as unseen: this process, too, maps the new files on its next query (its changed categories
-            # were private copies until now).
-            index.saved_as = (-1, -1)
+            # Saved by another process meanwhile: this one maps those files on its next query.
+            due = not self._saved_since(index)
+            if due:
+                catalog = catalog_identity(session)
+                snapshot = index.snapshot()
+        except BaseException:
+            due = False
+            raise
         finally:
-            lock.release()
-            self._files.release()
+            if not due:
+                lock.release()
+                self._files.release()
+        if not due:
+            return
+
+        def write() -> None:
+            started = time.perf_counter()
+            try:
+                self._write(index, snapshot, catalog)
+                log.info(
+                    "re-saved FAISS index for %s after %d replayed changes, in %.1f s",
+                    index.model_name,
+                    snapshot.replayed,
+                    time.perf_counter() - started,
+                )
+                with index.lock:  # the changes replayed while it was written still count
+                    index.replayed -= snapshot.replayed
+                # Stamped as unseen: this process, too, maps the new files on its next query (its changed
+                # categories were private copies until now).
+                index.saved_as = (-1, -1)
+            except Exception:  # logged: the old files stay, and a later query tries again
+                log.exception("re-saving the FAISS index for %s failed", index.model_name)
+            finally:
+                lock.release()
+                self._files.release()
+
+        self.saving = threading.Thread(target=write, name=f"imsrc-faiss-save-{index.model_id}")
+        self.saving.start()
 
     def _load_or_build(self, session: Session, model: EmbeddingModel) -> FaissModelIndex:
         """Saved once, mapped by all: the first process (of the API workers sharing data_dir) to need the index
@@ -214,32 +246,40 @@ class FaissStore:
         return self.root / f"model-{int(model_id)}"
 
     def save(self, session: Session, index: FaissModelIndex) -> Path:
+        return self._write(index, index.snapshot(), catalog_identity(session))
+
+    def wait_for_save(self, timeout: float | None = None) -> bool:
+        """Wait for a re-save in progress in this process (if any); False if it is still running."""
+        saving = self.saving
+        if saving is not None:
+            saving.join(timeout)
+            return not saving.is_alive()
+        return True
+
+    def _write(self, index: FaissModelIndex, snapshot: Snapshot, catalog: str) -> Path:
+        """Write a snapshot into a new directory and swap it in (no index lock needed: see snapshot())."""
         target = self._dir(index.model_id)
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         files: list[dict[str, Any]] = []
-        with index.lock:
-            for category_id, sub in list(index.subs.items()):
-                if sub.removed:  # save compacted: tombstones are not persisted
-                    index._rebuild(category_id)
-            for category_id, sub in index.subs.items():
-                faiss.write_index(sub.index, str(tmp / f"c{category_id}.faiss"))
-                np.save(tmp / f"c{category_id}.ids.npy", sub.ids)
-                files.append(
-                    {"category": category_id, "kind": sub.kind, "count": len(sub.ids), "trained_on": sub.trained_on}
-                )
-            meta = {
-                "format": FORMAT_VERSION,
-                "catalog": catalog_identity(session),
-                "model_id": index.model_id,
-                "model": index.model_name,
-                "dimension": index.dimension,
-                "watermark": index.watermark.as_dict(),
-                "flat_max_rows": index.flat_max_rows,
-                "count": len(index),
-                "subs": files,
-            }
+        for sub in snapshot.subs:
+            write_sub(sub.index, tmp / f"c{sub.category_id}.faiss")
+            np.save(tmp / f"c{sub.category_id}.ids.npy", sub.ids)
+            files.append(
+                {"category": sub.category_id, "kind": sub.kind, "count": len(sub.ids), "trained_on": sub.trained_on}
+            )
+        meta = {
+            "format": FORMAT_VERSION,
+            "catalog": catalog,
+            "model_id": index.model_id,
+            "model": index.model_name,
+            "dimension": index.dimension,
+            "watermark": snapshot.watermark.as_dict(),
+            "flat_max_rows": index.flat_max_rows,
+            "count": snapshot.count,
+            "subs": files,
+        }
         for entry in files:
             for suffix in (".faiss", ".ids.npy"):
                 path = tmp / f"c{entry['category']}{suffix}"
