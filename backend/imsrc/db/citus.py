@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 UNCATEGORISED = 0  # embeddings.category_id of uncategorised images on Citus
 _CACHE: dict[str, bool] = {}
 _PARTITIONS: dict[str, bool] = {}
+_CATEGORY_READ: dict[str, bool] = {}
 _GUARD = threading.Lock()
 
 
@@ -75,11 +76,32 @@ def category_partitions(session: Session) -> bool:
 def forget(url: str | None = None) -> None:
     """Drop cached answers about a catalog's shape (after migrations: imsrc.db.engine.upgrade/downgrade)."""
     with _GUARD:
-        for cache in (_CACHE, _PARTITIONS):
+        for cache in (_CACHE, _PARTITIONS, _CATEGORY_READ):
             if url is None:
                 cache.clear()
             else:
                 cache.pop(url, None)
+
+
+def category_read_delegated(session: Session) -> bool:
+    """Whether this distributed catalog has imsrc._category_read (CITUS_CATEGORY_READ), which every upgrade since it
+    was added makes; a catalog last migrated by an older imsrc reads through pg_queries.citus_read instead."""
+    key = _cache_key(session)
+    with _GUARD:
+        if key in _CATEGORY_READ:
+            return _CATEGORY_READ[key]
+    found = bool(
+        session.execute(
+            text(
+                "SELECT EXISTS (SELECT 1 FROM pg_dist_object WHERE objid = to_regprocedure(:f)"
+                " AND distribution_argument_index IS NOT NULL)"
+            ),
+            {"f": CATEGORY_READ_SIGNATURE},
+        ).scalar()
+    )
+    with _GUARD:
+        _CATEGORY_READ[key] = found
+    return found
 
 
 def uncategorised_condition(session: Session, alias: str = "") -> str:
@@ -160,6 +182,50 @@ BEGIN
 END $$;
 """
 
+
+# The service's stage 2 on Citus reads one category at a time (search/pg_queries.citus_category_read) through this
+# function, distributed by its category argument and co-located with embeddings: Citus then delegates the whole call
+# `SELECT * FROM imsrc._category_read(<category>, ...)`, made outside a transaction block, to the worker that holds
+# the category's shard, in one round trip, and the worker runs the query on its own shard (Citus' local execution),
+# planned there with the settings set_config() just made. Sending SET LOCALs instead needed a remote transaction
+# block: BEGIN and the SETs, the query, ROLLBACK, three round trips to the worker for one query (BENCHMARKS.md
+# "Citus"). Where Citus does not delegate the call (inside BEGIN ... COMMIT, a worker without metadata, or the shard
+# moved away a moment ago) the shard is not on the node running the function, and the settings travel as the
+# SQL functions' walk sends them (CITUS_WALK: SET LOCAL below a nested call, in a coordinated transaction), then
+# are put back: the same rows either way. `p_sql` reads the query vector as $1 (text).
+CITUS_CATEGORY_READ = r"""
+CREATE OR REPLACE FUNCTION imsrc._category_read(p_category bigint, p_sql text, p_query text, p_names text[],
+                                                p_values text[])
+RETURNS TABLE (image_id bigint, score double precision)
+LANGUAGE plpgsql VOLATILE
+SET citus.propagate_set_commands = 'local' AS $$
+DECLARE
+    here boolean;
+    before text[];
+BEGIN
+    IF EXISTS (SELECT 1 FROM unnest(p_names) n WHERE n !~ '^[a-z_.]+$') THEN
+        RAISE EXCEPTION 'imsrc: unexpected setting name in %', p_names USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT EXISTS (SELECT 1 FROM pg_dist_placement p JOIN pg_dist_local_group l ON l.groupid = p.groupid
+                    WHERE p.shardid = get_shard_id_for_distribution_column('embeddings', p_category))
+      INTO here;
+    IF here THEN
+        PERFORM set_config(n, v, true) FROM unnest(p_names, p_values) u(n, v);
+        RETURN QUERY EXECUTE p_sql USING p_query;
+        RETURN;
+    END IF;
+    SELECT array_agg(current_setting(n, true) ORDER BY o) INTO before FROM unnest(p_names) WITH ORDINALITY u(n, o);
+    PERFORM create_intermediate_result('imsrc_category_read', 'SELECT 1');
+    PERFORM imsrc._set_local(n, v) FROM unnest(p_names, p_values) u(n, v);
+    RETURN QUERY EXECUTE p_sql USING p_query;
+    PERFORM imsrc._set_local(n, v) FROM unnest(p_names, before) u(n, v);
+END $$;
+
+SELECT create_distributed_function('imsrc._set_local(text,text)');
+SELECT create_distributed_function('imsrc._category_read(bigint,text,text,text[],text[])', 'p_category',
+                                   colocate_with := 'embeddings');
+"""
+CATEGORY_READ_SIGNATURE = "imsrc._category_read(bigint,text,text,text[],text[])"
 
 # imsrc.similar's first step looked the image's vector up by (model_id, image_id): not the distribution column,
 # so every shard was asked (32 tasks for one row). The image's category names its shard; read in the same
@@ -290,7 +356,8 @@ END $do$
 def after_migrations(connection: Any) -> None:
     """Run by migrations/env.py after every upgrade: on a distributed catalog, rewrite the SQL functions that the
     revisions just applied may have (re)created in LANGUAGE sql (see CITUS_SQL_FUNCTIONS_TO_PLPGSQL), the
-    stage-2 walk whose settings must reach the workers (CITUS_WALK), and two look-ups that asked every shard
+    stage-2 walk whose settings must reach the workers (CITUS_WALK), the service's one-category read delegated to
+    the category's worker (CITUS_CATEGORY_READ), and three look-ups that asked every shard
     (CITUS_IMAGE_VECTOR, CITUS_COUNT_FROM_PROTOTYPES, CITUS_DUPLICATES_FIRST)."""
     distributed_now = connection.execute(
         text("SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND to_regclass('embeddings') IS NOT NULL")
@@ -303,6 +370,7 @@ def after_migrations(connection: Any) -> None:
     ):
         connection.execute(text(CITUS_SQL_FUNCTIONS_TO_PLPGSQL))
         connection.execute(text(CITUS_WALK))
+        connection.execute(text(CITUS_CATEGORY_READ))
         connection.execute(text(CITUS_IMAGE_VECTOR))
         connection.execute(text(CITUS_COUNT_FROM_PROTOTYPES))
         connection.execute(text(CITUS_DUPLICATES_FIRST))

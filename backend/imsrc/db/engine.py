@@ -68,13 +68,15 @@ def side_engine(engine: Engine) -> Engine:
     holds its session's (Citus stage 2: one per category, search/pg_queries.citus_read). Drawn from the same
     pool, N searches holding N of its connections could all wait for the ones they still need once pool_size +
     max_overflow are out, until the pool timeout. This pool never makes them wait (no overflow limit; the server's
-    max_connections is the bound). Made on first use, disposed with `engine`."""
+    max_connections is the bound). No ping before each checkout: its callers run a read that changes nothing and
+    run it again when the connection turns out to be dropped (pg_queries._side_read). Made on first use, disposed
+    with `engine`."""
     with _SIDE_GUARD:
         side = _SIDE_POOLS.get(engine)
         if side is None:
             side = create_engine(
                 engine.url,
-                pool_pre_ping=True,
+                pool_pre_ping=False,
                 pool_size=SIDE_POOL_SIZE,
                 max_overflow=-1,
                 connect_args={"connect_timeout": 10, "application_name": "imsrc"},

@@ -25,20 +25,23 @@ can serve. enable_sort/enable_seqscan are switched off (locally) so each branch 
 from __future__ import annotations
 
 import math
+import os
 import re
-from collections.abc import Container, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.locks import WriteLocks
 from imsrc.catalog.repository import embedding_expr
-from imsrc.db.citus import category_partitions, distributed, sequential_shard_commands
+from imsrc.db.citus import category_partitions, category_read_delegated, distributed, sequential_shard_commands
 from imsrc.db.engine import side_engine
 
 Hit = tuple[int, float]  # (image_id, cosine similarity)
@@ -144,6 +147,25 @@ def _set_local(name: str, value: str) -> str:
     return f"SET LOCAL {name} = '{value}'"
 
 
+def _side_read(engine: Engine, read: Callable[[Any], list[Any]], *, autocommit: bool = False) -> list[Any]:
+    """`read(psycopg connection)` on a connection of the side pool (db.engine.side_engine). That pool does not ping
+    a connection before handing it out (a round trip to the coordinator per stage-2 statement, ~0.3-0.6 ms of a
+    1-category search on the bench machine): a connection the server dropped since (a restart) fails its first
+    statement as `broken`, and the read, which changes nothing, runs once more on a new connection."""
+    for attempt in (1, 2):
+        with side_engine(engine).connect() as conn:
+            if autocommit:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+            raw: Any = conn.connection.driver_connection
+            try:
+                return read(raw)
+            except psycopg.OperationalError:
+                if attempt == 2 or not raw.broken:
+                    raise
+                conn.invalidate()
+    raise AssertionError("unreachable")
+
+
 def citus_read(engine: Engine, sql: str, params: Mapping[str, str], settings: Mapping[str, str]) -> list[Any]:
     """One read on a pooled connection of its own, with `settings` in force on the workers that run it.
 
@@ -151,10 +173,12 @@ def citus_read(engine: Engine, sql: str, params: Mapping[str, str], settings: Ma
     passed on to the workers' transactions when citus.propagate_set_commands is 'local'. The SETs, the query
     and the ROLLBACK go as one pipeline: one round trip from here (the settings used to cost a round trip
     each, and their restore one more to every worker in the transaction: ~7 ms of a 1-category search,
-    BENCHMARKS "Citus"), and nothing is left to restore. `sql` uses psycopg placeholders (%(name)s).
-    Read-only and on another connection: it sees what is committed, as the search's own transaction does."""
-    with side_engine(engine).connect() as conn:
-        raw: Any = conn.connection.driver_connection
+    BENCHMARKS "Citus"), and nothing is left to restore. Still three round trips from the coordinator to each
+    worker (BEGIN with the SETs, the query, ROLLBACK): a one-category read goes through citus_category_read.
+    `sql` uses psycopg placeholders (%(name)s). Read-only and on another connection: it sees what is committed,
+    as the search's own transaction does."""
+
+    def read(raw: Any) -> list[Any]:
         with raw.pipeline():
             raw.execute(_set_local("citus.propagate_set_commands", "local"))
             for name, value in settings.items():
@@ -163,22 +187,69 @@ def citus_read(engine: Engine, sql: str, params: Mapping[str, str], settings: Ma
             raw.rollback()
         return list(cursor.fetchall())
 
+    return _side_read(engine, read)
+
+
+CATEGORY_READ = "SELECT image_id, score FROM imsrc._category_read(%(c)s, %(sql)s, %(q)s, %(names)s, %(values)s)"
+
+
+def citus_category_read(
+    engine: Engine, category_id: int, sql: str, query: str, settings: Mapping[str, str]
+) -> list[Any]:
+    """One category's read on Citus in one round trip from the coordinator to the worker that holds it:
+    imsrc._category_read (db/citus.py, CITUS_CATEGORY_READ), called outside a transaction block so that Citus
+    delegates the whole call to that worker, which sets `settings` and runs `sql` on its own shard. `sql` must
+    read only this category's rows, with psycopg's %(q)s placeholder for the query vector (text). Same rows as
+    citus_read; ~1.5 vs ~3-4 ms for one small category's walk at load 8 (interleaved A/B, BENCHMARKS "Citus")."""
+    params = {
+        "c": int(category_id),
+        "sql": sql.replace("%(q)s", "$1"),
+        "q": query,
+        "names": list(settings),
+        "values": list(settings.values()),
+    }
+    return _side_read(engine, lambda raw: list(raw.execute(CATEGORY_READ, params).fetchall()), autocommit=True)
+
+
+PARALLEL_BRANCHES_MAX = 32  # stage-2 statements in flight at once in one process, all Citus searches together
+_BRANCHES: tuple[int, ThreadPoolExecutor] | None = None
+_BRANCHES_GUARD = threading.Lock()
+
+
+def _branch_pool() -> ThreadPoolExecutor:
+    """Threads for Citus stage-2 branches, made once per process (a pool made per search cost as much as the
+    parallelism won: 3 one-category reads took 6.2 ms in a new pool, 6.3 ms one after another, 4.3 ms in a kept
+    one). Per process: a forked worker must not inherit its parent's threads."""
+    global _BRANCHES
+    with _BRANCHES_GUARD:
+        if _BRANCHES is None or _BRANCHES[0] != os.getpid():
+            _BRANCHES = (os.getpid(), ThreadPoolExecutor(PARALLEL_BRANCHES_MAX, thread_name_prefix="imsrc-stage2"))
+        return _BRANCHES[1]
+
 
 def _citus_reads(
-    engine: Engine, statements: Sequence[str], params: Mapping[str, str], settings: Mapping[str, str]
+    engine: Engine,
+    statements: Sequence[tuple[int, str]],
+    query: str,
+    settings: Mapping[str, str],
+    delegated: bool,
 ) -> list[Any]:
-    """citus_read for each statement, at once when there are several (their rows together): Citus runs the
+    """Each (category, statement) read on a connection of its own (citus_category_read, or citus_read where the
+    catalog lacks the delegated function), at once when there are several (their rows together): Citus runs the
     legs of a UNION ALL one after another, as subplans, so several categories' workers walk their graphs at
-    the same time only when each leg is a statement of its own."""
-    if len(statements) == 1:
-        return citus_read(engine, statements[0], params, settings)
-    with ThreadPoolExecutor(max_workers=min(len(statements), PARALLEL_BRANCHES_MAX)) as pool:
-        return [
-            row for rows in pool.map(lambda sql: citus_read(engine, sql, params, settings), statements) for row in rows
-        ]
+    the same time only when each leg is a statement of its own. The first runs in this thread."""
 
+    def read(item: tuple[int, str]) -> list[Any]:
+        category_id, sql = item
+        if delegated:
+            return citus_category_read(engine, category_id, sql, query, settings)
+        return citus_read(engine, sql, {"q": query}, settings)
 
-PARALLEL_BRANCHES_MAX = 8  # connections one Citus search may hold at once (db.engine.side_engine's pool)
+    others = [_branch_pool().submit(read, item) for item in statements[1:]]
+    rows = read(statements[0])
+    for future in others:
+        rows += future.result()
+    return rows
 
 
 @contextmanager
@@ -427,12 +498,15 @@ class NeighbourRepository:
             # order the UNION below sorts by: the same rows, at full precision, in the same order. Flat (no
             # subquery) so that Citus plans it on its fast path for single-shard queries.
             statements = [
-                f"SELECT image_id, 1 - ({expr} <=> {_psycopg(q)}) AS score FROM embeddings "
-                f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)} "
-                f"ORDER BY {_psycopg(order)} LIMIT {int(limit)}"
+                (
+                    category_id,
+                    f"SELECT image_id, 1 - ({expr} <=> {_psycopg(q)}) AS score FROM embeddings "
+                    f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)} "
+                    f"ORDER BY {_psycopg(order)} LIMIT {int(limit)}",
+                )
                 for (category_id, _), order in zip(categories, orders, strict=True)
             ]
-            found = _citus_reads(engine, statements, {"q": query}, settings)
+            found = _citus_reads(engine, statements, query, settings, category_read_delegated(self.session))
             return sorted(((int(r[0]), float(r[1])) for r in found), key=lambda h: (-h[1], h[0]))[:limit]
         sql = (
             f"SELECT image_id, 1 - (e <=> {q}) AS score FROM ({' UNION ALL '.join(branches)}) s "
