@@ -699,6 +699,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "k": K,
         "global_hnsw": {"m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION},
         "queries": args.queries,
+        "exact_queries": args.exact_queries or args.queries,
         "build_s": {k: round(v, 2) for k, v in build.items()},
         **result,
     }
