@@ -36,7 +36,7 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
-from bench.bench_common import database_url  # noqa: E402
+from bench.bench_common import check_resources, database_url  # noqa: E402
 from bench.search.load import load, make_mixture, start_server  # noqa: E402
 
 from imsrc.catalog.repository import ModelRepository, embedding_expr, opclass  # noqa: E402
@@ -212,11 +212,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.rows < args.categories or args.categories < 1:
         raise SystemExit("build_bench: --rows must be at least --categories, and --categories at least 1")
-    need = args.rows * (args.dim * 4 + 64) * 3  # heap + two graphs, roughly
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need > avail:
-        raise SystemExit(f"build_bench: about {need / 2**30:.1f} GiB needed, {avail / 2**30:.1f} GiB free")
     scratch = ROOT / "bench" / "results" / "tmp" / "build"
+    # Memory: heap + two graphs, roughly (MemAvailable: free memory alone refused runs on a machine whose memory
+    # sat in reclaimable page cache); disk: the same three, twice over for the halfvec copy and WAL.
+    need = args.rows * (args.dim * 4 + 64) * 3
+    check_resources("build_bench", memory=need, disk=2 * need, folder=scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     server = None
     url = args.database_url
