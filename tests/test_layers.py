@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "resources": 0,
     "formats": 0,
     "imaging": 0,
+    "timings": 0,  # per-request stage times (the upload route's Server-Timing header)
     "db": 1,  # engine, sessions, the embedded server, what database errors mean
     "embeddings": 2,  # models behind one protocol; embeddings.loading.load_embedder loads them all
     "catalog": 3,  # ORM models, repositories (all SQL for images, categories, prototypes, models), read services

@@ -24,7 +24,8 @@ from imsrc.config import Settings
 from imsrc.db.session import Database
 from imsrc.imaging import DecodeGate
 from imsrc.ingest.uploads import ingest_uploads
-from imsrc.search.sync import sync_search
+from imsrc.search.refresher import DerivedRefresher
+from imsrc.search.sync import refresh_derived, sync_search
 from tests.fixtures.database import fresh_database
 from tests.helpers import make_image
 from tests.ingest_support import TEST_MODEL
@@ -134,9 +135,12 @@ def _near_copy(seed: int) -> bytes:
     return out.getvalue()
 
 
-def test_fifty_concurrent_uploaders_lose_nothing(db: Database, tmp_path: Path) -> None:
+@pytest.mark.parametrize("deferred", [False, True], ids=["refreshed-in-upload", "refreshed-in-background"])
+def test_fifty_concurrent_uploaders_lose_nothing(db: Database, tmp_path: Path, deferred: bool) -> None:
     # 50 uploads from 10 threads at once: four named categories and uncategorised ones (automatic grouping), one
-    # file sent twice, and a near-duplicate pair (one changed pixel) sent at the same moment.
+    # file sent twice, and a near-duplicate pair (one changed pixel) sent at the same moment. deferred: as the
+    # server uploads, the calibration and earlier images' labels left to a background refresher.
+    refresher = DerivedRefresher(lambda: db, db.settings, delay_s=0.2) if deferred else None
     names = ["red", "green", "blue", "grey", None]
     jobs = [([_staged(tmp_path, 900 + i)], names[i % 5]) for i in range(47)]
     jobs.append(([_staged(tmp_path, 900)], "red"))  # the same bytes as job 0
@@ -147,10 +151,15 @@ def test_fifty_concurrent_uploaders_lose_nothing(db: Database, tmp_path: Path) -
     gate = DecodeGate(2, 300.0)
 
     def upload(job: tuple[list[Staged], str | None]) -> list[tuple[str, int | None, int | None]]:
-        return [(r.status, r.id, r.duplicate_of) for r in ingest_uploads(db, db.settings, job[0], job[1], gate)]
+        results = ingest_uploads(db, db.settings, job[0], job[1], gate, refresher=refresher)
+        return [(r.status, r.id, r.duplicate_of) for r in results]
 
     with ThreadPoolExecutor(10) as pool:
         answers = [a for batch in pool.map(upload, jobs) for a in batch]
+    if refresher is not None:
+        assert refresher.wait_idle(120)
+        assert 1 <= refresher.runs < 50  # coalesced: fewer refreshes than uploads
+        refresher.close()
     assert [s for s, _, _ in answers].count("failed") == 0
     ids = {i for _, i, _ in answers}
     assert len(ids) == 49 and None not in ids  # the repeated bytes point at the one stored image
@@ -193,6 +202,16 @@ def test_fifty_concurrent_uploaders_lose_nothing(db: Database, tmp_path: Path) -
             )
         ).all()
         assert stale == []
+        # Labels and calibration are current once the uploads (and, deferred, the refresher) are done: a refresh
+        # now changes no predicted label, and stage 1 is calibrated.
+        labels = "SELECT id, predicted_category_id, predicted_score FROM images ORDER BY id"
+        before = session.execute(text(labels)).all()
+        assert sum(row[1] is not None for row in before) == 9  # the automatic groups' members
+    with db.session() as session:
+        model_id = int(session.execute(text("SELECT id FROM embedding_models")).scalar_one())
+        refresh_derived(session, db.settings, model_id=model_id)
+        assert session.execute(text(labels)).all() == before
+        assert session.execute(text("SELECT count(*) FROM search_state WHERE key LIKE 'stage1:%'")).scalar_one() == 1
 
 
 def test_embedding_an_image_while_it_is_recategorised_keeps_its_vector_with_it(db: Database) -> None:

@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     # decode_wait_s for a turn gets 503 with Retry-After.
     max_concurrent_decodes: int = Field(default=2, ge=1, le=64)
     decode_wait_s: float = Field(default=5.0, ge=0, le=300)
+    # Searches one server process runs at once (api/admission.py); more wait their turn without a thread, and
+    # one that waits longer than search_wait_s gets 503 with Retry-After. 0: no limit (the threadpool's 40).
+    search_concurrency: int = Field(default=4, ge=0, le=1024)
+    search_wait_s: float = Field(default=60.0, gt=0, le=3600)
+    # Uploads through the API leave the stage-1 calibration and the predicted labels of earlier images to a
+    # background refresh (search/refresher.py), at most this often per server process; 0: every upload redoes
+    # them inside its own transaction (as `imsrc index` does).
+    upload_refresh_delay_s: float = Field(default=1.0, ge=0, le=3600)
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     thumbnail_size: int = Field(default=256, ge=32, le=1024)
     # Region vectors for match=partial (windows of each image, search/regions.py) while indexing and uploading.

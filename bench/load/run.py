@@ -58,19 +58,40 @@ def picture(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def start_server(model: str, workers: int, backend: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+QUERY_PICTURES = 200
+UPLOADS_AHEAD = 30  # pictures made per client before the clock starts; more are made on the fly
+
+
+class Pictures:
+    """The request bodies, made before the timed run: a picture costs the load generator ~3-6 ms of CPU (numpy +
+    JPEG), ~0.2 cores at 50 requests/s, taken from the 2 cores the server is measured on."""
+
+    def __init__(self, clients: int, uploads_ahead: int = UPLOADS_AHEAD) -> None:
+        self.queries = [picture(i) for i in range(QUERY_PICTURES)]
+        self.uploads = {(c, k): picture(c * 100_000 + k) for c in range(1, clients + 1) for k in range(uploads_ahead)}
+
+    def upload(self, client: int, k: int) -> bytes:
+        """The k-th upload of a client: unique across clients and uploads, so none is a duplicate."""
+        data = self.uploads.pop((client, k), None)
+        return data if data is not None else picture(client * 100_000 + k)
+
+
+def start_server(
+    model: str, workers: int, backend: str, extra_env: dict[str, str] | None = None, log: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str, Path]:
     data = Path(tempfile.mkdtemp(prefix="imsrc-load-"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMSRC_")}
     env.update(IMSRC_DATA_DIR=str(data / "data"), IMSRC_MODEL=model, IMSRC_SEARCH_BACKEND=backend)
+    env.update(extra_env or {})
     proc = subprocess.Popen(
         [sys.executable, "-m", "imsrc.cli.main", "serve", "--port", str(port), "--workers", str(workers)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if log is None else log.open("ab"),
     )
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -94,9 +115,12 @@ async def client_loop(
     texts_ok: bool,
     categories: int,
     mix: tuple[float, float, float, float] = (0.25, 0.6, 0.8, 0.9),
+    stages: dict[str, list[float]] | None = None,
+    pictures: Pictures | None = None,
+    server_ms: dict[str, list[float]] | None = None,
 ) -> None:
     rng = random.Random(seed)
-    n = 0
+    n = uploads = 0
     upload_to, image_to, text_to, listing_to = mix
     while time.monotonic() < deadline:
         n += 1
@@ -104,11 +128,15 @@ async def client_loop(
         t0 = time.perf_counter()
         if roll < upload_to:
             route = "POST /api/images"
-            data = picture(seed * 100_000 + n)
+            data = pictures.upload(seed, uploads) if pictures is not None else picture(seed * 100_000 + n)
+            uploads += 1
             form = {"category": f"load-{seed % categories}"} if categories else {}
             resp = await client.post(
                 "/api/images", data=form, files={"file": (f"load-{seed}-{n}.jpg", data, "image/jpeg")}
             )
+            if stages is not None:
+                for name, ms in server_timing(resp.headers.get("server-timing", "")).items():
+                    stages[name].append(ms)
             if resp.status_code < 300:
                 for item in resp.json().get("results", []):
                     if item.get("id"):
@@ -118,7 +146,7 @@ async def client_loop(
             resp = await client.post(
                 "/api/search/image",
                 params={"k": 10},
-                files={"file": ("q.jpg", picture(rng.randrange(200)), "image/jpeg")},
+                files={"file": ("q.jpg", query_picture(pictures, rng.randrange(QUERY_PICTURES)), "image/jpeg")},
             )
         elif roll < text_to and texts_ok:
             route = "GET /api/search/text"
@@ -131,11 +159,56 @@ async def client_loop(
             ids = uploaded or [1]
             resp = await client.get(f"/api/search/similar/{rng.choice(ids)}")
         stats[route].append((time.perf_counter() - t0) * 1000)
+        app = server_timing(resp.headers.get("server-timing", "")).get("app")
+        if server_ms is not None and app is not None:
+            server_ms[route].append(app)
         if resp.status_code >= 500:
             errors[route] += 1
 
 
-async def run(base: str, clients: int, seconds: float, categories: int, mix: str = "default") -> dict[str, object]:
+def query_picture(pictures: Pictures | None, i: int) -> bytes:
+    return pictures.queries[i] if pictures is not None else picture(i)
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """`name;dur=12.3, other;dur=4` -> {name: 12.3, other: 4.0} (the upload route's stage times)."""
+    out: dict[str, float] = {}
+    for part in header.split(","):
+        name, _, rest = part.strip().partition(";")
+        if name and rest.startswith("dur="):
+            try:
+                out[name] = float(rest[4:])
+            except ValueError:
+                continue
+    return out
+
+
+def stage_summary(stages: dict[str, list[float]], uploads: int) -> dict[str, dict[str, float]]:
+    """Per stage: p50 over the uploads that had it, and mean over all uploads (0 where it did not occur)."""
+    return {
+        name: {
+            "uploads": len(values),
+            "p50_ms": round(statistics.median(values), 1),
+            "mean_ms": round(sum(values) / max(1, uploads), 1),
+        }
+        for name, values in stages.items()
+    }
+
+
+async def status_of(client: httpx.AsyncClient, path: str) -> int:
+    """A GET's status; a connection the server closed while idle (keep-alive timeout) is retried."""
+    for attempt in range(3):
+        try:
+            return (await client.get(path)).status_code
+        except httpx.TransportError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def run(
+    base: str, clients: int, seconds: float, categories: int, mix: str = "default", pictures: Pictures | None = None
+) -> dict[str, object]:
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
         status = (await client.get("/api/status")).json()
@@ -143,14 +216,29 @@ async def run(base: str, clients: int, seconds: float, categories: int, mix: str
         stats: dict[str, list[float]] = defaultdict(list)
         errors: dict[str, int] = defaultdict(int)
         uploaded: list[int] = []
+        stages: dict[str, list[float]] = defaultdict(list)
+        server_ms: dict[str, list[float]] = defaultdict(list)
         deadline = time.monotonic() + seconds
         await asyncio.gather(
             *(
-                client_loop(client, deadline, i + 1, stats, errors, uploaded, texts_ok, categories, MIXES[mix])
+                client_loop(
+                    client,
+                    deadline,
+                    i + 1,
+                    stats,
+                    errors,
+                    uploaded,
+                    texts_ok,
+                    categories,
+                    MIXES[mix],
+                    stages,
+                    pictures,
+                    server_ms,
+                )
                 for i in range(clients)
             )
         )
-        missing = [i for i in uploaded if (await client.get(f"/api/images/{i}")).status_code != 200]
+        missing = [i for i in uploaded if await status_of(client, f"/api/images/{i}") != 200]
     routes = {}
     for route, values in sorted(stats.items()):
         q = statistics.quantiles(values, n=100) if len(values) > 1 else values * 99
@@ -160,6 +248,9 @@ async def run(base: str, clients: int, seconds: float, categories: int, mix: str
             "p95_ms": round(q[94], 1),
             "p99_ms": round(q[98], 1),
             "5xx": errors.get(route, 0),
+            # in the server's app (Server-Timing "app"): the rest is the server's accept and HTTP parsing, its event
+            # loop before the app, and this load generator's own delays
+            "server_p50_ms": round(statistics.median(server_ms[route]), 1) if server_ms.get(route) else None,
         }
     return {
         "clients": clients,
@@ -168,6 +259,7 @@ async def run(base: str, clients: int, seconds: float, categories: int, mix: str
         "acknowledged_uploads": len(uploaded),
         "missing_uploads": len(missing),
         "total_5xx": sum(errors.values()),
+        "upload_stages": stage_summary(stages, len(stats.get("POST /api/images", []))),
     }
 
 
@@ -298,7 +390,8 @@ def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
     base = args.url
     if base is None:
         assert workers is not None
-        proc, base, data = start_server(args.model, workers, args.backend)
+        extra = dict(item.split("=", 1) for item in args.server_env)
+        proc, base, data = start_server(args.model, workers, args.backend, extra, args.server_log)
         with httpx.Client(base_url=base, timeout=300) as c:
             for start in range(0, args.seed_images, 20):
                 files = [
@@ -307,11 +400,12 @@ def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
                 ]
                 c.post("/api/images", files=files).raise_for_status()
         wait_warm(base)
+    pictures = Pictures(args.clients)  # before the clock and the CPU samplers start
     load_before = os.getloadavg()[0]
     sampler = MemorySampler(proc.pid) if proc is not None else None
     cpu = CpuSampler(proc.pid, data) if proc is not None and data is not None else None
     try:
-        result = asyncio.run(run(base, args.clients, args.seconds, args.upload_categories, args.mix))
+        result = asyncio.run(run(base, args.clients, args.seconds, args.upload_categories, args.mix, pictures))
         if cpu is not None:
             result["cpu"] = cpu.close()
         if sampler is not None:
@@ -359,6 +453,17 @@ def main() -> None:
         default=0,
         help="uploads go into this many named categories (client i into load-{i mod N}); 0: none",
     )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the started servers (repeatable), e.g. IMSRC_SEARCH_CONCURRENCY=0",
+    )
+    parser.add_argument("--server-log", type=Path, help="append the started servers' stderr to this file")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only: leave results.json and BENCHMARKS.md alone (exploring)"
+    )
     parser.add_argument("--mix", default="default", choices=sorted(MIXES), help="request mix (see MIXES)")
     args = parser.parse_args()
     counts: list[int | None] = [None] if args.url else [int(w) for w in args.workers.split(",")]
@@ -373,7 +478,8 @@ def main() -> None:
         "mix": args.mix,
         "runs": runs,
     }
-    write_json(Path(__file__).with_name("results.json"), result)
+    if not args.no_write:
+        write_json(Path(__file__).with_name("results.json"), result)
     lines = [
         f"{args.clients} concurrent clients for {args.seconds:.0f} s on loopback per run, model {args.model}, "
         f"{machine()['cpus']} CPUs; one run per `imsrc serve --workers N`, one after the other.",
@@ -405,16 +511,36 @@ def main() -> None:
         )
     lines += [
         "",
-        "| workers | route | requests | p50 ms | p95 ms | p99 ms | 5xx |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| workers | route | requests | p50 ms | p95 ms | p99 ms | 5xx | p50 ms in the server's app |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
         for route, v in r["routes"].items():  # type: ignore[attr-defined]
             lines.append(
                 f"| {r['workers'] or '-'} | {route} | {v['requests']} | {v['p50_ms']} | {v['p95_ms']} | "
-                f"{v['p99_ms']} | {v['5xx']} |"
+                f"{v['p99_ms']} | {v['5xx']} | {v.get('server_p50_ms') or '-'} |"
             )
-    replace_section(args.section, "\n".join(lines))
+    names = list(dict.fromkeys(n for r in runs for n in r.get("upload_stages", {})))  # type: ignore[attr-defined]
+    if names:
+        lines += [
+            "",
+            "Where an upload's time went (the route's Server-Timing header; p50 over the uploads that had the stage,"
+            " mean over all uploads; decode includes decode_wait and thumbnail, write and sync include their lock_*"
+            " waits, route is everything from the request's arrival at the route to its answer, queue the wait for"
+            " a threadpool thread):",
+            "",
+            "| workers | " + " | ".join(names) + " |",
+            "| ---: | " + " | ".join("---:" for _ in names) + " |",
+        ]
+        for r in runs:
+            st = r.get("upload_stages", {})
+            cells = [
+                f"{st[n]['p50_ms']} / {st[n]['mean_ms']}" if n in st else "-"  # type: ignore[index,operator]
+                for n in names
+            ]
+            lines.append(f"| {r['workers'] or '-'} | " + " | ".join(cells) + " |")
+    if not args.no_write:
+        replace_section(args.section, "\n".join(lines))
     print("\n".join(lines))
     if any(r["total_5xx"] or r["missing_uploads"] for r in runs):
         raise SystemExit(1)

@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from imsrc import __version__
 from imsrc.api import categories, images, metrics, search, system, uploads
+from imsrc.api.admission import SearchAdmission
 from imsrc.api.docs import install_docs
 from imsrc.api.edge import HeadAsGetMiddleware, HostOriginMiddleware, SecurityHeadersMiddleware
 from imsrc.api.errors import ERROR_RESPONSES, install_error_handlers
@@ -24,6 +25,7 @@ from imsrc.db.session import Database, open_database
 from imsrc.imaging import DecodeGate
 from imsrc.resources import frontend_dir
 from imsrc.search import warmup
+from imsrc.search.refresher import DerivedRefresher
 from imsrc.search.service import SearchRuntime
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,8 @@ def create_app(
         try:
             yield
         finally:
+            if app.state.derived_refresher is not None:
+                app.state.derived_refresher.close()  # pending refreshes first, while the database is open
             if owned:
                 app.state.database.dispose()
 
@@ -98,6 +102,12 @@ def create_app(
     app.state.settings = settings
     # One bound on concurrent image decodes for uploads and search queries together.
     app.state.decode_gate = DecodeGate.from_settings(settings)
+    app.state.search_admission = SearchAdmission(settings.search_concurrency, settings.search_wait_s)
+    app.state.derived_refresher = (
+        DerivedRefresher(lambda: app.state.database, settings, delay_s=settings.upload_refresh_delay_s)
+        if settings.upload_refresh_delay_s > 0
+        else None
+    )
     # embedders and FAISS load on first use
     app.state.search_runtime = SearchRuntime.create(settings, decode_gate=app.state.decode_gate)
     if database is not None:

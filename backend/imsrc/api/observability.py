@@ -80,7 +80,17 @@ class RequestMiddleware:
                 status = int(message["status"])
                 started = True
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()]
-                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER.encode(), request_id.encode())]}
+                # app: from the request reaching the app to its answer starting, so a client can tell time spent
+                # in here from time spent before (the server's accept and parse, its event loop) or on the way.
+                app_ms = f"app;dur={(time.perf_counter() - start) * 1000:.1f}".encode()
+                message = {
+                    **message,
+                    "headers": [
+                        *headers,
+                        (REQUEST_ID_HEADER.encode(), request_id.encode()),
+                        (b"server-timing", app_ms),
+                    ],
+                }
             await send(message)
 
         try:

@@ -12,10 +12,9 @@ from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from imsrc.api.deps import RuntimeDep, SessionDep, SettingsDep
+from imsrc.api.deps import AdmissionDep, RuntimeDep, SessionDep, SettingsDep
 from imsrc.api.metrics import observe_search
 from imsrc.api.multipart import read_multipart
 from imsrc.config import Settings
@@ -52,7 +51,7 @@ _BODY_DOC: dict[str, Any] = {
 }
 
 
-def search_options(
+async def search_options(
     k: Annotated[int | None, Query(ge=1, le=1000, description="results (default IMSRC_SEARCH_K)")] = None,
     categories: Annotated[
         str | None, Query(description="stage-1 fan-out: a number of categories, or 'auto' (score-mass rule)")
@@ -185,6 +184,7 @@ async def search_image(
     session: SessionDep,
     settings: SettingsDep,
     runtime: RuntimeDep,
+    admission: AdmissionDep,
     options: OptionsDep,
     q: Annotated[
         str | None,
@@ -199,25 +199,27 @@ async def search_image(
     data, url = await _image_or_url(request, settings)
     service = runtime.service(session)
     if url is not None:
-        return observe_search(await run_in_threadpool(service.search_url, url, options))
+        return observe_search(await admission.run(service.search_url, url, options))
     assert data is not None
-    return observe_search(await run_in_threadpool(service.search_image, data, options))
+    return observe_search(await admission.run(service.search_image, data, options))
 
 
 @router.get("/text", response_model=SearchResponse, summary="Search by text (CLIP-family models)")
 async def search_text(
     session: SessionDep,
     runtime: RuntimeDep,
+    admission: AdmissionDep,
     options: OptionsDep,
     q: Annotated[str, Query(min_length=1, max_length=1000, description="the text query")],
 ) -> SearchResponse:
-    return observe_search(await run_in_threadpool(runtime.service(session).search_text, q, options))
+    return observe_search(await admission.run(runtime.service(session).search_text, q, options))
 
 
 @router.get("/keywords", response_model=SearchResponse, summary="Search captions by keywords alone (no model)")
 async def search_keywords(
     session: SessionDep,
     runtime: RuntimeDep,
+    admission: AdmissionDep,
     options: OptionsDep,
     q: Annotated[
         str,
@@ -233,14 +235,18 @@ async def search_keywords(
         raise InvalidInputError("match=partial needs a query image or text; keywords alone match whole captions")
     if options.rerank is not None:
         raise InvalidInputError("rerank needs a query image; keywords alone are ranked by ts_rank_cd")
-    return observe_search(await run_in_threadpool(runtime.service(session).search_keywords, check_keywords(q), options))
+    return observe_search(await admission.run(runtime.service(session).search_keywords, check_keywords(q), options))
 
 
 @router.get("/similar/{image_id}", response_model=SearchResponse, summary="More like this indexed image")
 async def search_similar(
-    session: SessionDep, runtime: RuntimeDep, options: OptionsDep, image_id: Annotated[int, Path(ge=1, le=2**63 - 1)]
+    session: SessionDep,
+    runtime: RuntimeDep,
+    admission: AdmissionDep,
+    options: OptionsDep,
+    image_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
 ) -> SearchResponse:
-    return observe_search(await run_in_threadpool(runtime.service(session).similar, image_id, options))
+    return observe_search(await admission.run(runtime.service(session).similar, image_id, options))
 
 
 @router.post(
@@ -254,6 +260,7 @@ async def search_categories(
     session: SessionDep,
     settings: SettingsDep,
     runtime: RuntimeDep,
+    admission: AdmissionDep,
     model: Annotated[str | None, Query()] = None,
     limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
     samples: Annotated[int, Query(ge=0, le=12, description=("sample images per category (thumbnail URLs)"))] = 0,
@@ -261,6 +268,6 @@ async def search_categories(
     data, url = await _image_or_url(request, settings)
     service = runtime.service(session)
     if url is not None:
-        return await run_in_threadpool(service.categories_for_url, url, model_name=model, limit=limit, samples=samples)
+        return await admission.run(service.categories_for_url, url, model_name=model, limit=limit, samples=samples)
     assert data is not None
-    return await run_in_threadpool(service.categories_for_image, data, model_name=model, limit=limit, samples=samples)
+    return await admission.run(service.categories_for_image, data, model_name=model, limit=limit, samples=samples)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from imsrc.api.deps import DatabaseDep, SettingsDep
 from imsrc.api.metrics import observe_uploads
 from imsrc.api.multipart import read_multipart
 from imsrc.catalog.captions import MAX_CAPTION_CHARS, clean_caption
-from imsrc.catalog.schemas import UploadResponse
+from imsrc.catalog.schemas import UploadResponse, UploadResult
+from imsrc.config import Settings
+from imsrc.db.session import Database
 from imsrc.errors import InvalidImageError, InvalidInputError
 from imsrc.ingest.uploads import ingest_uploads
+from imsrc.timings import collect, record, stage
 
 router = APIRouter(prefix="/api/images", tags=["images"])
 
@@ -65,26 +69,10 @@ UPLOAD_BODY = {
         422: {"description": "no file could be stored, each one's reason in the message (error JSON)"},
     },
 )
-async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep) -> UploadResponse:
-    with tempfile.TemporaryDirectory(prefix="imsrc-upload-") as tmp:
-        form = await read_multipart(
-            request.headers.get("content-type"),
-            request.stream(),
-            Path(tmp),
-            file_field="file",
-            max_file_bytes=settings.max_upload_bytes,
-            max_files=MAX_FILES_PER_UPLOAD,
-        )
-        if not form.files:
-            raise InvalidInputError("no files: send them in the multipart field 'file'")
-        category = " ".join(form.fields.get("category", "").split()) or None
-        if category is not None and len(category) > 200:
-            raise InvalidInputError("category: at most 200 characters")
-        caption = clean_caption(form.fields.get("caption"))
-        # Decoding, hashing and the model run off the event loop.
-        results = await run_in_threadpool(
-            ingest_uploads, db, settings, form.files, category, request.app.state.decode_gate, caption
-        )
+async def upload_images(request: Request, response: Response, settings: SettingsDep, db: DatabaseDep) -> UploadResponse:
+    with collect() as times, tempfile.TemporaryDirectory(prefix="imsrc-upload-") as tmp:
+        results = await _store(request, settings, db, Path(tmp))
+        response.headers["Server-Timing"] = times.header()
     observe_uploads(r.status for r in results)
     if all(r.status == "failed" for r in results):
         # Nothing was stored: that is a client error, not a partial success.
@@ -97,3 +85,35 @@ async def upload_images(request: Request, settings: SettingsDep, db: DatabaseDep
         duplicates=sum(r.status == "duplicate" for r in results),
         failed=sum(r.status == "failed" for r in results),
     )
+
+
+async def _store(request: Request, settings: Settings, db: Database, tmp: Path) -> list[UploadResult]:
+    started = time.perf_counter()
+    with stage("receive"):
+        form = await read_multipart(
+            request.headers.get("content-type"),
+            request.stream(),
+            tmp,
+            file_field="file",
+            max_file_bytes=settings.max_upload_bytes,
+            max_files=MAX_FILES_PER_UPLOAD,
+        )
+    if not form.files:
+        raise InvalidInputError("no files: send them in the multipart field 'file'")
+    category = " ".join(form.fields.get("category", "").split()) or None
+    if category is not None and len(category) > 200:
+        raise InvalidInputError("category: at most 200 characters")
+    caption = clean_caption(form.fields.get("caption"))
+    submitted = time.perf_counter()
+
+    def ingest() -> list[UploadResult]:
+        record("queue", time.perf_counter() - submitted)  # waiting for a threadpool thread
+        state = request.app.state
+        return ingest_uploads(
+            db, settings, form.files, category, state.decode_gate, caption, refresher=state.derived_refresher
+        )
+
+    # Decoding, hashing and the model run off the event loop.
+    results = await run_in_threadpool(ingest)
+    record("route", time.perf_counter() - started)
+    return results

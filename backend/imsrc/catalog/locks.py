@@ -33,6 +33,8 @@ from collections.abc import Iterable
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.timings import stage
+
 # The first key of pg_advisory_xact_lock(int, int): one class per kind of lock (727_002 is ingest's job lock).
 CATEGORY = 727_010
 AUTOGROUP = 727_011
@@ -41,6 +43,14 @@ TEXT_PROMPTS = 727_013
 INDEXES = 727_014
 PHASH_BAND = 727_015
 CATEGORY_PARTITIONS = 727_016
+_NAMES = {
+    CATEGORY: "category",
+    AUTOGROUP: "autogroup",
+    PREDICTIONS: "predictions",
+    TEXT_PROMPTS: "text_prompts",
+    INDEXES: "indexes",
+    PHASH_BAND: "phash",
+}
 
 _INT4 = 2_147_483_647
 
@@ -72,10 +82,11 @@ class WriteLocks:
         if not ordered:
             return
         function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-        self.session.execute(
-            text(f"SELECT count({function}(:c, k)) FROM (SELECT unnest(CAST(:k AS int[])) AS k ORDER BY 1) s"),
-            {"c": kind, "k": ordered},
-        )
+        with stage(f"lock_{_NAMES.get(kind, kind)}"):  # waiting for another writer (Server-Timing of uploads)
+            self.session.execute(
+                text(f"SELECT count({function}(:c, k)) FROM (SELECT unnest(CAST(:k AS int[])) AS k ORDER BY 1) s"),
+                {"c": kind, "k": ordered},
+            )
 
     def categories(self, category_ids: Iterable[int]) -> None:
         self._take(CATEGORY, category_ids)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from imsrc.config import Settings
 from imsrc.db.engine import check_server, ensure_schema, make_engine, resolve_database_url
+from imsrc.timings import stage
 
 
 @dataclass
@@ -31,7 +32,8 @@ class Database:
         with self.sessions() as session:
             try:
                 yield session
-                session.commit()
+                with stage("commit"):
+                    session.commit()
             except BaseException:
                 session.rollback()
                 raise

@@ -17,6 +17,7 @@ from PIL import Image
 
 from imsrc import imaging
 from imsrc.imaging import model_image, phash64, sniff
+from imsrc.timings import stage
 
 __all__ = ["DecodeFailure", "DecodeOptions", "Processed", "WorkItem", "model_image", "open_image", "process", "sniff"]
 
@@ -145,7 +146,8 @@ def process(item: WorkItem, options: DecodeOptions) -> Processed:
         if options.phash:
             out.phash = phash64(rgb)
         if options.thumbnails:
-            out.thumb, out.thumb_width, out.thumb_height = make_thumbnail(img, options.thumbnail_size)
+            with stage("thumbnail"):  # part of decode
+                out.thumb, out.thumb_width, out.thumb_height = make_thumbnail(img, options.thumbnail_size)
         if options.preprocess is not None:
             tensor = options.preprocess(rgb)
             out.tensor = np.ascontiguousarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor, dtype=np.float32)

@@ -27,6 +27,7 @@ from imsrc.ingest.phash import hamming, to_signed
 from imsrc.ingest.repository import ExistingImage, IngestRepository, JobRepository
 from imsrc.search.sync import only, sync_search
 from imsrc.services.models import ModelService
+from imsrc.timings import stage
 
 OUTCOMES = ("new", "duplicate", "linked", "skipped", "failed")
 
@@ -330,8 +331,10 @@ def prepare_bytes(
     """Decode, hash, thumbnail and embed, touching no database: an upload does this before it takes the
     catalog write lock, so uploads decode and run the model side by side. Every decoded file is embedded,
     even bytes the catalog may already hold with a vector (write_decoded then leaves that vector unused)."""
-    batch = decode_bytes(embedder, files, settings=settings, category=category, gate=gate)
-    embed_decoded(embedder, batch, settings)
+    with stage("decode"):
+        batch = decode_bytes(embedder, files, settings=settings, category=category, gate=gate)
+    with stage("embed"):
+        embed_decoded(embedder, batch, settings)
     return batch
 
 
@@ -388,6 +391,9 @@ def decode_bytes(
                 )
             )
             continue
-        with gate.slot() if gate is not None else contextlib.nullcontext():
+        with contextlib.ExitStack() as slot:
+            if gate is not None:
+                with stage("decode_wait"):  # part of decode: waiting for a slot of the DecodeGate
+                    slot.enter_context(gate.slot())
             batch.append(process(WorkItem(key=name, data=data, category=category), options))
     return batch

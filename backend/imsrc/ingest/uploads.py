@@ -20,8 +20,10 @@ from imsrc.db.errors import DATABASE_ERRORS, classify
 from imsrc.db.session import Database
 from imsrc.imaging import DecodeGate
 from imsrc.ingest.service import FileOutcome, ensure_model, prepare_bytes, write_decoded
+from imsrc.search.refresher import DerivedRefresher
 from imsrc.search.sync import only, sync_search
 from imsrc.services.models import choose_and_load
+from imsrc.timings import stage
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +50,17 @@ def ingest_uploads(
     category: str | None,
     gate: DecodeGate | None = None,
     caption: str | None = None,
+    refresher: DerivedRefresher | None = None,
 ) -> list[UploadResult]:
     """All files in one unit of work: a crash (not a bad file) leaves nothing behind; bad files are reported
     per file. A deadlock or serialization failure rolls the whole unit back, so it simply runs again.
     gate: the server's DecodeGate, shared with search queries (one bound on concurrent decodes).
-    caption: for every stored image that has none yet (already checked by catalog.captions.clean_caption)."""
+    caption: for every stored image that has none yet (already checked by catalog.captions.clean_caption).
+    refresher: the server's; the calibration and earlier images' predicted labels are left to it (see
+    search.refresher) instead of being redone inside this unit of work."""
     for attempt in range(1, RETRIES + 1):
         try:
-            return _ingest_once(db, settings, files, category, gate, caption)
+            return _ingest_once(db, settings, files, category, gate, caption, refresher)
         except DATABASE_ERRORS as exc:
             if attempt == RETRIES or classify(exc).kind != "conflict":
                 raise
@@ -70,11 +75,15 @@ def _ingest_once(
     category: str | None,
     gate: DecodeGate | None,
     caption: str | None,
+    refresher: DerivedRefresher | None,
 ) -> list[UploadResult]:
     outcomes: list[FileOutcome] = []
     touched: set[int] = set()
     with db.session() as session:
-        loaded = choose_and_load(session, settings)
+        with stage("connect"):  # a connection from the pool (may wait for one)
+            session.connection()
+        with stage("model"):
+            loaded = choose_and_load(session, settings)
         if loaded.choice.warning:
             log.warning("%s", loaded.choice.warning)
         model_id: int | None = None
@@ -84,9 +93,10 @@ def _ingest_once(
             # catalog-wide lock: only near-duplicates of each other, and the search sync's narrow locks per
             # category (catalog.locks), make uploads wait for each other.
             prepared = prepare_bytes(loaded.embedder, payload, settings=settings, category=category, gate=gate)
-            if model_id is None:
-                model_id = ensure_model(session, loaded.embedder, settings).id
-            result = write_decoded(session, model_id, prepared, settings)
+            with stage("write"):
+                if model_id is None:
+                    model_id = ensure_model(session, loaded.embedder, settings).id
+                result = write_decoded(session, model_id, prepared, settings)
             outcomes.extend(result.outcomes)
             touched |= result.touched_categories
         assert model_id is not None  # the route refuses an upload without files
@@ -94,10 +104,20 @@ def _ingest_once(
             CaptionRepository(session).set_where_missing(
                 [o.image_id for o in outcomes if o.image_id is not None], caption
             )
-        sync_search(session, settings, model_id=model_id, category_ids=touched, embedders=only(loaded.embedder))
+        with stage("sync"):
+            report = sync_search(
+                session,
+                settings,
+                model_id=model_id,
+                category_ids=touched,
+                embedders=only(loaded.embedder),
+                defer_derived=refresher is not None,
+            )
         # The answer names the category each image is in once the upload is done: for bytes the catalog already
         # held, the one they had (whatever this upload asked for); without one, the automatic group it joined.
         where = CategoryRepository(session).of_images([o.image_id for o in outcomes if o.image_id is not None])
+    if refresher is not None and report.derived_due:  # committed: the refresh sees this upload's rows
+        refresher.request(model_id)
     if settings.regions:
         _add_regions(db, loaded.embedder, [o.image_id for o in outcomes if o.image_id is not None])
     return [_result(o, where) for o in outcomes]

@@ -26,6 +26,7 @@ from imsrc.search.calibration import calibrate, needs_calibration
 from imsrc.search.pg_queries import HALFVEC_MAX_DIM, NeighbourRepository
 from imsrc.search.prototypes import predict, refresh_prototypes, stale_categories, text_prototype_rows
 from imsrc.search.repository import SearchStateRepository, VectorRepository
+from imsrc.timings import stage
 
 if TYPE_CHECKING:
     from imsrc.embeddings.base import Embedder
@@ -55,6 +56,8 @@ class SyncReport:
     indexes_dropped: list[int] = field(default_factory=list)
     predicted: int = 0
     stage1_temperature: float | None = None  # set when this sync (re)calibrated stage 1
+    # defer_derived: the calibration or the predicted labels of earlier images are out of date (refresh_derived)
+    derived_due: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -69,6 +72,7 @@ def sync_search(
     embedders: EmbedderFor | None = None,
     autogroup_images: bool = True,
     force_regroup: bool = False,
+    defer_derived: bool = False,
 ) -> SyncReport:
     """Bring prototypes, automatic categories, indexes and predictions up to date after a change.
 
@@ -76,6 +80,12 @@ def sync_search(
     categories known to have changed (images added, removed or moved); others whose member count no longer
     matches their mean prototype are found too, so a caller may also pass nothing. embedders: where to get
     the model's embedder for text prototypes (see EmbedderFor; without it they are left as they are).
+    defer_derived: leave the stage-1 calibration and the re-labelling of earlier images (both derived from the
+    prototypes, both advisory) to a later refresh_derived, and say in derived_due whether one is needed; this
+    unit of work still labels its own new images. An upload under load uses it (search/refresher.py): every
+    upload into a named category changes that category's prototype, which re-labelled every uncategorised image
+    and held the per-model predictions lock to the commit, so concurrent uploads took turns there; and several
+    at once re-fitted the same calibration and queued on its row.
     """
     models = ModelRepository(session)
     model = models.active() if model_id is None else session.get(EmbeddingModel, model_id)
@@ -88,41 +98,66 @@ def sync_search(
     # The locks, always in this order (catalog.locks): automatic groups, categories, text prompts, indexes,
     # predictions. Automatic groups first and for every writer, shared unless a regroup is due: a regroup
     # rewrites every group's members, so it waits for the writers in flight and they wait for it.
-    regroup = autogroup_images and plan(session, settings, model_id=model.id, force=force_regroup) == "regroup"
+    with stage("plan"):
+        regroup = autogroup_images and plan(session, settings, model_id=model.id, force=force_regroup) == "regroup"
     locks.automatic_groups(model.id, regroup=regroup)
     if autogroup_images:
-        report.automatic_touched = sorted(
-            autogroup(
-                session,
-                settings,
-                model_id=model.id,
-                dimension=model.dimension,
-                force=force_regroup,
-                may_regroup=regroup,
+        with stage("autogroup"):
+            report.automatic_touched = sorted(
+                autogroup(
+                    session,
+                    settings,
+                    model_id=model.id,
+                    dimension=model.dimension,
+                    force=force_regroup,
+                    may_regroup=regroup,
+                )
             )
-        )
-    existing = set(cats.names())
-    # Stale categories are found by comparing member counts with the stored means, so nothing may have
-    # recomputed the means before this point.
-    touched = (
-        set(category_ids) | stale_categories(session, model.id, existing) | set(report.automatic_touched)
-    ) & existing
+    with stage("stale"):
+        existing = set(cats.names())
+        # Stale categories are found by comparing member counts with the stored means, so nothing may have
+        # recomputed the means before this point.
+        touched = (
+            set(category_ids) | stale_categories(session, model.id, existing) | set(report.automatic_touched)
+        ) & existing
     # Before the members are read: a writer adding to the same category recomputes after this one commits, with
     # both writers' images, instead of both computing from what each alone could see (a lost update).
     locks.categories(touched)
-    report.prototypes_refreshed = refresh_prototypes(
-        session, settings, model_id=model.id, dimension=model.dimension, category_ids=touched
-    )
+    with stage("prototypes"):
+        report.prototypes_refreshed = refresh_prototypes(
+            session, settings, model_id=model.id, dimension=model.dimension, category_ids=touched
+        )
     embedder = embedders(model.name) if embedders is not None and model.supports_text else None
     if embedder is not None:
         report.text_prototypes = _refresh_text_prototypes(session, model.id, embedder)
+    with stage("calibrate"):
+        if defer_derived:
+            report.derived_due = needs_calibration(session, settings, model)
+        elif needs_calibration(session, settings, model):
+            fitted = calibrate(session, settings, model)
+            report.stage1_temperature = None if fitted is None else fitted.temperature
+    with stage("category_indexes"):
+        report.indexes_created, report.indexes_dropped = ensure_category_indexes(session, settings, model)
+    real = set(cats.real_ids())
+    labels_changed = bool((set(report.prototypes_refreshed) | set(report.text_prototypes)) & real)
+    report.derived_due = report.derived_due or (defer_derived and labels_changed)
+    with stage("predict"):
+        report.predicted = predict_uncategorised(session, model, only_new=defer_derived or not labels_changed)
+    return report
+
+
+def refresh_derived(session: Session, settings: Settings, *, model_id: int) -> SyncReport:
+    """What sync_search(defer_derived=True) left: the stage-1 calibration if it is due, and predicted labels
+    of every unlabelled image from the current prototypes. Its own unit of work; the caller commits."""
+    model = session.get(EmbeddingModel, model_id)
+    report = SyncReport()
+    if model is None:
+        return report
+    report.model = model.name
     if needs_calibration(session, settings, model):
         fitted = calibrate(session, settings, model)
         report.stage1_temperature = None if fitted is None else fitted.temperature
-    report.indexes_created, report.indexes_dropped = ensure_category_indexes(session, settings, model)
-    real = set(cats.real_ids())
-    labels_changed = bool((set(report.prototypes_refreshed) | set(report.text_prototypes)) & real)
-    report.predicted = predict_uncategorised(session, model, only_new=not labels_changed)
+    report.predicted = predict_uncategorised(session, model, only_new=False)
     return report
 
 
