@@ -176,3 +176,26 @@ def test_searches_answer_while_the_index_is_being_saved(
         again = store.get(session, model)
     assert again is not first and len(again) == 12 and again.replayed == 2
     db.dispose()
+
+
+def test_workers_starting_together_agree_on_the_catalog_identity(create_database, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """Two transactions asking for the catalog's id at once (two API workers' first queries): the second waits for
+    the first's commit and gets its id. Before, each made its own and the later commit replaced the other, so a
+    worker discarded the index its sibling had just saved as another catalog's and rebuilt it."""
+    db = database_for(settings.model_copy(update={"database_url": create_database("imsrc_identity")}))
+    got: list[str] = []
+    with db.session() as first:
+        mine = faiss_store.catalog_identity(first)
+        other = threading.Thread(target=lambda: got.append(_identity(db)), daemon=True)
+        other.start()
+        other.join(1.0)
+        assert other.is_alive()  # waiting for the first transaction, not making an id of its own
+    other.join(30)
+    assert got == [mine]
+    assert _identity(db) == mine
+    db.dispose()
+
+
+def _identity(db) -> str:  # type: ignore[no-untyped-def]
+    with db.session() as session:
+        return faiss_store.catalog_identity(session)

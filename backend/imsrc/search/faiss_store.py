@@ -48,8 +48,9 @@ def catalog_identity(session: Session) -> str:
     state = SearchStateRepository(session)
     value = state.get(CATALOG_KEY).get("id")
     if not value:
-        value = uuid.uuid4().hex
-        state.put(CATALOG_KEY, {"id": value})
+        # Not put(): API workers warming up at once each made an id and the last commit won, so every worker
+        # discarded the others' saved index as "another catalog's" and rebuilt it (seen in bench/load runs).
+        value = state.put_if_absent(CATALOG_KEY, {"id": uuid.uuid4().hex}).get("id")
     return str(value)
 
 

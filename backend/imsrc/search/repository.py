@@ -170,6 +170,19 @@ class SearchStateRepository:
             {"k": key, "v": json.dumps(value)},
         )
 
+    def put_if_absent(self, key: str, value: dict[str, Any]) -> dict[str, Any]:
+        """Store `value` unless the key is set; the value stored either way. A concurrent writer of the same key
+        makes this wait for its commit, and then its value is the one returned (the second statement reads with a
+        new snapshot), so two transactions never both believe their own value was kept."""
+        stored = self.session.execute(
+            text(
+                "INSERT INTO search_state (key, value) VALUES (:k, CAST(:v AS jsonb)) ON CONFLICT (key) DO NOTHING"
+                " RETURNING value"
+            ),
+            {"k": key, "v": json.dumps(value)},
+        ).scalar()
+        return dict(stored) if stored else self.get(key)
+
 
 @dataclass(frozen=True)
 class Watermark:
