@@ -195,6 +195,14 @@ def stage_summary(stages: dict[str, list[float]], uploads: int) -> dict[str, dic
     }
 
 
+async def loop_lag(deadline: float, lags: list[float], every: float = 0.05) -> None:
+    """How late this load generator's event loop wakes up (ms): time a request waits here, not in the server."""
+    while time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        await asyncio.sleep(every)
+        lags.append((time.perf_counter() - t0 - every) * 1000)
+
+
 async def status_of(client: httpx.AsyncClient, path: str) -> int:
     """A GET's status; a connection the server closed while idle (keep-alive timeout) is retried."""
     for attempt in range(3):
@@ -219,7 +227,9 @@ async def run(
         stages: dict[str, list[float]] = defaultdict(list)
         server_ms: dict[str, list[float]] = defaultdict(list)
         deadline = time.monotonic() + seconds
+        lags: list[float] = []
         await asyncio.gather(
+            loop_lag(deadline, lags),
             *(
                 client_loop(
                     client,
@@ -236,7 +246,7 @@ async def run(
                     server_ms,
                 )
                 for i in range(clients)
-            )
+            ),
         )
         missing = [i for i in uploaded if await status_of(client, f"/api/images/{i}") != 200]
     routes = {}
@@ -260,6 +270,10 @@ async def run(
         "missing_uploads": len(missing),
         "total_5xx": sum(errors.values()),
         "upload_stages": stage_summary(stages, len(stats.get("POST /api/images", []))),
+        "load_generator_lag_ms": {
+            "p50": round(statistics.median(lags), 1) if lags else None,
+            "p95": round(statistics.quantiles(lags, n=20)[18], 1) if len(lags) > 1 else None,
+        },
     }
 
 
@@ -520,6 +534,17 @@ def main() -> None:
                 f"| {r['workers'] or '-'} | {route} | {v['requests']} | {v['p50_ms']} | {v['p95_ms']} | "
                 f"{v['p99_ms']} | {v['5xx']} | {v.get('server_p50_ms') or '-'} |"
             )
+    lines += [
+        "",
+        "Load generator's own event-loop lag (how late a 50 ms sleep wakes; a request waits that long in the load"
+        " generator, not in the server): "
+        + "; ".join(
+            f"{r['workers'] or '-'} worker(s): p50 {r['load_generator_lag_ms']['p50']} ms, "  # type: ignore[index]
+            f"p95 {r['load_generator_lag_ms']['p95']} ms"  # type: ignore[index]
+            for r in runs
+            if r.get("load_generator_lag_ms")
+        ),
+    ]
     names = list(dict.fromkeys(n for r in runs for n in r.get("upload_stages", {})))  # type: ignore[attr-defined]
     if names:
         lines += [
