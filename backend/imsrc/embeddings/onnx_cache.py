@@ -10,6 +10,7 @@ else (a truncated copy, a file edited by hand, an export made by another torch) 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -18,9 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # 2: open_clip attention exported as ONNX Runtime's fused Attention operator (onnx_attention). 3: the short text
 # tower takes any length up to its maximum. Exports of an older format are rebuilt once.
@@ -36,6 +38,27 @@ def default_export_dir(model_cache_dir: str | os.PathLike[str] | None) -> Path:
         return Path(model_cache_dir).expanduser() / "onnx"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "imsrc" / "onnx"
+
+
+@functools.cache
+def torch_version() -> str | None:
+    """torch.__version__ without importing torch (seconds, and 0.3 GB a process): read from torch/version.py, the
+    file torch itself takes it from. The distribution's version (importlib.metadata) can differ ("2.14.1" for
+    "2.14.1+cu130"), and exports record torch.__version__."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        try:
+            text = (Path(folder) / "version.py").read_text()
+        except OSError:
+            continue
+        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+        if found:
+            return found.group(1)
+    return None
 
 
 def package_version(name: str) -> str | None:
@@ -77,7 +100,7 @@ def identity(name: str, params: dict[str, Any], fingerprint: str, tower: str, va
         "params": json.loads(json.dumps(params, sort_keys=True, default=str)),
         "weights_fingerprint": fingerprint,
         "opset": OPSET,
-        "torch": torch.__version__,
+        "torch": torch_version(),
         "onnx": package_version("onnx"),
         "onnxruntime": package_version("onnxruntime"),
     }
@@ -147,9 +170,7 @@ def recorded_runtimes(root: Path, model_name: str) -> dict[str, dict[str, Any]]:
             manifest = json.loads(path.read_text())
             ident = manifest["identity"]
             key = f"{ident['tower']}/{ident['variant']}"
-            stale = ident.get("torch") != torch.__version__ or ident.get("onnxruntime") != package_version(
-                "onnxruntime"
-            )
+            stale = ident.get("torch") != torch_version() or ident.get("onnxruntime") != package_version("onnxruntime")
             mtime = path.stat().st_mtime
         except (OSError, ValueError, KeyError, TypeError):
             continue

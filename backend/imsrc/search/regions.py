@@ -92,10 +92,8 @@ def window_images(image: Image.Image, boxes: Sequence[Box] = WINDOWS) -> list[Im
 
 def embed_windows(embedder: object, image: Image.Image, boxes: Sequence[Box] = WINDOWS) -> np.ndarray:
     """(len(boxes), d) unit vectors, one forward pass."""
-    import torch
-
     tensors = [embedder.preprocess(w) for w in window_images(image, boxes)]  # type: ignore[attr-defined]
-    batch = torch.stack([torch.as_tensor(t) for t in tensors])
+    batch = np.stack([np.asarray(t, dtype=np.float32) for t in tensors])  # NumPy or torch pixels alike
     return np.asarray(embedder.encode_images(batch), dtype=np.float32)  # type: ignore[attr-defined]
 
 

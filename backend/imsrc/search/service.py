@@ -173,8 +173,8 @@ class SearchService:
         phash = imaging.phash64(image)
         with model_errors():
             embedder = self.runtime.embedder_factory(model.name)
-            tensor = embedder.preprocess(image)  # type: ignore[attr-defined]
-            vector = np.asarray(embedder.encode_images(tensor.unsqueeze(0))[0], dtype=np.float32)  # type: ignore[attr-defined]
+            pixels = np.asarray(embedder.preprocess(image), dtype=np.float32)  # type: ignore[attr-defined]
+            vector = np.asarray(embedder.encode_images(pixels[None])[0], dtype=np.float32)  # type: ignore[attr-defined]
         return vector, phash, image
 
     def embed_text(self, model: EmbeddingModel, query: str) -> np.ndarray:
