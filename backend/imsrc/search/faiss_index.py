@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from imsrc.search.faiss_locations import Locations
 from imsrc.search.repository import Watermark
 
 Hit = tuple[int, float]
@@ -158,7 +159,7 @@ class FaissModelIndex:
         self.flat_max_rows = flat_max_rows
         self.watermark = watermark  # which committed changes the index already holds
         self.subs: dict[int, SubIndex] = {}  # category id (-1 = none) -> sub-index
-        self.where: dict[int, tuple[int, int]] = {}  # image id -> (category, position)
+        self.where = Locations()  # image id -> (category, position)
         self.lock = threading.RLock()
         # The saved files this index was loaded from (FaissStore: meta.json's inode and mtime), None if unsaved,
         # and how many changed images it has replayed from the change log since.
@@ -200,7 +201,7 @@ class FaissModelIndex:
                 self._maybe_compact(category_id)
 
     def _remove(self, image_id: int) -> None:
-        found = self.where.pop(image_id, None)
+        found = self.where.pop(image_id)
         if found is not None:
             sub = self.subs[found[0]]
             sub.removed.add(found[1])
@@ -232,7 +233,7 @@ class FaissModelIndex:
         keep = np.array([p for p in range(len(sub.ids)) if p not in sub.removed], dtype=np.int64)
         vectors = sub.vectors()[keep] if len(keep) else np.zeros((0, self.dimension), np.float32)
         for image_id in sub.ids[keep].tolist():
-            self.where.pop(image_id, None)
+            self.where.pop(image_id)
         del self.subs[category_id]
         if len(keep):
             self.add_category(category_id, sub.ids[keep], vectors)

@@ -332,17 +332,20 @@ class FaissStore:
                 if path.stat().st_size != entry[suffix]["bytes"] or _sha256(path) != entry[suffix]["sha256"]:
                     raise ValueError(f"{path.name} does not match its checksum")
             sub_index = faiss.read_index(str(paths[".faiss"]), MMAP_FLAGS)
-            ids = np.load(paths[".ids.npy"])
+            # Mapped like the index: the ids are never changed in place (an append makes a new array).
+            ids = np.load(paths[".ids.npy"], mmap_mode="r")
             if sub_index.d != model.dimension or sub_index.ntotal != len(ids) or len(ids) != entry["count"]:
                 raise ValueError(f"sub-index for category {entry['category']} has inconsistent sizes")
             if isinstance(sub_index, faiss.IndexRefine):
                 sub_index.k_factor = RERANK_FACTOR
             category = int(entry["category"])
             index.subs[category] = SubIndex(
-                sub_index, ids.astype(np.int64), trained_on=int(entry["trained_on"]), mapped=MMAP_FLAGS != 0
+                sub_index,
+                ids if ids.dtype == np.int64 else ids.astype(np.int64),
+                trained_on=int(entry["trained_on"]),
+                mapped=MMAP_FLAGS != 0,
             )
-            for pos, image_id in enumerate(ids.tolist()):
-                index.where[image_id] = (category, pos)
+        index.where.load([(category, sub.ids) for category, sub in index.subs.items()])
         if len(index) != meta["count"]:
             raise ValueError("image count does not match")
         index.saved_as = stamp
