@@ -20,6 +20,7 @@ from imsrc.config import Settings
 from imsrc.db.session import Database
 from imsrc.errors import BusyError
 from imsrc.search.service import SearchService
+from imsrc.search.urlfetch import UrlFetcher
 from tests.fixtures.database import bound_database
 
 
@@ -108,3 +109,41 @@ def test_a_held_search_makes_the_next_search_wait_but_not_listing(
     # refused as busy.
     assert sorted(answers) == [999_001, 999_002] and sorted(calls) == [999_001, 999_002]
     assert answers[999_001] == answers[999_002] and answers[999_001] in (404, 409)
+
+
+@pytest.mark.parametrize("route", ["/api/search/image", "/api/search/categories"])
+def test_a_slow_image_url_does_not_hold_a_search_turn(
+    one_search_client: TestClient, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """A query image given by URL is fetched before the search takes its turn: a remote server that answers slowly
+    (up to IMSRC_URL_FETCH_TIMEOUT_S, and anyone may send such URLs) must not keep the few search turns, and with
+    them every other search of the worker, waiting for it."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_fetch(self, url):  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(30)
+        return b"not an image"
+
+    monkeypatch.setattr(UrlFetcher, "fetch", slow_fetch)
+    answers: dict[str, int] = {}
+
+    def ask(name: str, call) -> None:  # type: ignore[no-untyped-def]
+        answers[name] = call().status_code
+
+    by_url = threading.Thread(
+        target=ask, args=("url", lambda: one_search_client.post(route, json={"url": "https://example.com/a.jpg"}))
+    )
+    other = threading.Thread(target=ask, args=("similar", lambda: one_search_client.get("/api/search/similar/1")))
+    try:
+        by_url.start()
+        assert entered.wait(30)
+        other.start()
+        other.join(15)
+        assert "similar" in answers, "a search waited for another search's URL fetch"
+        assert answers["similar"] in (404, 409) and "url" not in answers
+    finally:
+        release.set()
+        by_url.join(30)
+        other.join(30)
+    assert answers["url"] in (409, 422)  # fetched, then refused here (no model / not an image), never busy

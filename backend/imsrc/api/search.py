@@ -12,6 +12,7 @@ from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from imsrc.api.deps import AdmissionDep, RuntimeDep, SessionDep, SettingsDep
@@ -31,6 +32,7 @@ from imsrc.search.schemas import (
     SearchResponse,
     UrlQuery,
 )
+from imsrc.search.service import SearchRuntime
 
 router = APIRouter(prefix="/api/search", tags=["search"])
 
@@ -173,6 +175,17 @@ async def _image_or_url(request: Request, settings: Settings) -> tuple[bytes | N
     raise InvalidInputError('send the image as multipart field "file", or JSON {"url": "https://..."}')
 
 
+async def _query_image(request: Request, settings: Settings, runtime: SearchRuntime) -> bytes:
+    """The query image's bytes. A URL is fetched here, before the search takes its turn (api/admission.py): the
+    fetch has its own bound and deadline (IMSRC_URL_FETCH_CONCURRENCY, IMSRC_URL_FETCH_TIMEOUT_S), and a remote
+    server that answers slowly must not hold one of the worker's few search turns while it does."""
+    data, url = await _image_or_url(request, settings)
+    if url is not None:
+        return await run_in_threadpool(runtime.url_fetcher.fetch, url)
+    assert data is not None
+    return data
+
+
 @router.post(
     "/image",
     response_model=SearchResponse,
@@ -196,12 +209,8 @@ async def search_image(
             # two keyword strings would leave one silently unused
             raise InvalidInputError("give the caption keywords once: either q or keywords, not both")
         options = options.model_copy(update={"keywords": _keywords(q)})
-    data, url = await _image_or_url(request, settings)
-    service = runtime.service(session)
-    if url is not None:
-        return observe_search(await admission.run(service.search_url, url, options))
-    assert data is not None
-    return observe_search(await admission.run(service.search_image, data, options))
+    data = await _query_image(request, settings, runtime)
+    return observe_search(await admission.run(runtime.service(session).search_image, data, options))
 
 
 @router.get("/text", response_model=SearchResponse, summary="Search by text (CLIP-family models)")
@@ -265,9 +274,6 @@ async def search_categories(
     limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
     samples: Annotated[int, Query(ge=0, le=12, description=("sample images per category (thumbnail URLs)"))] = 0,
 ) -> CategoriesResponse:
-    data, url = await _image_or_url(request, settings)
+    data = await _query_image(request, settings, runtime)
     service = runtime.service(session)
-    if url is not None:
-        return await admission.run(service.categories_for_url, url, model_name=model, limit=limit, samples=samples)
-    assert data is not None
     return await admission.run(service.categories_for_image, data, model_name=model, limit=limit, samples=samples)
