@@ -53,6 +53,11 @@ def table(d: dict[str, Any], old: dict[str, Any] | None) -> str:
         ("prototypes (sync)", "prototypes_s"),
     ):
         lines.append(f"| {label} | {_r(one['build'][build])} s | {_r(cit['build'][build])} s | | | | |{empty}")
+    if "database_mb" in one:
+        lines.append(
+            f"| database on disk (Citus: all nodes) | {one['database_mb']:.0f} MB | {cit['database_mb']:.0f} MB |"
+            f" | | | |{empty}"
+        )
     ratio1 = cit[MODES[0][0]]["p50_ms"] / one[MODES[0][0]]["p50_ms"]
     ratio3 = cit[MODES[1][0]]["p50_ms"] / one[MODES[1][0]]["p50_ms"]
     faster = cit[MODES[1][0]]["p50_ms"] < one[MODES[1][0]]["p50_ms"]

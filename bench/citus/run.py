@@ -308,6 +308,17 @@ def server_settings(url: str) -> None:
         conn.execute("SELECT pg_reload_conf()")
 
 
+def database_mb(url: str, nodes: Any) -> float:
+    """The catalog's size on disk, summed over the nodes on Citus (pg_database_size: tables, indexes, TOAST)."""
+    name = url.rsplit("/", 1)[1].split("?")[0]
+    urls = [n.url(name) for n in nodes] if nodes else [url]
+    total = 0
+    for u in urls:
+        with psycopg.connect(u) as conn:
+            total += int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])  # type: ignore[index]
+    return round(total / 2**20, 1)
+
+
 def catalog(args: argparse.Namespace) -> tuple[dict[str, Any], np.ndarray, np.ndarray, list[str], Any]:
     """(what the data is, vectors, labels, category names, queries(ids) -> (vectors, exclude, truth))."""
     if args.real_calibrated:
@@ -399,6 +410,7 @@ def main() -> None:
                 queries, exclude, truth = make_queries(ids)
                 report[name] = {
                     "build": {k: round(v, 2) for k, v in timings.items()},
+                    "database_mb": database_mb(url, cluster.nodes if name == "citus 1+2" else None),
                     **measure(db, model, queries, exclude, truth, args.clients, args.seconds),
                 }
                 if name == "citus 1+2":
