@@ -43,6 +43,11 @@ MODEL = "open_clip:ViT-B-32:none"
 DIMENSION = 512
 ANN_ALL = {"mode": "ann", "k": 100}
 INSERT_CATEGORY = "INSERT INTO categories (name) VALUES (:n) RETURNING id"
+PREPARE = (
+    "from imsrc.config import get_settings\n"
+    "from imsrc.embeddings.loading import load_embedder\n"
+    "print(load_embedder(get_settings().model, get_settings()))"
+)
 FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Shared_Clean", "Private_Clean", "Private_Dirty", "Anonymous")
 
 
@@ -69,6 +74,16 @@ def mapped(pid: int, folder: str) -> dict[str, int]:
             elif inside and head[0].rstrip(":") in out:
                 out[head[0].rstrip(":")] += int(head[1])
     return out
+
+
+def libraries(pid: int) -> dict[str, bool]:
+    """Whether torch's and ONNX Runtime's shared libraries are mapped in the process (a worker whose towers all
+    run on ONNX Runtime loads no torch: embeddings.direct)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return {}
+    return {"libtorch": "libtorch" in maps, "onnxruntime": "onnxruntime" in maps}
 
 
 def cmdline(pid: int) -> str:
@@ -239,6 +254,7 @@ def measure(workers: int, url: str, scratch: Path, rows: int, port: int) -> dict
             ]
             codes += asyncio.run(burst(base, batch, 2 * workers))
         hot = {p: {**smaps_rollup(p), "faiss": mapped(p, faiss_dir)} for p in pids}
+        libs = {p: libraries(p) for p in workers_pids}
     finally:
         proc.terminate()
         try:
@@ -271,7 +287,14 @@ def measure(workers: int, url: str, scratch: Path, rows: int, port: int) -> dict
             "faiss_rss_mb": round(sum(v["faiss"]["Rss"] for v in hot.values()) / 1024, 1),
             "faiss_pss_mb": round(sum(v["faiss"]["Pss"] for v in hot.values()) / 1024, 1),
             "per_process": {str(p): v for p, v in hot.items()},
+            # What each worker holds alone (its private pages: heap, model sessions, PQ codes; not the shared
+            # FAISS file pages), the part a second worker adds.
+            "worker_private_mb": {
+                str(p): round((hot[p].get("Private_Clean", 0) + hot[p].get("Private_Dirty", 0)) / 1024, 1)
+                for p in workers_pids
+            },
         },
+        "worker_libraries": {str(p): v for p, v in libs.items()},
     }
 
 
@@ -299,6 +322,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"catalog ready in {scratch}: {timings}", flush=True)
         if args.build_only:
             return
+        # The model once, before the runs, as a server's first start loads it: it makes (or finds) the ONNX
+        # exports and records them, so every measured worker starts from the recorded exports (embeddings.direct:
+        # an all-ONNX worker then imports no torch), whichever run comes first.
+        subprocess.run([sys.executable, "-c", PREPARE], cwd=ROOT, env=serve_env(url, scratch), check=True, timeout=3600)
         load_before = os.getloadavg()
         runs = []
         for i, w in enumerate(int(x) for x in args.workers.split(",")):
@@ -339,8 +366,9 @@ def main(argv: list[str] | None = None) -> None:
         "every process below it (uvicorn's supervisor and workers); PostgreSQL not counted. 'Hot': after `ann` "
         "searches over every category made each worker touch >= 90 % of the mapped FAISS files.",
         "",
-        "| workers | when | RSS MB | PSS MB | FAISS files RSS / PSS MB | PSS anon MB | RSS ratio | PSS ratio |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workers | when | RSS MB | PSS MB | FAISS files RSS / PSS MB | PSS anon MB | private MB per worker "
+        "| RSS ratio | PSS ratio |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
         for stage, label in (("after_image_searches", "warm, after image searches"), ("hot", "hot")):
@@ -348,10 +376,13 @@ def main(argv: list[str] | None = None) -> None:
             faiss_rss = round(sum(v["faiss"]["Rss"] for v in s["per_process"].values()) / 1024, 1)
             faiss_pss = round(sum(v["faiss"]["Pss"] for v in s["per_process"].values()) / 1024, 1)
             anon = round(sum(v.get("Pss_Anon", 0) for v in s["per_process"].values()) / 1024, 1)
+            private = " / ".join(str(v) for v in s.get("worker_private_mb", {}).values()) or "-"
             lines.append(
                 f"| {r['workers']} | {label} | {s['rss_mb']} | {s['pss_mb']} | {faiss_rss} / {faiss_pss} | {anon} | "
-                f"{s['rss_mb'] / base[stage]['rss_mb']:.2f}x | {s['pss_mb'] / base[stage]['pss_mb']:.2f}x |"
+                f"{private} | {s['rss_mb'] / base[stage]['rss_mb']:.2f}x | {s['pss_mb'] / base[stage]['pss_mb']:.2f}x |"
             )
+    torch_in = sorted({str(v.get("libtorch")) for r in runs for v in r.get("worker_libraries", {}).values()})
+    lines += ["", f"libtorch mapped in the workers (hot): {', '.join(torch_in)}."]
     replace_section(args.section, "\n".join(lines))
     print("\n".join(lines))
 
