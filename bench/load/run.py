@@ -17,6 +17,7 @@ import asyncio
 import io
 import os
 import random
+import re
 import shutil
 import socket
 import statistics
@@ -404,7 +405,7 @@ def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
     base = args.url
     if base is None:
         assert workers is not None
-        extra = dict(item.split("=", 1) for item in args.server_env)
+        extra = dict(args.server_env)
         proc, base, data = start_server(args.model, workers, args.backend, extra, args.server_log)
         with httpx.Client(base_url=base, timeout=300) as c:
             for start in range(0, args.seed_images, 20):
@@ -440,6 +441,14 @@ def measure(args: argparse.Namespace, workers: int | None) -> dict[str, object]:
     return result
 
 
+def env_setting(item: str) -> tuple[str, str]:
+    """--server-env NAME=VALUE, refused with one line (argparse) otherwise."""
+    name, sep, value = item.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME an environment variable name, got {item!r}")
+    return name, value
+
+
 def main() -> None:
     if "--memory" in sys.argv:  # the memory mode has its own options (bench/load/memory.py)
         import memory
@@ -471,6 +480,7 @@ def main() -> None:
         "--server-env",
         action="append",
         default=[],
+        type=env_setting,
         metavar="NAME=VALUE",
         help="a setting for the started servers (repeatable), e.g. IMSRC_SEARCH_CONCURRENCY=0",
     )

@@ -774,6 +774,10 @@ def main() -> None:
         parser.error("give --synthetic ROWS, --real ROWS or --real-calibrated ROWS")
     if args.real and args.real > 70_000:
         parser.error("Fashion-MNIST has 70,000 images")
+    if args.exact_queries < 0:
+        parser.error("--exact-queries: a count of queries (0: all)")
+    if args.timing_nice is not None and not -20 <= args.timing_nice <= 19:
+        parser.error("--timing-nice: a nice value from -20 to 19")
     result = run(args)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     out = args.results_dir / f"{result['data']['kind']}-{result['data']['rows']}.json"
