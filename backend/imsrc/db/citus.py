@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,23 +30,32 @@ def _cache_key(session: Session) -> str:
     return str(engine.url)
 
 
-def distributed(session: Session) -> bool:
-    """Whether `embeddings` is a Citus distributed table in this catalog."""
+def _cached(cache: dict[str, bool], session: Session, look_up: Callable[[], bool]) -> bool:
+    """look_up()'s answer for this session's database, asked once and then remembered (until forget())."""
     key = _cache_key(session)
     with _GUARD:
-        if key in _CACHE:
-            return _CACHE[key]
-    found = bool(
-        session.execute(
-            text(
-                "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND EXISTS ("
-                " SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE c.relname = 'embeddings' AND n.nspname = current_schema())"
-            )
-        ).scalar()
-    )
-    if found:
+        if key in cache:
+            return cache[key]
+    found = look_up()
+    with _GUARD:
+        cache[key] = found
+    return found
+
+
+def distributed(session: Session) -> bool:
+    """Whether `embeddings` is a Citus distributed table in this catalog."""
+
+    def look_up() -> bool:
         found = bool(
+            session.execute(
+                text(
+                    "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL AND EXISTS ("
+                    " SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE c.relname = 'embeddings' AND n.nspname = current_schema())"
+                )
+            ).scalar()
+        )
+        return found and bool(
             session.execute(
                 text(
                     "SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'embeddings'::regclass"
@@ -53,24 +63,21 @@ def distributed(session: Session) -> bool:
                 )
             ).scalar()
         )
-    with _GUARD:
-        _CACHE[key] = found
-    return found
+
+    return _cached(_CACHE, session, look_up)
 
 
 def category_partitions(session: Session) -> bool:
     """Whether per-category indexes live on category_vectors' partitions (plain PostgreSQL since migration 0013).
     Cached per database like `distributed`: asked on every two-stage search, it was one more round trip each."""
-    key = _cache_key(session)
-    with _GUARD:
-        if key in _PARTITIONS:
-            return _PARTITIONS[key]
-    found = not distributed(session) and bool(
-        session.execute(text("SELECT to_regclass('category_vectors') IS NOT NULL")).scalar()
+    return _cached(
+        _PARTITIONS,
+        session,
+        lambda: (
+            not distributed(session)
+            and bool(session.execute(text("SELECT to_regclass('category_vectors') IS NOT NULL")).scalar())
+        ),
     )
-    with _GUARD:
-        _PARTITIONS[key] = found
-    return found
 
 
 def forget(url: str | None = None) -> None:
@@ -86,22 +93,19 @@ def forget(url: str | None = None) -> None:
 def category_read_delegated(session: Session) -> bool:
     """Whether this distributed catalog has imsrc._category_read (CITUS_CATEGORY_READ), which every upgrade since it
     was added makes; a catalog last migrated by an older imsrc reads through pg_queries.citus_read instead."""
-    key = _cache_key(session)
-    with _GUARD:
-        if key in _CATEGORY_READ:
-            return _CATEGORY_READ[key]
-    found = bool(
-        session.execute(
-            text(
-                "SELECT EXISTS (SELECT 1 FROM pg_dist_object WHERE objid = to_regprocedure(:f)"
-                " AND distribution_argument_index IS NOT NULL)"
-            ),
-            {"f": CATEGORY_READ_SIGNATURE},
-        ).scalar()
+    return _cached(
+        _CATEGORY_READ,
+        session,
+        lambda: bool(
+            session.execute(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_dist_object WHERE objid = to_regprocedure(:f)"
+                    " AND distribution_argument_index IS NOT NULL)"
+                ),
+                {"f": CATEGORY_READ_SIGNATURE},
+            ).scalar()
+        ),
     )
-    with _GUARD:
-        _CATEGORY_READ[key] = found
-    return found
 
 
 def uncategorised_condition(session: Session, alias: str = "") -> str:
