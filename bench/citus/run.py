@@ -328,14 +328,7 @@ def catalog(args: argparse.Namespace) -> tuple[dict[str, Any], np.ndarray, np.nd
         base, base_labels, _facts = real.embed(args.real_base)  # cached (bench/search/data)
         vectors, labels = real_calibrated(args.real_calibrated, base, base_labels, np.random.default_rng(2))
         names = list(real.CLASSES)
-        data = {
-            "kind": "real-calibrated",
-            "rows": args.real_calibrated,
-            "base_rows": args.real_base,
-            "noise": 0.5,
-            "model": real.MODEL,
-            "dataset": "Fashion-MNIST embeddings (EfficientNet-Lite0) + Gaussian noise of each label's spread",
-        }
+        data = real.calibrated_facts(args.real_calibrated, args.real_base)
 
         def queries(ids: np.ndarray) -> tuple[np.ndarray, list[int | None], list[list[int]]]:
             # bench/search/service_bench.py's queries: catalog images, themselves left out.

@@ -61,8 +61,11 @@ def make_mixture(categories: int, dimension: int, spread: float, seed: int, intr
     return Mixture(centres / np.linalg.norm(centres, axis=1, keepdims=True), spread, seed, bases)
 
 
+REAL_CALIBRATED_NOISE = 0.5  # real_calibrated's noise, as results files record it (real.calibrated_facts)
+
+
 def real_calibrated(
-    n: int, base: np.ndarray, labels: np.ndarray, rng: np.random.Generator, noise: float = 0.5
+    n: int, base: np.ndarray, labels: np.ndarray, rng: np.random.Generator, noise: float = REAL_CALIBRATED_NOISE
 ) -> tuple[np.ndarray, np.ndarray]:
     """n vectors shaped by real embeddings: each is a random real vector plus Gaussian noise with its category's
     per-dimension spread (times `noise`), renormalised. Categories then overlap as the real ones do (stage 1 makes

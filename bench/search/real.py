@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -25,6 +26,21 @@ SPLITS = (
 MODEL = "efficientnet-lite0"
 CLASSES = FASHION_CLASSES
 DATA = Path(__file__).resolve().parent / "data"
+
+
+def calibrated_facts(rows: int, base_rows: int) -> dict[str, Any]:
+    """What a results file says about a catalog made by load.real_calibrated from `base_rows` real embeddings
+    (bench/search/service_bench.py and bench/citus/run.py)."""
+    from bench.search.load import REAL_CALIBRATED_NOISE
+
+    return {
+        "kind": "real-calibrated",
+        "rows": rows,
+        "base_rows": base_rows,
+        "noise": REAL_CALIBRATED_NOISE,
+        "model": MODEL,
+        "dataset": "Fashion-MNIST embeddings (EfficientNet-Lite0) + Gaussian noise of each label's spread",
+    }
 
 
 def check_available() -> None:

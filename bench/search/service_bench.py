@@ -591,12 +591,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pngs = [png(a) for a in raw[: max(args.image_queries, 1) * 20]]
         del raw
         data = {
-            "kind": "real-calibrated",
-            "rows": args.real_calibrated,
-            "base_rows": args.real_base,
-            "noise": 0.5,
-            "model": real.MODEL,
-            "dataset": "Fashion-MNIST embeddings (EfficientNet-Lite0) + Gaussian noise of each label's spread",
+            **real.calibrated_facts(args.real_calibrated, args.real_base),
             "image_queries": "real Fashion-MNIST images of the base set, embedded by the server",
         }
     else:
