@@ -59,10 +59,9 @@ def _upload(db, settings: Settings, seeds: range) -> None:  # type: ignore[no-un
         )
 
 
-def test_resaved_index_is_mapped_by_the_other_process(
-    create_database, tmp_path_factory: pytest.TempPathFactory
-) -> None:  # type: ignore[no-untyped-def]
-    url = create_database("imsrc_resave")
+def _saved_catalog(url: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """6 committed uploads, and a store that re-saves after 3 replayed changes, whose index was built and saved once
+    (then mapped): (db, settings, store, model, that index, data_dir)."""
     data_dir = tmp_path_factory.mktemp("resave")
     settings = Settings(database_url=url, data_dir=data_dir, model=TEST_MODEL, _env_file=None)  # type: ignore[call-arg]
     db = database_for(settings)
@@ -71,14 +70,21 @@ def test_resaved_index_is_mapped_by_the_other_process(
     with db.session() as session:
         model = ModelRepository(session).active()
         assert model is not None
-        first = store.get(session, model)  # built and saved once, then mapped
+        first = store.get(session, model)
+    return db, settings, store, model, first, data_dir
+
+
+def test_resaved_index_is_mapped_by_the_other_process(
+    create_database, tmp_path_factory: pytest.TempPathFactory
+) -> None:  # type: ignore[no-untyped-def]
+    db, settings, store, model, first, data_dir = _saved_catalog(create_database("imsrc_resave"), tmp_path_factory)
     meta_path = data_dir / "faiss" / f"model-{int(model.id)}" / "meta.json"
     saved = json.loads(meta_path.read_text())
     assert saved["count"] == 6 and first.saved_as is not None
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "backend"), str(ROOT)])}
     other = subprocess.Popen(
-        [sys.executable, "-c", OTHER, url, str(data_dir)],
+        [sys.executable, "-c", OTHER, settings.database_url, str(data_dir)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -126,16 +132,7 @@ def test_searches_answer_while_the_index_is_being_saved(
     query in the same process catches up with new uploads and searches; the files get the snapshot's rows only,
     and load cleanly. (Before, the save held the index lock while writing: that query waited for the whole save,
     seconds at 1M vectors.)"""
-    url = create_database("imsrc_resave_busy")
-    data_dir = tmp_path_factory.mktemp("resave-busy")
-    settings = Settings(database_url=url, data_dir=data_dir, model=TEST_MODEL, _env_file=None)  # type: ignore[call-arg]
-    db = database_for(settings)
-    _upload(db, settings, range(6))
-    store = FaissStore(data_dir, flat_max_rows=settings.faiss_flat_max_rows, resave_changes=3)
-    with db.session() as session:
-        model = ModelRepository(session).active()
-        assert model is not None
-        first = store.get(session, model)
+    db, settings, store, model, first, data_dir = _saved_catalog(create_database("imsrc_resave_busy"), tmp_path_factory)
     meta_path = data_dir / "faiss" / f"model-{int(model.id)}" / "meta.json"
 
     halfway, release = threading.Event(), threading.Event()
