@@ -120,3 +120,28 @@ def test_concurrent_uploads_all_succeed(committed: tuple[TestClient, Database]) 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(upload, range(8)))
     assert results == [(200, "new")] * 8
+
+
+def _server_timing(values: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in ",".join(values).split(","):
+        name, _, rest = part.strip().partition(";dur=")
+        out[name] = float(rest)
+    return out
+
+
+def test_an_upload_says_where_its_time_went(client: TestClient) -> None:
+    """README: an upload's answer carries Server-Timing with its stages, and every answer the time inside the app."""
+    response = client.post(
+        "/api/images", data={"category": "Timed"}, files=[("file", ("t.png", make_image(311), "image/png"))]
+    )
+    assert response.status_code == 200, response.text
+    stages = _server_timing(response.headers.get_list("server-timing"))
+    expected = {"receive", "queue", "connect", "model", "decode", "embed", "write", "sync", "commit", "route", "app"}
+    assert expected <= set(stages) and all(ms >= 0 for ms in stages.values()), stages
+    # Sequential stages inside the route (headers round to 0.1 ms), and the route inside the app.
+    inside = ("queue", "decode", "embed", "write", "sync")
+    assert sum(stages[name] for name in inside) <= stages["route"] + 1
+    assert stages["route"] <= stages["app"] + 1
+    listing = client.get("/api/images")
+    assert set(_server_timing(listing.headers.get_list("server-timing"))) == {"app"}
