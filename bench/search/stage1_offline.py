@@ -69,10 +69,13 @@ def main() -> None:
     if real._cached(a.rows) is None:
         raise SystemExit(f"no cached embeddings of {a.rows} images yet: python bench/search/real.py {a.rows}")
     vectors, labels, _ = real.embed(a.rows)
+    sources = None
     if a.real_calibrated:
-        from bench.search.load import real_calibrated
+        from bench.search.load import real_calibrated_with_sources
 
-        vectors, labels = real_calibrated(a.real_calibrated, vectors, labels, np.random.default_rng(2))
+        vectors, labels, sources = real_calibrated_with_sources(
+            a.real_calibrated, vectors, labels, np.random.default_rng(2)
+        )
     t0 = time.perf_counter()
     protos = prototypes(vectors, labels, settings)
     rng = np.random.default_rng(5)
@@ -99,7 +102,8 @@ def main() -> None:
     ranked = np.take_along_axis(qscores, order, axis=1).astype(np.float64)
     qlab = labels[qrows]
     truth_lab = labels[truth]  # categories = labels here
-    exact_p = float(np.mean(truth_lab == qlab[:, None]))
+    exact_per_query = np.mean(truth_lab == qlab[:, None], axis=1)
+    exact_p = float(np.mean(exact_per_query))
 
     # Per query and category: the category's exact top 10 (scores, labels), so a rule's stage 2 (exact inside
     # the picked categories) is a merge of at most 10 x picked candidates.
@@ -132,8 +136,15 @@ def main() -> None:
             l_ = cat_top_l[i, cols].ravel()
             prec[i] = float(np.mean(l_[np.argsort(-s_)[:K]] == qlab[i]))
         n_eff = np.where(fb, len(cats), n_pick)
+        # Paired with exact search on the same queries: the mean difference of label p@10 and its standard
+        # error, so "below exact" can be told from the noise of a few thousand queries.
+        diff = prec - exact_per_query
         return {
             "label_p_at_10": round(float(np.mean(prec)), 4),
+            "p_at_10_minus_exact": round(float(np.mean(diff)), 4),
+            "p_at_10_minus_exact_se": round(float(np.std(diff, ddof=1) / np.sqrt(len(diff))), 4),
+            "queries_below_exact": int(np.sum(diff < 0)),
+            "queries_above_exact": int(np.sum(diff > 0)),
             "recall_at_10": round(float(np.mean(rec)), 4),
             "mean_categories": round(float(np.mean(n_eff)), 3),
             "fallback_share": round(float(np.mean(fb)), 4),
@@ -145,6 +156,9 @@ def main() -> None:
         "queries": len(qrows),
         "exact_label_p_at_10": round(exact_p, 4),
     }
+    if sources is not None:
+        # Share of the exact top 10 drawn from the query's own real vector (see load.real_calibrated's caveat).
+        out["exact_top10_siblings_share"] = round(float(np.mean(sources[truth] == sources[qrows][:, None])), 4)
     mass, cap, target = settings.search_score_mass, settings.search_categories, settings.search_stage1_coverage
     fitted = calibration.fit(held, own_col, mass=mass, cap=cap, target=target)
     out["calibration_cap3"] = fitted
