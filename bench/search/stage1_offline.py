@@ -151,6 +151,7 @@ def main() -> None:
         }
 
     out: dict[str, object] = {
+        "command": " ".join(["python", "bench/search/stage1_offline.py", *sys.argv[1:]]),
         "rows": len(vectors),
         "real_calibrated_from": a.rows if a.real_calibrated else None,
         "queries": len(qrows),
