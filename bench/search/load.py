@@ -80,7 +80,7 @@ def real_calibrated(
 
 
 def real_calibrated_with_sources(
-    n: int, base: np.ndarray, labels: np.ndarray, rng: np.random.Generator, noise: float = 0.5
+    n: int, base: np.ndarray, labels: np.ndarray, rng: np.random.Generator, noise: float = REAL_CALIBRATED_NOISE
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """real_calibrated, plus each vector's source row in `base`."""
     spread = {int(c): base[labels == c].std(axis=0) * noise for c in np.unique(labels)}
