@@ -525,6 +525,31 @@ def test_slow_clients_are_disconnected(served: str, case: str) -> None:
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
 
 
+def test_a_busy_keep_alive_connection_stays_open(served: str) -> None:
+    """Quick requests on one keep-alive connection, 0.3 s apart, for 3x the 2 s client timeout: every one is
+    answered. Each finishes between two watchdog ticks, so the watchdog only ever saw the connection idle and,
+    before the deadline moved with each response, closed it 2 s after it opened (a client about to send on it
+    got a reset: httpx ReadError in bench/load)."""
+    import socket as socketlib
+
+    port = int(served.rsplit(":", 1)[1])
+    answered = 0
+    with socketlib.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        started = time.monotonic()
+        while time.monotonic() - started < 6.0:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                chunk = sock.recv(4096)
+                assert chunk, f"closed by the server after {time.monotonic() - started:.1f} s, {answered} answers"
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200")
+            answered += 1
+            time.sleep(0.3)
+    assert answered >= 15
+
+
 # ---------------------------------------------------------------------------------------------- imsrc sql
 def test_sql_prints_every_row_by_default(scratch: Path, database_url: str) -> None:
     env = {"IMSRC_DATABASE_URL": database_url, "IMSRC_DATA_DIR": str(scratch)}

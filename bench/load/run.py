@@ -127,38 +127,45 @@ async def client_loop(
         n += 1
         roll = rng.random()
         t0 = time.perf_counter()
-        if roll < upload_to:
-            route = "POST /api/images"
-            data = pictures.upload(seed, uploads) if pictures is not None else picture(seed * 100_000 + n)
-            uploads += 1
-            form = {"category": f"load-{seed % categories}"} if categories else {}
-            resp = await client.post(
-                "/api/images", data=form, files={"file": (f"load-{seed}-{n}.jpg", data, "image/jpeg")}
-            )
-            if stages is not None:
-                for name, ms in server_timing(resp.headers.get("server-timing", "")).items():
-                    stages[name].append(ms)
-            if resp.status_code < 300:
-                for item in resp.json().get("results", []):
-                    if item.get("id"):
-                        uploaded.append(int(item["id"]))
-        elif roll < image_to:
-            route = "POST /api/search/image"
-            resp = await client.post(
-                "/api/search/image",
-                params={"k": 10},
-                files={"file": ("q.jpg", query_picture(pictures, rng.randrange(QUERY_PICTURES)), "image/jpeg")},
-            )
-        elif roll < text_to and texts_ok:
-            route = "GET /api/search/text"
-            resp = await client.get("/api/search/text", params={"q": rng.choice(["a red circle", "blue", "shoe"])})
-        elif roll < listing_to:
-            route = "GET /api/images"
-            resp = await client.get("/api/images", params={"page": rng.randint(1, 3)})
-        else:
-            route = "GET /api/search/similar"
-            ids = uploaded or [1]
-            resp = await client.get(f"/api/search/similar/{rng.choice(ids)}")
+        route = "?"
+        try:
+            if roll < upload_to:
+                route = "POST /api/images"
+                data = pictures.upload(seed, uploads) if pictures is not None else picture(seed * 100_000 + n)
+                uploads += 1
+                form = {"category": f"load-{seed % categories}"} if categories else {}
+                resp = await client.post(
+                    "/api/images", data=form, files={"file": (f"load-{seed}-{n}.jpg", data, "image/jpeg")}
+                )
+                if stages is not None:
+                    for name, ms in server_timing(resp.headers.get("server-timing", "")).items():
+                        stages[name].append(ms)
+                if resp.status_code < 300:
+                    for item in resp.json().get("results", []):
+                        if item.get("id"):
+                            uploaded.append(int(item["id"]))
+            elif roll < image_to:
+                route = "POST /api/search/image"
+                resp = await client.post(
+                    "/api/search/image",
+                    params={"k": 10},
+                    files={"file": ("q.jpg", query_picture(pictures, rng.randrange(QUERY_PICTURES)), "image/jpeg")},
+                )
+            elif roll < text_to and texts_ok:
+                route = "GET /api/search/text"
+                resp = await client.get("/api/search/text", params={"q": rng.choice(["a red circle", "blue", "shoe"])})
+            elif roll < listing_to:
+                route = "GET /api/images"
+                resp = await client.get("/api/images", params={"page": rng.randint(1, 3)})
+            else:
+                route = "GET /api/search/similar"
+                ids = uploaded or [1]
+                resp = await client.get(f"/api/search/similar/{rng.choice(ids)}")
+        except httpx.TransportError:
+            # The connection failed under the request (closed by the server, reset): no answer, so neither a
+            # status nor an acknowledged upload; counted apart from 5xx.
+            errors[f"dropped:{route}"] += 1
+            continue
         stats[route].append((time.perf_counter() - t0) * 1000)
         app = server_timing(resp.headers.get("server-timing", "")).get("app")
         if server_ms is not None and app is not None:
@@ -259,6 +266,7 @@ async def run(
             "p95_ms": round(q[94], 1),
             "p99_ms": round(q[98], 1),
             "5xx": errors.get(route, 0),
+            "dropped": errors.get(f"dropped:{route}", 0),
             # in the server's app (Server-Timing "app"): the rest is the server's accept and HTTP parsing, its event
             # loop before the app, and this load generator's own delays
             "server_p50_ms": round(statistics.median(server_ms[route]), 1) if server_ms.get(route) else None,
@@ -269,7 +277,8 @@ async def run(
         "routes": routes,
         "acknowledged_uploads": len(uploaded),
         "missing_uploads": len(missing),
-        "total_5xx": sum(errors.values()),
+        "total_5xx": sum(v for k, v in errors.items() if not k.startswith("dropped:")),
+        "dropped_connections": sum(v for k, v in errors.items() if k.startswith("dropped:")),
         "upload_stages": stage_summary(stages, len(stats.get("POST /api/images", []))),
         "load_generator_lag_ms": {
             "p50": round(statistics.median(lags), 1) if lags else None,
@@ -511,9 +520,10 @@ def main() -> None:
         f"--model {args.model} --seed-images {args.seed_images} --workers {args.workers} "
         f"--backend {args.backend} --upload-categories {args.upload_categories} --mix {args.mix}`.",
         "",
-        "| workers | load avg before/after | 5xx | acknowledged uploads | missing | searches/s | upload p50 ms |"
-        " peak RSS MB | peak PSS MB | busy cores: machine / server / postgres / load generator / others |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| workers | load avg before/after | 5xx | dropped connections | acknowledged uploads | missing | searches/s |"
+        " upload p50 ms | peak RSS MB | peak PSS MB |"
+        " busy cores: machine / server / postgres / load generator / others |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in runs:
         routes = r["routes"]
@@ -530,6 +540,7 @@ def main() -> None:
         )
         lines.append(
             f"| {r['workers'] or '-'} | {r['load_before']} / {r['load_after']} | {r['total_5xx']} | "
+            f"{r.get('dropped_connections', 0)} | "
             f"{r['acknowledged_uploads']} | {r['missing_uploads']} | {searches / args.seconds:.1f} | "
             f"{upload} | {memory.get('peak_rss_mb', '-')} | {memory.get('peak_pss_mb', '-')} | {cores} |"
         )
@@ -577,7 +588,7 @@ def main() -> None:
     if not args.no_write:
         replace_section(args.section, "\n".join(lines))
     print("\n".join(lines))
-    if any(r["total_5xx"] or r["missing_uploads"] for r in runs):
+    if any(r["total_5xx"] or r["missing_uploads"] or r.get("dropped_connections") for r in runs):
         raise SystemExit(1)
 
 

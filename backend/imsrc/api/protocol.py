@@ -42,6 +42,14 @@ class GuardedH11Protocol(H11Protocol):
         self._last_data = self.loop.time()
         super().data_received(data)
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # The wait for the next request head begins now. The watchdog alone cannot tell: a keep-alive connection
+        # whose requests each finish between two of its ticks always looks idle to it, so the deadline set at
+        # connect was never moved and a busy connection was closed 10 s after it opened, under a client about
+        # to send on it (bench/load: httpx ReadError / "Server disconnected" mid-run).
+        self._head_deadline = self.loop.time() + self.read_timeout_s
+
     def _check(self) -> None:
         self._watchdog = None
         if self.transport.is_closing():
