@@ -176,13 +176,16 @@ def test_importing_the_app_imports_no_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
-def test_an_onnx_serve_worker_answers_without_torch(create_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded-before", "first-start"])
+def test_an_onnx_serve_worker_answers_without_torch(create_database, tmp_path: Path, recorded: bool) -> None:  # type: ignore[no-untyped-def]
     """A real `imsrc serve` worker with IMSRC_INFERENCE=onnx: image searches and an upload, no libtorch mapped;
     uploads into a new category compute its text prototype through the text tower and CLIP's tokenizer, still
-    without torch, and a text query answers too."""
-    url = create_database("imsrc_direct_onnx")
+    without torch, and a text query answers too. On a first start (nothing recorded yet) the torch load that
+    exports and records runs in a child process, and the worker still never maps libtorch."""
+    url = create_database(f"imsrc_direct_onnx_{int(recorded)}")
     cache = tmp_path / "models"
-    build_embedder(TINY_TEST, runtime="onnx", cache_dir=cache)  # the earlier load that recorded it (cache/onnx)
+    if recorded:
+        build_embedder(TINY_TEST, runtime="onnx", cache_dir=cache)  # the earlier load that recorded it (cache/onnx)
     env = serve_env(
         tmp_path / "data",
         database_url=url,
@@ -209,3 +212,5 @@ def test_an_onnx_serve_worker_answers_without_torch(create_database, tmp_path: P
         assert r.status_code == 200, r.text
         assert r.json()["results"]
         assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
+        assert ("first load with torch in a child process" in server.log_text(100_000)) is not recorded
+        assert list((cache / "onnx").glob("*/direct-*.json"))

@@ -12,7 +12,9 @@ of the libraries involved. A later load in any process (`load`) uses the record 
 unchanged, and then opens the same verified exports (checked as the usual load checks them) with preprocessing in
 PIL + NumPy (embeddings.preprocess) that reproduced the torch transform exactly on check images when the record
 was made. Anything else (no record, a changed checkpoint, another torch, a tower that would run on torch, a GPU
-that `auto` would use) falls back to the usual load, which records again. The tokenizer is made on the first
+that `auto` would use) falls back to the usual load, which records again; where that load can end all-ONNX and
+this process has no torch yet, it runs in a short-lived child process (first_load_in_child), so even a first
+start leaves the serving process without torch. The tokenizer is made on the first
 text (a query, or a new category's text prototype): CLIP's byte-pair tokenizer in plain Python where it matched
 the model's own on check texts (clip_tokenizer), else open_clip's, which imports torch then.
 """
@@ -180,6 +182,65 @@ class LazyTokenizer:
         return self._tokenizer(texts)
 
 
+def _eligible(setting: str, device: str | None, precision: str) -> bool:
+    from imsrc.embeddings.runtime import ONNX_SETTINGS, onnxruntime_installed
+
+    if setting not in (*ONNX_SETTINGS, "auto") or precision not in ("auto", "fp32") or device not in (None, "cpu"):
+        return False
+    return not (setting == "auto" and device is None and _gpu_present()) and onnxruntime_installed()
+
+
+def first_load_in_child(
+    name: str,
+    *,
+    setting: str,
+    device: str | None,
+    precision: str,
+    checkpoint: str | None,
+    cache_dir: str | None,
+    export_dir: Path,
+    allow_download: bool = True,
+) -> bool:
+    """Load `name` the usual way (torch, exports, verification, record) in a short-lived child process, so that this
+    process can then load the recorded exports without torch. Done only in a process that has not imported torch
+    and only while no earlier export of the model was refused or (auto) timed slower than torch, i.e. where the
+    load can end with every tower on ONNX; True when the child wrote the record. A failure (the child's error:
+    weights missing, ...) returns False: the caller loads in this process and reports it the usual way."""
+    import subprocess
+    import sys
+
+    from imsrc.embeddings.onnx_cache import recorded_runtimes
+
+    if "torch" in sys.modules or not _eligible(setting, device, precision):
+        return False
+    for key, manifest in recorded_runtimes(export_dir, name).items():
+        if key not in ("image/fp32", "text/fp32"):
+            continue
+        timing = manifest.get("timing") or {}
+        if not manifest.get("verified") or (setting == "auto" and timing.get("onnx_s", 0) >= timing.get("torch_s", 0)):
+            return False  # a tower would stay on torch: the child's load would be repeated here
+    spec: dict[str, Any] = {"name": name, "runtime": setting, "device": device, "precision": precision}
+    spec.update(checkpoint=checkpoint, cache_dir=cache_dir, export_dir=str(export_dir), allow_download=allow_download)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    log.info("%s: first load with torch in a child process (exports and records the ONNX towers)", name)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "imsrc.embeddings.direct", json.dumps(spec)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError as exc:
+        log.info("%s: child load not started (%s)", name, exc)
+        return False
+    if done.returncode != 0:
+        tail = (done.stderr or "").strip().splitlines()[-1:] or ["?"]
+        log.info("%s: child load failed (%s); loading in this process", name, tail[0])
+        return False
+    return record_path(export_dir, name, checkpoint, cache_dir).is_file()
+
+
 def load(
     name: str,
     *,
@@ -191,11 +252,9 @@ def load(
     export_dir: Path,
 ) -> Any:
     """An OnnxEmbedder with every tower on ONNX and no torch behind it, or None (load the usual way)."""
-    from imsrc.embeddings.runtime import ONNX_SETTINGS, choose_towers, onnxruntime_installed
+    from imsrc.embeddings.runtime import choose_towers
 
-    if setting not in (*ONNX_SETTINGS, "auto") or precision not in ("auto", "fp32") or device not in (None, "cpu"):
-        return None
-    if (setting == "auto" and device is None and _gpu_present()) or not onnxruntime_installed():
+    if not _eligible(setting, device, precision):
         return None
     try:
         data = json.loads(record_path(export_dir, name, checkpoint, cache_dir).read_text())
@@ -239,3 +298,26 @@ def load(
         return None
     log.info("%s: ONNX towers loaded directly (no torch): %s", name, embedder.runtime)
     return embedder
+
+
+def _main(spec: str) -> None:
+    """`python -m imsrc.embeddings.direct SPEC`: the child of first_load_in_child."""
+    from imsrc.embeddings.registry import build_embedder
+
+    args = json.loads(spec)
+    build_embedder(
+        args["name"],
+        runtime=args["runtime"],
+        device=args["device"],
+        precision=args["precision"],
+        checkpoint=args["checkpoint"],
+        cache_dir=args["cache_dir"],
+        export_dir=args["export_dir"],
+        allow_download=args["allow_download"],
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1])
