@@ -547,7 +547,9 @@ def test_a_busy_keep_alive_connection_stays_open(served: str) -> None:
             assert reply.startswith(b"HTTP/1.1 200")
             answered += 1
             time.sleep(0.3)
-    assert answered >= 15
+    # The loop ran 6 s (3x the timeout) on one connection that never closed; the count only shows the requests were
+    # spread over it (not a fixed figure: under load each answer may take longer than the 0.3 s pause).
+    assert answered >= 6
 
 
 # ---------------------------------------------------------------------------------------------- imsrc sql
