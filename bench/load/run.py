@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -458,6 +459,46 @@ def env_setting(item: str) -> tuple[str, str]:
     return name, value
 
 
+def reading(runs: list[dict[str, Any]], seconds: float) -> list[str]:
+    """Issue 16's targets, met or missed, from a run with 1 and 2 workers: search throughput 2 vs 1 >= 1.6x (and
+    the most this machine allows: cores / cores busy with 1 worker, since a second worker can only use what one
+    left idle), upload p50 <= 1 s, 0 5xx, 0 lost acknowledged uploads."""
+    by = {r["workers"]: r for r in runs}
+    if 1 not in by or 2 not in by:
+        return []
+
+    def searches(r: dict[str, Any]) -> float:
+        return sum(v["requests"] for k, v in r["routes"].items() if "/search/" in k) / seconds
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "missed"
+
+    one, two = by[1], by[2]
+    ratio = searches(two) / max(searches(one), 1e-9)
+    cpu = one.get("cpu") or {}
+    busy, cores = cpu.get("machine_busy_cores"), cpu.get("cores")
+    ceiling = f"{cores / busy:.2f}x" if busy and cores else "?"
+    uploads = {w: r["routes"].get("POST /api/images", {}).get("p50_ms") for w, r in by.items()}
+    bad = {w: (r["total_5xx"], r["missing_uploads"], r.get("dropped_connections", 0)) for w, r in by.items()}
+    return [
+        "",
+        "Against issue 16's targets (computed by the script from the tables above):",
+        f"- search throughput, 2 workers vs 1: {searches(two):.1f} / {searches(one):.1f} searches/s = **{ratio:.2f}x**"
+        f" (target >= 1.6x: {met(ratio >= 1.6)}). With 1 worker the machine was {busy} of its {cores} cores busy,"
+        f" so a second worker could add at most the idle rest: ceiling here {cores} / {busy} = {ceiling}.",
+        *(
+            f"- upload p50 under load, {w} worker(s): {uploads[w]} ms (target <= 1000 ms: "
+            f"{met(uploads[w] is not None and uploads[w] <= 1000)})"
+            for w in sorted(by)
+        ),
+        *(
+            f"- {w} worker(s): {b[0]} 5xx, {b[1]} acknowledged uploads missing, {b[2]} dropped connections "
+            f"(target 0, 0: {met(b == (0, 0, 0))})"
+            for w, b in sorted(bad.items())
+        ),
+    ]
+
+
 def main() -> None:
     if "--memory" in sys.argv:  # the memory mode has its own options (bench/load/memory.py)
         import memory
@@ -566,6 +607,7 @@ def main() -> None:
             if r.get("load_generator_lag_ms")
         ),
     ]
+    lines += reading(runs, args.seconds)
     names = list(dict.fromkeys(n for r in runs for n in r.get("upload_stages", {})))  # type: ignore[attr-defined]
     if names:
         lines += [
