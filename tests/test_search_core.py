@@ -305,3 +305,17 @@ def test_a_small_catalog_answers_two_stage_as_ann_and_says_so(
     at = SearchService(session, _runtime(settings, search_two_stage_min_rows=rows))
     reached = at.search_vector(small.model, q, SearchOptions(k=10))
     assert reached.mode == "two_stage" and reached.stage1
+
+
+def test_repeated_searches_leave_no_prepared_statement_for_a_generic_plan(
+    session: Session, settings: Settings, small: Synthetic
+) -> None:
+    """psycopg prepares a statement on its sixth run on a connection, and PostgreSQL may then plan it once for any
+    query vector (a generic plan): the same per-category walk got ~1.5x slower on a pooled connection. The
+    engine turns automatic preparation off, so every search is planned for its own vector."""
+    service = SearchService(session, _runtime(settings))
+    q = _queries(small, 1)[0]
+    first = _ids(service.search_vector(small.model, q, SearchOptions(k=10, categories=1)))
+    for _ in range(8):  # the same statement text each time: prepared on the sixth run before
+        assert _ids(service.search_vector(small.model, q, SearchOptions(k=10, categories=1))) == first
+    assert session.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar_one() == 0
