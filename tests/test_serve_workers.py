@@ -142,9 +142,14 @@ def test_two_workers_answer_and_see_each_others_uploads(two_workers: LiveServer)
     assert up.status_code == 200, up.text
     new_id = up.json()["results"][0]["id"]
     assert new_id is not None and _pid(writer) == pid_a
+    # The worker that built its index before the upload: a fresh connection to it, because uvicorn closes one idle
+    # for 5 s (keep-alive) and the reader's may have idled that long while the writer loaded its model, and a new
+    # connection may reach either worker.
+    fresh = _clients_per_worker(two_workers.base)
+    reader = fresh[pid_b]
     for backend in ("faiss", "pgvector"):
         assert _top(reader, query, backend)[0] == new_id, backend
-    assert _pid(reader) == pid_b  # the same worker that built its index before the upload
+    assert _pid(reader) == pid_b
     # Prometheus multiprocess mode, set up by `serve`: /metrics adds up both workers' counters. A request is
     # counted after its response went out (observability's `finally`), so the last one may land a moment later.
     deadline = time.monotonic() + 10
@@ -160,7 +165,7 @@ def test_two_workers_answer_and_see_each_others_uploads(two_workers: LiveServer)
             break
         time.sleep(0.2)
     assert counted >= 6, text_metrics[:2000]
-    for client in clients.values():
+    for client in [*clients.values(), *fresh.values()]:
         client.close()
 
 
