@@ -34,12 +34,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def checkout(item: str) -> tuple[str, str]:
+    """--checkout NAME=PATH, PATH a checkout of imsrc; refused with one line (argparse) otherwise."""
+    name, sep, path = item.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {item!r}")
+    if not (Path(path) / "backend" / "imsrc" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{path!r} is not an imsrc checkout (no backend/imsrc)")
+    return name, str(Path(path).resolve())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkout", action="append", default=[], help="NAME=PATH (repeatable; default this one)")
+    parser.add_argument(
+        "--checkout", action="append", default=[], type=checkout, help="NAME=PATH (repeatable; default this one)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    checkouts = dict(c.split("=", 1) for c in args.checkout) or {"this": str(ROOT)}
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
+    checkouts = dict(args.checkout) or {"this": str(ROOT)}
     from imsrc.db.embedded import EmbeddedServer
     from imsrc.db.engine import upgrade
 
@@ -74,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                         except httpx.HTTPError:
                             pass
                         time.sleep(0.02)
+                    else:  # the server exited without ever answering: no start-up time to record
+                        raise SystemExit(f"{name}: imsrc serve exited with status {proc.returncode} before /health")
                     results[name]["health_s"].append(round(time.perf_counter() - started, 3))
                 finally:
                     proc.terminate()
