@@ -133,8 +133,13 @@ def test_two_workers_answer_and_see_each_others_uploads(two_workers: LiveServer)
     query = make_image(500)
     assert _top(reader, query, "faiss") and _top(reader, query, "pgvector")
     # Saved once, mapped by both: the writer loads the reader's saved index, and both processes map the same
-    # files (the OS's page cache holds one copy of the vectors, not one per worker).
-    assert _top(writer, query, "faiss")
+    # files (the OS's page cache holds one copy of the vectors, not one per worker). Each step below that must reach
+    # a given worker does so on a fresh connection: uvicorn closes one idle for 5 s (keep-alive), the writer's idled
+    # while the reader loaded its model on a loaded box, and its reconnect may reach either worker (then the writer
+    # process never searched and mapped nothing: the intermittent `mapped[pid_a]` empty failure).
+    fresh = _clients_per_worker(two_workers.base)
+    writer = fresh[pid_a]
+    assert _top(writer, query, "faiss") and _pid(writer) == pid_a
     saved = Path(two_workers.env["IMSRC_DATA_DIR"]) / "faiss"
     mapped = {pid: _mapped_files(pid, saved) for pid in (pid_a, pid_b)}
     assert mapped[pid_a] and mapped[pid_a] == mapped[pid_b], mapped
@@ -142,11 +147,9 @@ def test_two_workers_answer_and_see_each_others_uploads(two_workers: LiveServer)
     assert up.status_code == 200, up.text
     new_id = up.json()["results"][0]["id"]
     assert new_id is not None and _pid(writer) == pid_a
-    # The worker that built its index before the upload: a fresh connection to it, because uvicorn closes one idle
-    # for 5 s (keep-alive) and the reader's may have idled that long while the writer loaded its model, and a new
-    # connection may reach either worker.
-    fresh = _clients_per_worker(two_workers.base)
-    reader = fresh[pid_b]
+    # The worker that built its index before the upload (on a fresh connection, as above).
+    again = _clients_per_worker(two_workers.base)
+    reader = again[pid_b]
     for backend in ("faiss", "pgvector"):
         assert _top(reader, query, backend)[0] == new_id, backend
     assert _pid(reader) == pid_b
@@ -165,7 +168,7 @@ def test_two_workers_answer_and_see_each_others_uploads(two_workers: LiveServer)
             break
         time.sleep(0.2)
     assert counted >= 6, text_metrics[:2000]
-    for client in [*clients.values(), *fresh.values()]:
+    for client in [*clients.values(), *fresh.values(), *again.values()]:
         client.close()
 
 
