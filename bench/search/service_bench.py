@@ -68,7 +68,14 @@ METHODS = [
 ]
 FORCED = "two_stage pgvector, small-catalog rule off"
 EF_LADDER = (40, 60, 100, 150, 200, 300, 400, 600, 1000)
-SERVER_SETTINGS = ("shared_buffers", "work_mem", "max_parallel_workers_per_gather", "jit", "effective_cache_size")
+SERVER_SETTINGS = (
+    "shared_buffers",
+    "work_mem",
+    "max_parallel_workers_per_gather",
+    "jit",
+    "effective_cache_size",
+    "plan_cache_mode",
+)
 
 
 def pct(values: list[float], q: float) -> float:
