@@ -564,13 +564,15 @@ class NeighbourRepository:
         where = f"model_id = {int(model_id)}"
         if category_ids is not None:
             where += f" AND category_id IN ({','.join(str(int(c)) for c in category_ids) or 'NULL'})"
-        # Full precision vectors and `+ 0`, so no (approximate) index can take over the ordering.
+        # Full precision vectors and `+ 0`, so no (approximate) index can take over the ordering. The distance is
+        # computed once per row and the score (1 - distance, the same float8 arithmetic) here: a score column
+        # beside a sort key made PostgreSQL compute both, two distances for every row scanned.
         sql = (
-            f"SELECT image_id, 1 - (embedding <=> CAST(:q AS vector)) AS score FROM embeddings WHERE {where} "
-            f"ORDER BY (embedding <=> CAST(:q AS vector)) + 0, image_id LIMIT {int(limit)}"
+            f"SELECT image_id, (embedding <=> CAST(:q AS vector)) + 0 AS distance FROM embeddings WHERE {where} "
+            f"ORDER BY distance, image_id LIMIT {int(limit)}"
         )
         rows = self.session.execute(text(sql), {"q": query}).all()
-        return [(int(r[0]), float(r[1])) for r in rows]
+        return [(int(r[0]), 1.0 - float(r[1])) for r in rows]
 
     # ------------------------------------------------------------------ results
     def hydrate(self, image_ids: Sequence[int]) -> dict[int, HitInfo]:
