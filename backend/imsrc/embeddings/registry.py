@@ -244,31 +244,20 @@ def get_embedder(
         # Every tower on ONNX, as recorded by an earlier load: no torch in this process (embeddings.direct).
         target = Path(export_dir) if export_dir is not None else default_export_dir(cache_dir)
 
-        def recorded() -> Embedder | None:
-            return direct.load(
-                name,
-                setting=runtime,
-                device=device,
-                precision=precision,
-                checkpoint=checkpoint,
-                cache_dir=cache_dir,
-                export_dir=target,
-            )
-
-        found = recorded()
+        # What identifies the recorded exports, for the recorded load and for the child that records them.
+        where: dict[str, Any] = {
+            "setting": runtime,
+            "device": device,
+            "precision": precision,
+            "checkpoint": checkpoint,
+            "cache_dir": cache_dir,
+            "export_dir": target,
+        }
+        found = direct.load(name, **where)
         # Not recorded yet (a first start): the torch load that exports and records runs in a child process, so
         # this one (a serve worker, for hours) still never imports torch. Only where it can end all-ONNX.
-        if found is None and direct.first_load_in_child(
-            name,
-            setting=runtime,
-            device=device,
-            precision=precision,
-            checkpoint=checkpoint,
-            cache_dir=cache_dir,
-            export_dir=target,
-            allow_download=allow_download,
-        ):
-            found = recorded()
+        if found is None and direct.first_load_in_child(name, **where, allow_download=allow_download):
+            found = direct.load(name, **where)
         if found is not None:
             return found
         return build_embedder(
