@@ -398,12 +398,7 @@ def targets(results: list[dict[str, Any]], kept: list[dict[str, Any]]) -> list[s
             row(
                 "cold first query after restart, 1M: reported; <= 10x warm p50",
                 verdict(ratio <= 10),
-                scale
-                + "; ".join(
-                    f"{k.replace('_', ' ')}: {v['first_query_ms']:.0f} vs {v['later_p50_ms']:.0f} ms "
-                    f"({v['first_query_ms'] / v['later_p50_ms']:.1f}x)"
-                    for k, v in cold1m.items()
-                ),
+                scale + _cold_runs(cold1m),
                 cmd1m,
             )
         else:
@@ -438,16 +433,21 @@ def targets(results: list[dict[str, Any]], kept: list[dict[str, Any]]) -> list[s
             "cold first query after restart <= 10x warm p50 (target at 1M)",
             None,
             "3k only: "
-            + "; ".join(
-                f"{k.replace('_', ' ')}: {v['first_query_ms']:.0f} vs {v['later_p50_ms']:.0f} ms "
-                f"({v['first_query_ms'] / v['later_p50_ms']:.1f}x)"
-                for k, v in cold.items()
-            )
+            + _cold_runs(cold)
             + f" ({'within' if ratio <= 10 else 'above'} 10x after the warm-up at 3k; 1M not run)",
             cmd3,
         )
     _build_row(row)
     return [*out, ""]
+
+
+def _cold_runs(cold: dict[str, dict[str, Any]]) -> str:
+    """A run's cold-restart rows: first query vs the later p50, per warm-up variant."""
+    return "; ".join(
+        f"{k.replace('_', ' ')}: {v['first_query_ms']:.0f} vs {v['later_p50_ms']:.0f} ms "
+        f"({v['first_query_ms'] / v['later_p50_ms']:.1f}x)"
+        for k, v in cold.items()
+    )
 
 
 def _timed(r: dict[str, Any]) -> str:
