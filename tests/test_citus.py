@@ -26,6 +26,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
@@ -305,13 +306,25 @@ def test_one_category_read_is_one_statement_on_its_worker(catalogs: Catalogs) ->
         conn.add_notice_handler(lambda d: commands.append(d.message_primary or ""))
         conn.execute("SET citus.log_remote_commands = on")
         conn.execute("SET client_min_messages = log")
-        assert conn.execute(CATEGORY_READ, params).fetchall()[0][1] == 123.111
+        first = conn.execute(CATEGORY_READ, params).fetchall()
+        assert first[0][1] == 123.111
         sent = [c for c in commands if c.startswith("issuing ")]
         assert len(sent) == 1 and "imsrc._category_read(" in sent[0], commands
         conn.autocommit = False
         assert conn.execute(CATEGORY_READ, params).fetchall()[0][1] == 123.111  # not delegated: still in force
         assert conn.execute(probe).fetchall()[0][1] == 40.0  # and put back
         conn.rollback()
+    # On the shard's worker the function reads the shard table itself: Citus' local executor (which planned the
+    # query once more from a deparsed text) has nothing to run. Same row, settings in force.
+    host, port = _worker_of(catalogs.citus_url, category).rsplit(":", 1)
+    worker = make_url(psycopg_url(catalogs.citus_url)).set(host=host, port=int(port))
+    with psycopg.connect(worker.render_as_string(hide_password=False), autocommit=True) as conn:
+        commands.clear()
+        conn.add_notice_handler(lambda d: commands.append(d.message_primary or ""))
+        conn.execute("SET citus.log_local_commands = on")
+        conn.execute("SET client_min_messages = log")
+        assert conn.execute(CATEGORY_READ, params).fetchall() == [(first[0][0], 123.111)]
+        assert not [c for c in commands if "locally" in c], commands
 
 
 def test_stage2_read_survives_a_dropped_pooled_connection(catalogs: Catalogs) -> None:

@@ -190,13 +190,19 @@ END $$;
 # The service's stage 2 on Citus reads one category at a time (search/pg_queries.citus_category_read) through this
 # function, distributed by its category argument and co-located with embeddings: Citus then delegates the whole call
 # `SELECT * FROM imsrc._category_read(<category>, ...)`, made outside a transaction block, to the worker that holds
-# the category's shard, in one round trip, and the worker runs the query on its own shard (Citus' local execution),
-# planned there with the settings set_config() just made. Sending SET LOCALs instead needed a remote transaction
-# block: BEGIN and the SETs, the query, ROLLBACK, three round trips to the worker for one query (BENCHMARKS.md
-# "Citus"). Where Citus does not delegate the call (inside BEGIN ... COMMIT, a worker without metadata, or the shard
-# moved away a moment ago) the shard is not on the node running the function, and the settings travel as the
-# SQL functions' walk sends them (CITUS_WALK: SET LOCAL below a nested call, in a coordinated transaction), then
-# are put back: the same rows either way. `p_sql` reads the query vector as $1 (text).
+# the category's shard, in one round trip, and the worker reads its own shard table, planned there with the settings
+# set_config() just made. `p_sql` names the table as `FROM embeddings`; on the shard's node that becomes
+# `FROM <shard table> embeddings` (same columns, same partial indexes, same plan and rows): read through the
+# distributed table, Citus planned the query again on the worker, deparsed it with the query vector spelled out twice
+# (1280-d: tens of kB of text) and ran the shard's query through its local executor, which parsed and planned that
+# text once more (~0.1-0.7 ms per read, interleaved A/B in BENCHMARKS.md "Citus"). A shard that moves away between
+# the placement check and the read leaves its old table behind until Citus' deferred cleanup drops it, as it does
+# for a read that Citus itself planned a moment before the move.
+# Sending SET LOCALs instead needed a remote transaction block: BEGIN and the SETs, the query, ROLLBACK, three round
+# trips to the worker for one query. Where Citus does not delegate the call (inside BEGIN ... COMMIT, a worker
+# without metadata, or the shard moved away a moment ago) the shard is not on the node running the function, and
+# the settings travel as the SQL functions' walk sends them (CITUS_WALK: SET LOCAL below a nested call, in a
+# coordinated transaction), then are put back: the same rows either way. `p_sql` reads the query vector as $1 (text).
 CITUS_CATEGORY_READ = r"""
 CREATE OR REPLACE FUNCTION imsrc._category_read(p_category bigint, p_sql text, p_query text, p_names text[],
                                                 p_values text[])
@@ -204,18 +210,18 @@ RETURNS TABLE (image_id bigint, score double precision)
 LANGUAGE plpgsql VOLATILE
 SET citus.propagate_set_commands = 'local' AS $$
 DECLARE
-    here boolean;
+    shard bigint := get_shard_id_for_distribution_column('embeddings', p_category);
     before text[];
 BEGIN
     IF EXISTS (SELECT 1 FROM unnest(p_names) n WHERE n !~ '^[a-z_.]+$') THEN
         RAISE EXCEPTION 'imsrc: unexpected setting name in %', p_names USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT EXISTS (SELECT 1 FROM pg_dist_placement p JOIN pg_dist_local_group l ON l.groupid = p.groupid
-                    WHERE p.shardid = get_shard_id_for_distribution_column('embeddings', p_category))
-      INTO here;
-    IF here THEN
+    IF EXISTS (SELECT 1 FROM pg_dist_placement p JOIN pg_dist_local_group l ON l.groupid = p.groupid
+                WHERE p.shardid = shard) THEN
         PERFORM set_config(n, v, true) FROM unnest(p_names, p_values) u(n, v);
-        RETURN QUERY EXECUTE p_sql USING p_query;
+        RETURN QUERY EXECUTE regexp_replace(p_sql, '\mFROM embeddings\M',
+                                            'FROM ' || shard_name('embeddings'::regclass, shard) || ' embeddings', 'g')
+                     USING p_query;
         RETURN;
     END IF;
     SELECT array_agg(current_setting(n, true) ORDER BY o) INTO before FROM unnest(p_names) WITH ORDINALITY u(n, o);
