@@ -92,8 +92,12 @@ class Settings(BaseSettings):
     # `ann` over the model's whole graph (the response's mode says so): cutting it at the cap missed the query's
     # own category for ~2 % of real queries and fell below exact search's label precision. False: the cap cuts.
     search_stage1_fallback: bool = True
-    # pgvector hnsw.ef_search floor per category (see pg_queries.category_ef_search); raised to k when smaller.
+    # pgvector hnsw.ef_search of the per-model graph (`ann`), and the floor per category until search sync has
+    # calibrated the category's walk (see pg_queries.category_ef_search); raised to k when smaller.
     search_ef_search: int = Field(default=100, ge=1, le=1000)
+    # pgvector: the recall@10 of the exact top 10 that each category's walk width is calibrated to reach on the
+    # category's own members (search/walks.py). 0: no calibration, every category follows the size rule.
+    search_walk_recall: float = Field(default=0.99, ge=0.0, le=1.0)
     # pgvector: categories with fewer vectors than this get no HNSW index and are scanned exactly (bench/search:
     # at 1,000 rows a per-category HNSW answered ~2x faster than the exact scan at recall@10 0.98).
     search_exact_max_rows: int = Field(default=500, ge=0)

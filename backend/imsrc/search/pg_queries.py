@@ -60,18 +60,41 @@ def walk_settings(ef_search: int, limit: int) -> dict[str, str]:
     return {"hnsw.ef_search": str(min(EF_SEARCH_MAX, max(ef_search, limit))), "hnsw.iterative_scan": "relaxed_order"}
 
 
-def category_ef_search(rows: int, base: int, *, near: bool) -> int:
+@dataclass(frozen=True)
+class WalkWidth:
+    """A category's calibrated walk (search/walks.py): `ef` reached `recall` of the exact top 10 for sampled
+    members when the category's index held `rows` rows."""
+
+    ef: int
+    rows: int
+    recall: float = 1.0
+
+
+def calibrated_ef(width: WalkWidth, rows: int) -> int:
+    """The calibrated ef, widened by sqrt(growth) while the category has grown since it was calibrated (the
+    size rule's law, until search sync calibrates it again). imsrc._walk_ef (migration 0014) computes the
+    same float8 arithmetic, so the SQL functions walk exactly as wide."""
+    grown = max(1.0, rows / max(width.rows, 1))
+    return min(EF_SEARCH_MAX, math.ceil(width.ef * math.sqrt(grown)))
+
+
+def category_ef_search(rows: int, base: int, *, near: bool, width: WalkWidth | None = None) -> int:
     """hnsw.ef_search for a walk through one category's graph.
 
-    Near (the query lies in or beside the category, i.e. stage 1 would pick it): at least 2 sqrt(rows),
-    because the walk must rank more nearly-tied rows as a category grows; on 10,000 isotropic 512-d rows
-    ef 100 reached recall@10 0.92 and ef 200 0.98 (bench/search). Far (an explicit filter names a category
-    the query is not like): every row is about equally far, the greedy walk has no gradient to follow, and
-    only a wide candidate list finds the best ones (ef 300: 0.81, ef 1000: 0.96 at ~9 ms per 10,000 rows),
-    so far categories get the maximum.
+    Near (the query lies in or beside the category, i.e. stage 1 would pick it) and calibrated: the width
+    search sync measured on the category's own members (search/walks.py). On real embeddings it is far
+    narrower than the size rule below: 500k Fashion-MNIST-calibrated rows, 50k per category, were walked at
+    ef 448 (17.6 ms for one category) while the global graph reached recall 1.000 at ef 40.
+    Near, not calibrated yet: at least `base` and 2 sqrt(rows), because the walk must rank more nearly-tied
+    rows as a category grows; on 10,000 isotropic 512-d rows ef 100 reached recall@10 0.92 and ef 200 0.98
+    (bench/search). Far (an explicit filter names a category the query is not like): every row is about
+    equally far, the greedy walk has no gradient to follow, and only a wide candidate list finds the best
+    ones (ef 300: 0.81, ef 1000: 0.96 at ~9 ms per 10,000 rows), so far categories get the maximum.
     """
     if not near:
         return EF_SEARCH_MAX
+    if width is not None:
+        return calibrated_ef(width, rows)
     return min(EF_SEARCH_MAX, max(base, math.ceil(2 * math.sqrt(max(rows, 0)))))
 
 
@@ -81,14 +104,22 @@ FAR_EXACT_MAX_ROWS = 2000
 
 
 def branch_plan(
-    indexed: Mapping[int, int], categories: Sequence[int], near: Container[int], base: int
+    indexed: Mapping[int, int],
+    categories: Sequence[int],
+    near: Container[int],
+    base: int,
+    widths: Mapping[int, WalkWidth] | None = None,
 ) -> tuple[list[tuple[int, bool]], int]:
     """How to search each chosen category (through its index or exactly) and the statement's ef_search.
 
-    `indexed`: category -> rows of its HNSW index. One statement searches every chosen category, so it gets
-    one ef_search: the widest any of its index branches needs."""
+    `indexed`: category -> rows of its HNSW index; `widths`: the calibrated walks. One statement searches
+    every chosen category, so it gets one ef_search: the widest any of its index branches needs."""
+    widths = widths or {}
     plan = [(c, c in indexed and (c in near or indexed[c] >= FAR_EXACT_MAX_ROWS)) for c in categories]
-    ef = max((category_ef_search(indexed[c], base, near=c in near) for c, walk in plan if walk), default=base)
+    ef = max(
+        (category_ef_search(indexed[c], base, near=c in near, width=widths.get(c)) for c, walk in plan if walk),
+        default=base,
+    )
     return plan, ef
 
 
@@ -462,10 +493,53 @@ class NeighbourRepository:
         categories: Sequence[tuple[int, bool]],
         limit: int,
         ef_search: int,
+        *,
+        in_session: bool = False,
     ) -> list[Hit]:
-        """Top `limit` over the union of categories; each (category_id, indexed) says which branch to use."""
+        """Top `limit` over the union of categories; each (category_id, indexed) says which branch to use.
+        in_session: on Citus too, read through this session's transaction (search/walks.py calibrates an index
+        its own unit of work may have just built, which other connections cannot see yet)."""
         if not categories:
             return []
+        sql, expr, q, orders = self._union(model_id, dimension, categories, limit)
+        settings = {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
+        engine = self.session.get_bind()
+        if isinstance(engine, Engine) and distributed(self.session) and not in_session:
+            # One router query per category, each on its own connection (citus_read), merged here in the
+            # order the UNION below sorts by: the same rows, at full precision, in the same order. Flat (no
+            # subquery) so that Citus plans it on its fast path for single-shard queries.
+            statements = [
+                (
+                    category_id,
+                    f"SELECT image_id, 1 - ({expr} <=> {_psycopg(q)}) AS score FROM embeddings "
+                    f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)} "
+                    f"ORDER BY {_psycopg(order)} LIMIT {int(limit)}",
+                )
+                for (category_id, _), order in zip(categories, orders, strict=True)
+            ]
+            found = _citus_reads(engine, statements, query, settings, category_read_delegated(self.session))
+            return sorted(((int(r[0]), float(r[1])) for r in found), key=lambda h: (-h[1], h[0]))[:limit]
+        with self._plan(**settings):
+            rows = self.session.execute(text(sql), {"q": query}).all()
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    def walks_index(self, model_id: int, dimension: int, category_id: int, query: str, limit: int) -> bool:
+        """Whether per_category(in_session=True) walks the category's own HNSW index in this session. An index
+        built by this unit of work is not always usable in it (PostgreSQL's indcheckxmin after HOT updates), and
+        without it enable_sort=off still ends in an exact sort: a calibration would then measure exact answers."""
+        sql, _, _, _ = self._union(model_id, dimension, [(category_id, True)], limit)
+        settings = {**walk_settings(limit, limit), "enable_sort": "off", "enable_seqscan": "off"}
+        with self._plan(**settings):
+            plan = "\n".join(str(r[0]) for r in self.session.execute(text("EXPLAIN " + sql), {"q": query}))
+        # On Citus the shard's copy of the index carries the shard id: ix_embeddings_hv_m1_c3_102008.
+        name = re.escape(category_index_name(model_id, category_id))
+        return re.search(rf"Index Scan using {name}(_\d+)?\b", plan) is not None
+
+    def _union(
+        self, model_id: int, dimension: int, categories: Sequence[tuple[int, bool]], limit: int
+    ) -> tuple[str, str, str, list[str]]:
+        """The one statement over the chosen categories: (sql, full-precision expression, query cast, each
+        branch's ORDER BY)."""
         expr = embedding_expr(dimension)
         # :q is bound as text on purpose. Left untyped, PostgreSQL gives the parameter the type of the first cast
         # it analyses, the halfvec one inside FROM, and the full-precision re-sort then used a half-precision
@@ -491,30 +565,23 @@ class NeighbourRepository:
                 f"(SELECT image_id, {expr} AS e FROM embeddings WHERE model_id = {int(model_id)} "
                 f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})"
             )
-        settings = {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
-        engine = self.session.get_bind()
-        if isinstance(engine, Engine) and distributed(self.session):
-            # One router query per category, each on its own connection (citus_read), merged here in the
-            # order the UNION below sorts by: the same rows, at full precision, in the same order. Flat (no
-            # subquery) so that Citus plans it on its fast path for single-shard queries.
-            statements = [
-                (
-                    category_id,
-                    f"SELECT image_id, 1 - ({expr} <=> {_psycopg(q)}) AS score FROM embeddings "
-                    f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)} "
-                    f"ORDER BY {_psycopg(order)} LIMIT {int(limit)}",
-                )
-                for (category_id, _), order in zip(categories, orders, strict=True)
-            ]
-            found = _citus_reads(engine, statements, query, settings, category_read_delegated(self.session))
-            return sorted(((int(r[0]), float(r[1])) for r in found), key=lambda h: (-h[1], h[0]))[:limit]
         sql = (
             f"SELECT image_id, 1 - (e <=> {q}) AS score FROM ({' UNION ALL '.join(branches)}) s "
             f"ORDER BY score DESC, image_id LIMIT {int(limit)}"
         )
-        with self._plan(**settings):
-            rows = self.session.execute(text(sql), {"q": query}).all()
-        return [(int(r[0]), float(r[1])) for r in rows]
+        return sql, expr, q, orders
+
+    def sample_members(self, model_id: int, category_id: int, n: int) -> list[tuple[int, str]]:
+        """Up to n of the category's members (image id, vector as text), the same ones every time (ordered by a
+        hash of the id): a calibration repeated on an unchanged category measures the same thing."""
+        rows = self.session.execute(
+            text(
+                "SELECT image_id, embedding::text FROM embeddings WHERE model_id = :m AND category_id = :c"
+                " ORDER BY hashint8(image_id), image_id LIMIT :n"
+            ),
+            {"m": int(model_id), "c": int(category_id), "n": int(n)},
+        ).all()
+        return [(int(r[0]), str(r[1])) for r in rows]
 
     def count_up_to(self, model_id: int, limit: int) -> int:
         """The model's vectors, counted only up to `limit` (bounded cost whatever the catalog's size)."""

@@ -28,9 +28,9 @@ from imsrc.search.duplicates import DuplicateSearchRepository
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
 from imsrc.search.keywords import KeywordRepository
-from imsrc.search.pg_queries import EF_SEARCH_MAX, Hit, HitInfo, NeighbourRepository, branch_plan
+from imsrc.search.pg_queries import EF_SEARCH_MAX, Hit, HitInfo, NeighbourRepository, WalkWidth, branch_plan
 from imsrc.search.regions import WINDOWS, RegionRepository, best_per_image
-from imsrc.search.repository import VectorRepository
+from imsrc.search.repository import SearchStateRepository, VectorRepository
 from imsrc.search.rerank import ThumbnailRepository
 from imsrc.search.schemas import (
     CategoriesResponse,
@@ -43,6 +43,8 @@ from imsrc.search.schemas import (
 )
 from imsrc.search.stage1 import STAGE1_TEMPERATURE, CategoryScore, PrototypeCache, PrototypeMatrix, pick, sure
 from imsrc.search.urlfetch import UrlFetcher
+from imsrc.search.walks import state_key as walks_key
+from imsrc.search.walks import widths
 
 EmbedderFactory = Callable[[str], object]
 MAX_FETCH = 10_000  # most candidates one stage-2 round asks for while skipping duplicates
@@ -72,6 +74,7 @@ class SearchRuntime:
     decode_gate: DecodeGate
     _index_cache: dict[int, tuple[float, dict[int, int]]] = field(default_factory=dict)
     _rows_cache: dict[int, tuple[float, int]] = field(default_factory=dict)
+    _walk_cache: dict[int, tuple[float, dict[int, WalkWidth]]] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -114,6 +117,16 @@ class SearchRuntime:
         if hit is None or now - hit[0] > INDEX_CACHE_SECONDS:
             hit = (now, NeighbourRepository(session).category_indexes(model_id))
             self._index_cache[model_id] = hit
+        return hit[1]
+
+    def walk_widths(self, session: Session, model_id: int) -> dict[int, WalkWidth]:
+        """The categories' calibrated walk widths (search/walks.py), cached like category_indexes: stale only
+        for a few seconds after a calibration, and a stale width is still one that was measured."""
+        now = time.monotonic()
+        hit = self._walk_cache.get(model_id)
+        if hit is None or now - hit[0] > INDEX_CACHE_SECONDS:
+            hit = (now, widths(SearchStateRepository(session).get(walks_key(model_id))))
+            self._walk_cache[model_id] = hit
         return hit[1]
 
 
@@ -690,7 +703,7 @@ class SearchService:
         if chosen is None:
             return neighbours.global_ann(model.id, model.dimension, query, limit, ef)
         indexed = self.runtime.category_indexes(self.session, model.id)
-        branches, ef = branch_plan(indexed, chosen, plan.near, ef)
+        branches, ef = branch_plan(indexed, chosen, plan.near, ef, self.runtime.walk_widths(self.session, model.id))
         hits = neighbours.per_category(model.id, model.dimension, query, branches, limit, ef)
         if (
             len(hits) < limit

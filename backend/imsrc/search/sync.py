@@ -26,6 +26,8 @@ from imsrc.search.calibration import calibrate, needs_calibration
 from imsrc.search.pg_queries import HALFVEC_MAX_DIM, NeighbourRepository
 from imsrc.search.prototypes import predict, refresh_prototypes, stale_categories, text_prototype_rows
 from imsrc.search.repository import SearchStateRepository, VectorRepository
+from imsrc.search.walks import calibrate_walks
+from imsrc.search.walks import due as walks_due
 from imsrc.timings import stage
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ class SyncReport:
     indexes_dropped: list[int] = field(default_factory=list)
     predicted: int = 0
     stage1_temperature: float | None = None  # set when this sync (re)calibrated stage 1
+    walks_calibrated: list[int] = field(default_factory=list)  # categories whose walk width was (re)fitted
     # defer_derived: the calibration or the predicted labels of earlier images are out of date (refresh_derived)
     derived_due: bool = False
 
@@ -138,6 +141,12 @@ def sync_search(
             report.stage1_temperature = None if fitted is None else fitted.temperature
     with stage("category_indexes"):
         report.indexes_created, report.indexes_dropped = ensure_category_indexes(session, settings, model)
+    with stage("walks"):
+        # Derived like the stage-1 calibration: an upload under load leaves it to the background refresher.
+        if defer_derived:
+            report.derived_due = report.derived_due or bool(walks_due(session, settings, model))
+        else:
+            report.walks_calibrated = sorted(calibrate_walks(session, settings, model))
     real = set(cats.real_ids())
     labels_changed = bool((set(report.prototypes_refreshed) | set(report.text_prototypes)) & real)
     report.derived_due = report.derived_due or (defer_derived and labels_changed)
@@ -147,8 +156,9 @@ def sync_search(
 
 
 def refresh_derived(session: Session, settings: Settings, *, model_id: int) -> SyncReport:
-    """What sync_search(defer_derived=True) left: the stage-1 calibration if it is due, and predicted labels
-    of every unlabelled image from the current prototypes. Its own unit of work; the caller commits."""
+    """What sync_search(defer_derived=True) left: the stage-1 calibration and the walk widths if they are due,
+    and predicted labels of every unlabelled image from the current prototypes. Its own unit of work; the
+    caller commits."""
     model = session.get(EmbeddingModel, model_id)
     report = SyncReport()
     if model is None:
@@ -157,6 +167,7 @@ def refresh_derived(session: Session, settings: Settings, *, model_id: int) -> S
     if needs_calibration(session, settings, model):
         fitted = calibrate(session, settings, model)
         report.stage1_temperature = None if fitted is None else fitted.temperature
+    report.walks_calibrated = sorted(calibrate_walks(session, settings, model))
     report.predicted = predict_uncategorised(session, model, only_new=False)
     return report
 

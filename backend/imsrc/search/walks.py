@@ -1,0 +1,189 @@
+"""Per-category walk widths (pgvector hnsw.ef_search), calibrated on each category's own members.
+
+Why: until this module a walk through a category's graph was at least 2 sqrt(rows) wide (and at least
+IMSRC_SEARCH_EF_SEARCH), a rule fitted on isotropic 512-d data where every row of a category is nearly tied with
+every other. Real embeddings have structure the graph can follow: on 500k Fashion-MNIST-calibrated EfficientNet
+vectors (10 categories of 50k) the rule walked each category at ef 448, 17.6 ms for one category, while the
+global graph over all 500k reached recall@10 1.000 at ef 40 (BENCHMARKS.md, bench/search/service_bench.py).
+
+So when search sync finds a category's index uncalibrated (new, or its rows doubled or halved since), it
+searches up to SAMPLES of the category's members through the very statement stage 2 runs
+(NeighbourRepository.per_category, each member left out of its own answer), at widening ef, against the
+category's exact top K, and keeps the narrowest ef whose mean recall reaches IMSRC_SEARCH_WALK_RECALL. Between
+calibrations the width grows with sqrt(rows / rows at calibration) (pg_queries.calibrated_ef).
+
+The widths live in search_state under walks:m<model id> ({category id: {ef, rows, recall, samples, target}}),
+where the service (SearchRuntime.walk_widths) and the SQL functions (imsrc._walk_ef, migration 0014) both read
+them, so both walk equally wide. IMSRC_SEARCH_WALK_RECALL=0 turns calibration off and drops the stored widths:
+every category then follows the size rule again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from imsrc.catalog.locks import WriteLocks
+from imsrc.catalog.models import EmbeddingModel
+from imsrc.config import Settings
+from imsrc.db.citus import distributed
+from imsrc.db.engine import side_engine
+from imsrc.search.pg_queries import EF_SEARCH_MAX, HALFVEC_MAX_DIM, NeighbourRepository, WalkWidth, walk_settings
+from imsrc.search.repository import SearchStateRepository
+
+# Widths tried, narrowest first. Below the statement's LIMIT (16 for the default k) a width changes nothing
+# (walk_settings raises ef_search to the limit), so the ladder starts there.
+LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, EF_SEARCH_MAX)
+SAMPLES = 40  # members searched per category: 400 neighbours, so recall is known to about +-0.005 at 0.99
+K = 10  # the API's default k, with the service's margin for skipped duplicates and the member itself
+LIMIT = K + max(5, K // 2) + 1
+DRIFT = 2.0  # calibrate again when a category's rows have grown or shrunk by this factor
+TIE = 1e-6  # a walk's row scoring with the exact k-th (equal vectors) counts as found
+
+
+def state_key(model_id: int) -> str:
+    return f"walks:m{int(model_id)}"
+
+
+@dataclass(frozen=True)
+class WalkFit:
+    ef: int
+    rows: int
+    recall: float
+    samples: int
+    target: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def widths(stored: Mapping[str, Any]) -> dict[int, WalkWidth]:
+    """search_state's value for a model, as pg_queries reads it."""
+    out = {}
+    for key, value in stored.items():
+        try:
+            out[int(key)] = WalkWidth(int(value["ef"]), int(value["rows"]), float(value.get("recall", 1.0)))
+        except (KeyError, TypeError, ValueError):
+            continue  # written by another release: the size rule applies until it is calibrated again
+    return out
+
+
+def _stale(entry: Mapping[str, Any] | None, rows: int, target: float) -> bool:
+    if not entry or "ef" not in entry or float(entry.get("target", -1)) != target:
+        return True
+    then = max(int(entry.get("rows", 0)), 1)
+    return not (1 / DRIFT < max(rows, 1) / then < DRIFT)
+
+
+def due(session: Session, settings: Settings, model: EmbeddingModel) -> list[int]:
+    """Indexed categories whose width is missing or out of date (or stored widths to drop)."""
+    target = settings.search_walk_recall
+    stored = SearchStateRepository(session).get(state_key(model.id))
+    if target <= 0 or model.dimension > HALFVEC_MAX_DIM:
+        return [int(c) for c in stored]
+    indexed = NeighbourRepository(session).category_indexes(model.id)
+    gone = [int(c) for c in stored if int(c) not in indexed]
+    return sorted(set(gone) | {c for c, rows in indexed.items() if _stale(stored.get(str(c)), rows, target)})
+
+
+def calibrate_walks(session: Session, settings: Settings, model: EmbeddingModel) -> dict[int, WalkFit]:
+    """Calibrate every due category of the model and store the widths; the categories fitted by this call."""
+    if not due(session, settings, model):
+        return {}
+    # The per-model index lock (catalog.locks order: after categories and text prompts, before predictions):
+    # no index is built or dropped meanwhile, and two syncs do not both rewrite the widths.
+    WriteLocks(session).indexes(model.id)
+    state = SearchStateRepository(session)
+    stored = state.get(state_key(model.id))
+    target = settings.search_walk_recall
+    if target <= 0 or model.dimension > HALFVEC_MAX_DIM:
+        if stored:
+            state.put(state_key(model.id), {})
+        return {}
+    indexed = NeighbourRepository(session).category_indexes(model.id)
+    kept = {key: value for key, value in stored.items() if int(key) in indexed}
+    todo = [(c, rows) for c, rows in sorted(indexed.items()) if _stale(stored.get(str(c)), rows, target)]
+    fitted: dict[int, WalkFit] = {}
+    with _reader(session) as (neighbours, in_session):
+        measurable = set(neighbours.category_indexes(model.id)) if not in_session else set(indexed)
+        for category_id, rows in todo:
+            if category_id not in measurable:
+                continue  # built by this unit of work on Citus: measured by the next sync, once committed
+            fit = fit_category(neighbours, model, category_id, rows, target, in_session=in_session)
+            if fit is not None:
+                fitted[category_id] = fit
+                kept[str(category_id)] = fit.as_dict()
+    if kept != stored:
+        state.put(state_key(model.id), kept)
+    return fitted
+
+
+@contextmanager
+def _reader(session: Session) -> Iterator[tuple[NeighbourRepository, bool]]:
+    """Where the calibration's reads run. Plain PostgreSQL: in this unit of work, which sees the indexes it has
+    just built. Citus: on a connection of its own, which sees only committed indexes. Reading the shards inside a
+    unit of work that has written to Citus-local tables left the transaction unable to read them together again
+    ("cannot switch local execution status"), and stage 2 reads there on connections of their own anyway."""
+    if not distributed(session):
+        yield NeighbourRepository(session), True
+        return
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    with Session(side_engine(engine)) as side:
+        try:
+            yield NeighbourRepository(side), False
+        finally:
+            side.rollback()
+
+
+def fit_category(
+    neighbours: NeighbourRepository,
+    model: EmbeddingModel,
+    category_id: int,
+    rows: int,
+    target: float,
+    *,
+    in_session: bool = True,
+) -> WalkFit | None:
+    """The narrowest ladder width reaching `target`; None when the category cannot be measured now (too few
+    members, or its index is not usable in this transaction: the next sync tries again)."""
+    members = neighbours.sample_members(model.id, category_id, SAMPLES)
+    if len(members) < 2 or not neighbours.walks_index(model.id, model.dimension, category_id, members[0][1], LIMIT):
+        return None
+    truths = []
+    for image_id, query in members:
+        exact = neighbours.per_category(
+            model.id, model.dimension, query, [(category_id, False)], LIMIT, EF_SEARCH_MAX, in_session=in_session
+        )
+        truths.append([h for h in exact if h[0] != image_id][:K])
+    recall = 0.0
+    for ef in LADDER:
+        found = []
+        for (image_id, query), truth in zip(members, truths, strict=True):
+            walked = neighbours.per_category(
+                model.id, model.dimension, query, [(category_id, True)], LIMIT, ef, in_session=in_session
+            )
+            found.append(overlap([h for h in walked if h[0] != image_id][:K], truth))
+        recall = sum(found) / len(found)
+        if recall >= target:
+            return WalkFit(_effective(ef), rows, round(recall, 4), len(members), target)
+    return WalkFit(EF_SEARCH_MAX, rows, round(recall, 4), len(members), target)
+
+
+def _effective(ef: int) -> int:
+    """The width the statement really ran at (walk_settings raises it to the LIMIT)."""
+    return int(walk_settings(ef, LIMIT)["hnsw.ef_search"])
+
+
+def overlap(walked: Sequence[tuple[int, float]], truth: Sequence[tuple[int, float]]) -> float:
+    """Share of the exact answer the walk found; rows tied with the exact k-th count (equal vectors)."""
+    if not truth:
+        return 1.0
+    ids = {i for i, _ in truth}
+    floor = truth[-1][1] - TIE
+    return min(len(truth), sum(1 for i, s in walked if i in ids or s >= floor)) / len(truth)
