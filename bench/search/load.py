@@ -21,6 +21,7 @@ from imsrc.db.embedded import EmbeddedServer
 from imsrc.db.session import Database
 from imsrc.search.pg_queries import INDEX_PREFIX
 from imsrc.search.sync import ensure_category_indexes, sync_search
+from imsrc.search.walks import calibrate_walks
 
 MODEL = "bench-synthetic-512"
 
@@ -249,6 +250,12 @@ def load(
     else:
         build_global()
         build_per_category()
+    with database.session() as session:
+        # What search sync spends measuring each new index's walk width (search/walks.py), timed on its own;
+        # the sync below then finds every width current.
+        started = time.perf_counter()
+        calibrate_walks(session, settings, model)
+        timings["walk_calibration_s"] = time.perf_counter() - started
     with database.session() as session:
         started = time.perf_counter()
         sync_search(session, settings, model_id=model.id, autogroup_images=False)

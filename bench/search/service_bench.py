@@ -54,6 +54,7 @@ from imsrc.search.pg_queries import HNSW_EF_CONSTRUCTION, HNSW_M  # noqa: E402
 from imsrc.search.repository import SearchStateRepository  # noqa: E402
 from imsrc.search.schemas import SearchOptions, SearchResponse  # noqa: E402
 from imsrc.search.service import SearchRuntime  # noqa: E402
+from imsrc.search.walks import state_key as walks_key  # noqa: E402
 
 K = 10
 HERE = Path(__file__).resolve().parent
@@ -428,7 +429,9 @@ def measure(
     }
     out["stage1_rules"] = measure_rules(db, settings, ids, rows, truths, cat_of, label_of)
     with db.session() as session:
-        out["calibration"] = SearchStateRepository(session).get(state_key(int(runtime.service(session).model(None).id)))
+        model_id = int(runtime.service(session).model(None).id)
+        out["calibration"] = SearchStateRepository(session).get(state_key(model_id))
+        out["walks"] = SearchStateRepository(session).get(walks_key(model_id))  # each category's calibrated width
     out["ann_tuning"] = {
         "target_recall": round(target, 4),
         "ef_search": ef,
