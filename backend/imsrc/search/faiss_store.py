@@ -32,11 +32,13 @@ from sqlalchemy.orm import Session
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.db.citus import distributed
 from imsrc.search.errors import FAISS_ON_CITUS, BackendUnavailableError
-from imsrc.search.faiss_index import RERANK_FACTOR, FaissModelIndex, Snapshot, SubIndex
+from imsrc.search.faiss_index import IVF_MIN_ROWS, RERANK_FACTOR, FaissModelIndex, Snapshot, SubIndex
 from imsrc.search.repository import ChangeLogRepository, SearchStateRepository, VectorRepository, Watermark
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # 2: PQ fast-scan + re-rank sub-indexes replaced HNSW ones (older saves are rebuilt)
+# 2: PQ fast-scan + re-rank sub-indexes replaced HNSW ones; 3: large categories IVF + PQ fast scan with a calibrated
+# nprobe (older saves are rebuilt)
+FORMAT_VERSION = 3
 CATALOG_KEY = "catalog"
 # Saved sub-indexes are memory-mapped (FAISS >= 1.11 maps flat codes in place), so API workers share them.
 MMAP_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
@@ -70,9 +72,12 @@ def _sha256(path: Path) -> str:
 class FaissStore:
     """Created once per process (app.state / CLI context) and injected into the search service."""
 
-    def __init__(self, data_dir: Path | None, *, flat_max_rows: int, resave_changes: int = 0) -> None:
+    def __init__(
+        self, data_dir: Path | None, *, flat_max_rows: int, resave_changes: int = 0, ivf_min_rows: int = IVF_MIN_ROWS
+    ) -> None:
         self.root = None if data_dir is None else Path(data_dir) / "faiss"
         self.flat_max_rows = flat_max_rows
+        self.ivf_min_rows = ivf_min_rows
         self.resave_changes = resave_changes  # 0: the saved index is never refreshed
         self._lock = threading.Lock()
         # The file lock is per process (fcntl), so threads of one process that read or write the saved files take
@@ -202,6 +207,7 @@ class FaissStore:
             dimension=model.dimension,
             flat_max_rows=self.flat_max_rows,
             watermark=watermark,
+            ivf_min_rows=self.ivf_min_rows,
         )
         for category_id in sorted(vectors.category_counts(model.id), key=lambda c: -1 if c is None else c):
             batch = vectors.fetch(
@@ -210,7 +216,10 @@ class FaissStore:
                 category_ids=None if category_id is None else [category_id],
                 uncategorised=category_id is None,
             )
-            index.add_category(NO_CATEGORY if category_id is None else category_id, batch.image_ids, batch.vectors)
+            index.add_category(
+                NO_CATEGORY if category_id is None else category_id, batch.image_ids, batch.vectors, calibrate=False
+            )
+        index.calibrate_all()  # with every category in: each IVF one is also calibrated on the others' rows
         self.last_build_s = time.perf_counter() - started
         log.info("built FAISS index for %s: %d vectors in %.1f s", model.name, len(index), self.last_build_s)
         if save and self.root is not None:
@@ -268,7 +277,13 @@ class FaissStore:
             write_sub(sub.index, tmp / f"c{sub.category_id}.faiss")
             np.save(tmp / f"c{sub.category_id}.ids.npy", sub.ids)
             files.append(
-                {"category": sub.category_id, "kind": sub.kind, "count": len(sub.ids), "trained_on": sub.trained_on}
+                {
+                    "category": sub.category_id,
+                    "kind": sub.kind,
+                    "count": len(sub.ids),
+                    "trained_on": sub.trained_on,
+                    "nprobe": sub.nprobe,  # informational: the index file holds it (and the k_factor)
+                }
             )
         meta = {
             "format": FORMAT_VERSION,
@@ -278,6 +293,7 @@ class FaissStore:
             "dimension": index.dimension,
             "watermark": snapshot.watermark.as_dict(),
             "flat_max_rows": index.flat_max_rows,
+            "ivf_min_rows": index.ivf_min_rows,
             "count": snapshot.count,
             "subs": files,
         }
@@ -312,6 +328,7 @@ class FaissStore:
             "model": model.name,
             "dimension": model.dimension,
             "flat_max_rows": self.flat_max_rows,
+            "ivf_min_rows": self.ivf_min_rows,
         }
         for key, value in expected.items():
             if meta.get(key) != value:
@@ -325,6 +342,7 @@ class FaissStore:
             dimension=model.dimension,
             flat_max_rows=self.flat_max_rows,
             watermark=watermark,
+            ivf_min_rows=self.ivf_min_rows,
         )
         for entry in meta["subs"]:
             paths = {s: folder / f"c{entry['category']}{s}" for s in (".faiss", ".ids.npy")}
@@ -336,8 +354,8 @@ class FaissStore:
             ids = np.load(paths[".ids.npy"], mmap_mode="r")
             if sub_index.d != model.dimension or sub_index.ntotal != len(ids) or len(ids) != entry["count"]:
                 raise ValueError(f"sub-index for category {entry['category']} has inconsistent sizes")
-            if isinstance(sub_index, faiss.IndexRefine):
-                sub_index.k_factor = RERANK_FACTOR
+            if isinstance(sub_index, faiss.IndexRefine) and entry["kind"] == "pq":
+                sub_index.k_factor = RERANK_FACTOR  # an IVF one keeps its calibrated one (saved in its file)
             category = int(entry["category"])
             index.subs[category] = SubIndex(
                 sub_index,
