@@ -71,16 +71,13 @@ class PrototypeRepository:
 
     def version(self, model_id: int, state_key: str = "") -> tuple[Any, ...]:
         """Changes whenever a prototype or a category name changes, or the search_state row `state_key` (the
-        stage-1 calibration) is rewritten: the in-memory matrix reloads then. One statement, run per search."""
-        row = self.session.execute(
-            text(
-                "SELECT count(*), max(p.updated_at), coalesce(sum(p.id), 0), coalesce(sum(hashtext(c.name)), 0),"
-                " (SELECT s.updated_at FROM search_state s WHERE s.key = :k)"
-                " FROM category_prototypes p JOIN categories c ON c.id = p.category_id WHERE p.model_id = :m"
-            ),
-            {"m": model_id, "k": state_key},
-        ).one()
-        return tuple(row)
+        stage-1 calibration) is rewritten: the in-memory matrix reloads then. One statement, run per search (or
+        folded into the search's first statement: prototype_version_sql)."""
+        return (
+            self.session.execute(
+                text(f"SELECT {prototype_version_sql(':m', ':k')}"), {"m": model_id, "k": state_key}
+            ).scalar(),
+        )
 
     def member_counts(self, model_id: int) -> dict[int, int]:
         rows = self.session.execute(
@@ -151,3 +148,13 @@ class PrototypeRepository:
             {"c": category_id},
         )
         return [dict(r._mapping) for r in rows]
+
+
+def prototype_version_sql(model_id: str, state_key: str) -> str:
+    """The SQL expression (text) of PrototypeRepository.version, for a model id and a search_state key given as SQL
+    expressions (bind parameters, or columns of an outer query that folds it in)."""
+    return (
+        "(SELECT ROW(count(*), max(p.updated_at), coalesce(sum(p.id), 0), coalesce(sum(hashtext(c.name)), 0),"
+        f" (SELECT s.updated_at FROM search_state s WHERE s.key = {state_key}))::text"
+        f" FROM category_prototypes p JOIN categories c ON c.id = p.category_id WHERE p.model_id = {model_id})"
+    )

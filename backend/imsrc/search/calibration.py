@@ -30,7 +30,7 @@ from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.prototypes import PrototypeRepository, PrototypeRow
 from imsrc.catalog.repository import CategoryRepository
 from imsrc.config import Settings
-from imsrc.search.repository import SearchStateRepository, VectorRepository
+from imsrc.search.repository import STATE_KEY_PREFIX, SearchStateRepository, VectorRepository
 
 # Used until a model has been calibrated (and the rule of releases before calibration).
 FIXED_TEMPERATURE = 0.05
@@ -42,7 +42,7 @@ DRIFT = 0.1
 
 
 def state_key(model_id: int) -> str:
-    return f"stage1:m{int(model_id)}"
+    return f"{STATE_KEY_PREFIX}{int(model_id)}"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from imsrc.db.citus import UNCATEGORISED, distributed
 
 BANDS = 4
-_MASK = (1 << 64) - 1
+PHASH_MASK = (1 << 64) - 1  # a pHash as the unsigned 64 bits stored in bit(64)
 BAND_BITS = 16
 # Past this radius per band the probe lists grow fast (radius 3: 697 values per band) and a sequential
 # check of bit_count over the images table is the cheaper plan; thresholds 0-11 stay on the indexes.
@@ -152,4 +152,4 @@ class DuplicateSearchRepository:
 
     def stored_phash(self, image_id: int) -> int | None:
         value = self.session.execute(text("SELECT phash::bigint FROM images WHERE id = :i"), {"i": image_id}).scalar()
-        return None if value is None else int(value) & _MASK
+        return None if value is None else int(value) & PHASH_MASK

@@ -229,8 +229,7 @@ class FaissStore:
     def catch_up(self, session: Session, index: FaissModelIndex) -> int:
         changes = ChangeLogRepository(session)
         with index.lock:
-            mark = changes.snapshot()
-            rows = changes.since(index.model_id, index.watermark)
+            mark, rows = changes.snapshot_and_since(index.model_id, index.watermark)
             changed = sorted({image_id for _, _, image_id in rows})
             if changed:
                 batch = VectorRepository(session).fetch(index.model_id, index.dimension, image_ids=changed)

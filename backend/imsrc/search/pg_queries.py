@@ -301,6 +301,26 @@ def local_settings(session: Session, settings: Mapping[str, str]) -> Iterator[No
         session.execute(text(f"SELECT {put}"), {**params, **{f"v{i}": before[i] for i in range(len(names))}})
 
 
+def read_with_settings(session: Session, sql: str, params: Mapping[str, Any], settings: Mapping[str, str]) -> list[Any]:
+    """The rows of one read on the session's connection with `settings` in force for it alone, in one round trip
+    (local_settings takes three: read and set, the query, restore). Sent as one pipeline: SAVEPOINT, a SET LOCAL
+    per setting, the query, ROLLBACK TO SAVEPOINT (which puts every setting back as it was before, so nothing
+    else in the unit of work runs with them) and RELEASE. The read changes nothing, so rolling it back loses
+    nothing. `sql` binds :q style parameters (converted for psycopg here)."""
+    raw: Any = session.connection().connection.driver_connection
+    statement = sql
+    for name in params:
+        statement = statement.replace(f":{name}", f"%({name})s")
+    with raw.pipeline():
+        raw.execute("SAVEPOINT imsrc_read_settings")
+        for name, value in settings.items():
+            raw.execute(_set_local(name, value))
+        cursor = raw.execute(statement, dict(params))
+        raw.execute("ROLLBACK TO SAVEPOINT imsrc_read_settings")
+        raw.execute("RELEASE SAVEPOINT imsrc_read_settings")
+    return list(cursor.fetchall())
+
+
 # Indexes of the vectors: on embeddings, or on a partition of category_vectors (absent on Citus: NULL parent).
 ON_VECTOR_TABLES = (
     "(x.indrelid = 'embeddings'::regclass OR x.indrelid IN (SELECT inhrelid FROM pg_inherits "
@@ -622,50 +642,73 @@ class NeighbourRepository:
         if isinstance(engine, Engine) and distributed(self.session):
             rows = citus_read(engine, _psycopg(sql), {"q": query}, settings)
         else:
-            with self._plan(**settings):
-                rows = self.session.execute(text(sql), {"q": query}).all()
+            rows = read_with_settings(self.session, sql, {"q": query}, settings)
         return sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda h: (-h[1], h[0]))
 
-    def exact(self, model_id: int, query: str, limit: int, category_ids: Sequence[int] | None) -> list[Hit]:
-        """Brute force over the model's vectors (optionally within categories): the ground truth."""
+    def _exact_sql(self, model_id: int, limit: int, category_ids: Sequence[int] | None) -> str:
         where = f"model_id = {int(model_id)}"
         if category_ids is not None:
             where += f" AND category_id IN ({','.join(str(int(c)) for c in category_ids) or 'NULL'})"
         # Full precision vectors and `+ 0`, so no (approximate) index can take over the ordering. The distance is
-        # computed once per row and the score (1 - distance, the same float8 arithmetic) here: a score column
+        # computed once per row and the score (1 - distance, the same float8 arithmetic) in Python: a score column
         # beside a sort key made PostgreSQL compute both, two distances for every row scanned.
-        sql = (
+        return (
             f"SELECT image_id, (embedding <=> CAST(:q AS vector)) + 0 AS distance FROM embeddings WHERE {where} "
             f"ORDER BY distance, image_id LIMIT {int(limit)}"
         )
-        rows = self.session.execute(text(sql), {"q": query}).all()
+
+    def exact(self, model_id: int, query: str, limit: int, category_ids: Sequence[int] | None) -> list[Hit]:
+        """Brute force over the model's vectors (optionally within categories): the ground truth."""
+        rows = self.session.execute(text(self._exact_sql(model_id, limit, category_ids)), {"q": query}).all()
         return [(int(r[0]), 1.0 - float(r[1])) for r in rows]
+
+    def exact_hydrated(
+        self, model_id: int, query: str, limit: int, category_ids: Sequence[int] | None
+    ) -> tuple[list[Hit], dict[int, HitInfo]]:
+        """exact() and hydrate() of its hits in one statement (one round trip fewer per search): the same scan as
+        a subquery (its LIMIT keeps it one), the hits' rows joined to it. On Citus, the two statements."""
+        if distributed(self.session):
+            hits = self.exact(model_id, query, limit, category_ids)
+            return hits, self.hydrate([h[0] for h in hits])
+        sql = (
+            f"SELECT n.image_id, n.distance, {HYDRATE_COLUMNS} FROM ({self._exact_sql(model_id, limit, category_ids)})"
+            f" n LEFT JOIN {HYDRATE_FROM} ON i.id = n.image_id ORDER BY n.distance, n.image_id"
+        )
+        rows = self.session.execute(text(sql), {"q": query}).all()
+        return [(int(r[0]), 1.0 - float(r[1])) for r in rows], {
+            int(r[0]): _hit_info(r[2:]) for r in rows if r[2] is not None
+        }
 
     # ------------------------------------------------------------------ results
     def hydrate(self, image_ids: Sequence[int]) -> dict[int, HitInfo]:
         if not image_ids:
             return {}
         rows = self.session.execute(
-            text(
-                "SELECT i.id, i.category_id, c.name, i.canonical_id,"
-                " (SELECT count(*) FROM images d WHERE d.canonical_id = i.id) AS duplicates,"
-                " i.original_name, i.width, i.height, i.byte_size, i.caption"
-                " FROM images i LEFT JOIN categories c ON c.id = i.category_id WHERE i.id = ANY(:ids)"
-            ),
-            {"ids": list(image_ids)},
+            text(f"SELECT {HYDRATE_COLUMNS} FROM {HYDRATE_FROM} WHERE i.id = ANY(:ids)"), {"ids": list(image_ids)}
         )
-        return {
-            int(r[0]): HitInfo(
-                int(r[0]),
-                None if r[1] is None else int(r[1]),
-                r[2],
-                None if r[3] is None else int(r[3]),
-                int(r[4]),
-                r[5],
-                r[6],
-                r[7],
-                r[8],
-                r[9],
-            )
-            for r in rows
-        }
+        return {int(r[0]): _hit_info(r) for r in rows}
+
+
+# What a hit shows besides its score (HitInfo), from images i and categories c.
+HYDRATE_COLUMNS = (
+    "i.id, i.category_id, c.name, i.canonical_id,"
+    " (SELECT count(*) FROM images d WHERE d.canonical_id = i.id) AS duplicates,"
+    " i.original_name, i.width, i.height, i.byte_size, i.caption"
+)
+HYDRATE_FROM = "(images i LEFT JOIN categories c ON c.id = i.category_id)"
+
+
+def _hit_info(r: Sequence[Any]) -> HitInfo:
+    """A HitInfo from the HYDRATE_COLUMNS of a row."""
+    return HitInfo(
+        int(r[0]),
+        None if r[1] is None else int(r[1]),
+        r[2],
+        None if r[3] is None else int(r[3]),
+        int(r[4]),
+        r[5],
+        r[6],
+        r[7],
+        r[8],
+        r[9],
+    )

@@ -12,11 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import text
+from sqlalchemy import BigInteger, Text, cast, exists, literal_column, select, text
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnClause
 
+from imsrc.catalog.models import Embedding, EmbeddingModel, Image
+from imsrc.catalog.prototypes import prototype_version_sql
 from imsrc.db.citus import UNCATEGORISED, distributed, uncategorised_condition
 
+# search_state key of a model's stage-1 calibration: this prefix and the model id (calibration.state_key).
+STATE_KEY_PREFIX = "stage1:m"
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _HEADER = len(_COPY_SIGNATURE) + 8  # signature, flags, header-extension length (always 0 here)
 
@@ -120,6 +125,39 @@ class VectorRepository:
         raw = self.session.execute(text(f"SELECT embedding::text FROM embeddings WHERE {where}"), params).scalar()
         return None if raw is None else np.asarray(json.loads(raw), dtype=np.float32)
 
+    def similar_source(
+        self, model_name: str | None, image_id: int, *, prototype_version: bool = False
+    ) -> tuple[EmbeddingModel | None, bool, np.ndarray | None, int | None, tuple[Any, ...] | None]:
+        """What "more like this" needs, in one statement instead of three or four (the model row, the image's
+        vector, its pHash, the model's prototype version for stage 1): (the named model, or the active one with no
+        name; whether the image exists; its vector of that model; its stored pHash as a signed 64-bit integer;
+        with `prototype_version`, PrototypeRepository.version of the model). Plain PostgreSQL only: on Citus
+        image_vector names the one shard to ask."""
+        vector = (
+            select(cast(Embedding.embedding, Text))
+            .where(Embedding.model_id == EmbeddingModel.id, Embedding.image_id == image_id)
+            .scalar_subquery()
+        )
+        phash = select(cast(Image.phash, BigInteger)).where(Image.id == image_id).scalar_subquery()
+        found = exists().where(Image.id == image_id)
+        chosen = EmbeddingModel.name == model_name if model_name else EmbeddingModel.is_active
+        version: ColumnClause[Any] = literal_column(
+            prototype_version_sql("embedding_models.id", f"'{STATE_KEY_PREFIX}' || embedding_models.id")
+            if prototype_version
+            else "NULL"
+        )
+        row = self.session.execute(select(EmbeddingModel, found, vector, phash, version).where(chosen)).first()
+        if row is None:
+            return None, False, None, None, None
+        model, image_exists, raw, stored, stamp = row
+        return (
+            model,
+            bool(image_exists),
+            None if raw is None else np.asarray(json.loads(raw), dtype=np.float32),
+            None if stored is None else int(stored),
+            (stamp,) if prototype_version else None,
+        )
+
     def has_unlabelled(self, model_id: int, *, unpredicted: bool) -> bool:
         """Whether there is an uncategorised image or a member of an automatic category (with unpredicted: one
         without a predicted label yet), with a vector of this model."""
@@ -208,6 +246,23 @@ class Watermark:
         )
 
 
+# Changes not visible when a Watermark was taken (plus a few re-reads); parameters from _since_params.
+_SINCE = (
+    "model_id = :m AND ((xid >= CAST(:xmax AS xid8) AND xid IS DISTINCT FROM CAST(:own AS xid8))"
+    " OR xid = ANY(CAST(:xip AS xid8[])) OR (xid = CAST(:own AS xid8) AND seq > :own_seq))"
+)
+
+
+def _since_params(model_id: int, mark: Watermark) -> dict[str, Any]:
+    return {
+        "m": model_id,
+        "xmax": str(mark.xmax),
+        "xip": [str(x) for x in mark.xip],
+        "own": None if mark.own_xid is None else str(mark.own_xid),
+        "own_seq": mark.own_seq,
+    }
+
+
 class ChangeLogRepository:
     """embedding_changes, written by triggers: what in-process indexes must catch up on."""
 
@@ -225,24 +280,24 @@ class ChangeLogRepository:
         # The own transaction is tracked by seq (own_seq), not re-read wholesale as "in progress".
         return Watermark(int(row[0]), tuple(int(x) for x in row[1] if int(x) != own), own)
 
-    def since(self, model_id: int, mark: Watermark) -> list[tuple[int, int, int]]:
-        """(seq, xid, image_id) of changes not visible when `mark` was taken (plus a few re-reads)."""
-        rows = self.session.execute(
+    def snapshot_and_since(self, model_id: int, mark: Watermark) -> tuple[Watermark, list[tuple[int, int, int]]]:
+        """A new watermark (as snapshot()) and the (seq, xid, image_id) of the changes not visible when `mark`
+        was taken (plus a few re-reads), in one statement: one round trip under a FAISS index's lock per search
+        (it was two). The changes are read with the very snapshot returned."""
+        row = self.session.execute(
             text(
-                "SELECT seq, xid::text, image_id FROM embedding_changes WHERE model_id = :m AND"
-                " ((xid >= CAST(:xmax AS xid8) AND xid IS DISTINCT FROM CAST(:own AS xid8))"
-                "  OR xid = ANY(CAST(:xip AS xid8[]))"
-                "  OR (xid = CAST(:own AS xid8) AND seq > :own_seq)) ORDER BY seq"
+                f"WITH c AS (SELECT seq, xid::text AS xid, image_id FROM embedding_changes WHERE {_SINCE})"
+                " SELECT pg_snapshot_xmax(s)::text, coalesce((SELECT array_agg(x::text) FROM pg_snapshot_xip(s) x),"
+                " '{}'), pg_current_xact_id_if_assigned()::text, (SELECT array_agg(seq ORDER BY seq) FROM c),"
+                " (SELECT array_agg(xid ORDER BY seq) FROM c), (SELECT array_agg(image_id ORDER BY seq) FROM c)"
+                " FROM pg_current_snapshot() s"
             ),
-            {
-                "m": model_id,
-                "xmax": str(mark.xmax),
-                "xip": [str(x) for x in mark.xip],
-                "own": None if mark.own_xid is None else str(mark.own_xid),
-                "own_seq": mark.own_seq,
-            },
-        )
-        return [(int(r[0]), int(r[1]), int(r[2])) for r in rows]
+            _since_params(model_id, mark),
+        ).one()
+        own = None if row[2] is None else int(row[2])
+        now = Watermark(int(row[0]), tuple(int(x) for x in row[1] if int(x) != own), own)
+        changes = list(zip(row[3] or [], row[4] or [], row[5] or [], strict=True))
+        return now, [(int(seq), int(xid), int(image_id)) for seq, xid, image_id in changes]
 
     def own_max_seq(self, model_id: int, own_xid: int | None) -> int:
         if own_xid is None:

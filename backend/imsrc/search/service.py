@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -21,10 +22,11 @@ from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import CategoryRepository, ModelRepository, vector_literal
 from imsrc.catalog.schemas import image_thumbnail_url
 from imsrc.config import Settings
+from imsrc.db.citus import distributed
 from imsrc.errors import InvalidInputError, NotFoundError
 from imsrc.imaging import DecodeGate
 from imsrc.search import rerank
-from imsrc.search.duplicates import DuplicateSearchRepository
+from imsrc.search.duplicates import PHASH_MASK, DuplicateSearchRepository
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
 from imsrc.search.keywords import KeywordRepository
@@ -162,11 +164,16 @@ class SearchService:
         self.runtime = runtime
         self.settings = runtime.settings
         self.keywords = KeywordRepository(session)  # parses each request's keywords once
+        # Prototype versions this unit of work has read already (folded into its first statement), per model.
+        self._versions: dict[int, tuple[Any, ...]] = {}
 
     # ------------------------------------------------------------------ queries
     def model(self, name: str | None) -> EmbeddingModel:
         models = ModelRepository(self.session)
-        model = models.by_name(name) if name else models.active()
+        return self._model_or_error(models.by_name(name) if name else models.active(), name)
+
+    @staticmethod
+    def _model_or_error(model: EmbeddingModel | None, name: str | None) -> EmbeddingModel:
         if model is None:
             if name:
                 raise NotFoundError(f"model {name!r} has not indexed any images in this catalog")
@@ -246,14 +253,24 @@ class SearchService:
 
     def similar(self, image_id: int, options: SearchOptions) -> SearchResponse:
         """More like this: the stored vector of an indexed image, the image itself left out."""
-        model = self.model(options.model)
         started = time.perf_counter()
-        vector = VectorRepository(self.session).image_vector(model.id, image_id)
+        if distributed(self.session):
+            model = self.model(options.model)
+            vector = VectorRepository(self.session).image_vector(model.id, image_id)
+            image_exists = vector is not None or bool(NeighbourRepository(self.session).hydrate([image_id]))
+            phash = DuplicateSearchRepository(self.session).stored_phash(image_id) if vector is not None else None
+        else:  # the model row, the vector and the pHash in one round trip
+            found, image_exists, vector, stored, version = VectorRepository(self.session).similar_source(
+                options.model, image_id, prototype_version=options.mode == "two_stage" or bool(options.category)
+            )
+            model = self._model_or_error(found, options.model)
+            if version is not None:
+                self._versions[model.id] = version
+            phash = None if stored is None else stored & PHASH_MASK
         if vector is None:
-            if not NeighbourRepository(self.session).hydrate([image_id]):
+            if not image_exists:
                 raise NotFoundError(f"image {image_id} does not exist")
             raise NotFoundError(f"image {image_id} has no embedding for model {model.name} yet")
-        phash = DuplicateSearchRepository(self.session).stored_phash(image_id)
         image = None
         if options.rerank:  # the comparator sees the image as it sees every candidate: its thumbnail
             image = ThumbnailRepository(self.session).images([image_id]).get(image_id)
@@ -286,7 +303,7 @@ class SearchService:
         vector = self.embed_image(model, data)
         embed_ms = _ms(started)
         t1 = time.perf_counter()
-        ranked = self.runtime.prototypes.get(self.session, model.id).score(vector)
+        ranked = self._prototypes(model.id).score(vector)
         ranked = ranked[:limit] if limit else ranked
         stage1 = _ms(t1)
         hits = [_category_hit(c) for c in ranked]
@@ -621,13 +638,13 @@ class SearchService:
             chosen = self._explicit_categories(options.category)
             # Which named categories would stage 1 itself have picked? Only in those can a graph walk be
             # trusted at its normal width (see category_ef_search). Without prototypes, nothing is known.
-            matrix = self.runtime.prototypes.get(self.session, model.id) if walks else None
+            matrix = self._prototypes(model.id) if walks else None
             ranked = matrix.score(vector) if matrix is not None else []
             near = {c.category_id for c in self._pick(ranked, None, matrix)} if ranked else set(chosen)
             return chosen, [], near, []
         if options.mode != "two_stage":
             return None, [], set(), []
-        matrix = self.runtime.prototypes.get(self.session, model.id)
+        matrix = self._prototypes(model.id)
         ranked = matrix.score(vector)
         if not ranked:
             return None, [], set(), []
@@ -637,6 +654,9 @@ class SearchService:
             return None, [], set(), []
         picked = self._pick(ranked, options.categories, matrix)
         return [c.category_id for c in picked], picked, {c.category_id for c in picked}, ranked
+
+    def _prototypes(self, model_id: int) -> PrototypeMatrix:
+        return self.runtime.prototypes.get(self.session, model_id, self._versions.get(model_id))
 
     def _explicit_categories(self, names: list[str]) -> list[int]:
         cats = CategoryRepository(self.session)
@@ -678,8 +698,8 @@ class SearchService:
         k = plan.k
         limit = k + (0 if include_duplicates else max(5, k // 2)) + (1 if exclude is not None else 0)
         while True:
-            raw = self._neighbours(model, vector, plan, limit)
-            info = neighbours.hydrate([h[0] for h in raw])
+            raw, found = self._neighbours(model, vector, plan, limit)
+            info = found if found is not None else neighbours.hydrate([h[0] for h in raw])
             kept = [
                 (i, s)
                 for i, s in raw
@@ -690,12 +710,20 @@ class SearchService:
             limit = min(limit * 2, MAX_FETCH)
         return [_hit(i, s, info[i]) for i, s in kept[:k]]
 
-    def _neighbours(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, limit: int) -> list[Hit]:
+    def _neighbours(
+        self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, limit: int
+    ) -> tuple[list[Hit], dict[int, HitInfo] | None]:
+        """The stage-2 hits, and their rows where the same statement read them (None: hydrate them)."""
+        if plan.mode == "exact":
+            return NeighbourRepository(self.session).exact_hydrated(
+                model.id, vector_literal(vector), limit, plan.categories
+            )
+        return self._walk(model, vector, plan, limit), None
+
+    def _walk(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, limit: int) -> list[Hit]:
         neighbours = NeighbourRepository(self.session)
         chosen = plan.categories
         ef = self.settings.search_ef_search
-        if plan.mode == "exact":
-            return neighbours.exact(model.id, vector_literal(vector), limit, chosen)
         if plan.backend == "faiss":
             index = self.runtime.faiss.get(self.session, model)
             return index.search(vector, chosen, limit)

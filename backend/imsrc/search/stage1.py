@@ -114,9 +114,11 @@ class PrototypeCache:
         self._items: dict[int, PrototypeMatrix] = {}
         self.loads = 0
 
-    def get(self, session: Session, model_id: int) -> PrototypeMatrix:
+    def get(self, session: Session, model_id: int, version: tuple[Any, ...] | None = None) -> PrototypeMatrix:
+        """`version`: PrototypeRepository.version read by this unit of work already (folded into its first
+        statement), else it is read here."""
         repo = PrototypeRepository(session)
-        version = repo.version(model_id, state_key(model_id))
+        version = version if version is not None else repo.version(model_id, state_key(model_id))
         with self._lock:
             hit = self._items.get(model_id)
         if hit is not None and hit.version == version:
