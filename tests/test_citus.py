@@ -30,6 +30,9 @@ from sqlalchemy.engine import make_url
 
 from imsrc.api.app import create_app
 from imsrc.config import Settings
+from imsrc.db import citus
+from imsrc.db.citus import category_workers
+from imsrc.db.embedded import _free_port
 from imsrc.db.engine import side_engine
 from imsrc.db.session import Database
 from imsrc.ingest.repository import IngestRepository
@@ -328,20 +331,71 @@ def test_one_category_read_is_one_statement_on_its_worker(catalogs: Catalogs) ->
 
 
 def test_stage2_read_survives_a_dropped_pooled_connection(catalogs: Catalogs) -> None:
-    """The stage-2 pool does not ping a connection before each use: a dropped one (a restarted coordinator, here
-    its backend terminated) fails as broken, and the read runs again on a new connection."""
+    """The stage-2 pools (the coordinator's side pool, each worker's) do not ping a connection before each use: a
+    dropped one (a restarted node, here its backend terminated) fails as broken, and the read (or the look-up of
+    where the category's shard is) runs again on a new connection."""
     category = _query(catalogs.citus_url, "SELECT min(category_id) FROM embeddings WHERE category_id > 0")[0][0]
     probe = WORKER_SETTINGS.format(c=category)
     settings = {**walk_settings(77, 10), "enable_sort": "off", "enable_seqscan": "off"}
     db = database_for(_settings(catalogs.citus_url, catalogs.data), migrate=False)
-    try:
-        with side_engine(db.engine).connect() as conn:
+
+    def drop_a_pooled_connection(pool: Any) -> int:
+        with pool.connect() as conn:
             pid = conn.connection.driver_connection.info.backend_pid
-        _query(catalogs.citus_url, "SELECT pg_terminate_backend(%s::int)", (pid,))
+        _query(pool.url.render_as_string(hide_password=False), "SELECT pg_terminate_backend(%s::int)", (pid,))
+        return int(pid)
+
+    def pooled_pid(pool: Any) -> int:
+        with pool.connect() as conn:
+            return int(conn.connection.driver_connection.info.backend_pid)
+
+    try:
+        citus.forget()  # the first read looks up its worker on the coordinator's side pool
+        pid = drop_a_pooled_connection(side_engine(db.engine))
         assert citus_category_read(db.engine, category, probe, "", settings)[0][1] == 77.111
-        with side_engine(db.engine).connect() as conn:
-            assert conn.connection.driver_connection.info.backend_pid != pid
+        assert pooled_pid(side_engine(db.engine)) != pid
+        worker = category_workers(db.engine, [category])[category]
+        assert worker is not None
+        pid = drop_a_pooled_connection(worker)
+        assert citus_category_read(db.engine, category, probe, "", settings)[0][1] == 77.111
+        assert pooled_pid(worker) != pid
+        pid = drop_a_pooled_connection(side_engine(db.engine))
+        assert citus_read(db.engine, probe, {}, settings)[0][1] == 77.111
+        assert pooled_pid(side_engine(db.engine)) != pid
     finally:
+        db.dispose()
+
+
+def test_stage2_reads_go_to_the_worker_and_through_the_coordinator_when_they_cannot(
+    catalogs: Catalogs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A category's read goes straight to the worker that holds its shard (no coordinator hop). Where the service
+    cannot connect to that worker it reads through the coordinator, and keeps doing so for a while; where the
+    placement it knows is stale (the shard moved), the worker it asks passes the read on: the same row each time."""
+    category = _query(catalogs.citus_url, "SELECT min(category_id) FROM embeddings WHERE category_id > 0")[0][0]
+    probe = WORKER_SETTINGS.format(c=category)
+    expected = [(_query(catalogs.citus_url, probe)[0][0], 123.111)]
+    settings = {**walk_settings(123, 10), "enable_sort": "off", "enable_seqscan": "off"}
+    holder = _worker_of(catalogs.citus_url, category)
+    other = next(
+        f"{h}:{p}"
+        for h, p in _query(catalogs.citus_url, "SELECT nodename, nodeport FROM pg_dist_node WHERE groupid > 0")
+        if f"{h}:{p}" != holder
+    )
+    db = database_for(_settings(catalogs.citus_url, catalogs.data), migrate=False)
+    try:
+        assert citus_category_read(db.engine, category, probe, "", settings) == expected
+        worker = category_workers(db.engine, [category])[category]
+        assert worker is not None and f"{worker.url.host}:{worker.url.port}" == holder
+        assert worker.pool.checkedin() == 1  # the read's connection, back in the worker's pool
+        for node, reachable in ((other, True), (f"127.0.0.1:{_free_port()}", False)):
+            citus.forget()
+            host, port = node.rsplit(":", 1)
+            monkeypatch.setattr(citus, "_look_up_placements", lambda *_a, n=(host, int(port)): {category: n})
+            assert citus_category_read(db.engine, category, probe, "", settings) == expected, node
+            assert (category_workers(db.engine, [category])[category] is not None) == reachable, node
+    finally:
+        citus.forget()
         db.dispose()
 
 

@@ -186,11 +186,12 @@ def measure(
 def profile(db: Database, model: Any, queries: np.ndarray, repeats: int = 10) -> dict[str, float]:
     """Where a Citus stage 2 spends its time: median ms per call over queries x `repeats`, the variants interleaved
     query by query (the same machine load for each). One category: the largest, k = 10 + the duplicate margin, as
-    the service sends it (a delegated call, citus_category_read), as it was sent before (citus_read: BEGIN and
-    the SETs, the query, ROLLBACK), the query alone without settings (a lower bound, not the same plan), and the
-    shard's query sent to its worker directly. Three categories (the three largest): the same three reads one
-    after another, at once as the service runs them (_citus_reads), and the merge of their rows; the stage-2
-    pool's checkout alone."""
+    the service sends it (citus_category_read: imsrc._category_read sent to the category's worker directly), the
+    same call through the coordinator (which Citus delegates to that worker), as it was sent before that
+    (citus_read: BEGIN and the SETs, the query, ROLLBACK), the query alone without settings (a lower bound, not
+    the same plan), and the shard's query sent to its worker directly. Three categories (the three largest): the
+    same three reads one after another, at once as the service runs them (_citus_reads), and the merge of their
+    rows; the stage-2 pool's checkout alone."""
     from imsrc.catalog.repository import embedding_expr, vector_literal
     from imsrc.db.engine import side_engine
     from imsrc.search import pg_queries
@@ -234,9 +235,18 @@ def profile(db: Database, model: Any, queries: np.ndarray, repeats: int = 10) ->
         for name, value in settings.items():
             worker.execute(f"SET {name} = '{value}'")
         shard_sql = sql(biggest[0], f"embeddings_{shard}")
+        category_read = {
+            "c": biggest[0],
+            "sql": one.replace("%(q)s", "$1"),
+            "names": list(settings),
+            "values": list(settings.values()),
+        }
         variants: dict[str, Any] = {
-            "1 category: citus_category_read (delegated call: one worker round trip)": lambda v: citus_category_read(
-                db.engine, biggest[0], one, v, settings
+            "1 category: citus_category_read (the service's way: the call sent to its worker directly)": lambda v: (
+                citus_category_read(db.engine, biggest[0], one, v, settings)
+            ),
+            "1 category: the same call through the coordinator (Citus delegates it: one hop more)": lambda v: (
+                conn.execute(pg_queries.CATEGORY_READ, {**category_read, "q": v}, prepare=False).fetchall()
             ),
             "1 category: citus_read (BEGIN + SETs, query, ROLLBACK: three)": lambda v: citus_read(
                 db.engine, one, {"q": v}, settings
@@ -249,10 +259,10 @@ def profile(db: Database, model: Any, queries: np.ndarray, repeats: int = 10) ->
             "1 category: the shard's query sent to its worker directly": lambda v: worker.execute(
                 shard_sql, {"q": v}, prepare=False
             ).fetchall(),
-            "3 categories: delegated reads one after another": lambda v: [
+            "3 categories: citus_category_read one after another": lambda v: [
                 citus_category_read(db.engine, c, s, v, settings) for c, s in three
             ],
-            "3 categories: delegated reads at once (_citus_reads, the service's way)": lambda v: (
+            "3 categories: citus_category_read at once (_citus_reads, the service's way)": lambda v: (
                 pg_queries._citus_reads(db.engine, three, v, settings, True)
             ),
             "3 categories: merging their rows (the sort per_category does)": lambda v: sorted(

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
+import time
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+
+from imsrc.db.engine import CONNECT_ARGS, SIDE_POOL_SIZE, side_engine
 
 UNCATEGORISED = 0  # embeddings.category_id of uncategorised images on Citus
 _CACHE: dict[str, bool] = {}
@@ -83,7 +88,7 @@ def category_partitions(session: Session) -> bool:
 def forget(url: str | None = None) -> None:
     """Drop cached answers about a catalog's shape (after migrations: imsrc.db.engine.upgrade/downgrade)."""
     with _GUARD:
-        for cache in (_CACHE, _PARTITIONS, _CATEGORY_READ):
+        for cache in (_CACHE, _PARTITIONS, _CATEGORY_READ, _PLACEMENTS):
             if url is None:
                 cache.clear()
             else:
@@ -106,6 +111,96 @@ def category_read_delegated(session: Session) -> bool:
             ).scalar()
         ),
     )
+
+
+# Stage 2's per-category reads go straight to the worker that holds the category's shard when the service can
+# connect there (Citus lets a client query any node with metadata, which every worker has since Citus 11): the same
+# call, imsrc._category_read, the same rows, without the coordinator's hop (receive the call, plan its delegation,
+# send it on, wait, pass the rows back: ~1-1.5 ms of a ~2-4 ms read on the bench machine, interleaved A/B in
+# BENCHMARKS.md "Citus"). Where the shard is is asked from the coordinator for the categories a search needs and
+# kept PLACEMENT_TTL_S; a shard moved since (a rebalance) is read all the same, only slower: the function, on a
+# node without the shard, sends the read on to the node that has it (Citus delegates it again). A worker the
+# service cannot connect to (another network, other credentials, down) is read through the coordinator for
+# UNREACHABLE_RETRY_S, which also gives a down worker its 503 naming the node, as before.
+PLACEMENT_TTL_S = 10.0
+UNREACHABLE_RETRY_S = 30.0
+
+
+@dataclass
+class _Placements:
+    at: float  # time.monotonic() of the look-up
+    nodes: dict[int, tuple[str, int] | None]  # category id -> its shard's worker (host, port); None: the coordinator
+
+
+_PLACEMENTS: dict[str, _Placements] = {}  # keyed by the coordinator's URL, like the caches above
+_UNREACHABLE: dict[str, float] = {}  # worker URL -> monotonic time until which it is read through the coordinator
+_WORKER_POOLS: weakref.WeakKeyDictionary[Engine, dict[tuple[str, int], Engine]] = weakref.WeakKeyDictionary()
+
+
+def _look_up_placements(engine: Engine, categories: Iterable[int]) -> dict[int, tuple[str, int] | None]:
+    """On the stage-2 side pool, which does not ping before a checkout: a dropped connection is retried once."""
+    sql = text(
+        "SELECT c, n.nodename, n.nodeport, n.groupid FROM unnest(CAST(:c AS bigint[])) c"
+        " JOIN pg_dist_placement p ON p.shardid = get_shard_id_for_distribution_column('embeddings', c)"
+        " JOIN pg_dist_node n ON n.groupid = p.groupid AND n.noderole = 'primary' AND n.isactive"
+    )
+    for attempt in (1, 2):
+        try:
+            with side_engine(engine).connect() as conn:
+                rows = conn.execute(sql, {"c": sorted(set(categories))}).all()
+            break
+        except DBAPIError as exc:
+            if attempt == 2 or not exc.connection_invalidated:
+                raise
+    return {int(c): None if int(group) == 0 else (str(host), int(port)) for c, host, port, group in rows}
+
+
+def category_workers(engine: Engine, categories: Iterable[int]) -> dict[int, Engine | None]:
+    """A pool on the worker that holds each category's shard, or None where the read should go through the
+    coordinator (the shard is on the coordinator, the worker was unreachable lately, or the placement is unknown)."""
+    wanted = set(categories)
+    key = str(engine.url)
+    now = time.monotonic()
+    with _GUARD:
+        known = _PLACEMENTS.get(key)
+        fresh = known is not None and now - known.at < PLACEMENT_TTL_S and wanted <= known.nodes.keys()
+    if not fresh:
+        nodes = _look_up_placements(engine, wanted | (set(known.nodes) if known else set()))
+        with _GUARD:
+            _PLACEMENTS[key] = known = _Placements(now, nodes)
+    assert known is not None
+    out: dict[int, Engine | None] = {}
+    for category in wanted:
+        node = known.nodes.get(category)
+        out[category] = None if node is None else _worker_pool(engine, node)
+    return out
+
+
+def _worker_pool(engine: Engine, node: tuple[str, int]) -> Engine | None:
+    with _GUARD:
+        pools = _WORKER_POOLS.setdefault(engine, {})
+        pool = pools.get(node)
+        if pool is None:
+            # The coordinator's URL (user, password, database, options) with the worker's host and port; like
+            # side_engine: no ping before each checkout (the read runs again on a dropped connection).
+            pool = create_engine(
+                engine.url.set(host=node[0], port=node[1]),
+                pool_pre_ping=False,
+                pool_size=SIDE_POOL_SIZE,
+                max_overflow=-1,
+                connect_args={**CONNECT_ARGS, "connect_timeout": 2},
+            )
+            event.listen(engine, "engine_disposed", lambda _conn, pool=pool: pool.dispose())
+            pools[node] = pool
+        if _UNREACHABLE.get(str(pool.url), 0.0) > time.monotonic():
+            return None
+        return pool
+
+
+def worker_unreachable(pool: Engine) -> None:
+    """The service could not connect to this worker: read through the coordinator for a while."""
+    with _GUARD:
+        _UNREACHABLE[str(pool.url)] = time.monotonic() + UNREACHABLE_RETRY_S
 
 
 def uncategorised_condition(session: Session, alias: str = "") -> str:

@@ -36,12 +36,19 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.locks import WriteLocks
 from imsrc.catalog.repository import embedding_expr
-from imsrc.db.citus import category_partitions, category_read_delegated, distributed, sequential_shard_commands
+from imsrc.db.citus import (
+    category_partitions,
+    category_read_delegated,
+    category_workers,
+    distributed,
+    sequential_shard_commands,
+    worker_unreachable,
+)
 from imsrc.db.engine import side_engine
 
 Hit = tuple[int, float]  # (image_id, cosine similarity)
@@ -178,13 +185,17 @@ def _set_local(name: str, value: str) -> str:
     return f"SET LOCAL {name} = '{value}'"
 
 
-def _side_read(engine: Engine, read: Callable[[Any], list[Any]], *, autocommit: bool = False) -> list[Any]:
-    """`read(psycopg connection)` on a connection of the side pool (db.engine.side_engine). That pool does not ping
-    a connection before handing it out (a round trip to the coordinator per stage-2 statement, ~0.3-0.6 ms of a
-    1-category search on the bench machine): a connection the server dropped since (a restart) fails its first
-    statement as `broken`, and the read, which changes nothing, runs once more on a new connection."""
+def _side_read(
+    engine: Engine, read: Callable[[Any], list[Any]], *, autocommit: bool = False, pool: Engine | None = None
+) -> list[Any]:
+    """`read(psycopg connection)` on a connection of the side pool (db.engine.side_engine), or of `pool` (a Citus
+    worker's, db.citus.category_workers). Those pools do not ping a connection before handing it out (a round trip
+    per stage-2 statement, ~0.3-0.6 ms of a 1-category search on the bench machine): a connection the server
+    dropped since (a restart) fails its first statement as `broken`, and the read, which changes nothing, runs once
+    more on a new connection. Failing to connect raises SQLAlchemy's OperationalError; the read's own errors come
+    from psycopg."""
     for attempt in (1, 2):
-        with side_engine(engine).connect() as conn:
+        with (pool or side_engine(engine)).connect() as conn:
             if autocommit:
                 conn.execution_options(isolation_level="AUTOCOMMIT")
             raw: Any = conn.connection.driver_connection
@@ -227,11 +238,13 @@ CATEGORY_READ = "SELECT image_id, score FROM imsrc._category_read(%(c)s, %(sql)s
 def citus_category_read(
     engine: Engine, category_id: int, sql: str, query: str, settings: Mapping[str, str]
 ) -> list[Any]:
-    """One category's read on Citus in one round trip from the coordinator to the worker that holds it:
-    imsrc._category_read (db/citus.py, CITUS_CATEGORY_READ), called outside a transaction block so that Citus
-    delegates the whole call to that worker, which sets `settings` and runs `sql` on its own shard. `sql` must
-    read only this category's rows, with psycopg's %(q)s placeholder for the query vector (text). Same rows as
-    citus_read; ~1.5 vs ~3-4 ms for one small category's walk at load 8 (interleaved A/B, BENCHMARKS "Citus")."""
+    """One category's read on Citus: imsrc._category_read (db/citus.py, CITUS_CATEGORY_READ) sets `settings` and
+    runs `sql` on the category's shard, on the worker that holds it. Sent to that worker directly where the
+    service can connect there (db.citus.category_workers), else to the coordinator outside a transaction block,
+    which delegates the whole call to that worker (one round trip on from the coordinator). `sql` must read only
+    this category's rows, name the table as `FROM embeddings`, and use psycopg's %(q)s placeholder for the query
+    vector (text). Same rows as citus_read; ~1.5 vs ~3-4 ms for one small category's walk at load 8 (interleaved
+    A/B, BENCHMARKS "Citus"), and ~1-1.5 ms less again without the coordinator's hop."""
     params = {
         "c": int(category_id),
         "sql": sql.replace("%(q)s", "$1"),
@@ -239,7 +252,17 @@ def citus_category_read(
         "names": list(settings),
         "values": list(settings.values()),
     }
-    return _side_read(engine, lambda raw: list(raw.execute(CATEGORY_READ, params).fetchall()), autocommit=True)
+
+    def read(raw: Any) -> list[Any]:
+        return list(raw.execute(CATEGORY_READ, params).fetchall())
+
+    worker = category_workers(engine, [category_id])[int(category_id)]
+    if worker is not None:
+        try:
+            return _side_read(engine, read, autocommit=True, pool=worker)
+        except OperationalError:  # could not connect to the worker: through the coordinator (a down worker's 503)
+            worker_unreachable(worker)
+    return _side_read(engine, read, autocommit=True)
 
 
 PARALLEL_BRANCHES_MAX = 32  # stage-2 statements in flight at once in one process, all Citus searches together
@@ -276,6 +299,8 @@ def _citus_reads(
             return citus_category_read(engine, category_id, sql, query, settings)
         return citus_read(engine, sql, {"q": query}, settings)
 
+    if delegated:
+        category_workers(engine, [category_id for category_id, _ in statements])  # one look-up for all, if any
     others = [_branch_pool().submit(read, item) for item in statements[1:]]
     rows = read(statements[0])
     for future in others:
