@@ -248,8 +248,10 @@ END $$
 # statement: imsrc._set_local via PERFORM; a SET run directly in the PL/pgSQL body is not seen as one), and (3)
 # the remote transaction is a coordinated one, which a read-only statement outside BEGIN ... COMMIT is not:
 # create_intermediate_result (a one-row result kept on the coordinator until the end of the transaction) makes
-# it one. The caller's values are put back afterwards, on the workers too. SET is not allowed in a non-volatile
-# function, hence VOLATILE (same results; it only takes a new snapshot per statement, which a read does not mind).
+# it one. imsrc._settings_for_workers does those steps for the walk and for imsrc._category_read's fallback
+# (CITUS_CATEGORY_READ) and returns the caller's values, which they put back afterwards, on the workers too. SET is
+# not allowed in a non-volatile function, hence VOLATILE (same results; it only takes a new snapshot per statement,
+# which a read does not mind).
 CITUS_WALK = r"""
 CREATE OR REPLACE FUNCTION imsrc._set_local(p_name text, p_value text) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $$
@@ -264,18 +266,30 @@ BEGIN
     END IF;
 END $$;
 
+-- SET LOCAL p_names = p_values where Citus passes them on to the workers (called by a statement, in a transaction
+-- made a coordinated one); returns the values they had, for imsrc._set_local to put back.
+CREATE OR REPLACE FUNCTION imsrc._settings_for_workers(p_names text[], p_values text[]) RETURNS text[]
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    before text[];
+BEGIN
+    SELECT array_agg(current_setting(n, true) ORDER BY o) INTO before FROM unnest(p_names) WITH ORDINALITY u(n, o);
+    PERFORM create_intermediate_result('imsrc_settings', 'SELECT 1');
+    PERFORM imsrc._set_local(n, v) FROM unnest(p_names, p_values) u(n, v);
+    RETURN before;
+END $$;
+
 CREATE OR REPLACE FUNCTION imsrc._walk(p_sql text, p_query vector, p_ef int, p_limit int)
 RETURNS TABLE (image_id bigint, score double precision)
 LANGUAGE plpgsql VOLATILE
 SET citus.propagate_set_commands = 'local' AS $$
 DECLARE
     names text[] := ARRAY['enable_sort', 'enable_seqscan', 'hnsw.iterative_scan', 'hnsw.ef_search'];
-    wanted text[] := ARRAY['off', 'off', 'relaxed_order', least(1000, greatest(p_ef, p_limit))::text];
     before text[];
 BEGIN
-    SELECT array_agg(current_setting(n, true) ORDER BY o) INTO before FROM unnest(names) WITH ORDINALITY u(n, o);
-    PERFORM create_intermediate_result('imsrc_walk', 'SELECT 1');
-    PERFORM imsrc._set_local(n, v) FROM unnest(names, wanted) u(n, v);
+    SELECT imsrc._settings_for_workers(
+               names, ARRAY['off', 'off', 'relaxed_order', least(1000, greatest(p_ef, p_limit))::text])
+      INTO before;
     RETURN QUERY EXECUTE p_sql USING p_query;
     PERFORM imsrc._set_local(n, v) FROM unnest(names, before) u(n, v);
 END $$;
@@ -319,14 +333,13 @@ BEGIN
                      USING p_query;
         RETURN;
     END IF;
-    SELECT array_agg(current_setting(n, true) ORDER BY o) INTO before FROM unnest(p_names) WITH ORDINALITY u(n, o);
-    PERFORM create_intermediate_result('imsrc_category_read', 'SELECT 1');
-    PERFORM imsrc._set_local(n, v) FROM unnest(p_names, p_values) u(n, v);
+    SELECT imsrc._settings_for_workers(p_names, p_values) INTO before;
     RETURN QUERY EXECUTE p_sql USING p_query;
     PERFORM imsrc._set_local(n, v) FROM unnest(p_names, before) u(n, v);
 END $$;
 
 SELECT create_distributed_function('imsrc._set_local(text,text)');
+SELECT create_distributed_function('imsrc._settings_for_workers(text[],text[])');
 SELECT create_distributed_function('imsrc._category_read(bigint,text,text,text[],text[])', 'p_category',
                                    colocate_with := 'embeddings');
 """
