@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +168,7 @@ def copy_rows(
 def load(
     database: Database,
     settings: Settings,
-    vectors: np.ndarray,
+    vectors: np.ndarray | list[np.ndarray],
     labels: np.ndarray,
     n_categories: int,
     *,
@@ -177,19 +177,26 @@ def load(
     category_names: list[str] | None = None,
     global_graph: tuple[int, int] | None = None,
     indexes: bool = True,
+    after_copy: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> tuple[EmbeddingModel, dict[str, float], np.ndarray, np.ndarray]:
     """Fresh rows for the benchmark model: categories, images, embeddings (COPY), then every index.
 
     global_graph: (m, ef_construction) for the per-model HNSW index (mode `ann`), so the baseline can get the
     same graph density as the per-category indexes; None builds it as the service does (pgvector defaults).
-    indexes False: rows only (no HNSW index, no prototypes), for a benchmark that times the builds itself."""
+    indexes False: rows only (no HNSW index, no prototypes), for a benchmark that times the builds itself.
+    after_copy: called with the vectors and their image ids once the rows are in, before any index is built.
+    `vectors` may be a one-element list, which is emptied here: then nothing holds the vectors after the copy
+    and that call (a call's arguments stay referenced by its caller until it returns), and they are freed for
+    the builds (5 GB at 1M x 1280-d, beside a 6 GB HNSW build and shared_buffers on a 24 GB machine: a 1M run
+    was OOM-killed)."""
+    if isinstance(vectors, list):
+        vectors = vectors.pop()
+    dimension = int(vectors.shape[1])
     timings: dict[str, float] = {}
     names = category_names or [f"bench-{i:03d}" for i in range(n_categories)]
     with database.session() as session:
         models = ModelRepository(session)
-        model = models.register(
-            name=model_name, dimension=vectors.shape[1], family="bench", params={}, supports_text=False
-        )
+        model = models.register(name=model_name, dimension=dimension, family="bench", params={}, supports_text=False)
         models.set_active(model)
         session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_hnsw_m{model.id}"))
         cat_ids = [
@@ -214,6 +221,9 @@ def load(
             stop = start + chunk
             copy_rows(conn, model.id, ids[start:stop], category_of[start:stop], vectors[start:stop])
     timings["copy_s"] = time.perf_counter() - started
+    if after_copy is not None:
+        after_copy(vectors, ids)
+    del vectors
     if not indexes:
         return model, timings, ids, category_of
 
@@ -222,7 +232,7 @@ def load(
             _maintenance(session)
             started = time.perf_counter()
             if global_graph is not None:  # same name as the service's index, so mode `ann` walks this one
-                dim = int(vectors.shape[1])
+                dim = dimension
                 session.execute(
                     text(
                         f"CREATE INDEX ix_embeddings_hnsw_m{model.id} ON embeddings USING hnsw "
