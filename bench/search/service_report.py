@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
@@ -80,6 +81,24 @@ def rules_lines(r: dict[str, Any]) -> list[str]:
                 f"{m.get('ann_share', 0.0):.3f} |" + (f" {m['p50_ms']:.2f} |" if timed else "")
             )
     return lines
+
+
+def walks_lines(r: dict[str, Any]) -> list[str]:
+    """The per-category walk widths search sync calibrated in this run (search/walks.py), beside the size rule
+    they replaced; runs from before the calibration have none."""
+    walks = r.get("walks") or {}
+    if not walks:
+        return []
+    entries = sorted(walks.values(), key=lambda w: (int(w["rows"]), int(w["ef"])))
+    rule = [max(r["settings"]["search_ef_search"], math.ceil(2 * math.sqrt(int(w["rows"])))) for w in entries]
+    took = r["build_s"].get("walk_calibration_s")
+    return [
+        f"Walk widths (hnsw.ef_search per category, calibrated at sync on {entries[0]['samples']} members each for "
+        f"recall@10 {entries[0]['target']}): "
+        + ", ".join(f"{w['ef']} ({w['rows']:,} rows, recall {w['recall']:.3f})" for w in entries)
+        + f"; the size rule before would have walked {min(rule)}-{max(rule)}"
+        + (f"; calibrating them took {took:.1f} s." if took is not None else "."),
+    ]
 
 
 def stage1_section(r: dict[str, Any]) -> list[str]:
@@ -181,6 +200,7 @@ def section(r: dict[str, Any]) -> list[str]:
         f"{t['ef_search']} (recall there {t['recall_at_ef']:.3f}).",
         "Builds: " + ", ".join(f"{k} {v} s" for k, v in r["build_s"].items()) + ".",
     ]
+    lines += walks_lines(r)
     lines += rules_lines(r)
     before = HISTORY / f"{d['kind']}-{d['rows']}-before-0004.json"
     if before.exists():
