@@ -52,10 +52,13 @@ IVF_MIN_ROWS = 30_000
 IVF_LISTS_PER_SQRT_ROW = 2  # 4: the same recall at the same nprobe, but a coarse step twice as long
 IVF_TRAIN_PER_LIST = 32
 IVF_TRAIN_ITERATIONS = 10
-CALIBRATION_RECALL = 0.98  # mean recall@10 each group of held-out queries must reach (members, other categories)
+# Mean recall@10 each group of held-out queries must reach (members, other categories). 0.98 is what is wanted on
+# fresh queries; the cheapest of ~25 measured settings is chosen where its 100-query sample happened to do well,
+# so the target has a margin (at 0.98 fresh other-category queries got 0.9735 in faiss_category_bench.py).
+CALIBRATION_RECALL = 0.99
 CALIBRATION_QUERIES = 100  # per group
 CALIBRATION_K = 10
-RERANK_CHOICES = (10, 20, 40)  # k_factor values an IVF sub-index's calibration chooses from
+RERANK_CHOICES = (10, 15, 20, 30, 40)  # k_factor values an IVF sub-index's calibration chooses from
 
 
 @contextmanager
@@ -265,7 +268,7 @@ class FaissModelIndex:
 
     def calibrate(self, category_id: int) -> dict[str, float]:
         """Set an IVF sub-index's nprobe and re-rank depth (k_factor): for each k_factor in RERANK_CHOICES the
-        smallest power of two nprobe (up to all lists) at which every group of held-out queries reaches
+        smallest nprobe (to within 1/8; up to all lists) at which every group of held-out queries reaches
         CALIBRATION_RECALL mean recall@10 against an exact scan of this category; of those pairs, the one that
         reads the fewest bytes per query (codes of the probed lists + float vectors re-ranked: both cost about the
         same per byte in faiss_category_bench.py). Groups: up to CALIBRATION_QUERIES of its own rows (each query's
@@ -292,20 +295,33 @@ class FaissModelIndex:
         code_bytes = len(sub.ids) / ivf.nlist * ivf.code_size  # per list probed
         vector_bytes = CALIBRATION_K * self.dimension * 4  # per unit of k_factor
         tried: list[tuple[float, int, int, list[float]]] = []  # (bytes read, nprobe, k_factor, recalls)
+
+        def measure(nprobe: int) -> list[float]:
+            ivf.nprobe = nprobe
+            return [
+                _mean_recall(self._top(sub.index, q, rows, k), t, k)
+                for (q, rows), t in zip(groups, truths, strict=True)
+            ]
+
         with _one_omp_thread():
             for k_factor in RERANK_CHOICES:
                 sub.index.k_factor = k_factor
-                nprobe = 1
-                while True:
-                    ivf.nprobe = min(nprobe, ivf.nlist)
-                    recalls = [
-                        _mean_recall(self._top(sub.index, q, rows, k), t, k)
-                        for (q, rows), t in zip(groups, truths, strict=True)
-                    ]
-                    if min(recalls) >= CALIBRATION_RECALL or nprobe >= ivf.nlist:
-                        break
-                    nprobe *= 2
-                tried.append((ivf.nprobe * code_bytes + k_factor * vector_bytes, ivf.nprobe, k_factor, recalls))
+                # Doubling until the target is met, then halving the gap a few times: within 1/8 of the least
+                # nprobe that meets it (recall grows with nprobe), in about log2(nprobe) + 3 batches.
+                low, high = 0, 1
+                recalls = measure(high)
+                while min(recalls) < CALIBRATION_RECALL and high < ivf.nlist:
+                    low, high = high, min(2 * high, ivf.nlist)
+                    recalls = measure(high)
+                if min(recalls) >= CALIBRATION_RECALL:
+                    while high - low > max(1, high // 8):
+                        middle = (low + high) // 2
+                        found = measure(middle)
+                        if min(found) >= CALIBRATION_RECALL:
+                            high, recalls = middle, found
+                        else:
+                            low = middle
+                tried.append((high * code_bytes + k_factor * vector_bytes, high, k_factor, recalls))
         reached = [t for t in tried if min(t[3]) >= CALIBRATION_RECALL]
         # None reaches the target (every list probed): the deepest re-rank, which came closest.
         _, ivf.nprobe, sub.index.k_factor, recalls = (
