@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from imsrc.api.deps import AdmissionDep, RuntimeDep, SessionDep, SettingsDep
+from imsrc.api.deps import AdmissionDep, RuntimeDep, SessionDep, SettingsDep, in_unit_of_work
 from imsrc.api.metrics import observe_search
 from imsrc.api.multipart import read_multipart
 from imsrc.config import Settings
@@ -210,7 +210,9 @@ async def search_image(
             raise InvalidInputError("give the caption keywords once: either q or keywords, not both")
         options = options.model_copy(update={"keywords": _keywords(q)})
     data = await _query_image(request, settings, runtime)
-    return observe_search(await admission.run(runtime.service(session).search_image, data, options))
+    return observe_search(
+        await admission.run(in_unit_of_work(session, runtime.service(session).search_image), data, options)
+    )
 
 
 @router.get("/text", response_model=SearchResponse, summary="Search by text (CLIP-family models)")
@@ -221,7 +223,9 @@ async def search_text(
     options: OptionsDep,
     q: Annotated[str, Query(min_length=1, max_length=1000, description="the text query")],
 ) -> SearchResponse:
-    return observe_search(await admission.run(runtime.service(session).search_text, q, options))
+    return observe_search(
+        await admission.run(in_unit_of_work(session, runtime.service(session).search_text), q, options)
+    )
 
 
 @router.get("/keywords", response_model=SearchResponse, summary="Search captions by keywords alone (no model)")
@@ -244,7 +248,11 @@ async def search_keywords(
         raise InvalidInputError("match=partial needs a query image or text; keywords alone match whole captions")
     if options.rerank is not None:
         raise InvalidInputError("rerank needs a query image; keywords alone are ranked by ts_rank_cd")
-    return observe_search(await admission.run(runtime.service(session).search_keywords, check_keywords(q), options))
+    return observe_search(
+        await admission.run(
+            in_unit_of_work(session, runtime.service(session).search_keywords), check_keywords(q), options
+        )
+    )
 
 
 @router.get("/similar/{image_id}", response_model=SearchResponse, summary="More like this indexed image")
@@ -255,7 +263,9 @@ async def search_similar(
     options: OptionsDep,
     image_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
 ) -> SearchResponse:
-    return observe_search(await admission.run(runtime.service(session).similar, image_id, options))
+    return observe_search(
+        await admission.run(in_unit_of_work(session, runtime.service(session).similar), image_id, options)
+    )
 
 
 @router.post(
@@ -276,4 +286,6 @@ async def search_categories(
 ) -> CategoriesResponse:
     data = await _query_image(request, settings, runtime)
     service = runtime.service(session)
-    return await admission.run(service.categories_for_image, data, model_name=model, limit=limit, samples=samples)
+    return await admission.run(
+        in_unit_of_work(session, service.categories_for_image), data, model_name=model, limit=limit, samples=samples
+    )

@@ -32,14 +32,29 @@ class Database:
         with self.sessions() as session:
             try:
                 yield session
-                with stage("commit"):
-                    session.commit()
+                commit(session)
             except BaseException:
                 session.rollback()
                 raise
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def commit(session: Session) -> None:
+    with stage("commit"):
+        session.commit()
+
+
+def end_unit_of_work(session: Session, ok: bool) -> None:
+    """What Database.session does at the end of its block: commit (ok) or roll back, then close."""
+    try:
+        if ok:
+            commit(session)
+        else:
+            session.rollback()
+    finally:
+        session.close()
 
 
 def open_database(
