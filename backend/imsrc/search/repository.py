@@ -7,6 +7,7 @@ are catalog tables (catalog/repository.py, catalog/prototypes.py). Repositories 
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import BigInteger, Text, cast, exists, literal_column, select, text
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from imsrc.catalog.models import Embedding, EmbeddingModel, Image
 from imsrc.catalog.prototypes import prototype_version_sql
@@ -140,13 +141,10 @@ class VectorRepository:
         )
         phash = select(cast(Image.phash, BigInteger)).where(Image.id == image_id).scalar_subquery()
         found = exists().where(Image.id == image_id)
-        chosen = EmbeddingModel.name == model_name if model_name else EmbeddingModel.is_active
-        version: ColumnClause[Any] = literal_column(
-            prototype_version_sql("embedding_models.id", f"'{STATE_KEY_PREFIX}' || embedding_models.id")
-            if prototype_version
-            else "NULL"
-        )
-        row = self.session.execute(select(EmbeddingModel, found, vector, phash, version).where(chosen)).first()
+        version = _version_column(prototype_version)
+        row = self.session.execute(
+            select(EmbeddingModel, found, vector, phash, version).where(_chosen(model_name))
+        ).first()
         if row is None:
             return None, False, None, None, None
         model, image_exists, raw, stored, stamp = row
@@ -157,6 +155,18 @@ class VectorRepository:
             None if stored is None else int(stored),
             (stamp,) if prototype_version else None,
         )
+
+    def model_and_version(
+        self, model_name: str | None, *, prototype_version: bool
+    ) -> tuple[EmbeddingModel | None, tuple[Any, ...] | None]:
+        """The named model (or the active one with no name) and, with `prototype_version`, its
+        PrototypeRepository.version, in one statement (a two-stage search by image or text read them in two)."""
+        row = self.session.execute(
+            select(EmbeddingModel, _version_column(prototype_version)).where(_chosen(model_name))
+        ).first()
+        if row is None:
+            return None, None
+        return row[0], (row[1],) if prototype_version else None
 
     def has_unlabelled(self, model_id: int, *, unpredicted: bool) -> bool:
         """Whether there is an uncategorised image or a member of an automatic category (with unpredicted: one
@@ -189,6 +199,24 @@ class VectorRepository:
             {"m": model_id},
         )
         return {(None if r[0] is None else int(r[0])): int(r[1]) for r in rows}
+
+
+def _chosen(model_name: str | None) -> ColumnElement[bool]:
+    """The model a search names, or the active one (ModelRepository.by_name / active)."""
+    return (
+        EmbeddingModel.name == model_name
+        if model_name
+        else typing.cast("ColumnElement[bool]", EmbeddingModel.is_active)
+    )
+
+
+def _version_column(wanted: bool) -> ColumnClause[Any]:
+    """PrototypeRepository.version of the selected embedding_models row, folded into its statement (or NULL)."""
+    return literal_column(
+        prototype_version_sql("embedding_models.id", f"'{STATE_KEY_PREFIX}' || embedding_models.id")
+        if wanted
+        else "NULL"
+    )
 
 
 class SearchStateRepository:

@@ -172,6 +172,18 @@ class SearchService:
         models = ModelRepository(self.session)
         return self._model_or_error(models.by_name(name) if name else models.active(), name)
 
+    def _search_model(self, options: SearchOptions) -> EmbeddingModel:
+        """model(), with the prototype version a stage 1 will need read in the same statement."""
+        if distributed(self.session):
+            return self.model(options.model)
+        found, version = VectorRepository(self.session).model_and_version(
+            options.model, prototype_version=_uses_stage1(options)
+        )
+        model = self._model_or_error(found, options.model)
+        if version is not None:
+            self._versions[model.id] = version
+        return model
+
     @staticmethod
     def _model_or_error(model: EmbeddingModel | None, name: str | None) -> EmbeddingModel:
         if model is None:
@@ -244,7 +256,7 @@ class SearchService:
         options: SearchOptions,
         embed: Callable[[EmbeddingModel], tuple[np.ndarray, int | None, Image.Image | None]],
     ) -> SearchResponse:
-        model = self.model(options.model)
+        model = self._search_model(options)
         started = time.perf_counter()  # the embed time includes decoding and hashing the query
         vector, phash, image = embed(model)
         return self.search_vector(
@@ -261,7 +273,7 @@ class SearchService:
             phash = DuplicateSearchRepository(self.session).stored_phash(image_id) if vector is not None else None
         else:  # the model row, the vector and the pHash in one round trip
             found, image_exists, vector, stored, version = VectorRepository(self.session).similar_source(
-                options.model, image_id, prototype_version=options.mode == "two_stage" or bool(options.category)
+                options.model, image_id, prototype_version=_uses_stage1(options)
             )
             model = self._model_or_error(found, options.model)
             if version is not None:
@@ -767,6 +779,13 @@ def _reranked(
         key=lambda h: float("inf") if h.rerank_score is None else -h.rerank_score,
     )
     return dups + rest
+
+
+def _uses_stage1(options: SearchOptions) -> bool:
+    """Whether a search will read the prototypes (_stage1): worth reading their version with the model row.
+    Partial matches without a category filter, and small catalogs answered as ann, do not; reading it costs a
+    scan of the model's prototype rows (tens to hundreds), not a round trip."""
+    return options.mode == "two_stage" or bool(options.category)
 
 
 def _at_least(hits: list[SearchHit], min_score: float | None) -> list[SearchHit]:
