@@ -564,8 +564,7 @@ class NeighbourRepository:
             ]
             found = _citus_reads(engine, statements, query, settings, category_read_delegated(self.session))
             return sorted(((int(r[0]), float(r[1])) for r in found), key=lambda h: (-h[1], h[0]))[:limit]
-        with self._plan(**settings):
-            rows = self.session.execute(text(sql), {"q": query}).all()
+        rows = read_with_settings(self.session, sql, {"q": query}, settings)  # one round trip, not three
         return [(int(r[0]), float(r[1])) for r in rows]
 
     def walks_index(self, model_id: int, dimension: int, category_id: int, query: str, limit: int) -> bool:
