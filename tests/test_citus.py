@@ -370,30 +370,36 @@ def test_stage2_reads_go_to_the_worker_and_through_the_coordinator_when_they_can
     catalogs: Catalogs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A category's read goes straight to the worker that holds its shard (no coordinator hop). Where the service
-    cannot connect to that worker it reads through the coordinator, and keeps doing so for a while; where the
-    placement it knows is stale (the shard moved), the worker it asks passes the read on: the same row each time."""
+    cannot connect to that worker, or reaches a server that is not it, it reads through the coordinator, and keeps
+    doing so for a while; where the placement it knows is stale (the shard moved), the worker it asks passes the
+    read on: the same row each time."""
     category = _query(catalogs.citus_url, "SELECT min(category_id) FROM embeddings WHERE category_id > 0")[0][0]
     probe = WORKER_SETTINGS.format(c=category)
     expected = [(_query(catalogs.citus_url, probe)[0][0], 123.111)]
     settings = {**walk_settings(123, 10), "enable_sort": "off", "enable_seqscan": "off"}
     holder = _worker_of(catalogs.citus_url, category)
-    other = next(
-        f"{h}:{p}"
-        for h, p in _query(catalogs.citus_url, "SELECT nodename, nodeport FROM pg_dist_node WHERE groupid > 0")
-        if f"{h}:{p}" != holder
-    )
+    groups = {
+        f"{h}:{p}": (str(h), int(p), int(g))
+        for h, p, g in _query(catalogs.citus_url, "SELECT nodename, nodeport, groupid FROM pg_dist_node")
+    }
+    other = next(node for name, node in groups.items() if name != holder and node[2] > 0)
+    coordinator = next(node for node in groups.values() if node[2] == 0)
+    cases = [
+        ("stale: another worker", other, True),
+        ("nothing listens there", ("127.0.0.1", _free_port(), groups[holder][2]), False),
+        ("another server answers there", (coordinator[0], coordinator[1], groups[holder][2]), False),
+    ]
     db = database_for(_settings(catalogs.citus_url, catalogs.data), migrate=False)
     try:
         assert citus_category_read(db.engine, category, probe, "", settings) == expected
         worker = category_workers(db.engine, [category])[category]
         assert worker is not None and f"{worker.url.host}:{worker.url.port}" == holder
         assert worker.pool.checkedin() == 1  # the read's connection, back in the worker's pool
-        for node, reachable in ((other, True), (f"127.0.0.1:{_free_port()}", False)):
+        for case, node, reachable in cases:
             citus.forget()
-            host, port = node.rsplit(":", 1)
-            monkeypatch.setattr(citus, "_look_up_placements", lambda *_a, n=(host, int(port)): {category: n})
-            assert citus_category_read(db.engine, category, probe, "", settings) == expected, node
-            assert (category_workers(db.engine, [category])[category] is not None) == reachable, node
+            monkeypatch.setattr(citus, "_look_up_placements", lambda *_a, n=node: {category: n})
+            assert citus_category_read(db.engine, category, probe, "", settings) == expected, case
+            assert (category_workers(db.engine, [category])[category] is not None) == reachable, case
     finally:
         citus.forget()
         db.dispose()

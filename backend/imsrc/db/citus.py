@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -126,18 +127,21 @@ PLACEMENT_TTL_S = 10.0
 UNREACHABLE_RETRY_S = 30.0
 
 
+Node = tuple[str, int, int]  # a worker's host, port and Citus group id (pg_dist_node)
+
+
 @dataclass
 class _Placements:
     at: float  # time.monotonic() of the look-up
-    nodes: dict[int, tuple[str, int] | None]  # category id -> its shard's worker (host, port); None: the coordinator
+    nodes: dict[int, Node | None]  # category id -> its shard's worker; None: the coordinator
 
 
 _PLACEMENTS: dict[str, _Placements] = {}  # keyed by the coordinator's URL, like the caches above
 _UNREACHABLE: dict[str, float] = {}  # worker URL -> monotonic time until which it is read through the coordinator
-_WORKER_POOLS: weakref.WeakKeyDictionary[Engine, dict[tuple[str, int], Engine]] = weakref.WeakKeyDictionary()
+_WORKER_POOLS: weakref.WeakKeyDictionary[Engine, dict[Node, Engine]] = weakref.WeakKeyDictionary()
 
 
-def _look_up_placements(engine: Engine, categories: Iterable[int]) -> dict[int, tuple[str, int] | None]:
+def _look_up_placements(engine: Engine, categories: Iterable[int]) -> dict[int, Node | None]:
     """On the stage-2 side pool, which does not ping before a checkout: a dropped connection is retried once."""
     sql = text(
         "SELECT c, n.nodename, n.nodeport, n.groupid FROM unnest(CAST(:c AS bigint[])) c"
@@ -152,7 +156,7 @@ def _look_up_placements(engine: Engine, categories: Iterable[int]) -> dict[int, 
         except DBAPIError as exc:
             if attempt == 2 or not exc.connection_invalidated:
                 raise
-    return {int(c): None if int(group) == 0 else (str(host), int(port)) for c, host, port, group in rows}
+    return {int(c): None if int(group) == 0 else (str(host), int(port), int(group)) for c, host, port, group in rows}
 
 
 def category_workers(engine: Engine, categories: Iterable[int]) -> dict[int, Engine | None]:
@@ -176,7 +180,7 @@ def category_workers(engine: Engine, categories: Iterable[int]) -> dict[int, Eng
     return out
 
 
-def _worker_pool(engine: Engine, node: tuple[str, int]) -> Engine | None:
+def _worker_pool(engine: Engine, node: Node) -> Engine | None:
     with _GUARD:
         pools = _WORKER_POOLS.setdefault(engine, {})
         pool = pools.get(node)
@@ -190,11 +194,28 @@ def _worker_pool(engine: Engine, node: tuple[str, int]) -> Engine | None:
                 max_overflow=-1,
                 connect_args={**CONNECT_ARGS, "connect_timeout": 2},
             )
+            event.listen(pool, "connect", lambda dbapi, _record, group=node[2]: _check_group(dbapi, group))
             event.listen(engine, "engine_disposed", lambda _conn, pool=pool: pool.dispose())
             pools[node] = pool
         if _UNREACHABLE.get(str(pool.url), 0.0) > time.monotonic():
             return None
         return pool
+
+
+def _check_group(dbapi_connection: Any, group: int) -> None:
+    """A new connection to a worker must reach that worker: the host name Citus knows it by may name another
+    server from where the service runs (`localhost`). Anything else counts as not connecting (read through the
+    coordinator)."""
+    try:
+        with dbapi_connection.cursor() as cur:
+            cur.execute("SELECT groupid FROM pg_dist_local_group")
+            found = cur.fetchone()
+        dbapi_connection.rollback()
+    except psycopg.Error as exc:  # not a Citus node at all
+        found = (f"{type(exc).__name__}: {str(exc).splitlines()[0]}",)
+    if found is None or found[0] != group:
+        dbapi_connection.close()
+        raise psycopg.OperationalError(f"not Citus node group {group}: {found}")
 
 
 def worker_unreachable(pool: Engine) -> None:
