@@ -12,7 +12,7 @@ category; the scan touches every code, so its recall does not depend on where th
 
 The PQ scan is linear in the category's rows (1.9 ms for 100,000 real-calibrated 1280-d rows), so categories
 of IVF_MIN_ROWS rows or more are split into about 2 sqrt(rows) inverted lists (IVF) and scan the 4-bit codes
-(d/4 sub-quantizers) of the nprobe lists nearest the query only, then re-rank exactly the same way. nprobe and
+(d/2 sub-quantizers) of the nprobe lists nearest the query only, then re-rank exactly the same way. nprobe and
 the re-rank depth are not guesses: they are calibrated when the sub-index is built (FaissModelIndex.calibrate)
 as the cheapest pair at which held-out queries reach CALIBRATION_RECALL (recall@10 vs exact in this category):
 members of the category (their own row left out of the truth) and, when other categories exist, members of
@@ -59,6 +59,9 @@ CALIBRATION_RECALL = 0.99
 CALIBRATION_QUERIES = 100  # per group
 CALIBRATION_K = 10
 RERANK_CHOICES = (10, 15, 20, 30, 40)  # k_factor values an IVF sub-index's calibration chooses from
+# A byte of float vector gathered for the re-rank costs about 2.5x a byte of codes streamed by the fast scan (100,000
+# rows, 1280-d: re-rank ~0.17 ms per MB, scan ~0.07 ms per MB, from nprobe x k_factor grids of both).
+RERANK_BYTE_COST = 2.5
 
 
 @contextmanager
@@ -84,12 +87,13 @@ def _new_index(dimension: int, n: int, flat_max_rows: int, ivf_min_rows: int) ->
         return faiss.IndexFlatIP(dimension)
     codes: faiss.Index
     if n >= ivf_min_rows:
-        # d/4 sub-quantizers: at 100,000 real-calibrated rows the same recall as d/2 after the re-rank, half the
-        # codes to scan (faiss_category_bench.py).
-        sub_quantizers = dimension // 4 if dimension % 4 == 0 else dimension // 2
+        # d/2 sub-quantizers, not d/4: the finer codes rank other categories' queries well enough for a shallower
+        # re-rank, whose scattered 5 KB reads cost more than the longer streamed scan (100,000 real-calibrated rows,
+        # each at its calibrated setting, interleaved: d/2 nprobe 88 / 15 x k 0.87-0.92 ms, d/4 nprobe 80 / 40 x k
+        # 1.07-1.11 ms, both recall@10 0.994 on other-category queries).
         lists = _ivf_lists(n)
         codes = faiss.IndexIVFPQFastScan(
-            faiss.IndexFlatIP(dimension), dimension, lists, sub_quantizers, 4, faiss.METRIC_INNER_PRODUCT
+            faiss.IndexFlatIP(dimension), dimension, lists, dimension // 2, 4, faiss.METRIC_INNER_PRODUCT
         )
         codes.cp.niter = IVF_TRAIN_ITERATIONS
     else:
@@ -270,8 +274,8 @@ class FaissModelIndex:
         """Set an IVF sub-index's nprobe and re-rank depth (k_factor): for each k_factor in RERANK_CHOICES the
         smallest nprobe (to within 1/8; up to all lists) at which every group of held-out queries reaches
         CALIBRATION_RECALL mean recall@10 against an exact scan of this category; of those pairs, the one that
-        reads the fewest bytes per query (codes of the probed lists + float vectors re-ranked: both cost about the
-        same per byte in faiss_category_bench.py). Groups: up to CALIBRATION_QUERIES of its own rows (each query's
+        costs the least (RERANK_BYTE_COST x the float vectors re-ranked + the codes of the probed lists, in
+        bytes). Groups: up to CALIBRATION_QUERIES of its own rows (each query's
         own row is left out of both answers: a member trivially finds itself) and as many rows of the other
         categories (stage 1 searches up to 3 categories, so a category is also asked about queries that are not
         its own: their best rows lie on the category's edge, spread over more lists, and their code estimates
@@ -293,7 +297,7 @@ class FaissModelIndex:
         exact = faiss.downcast_index(sub.index.refine_index)  # the stored float vectors: an exact scan
         truths = [self._top(exact, q, rows, k) for q, rows in groups]
         code_bytes = len(sub.ids) / ivf.nlist * ivf.code_size  # per list probed
-        vector_bytes = CALIBRATION_K * self.dimension * 4  # per unit of k_factor
+        vector_bytes = RERANK_BYTE_COST * CALIBRATION_K * self.dimension * 4  # per unit of k_factor
         tried: list[tuple[float, int, int, list[float]]] = []  # (bytes read, nprobe, k_factor, recalls)
 
         def measure(nprobe: int) -> list[float]:
