@@ -142,21 +142,28 @@ _WORKER_POOLS: weakref.WeakKeyDictionary[Engine, dict[Node, Engine]] = weakref.W
 
 
 def _look_up_placements(engine: Engine, categories: Iterable[int]) -> dict[int, Node | None]:
-    """On the stage-2 side pool, which does not ping before a checkout: a dropped connection is retried once."""
+    """On the stage-2 side pool, which does not ping before a checkout: a dropped connection is retried once. A
+    category whose shard has no active primary placement maps to None (the coordinator) like one on the coordinator,
+    and is not asked again before the placements expire."""
     sql = text(
         "SELECT c, n.nodename, n.nodeport, n.groupid FROM unnest(CAST(:c AS bigint[])) c"
         " JOIN pg_dist_placement p ON p.shardid = get_shard_id_for_distribution_column('embeddings', c)"
         " JOIN pg_dist_node n ON n.groupid = p.groupid AND n.noderole = 'primary' AND n.isactive"
     )
+    categories = sorted(set(categories))
     for attempt in (1, 2):
         try:
             with side_engine(engine).connect() as conn:
-                rows = conn.execute(sql, {"c": sorted(set(categories))}).all()
+                rows = conn.execute(sql, {"c": categories}).all()
             break
         except DBAPIError as exc:
             if attempt == 2 or not exc.connection_invalidated:
                 raise
-    return {int(c): None if int(group) == 0 else (str(host), int(port), int(group)) for c, host, port, group in rows}
+    found: dict[int, Node | None] = dict.fromkeys(categories)
+    found.update(
+        {int(c): None if int(group) == 0 else (str(host), int(port), int(group)) for c, host, port, group in rows}
+    )
+    return found
 
 
 def category_workers(engine: Engine, categories: Iterable[int]) -> dict[int, Engine | None]:
