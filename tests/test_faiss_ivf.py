@@ -121,3 +121,25 @@ def test_ivf_category_survives_save_mmap_load_and_append(
     for i, q in zip(new_ids.tolist(), fresh, strict=True):
         assert again.search(q, [cats[0]], 1)[0][0] == i
     assert all(h[0] != gone for h in again.search(rows[0][0], [cats[0]], 10))
+
+
+def test_pq_category_grown_to_the_ivf_size_is_rebuilt_as_ivf(data: tuple[list[np.ndarray], list[np.ndarray]]) -> None:
+    rows, _ = data
+    index = FaissModelIndex(
+        model_id=1,
+        model_name="t",
+        dimension=DIM,
+        flat_max_rows=FLAT_MAX,
+        watermark=Watermark(0, (), None, 0),
+        ivf_min_rows=IVF_MIN,
+    )
+    index.add_category(1, np.arange(1500, dtype=np.int64) + 50_000, rows[1])
+    index.add_category(0, np.arange(2000, dtype=np.int64), rows[0][:2000])
+    assert index.subs[0].kind == "pq" and index.subs[0].nprobe == 0
+    later = np.arange(2000, SIZES[0], dtype=np.int64)
+    index.apply([], later, np.zeros(len(later), np.int64), rows[0][2000:])
+    sub = index.subs[0]
+    # Calibrated on the way (with category 1's rows as the other-category queries).
+    assert sub.kind == "ivf" and sub.trained_on == SIZES[0] and sub.nprobe >= 1
+    for i in later[:20].tolist():
+        assert index.search(rows[0][i], [0], 1)[0][0] == i

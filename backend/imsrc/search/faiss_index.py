@@ -176,8 +176,11 @@ class SubIndex:
         want = min(limit, self.live)
         if self.kind != "flat":
             # Fast-scan codes take no IDSelector: ask for enough extra rows that tombstones cannot crowd out
-            # live ones, then drop them here.
-            scores, labels = self.index.search(query.reshape(1, -1), min(want + len(self.removed), len(self.ids)))
+            # live ones, then drop them here. Never fewer than CALIBRATION_K: the re-rank gets k_factor x what is
+            # asked, and an IVF sub-index's k_factor was calibrated for 10 (at k = 1 a member's own row fell out
+            # of 10 candidates in tests/test_faiss_ivf.py).
+            fetch = max(want, CALIBRATION_K) + len(self.removed)
+            scores, labels = self.index.search(query.reshape(1, -1), min(fetch, len(self.ids)))
             hits = [
                 (int(p), float(s))
                 for p, s in zip(labels[0], scores[0], strict=True)
