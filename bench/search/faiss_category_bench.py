@@ -49,9 +49,11 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return z["vectors"].astype(np.float32), z["labels"].astype(np.int64)
 
 
-def _build(kind: str, vectors: np.ndarray, others: list[np.ndarray], ids_from: int) -> tuple[FaissModelIndex, dict]:
+def _build(
+    kind: str, vectors: np.ndarray, others: list[np.ndarray], ids_from: int, ivf_min_rows: int
+) -> tuple[FaissModelIndex, dict]:
     """kind 'pq' is the code before IVF (every category under IVF_MIN_ROWS); 'ivf' the default."""
-    ivf_min_rows = 1 << 62 if kind == "pq" else faiss_index.IVF_MIN_ROWS
+    ivf_min_rows = 1 << 62 if kind == "pq" else ivf_min_rows
     index = FaissModelIndex(
         model_id=1,
         model_name="bench",
@@ -87,6 +89,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--kinds", default="pq,ivf")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--ivf-min-rows", type=int, default=faiss_index.IVF_MIN_ROWS, help="the ivf kind's threshold (to try others)"
+    )
     args = parser.parse_args()
     load_before = os.getloadavg()
     base, labels = _load(args.data)
@@ -102,7 +107,7 @@ def main() -> None:
     truth = {g: np.argsort(-(q @ large.T), axis=1)[:, :K] for g, q in groups.items()}
 
     kinds = args.kinds.split(",")
-    built = {kind: _build(kind, large, others, args.rows) for kind in kinds}
+    built = {kind: _build(kind, large, others, args.rows, args.ivf_min_rows) for kind in kinds}
     for kind, (_, facts) in built.items():
         print(f"{kind}: {facts}", flush=True)
     faiss.omp_set_num_threads(1)
@@ -149,7 +154,7 @@ def main() -> None:
                 "queries_per_group": args.queries,
                 "label": args.label,
                 "ask": ASK,
-                "ivf_min_rows": faiss_index.IVF_MIN_ROWS,
+                "ivf_min_rows": args.ivf_min_rows,
                 "rerank_factor": faiss_index.RERANK_FACTOR,
                 "calibration_recall": faiss_index.CALIBRATION_RECALL,
                 "builds": {k: v[1] for k, v in built.items()},
