@@ -652,15 +652,18 @@ class NeighbourRepository:
             ).scalar_one()
         )
 
-    def global_ann(self, model_id: int, dimension: int, query: str, limit: int, ef_search: int) -> list[Hit]:
-        """The per-model cosine HNSW index over every image (mode `ann` without a category filter)."""
+    def _global_ann_sql(self, model_id: int, dimension: int, limit: int, ef_search: int) -> tuple[str, dict[str, str]]:
         expr = embedding_expr(dimension)
         q = f"CAST(:q AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
         sql = (
             f"SELECT image_id, 1 - ({expr} <=> {q}) AS score FROM embeddings WHERE model_id = {int(model_id)} "
             f"ORDER BY {expr} <=> {q} LIMIT {int(limit)}"
         )
-        settings = {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
+        return sql, {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
+
+    def global_ann(self, model_id: int, dimension: int, query: str, limit: int, ef_search: int) -> list[Hit]:
+        """The per-model cosine HNSW index over every image (mode `ann` without a category filter)."""
+        sql, settings = self._global_ann_sql(model_id, dimension, limit, ef_search)
         engine = self.session.get_bind()
         rows: Sequence[Any]
         if isinstance(engine, Engine) and distributed(self.session):
@@ -668,6 +671,24 @@ class NeighbourRepository:
         else:
             rows = read_with_settings(self.session, sql, {"q": query}, settings)
         return sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda h: (-h[1], h[0]))
+
+    def global_ann_hydrated(
+        self, model_id: int, dimension: int, query: str, limit: int, ef_search: int
+    ) -> tuple[list[Hit], dict[int, HitInfo]]:
+        """global_ann() and hydrate() of its hits in one statement (one round trip fewer per search): the same walk
+        as a subquery (its LIMIT keeps it one, planned as before), the hits' rows joined to it. On Citus, the two
+        reads."""
+        if distributed(self.session):
+            hits = self.global_ann(model_id, dimension, query, limit, ef_search)
+            return hits, self.hydrate([h[0] for h in hits])
+        walk, settings = self._global_ann_sql(model_id, dimension, limit, ef_search)
+        sql = (
+            f"SELECT n.image_id, n.score, {HYDRATE_COLUMNS} FROM ({walk}) n"
+            f" LEFT JOIN {HYDRATE_FROM} ON i.id = n.image_id"
+        )
+        rows = read_with_settings(self.session, sql, {"q": query}, settings)
+        hits = sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda h: (-h[1], h[0]))
+        return hits, {int(r[0]): _hit_info(r[2:]) for r in rows if r[2] is not None}
 
     def _exact_sql(self, model_id: int, limit: int, category_ids: Sequence[int] | None) -> str:
         where = f"model_id = {int(model_id)}"

@@ -726,10 +726,12 @@ class SearchService:
         self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, limit: int
     ) -> tuple[list[Hit], dict[int, HitInfo] | None]:
         """The stage-2 hits, and their rows where the same statement read them (None: hydrate them)."""
+        neighbours = NeighbourRepository(self.session)
         if plan.mode == "exact":
-            return NeighbourRepository(self.session).exact_hydrated(
-                model.id, vector_literal(vector), limit, plan.categories
-            )
+            return neighbours.exact_hydrated(model.id, vector_literal(vector), limit, plan.categories)
+        if plan.backend != "faiss" and plan.categories is None:
+            ef = self.settings.search_ef_search
+            return neighbours.global_ann_hydrated(model.id, model.dimension, vector_literal(vector), limit, ef)
         return self._walk(model, vector, plan, limit), None
 
     def _walk(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, limit: int) -> list[Hit]:
