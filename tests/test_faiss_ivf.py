@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import CategoryRepository, ModelRepository
-from imsrc.search.faiss_index import CALIBRATION_RECALL, FaissModelIndex
+from imsrc.search.faiss_index import CALIBRATION_RECALL, RERANK_FACTOR, FaissModelIndex
 from imsrc.search.faiss_store import FaissStore
 from imsrc.search.kmeans import normalise
 from imsrc.search.repository import Watermark
@@ -63,6 +63,9 @@ def test_large_category_is_ivf_and_finds_the_exact_top_k(data: tuple[list[np.nda
         index.add_category(c, ids[-1], r, calibrate=False)
     chosen = index.calibrate_all()
     assert [s.kind for s in index.subs.values()] == ["ivf", "pq", "pq"]
+    described = index.describe()
+    assert described[0]["kind"] == "ivf" and described[0]["k_factor"] == chosen[0]["k_factor"]
+    assert described[1] == {"kind": "pq", "live": SIZES[1], "nprobe": 0, "k_factor": RERANK_FACTOR}
     facts = chosen[0]
     # Calibrated on members and on the other categories' rows; sublinear: far fewer lists than all of them.
     assert facts["members"] >= CALIBRATION_RECALL and facts["others"] >= CALIBRATION_RECALL

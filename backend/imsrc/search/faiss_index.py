@@ -163,6 +163,11 @@ class SubIndex:
         return "ivf" if _ivf(self.index) is not None else "pq"
 
     @property
+    def k_factor(self) -> int:
+        """Candidates re-ranked exactly per result asked for (0: flat)."""
+        return int(self.index.k_factor) if isinstance(self.index, faiss.IndexRefine) else 0
+
+    @property
     def nprobe(self) -> int:
         """Inverted lists scanned per query (0: not an IVF sub-index). Saved inside the index file."""
         ivf = _ivf(self.index)
@@ -268,6 +273,14 @@ class FaissModelIndex:
             self.where[image_id] = (category_id, pos)
         if calibrate:
             self.calibrate(category_id)
+
+    def describe(self) -> dict[int, dict[str, int | str]]:
+        """Per category: kind, live rows, nprobe and re-rank depth (for benchmarks' results files and logs)."""
+        with self.lock:
+            return {
+                c: {"kind": s.kind, "live": s.live, "nprobe": s.nprobe, "k_factor": s.k_factor}
+                for c, s in sorted(self.subs.items())
+            }
 
     def calibrate_all(self) -> dict[int, dict[str, float]]:
         """calibrate() every IVF sub-index; returns what each chose."""
