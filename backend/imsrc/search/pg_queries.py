@@ -579,6 +579,30 @@ class NeighbourRepository:
         name = re.escape(category_index_name(model_id, category_id))
         return re.search(rf"Index Scan using {name}(_\d+)?\b", plan) is not None
 
+    def per_category_hydrated(
+        self,
+        model_id: int,
+        dimension: int,
+        query: str,
+        categories: Sequence[tuple[int, bool]],
+        limit: int,
+        ef_search: int,
+    ) -> tuple[list[Hit], dict[int, HitInfo]]:
+        """per_category() and hydrate() of its hits in one statement (one round trip fewer per two-stage search):
+        the same union as a subquery (its LIMIT keeps it one, planned as before), the hits' rows joined to it, in
+        its order. On Citus, the two reads."""
+        if not categories or distributed(self.session):
+            hits = self.per_category(model_id, dimension, query, categories, limit, ef_search)
+            return hits, self.hydrate([h[0] for h in hits])
+        union, _, _, _ = self._union(model_id, dimension, categories, limit)
+        sql = (
+            f"SELECT n.image_id, n.score, {HYDRATE_COLUMNS} FROM ({union}) n"
+            f" LEFT JOIN {HYDRATE_FROM} ON i.id = n.image_id ORDER BY n.score DESC, n.image_id"
+        )
+        settings = {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
+        rows = read_with_settings(self.session, sql, {"q": query}, settings)
+        return [(int(r[0]), float(r[1])) for r in rows], {int(r[0]): _hit_info(r[2:]) for r in rows if r[2] is not None}
+
     def _union(
         self, model_id: int, dimension: int, categories: Sequence[tuple[int, bool]], limit: int
     ) -> tuple[str, str, str, list[str]]:

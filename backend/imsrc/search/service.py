@@ -727,26 +727,18 @@ class SearchService:
     ) -> tuple[list[Hit], dict[int, HitInfo] | None]:
         """The stage-2 hits, and their rows where the same statement read them (None: hydrate them)."""
         neighbours = NeighbourRepository(self.session)
-        if plan.mode == "exact":
-            return neighbours.exact_hydrated(model.id, vector_literal(vector), limit, plan.categories)
-        if plan.backend != "faiss" and plan.categories is None:
-            ef = self.settings.search_ef_search
-            return neighbours.global_ann_hydrated(model.id, model.dimension, vector_literal(vector), limit, ef)
-        return self._walk(model, vector, plan, limit), None
-
-    def _walk(self, model: EmbeddingModel, vector: np.ndarray, plan: Stage2Plan, limit: int) -> list[Hit]:
-        neighbours = NeighbourRepository(self.session)
         chosen = plan.categories
         ef = self.settings.search_ef_search
+        if plan.mode == "exact":
+            return neighbours.exact_hydrated(model.id, vector_literal(vector), limit, chosen)
         if plan.backend == "faiss":
-            index = self.runtime.faiss.get(self.session, model)
-            return index.search(vector, chosen, limit)
+            return self.runtime.faiss.get(self.session, model).search(vector, chosen, limit), None
         query = vector_literal(vector)
         if chosen is None:
-            return neighbours.global_ann(model.id, model.dimension, query, limit, ef)
+            return neighbours.global_ann_hydrated(model.id, model.dimension, query, limit, ef)
         indexed = self.runtime.category_indexes(self.session, model.id)
         branches, ef = branch_plan(indexed, chosen, plan.near, ef, self.runtime.walk_widths(self.session, model.id))
-        hits = neighbours.per_category(model.id, model.dimension, query, branches, limit, ef)
+        hits, info = neighbours.per_category_hydrated(model.id, model.dimension, query, branches, limit, ef)
         if (
             len(hits) < limit
             and any(c in indexed for c in chosen)
@@ -754,8 +746,9 @@ class SearchService:
         ):
             # An HNSW graph can strand a few rows (e.g. after many deletes); k rows are promised, so
             # answer this query exactly rather than short.
-            hits = neighbours.per_category(model.id, model.dimension, query, [(c, False) for c in chosen], limit, ef)
-        return hits
+            exactly = [(c, False) for c in chosen]
+            hits, info = neighbours.per_category_hydrated(model.id, model.dimension, query, exactly, limit, ef)
+        return hits, info
 
 
 @dataclass(frozen=True)
