@@ -46,7 +46,7 @@ def test_each_category_gets_the_narrowest_width_reaching_the_target(session: Ses
     neighbours = NeighbourRepository(session)
     indexed = neighbours.category_indexes(cat.model.id)
     assert sorted(int(c) for c in stored) == sorted(cat.category_ids)
-    narrower_than_the_rule = 0
+    narrower_than_the_rule = needed_more = 0
     for c in cat.category_ids:
         entry = stored[str(c)]
         assert entry["ef"] in LADDER and entry["rows"] == indexed[c] == 2000
@@ -54,10 +54,15 @@ def test_each_category_gets_the_narrowest_width_reaching_the_target(session: Ses
         # Measured independently (NumPy brute force), the stored width reaches the target and the one below
         # it on the ladder does not (one neighbour of 400 of slack for float rounding at near-ties).
         assert _recall(neighbours, cat, c, entry["ef"]) >= TARGET - 0.0025
+        # The HNSW graph is random per build: on some builds one of the two categories already reaches the target
+        # at the narrowest width (seen on main: ef 16 one run in three, 24 otherwise), so only the other must
+        # need more.
         below = LADDER.index(entry["ef"]) - 1
-        assert below >= 0, "the data should need more than the narrowest width"
-        assert _recall(neighbours, cat, c, LADDER[below]) < TARGET + 0.0025
+        if below >= 0:
+            needed_more += 1
+            assert _recall(neighbours, cat, c, LADDER[below]) < TARGET + 0.0025
         narrower_than_the_rule += entry["ef"] < category_ef_search(2000, settings.search_ef_search, near=True)
+    assert needed_more >= 1, "the data should need more than the narrowest width"
     assert narrower_than_the_rule >= 1
 
     # The service plans with the stored widths; a category the query is not near still gets the maximum.
