@@ -137,3 +137,20 @@ def test_a_walk_that_cannot_use_the_index_is_not_calibrated(session: Session, se
     assert neighbours.walks_index(cat.model.id, 16, a, query, LIMIT)
     assert WalkWidth(16, 250) == widths({str(a): {"ef": 16, "rows": 250}})[a]
     assert widths({str(a): {"ef": "wide"}, "x": {}}) == {}
+
+
+def test_unreadable_stored_widths_are_calibrated_again_not_a_failed_sync(session: Session, settings: Settings) -> None:
+    """A walks:m<model> value holding entries this release cannot read (another release's keys, a hand edit) is
+    treated as missing: the sync calibrates those categories again and drops what it cannot read."""
+    cat = make_catalog(session, n_categories=2, per_category=250, dimension=16, name="walks-unreadable")
+    tuned = _tuned(settings)
+    sync_search(session, tuned, model_id=cat.model.id)
+    a, b = cat.category_ids
+    state = SearchStateRepository(session)
+    stored = state.get(state_key(cat.model.id))
+    state.put(
+        state_key(cat.model.id), {**stored, "x": {"ef": 16}, str(a): 5, str(b): {**stored[str(b)], "rows": "many"}}
+    )
+    report = sync_search(session, tuned, model_id=cat.model.id)
+    assert report.walks_calibrated == [a, b]
+    assert sorted(state.get(state_key(cat.model.id))) == sorted([str(a), str(b)])

@@ -73,22 +73,32 @@ def widths(stored: Mapping[str, Any]) -> dict[int, WalkWidth]:
     return out
 
 
+def _entries(stored: Mapping[str, Any]) -> dict[int, Mapping[str, Any]]:
+    """search_state's value by category id, without entries this release cannot read (another release's, or
+    edited by hand): those count as missing, are calibrated again and dropped when the widths are rewritten,
+    instead of failing every search sync."""
+    return {int(key): value for key, value in stored.items() if str(key).isdigit() and isinstance(value, Mapping)}
+
+
 def _stale(entry: Mapping[str, Any] | None, rows: int, target: float) -> bool:
-    if not entry or "ef" not in entry or float(entry.get("target", -1)) != target:
+    try:
+        if not entry or "ef" not in entry or float(entry.get("target", -1)) != target:
+            return True
+        then = max(int(entry.get("rows", 0)), 1)
+    except (TypeError, ValueError):
         return True
-    then = max(int(entry.get("rows", 0)), 1)
     return not (1 / DRIFT < max(rows, 1) / then < DRIFT)
 
 
 def due(session: Session, settings: Settings, model: EmbeddingModel) -> list[int]:
     """Indexed categories whose width is missing or out of date (or stored widths to drop)."""
     target = settings.search_walk_recall
-    stored = SearchStateRepository(session).get(state_key(model.id))
+    stored = _entries(SearchStateRepository(session).get(state_key(model.id)))
     if target <= 0 or model.dimension > HALFVEC_MAX_DIM:
-        return [int(c) for c in stored]
+        return sorted(stored)
     indexed = NeighbourRepository(session).category_indexes(model.id)
-    gone = [int(c) for c in stored if int(c) not in indexed]
-    return sorted(set(gone) | {c for c, rows in indexed.items() if _stale(stored.get(str(c)), rows, target)})
+    gone = [c for c in stored if c not in indexed]
+    return sorted(set(gone) | {c for c, rows in indexed.items() if _stale(stored.get(c), rows, target)})
 
 
 def calibrate_walks(session: Session, settings: Settings, model: EmbeddingModel) -> dict[int, WalkFit]:
@@ -99,15 +109,16 @@ def calibrate_walks(session: Session, settings: Settings, model: EmbeddingModel)
     # no index is built or dropped meanwhile, and two syncs do not both rewrite the widths.
     WriteLocks(session).indexes(model.id)
     state = SearchStateRepository(session)
-    stored = state.get(state_key(model.id))
+    raw = state.get(state_key(model.id))
+    stored = _entries(raw)
     target = settings.search_walk_recall
     if target <= 0 or model.dimension > HALFVEC_MAX_DIM:
-        if stored:
+        if raw:
             state.put(state_key(model.id), {})
         return {}
     indexed = NeighbourRepository(session).category_indexes(model.id)
-    kept = {key: value for key, value in stored.items() if int(key) in indexed}
-    todo = [(c, rows) for c, rows in sorted(indexed.items()) if _stale(stored.get(str(c)), rows, target)]
+    kept: dict[str, Any] = {str(c): value for c, value in stored.items() if c in indexed}
+    todo = [(c, rows) for c, rows in sorted(indexed.items()) if _stale(stored.get(c), rows, target)]
     fitted: dict[int, WalkFit] = {}
     with _reader(session) as (neighbours, in_session):
         measurable = set(neighbours.category_indexes(model.id)) if not in_session else set(indexed)
@@ -118,7 +129,7 @@ def calibrate_walks(session: Session, settings: Settings, model: EmbeddingModel)
             if fit is not None:
                 fitted[category_id] = fit
                 kept[str(category_id)] = fit.as_dict()
-    if kept != stored:
+    if kept != raw:
         state.put(state_key(model.id), kept)
     return fitted
 
