@@ -26,6 +26,8 @@ def test_targets_without_a_1m_run_keep_the_3k_image_search_and_cold_start_rows()
 def test_a_large_run_below_1m_is_reported_for_the_1m_targets_without_a_verdict() -> None:
     results = [json.loads(p.read_text()) for p in sorted(service_report.RESULTS.glob("*.json"))]
     results = [r for r in results if isinstance(r.get("data"), dict) and "kind" in r["data"] and "service" in r]
+    # As when the largest run is below 1M (the committed 1M file is set aside).
+    results = [r for r in results if not (r["data"]["kind"] == "real-calibrated" and r["data"]["rows"] >= 900_000)]
     small = next(r for r in results if r["data"]["kind"] == "real" and r["data"]["rows"] == 3000)
     large = json.loads(json.dumps(small))  # stands in for a 900k real-calibrated run (the largest): same keys
     large["data"] = {**large["data"], "kind": "real-calibrated", "rows": 900_000}
