@@ -43,13 +43,9 @@ def data() -> tuple[list[np.ndarray], list[np.ndarray]]:
     return rows, queries
 
 
-def _recall(got: list[int], truth: list[int]) -> float:
-    return len(set(got) & set(truth)) / len(truth)
-
-
-def test_large_category_is_ivf_and_finds_the_exact_top_k(data: tuple[list[np.ndarray], list[np.ndarray]]) -> None:
-    rows, queries = data
-    index = FaissModelIndex(
+def _index() -> FaissModelIndex:
+    """An empty in-memory index with this module's lowered thresholds."""
+    return FaissModelIndex(
         model_id=1,
         model_name="t",
         dimension=DIM,
@@ -57,6 +53,15 @@ def test_large_category_is_ivf_and_finds_the_exact_top_k(data: tuple[list[np.nda
         watermark=Watermark(0, (), None, 0),
         ivf_min_rows=IVF_MIN,
     )
+
+
+def _recall(got: list[int], truth: list[int]) -> float:
+    return len(set(got) & set(truth)) / len(truth)
+
+
+def test_large_category_is_ivf_and_finds_the_exact_top_k(data: tuple[list[np.ndarray], list[np.ndarray]]) -> None:
+    rows, queries = data
+    index = _index()
     ids = []
     for c, r in enumerate(rows):
         ids.append(np.arange(c * 10_000, c * 10_000 + len(r), dtype=np.int64))
@@ -128,14 +133,7 @@ def test_ivf_category_survives_save_mmap_load_and_append(
 
 def test_pq_category_grown_to_the_ivf_size_is_rebuilt_as_ivf(data: tuple[list[np.ndarray], list[np.ndarray]]) -> None:
     rows, _ = data
-    index = FaissModelIndex(
-        model_id=1,
-        model_name="t",
-        dimension=DIM,
-        flat_max_rows=FLAT_MAX,
-        watermark=Watermark(0, (), None, 0),
-        ivf_min_rows=IVF_MIN,
-    )
+    index = _index()
     index.add_category(1, np.arange(1500, dtype=np.int64) + 50_000, rows[1])
     index.add_category(0, np.arange(2000, dtype=np.int64), rows[0][:2000])
     assert index.subs[0].kind == "pq" and index.subs[0].nprobe == 0

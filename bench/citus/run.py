@@ -197,7 +197,7 @@ def profile(db: Database, model: Any, queries: np.ndarray, repeats: int = 10) ->
     from imsrc.search import pg_queries
     from imsrc.search.pg_queries import citus_category_read, citus_read, walk_settings
 
-    settings = {**walk_settings(100, 15), "enable_sort": "off", "enable_seqscan": "off"}
+    settings = walk_settings(100, 15)
     url = db.url.replace("postgresql+psycopg://", "postgresql://")
     dim = int(model.dimension)
     with psycopg.connect(url, autocommit=True) as conn:

@@ -63,8 +63,14 @@ def walk_settings(ef_search: int, limit: int) -> dict[str, str]:
     """Settings for one HNSW statement that must return `limit` rows. The walk is at least `limit` wide, but
     pgvector refuses an ef_search over 1000 (k 668-1000 asks for up to 1,500 rows with the duplicate margin),
     so past that the iterative scan continues the walk until `limit` rows are found. For limits up to
-    ef_search it changes nothing: the first batch of candidates is returned in order, as without it."""
-    return {"hnsw.ef_search": str(min(EF_SEARCH_MAX, max(ef_search, limit))), "hnsw.iterative_scan": "relaxed_order"}
+    ef_search it changes nothing: the first batch of candidates is returned in order, as without it.
+    enable_sort and enable_seqscan are off so that each branch takes its index (module docstring)."""
+    return {
+        "hnsw.ef_search": str(min(EF_SEARCH_MAX, max(ef_search, limit))),
+        "hnsw.iterative_scan": "relaxed_order",
+        "enable_sort": "off",
+        "enable_seqscan": "off",
+    }
 
 
 @dataclass(frozen=True)
@@ -547,7 +553,7 @@ class NeighbourRepository:
         if not categories:
             return []
         sql, expr, q, orders = self._union(model_id, dimension, categories, limit)
-        settings = {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
+        settings = walk_settings(ef_search, limit)
         engine = self.session.get_bind()
         if isinstance(engine, Engine) and distributed(self.session) and not in_session:
             # One router query per category, each on its own connection (citus_read), merged here in the
@@ -572,7 +578,7 @@ class NeighbourRepository:
         built by this unit of work is not always usable in it (PostgreSQL's indcheckxmin after HOT updates), and
         without it enable_sort=off still ends in an exact sort: a calibration would then measure exact answers."""
         sql, _, _, _ = self._union(model_id, dimension, [(category_id, True)], limit)
-        settings = {**walk_settings(limit, limit), "enable_sort": "off", "enable_seqscan": "off"}
+        settings = walk_settings(limit, limit)
         with self._plan(**settings):
             plan = "\n".join(str(r[0]) for r in self.session.execute(text("EXPLAIN " + sql), {"q": query}))
         # On Citus the shard's copy of the index carries the shard id: ix_embeddings_hv_m1_c3_102008.
@@ -599,7 +605,7 @@ class NeighbourRepository:
             f"SELECT n.image_id, n.score, {HYDRATE_COLUMNS} FROM ({union}) n"
             f" LEFT JOIN {HYDRATE_FROM} ON i.id = n.image_id ORDER BY n.score DESC, n.image_id"
         )
-        settings = {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
+        settings = walk_settings(ef_search, limit)
         rows = read_with_settings(self.session, sql, {"q": query}, settings)
         return [(int(r[0]), float(r[1])) for r in rows], {int(r[0]): _hit_info(r[2:]) for r in rows if r[2] is not None}
 
@@ -683,7 +689,7 @@ class NeighbourRepository:
             f"SELECT image_id, 1 - ({expr} <=> {q}) AS score FROM embeddings WHERE model_id = {int(model_id)} "
             f"ORDER BY {expr} <=> {q} LIMIT {int(limit)}"
         )
-        return sql, {**walk_settings(ef_search, limit), "enable_sort": "off", "enable_seqscan": "off"}
+        return sql, walk_settings(ef_search, limit)
 
     def global_ann(self, model_id: int, dimension: int, query: str, limit: int, ef_search: int) -> list[Hit]:
         """The per-model cosine HNSW index over every image (mode `ann` without a category filter)."""
