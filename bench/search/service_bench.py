@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import psycopg
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +46,8 @@ sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 from bench.bench_common import check_resources, database_url, timed_phase  # noqa: E402
 from bench.search.load import load, make_mixture, prewarm, real_calibrated, start_server  # noqa: E402
 
+from imsrc.catalog.models import EmbeddingModel  # noqa: E402
+from imsrc.catalog.repository import ModelRepository  # noqa: E402
 from imsrc.config import Settings  # noqa: E402
 from imsrc.db.embedded import EmbeddedServer  # noqa: E402
 from imsrc.db.engine import make_engine, upgrade  # noqa: E402
@@ -54,6 +57,8 @@ from imsrc.search.pg_queries import HNSW_EF_CONSTRUCTION, HNSW_M  # noqa: E402
 from imsrc.search.repository import SearchStateRepository  # noqa: E402
 from imsrc.search.schemas import SearchOptions, SearchResponse  # noqa: E402
 from imsrc.search.service import SearchRuntime  # noqa: E402
+from imsrc.search.sync import sync_search  # noqa: E402
+from imsrc.search.walks import calibrate_walks  # noqa: E402
 from imsrc.search.walks import state_key as walks_key  # noqa: E402
 
 K = 10
@@ -336,6 +341,44 @@ def rotated(methods: list[T], i: int) -> list[T]:
     return methods[k:] + methods[:k]
 
 
+KEPT = "kept.json"
+
+
+def data_args(args: argparse.Namespace) -> dict[str, Any]:
+    """What decides a catalog's rows: a kept one is reused only for the same."""
+    keys = ("synthetic", "real", "real_calibrated", "real_base", "categories", "dim", "spread", "inference")
+    return {k: getattr(args, k) for k in keys}
+
+
+def reuse(
+    db: Database, settings: Settings, model_name: str
+) -> tuple[EmbeddingModel, np.ndarray, np.ndarray, dict[str, float]]:
+    """A kept catalog's model, image ids and categories (load order), after search sync: what this code's
+    sync would add to a catalog built by older code (new calibrations), timed like load's."""
+    build: dict[str, float] = {}
+    with db.session() as session:
+        model = ModelRepository(session).by_name(model_name)
+        if model is None:
+            raise SystemExit(f"no {model_name} model in the kept catalog")
+        started = time.perf_counter()
+        calibrate_walks(session, settings, model)
+        build["reuse_walk_calibration_s"] = time.perf_counter() - started
+    with db.session() as session:
+        started = time.perf_counter()
+        sync_search(session, settings, model_id=model.id, autogroup_images=False)
+        build["reuse_sync_s"] = time.perf_counter() - started
+    with db.session() as session:
+        model = ModelRepository(session).by_name(model_name)
+        assert model is not None
+        rows = session.execute(
+            text("SELECT image_id, category_id FROM embeddings WHERE model_id = :m ORDER BY image_id"), {"m": model.id}
+        ).all()
+        session.expunge(model)
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    cats = np.array([r[1] for r in rows], dtype=np.int64)
+    return model, ids, cats, build
+
+
 def pick_queries(
     vectors: np.ndarray, ids: np.ndarray, args: argparse.Namespace
 ) -> tuple[np.ndarray, np.ndarray, list[list[int]], list[list[int]]]:
@@ -572,10 +615,32 @@ def png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def commit() -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "backend", "migrations", "bench"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return done.stdout.strip() + ("+uncommitted" if dirty else "")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_start = os.getloadavg()
-    scratch = ROOT / "bench" / "results" / "tmp" / f"service-{uuid.uuid4().hex[:6]}"
-    check_size(args, scratch.parent)
+    kept_dir: Path | None = args.keep or args.reuse
+    scratch = kept_dir or ROOT / "bench" / "results" / "tmp" / f"service-{uuid.uuid4().hex[:6]}"
+    kept: dict[str, Any] = {}
+    if args.reuse:
+        try:
+            kept = json.loads((args.reuse / KEPT).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--reuse {args.reuse}: not a catalog kept by --keep ({e})") from None
+        if kept.get("data_args") != data_args(args):
+            raise SystemExit(f"--reuse {args.reuse}: kept for {kept.get('data_args')}, not {data_args(args)}")
+    else:
+        if args.keep and args.keep.exists() and any(args.keep.iterdir()):
+            raise SystemExit(f"--keep {args.keep}: not empty (measure on it with --reuse, or remove it)")
+        check_size(args, scratch.parent)
     scratch.mkdir(parents=True, exist_ok=True)
     pngs: list[bytes] | None = None
     if args.real:
@@ -638,7 +703,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         name = "imsrc_bench"
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            if not args.reuse:
+                conn.execute(f'CREATE DATABASE "{name}"')
             settings_row = {s: conn.execute(f"SHOW {s}").fetchone()[0] for s in SERVER_SETTINGS}  # type: ignore[index]
         db_url = database_url(url, name)
         upgrade(db_url)
@@ -656,17 +722,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         held = [vectors]
         del vectors
         picked: list[tuple[np.ndarray, np.ndarray, list[list[int]], list[list[int]]]] = []
-        _model, build, ids, cats = load(
-            db,
-            settings,
-            held,
-            labels,
-            n_cat,
-            model_name=model_name,
-            category_names=names,
-            global_graph=(HNSW_M, HNSW_EF_CONSTRUCTION),
-            after_copy=lambda copied, copied_ids: picked.append(pick_queries(copied, copied_ids, args)),
-        )
+        if args.reuse:
+            # The kept catalog as this code would have left it: its migrations, then search sync (what a
+            # deployment upgraded in place gets); the same seeds give the same vectors, so the same queries.
+            _model, ids, cats, build = reuse(db, settings, model_name)
+            build = {**kept.get("build_s", {}), **build}
+            picked.append(pick_queries(held.pop(), ids, args))
+        else:
+            _model, build, ids, cats = load(
+                db,
+                settings,
+                held,
+                labels,
+                n_cat,
+                model_name=model_name,
+                category_names=names,
+                global_graph=(HNSW_M, HNSW_EF_CONSTRUCTION),
+                after_copy=lambda copied, copied_ids: picked.append(pick_queries(copied, copied_ids, args)),
+            )
+            if args.keep:
+                kept = {"data_args": data_args(args), "commit": commit(), "build_s": build, "built_at": time.time()}
+                (args.keep / KEPT).write_text(json.dumps(kept, indent=1) + "\n")
         queries = picked[0]
         prewarm(db)
         result = measure(db, settings, scratch / "data", db_url, queries, labels, ids, cats, args, pngs, start_timing)
@@ -683,7 +759,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         timing.close()
         server.stop()
-        shutil.rmtree(scratch, ignore_errors=True)
+        if kept_dir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
     imsrc_settings = {
         k: getattr(settings, k)
         for k in (
@@ -720,6 +797,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "queries": args.queries,
         "exact_queries": args.exact_queries or args.queries,
         "build_s": {k: round(v, 2) for k, v in build.items()},
+        "code": commit(),
+        # Measured on a catalog kept from an earlier run's build (--keep / --reuse): which code built it.
+        **({"reused": {"built_by": kept.get("commit"), "built_at": kept.get("built_at")}} if args.reuse else {}),
         **result,
     }
 
@@ -783,6 +863,14 @@ def main() -> None:
         help="this run does not hold the bench lock: the report publishes its quality figures, not its latencies",
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where to write the results file")
+    kept = parser.add_mutually_exclusive_group()
+    kept.add_argument("--keep", type=Path, metavar="DIR", help="build into DIR and keep it (server, data, kept.json)")
+    kept.add_argument(
+        "--reuse",
+        type=Path,
+        metavar="DIR",
+        help="measure on a catalog kept by --keep (same data flags): migrations and search sync, then the timings",
+    )
     args = parser.parse_args()
     from bench.search.service_report import write_markdown
 
