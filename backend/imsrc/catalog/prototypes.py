@@ -5,7 +5,7 @@ the caller's unit of work does. Computing prototypes (k-means, text prompts) is 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import vector_literal
-from imsrc.db.citus import categorised_condition
+from imsrc.db.citus import categorised_condition, local_relations
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,10 @@ class PrototypeRepository:
     def version(self, model_id: int, state_key: str = "") -> tuple[Any, ...]:
         """Changes whenever a prototype or a category name changes, or the search_state row `state_key` (the
         stage-1 calibration) is rewritten: the in-memory matrix reloads then. One statement, run per search (or
-        folded into the search's first statement: prototype_version_sql)."""
-        return (
-            self.session.execute(
-                text(f"SELECT {prototype_version_sql(':m', ':k')}"), {"m": model_id, "k": state_key}
-            ).scalar(),
-        )
+        folded into the search's first statement: prototype_version_sql). Read-only units of work only (stage 1's
+        PrototypeCache): on Citus it reads the coordinator's own shards (db.citus.local_relations)."""
+        sql = prototype_version_sql(":m", ":k", local_relations(self.session))
+        return (self.session.execute(text(f"SELECT {sql}"), {"m": model_id, "k": state_key}).scalar(),)
 
     def member_counts(self, model_id: int) -> dict[int, int]:
         rows = self.session.execute(
@@ -150,11 +148,14 @@ class PrototypeRepository:
         return [dict(r._mapping) for r in rows]
 
 
-def prototype_version_sql(model_id: str, state_key: str) -> str:
+def prototype_version_sql(model_id: str, state_key: str, local: Mapping[str, str] | None = None) -> str:
     """The SQL expression (text) of PrototypeRepository.version, for a model id and a search_state key given as SQL
-    expressions (bind parameters, or columns of an outer query that folds it in)."""
+    expressions (bind parameters, or columns of an outer query that folds it in). `local`: db.citus.local_relations
+    (on Citus, the coordinator's own shards of the reference tables read; read-only units of work only)."""
+    local = local or {}
     return (
         "(SELECT ROW(count(*), max(p.updated_at), coalesce(sum(p.id), 0), coalesce(sum(hashtext(c.name)), 0),"
         f" (SELECT s.updated_at FROM search_state s WHERE s.key = {state_key}))::text"
-        f" FROM category_prototypes p JOIN categories c ON c.id = p.category_id WHERE p.model_id = {model_id})"
+        f" FROM {local.get('category_prototypes', 'category_prototypes')} p"
+        f" JOIN {local.get('categories', 'categories')} c ON c.id = p.category_id WHERE p.model_id = {model_id})"
     )

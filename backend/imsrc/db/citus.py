@@ -86,10 +86,56 @@ def category_partitions(session: Session) -> bool:
     )
 
 
+# A search's own statements on the coordinator read reference tables (categories, embedding_models,
+# category_prototypes) and the Citus-local images: the model row, stage 1's prototype version, the image's row for
+# `similar`, its near-duplicate candidates, the hits' rows. Named
+# by their distributed (shell) names, each went through Citus' planner, which routes it to the one local placement,
+# deparses the shard query to text and runs that through its local executor, planned again: ~0.2-0.4 ms more than
+# the same statement on plain PostgreSQL (0.38 vs 0.15 ms for the prototype version, 0.42 vs 0.19 ms for a hydrate,
+# prepared, load ~2; BENCHMARKS.md "Citus"). Every such table has one shard, and the coordinator holds an active
+# placement of each (reference tables are copied to every node, the Citus-local ones live there): read that shard
+# relation by name (e.g. images_102009), which PostgreSQL plans alone, and the rows are the same ones. Only for
+# read-only units of work (searches; their callers say so): a write to these tables earlier in the same transaction
+# is seen where Citus ran it through its local executor, but not where it used a connection to this node itself.
+# Names cached per database like `distributed` (a table keeps its shard id; migrations call forget()); where any
+# table lacks a local placement (a session on a worker, which holds no images) the tables' own names are used.
+SEARCH_LOCAL_TABLES = ("images", "categories", "category_prototypes", "embedding_models")
+_LOCAL: dict[str, dict[str, str]] = {}
+
+
+def local_relations(session: Session) -> dict[str, str]:
+    """SEARCH_LOCAL_TABLES -> the relation a read-only statement names for it: its local shard relation on a Citus
+    node that holds a placement of every one of them, else {} (use the tables' own names)."""
+    if not distributed(session):
+        return {}
+    key = _cache_key(session)
+    with _GUARD:
+        if key in _LOCAL:
+            return _LOCAL[key]
+    rows = session.execute(
+        text(
+            "SELECT c.relname, shard_name(s.logicalrelid, s.shardid) FROM pg_dist_shard s"
+            " JOIN pg_class c ON c.oid = s.logicalrelid"
+            " JOIN pg_dist_partition t ON t.logicalrelid = s.logicalrelid AND t.partmethod = 'n'"
+            " JOIN pg_dist_placement p ON p.shardid = s.shardid AND p.shardstate = 1"
+            " JOIN pg_dist_local_group l ON l.groupid = p.groupid"
+            " WHERE s.logicalrelid = ANY(CAST(:t AS regclass[]))"
+        ),
+        {"t": list(SEARCH_LOCAL_TABLES)},
+    ).all()
+    found = {str(table): str(shard) for table, shard in rows}
+    plain = all(re.fullmatch(r"[a-z_][a-z0-9_]*", shard) for shard in found.values())  # written into statements
+    if set(found) != set(SEARCH_LOCAL_TABLES) or len(rows) != len(found) or not plain:
+        found = {}
+    with _GUARD:
+        _LOCAL[key] = found
+    return found
+
+
 def forget(url: str | None = None) -> None:
     """Drop cached answers about a catalog's shape (after migrations: imsrc.db.engine.upgrade/downgrade)."""
     with _GUARD:
-        for cache in (_CACHE, _PARTITIONS, _CATEGORY_READ, _PLACEMENTS):
+        for cache in (_CACHE, _PARTITIONS, _CATEGORY_READ, _PLACEMENTS, _LOCAL):
             if url is None:
                 cache.clear()
             else:

@@ -15,7 +15,7 @@ from itertools import combinations
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from imsrc.db.citus import UNCATEGORISED, distributed
+from imsrc.db.citus import UNCATEGORISED, distributed, local_relations
 
 BANDS = 4
 PHASH_MASK = (1 << 64) - 1  # a pHash as the unsigned 64 bits stored in bit(64)
@@ -115,14 +115,16 @@ class DuplicateSearchRepository:
     ) -> list[NearDuplicate]:
         """near() on Citus, in two steps: the candidates from the images (on the coordinator), then the vectors
         of just those, from the shards of their categories only. One join would ask every shard, so a search
-        would fail while any worker is down even when no near-duplicate lives there."""
+        would fail while any worker is down even when no near-duplicate lives there. The candidates are read from
+        the coordinator's own shard of images (db.citus.local_relations; searches are read-only units of work)."""
+        images = local_relations(self.session).get("images", "images")
         found = {
             int(r[0]): (int(r[1]), int(r[2]))
             for r in self.session.execute(
                 text(
                     f"SELECT t.target, t.d, coalesce(i.category_id, {UNCATEGORISED}) FROM (SELECT {target} AS target,"
-                    f" min(bit_count(phash # CAST(:p AS bigint)::bit(64))) AS d FROM images WHERE {where} GROUP BY 1) t"
-                    " JOIN images i ON i.id = t.target WHERE t.target <> :x"
+                    f" min(bit_count(phash # CAST(:p AS bigint)::bit(64))) AS d FROM {images} WHERE {where} GROUP BY 1)"
+                    f" t JOIN {images} i ON i.id = t.target WHERE t.target <> :x"
                 ),
                 params,
             )

@@ -46,6 +46,7 @@ from imsrc.db.citus import (
     category_read_delegated,
     category_workers,
     distributed,
+    local_relations,
     sequential_shard_commands,
     worker_unreachable,
 )
@@ -756,21 +757,30 @@ class NeighbourRepository:
 
     # ------------------------------------------------------------------ results
     def hydrate(self, image_ids: Sequence[int]) -> dict[int, HitInfo]:
+        """The hits' rows. Read-only units of work only (searches): on Citus from the coordinator's own shards of
+        images and categories (db.citus.local_relations: planned by PostgreSQL alone, not by Citus)."""
         if not image_ids:
             return {}
+        local = local_relations(self.session)
+        columns, source = hydrate_sql(local.get("images", "images"), local.get("categories", "categories"))
         rows = self.session.execute(
-            text(f"SELECT {HYDRATE_COLUMNS} FROM {HYDRATE_FROM} WHERE i.id = ANY(:ids)"), {"ids": list(image_ids)}
+            text(f"SELECT {columns} FROM {source} WHERE i.id = ANY(:ids)"), {"ids": list(image_ids)}
         )
         return {int(r[0]): _hit_info(r) for r in rows}
 
 
-# What a hit shows besides its score (HitInfo), from images i and categories c.
-HYDRATE_COLUMNS = (
-    "i.id, i.category_id, c.name, i.canonical_id,"
-    " (SELECT count(*) FROM images d WHERE d.canonical_id = i.id) AS duplicates,"
-    " i.original_name, i.width, i.height, i.byte_size, i.caption"
-)
-HYDRATE_FROM = "(images i LEFT JOIN categories c ON c.id = i.category_id)"
+def hydrate_sql(images: str = "images", categories: str = "categories") -> tuple[str, str]:
+    """What a hit shows besides its score (HitInfo): the columns and the FROM, images i and categories c, each read
+    from the relation named (the table, or on Citus its local shard)."""
+    return (
+        "i.id, i.category_id, c.name, i.canonical_id,"
+        f" (SELECT count(*) FROM {images} d WHERE d.canonical_id = i.id) AS duplicates,"
+        " i.original_name, i.width, i.height, i.byte_size, i.caption",
+        f"({images} i LEFT JOIN {categories} c ON c.id = i.category_id)",
+    )
+
+
+HYDRATE_COLUMNS, HYDRATE_FROM = hydrate_sql()
 
 
 def _hit_info(r: Sequence[Any]) -> HitInfo:

@@ -6,20 +6,22 @@ are catalog tables (catalog/repository.py, catalog/prototypes.py). Repositories 
 
 from __future__ import annotations
 
+import functools
 import json
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import BigInteger, Text, cast, exists, literal_column, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import BigInteger, Text, cast, column, exists, literal_column, select, text
+from sqlalchemy import table as table_clause
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from imsrc.catalog.models import Embedding, EmbeddingModel, Image
 from imsrc.catalog.prototypes import prototype_version_sql
-from imsrc.db.citus import UNCATEGORISED, distributed, uncategorised_condition
+from imsrc.db.citus import UNCATEGORISED, distributed, local_relations, uncategorised_condition
 
 # search_state key of a model's stage-1 calibration: this prefix and the model id (calibration.state_key).
 STATE_KEY_PREFIX = "stage1:m"
@@ -111,19 +113,12 @@ class VectorRepository:
             return VectorBatch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, dimension), np.float32))
         return _parse_binary_copy(bytes(buf), dimension)
 
-    def image_vector(self, model_id: int, image_id: int) -> np.ndarray | None:
-        # On Citus the image's category names the one shard to ask (a router query: it works while workers
-        # holding other categories are down); elsewhere the primary key finds it.
-        where = "model_id = :m AND image_id = :i"
-        params: dict[str, int] = {"m": model_id, "i": image_id}
-        if distributed(self.session):
-            # A constant, not a subquery: Citus prunes to one shard only on values it knows when planning.
-            category = self.session.execute(text("SELECT category_id FROM images WHERE id = :i"), params).first()
-            if category is None:
-                return None
-            where += " AND category_id = :c"
-            params["c"] = UNCATEGORISED if category[0] is None else int(category[0])
-        raw = self.session.execute(text(f"SELECT embedding::text FROM embeddings WHERE {where}"), params).scalar()
+    def _vector_in(self, model_id: int, image_id: int, category_id: int | None) -> np.ndarray | None:
+        """On Citus: the image's vector, read from its category's shard alone."""
+        raw = self.session.execute(
+            text("SELECT embedding::text FROM embeddings WHERE model_id = :m AND image_id = :i AND category_id = :c"),
+            {"m": model_id, "i": image_id, "c": UNCATEGORISED if category_id is None else int(category_id)},
+        ).scalar()
         return None if raw is None else np.asarray(json.loads(raw), dtype=np.float32)
 
     def similar_source(
@@ -132,26 +127,39 @@ class VectorRepository:
         """What "more like this" needs, in one statement instead of three or four (the model row, the image's
         vector, its pHash, the model's prototype version for stage 1): (the named model, or the active one with no
         name; whether the image exists; its vector of that model; its stored pHash as a signed 64-bit integer;
-        with `prototype_version`, PrototypeRepository.version of the model). Plain PostgreSQL only: on Citus
-        image_vector names the one shard to ask."""
-        vector = (
-            select(cast(Embedding.embedding, Text))
-            .where(Embedding.model_id == EmbeddingModel.id, Embedding.image_id == image_id)
-            .scalar_subquery()
-        )
-        phash = select(cast(Image.phash, BigInteger)).where(Image.id == image_id).scalar_subquery()
-        found = exists().where(Image.id == image_id)
-        version = _version_column(prototype_version)
+        with `prototype_version`, PrototypeRepository.version of the model). On Citus two: the same statement
+        with the image's category instead of its vector, on the coordinator's own shards (read-only units of
+        work: db.citus.local_relations), then the vector from the one shard that category names."""
+        citus = distributed(self.session)
+        local = local_relations(self.session)
+        models, images = _local_entity(EmbeddingModel, local), _local_entity(Image, local)
+        if citus:
+            # The category as a constant for the vector's statement (Citus prunes to one shard only on values it
+            # knows when planning); the image's row is read once, in the same snapshot as the model.
+            source: Any = select(images.category_id).where(images.id == image_id).scalar_subquery()
+        else:
+            source = (
+                select(cast(Embedding.embedding, Text))
+                .where(Embedding.model_id == models.id, Embedding.image_id == image_id)
+                .scalar_subquery()
+            )
+        phash = select(cast(images.phash, BigInteger)).where(images.id == image_id).scalar_subquery()
+        found = exists().where(images.id == image_id)
+        version = _version_column(prototype_version, local)
         row = self.session.execute(
-            select(EmbeddingModel, found, vector, phash, version).where(_chosen(model_name))
+            select(models, found, source, phash, version).where(_chosen(models, model_name))
         ).first()
         if row is None:
             return None, False, None, None, None
-        model, image_exists, raw, stored, stamp = row
+        model, image_exists, value, stored, stamp = row
+        if citus:
+            vector = self._vector_in(model.id, image_id, value) if image_exists else None
+        else:
+            vector = None if value is None else np.asarray(json.loads(value), dtype=np.float32)
         return (
             model,
             bool(image_exists),
-            None if raw is None else np.asarray(json.loads(raw), dtype=np.float32),
+            vector,
             None if stored is None else int(stored),
             (stamp,) if prototype_version else None,
         )
@@ -160,9 +168,12 @@ class VectorRepository:
         self, model_name: str | None, *, prototype_version: bool
     ) -> tuple[EmbeddingModel | None, tuple[Any, ...] | None]:
         """The named model (or the active one with no name) and, with `prototype_version`, its
-        PrototypeRepository.version, in one statement (a two-stage search by image or text read them in two)."""
+        PrototypeRepository.version, in one statement (a two-stage search by image or text read them in two). On
+        Citus from the coordinator's own shards (read-only units of work: db.citus.local_relations)."""
+        local = local_relations(self.session)
+        models = _local_entity(EmbeddingModel, local)
         row = self.session.execute(
-            select(EmbeddingModel, _version_column(prototype_version)).where(_chosen(model_name))
+            select(models, _version_column(prototype_version, local)).where(_chosen(models, model_name))
         ).first()
         if row is None:
             return None, None
@@ -201,19 +212,30 @@ class VectorRepository:
         return {(None if r[0] is None else int(r[0])): int(r[1]) for r in rows}
 
 
-def _chosen(model_name: str | None) -> ColumnElement[bool]:
+def _chosen(models: Any, model_name: str | None) -> ColumnElement[bool]:
     """The model a search names, or the active one (ModelRepository.by_name / active)."""
-    return (
-        EmbeddingModel.name == model_name
-        if model_name
-        else typing.cast("ColumnElement[bool]", EmbeddingModel.is_active)
-    )
+    return typing.cast("ColumnElement[bool]", models.name == model_name if model_name else models.is_active)
 
 
-def _version_column(wanted: bool) -> ColumnClause[Any]:
+def _local_entity(entity: Any, local: Mapping[str, str]) -> Any:
+    """`entity` (an ORM class), read from its table's local shard where `local` (db.citus.local_relations) names
+    one: the shard aliased as the table, so SQL that names the table's columns (the version column) still reads."""
+    shard = local.get(entity.__table__.name)
+    return entity if shard is None else _shard_entity(entity, shard)
+
+
+@functools.cache
+def _shard_entity(entity: Any, shard: str) -> Any:
+    """Made once per shard: building an ORM alias costs more than the statement it serves."""
+    table = entity.__table__
+    columns = [column(c.name, c.type) for c in table.columns]
+    return aliased(entity, table_clause(shard, *columns).alias(table.name), adapt_on_names=True)
+
+
+def _version_column(wanted: bool, local: Mapping[str, str]) -> ColumnClause[Any]:
     """PrototypeRepository.version of the selected embedding_models row, folded into its statement (or NULL)."""
     return literal_column(
-        prototype_version_sql("embedding_models.id", f"'{STATE_KEY_PREFIX}' || embedding_models.id")
+        prototype_version_sql("embedding_models.id", f"'{STATE_KEY_PREFIX}' || embedding_models.id", local)
         if wanted
         else "NULL"
     )

@@ -22,7 +22,6 @@ from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import CategoryRepository, ModelRepository, vector_literal
 from imsrc.catalog.schemas import image_thumbnail_url
 from imsrc.config import Settings
-from imsrc.db.citus import distributed
 from imsrc.errors import InvalidInputError, NotFoundError
 from imsrc.imaging import DecodeGate
 from imsrc.search import rerank
@@ -174,8 +173,6 @@ class SearchService:
 
     def _search_model(self, options: SearchOptions) -> EmbeddingModel:
         """model(), with the prototype version a stage 1 will need read in the same statement."""
-        if distributed(self.session):
-            return self.model(options.model)
         found, version = VectorRepository(self.session).model_and_version(
             options.model, prototype_version=_uses_stage1(options)
         )
@@ -266,19 +263,14 @@ class SearchService:
     def similar(self, image_id: int, options: SearchOptions) -> SearchResponse:
         """More like this: the stored vector of an indexed image, the image itself left out."""
         started = time.perf_counter()
-        if distributed(self.session):
-            model = self.model(options.model)
-            vector = VectorRepository(self.session).image_vector(model.id, image_id)
-            image_exists = vector is not None or bool(NeighbourRepository(self.session).hydrate([image_id]))
-            phash = DuplicateSearchRepository(self.session).stored_phash(image_id) if vector is not None else None
-        else:  # the model row, the vector and the pHash in one round trip
-            found, image_exists, vector, stored, version = VectorRepository(self.session).similar_source(
-                options.model, image_id, prototype_version=_uses_stage1(options)
-            )
-            model = self._model_or_error(found, options.model)
-            if version is not None:
-                self._versions[model.id] = version
-            phash = None if stored is None else stored & PHASH_MASK
+        # The model row, the vector and the pHash in one round trip (two on Citus: the vector from its shard).
+        found, image_exists, vector, stored, version = VectorRepository(self.session).similar_source(
+            options.model, image_id, prototype_version=_uses_stage1(options)
+        )
+        model = self._model_or_error(found, options.model)
+        if version is not None:
+            self._versions[model.id] = version
+        phash = None if stored is None else stored & PHASH_MASK
         if vector is None:
             if not image_exists:
                 raise NotFoundError(f"image {image_id} does not exist")
