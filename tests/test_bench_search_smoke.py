@@ -60,12 +60,20 @@ def test_service_bench_produces_every_row(repo_root: Path, tmp_path: Path) -> No
         "fixed temperature 0.05, cut at the cap",
         "calibrated, cut at the cap",
         "calibrated, ann over the cap (default)",
+        "calibrated, over the cap up to 6 categories, then ann",
+        "calibrated, over the cap every category the rule wants",
         "fan-out 1",
         "fan-out 2",
         "fan-out 3",
     ]
     assert [rules[f"fan-out {n}"]["mean_categories"] for n in (1, 2, 3)] == [1.0, 2.0, 3.0]
     assert all(0 <= r["ann_share"] <= 1 for r in rules.values()) and rules["fan-out 1"]["ann_share"] == 0
+    # Searching every category the rule wants instead of `ann`: no query is answered by ann, and over-cap ones
+    # search more categories than the cap.
+    every = rules["calibrated, over the cap every category the rule wants"]
+    assert every["ann_share"] == 0 and every["fallback_categories"] == 1000
+    assert rules["calibrated, ann over the cap (default)"]["fallback_categories"] == 0
+    assert result["ann_walk"]["ef"] > 0 and result["ann_walk"]["samples"] > 0  # the model's graph calibrated
     assert result["calibration"]["temperature"] > 0 and result["calibration"]["samples"] > 0
     assert result["calibration"]["fallback"] is True and 0 <= result["calibration"]["over_cap"] <= 1
     assert set(result["http"]) == LABELS and all(r["p50_ms"] > 0 for r in result["http"].values())

@@ -41,6 +41,7 @@ from imsrc.search.errors import BackendUnavailableError
 from imsrc.search.pg_queries import CATEGORY_READ, citus_category_read, citus_read, walk_settings
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime
+from imsrc.search.walks import LADDER
 from tests.fixtures.citus import CitusCluster
 from tests.fixtures.database import TEST_MODEL, CreateDatabase, database_for, scratch_dir
 from tests.helpers import ROOT, make_image, run_cli
@@ -180,6 +181,10 @@ def test_index_on_citus_matches_one_node(catalogs: Catalogs) -> None:
         "SELECT get_shard_id_for_distribution_column('embeddings', category_id), count(*) FROM embeddings GROUP BY 1",
     )
     assert sum(n for _, n in per_shard) == expected
+    # The model's own graph (mode ann, every shard) got its calibrated width there too (search/walks.py).
+    widths = "SELECT value->'ef', value->'rows', value->'samples' FROM search_state WHERE key LIKE 'walks:m%:ann'"
+    (ef, rows, samples), plain_width = _query(catalogs.citus_url, widths)[0], _query(catalogs.plain_url, widths)[0]
+    assert ef in LADDER and rows == plain_width[1] > 0 and samples == plain_width[2] > 1
 
 
 def _search(url: str, data: Path, image_id: int, options: SearchOptions) -> list[tuple[int, float]]:

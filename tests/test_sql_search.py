@@ -230,17 +230,24 @@ def test_stage1_functions_match_the_api_categories(catalog: Catalog) -> None:
 
 
 @pytest.mark.parametrize(
-    ("temperature", "fallback", "expected", "mode"),
-    [(0.0005, True, 1, "two_stage"), (5.0, True, 0, "ann"), (5.0, False, 3, "two_stage")],
+    ("temperature", "fallback", "most", "expected", "mode"),
+    [
+        (0.0005, True, 0, 1, "two_stage"),
+        (5.0, True, 0, 0, "ann"),
+        (5.0, True, 6, 4, "two_stage"),
+        (5.0, True, 3, 0, "ann"),
+        (5.0, False, 6, 3, "two_stage"),
+    ],
 )
 def test_stage1_follows_the_models_calibrated_temperature(
-    catalog: Catalog, temperature: float, fallback: bool, expected: int, mode: str
+    catalog: Catalog, temperature: float, fallback: bool, most: int, expected: int, mode: str
 ) -> None:
     """Sync stored a calibrated temperature (search_state stage1:m<id>); the API and imsrc.stage1/similar both
     pick by it: a tiny one searches one category. A huge one spreads the score mass over all 4 categories, more
     than the cap (3): with the fallback (default) stage 1 is not sure, picks nothing and the whole model is
-    searched (mode ann), on both sides; without it (IMSRC_SEARCH_STAGE1_FALLBACK=false, imsrc.stage1_fallback
-    0) the cap cuts the rule at 3 categories, as before."""
+    searched (mode ann), on both sides, or, with IMSRC_SEARCH_FALLBACK_CATEGORIES (imsrc.fallback_categories) 6,
+    the 4 categories its rule wants (not with 3); without it (IMSRC_SEARCH_STAGE1_FALLBACK=false,
+    imsrc.stage1_fallback 0) the cap cuts the rule at 3 categories, as before."""
     with catalog.database.session() as session:
         key, saved = session.execute(text("SELECT key, value FROM search_state WHERE key LIKE 'stage1:m%'")).one()
         assert saved["temperature"] > 0 and saved["samples"] == 32 and saved["categories"] == len(CATEGORIES)
@@ -253,7 +260,7 @@ def test_stage1_follows_the_models_calibrated_temperature(
             {"t": temperature, "k": key},
         )
         session.commit()
-    gucs = {} if fallback else {"stage1_fallback": "0"}
+    gucs = ({} if fallback else {"stage1_fallback": "0"}) | ({"fallback_categories": str(most)} if most else {})
     try:
         image = catalog.ids["toys-2.png"]
         api = _api(
@@ -261,6 +268,7 @@ def test_stage1_follows_the_models_calibrated_temperature(
             f"/api/search/similar/{image}?k=10&mode=two_stage",
             search_two_stage_min_rows=0,
             search_stage1_fallback=fallback,
+            search_fallback_categories=most,
         )
         assert api["mode"] == mode
         vector = _reader(catalog, "SELECT embedding::text FROM embeddings WHERE image_id = %s", (image,))[0][0]

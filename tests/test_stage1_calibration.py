@@ -8,7 +8,7 @@ import pytest
 
 from imsrc.catalog.prototypes import PrototypeRow
 from imsrc.search.calibration import fit, held_out_scores, picked_counts
-from imsrc.search.stage1 import CategoryScore, choose, sure
+from imsrc.search.stage1 import CategoryScore, choose, pick
 
 
 def _scores(rng: np.random.Generator, n: int, categories: int, lead: float, noise: float) -> np.ndarray:
@@ -77,9 +77,11 @@ def test_with_the_fallback_the_target_is_reached_beyond_the_cap() -> None:
     assert sure["over_cap"] == pytest.approx(float(np.mean(n > 3)))
 
 
-def test_sure_is_the_uncapped_rule_within_the_cap() -> None:
+def test_auto_is_the_uncapped_rule() -> None:
+    """pick(..., "auto") is the rule without the cap: what the service compares with the cap (and with
+    IMSRC_SEARCH_FALLBACK_CATEGORIES) to tell whether stage 1 is sure of a query."""
     scores = [0.80, 0.79, 0.78, 0.77, 0.5]
     ranked = [CategoryScore(c, str(c), s) for c, s in enumerate(scores)]
-    assert sure(ranked, mass=0.9, cap=3, temperature=0.001)  # one category holds the mass
-    assert not sure(ranked, mass=0.9, cap=3, temperature=0.1)  # four close ones: more than the cap
-    assert sure(ranked, mass=0.9, cap=4, temperature=0.1)
+    assert len(pick(ranked, "auto", mass=0.9, cap=3, temperature=0.001)) == 1  # one category holds the mass
+    assert len(pick(ranked, "auto", mass=0.9, cap=3, temperature=0.1)) == 4  # four close ones: over the cap
+    assert len(pick(ranked, None, mass=0.9, cap=3, temperature=0.1)) == 3  # the default rule is cut at the cap

@@ -11,8 +11,10 @@ from imsrc.catalog.repository import vector_literal
 from imsrc.config import Settings
 from imsrc.search.pg_queries import NeighbourRepository, WalkWidth, branch_plan, category_ef_search
 from imsrc.search.repository import SearchStateRepository
+from imsrc.search.schemas import SearchOptions
+from imsrc.search.service import SearchRuntime
 from imsrc.search.sync import refresh_derived, sync_search
-from imsrc.search.walks import LADDER, LIMIT, SAMPLES, K, state_key, widths
+from imsrc.search.walks import LADDER, LIMIT, SAMPLES, K, ann_key, state_key, widths
 
 from .search_data import Synthetic, brute_force, insert_images, make_catalog
 
@@ -154,3 +156,54 @@ def test_unreadable_stored_widths_are_calibrated_again_not_a_failed_sync(session
     report = sync_search(session, tuned, model_id=cat.model.id)
     assert report.walks_calibrated == [a, b]
     assert sorted(state.get(state_key(cat.model.id))) == sorted([str(a), str(b)])
+
+
+def test_the_models_own_graph_gets_a_calibrated_width_used_by_the_service_and_sql(
+    session: Session, settings: Settings
+) -> None:
+    """Mode `ann` walks the per-model graph at the width search sync measured on members of the whole model
+    (not IMSRC_SEARCH_EF_SEARCH), and imsrc.search walks it equally wide; drift and turning it off as for the
+    categories."""
+    cat = make_catalog(session, n_categories=3, per_category=400, dimension=64, name="walks-ann", spread=0.8)
+    tuned = _tuned(settings, search_ef_search=300)
+    report = sync_search(session, tuned, model_id=cat.model.id)
+    assert report.ann_calibrated
+    stored = SearchStateRepository(session).get(ann_key(cat.model.id))
+    assert stored["ef"] in LADDER and stored["rows"] == 1200 and stored["samples"] == SAMPLES
+    assert stored["recall"] >= TARGET and stored["target"] == TARGET
+    # Measured independently against NumPy: the stored width reaches the target on the sampled members.
+    neighbours = NeighbourRepository(session)
+    found = []
+    for image_id, query in neighbours.sample_members(cat.model.id, None, SAMPLES):
+        row = int(np.flatnonzero(cat.image_ids == image_id)[0])
+        others = np.ones(len(cat.image_ids), dtype=bool)
+        others[row] = False
+        truth = set(brute_force(cat.vectors, cat.image_ids, cat.vectors[row], K, others))
+        walked = neighbours.global_ann(cat.model.id, 64, query, LIMIT, stored["ef"])
+        found.append(len(truth & {i for i, _ in walked if i != image_id}) / K)
+    assert np.mean(found) >= TARGET - 0.0025
+    assert stored["ef"] < 300  # narrower than the setting it replaces
+
+    runtime = SearchRuntime.create(tuned)
+    assert runtime.ann_ef(session, cat.model.id) == stored["ef"]
+    sql = "SELECT imsrc._ann_ef(:m, 300)"
+    assert session.execute(text(sql), {"m": cat.model.id}).scalar() == stored["ef"]
+    # The SQL function walks at that width: imsrc.search in mode ann answers as the service does.
+    q = vector_literal(cat.vectors[5])
+    via_sql = (
+        session.execute(
+            text("SELECT image_id FROM imsrc.search(CAST(:q AS vector), 10, NULL, 'ann', :n)"),
+            {"q": q, "n": cat.model.name},
+        )
+        .scalars()
+        .all()
+    )
+    via_service = runtime.service(session).search_vector(cat.model, cat.vectors[5], SearchOptions(k=10, mode="ann"))
+    assert list(via_sql) == [h.id for h in via_service.results]
+
+    assert sync_search(session, tuned, model_id=cat.model.id).ann_calibrated is False  # nothing changed
+    off = _tuned(settings, search_walk_recall=0.0)
+    assert sync_search(session, off, model_id=cat.model.id).ann_calibrated is False
+    assert SearchStateRepository(session).get(ann_key(cat.model.id)) == {}
+    assert session.execute(text(sql), {"m": cat.model.id}).scalar() == 300
+    assert SearchRuntime.create(off).ann_ef(session, cat.model.id) == off.search_ef_search

@@ -21,7 +21,7 @@ from imsrc.db.embedded import EmbeddedServer
 from imsrc.db.session import Database
 from imsrc.search.pg_queries import INDEX_PREFIX
 from imsrc.search.sync import ensure_category_indexes, sync_search
-from imsrc.search.walks import calibrate_walks
+from imsrc.search.walks import calibrate_ann, calibrate_walks
 
 MODEL = "bench-synthetic-512"
 
@@ -266,6 +266,9 @@ def load(
         started = time.perf_counter()
         calibrate_walks(session, settings, model)
         timings["walk_calibration_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        calibrate_ann(session, settings, model)
+        timings["ann_calibration_s"] = time.perf_counter() - started
     with database.session() as session:
         started = time.perf_counter()
         sync_search(session, settings, model_id=model.id, autogroup_images=False)

@@ -58,7 +58,11 @@ from imsrc.search.repository import SearchStateRepository  # noqa: E402
 from imsrc.search.schemas import SearchOptions, SearchResponse  # noqa: E402
 from imsrc.search.service import SearchRuntime  # noqa: E402
 from imsrc.search.sync import sync_search  # noqa: E402
-from imsrc.search.walks import calibrate_walks  # noqa: E402
+from imsrc.search.walks import (  # noqa: E402
+    ann_key,
+    calibrate_ann,
+    calibrate_walks,
+)
 from imsrc.search.walks import state_key as walks_key  # noqa: E402
 
 K = 10
@@ -183,18 +187,32 @@ def service_call(
     return (time.perf_counter() - started) * 1000, resp
 
 
-# Stage-1 rules compared on the same queries (two_stage pgvector, small-catalog rule off): (label, softmax
-# temperature (0 = the calibrated one), fixed fan-out, fallback to `ann` over the cap). The rule of earlier releases
-# (temperature fixed at 0.05, cut at the cap), the calibrated temperature cut at the cap, the default (calibrated,
-# a query the rule cannot fit within the cap answered by `ann`), and fixed fan-outs.
-RULES = [
-    ("fixed temperature 0.05, cut at the cap", 0.05, None, False),
-    ("calibrated, cut at the cap", 0.0, None, False),
-    ("calibrated, ann over the cap (default)", 0.0, None, True),
-    ("fan-out 1", 0.0, 1, True),
-    ("fan-out 2", 0.0, 2, True),
-    ("fan-out 3", 0.0, 3, True),
-]
+# Stage-1 rules compared on the same queries (two_stage pgvector, small-catalog rule off): the rule of earlier
+# releases (temperature fixed at 0.05, cut at the cap), the calibrated temperature cut at the cap, the calibrated
+# rule with a query it cannot fit within the cap answered by `ann` (the default), or by the categories it wants
+# (IMSRC_SEARCH_FALLBACK_CATEGORIES: up to 6, or all of them), and fixed fan-outs.
+FALLBACK = Settings.model_fields["search_fallback_categories"].default
+
+
+def _rules() -> list[tuple[str, float, int | None, bool, int]]:
+    """(label, temperature, fan-out, fallback, IMSRC_SEARCH_FALLBACK_CATEGORIES); the default's label ends with
+    "(default)" (service_report.default_rule)."""
+    over_cap = [
+        ("calibrated, ann over the cap", 0),
+        ("calibrated, over the cap up to 6 categories, then ann", 6),
+        ("calibrated, over the cap every category the rule wants", 1000),
+    ]
+    return [
+        ("fixed temperature 0.05, cut at the cap", 0.05, None, False, FALLBACK),
+        ("calibrated, cut at the cap", 0.0, None, False, FALLBACK),
+        *((label + (" (default)" if most == FALLBACK else ""), 0.0, None, True, most) for label, most in over_cap),
+        ("fan-out 1", 0.0, 1, True, FALLBACK),
+        ("fan-out 2", 0.0, 2, True, FALLBACK),
+        ("fan-out 3", 0.0, 3, True, FALLBACK),
+    ]
+
+
+RULES = _rules()
 
 
 def measure_rules(
@@ -215,21 +233,22 @@ def measure_rules(
                     "search_two_stage_min_rows": 0,
                     "search_stage1_temperature": temperature,
                     "search_stage1_fallback": fallback,
+                    "search_fallback_categories": most,
                 }
             )
         )
-        for label, temperature, _, fallback in RULES
+        for label, temperature, _, fallback, most in RULES
     }
     every = len(set(cat_of.values()))
     got: dict[str, dict[str, list[float]]] = {
         label: {"lat": [], "rec": [], "prec": [], "cat": [], "n": [], "ann": []} for label, *_ in RULES
     }
     for warm in rows[:5]:
-        for label, _, fan, _ in RULES:
+        for label, _, fan, _, _ in RULES:
             service_call(db, runtimes[label], int(ids[warm]), "two_stage", "pgvector", fan)
     for i, r in enumerate(rows):
         qid = int(ids[r])
-        for label, _, fan, _ in RULES:
+        for label, _, fan, _, _ in rotated(RULES, i):
             took, resp = service_call(db, runtimes[label], qid, "two_stage", "pgvector", fan)
             found = [h.id for h in resp.results]
             # The categories searched (stage 1's picks; a fill from the next ones would be listed too, but
@@ -244,7 +263,7 @@ def measure_rules(
             g["n"].append(every if fell_back else len(picked))
             g["ann"].append(float(fell_back))
     out: dict[str, Any] = {}
-    for label, temperature, fan, fallback in RULES:
+    for label, temperature, fan, fallback, most in RULES:
         g = got[label]
         n = np.array(g["n"], dtype=int)
         out[label] = {
@@ -258,6 +277,7 @@ def measure_rules(
             "temperature": temperature or None,
             "fan_out": fan,
             "fallback": fallback,
+            "fallback_categories": most,
         }
     return out
 
@@ -363,6 +383,9 @@ def reuse(
         started = time.perf_counter()
         calibrate_walks(session, settings, model)
         build["reuse_walk_calibration_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        calibrate_ann(session, settings, model)
+        build["reuse_ann_calibration_s"] = time.perf_counter() - started
     with db.session() as session:
         started = time.perf_counter()
         sync_search(session, settings, model_id=model.id, autogroup_images=False)
@@ -485,6 +508,7 @@ def measure(
         model_id = int(runtime.service(session).model(None).id)
         out["calibration"] = SearchStateRepository(session).get(state_key(model_id))
         out["walks"] = SearchStateRepository(session).get(walks_key(model_id))  # each category's calibrated width
+        out["ann_walk"] = SearchStateRepository(session).get(ann_key(model_id))  # the model's own graph's width
     out["ann_tuning"] = {
         "target_recall": round(target, 4),
         "ef_search": ef,

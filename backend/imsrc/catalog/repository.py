@@ -27,6 +27,11 @@ def embedding_expr(dimension: int) -> str:
     return f"(embedding::halfvec({int(dimension)}))"
 
 
+def global_index_name(model_id: int) -> str:
+    """The per-model HNSW index over every image of a model (mode `ann`)."""
+    return f"ix_embeddings_hnsw_m{int(model_id)}"
+
+
 def vector_literal(vector: np.ndarray) -> str:
     """pgvector's text form. Nine significant digits identify a float32 exactly (FLT_DECIMAL_DIG), and pgvector
     reads each element with strtof, so PostgreSQL gets the very same vector (and halfvec) as from the 17-digit
@@ -230,7 +235,7 @@ class ModelRepository:
 
     def ensure_index(self, model: EmbeddingModel) -> None:
         # A partial index per model: each model's vectors get their own HNSW graph of the right dimension.
-        name = f"ix_embeddings_hnsw_m{int(model.id)}"
+        name = global_index_name(model.id)
         # CREATE INDEX IF NOT EXISTS takes a SHARE lock on embeddings before it notices the index exists, and
         # holds it to commit: two concurrent uploads then each wait for the other's lock to COPY their
         # vectors (deadlock). So look first, and let only one transaction at a time try to create it.
@@ -242,7 +247,7 @@ class ModelRepository:
         sequential_shard_commands(self.session)
         self.session.execute(
             text(
-                f"CREATE INDEX IF NOT EXISTS ix_embeddings_hnsw_m{int(model.id)} ON embeddings "
+                f"CREATE INDEX IF NOT EXISTS {name} ON embeddings "
                 f"USING hnsw ({embedding_expr(model.dimension)} {opclass(model.dimension)}) "
                 f"WHERE model_id = {int(model.id)}"
             )
@@ -262,7 +267,7 @@ class ModelRepository:
         """Drop one model's vectors, prototypes and catalog-wide index (its per-category indexes belong to
         search: services.models.ModelService.remove drops them first)."""
         sequential_shard_commands(self.session)
-        self.session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_hnsw_m{int(model.id)}"))
+        self.session.execute(text(f"DROP INDEX IF EXISTS {global_index_name(model.id)}"))
         self.session.execute(text("DELETE FROM embedding_models WHERE id = :i"), {"i": model.id})
 
     def has_index(self, model_id: int) -> bool:
@@ -270,7 +275,7 @@ class ModelRepository:
         return bool(
             self.session.execute(
                 text("SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE tablename = 'embeddings' AND indexname = :n)"),
-                {"n": f"ix_embeddings_hnsw_m{int(model_id)}"},
+                {"n": global_index_name(model_id)},
             ).scalar()
         )
 

@@ -40,7 +40,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.locks import WriteLocks
-from imsrc.catalog.repository import embedding_expr
+from imsrc.catalog.repository import embedding_expr, global_index_name
 from imsrc.db.citus import (
     category_partitions,
     category_read_delegated,
@@ -574,6 +574,27 @@ class NeighbourRepository:
         rows = read_with_settings(self.session, sql, {"q": query}, settings)  # one round trip, not three
         return [(int(r[0]), float(r[1])) for r in rows]
 
+    def global_index_rows(self, model_id: int) -> int | None:
+        """About how many rows the model's own HNSW graph (mode `ann`) holds, None without one: its categorised
+        vectors as the mean prototypes counted them at the last search sync. A cheap read, for telling when the
+        graph's calibrated width is out of date (rows doubled or halved); the index's own reltuples stays 0 on an
+        index made empty at registration until a VACUUM, and on a Citus coordinator's shell table."""
+        if not self._embedding_indexes(global_index_name(model_id)):
+            return None
+        return sum(self.member_counts(model_id).values())
+
+    def global_walks_index(self, model_id: int, dimension: int, query: str, limit: int) -> bool:
+        """Whether global_ann walks the model's HNSW graph in this session (see walks_index). On Citus global_ann
+        reads on connections of its own, which see the committed indexes of every shard: nothing to ask. (An
+        EXPLAIN of it through the calibration's session, its settings sent to the workers, failed there with
+        "failure on connection marked as essential" in tests/test_citus.py.)"""
+        if distributed(self.session):
+            return True
+        sql, settings = self._global_ann_sql(model_id, dimension, limit, limit)
+        with self._plan(**settings):
+            plan = "\n".join(str(r[0]) for r in self.session.execute(text("EXPLAIN " + sql), {"q": query}))
+        return re.search(rf"Index Scan using {re.escape(global_index_name(model_id))}(_\d+)?\b", plan) is not None
+
     def walks_index(self, model_id: int, dimension: int, category_id: int, query: str, limit: int) -> bool:
         """Whether per_category(in_session=True) walks the category's own HNSW index in this session. An index
         built by this unit of work is not always usable in it (PostgreSQL's indcheckxmin after HOT updates), and
@@ -646,15 +667,17 @@ class NeighbourRepository:
         )
         return sql, expr, q, orders
 
-    def sample_members(self, model_id: int, category_id: int, n: int) -> list[tuple[int, str]]:
-        """Up to n of the category's members (image id, vector as text), the same ones every time (ordered by a
-        hash of the id): a calibration repeated on an unchanged category measures the same thing."""
+    def sample_members(self, model_id: int, category_id: int | None, n: int) -> list[tuple[int, str]]:
+        """Up to n of the category's members (None: of the model's vectors; image id, vector as text), the same
+        ones every time (ordered by a hash of the id): a calibration repeated on unchanged rows measures the same
+        thing."""
+        where = "" if category_id is None else f" AND category_id = {int(category_id)}"
         rows = self.session.execute(
             text(
-                "SELECT image_id, embedding::text FROM embeddings WHERE model_id = :m AND category_id = :c"
+                f"SELECT image_id, embedding::text FROM embeddings WHERE model_id = :m{where}"
                 " ORDER BY hashint8(image_id), image_id LIMIT :n"
             ),
-            {"m": int(model_id), "c": int(category_id), "n": int(n)},
+            {"m": int(model_id), "n": int(n)},
         ).all()
         return [(int(r[0]), str(r[1])) for r in rows]
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from PIL import Image
@@ -29,7 +29,14 @@ from imsrc.search.duplicates import PHASH_MASK, DuplicateSearchRepository
 from imsrc.search.errors import ModelUnavailableError, NoModelError, NotAnImageError
 from imsrc.search.faiss_store import FaissStore
 from imsrc.search.keywords import KeywordRepository
-from imsrc.search.pg_queries import EF_SEARCH_MAX, Hit, HitInfo, NeighbourRepository, WalkWidth, branch_plan
+from imsrc.search.pg_queries import (
+    EF_SEARCH_MAX,
+    Hit,
+    HitInfo,
+    NeighbourRepository,
+    WalkWidth,
+    branch_plan,
+)
 from imsrc.search.regions import WINDOWS, RegionRepository, best_per_image
 from imsrc.search.repository import SearchStateRepository, VectorRepository
 from imsrc.search.rerank import ThumbnailRepository
@@ -42,14 +49,15 @@ from imsrc.search.schemas import (
     SearchResponse,
     Timings,
 )
-from imsrc.search.stage1 import STAGE1_TEMPERATURE, CategoryScore, PrototypeCache, PrototypeMatrix, pick, sure
+from imsrc.search.stage1 import STAGE1_TEMPERATURE, CategoryScore, PrototypeCache, PrototypeMatrix, pick
 from imsrc.search.urlfetch import UrlFetcher
+from imsrc.search.walks import ann_key, width, widths
 from imsrc.search.walks import state_key as walks_key
-from imsrc.search.walks import widths
 
 EmbedderFactory = Callable[[str], object]
 MAX_FETCH = 10_000  # most candidates one stage-2 round asks for while skipping duplicates
 INDEX_CACHE_SECONDS = 10.0
+T = TypeVar("T")
 
 
 @contextmanager
@@ -73,9 +81,8 @@ class SearchRuntime:
     faiss: FaissStore
     url_fetcher: UrlFetcher
     decode_gate: DecodeGate
-    _index_cache: dict[int, tuple[float, dict[int, int]]] = field(default_factory=dict)
-    _rows_cache: dict[int, tuple[float, int]] = field(default_factory=dict)
-    _walk_cache: dict[int, tuple[float, dict[int, WalkWidth]]] = field(default_factory=dict)
+    # Per (what, model id): (when read, value); see _cached.
+    _cache: dict[tuple[str, int], tuple[float, Any]] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -97,38 +104,45 @@ class SearchRuntime:
     def service(self, session: Session) -> SearchService:
         return SearchService(session, self)
 
+    def _cached(self, what: str, model_id: int, read: Callable[[], T]) -> T:
+        """`read()`, kept for INDEX_CACHE_SECONDS per model: catalog facts every search needs, which change only
+        when search sync runs (a stale one costs speed for a few seconds, never a wrong answer)."""
+        now = time.monotonic()
+        hit = self._cache.get((what, model_id))
+        if hit is None or now - hit[0] > INDEX_CACHE_SECONDS:
+            hit = (now, read())
+            self._cache[(what, model_id)] = hit
+        return cast(T, hit[1])
+
     def small_catalog(self, session: Session, model_id: int) -> bool:
-        """Whether the model has fewer vectors than IMSRC_SEARCH_TWO_STAGE_MIN_ROWS (cached for a few seconds;
-        the count stops at the threshold, so it costs the same on any catalog)."""
+        """Whether the model has fewer vectors than IMSRC_SEARCH_TWO_STAGE_MIN_ROWS (the count stops at the
+        threshold, so it costs the same on any catalog)."""
         threshold = self.settings.search_two_stage_min_rows
         if threshold <= 0:
             return False
-        now = time.monotonic()
-        hit = self._rows_cache.get(model_id)
-        if hit is None or now - hit[0] > INDEX_CACHE_SECONDS:
-            hit = (now, NeighbourRepository(session).count_up_to(model_id, threshold))
-            self._rows_cache[model_id] = hit
-        return hit[1] < threshold
+        rows = self._cached("rows", model_id, lambda: NeighbourRepository(session).count_up_to(model_id, threshold))
+        return rows < threshold
 
     def category_indexes(self, session: Session, model_id: int) -> dict[int, int]:
-        """Which categories have a per-category HNSW index (and its rows), cached for a few seconds. A stale
-        answer only costs speed, never correctness: without its index a branch is still an exact scan."""
-        now = time.monotonic()
-        hit = self._index_cache.get(model_id)
-        if hit is None or now - hit[0] > INDEX_CACHE_SECONDS:
-            hit = (now, NeighbourRepository(session).category_indexes(model_id))
-            self._index_cache[model_id] = hit
-        return hit[1]
+        """Which categories have a per-category HNSW index (and its rows). Without its index a branch is still
+        an exact scan."""
+        return self._cached("indexes", model_id, lambda: NeighbourRepository(session).category_indexes(model_id))
 
     def walk_widths(self, session: Session, model_id: int) -> dict[int, WalkWidth]:
-        """The categories' calibrated walk widths (search/walks.py), cached like category_indexes: stale only
-        for a few seconds after a calibration, and a stale width is still one that was measured."""
-        now = time.monotonic()
-        hit = self._walk_cache.get(model_id)
-        if hit is None or now - hit[0] > INDEX_CACHE_SECONDS:
-            hit = (now, widths(SearchStateRepository(session).get(walks_key(model_id))))
-            self._walk_cache[model_id] = hit
-        return hit[1]
+        """The categories' calibrated walk widths (search/walks.py); a stale width is still one that was
+        measured."""
+        return self._cached("walks", model_id, lambda: widths(SearchStateRepository(session).get(walks_key(model_id))))
+
+    def ann_ef(self, session: Session, model_id: int) -> int:
+        """hnsw.ef_search for the model's own graph: its calibrated width (search/walks.py; search sync fits it
+        again once the model's rows have doubled or halved), IMSRC_SEARCH_EF_SEARCH until it is calibrated.
+        imsrc._ann_ef (migration 0016) reads the same."""
+
+        def read() -> int:
+            fit = width(SearchStateRepository(session).get(ann_key(model_id)))
+            return self.settings.search_ef_search if fit is None else fit.ef
+
+        return self._cached("ann_ef", model_id, read)
 
 
 def default_embedder_factory(settings: Settings) -> EmbedderFactory:
@@ -652,10 +666,15 @@ class SearchService:
         ranked = matrix.score(vector)
         if not ranked:
             return None, [], set(), []
-        if options.categories is None and self.settings.search_stage1_fallback and not self._sure(ranked, matrix):
-            # Stage 1 is not sure enough to narrow this query to search_categories categories: search them all
-            # (the caller answers it as `ann`, and says so), rather than cut the rule at the cap.
-            return None, [], set(), []
+        if options.categories is None and self.settings.search_stage1_fallback:
+            wanted = self._pick(ranked, "auto", matrix)  # the rule without the cap
+            if len(wanted) > self.settings.search_categories:
+                # Stage 1 is not sure enough to narrow this query to search_categories categories. Rather than
+                # cut the rule at the cap: search them all (the caller answers it as `ann`, and says so), or the
+                # categories the rule wants while they are at most IMSRC_SEARCH_FALLBACK_CATEGORIES (0 default).
+                if len(wanted) > self.settings.search_fallback_categories:
+                    return None, [], set(), []
+                return [c.category_id for c in wanted], wanted, {c.category_id for c in wanted}, ranked
         picked = self._pick(ranked, options.categories, matrix)
         return [c.category_id for c in picked], picked, {c.category_id for c in picked}, ranked
 
@@ -674,14 +693,6 @@ class SearchService:
 
     def _temperature(self, matrix: PrototypeMatrix | None) -> float:
         return matrix.temperature(self.settings.search_stage1_temperature) if matrix is not None else STAGE1_TEMPERATURE
-
-    def _sure(self, ranked: list[CategoryScore], matrix: PrototypeMatrix) -> bool:
-        return sure(
-            ranked,
-            mass=self.settings.search_score_mass,
-            cap=self.settings.search_categories,
-            temperature=self._temperature(matrix),
-        )
 
     def _pick(
         self, ranked: list[CategoryScore], requested: int | str | None, matrix: PrototypeMatrix | None
@@ -727,6 +738,7 @@ class SearchService:
             return self.runtime.faiss.get(self.session, model).search(vector, chosen, limit), None
         query = vector_literal(vector)
         if chosen is None:
+            ef = self.runtime.ann_ef(self.session, model.id)
             return neighbours.global_ann_hydrated(model.id, model.dimension, query, limit, ef)
         indexed = self.runtime.category_indexes(self.session, model.id)
         branches, ef = branch_plan(indexed, chosen, plan.near, ef, self.runtime.walk_widths(self.session, model.id))

@@ -99,13 +99,6 @@ def pick(
     return choose(ranked, count=None, mass=mass, cap=cap, temperature=temperature)
 
 
-def sure(ranked: list[CategoryScore], *, mass: float, cap: int, temperature: float = STAGE1_TEMPERATURE) -> bool:
-    """Whether the score-mass rule alone (no cap) is covered within `cap` categories. When it is not, cutting it
-    at the cap misses the query's own category too often (search/calibration.py): the service then searches
-    the whole model instead (IMSRC_SEARCH_STAGE1_FALLBACK)."""
-    return len(choose(ranked, count=None, mass=mass, temperature=temperature)) <= cap
-
-
 class PrototypeCache:
     """One matrix per model, shared by all requests; thread-safe, reloaded when the version moves."""
 

@@ -26,7 +26,7 @@ from imsrc.search.calibration import calibrate, needs_calibration
 from imsrc.search.pg_queries import HALFVEC_MAX_DIM, NeighbourRepository
 from imsrc.search.prototypes import predict, refresh_prototypes, stale_categories, text_prototype_rows
 from imsrc.search.repository import SearchStateRepository, VectorRepository
-from imsrc.search.walks import calibrate_walks
+from imsrc.search.walks import ann_due, calibrate_ann, calibrate_walks
 from imsrc.search.walks import due as walks_due
 from imsrc.timings import stage
 
@@ -59,6 +59,7 @@ class SyncReport:
     predicted: int = 0
     stage1_temperature: float | None = None  # set when this sync (re)calibrated stage 1
     walks_calibrated: list[int] = field(default_factory=list)  # categories whose walk width was (re)fitted
+    ann_calibrated: bool = False  # the model's own graph's walk width was (re)fitted
     # defer_derived: the calibration or the predicted labels of earlier images are out of date (refresh_derived)
     derived_due: bool = False
 
@@ -144,9 +145,12 @@ def sync_search(
     with stage("walks"):
         # Derived like the stage-1 calibration: an upload under load leaves it to the background refresher.
         if defer_derived:
-            report.derived_due = report.derived_due or bool(walks_due(session, settings, model))
+            report.derived_due = (
+                report.derived_due or bool(walks_due(session, settings, model)) or ann_due(session, settings, model)
+            )
         else:
             report.walks_calibrated = sorted(calibrate_walks(session, settings, model))
+            report.ann_calibrated = calibrate_ann(session, settings, model) is not None
     real = set(cats.real_ids())
     labels_changed = bool((set(report.prototypes_refreshed) | set(report.text_prototypes)) & real)
     report.derived_due = report.derived_due or (defer_derived and labels_changed)
@@ -168,6 +172,7 @@ def refresh_derived(session: Session, settings: Settings, *, model_id: int) -> S
         fitted = calibrate(session, settings, model)
         report.stage1_temperature = None if fitted is None else fitted.temperature
     report.walks_calibrated = sorted(calibrate_walks(session, settings, model))
+    report.ann_calibrated = calibrate_ann(session, settings, model) is not None
     report.predicted = predict_uncategorised(session, model, only_new=False)
     return report
 
