@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session
 
 from imsrc.config import Settings
@@ -54,16 +54,43 @@ def resolve_database_url(settings: Settings) -> str:
 CONNECT_ARGS: dict[str, Any] = {"connect_timeout": 10, "application_name": "imsrc", "prepare_threshold": None}
 
 
+# A pooled connection that has sat unused this long is pinged before it is handed out (a server restarted
+# meanwhile dropped it); one back in use sooner is not. pool_pre_ping pinged every checkout: one more round trip
+# on each request, however busy the pool. A restart takes longer than this, so a connection that was in the pool
+# across one is always pinged; one that fails a statement anyway invalidates the pool (the request gets its 503
+# and the next one reconnects: tests/test_faults_outage.py).
+PING_AFTER_IDLE_S = 1.0
+
+
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     engine = create_engine(
         _sqlalchemy_url(url),
-        pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=20,
         connect_args=dict(CONNECT_ARGS),
     )
     event.listen(engine, "connect", _citus_session_defaults)
+    event.listen(engine, "checkin", _note_checkin)
+    event.listen(engine, "checkout", lambda conn, record, _proxy: _ping_if_idle(engine, conn, record))
     return engine
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info["checked_in"] = time.monotonic()
+
+
+def _ping_if_idle(engine: Engine, dbapi_connection: Any, record: Any) -> None:
+    """Pool checkout: ping a connection idle for PING_AFTER_IDLE_S or more; a dead one is replaced (the pool
+    retries the checkout with a new connection when this raises DisconnectionError)."""
+    since = record.info.get("checked_in")
+    if since is None or time.monotonic() - since < PING_AFTER_IDLE_S:
+        return  # new (just connected), or back in use at once
+    try:
+        alive = engine.dialect.do_ping(dbapi_connection)
+    except Exception as exc:
+        raise DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
+    if not alive:
+        raise DisconnectionError("pooled connection failed its ping")
 
 
 _SIDE_POOLS: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
