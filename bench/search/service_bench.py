@@ -339,13 +339,18 @@ def measure_sql(
     return out
 
 
+def fixed_ann_ef(settings: Settings, ef: int) -> Settings:
+    """Settings whose `ann` walks the model's graph at `ef`, not at the width search sync calibrated."""
+    return settings.model_copy(update={"search_ef_search": ef, "search_walk_recall": 0.0})
+
+
 def tune_ann_ef(
     db: Database, settings: Settings, ids: np.ndarray, rows: np.ndarray, truths: list[list[int]], target: float
 ) -> tuple[int, float]:
     """The smallest hnsw.ef_search at which service `ann` reaches `target` recall on calibration queries."""
     recall = 0.0
     for ef in EF_LADDER:
-        runtime = SearchRuntime.create(settings.model_copy(update={"search_ef_search": ef}))
+        runtime = SearchRuntime.create(fixed_ann_ef(settings, ef))
         got = [service_call(db, runtime, int(ids[r]), "ann", "pgvector")[1] for r in rows]
         recall = float(np.mean([len({h.id for h in g.results} & set(t)) / K for g, t in zip(got, truths, strict=True)]))
         if recall >= target:
@@ -443,7 +448,7 @@ def measure(
         np.mean([len({h.id for h in g.results} & set(t)) / K for g, t in zip(two, calib_truths, strict=True)])
     )
     ef, ef_recall = tune_ann_ef(db, settings, ids, calib_rows, calib_truths, target)
-    tuned = SearchRuntime.create(settings.model_copy(update={"search_ef_search": ef}))
+    tuned = SearchRuntime.create(fixed_ann_ef(settings, ef))
     tuned.faiss = runtime.faiss
     methods = [(label, mode, backend, runtime) for label, mode, backend in METHODS]
     methods.insert(2, (f"ann pgvector, ef_search {ef} (tuned)", "ann", "pgvector", tuned))

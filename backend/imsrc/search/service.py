@@ -135,8 +135,11 @@ class SearchRuntime:
 
     def ann_ef(self, session: Session, model_id: int) -> int:
         """hnsw.ef_search for the model's own graph: its calibrated width (search/walks.py; search sync fits it
-        again once the model's rows have doubled or halved), IMSRC_SEARCH_EF_SEARCH until it is calibrated.
-        imsrc._ann_ef (migration 0016) reads the same."""
+        again once the model's rows have doubled or halved), IMSRC_SEARCH_EF_SEARCH until it is calibrated or
+        while calibration is off (IMSRC_SEARCH_WALK_RECALL=0: the setting rules at once, before a sync drops the
+        stored width). imsrc._ann_ef (migration 0016) reads the same."""
+        if self.settings.search_walk_recall <= 0:
+            return self.settings.search_ef_search
 
         def read() -> int:
             fit = width(SearchStateRepository(session).get(ann_key(model_id)))
