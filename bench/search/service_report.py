@@ -130,6 +130,21 @@ def walks_lines(r: dict[str, Any]) -> list[str]:
         + ", ".join(f"{w['ef']} ({w['rows']:,} rows, recall {w['recall']:.3f})" for w in entries)
         + f"; the size rule before would have walked {min(rule)}-{max(rule)}"
         + (f"; calibrating them took {took:.1f} s." if took is not None else "."),
+        *ann_walk_lines(r),
+    ]
+
+
+def ann_walk_lines(r: dict[str, Any]) -> list[str]:
+    """The model's own graph's calibrated width (mode `ann`, and queries stage 1 does not narrow), if any."""
+    w = r.get("ann_walk") or {}
+    if "ef" not in w:
+        return []
+    took = r["build_s"].get("ann_calibration_s")
+    return [
+        f"The model's own graph (mode `ann`, and two-stage queries answered by `ann`) was calibrated the same way on "
+        f"{w['samples']} members of the whole model: ef {w['ef']} (recall {w['recall']:.3f}; "
+        f"IMSRC_SEARCH_EF_SEARCH {r['settings']['search_ef_search']} before)"
+        + (f", in {took:.1f} s." if took is not None else "."),
     ]
 
 
