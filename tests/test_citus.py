@@ -38,7 +38,7 @@ from imsrc.db.session import Database
 from imsrc.errors import NotFoundError
 from imsrc.ingest.repository import IngestRepository
 from imsrc.search.errors import BackendUnavailableError
-from imsrc.search.pg_queries import CATEGORY_READ, citus_category_read, citus_read, citus_shard_read, walk_settings
+from imsrc.search.pg_queries import CATEGORY_READ, citus_category_read, citus_read, walk_settings
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime
 from imsrc.search.walks import LADDER
@@ -349,7 +349,6 @@ def test_search_reads_the_coordinators_own_shards_not_through_citus(catalogs: Ca
     def log_local_commands(dbapi: Any, _record: Any) -> None:
         dbapi.add_notice_handler(lambda d: commands.append(d.message_primary or ""))
         dbapi.execute("SET citus.log_local_commands = on")
-        dbapi.execute("SET citus.log_remote_commands = on")
         dbapi.execute("SET client_min_messages = log")
         dbapi.commit()
 
@@ -365,14 +364,10 @@ def test_search_reads_the_coordinators_own_shards_not_through_citus(catalogs: Ca
             with pytest.raises(NotFoundError, match="does not exist"):
                 service.similar(10**9, SearchOptions(k=5))
             # The member counts are cached for 10 s (SearchRuntime): a slow machine may read them again here.
-            searched = [c for c in commands if "locally" in c and "member_count" not in c]
-            # similar's vector comes from its shard's worker directly (pg_queries.citus_shard_read), not through a
-            # router query of the coordinator's.
-            fetched = [c for c in commands if c.startswith("issuing") and "(embedding)::text" in c]
+            searched = [c for c in commands if "member_count" not in c]
             session.execute(text("SELECT count(*) FROM images"))  # through Citus: the log shows it
         assert len(similar.results) == 5 and len(by_image.results) == 4
         assert searched == [], searched
-        assert fetched == [], fetched
         assert [c for c in commands if "executing the command locally" in c], commands
     finally:
         db.dispose()
@@ -440,33 +435,17 @@ def test_stage2_reads_go_to_the_worker_and_through_the_coordinator_when_they_can
         ("nothing listens there", ("127.0.0.1", _free_port(), groups[holder][2]), False),
         ("another server answers there", (coordinator[0], coordinator[1], groups[holder][2]), False),
     ]
-    # similar's vector read (pg_queries.citus_shard_read): the shard's own table on its worker, or the coordinator.
-    image = _query(catalogs.citus_url, "SELECT min(id) FROM images WHERE category_id = %s", (category,))[0][0]
-    vector_sql = (
-        "SELECT embedding::text FROM embeddings WHERE model_id = %(m)s AND image_id = %(i)s AND category_id = %(c)s"
-    )
-    vector_params = {"m": 1, "i": image, "c": category}
-    vector = _query(
-        catalogs.citus_url,
-        vector_sql.replace("%(m)s", "1").replace("%(i)s", str(image)).replace("%(c)s", str(category)),
-    )
-    shard = _query(catalogs.citus_url, "SELECT get_shard_id_for_distribution_column('embeddings', %s)", (category,))
     db = database_for(_settings(catalogs.citus_url, catalogs.data), migrate=False)
     try:
         assert citus_category_read(db.engine, category, probe, "", settings) == expected
         worker = category_workers(db.engine, [category])[category]
         assert worker is not None and f"{worker.url.host}:{worker.url.port}" == holder
         assert worker.pool.checkedin() == 1  # the read's connection, back in the worker's pool
-        assert citus_shard_read(db.engine, category, vector_sql, vector_params) == vector
         for case, node, reachable in cases:
             citus.forget()
-            monkeypatch.setattr(
-                citus, "_look_up_placements", lambda *_a, n=node: ({category: n}, {category: shard[0][0]})
-            )
+            monkeypatch.setattr(citus, "_look_up_placements", lambda *_a, n=node: {category: n})
             assert citus_category_read(db.engine, category, probe, "", settings) == expected, case
             assert (category_workers(db.engine, [category])[category] is not None) == reachable, case
-            # Not that worker's shard (stale), or no worker: the caller reads through the coordinator.
-            assert citus_shard_read(db.engine, category, vector_sql, vector_params) is None, case
     finally:
         citus.forget()
         db.dispose()

@@ -180,7 +180,6 @@ Node = tuple[str, int, int]  # a worker's host, port and Citus group id (pg_dist
 class _Placements:
     at: float  # time.monotonic() of the look-up
     nodes: dict[int, Node | None]  # category id -> its shard's worker; None: the coordinator
-    shards: dict[int, int]  # category id -> its shard of embeddings (where it has an active placement)
 
 
 _PLACEMENTS: dict[str, _Placements] = {}  # keyed by the coordinator's URL, like the caches above
@@ -188,12 +187,12 @@ _UNREACHABLE: dict[str, float] = {}  # worker URL -> monotonic time until which 
 _WORKER_POOLS: weakref.WeakKeyDictionary[Engine, dict[Node, Engine]] = weakref.WeakKeyDictionary()
 
 
-def _look_up_placements(engine: Engine, categories: Iterable[int]) -> tuple[dict[int, Node | None], dict[int, int]]:
+def _look_up_placements(engine: Engine, categories: Iterable[int]) -> dict[int, Node | None]:
     """On the stage-2 side pool, which does not ping before a checkout: a dropped connection is retried once. A
     category whose shard has no active primary placement maps to None (the coordinator) like one on the coordinator,
     and is not asked again before the placements expire."""
     sql = text(
-        "SELECT c, n.nodename, n.nodeport, n.groupid, p.shardid FROM unnest(CAST(:c AS bigint[])) c"
+        "SELECT c, n.nodename, n.nodeport, n.groupid FROM unnest(CAST(:c AS bigint[])) c"
         " JOIN pg_dist_placement p ON p.shardid = get_shard_id_for_distribution_column('embeddings', c)"
         " JOIN pg_dist_node n ON n.groupid = p.groupid AND n.noderole = 'primary' AND n.isactive"
     )
@@ -208,9 +207,9 @@ def _look_up_placements(engine: Engine, categories: Iterable[int]) -> tuple[dict
                 raise
     found: dict[int, Node | None] = dict.fromkeys(categories)
     found.update(
-        {int(c): None if int(group) == 0 else (str(host), int(port), int(group)) for c, host, port, group, _ in rows}
+        {int(c): None if int(group) == 0 else (str(host), int(port), int(group)) for c, host, port, group in rows}
     )
-    return found, {int(r[0]): int(r[4]) for r in rows}
+    return found
 
 
 def category_workers(engine: Engine, categories: Iterable[int]) -> dict[int, Engine | None]:
@@ -223,25 +222,15 @@ def category_workers(engine: Engine, categories: Iterable[int]) -> dict[int, Eng
         known = _PLACEMENTS.get(key)
         fresh = known is not None and now - known.at < PLACEMENT_TTL_S and wanted <= known.nodes.keys()
     if not fresh:
-        nodes, shards = _look_up_placements(engine, wanted | (set(known.nodes) if known else set()))
+        nodes = _look_up_placements(engine, wanted | (set(known.nodes) if known else set()))
         with _GUARD:
-            _PLACEMENTS[key] = known = _Placements(now, nodes, shards)
+            _PLACEMENTS[key] = known = _Placements(now, nodes)
     assert known is not None
     out: dict[int, Engine | None] = {}
     for category in wanted:
         node = known.nodes.get(category)
         out[category] = None if node is None else _worker_pool(engine, node)
     return out
-
-
-def category_shard(engine: Engine, category: int) -> tuple[Engine, int] | None:
-    """A pool on the worker that holds the category's shard of embeddings and that shard's id (as category_workers
-    finds them), or None where a read should go through the coordinator."""
-    pool = category_workers(engine, [category])[category]
-    with _GUARD:
-        known = _PLACEMENTS.get(str(engine.url))
-        shard = None if known is None else known.shards.get(category)
-    return None if pool is None or shard is None else (pool, shard)
 
 
 def _worker_pool(engine: Engine, node: Node) -> Engine | None:

@@ -44,7 +44,6 @@ from imsrc.catalog.repository import embedding_expr, global_index_name
 from imsrc.db.citus import (
     category_partitions,
     category_read_delegated,
-    category_shard,
     category_workers,
     distributed,
     local_relations,
@@ -271,41 +270,6 @@ def citus_category_read(
         except OperationalError:  # could not connect to the worker: through the coordinator (a down worker's 503)
             worker_unreachable(worker)
     return _side_read(engine, read, autocommit=True)
-
-
-def citus_shard_read(engine: Engine, category_id: int, sql: str, params: Mapping[str, Any]) -> list[Any] | None:
-    """`sql` (psycopg placeholders, `FROM embeddings`, this category's rows only) on the worker that holds the
-    category's shard, reading that shard's table: PostgreSQL there plans it alone (similar's vector read: 0.18 ms,
-    vs 0.50 through the coordinator, which plans it with Citus and sends it on; 0.43 on the worker through the
-    distributed table; 50k catalog, load ~3). Guarded as imsrc._category_read is: the statement asks pg_dist_placement
-    whether this node still holds the shard (a rebalance may have moved it since the placements were cached).
-    None, for the caller to read through the coordinator as before, where that is not so, where the old table is
-    gone, where the service cannot connect to the worker (then read through the coordinator for a while, as stage 2
-    is) or the read fails there (the coordinator then gives the real answer or error, e.g. a down worker's 503)."""
-    found = category_shard(engine, int(category_id))
-    if found is None:
-        return None
-    pool, shard = found
-    on_shard = re.sub(r"\bFROM embeddings\b", f"FROM embeddings_{int(shard)} embeddings", sql)
-    guarded = (
-        "SELECT g.here, s.* FROM (SELECT EXISTS (SELECT 1 FROM pg_dist_placement p JOIN pg_dist_local_group l"
-        f" ON l.groupid = p.groupid WHERE p.shardid = {int(shard)}) AS here) g"
-        f" LEFT JOIN LATERAL (SELECT true AS found, q.* FROM ({on_shard}) q) s ON g.here"
-    )
-
-    def read(raw: Any) -> list[Any]:
-        return list(raw.execute(guarded, dict(params)).fetchall())
-
-    try:
-        rows = _side_read(engine, read, autocommit=True, pool=pool)
-    except OperationalError:  # could not connect to the worker
-        worker_unreachable(pool)
-        return None
-    except psycopg.Error:
-        return None
-    if not rows or not rows[0][0]:
-        return None
-    return [tuple(r[2:]) for r in rows if r[1]]
 
 
 PARALLEL_BRANCHES_MAX = 32  # stage-2 statements in flight at once in one process, all Citus searches together

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import BigInteger, Engine, Text, cast, column, exists, literal_column, select, text
+from sqlalchemy import BigInteger, Text, cast, column, exists, literal_column, select, text
 from sqlalchemy import table as table_clause
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
@@ -22,7 +22,6 @@ from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 from imsrc.catalog.models import Embedding, EmbeddingModel, Image
 from imsrc.catalog.prototypes import prototype_version_sql
 from imsrc.db.citus import UNCATEGORISED, distributed, local_relations, uncategorised_condition
-from imsrc.search.pg_queries import citus_shard_read
 
 # search_state key of a model's stage-1 calibration: this prefix and the model id (calibration.state_key).
 STATE_KEY_PREFIX = "stage1:m"
@@ -115,20 +114,11 @@ class VectorRepository:
         return _parse_binary_copy(bytes(buf), dimension)
 
     def _vector_in(self, model_id: int, image_id: int, category_id: int | None) -> np.ndarray | None:
-        """On Citus: the image's vector, read from its category's shard alone: on the worker that holds it where the
-        service can read there (pg_queries.citus_shard_read, read-only units of work), else through the
-        coordinator."""
-        params = {"m": model_id, "i": image_id, "c": UNCATEGORISED if category_id is None else int(category_id)}
-        where = "model_id = {m} AND image_id = {i} AND category_id = {c}"
-        engine = self.session.get_bind()
-        rows = None
-        if isinstance(engine, Engine):
-            direct = "SELECT embedding::text FROM embeddings WHERE " + where.format(m="%(m)s", i="%(i)s", c="%(c)s")
-            rows = citus_shard_read(engine, params["c"], direct, params)
-        if rows is None:  # through the coordinator
-            sql = "SELECT embedding::text FROM embeddings WHERE " + where.format(m=":m", i=":i", c=":c")
-            rows = list(self.session.execute(text(sql), params).all())
-        raw = rows[0][0] if rows else None
+        """On Citus: the image's vector, read from its category's shard alone."""
+        raw = self.session.execute(
+            text("SELECT embedding::text FROM embeddings WHERE model_id = :m AND image_id = :i AND category_id = :c"),
+            {"m": model_id, "i": image_id, "c": UNCATEGORISED if category_id is None else int(category_id)},
+        ).scalar()
         return None if raw is None else np.asarray(json.loads(raw), dtype=np.float32)
 
     def similar_source(
