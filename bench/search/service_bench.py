@@ -136,7 +136,9 @@ class Http:
             stderr=(data_dir.parent / "serve.log").open("wb"),
         )  # a pipe nobody reads would fill and block it
         self.log = data_dir.parent / "serve.log"
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        # Not 60 s: at 1M a warm-up request (not timed) took 75 s while the server's two workers pg_prewarmed a
+        # catalog larger than shared_buffers, and the client's timeout ended an hour's run.
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=600)
         started = time.perf_counter()
         while True:
             try:
