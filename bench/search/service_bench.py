@@ -44,7 +44,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 
 from bench.bench_common import check_resources, database_url, timed_phase  # noqa: E402
-from bench.search.load import load, make_mixture, prewarm, real_calibrated, start_server  # noqa: E402
+from bench.search.load import (  # noqa: E402
+    calibrate_and_sync,
+    load,
+    make_mixture,
+    prewarm,
+    real_calibrated,
+    start_server,
+)
 
 from imsrc.catalog.models import EmbeddingModel  # noqa: E402
 from imsrc.catalog.repository import ModelRepository  # noqa: E402
@@ -57,11 +64,8 @@ from imsrc.search.pg_queries import HNSW_EF_CONSTRUCTION, HNSW_M  # noqa: E402
 from imsrc.search.repository import SearchStateRepository  # noqa: E402
 from imsrc.search.schemas import SearchOptions, SearchResponse  # noqa: E402
 from imsrc.search.service import SearchRuntime  # noqa: E402
-from imsrc.search.sync import sync_search  # noqa: E402
 from imsrc.search.walks import (  # noqa: E402
     ann_key,
-    calibrate_ann,
-    calibrate_walks,
 )
 from imsrc.search.walks import state_key as walks_key  # noqa: E402
 
@@ -382,21 +386,11 @@ def reuse(
 ) -> tuple[EmbeddingModel, np.ndarray, np.ndarray, dict[str, float]]:
     """A kept catalog's model, image ids and categories (load order), after search sync: what this code's
     sync would add to a catalog built by older code (new calibrations), timed like load's."""
-    build: dict[str, float] = {}
     with db.session() as session:
         model = ModelRepository(session).by_name(model_name)
         if model is None:
             raise SystemExit(f"no {model_name} model in the kept catalog")
-        started = time.perf_counter()
-        calibrate_walks(session, settings, model)
-        build["reuse_walk_calibration_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        calibrate_ann(session, settings, model)
-        build["reuse_ann_calibration_s"] = time.perf_counter() - started
-    with db.session() as session:
-        started = time.perf_counter()
-        sync_search(session, settings, model_id=model.id, autogroup_images=False)
-        build["reuse_sync_s"] = time.perf_counter() - started
+    build = {f"reuse_{key}": took for key, took in calibrate_and_sync(db, settings, model).items()}
     with db.session() as session:
         model = ModelRepository(session).by_name(model_name)
         assert model is not None

@@ -591,21 +591,21 @@ class NeighbourRepository:
         if distributed(self.session):
             return True
         sql, settings = self._global_ann_sql(model_id, dimension, limit, limit)
-        with self._plan(**settings):
-            plan = "\n".join(str(r[0]) for r in self.session.execute(text("EXPLAIN " + sql), {"q": query}))
-        return re.search(rf"Index Scan using {re.escape(global_index_name(model_id))}(_\d+)?\b", plan) is not None
+        return self._plan_walks(sql, settings, query, global_index_name(model_id))
 
     def walks_index(self, model_id: int, dimension: int, category_id: int, query: str, limit: int) -> bool:
         """Whether per_category(in_session=True) walks the category's own HNSW index in this session. An index
         built by this unit of work is not always usable in it (PostgreSQL's indcheckxmin after HOT updates), and
         without it enable_sort=off still ends in an exact sort: a calibration would then measure exact answers."""
         sql, _, _, _ = self._union(model_id, dimension, [(category_id, True)], limit)
-        settings = walk_settings(limit, limit)
+        return self._plan_walks(sql, walk_settings(limit, limit), query, category_index_name(model_id, category_id))
+
+    def _plan_walks(self, sql: str, settings: Mapping[str, str], query: str, index: str) -> bool:
+        """Whether the plan of `sql` under `settings` in this session scans `index` (on Citus the shard's copy
+        of an index carries the shard id: ix_embeddings_hv_m1_c3_102008)."""
         with self._plan(**settings):
             plan = "\n".join(str(r[0]) for r in self.session.execute(text("EXPLAIN " + sql), {"q": query}))
-        # On Citus the shard's copy of the index carries the shard id: ix_embeddings_hv_m1_c3_102008.
-        name = re.escape(category_index_name(model_id, category_id))
-        return re.search(rf"Index Scan using {name}(_\d+)?\b", plan) is not None
+        return re.search(rf"Index Scan using {re.escape(index)}(_\d+)?\b", plan) is not None
 
     def per_category_hydrated(
         self,

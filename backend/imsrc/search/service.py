@@ -670,15 +670,15 @@ class SearchService:
         if not ranked:
             return None, [], set(), []
         if options.categories is None and self.settings.search_stage1_fallback:
-            wanted = self._pick(ranked, "auto", matrix)  # the rule without the cap
-            if len(wanted) > self.settings.search_categories:
+            # The rule without the cap; within the cap it is what the capped rule picks.
+            picked = self._pick(ranked, "auto", matrix)
+            if len(picked) > max(self.settings.search_categories, self.settings.search_fallback_categories):
                 # Stage 1 is not sure enough to narrow this query to search_categories categories. Rather than
                 # cut the rule at the cap: search them all (the caller answers it as `ann`, and says so), or the
                 # categories the rule wants while they are at most IMSRC_SEARCH_FALLBACK_CATEGORIES (0 default).
-                if len(wanted) > self.settings.search_fallback_categories:
-                    return None, [], set(), []
-                return [c.category_id for c in wanted], wanted, {c.category_id for c in wanted}, ranked
-        picked = self._pick(ranked, options.categories, matrix)
+                return None, [], set(), []
+        else:
+            picked = self._pick(ranked, options.categories, matrix)
         return [c.category_id for c in picked], picked, {c.category_id for c in picked}, ranked
 
     def _prototypes(self, model_id: int) -> PrototypeMatrix:

@@ -173,10 +173,15 @@ def calibrate_ann(session: Session, settings: Settings, model: EmbeddingModel) -
     if not ann_due(session, settings, model):
         return None
     WriteLocks(session).indexes(model.id)  # as calibrate_walks: no build or drop meanwhile, one writer
+    # Read again under the lock: a sync this one waited for may have fitted (or dropped) it meanwhile.
     state = SearchStateRepository(session)
+    stored = state.get(ann_key(model.id))
     rows = NeighbourRepository(session).global_index_rows(model.id)
     if settings.search_walk_recall <= 0 or rows is None:
-        state.put(ann_key(model.id), {})
+        if stored:
+            state.put(ann_key(model.id), {})
+        return None
+    if not _stale(stored, rows, settings.search_walk_recall):
         return None
     with _reader(session) as (neighbours, in_session):
         if not in_session and neighbours.global_index_rows(model.id) is None:
