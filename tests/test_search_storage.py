@@ -7,11 +7,13 @@ the storage that decides it."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import ModelRepository, vector_literal
 from imsrc.search.pg_queries import NeighbourRepository
+from imsrc.search.repository import VectorRepository, vector_from_send
 
 
 def _sparse(n: int, dim: int, seed: int) -> np.ndarray:
@@ -68,3 +70,24 @@ def test_the_table_keeps_whole_vectors_in_the_row_up_to_a_page(session: Session)
         text("SELECT attstorage FROM pg_attribute WHERE attrelid = 'embeddings'::regclass AND attname = 'embedding'")
     ).scalar()
     assert storage == "m"  # in the row; out of line only when a row cannot fit a page
+
+
+def test_a_stored_vector_is_read_back_in_binary_bit_for_bit(session: Session) -> None:
+    # "More like this" reads its source vector with vector_send: the very float32 values stored, any dimension.
+    vectors = _sparse(3, 1280, seed=2)
+    vectors[1, :4] = [1e-30, -3.4e38, 1.17549435e-38, 0.1]
+    _, ids = _insert(session, 1280, vectors)
+    for i, image_id in enumerate(ids):
+        _, exists, got, _, _ = VectorRepository(session).similar_source("storage-test-1280", image_id)
+        assert exists and got is not None
+        assert got.dtype == np.float32 and got.shape == (1280,)
+        assert np.array_equal(got, vectors[i])
+    _, exists, missing, _, _ = VectorRepository(session).similar_source("storage-test-1280", max(ids) + 1000)
+    assert (exists, missing) == (False, None)
+
+
+def test_a_binary_vector_of_the_wrong_length_is_refused() -> None:
+    raw = (3).to_bytes(2, "big") + b"\0\0" + np.array([1, 2], dtype=">f4").tobytes()
+    with pytest.raises(ValueError, match="3 dimensions"):
+        vector_from_send(raw)
+    assert vector_from_send(raw + np.array([3], dtype=">f4").tobytes()).tolist() == [1.0, 2.0, 3.0]

@@ -48,7 +48,6 @@ from bench.search.load import (  # noqa: E402
     calibrate_and_sync,
     load,
     make_mixture,
-    prewarm,
     real_calibrated,
     start_server,
 )
@@ -56,7 +55,7 @@ from bench.search.load import (  # noqa: E402
 from imsrc.catalog.models import EmbeddingModel  # noqa: E402
 from imsrc.catalog.repository import ModelRepository  # noqa: E402
 from imsrc.config import Settings  # noqa: E402
-from imsrc.db.embedded import EmbeddedServer  # noqa: E402
+from imsrc.db.embedded import EmbeddedServer, resolve_shared_buffers  # noqa: E402
 from imsrc.db.engine import make_engine, upgrade  # noqa: E402
 from imsrc.db.session import Database  # noqa: E402
 from imsrc.search.calibration import state_key  # noqa: E402
@@ -68,6 +67,7 @@ from imsrc.search.walks import (  # noqa: E402
     ann_key,
 )
 from imsrc.search.walks import state_key as walks_key  # noqa: E402
+from imsrc.search.warmup import prewarm_search_relations  # noqa: E402
 
 K = 10
 HERE = Path(__file__).resolve().parent
@@ -715,7 +715,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "spread": args.spread,
             "rows": args.synthetic,
         }
-    server, url = start_server(scratch / "server", args.shared_buffers)
+    server, url = start_server(scratch / "server", resolve_shared_buffers(args.shared_buffers))
     timing = ExitStack()
     timed: dict[str, Any] = {}
 
@@ -750,11 +750,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.reuse:
             # The kept catalog as this code would have left it: its migrations, then search sync (what a
             # deployment upgraded in place gets); the same seeds give the same vectors, so the same queries.
-            _model, ids, cats, build = reuse(db, settings, model_name)
+            model, ids, cats, build = reuse(db, settings, model_name)
             build = {**kept.get("build_s", {}), **build}
             picked.append(pick_queries(held.pop(), ids, args))
         else:
-            _model, build, ids, cats = load(
+            model, build, ids, cats = load(
                 db,
                 settings,
                 held,
@@ -769,7 +769,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 kept = {"data_args": data_args(args), "commit": commit(), "build_s": build, "built_at": time.time()}
                 (args.keep / KEPT).write_text(json.dumps(kept, indent=1) + "\n")
         queries = picked[0]
-        prewarm(db)
+        # What the server's warm-up does at start (search/warmup.py): the graphs first, in shared_buffers while
+        # they fit, the rest into the OS page cache.
+        with db.session() as session:
+            prewarm_search_relations(session, model.id)
         result = measure(db, settings, scratch / "data", db_url, queries, labels, ids, cats, args, pngs, start_timing)
         engine.dispose()
         if args.http:
@@ -880,7 +883,12 @@ def main() -> None:
         type=int,
         help="renice this run and its PostgreSQL to this for the timed phase (the build can run at low priority)",
     )
-    parser.add_argument("--shared-buffers", default="1GB")
+    parser.add_argument(
+        "--shared-buffers",
+        default="1GB",
+        help="PostgreSQL's shared_buffers for the run; auto: what `imsrc serve` gives the embedded server on this "
+        "machine (a quarter of the memory, up to 8 GB)",
+    )
     parser.add_argument("--report", action="store_true", help="rewrite BENCHMARKS.md's Search section and stop")
     parser.add_argument(
         "--unlocked",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import BigInteger, Text, cast, column, exists, literal_column, select, text
+from sqlalchemy import BigInteger, cast, column, exists, func, literal_column, select, text
 from sqlalchemy import table as table_clause
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
@@ -73,6 +73,16 @@ def _parse_binary_copy(data: bytes, dimension: int) -> VectorBatch:
     )
 
 
+def vector_from_send(raw: bytes) -> np.ndarray:
+    """A vector from pgvector's binary form (vector_send: int16 dimension, int16 unused, big-endian float4s).
+    One stored vector read as text cost ~0.3 ms in PostgreSQL's float output and ~0.6 ms in json.loads at
+    1280-d (a "more like this" query's source vector): this way, microseconds."""
+    dimension = int.from_bytes(raw[:2], "big")
+    if len(raw) != 4 + 4 * dimension:
+        raise ValueError(f"not a vector_send value ({len(raw)} bytes for {dimension} dimensions)")
+    return np.frombuffer(raw, dtype=">f4", offset=4).astype(np.float32)
+
+
 class VectorRepository:
     """Bulk reads of stored embeddings, through binary COPY (fast, no per-row Python objects)."""
 
@@ -116,10 +126,13 @@ class VectorRepository:
     def _vector_in(self, model_id: int, image_id: int, category_id: int | None) -> np.ndarray | None:
         """On Citus: the image's vector, read from its category's shard alone."""
         raw = self.session.execute(
-            text("SELECT embedding::text FROM embeddings WHERE model_id = :m AND image_id = :i AND category_id = :c"),
+            text(
+                "SELECT vector_send(embedding) FROM embeddings WHERE model_id = :m AND image_id = :i"
+                " AND category_id = :c"
+            ),
             {"m": model_id, "i": image_id, "c": UNCATEGORISED if category_id is None else int(category_id)},
         ).scalar()
-        return None if raw is None else np.asarray(json.loads(raw), dtype=np.float32)
+        return None if raw is None else vector_from_send(bytes(raw))
 
     def similar_source(
         self, model_name: str | None, image_id: int, *, prototype_version: bool = False
@@ -139,7 +152,7 @@ class VectorRepository:
             source: Any = select(images.category_id).where(images.id == image_id).scalar_subquery()
         else:
             source = (
-                select(cast(Embedding.embedding, Text))
+                select(func.vector_send(Embedding.embedding))
                 .where(Embedding.model_id == models.id, Embedding.image_id == image_id)
                 .scalar_subquery()
             )
@@ -155,7 +168,7 @@ class VectorRepository:
         if citus:
             vector = self._vector_in(model.id, image_id, value) if image_exists else None
         else:
-            vector = None if value is None else np.asarray(json.loads(value), dtype=np.float32)
+            vector = None if value is None else vector_from_send(bytes(value))
         return (
             model,
             bool(image_exists),

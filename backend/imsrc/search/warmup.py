@@ -23,9 +23,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from imsrc.catalog.repository import ModelRepository
+from imsrc.catalog.repository import ModelRepository, global_index_name
 from imsrc.db.session import Database
-from imsrc.search.pg_queries import ON_VECTOR_TABLES
+from imsrc.search.pg_queries import INDEX_PREFIX, ON_VECTOR_TABLES
 from imsrc.search.service import SearchRuntime
 
 log = logging.getLogger(__name__)
@@ -55,29 +55,81 @@ def prewarm_available(session: Session) -> bool:
     return True
 
 
-def prewarm(session: Session, model_id: int, *, heap: bool) -> int:
-    """pg_prewarm the model's HNSW indexes (heap False) or the embeddings table (heap True) into shared_buffers;
-    bytes read. 0 without pg_prewarm."""
+# Of shared_buffers, what the warm-up fills: the rest is left to what searches read besides (catalog rows,
+# thumbnails, another model's pages).
+PREWARM_SHARE = 0.8
+BLOCK = 8192
+_OID = "CAST(CAST(:o AS bigint) AS oid)"
+
+
+@dataclass
+class PrewarmBudget:
+    """Blocks of shared_buffers the warm-up may still fill. A catalog larger than the cache is warmed in order of
+    use, each relation into shared_buffers while it fits and the rest only into the OS page cache: prewarming all
+    of a 1M catalog (22 GB at 1280-d) into 4 GB of buffers left them holding the embeddings heap, read last, and
+    evicted every graph a search walks."""
+
+    blocks: int
+
+    @classmethod
+    def of(cls, session: Session) -> PrewarmBudget:
+        size = session.execute(text("SELECT pg_size_bytes(current_setting('shared_buffers'))")).scalar_one()
+        return cls(int(int(size) * PREWARM_SHARE) // BLOCK)
+
+
+def _relations(session: Session, model_id: int, *, heap: bool) -> list[tuple[int, int]]:
+    """(oid, blocks) of what a search of the model reads, most used first. Indexes: the per-category graphs (every
+    two-stage search walks some), then the model's graph over all its rows (`ann`, and stage 1's fallback).
+    Heap: the partitions the walks find rows in (category_vectors, migration 0013), then embeddings (the
+    full-precision re-score of the few rows found, and exact scans)."""
+    if heap:
+        where = (
+            "(c.oid = 'embeddings'::regclass OR c.oid IN (SELECT inhrelid FROM pg_inherits "
+            "WHERE inhparent = to_regclass('category_vectors')))"
+        )
+        order = "c.oid = 'embeddings'::regclass"
+    else:
+        where = (
+            "c.oid IN (SELECT x.indexrelid FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+            f"WHERE {ON_VECTOR_TABLES} AND (i.relname LIKE :p OR i.relname = :g))"
+        )
+        order = "c.relname = :g"
+    rows = session.execute(
+        text(
+            f"SELECT c.oid, pg_relation_size(c.oid) / {BLOCK} FROM pg_class c WHERE {where} ORDER BY {order}, c.relname"
+        ),
+        {"p": f"{INDEX_PREFIX}_m{int(model_id)}\\_c%", "g": global_index_name(model_id)},
+    ).all()
+    return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def prewarm(session: Session, model_id: int, *, heap: bool, budget: PrewarmBudget | None = None) -> int:
+    """pg_prewarm the model's HNSW indexes (heap False) or the tables they point into (heap True): into
+    shared_buffers while `budget` lasts (none given: a fresh one, shared_buffers x PREWARM_SHARE), the rest into the
+    OS page cache. Bytes read; 0 without pg_prewarm."""
     if not prewarm_available(session):
         return 0
-    where = (
-        # and the partitions the per-category walks read (category_vectors, migration 0013)
-        "(c.oid = 'embeddings'::regclass OR c.oid IN (SELECT inhrelid FROM pg_inherits "
-        "WHERE inhparent = to_regclass('category_vectors')))"
-        if heap
-        else "c.oid IN (SELECT x.indexrelid FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
-        f"WHERE {ON_VECTOR_TABLES} AND i.relname LIKE :p)"
-    )
-    blocks = session.execute(
-        text(f"SELECT coalesce(sum(pg_prewarm(c.oid)), 0) FROM pg_class c WHERE {where}"),
-        {"p": f"ix_embeddings_h%_m{int(model_id)}%"},
-    ).scalar_one()
-    return int(blocks) * 8192
+    budget = budget or PrewarmBudget.of(session)
+    read = 0
+    for oid, blocks in _relations(session, model_id, heap=heap):
+        cached = min(blocks, budget.blocks)
+        if cached:
+            sql = f"SELECT pg_prewarm({_OID}, 'buffer', 'main', 0, CAST(:l AS bigint))"
+            session.execute(text(sql), {"o": oid, "l": cached - 1})
+            budget.blocks -= cached
+        if cached < blocks:
+            session.execute(
+                text(f"SELECT pg_prewarm({_OID}, 'read', 'main', CAST(:f AS bigint), CAST(:l AS bigint))"),
+                {"o": oid, "f": cached, "l": blocks - 1},
+            )
+        read += blocks * BLOCK
+    return read
 
 
 def prewarm_search_relations(session: Session, model_id: int) -> int:
-    """The model's HNSW indexes, then the embeddings table; bytes read."""
-    return prewarm(session, model_id, heap=False) + prewarm(session, model_id, heap=True)
+    """The model's HNSW indexes, then the tables they point into, in one budget; bytes read."""
+    budget = PrewarmBudget.of(session)
+    return prewarm(session, model_id, heap=False, budget=budget) + prewarm(session, model_id, heap=True, budget=budget)
 
 
 def _one_search(database: Database, runtime: SearchRuntime, model_id: int) -> bool:
@@ -112,7 +164,8 @@ def warm(database: Database, runtime: SearchRuntime, report: WarmReport) -> None
                 report.faiss_loaded = True
         report.searched = _one_search(database, runtime, model_id)
         with database.session() as session:
-            report.prewarmed_bytes = prewarm(session, model_id, heap=False)
+            budget = PrewarmBudget.of(session)
+            report.prewarmed_bytes = prewarm(session, model_id, heap=False, budget=budget)
         # Image queries are hashed for the duplicates-first look-up: imagehash loads scipy (~0.17 s) on first use.
         from PIL import Image
 
@@ -126,7 +179,7 @@ def warm(database: Database, runtime: SearchRuntime, report: WarmReport) -> None
         engines = getattr(embedder, "runtime", None)
         report.inference = describe(engines) if isinstance(engines, dict) else None
         with database.session() as session:  # the biggest read last: the rows a search hydrates and re-scores
-            report.prewarmed_bytes += prewarm(session, model_id, heap=True)
+            report.prewarmed_bytes += prewarm(session, model_id, heap=True, budget=budget)
         # Loading the model created hundreds of thousands of long-lived objects (torch, onnx); without this the
         # first request's allocations trigger a full collection that walks them all. Collect once here, in the
         # background, and move the survivors out of the collector's way.
