@@ -10,11 +10,11 @@ from sqlalchemy.orm import Session
 from imsrc.catalog.repository import vector_literal
 from imsrc.config import Settings
 from imsrc.search.pg_queries import NeighbourRepository, WalkWidth, branch_plan, category_ef_search
-from imsrc.search.repository import SearchStateRepository
+from imsrc.search.repository import SearchStateRepository, VectorRepository
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime
 from imsrc.search.sync import refresh_derived, sync_search
-from imsrc.search.walks import LADDER, LIMIT, SAMPLES, K, ann_key, state_key, widths
+from imsrc.search.walks import ANN_SAMPLES, LADDER, LIMIT, SAMPLES, K, ann_key, exact_top, state_key, widths
 
 from .search_data import Synthetic, brute_force, insert_images, make_catalog
 
@@ -169,12 +169,12 @@ def test_the_models_own_graph_gets_a_calibrated_width_used_by_the_service_and_sq
     report = sync_search(session, tuned, model_id=cat.model.id)
     assert report.ann_calibrated
     stored = SearchStateRepository(session).get(ann_key(cat.model.id))
-    assert stored["ef"] in LADDER and stored["rows"] == 1200 and stored["samples"] == SAMPLES
+    assert stored["ef"] in LADDER and stored["rows"] == 1200 and stored["samples"] == ANN_SAMPLES
     assert stored["recall"] >= TARGET and stored["target"] == TARGET
     # Measured independently against NumPy: the stored width reaches the target on the sampled members.
     neighbours = NeighbourRepository(session)
     found = []
-    for image_id, query in neighbours.sample_members(cat.model.id, None, SAMPLES):
+    for image_id, query in neighbours.sample_members(cat.model.id, None, ANN_SAMPLES):
         row = int(np.flatnonzero(cat.image_ids == image_id)[0])
         others = np.ones(len(cat.image_ids), dtype=bool)
         others[row] = False
@@ -202,8 +202,39 @@ def test_the_models_own_graph_gets_a_calibrated_width_used_by_the_service_and_sq
     assert list(via_sql) == [h.id for h in via_service.results]
 
     assert sync_search(session, tuned, model_id=cat.model.id).ann_calibrated is False  # nothing changed
+    # A width an earlier release fitted on 40 members of the model is fitted again, on ANN_SAMPLES.
+    SearchStateRepository(session).put(ann_key(cat.model.id), {**stored, "samples": 40})
+    assert sync_search(session, tuned, model_id=cat.model.id).ann_calibrated
+    assert SearchStateRepository(session).get(ann_key(cat.model.id))["samples"] == ANN_SAMPLES
     off = _tuned(settings, search_walk_recall=0.0)
     assert sync_search(session, off, model_id=cat.model.id).ann_calibrated is False
     assert SearchStateRepository(session).get(ann_key(cat.model.id)) == {}
     assert session.execute(text(sql), {"m": cat.model.id}).scalar() == 300
     assert SearchRuntime.create(off).ann_ef(session, cat.model.id) == off.search_ef_search
+
+
+def test_the_streamed_exact_answers_match_the_sql_exact_scan(session: Session) -> None:
+    """The global graph's calibration takes its exact answers from one streamed pass over the vectors (200 queries
+    at 1M rows: one read of the table instead of 200 scans): the same ids and scores as the SQL exact scan, in
+    batches that split the rows anywhere, with equal vectors, a zero vector and ties ordered by id."""
+    cat = make_catalog(session, n_categories=2, per_category=300, dimension=48, name="exact-top", spread=0.6)
+    extra = cat.vectors[:3].copy()
+    extra[2] = 0.0  # no cosine: never ranked
+    ids = insert_images(session, cat.model, extra, [cat.category_ids[0]] * 3, salt="exact-top-extra").tolist()
+    neighbours = NeighbourRepository(session)
+    rows = range(0, 600, 50)
+    members = [(int(cat.image_ids[r]), vector_literal(cat.vectors[r])) for r in rows]
+    members.append((ids[0], vector_literal(extra[0])))
+    queries = np.array([*cat.vectors[list(rows)], extra[0]], dtype=np.float32)
+    stream = VectorRepository(session).stream(cat.model.id, 48, batch_rows=77)
+    batches = list(stream)
+    assert sum(len(b[0]) for b in batches) == 603 and len(batches) > 3
+    assert ids[2] in np.concatenate([b[0] for b in batches])  # streamed, but never ranked
+    got = exact_top(batches, queries, LIMIT)
+    for (_, query), top in zip(members, got, strict=True):
+        want = neighbours.exact(cat.model.id, query, LIMIT, None)
+        assert [i for i, _ in top] == [i for i, _ in want]
+        assert np.allclose([s for _, s in top], [s for _, s in want], atol=1e-6)
+    # A copy and its original score the same: ordered by id, both in the answer.
+    first = got[-1]
+    assert [i for i, _ in first[:2]] == sorted([ids[0], int(cat.image_ids[0])])

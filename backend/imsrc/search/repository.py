@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +122,56 @@ class VectorRepository:
         if not buf:
             return VectorBatch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, dimension), np.float32))
         return _parse_binary_copy(bytes(buf), dimension)
+
+    def stream(self, model_id: int, dimension: int, batch_rows: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(image ids, float32 vectors) of every vector of the model, in batches of about `batch_rows`, through one
+        binary COPY: memory stays a batch whatever the catalog's size (fetch() holds all of it: 5 GB at 1M x
+        1280)."""
+        row = np.dtype(
+            [
+                ("nf", ">i2"),
+                ("l1", ">i4"),
+                ("id", ">i8"),
+                ("l2", ">i4"),
+                ("dim", ">i2"),
+                ("unused", ">i2"),
+                ("vec", ">f4", (dimension,)),
+            ]
+        )
+        sql = (
+            f"COPY (SELECT image_id, embedding FROM embeddings WHERE model_id = {int(model_id)}) "
+            "TO STDOUT (FORMAT BINARY)"
+        )
+        raw = self.session.connection().connection.driver_connection
+        assert raw is not None
+        buf = bytearray()
+        header = False
+
+        def take(n: int) -> tuple[np.ndarray, np.ndarray]:
+            rows = np.frombuffer(bytes(buf[: n * row.itemsize]), dtype=row)
+            del buf[: n * row.itemsize]
+            if (rows["dim"] != dimension).any():
+                raise ValueError(f"vectors are not all {dimension}-dimensional")
+            return rows["id"].astype(np.int64), rows["vec"].astype(np.float32)
+
+        with raw.cursor() as cur, cur.copy(sql) as copy:
+            for chunk in copy:
+                buf += chunk
+                if not header:
+                    if len(buf) < _HEADER:
+                        continue
+                    if not buf.startswith(_COPY_SIGNATURE):
+                        raise ValueError("not a binary COPY stream")
+                    del buf[:_HEADER]
+                    header = True
+                if len(buf) >= batch_rows * row.itemsize:
+                    yield take(len(buf) // row.itemsize)
+        if header:
+            del buf[-2:]  # trailer: int16 -1
+            if len(buf) % row.itemsize:
+                raise ValueError(f"vectors are not all {dimension}-dimensional")
+            if buf:
+                yield take(len(buf) // row.itemsize)
 
     def _vector_in(self, model_id: int, image_id: int, category_id: int | None) -> np.ndarray | None:
         """On Citus: the image's vector, read from its category's shard alone."""
