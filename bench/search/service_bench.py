@@ -74,6 +74,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 # (row label, mode, backend); backend None = the service's default (pgvector)
 T = TypeVar("T")
+M = TypeVar("M", bound=tuple[Any, ...])  # a timed method: (label, mode, backend, ...)
 METHODS = [
     ("exact", "exact", None),
     ("ann pgvector", "ann", "pgvector"),
@@ -364,6 +365,26 @@ def tune_ann_ef(
     return EF_LADDER[-1], recall
 
 
+# How the timed rows are ordered (results files before this key timed every method of a query in one fixed order).
+METHOD_ORDER = (
+    "a pass per backend (pgvector, then FAISS, then exact on its queries), methods rotated per query within a pass"
+)
+
+
+def passes(methods: list[M]) -> list[list[M]]:
+    """The methods in the passes they are timed in: pgvector's, then FAISS's, then exact. A server holds one
+    backend's working set, and at 1M the two do not fit in memory together (24 GB: a 22 GB catalog, 5 GB of FAISS
+    index), so interleaving them timed each backend with its pages evicted by the other; exact scans of the whole
+    table last, for the same reason. Entries are (label, mode, backend, ...)."""
+    order = [
+        [m for m in methods if m[1] != "exact" and m[2] == "pgvector"],
+        [m for m in methods if m[1] != "exact" and m[2] == "faiss"],
+        [m for m in methods if m[1] == "exact"],
+    ]
+    assert sum(len(g) for g in order) == len(methods), "a method in no pass"
+    return [g for g in order if g]
+
+
 def rotated(methods: list[T], i: int) -> list[T]:
     """The methods for query i, starting at a different one each query. In one fixed order, the first method
     to walk a query's part of a graph read its pages from the OS cache and the next found them in shared_buffers
@@ -470,26 +491,27 @@ def measure(
         )
         modes.setdefault(label, set()).add(mode)
 
-    for warm in rows[:5]:  # plans, caches, the FAISS index in memory; not measured
-        for _, mode, backend, rt in methods:
-            service_call(db, rt, int(ids[warm]), mode, backend)
-    for i, r in enumerate(rows):
-        qid = int(ids[r])
-        for label, mode, backend, rt in rotated(methods, i):
-            if mode == "exact" and i >= exact_n:
-                continue
-            took, resp = service_call(db, rt, qid, mode, backend)
-            record(label, took, [h.id for h in resp.results], truths[i], qid, resp.mode)
-            service_ids[(label, qid)] = [h.id for h in resp.results]
-            stage2_ms.setdefault(label, []).append(resp.timings_ms.stage2)
-            if label == FORCED:
-                # A query stage 1 was not sure of was answered by ann: every category searched.
-                picked = set(cat_of.values()) if resp.mode == "ann" else {c.category_id for c in resp.stage1}
-                stage1_n.append(len(picked))
-                stage1_recall.append(float(np.mean([cat_of[t] in picked for t in truths[i]])))
-                stage1_ms.append(resp.timings_ms.stage1)
+    for group in passes(methods):
+        for warm in rows[:5]:  # plans, caches, the FAISS index in memory; not measured
+            for _, mode, backend, rt in group:
+                service_call(db, rt, int(ids[warm]), mode, backend)
+        for i, r in enumerate(rows):
+            qid = int(ids[r])
+            if group[0][1] == "exact" and i >= exact_n:
+                break
+            for label, mode, backend, rt in rotated(group, i):
+                took, resp = service_call(db, rt, qid, mode, backend)
+                record(label, took, [h.id for h in resp.results], truths[i], qid, resp.mode)
+                service_ids[(label, qid)] = [h.id for h in resp.results]
+                stage2_ms.setdefault(label, []).append(resp.timings_ms.stage2)
+                if label == FORCED:
+                    # A query stage 1 was not sure of was answered by ann: every category searched.
+                    picked = set(cat_of.values()) if resp.mode == "ann" else {c.category_id for c in resp.stage1}
+                    stage1_n.append(len(picked))
+                    stage1_recall.append(float(np.mean([cat_of[t] in picked for t in truths[i]])))
+                    stage1_ms.append(resp.timings_ms.stage1)
     # Recorded so the report knows which runs timed every query in one fixed order (before this key).
-    out: dict[str, Any] = {"service": {}, "http": {}, "http_image": {}, "method_order": "rotated per query"}
+    out: dict[str, Any] = {"service": {}, "http": {}, "http_image": {}, "method_order": METHOD_ORDER}
     for label in lat:
         out["service"][label] = {
             **summary(lat[label]),
@@ -530,34 +552,36 @@ def measure(
             http.similar(int(ids[rows[0]]), "two_stage", "faiss")  # the server loads its FAISS index
             out["http_first_faiss_query_s"] = round(time.perf_counter() - first, 2)
             http_methods = [(label, mode, backend) for label, mode, backend in METHODS]
-            for warm in rows[:5]:
-                for _, mode, backend in http_methods:
-                    http.similar(int(ids[warm]), mode, backend)
-                if pngs is not None:
-                    http.image(pngs[int(warm) % len(pngs)], "two_stage", "pgvector")
             hl: dict[str, list[float]] = {}
             hr: dict[str, list[float]] = {}
             hm: dict[str, set[str]] = {}
             il: dict[str, list[float]] = {}
             im: dict[str, set[str]] = {}
             embed_ms: list[float] = []
-            for i, r in enumerate(rows[: args.http_queries]):
-                qid = int(ids[r])
-                for label, mode, backend in rotated(http_methods, i):
-                    if mode == "exact" and i >= exact_n:
-                        continue
-                    took, body = http.similar(qid, mode, backend)
-                    hl.setdefault(label, []).append(took)
-                    hr.setdefault(label, []).append(len({h["id"] for h in body["results"]} & set(truths[i])) / K)
-                    hm.setdefault(label, set()).add(body["mode"])
-                if pngs is not None and i < args.image_queries:
-                    for label, mode, backend in rotated(
-                        [("two_stage pgvector", "two_stage", "pgvector"), ("ann pgvector", "ann", "pgvector")], i
-                    ):
-                        took, body = http.image(pngs[int(r) % len(pngs)], mode, backend)
-                        il.setdefault(label, []).append(took)
-                        im.setdefault(label, set()).add(body["mode"])
-                        embed_ms.append(body["timings_ms"]["embed"])
+            for hgroup in passes(http_methods):
+                images = pngs is not None and hgroup[0][2] == "pgvector"  # image queries go with their backend
+                for warm in rows[:5]:
+                    for _, mode, backend in hgroup:
+                        http.similar(int(ids[warm]), mode, backend)
+                    if images and pngs is not None:
+                        http.image(pngs[int(warm) % len(pngs)], "two_stage", "pgvector")
+                for i, r in enumerate(rows[: args.http_queries]):
+                    qid = int(ids[r])
+                    if hgroup[0][1] == "exact" and i >= exact_n:
+                        break
+                    for label, mode, backend in rotated(hgroup, i):
+                        took, body = http.similar(qid, mode, backend)
+                        hl.setdefault(label, []).append(took)
+                        hr.setdefault(label, []).append(len({h["id"] for h in body["results"]} & set(truths[i])) / K)
+                        hm.setdefault(label, set()).add(body["mode"])
+                    if images and pngs is not None and i < args.image_queries:
+                        for label, mode, backend in rotated(
+                            [("two_stage pgvector", "two_stage", "pgvector"), ("ann pgvector", "ann", "pgvector")], i
+                        ):
+                            took, body = http.image(pngs[int(r) % len(pngs)], mode, backend)
+                            il.setdefault(label, []).append(took)
+                            im.setdefault(label, set()).add(body["mode"])
+                            embed_ms.append(body["timings_ms"]["embed"])
             out["http"] = {
                 label: {
                     **summary(hl[label]),

@@ -195,6 +195,15 @@ def stage1_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _order(r: dict[str, Any]) -> str:
+    """How this run ordered its timed rows (service_bench.METHOD_ORDER), where it was not one rotation over every
+    method of a query."""
+    order = r.get("method_order")
+    if not order or order == "rotated per query":
+        return ""
+    return f" Order: {order}."
+
+
 def section(r: dict[str, Any]) -> list[str]:
     d = r["data"]
     if d["kind"] == "real":
@@ -228,7 +237,8 @@ def section(r: dict[str, Any]) -> list[str]:
         + ", ".join(f"{k} {v}" for k, v in r["server"].items())
         + ". imsrc: "
         + ", ".join(f"{k} {v}" for k, v in r["settings"].items())
-        + ".",
+        + "."
+        + _order(r),
         "",
         "Service path (`SearchService.similar` in a fresh session per query, as the API runs it):",
         "",
@@ -703,7 +713,8 @@ def write_markdown() -> None:
         "Every figure below was written by `bench/search/service_bench.py` (the command is given per table; "
         "each command regenerates its table from scratch: fresh embedded PostgreSQL, fresh catalog, no "
         "reuse). Latencies are what a user gets: through SearchService, and through HTTP. Methods run "
-        "interleaved query by query. Raw figures: `bench/search/results/*.json`. Regenerate this section "
+        "interleaved query by query (in newer runs within a pass per backend, as each table says). Raw figures: "
+        "`bench/search/results/*.json`. Regenerate this section "
         "with `python bench/search/service_bench.py --report`.",
         "",
         "The machine is shared (2 cores, other jobs running): medians of the same command on the same code "
