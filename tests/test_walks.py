@@ -14,7 +14,18 @@ from imsrc.search.repository import SearchStateRepository, VectorRepository
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime
 from imsrc.search.sync import refresh_derived, sync_search
-from imsrc.search.walks import ANN_SAMPLES, LADDER, LIMIT, SAMPLES, K, ann_key, exact_top, state_key, widths
+from imsrc.search.walks import (
+    ANN_SAMPLES,
+    LADDER,
+    LIMIT,
+    SAMPLES,
+    K,
+    ann_key,
+    ann_samples,
+    exact_top,
+    state_key,
+    widths,
+)
 
 from .search_data import Synthetic, brute_force, insert_images, make_catalog
 
@@ -169,12 +180,12 @@ def test_the_models_own_graph_gets_a_calibrated_width_used_by_the_service_and_sq
     report = sync_search(session, tuned, model_id=cat.model.id)
     assert report.ann_calibrated
     stored = SearchStateRepository(session).get(ann_key(cat.model.id))
-    assert stored["ef"] in LADDER and stored["rows"] == 1200 and stored["samples"] == ANN_SAMPLES
+    assert stored["ef"] in LADDER and stored["rows"] == 1200 and stored["samples"] == ann_samples(1200) == SAMPLES
     assert stored["recall"] >= TARGET and stored["target"] == TARGET
     # Measured independently against NumPy: the stored width reaches the target on the sampled members.
     neighbours = NeighbourRepository(session)
     found = []
-    for image_id, query in neighbours.sample_members(cat.model.id, None, ANN_SAMPLES):
+    for image_id, query in neighbours.sample_members(cat.model.id, None, ann_samples(1200)):
         row = int(np.flatnonzero(cat.image_ids == image_id)[0])
         others = np.ones(len(cat.image_ids), dtype=bool)
         others[row] = False
@@ -202,10 +213,12 @@ def test_the_models_own_graph_gets_a_calibrated_width_used_by_the_service_and_sq
     assert list(via_sql) == [h.id for h in via_service.results]
 
     assert sync_search(session, tuned, model_id=cat.model.id).ann_calibrated is False  # nothing changed
-    # A width an earlier release fitted on 40 members of the model is fitted again, on ANN_SAMPLES.
-    SearchStateRepository(session).put(ann_key(cat.model.id), {**stored, "samples": 40})
+    # A width fitted on fewer members than a graph of its size now gets (an earlier release's) is fitted again.
+    SearchStateRepository(session).put(ann_key(cat.model.id), {**stored, "samples": SAMPLES - 1})
     assert sync_search(session, tuned, model_id=cat.model.id).ann_calibrated
-    assert SearchStateRepository(session).get(ann_key(cat.model.id))["samples"] == ANN_SAMPLES
+    assert SearchStateRepository(session).get(ann_key(cat.model.id))["samples"] == SAMPLES
+    # One member per thousand rows, within [SAMPLES, ANN_SAMPLES]: a 1M graph's rare lost walks are measurable.
+    assert [ann_samples(n) for n in (1200, 100_000, 1_000_000, 10_000_000)] == [SAMPLES, 100, 1000, ANN_SAMPLES]
     off = _tuned(settings, search_walk_recall=0.0)
     assert sync_search(session, off, model_id=cat.model.id).ann_calibrated is False
     assert SearchStateRepository(session).get(ann_key(cat.model.id)) == {}

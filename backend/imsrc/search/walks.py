@@ -18,11 +18,11 @@ them, so both walk equally wide. IMSRC_SEARCH_WALK_RECALL=0 turns calibration of
 every category then follows the size rule again.
 
 The model's own graph over every image (mode `ann`, and every two-stage query stage 1 does not narrow) is
-calibrated the same way on ANN_SAMPLES members of the whole model (their exact answers from one streamed pass over
-the vectors), under walks:m<model id>:ann (imsrc._ann_ef, migration 0016). Why: it was walked at
-IMSRC_SEARCH_EF_SEARCH (100) whatever the data; at 1M real-calibrated vectors ef 40 reached recall@10 1.000 and
-walked in 5.9 ms where ef 100 took 87 ms (pages beyond shared_buffers). Without a calibration (new graph,
-calibration off) it is walked at IMSRC_SEARCH_EF_SEARCH as before.
+calibrated the same way on members of the whole model (ann_samples: more for a bigger graph; their exact
+answers from one streamed pass over the vectors), under walks:m<model id>:ann (imsrc._ann_ef, migration 0016).
+Why: it was walked at IMSRC_SEARCH_EF_SEARCH (100) whatever the data; at 1M real-calibrated vectors ef 40 reached
+recall@10 1.000 and walked in 5.9 ms where ef 100 took 87 ms (pages beyond shared_buffers). Without a calibration
+(new graph, calibration off) it is walked at IMSRC_SEARCH_EF_SEARCH as before.
 """
 
 from __future__ import annotations
@@ -56,12 +56,20 @@ from imsrc.search.repository import SearchStateRepository, VectorRepository
 # (walk_settings raises ef_search to the limit), so the ladder starts there.
 LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, EF_SEARCH_MAX)
 SAMPLES = 40  # members searched per category: 400 neighbours, so recall is known to about +-0.005 at 0.99
-# Members searched through the model's own graph. Its misses come as whole queries whose walk ends in the wrong
-# part of the graph (recall 0 for that query), not as one neighbour in a hundred: at 1M real-calibrated rows 40
-# members all reached recall 1.000 at ef 16 while 3 of 200 other queries found none of their neighbours there
-# (0.985, under the 0.99 target). A 1.5 % miss rate goes unseen in 40 samples one time in two, in 200 one time
-# in 20. Their exact answers come from one streamed pass over the vectors (exact_top), not 200 scans.
-ANN_SAMPLES = 200
+# Members searched through the model's own graph: one per thousand rows, at least SAMPLES, at most ANN_SAMPLES.
+# Its misses come as whole queries whose walk ends in the wrong part of the graph (recall 0 for that query), not as
+# one neighbour in a hundred: at 1M real-calibrated rows 200 members all reached recall 1.000 at ef 16 while 3 of
+# the benchmark's 200 queries found none of their neighbours there (0.985, under the 0.99 target). Told apart
+# from the target, a miss rate of 1.5 % needs about a thousand samples (standard error 0.004). Their exact answers
+# come from one streamed pass over the vectors (exact_top), not a scan each.
+ANN_SAMPLES = 1000
+
+
+def ann_samples(rows: int) -> int:
+    """Members the model's own graph is calibrated on, for a graph of `rows` rows."""
+    return max(SAMPLES, min(ANN_SAMPLES, rows // 1000))
+
+
 K = 10  # the API's default k, with the service's margin for skipped duplicates and the member itself
 LIMIT = K + max(5, K // 2) + 1
 DRIFT = 2.0  # calibrate again when a category's rows have grown or shrunk by this factor
@@ -135,7 +143,7 @@ def ann_due(session: Session, settings: Settings, model: EmbeddingModel) -> bool
     rows = NeighbourRepository(session).global_index_rows(model.id)
     if settings.search_walk_recall <= 0 or rows is None:
         return bool(stored)
-    return _stale(stored, rows, settings.search_walk_recall, ANN_SAMPLES)
+    return _stale(stored, rows, settings.search_walk_recall, ann_samples(rows))
 
 
 def due(session: Session, settings: Settings, model: EmbeddingModel) -> list[int]:
@@ -195,7 +203,7 @@ def calibrate_ann(session: Session, settings: Settings, model: EmbeddingModel) -
         if stored:
             state.put(ann_key(model.id), {})
         return None
-    if not _stale(stored, rows, settings.search_walk_recall, ANN_SAMPLES):
+    if not _stale(stored, rows, settings.search_walk_recall, ann_samples(rows)):
         return None
     with _reader(session) as (neighbours, in_session):
         if not in_session and neighbours.global_index_rows(model.id) is None:
@@ -255,7 +263,7 @@ def fit_category(
 def fit_ann(neighbours: NeighbourRepository, model: EmbeddingModel, rows: int, target: float) -> WalkFit | None:
     """The narrowest ladder width at which the model's own graph reaches `target` on sampled members of the
     whole model, against the exact top K over every image (global_ann, the statement mode `ann` runs)."""
-    members = neighbours.sample_members(model.id, None, ANN_SAMPLES)
+    members = neighbours.sample_members(model.id, None, ann_samples(rows))
     if len(members) < 2 or not neighbours.global_walks_index(model.id, model.dimension, members[0][1], LIMIT):
         return None
     queries = np.array([json.loads(query) for _, query in members], dtype=np.float32)
