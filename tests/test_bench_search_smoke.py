@@ -77,6 +77,10 @@ def test_service_bench_produces_every_row(repo_root: Path, tmp_path: Path) -> No
     assert result["calibration"]["temperature"] > 0 and result["calibration"]["samples"] > 0
     assert result["calibration"]["fallback"] is True and 0 <= result["calibration"]["over_cap"] <= 1
     assert set(result["http"]) == LABELS and all(r["p50_ms"] > 0 for r in result["http"].values())
+    # A pass per backend, each over HTTP against a server of that backend once its warm-up was done.
+    assert result["method_order"].startswith("a pass per backend")
+    assert set(result["http_warm_s"]) == {"pgvector", "faiss", "exact"}
+    assert result["http_health_s"] > 0 and all(s > 0 for s in result["http_warm_s"].values())
     for cold in result["cold_restart"].values():  # PostgreSQL restarted, warm-up off and on
         assert cold["health_s"] > 0 and cold["first_query_ms"] > 0 and cold["later_p50_ms"] > 0
     assert set(result["cold_restart"]) == {"warm_up_off", "warm_up_on", "warm_up_on_after_ready"}

@@ -83,12 +83,24 @@ def test_the_server_warms_search_in_the_background_after_start(catalog: Catalog)
         assert c.get("/health/ready").json()["search_warm"] is True
         runtime = app.state.search_runtime
         assert report.error is None and report.model == MODEL and report.faiss_loaded and report.searched
-        assert report.prewarmed_bytes > 0
+        assert report.prewarmed_bytes == 0  # FAISS answers: pgvector's graphs would only evict its pages
         assert report.inference == "torch"  # the model was loaded too (tests run IMSRC_INFERENCE=torch)
         assert runtime.prototypes.loads == 1 and len(runtime.faiss._indexes) == 1
         resp = c.get(f"/api/search/similar/{catalog.ids['cats-3.png']}?k=3")
         assert resp.status_code == 200 and resp.json()["backend"] == "faiss"
         assert runtime.prototypes.loads == 1  # the search used what the warm-up loaded
+
+
+def test_a_pgvector_server_warms_its_graphs_and_not_faiss(catalog: Catalog) -> None:
+    settings = catalog.settings.model_copy(update={"search_warmup": True, "search_backend": "pgvector"})
+    app = create_app(settings, database=catalog.database)
+    with TestClient(app) as c:
+        report = app.state.search_warmup
+        assert report.done.wait(120)
+        assert c.get("/health/ready").json()["search_warm"] is True
+        assert report.error is None and report.searched and not report.faiss_loaded
+        assert report.prewarmed_bytes > 0
+        assert app.state.search_runtime.faiss._indexes == {}
 
 
 def test_upload_search_finds_the_same_image_first(client: TestClient, catalog: Catalog) -> None:

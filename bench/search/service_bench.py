@@ -157,6 +157,19 @@ class Http:
             time.sleep(0.2)
         self.health_s = time.perf_counter() - started
 
+    def wait_warm(self, timeout_s: float = 900) -> float:
+        """Seconds from start until /health/ready said the search warm-up was done on ten answers in a row (each
+        worker warms up on its own, and an answer comes from either)."""
+        started = time.perf_counter()
+        in_a_row = 0
+        while in_a_row < 10:
+            if time.perf_counter() - started > timeout_s:
+                raise SystemExit(f"the server's search warm-up did not finish within {timeout_s:.0f} s")
+            warm = self.client.get("/health/ready").json().get("search_warm")
+            in_a_row = in_a_row + 1 if warm else 0
+            time.sleep(0.05 if warm else 0.5)
+        return self.health_s + time.perf_counter() - started
+
     def similar(self, image_id: int, mode: str, backend: str | None) -> tuple[float, dict[str, Any]]:
         params = {"k": K, "mode": mode, **({"backend": backend} if backend else {})}
         started = time.perf_counter()
@@ -385,6 +398,21 @@ def passes(methods: list[M]) -> list[list[M]]:
     return [g for g in order if g]
 
 
+def warm_pass(db: Database, runtime: SearchRuntime, model_id: int, backend: str | None) -> None:
+    """Before a pass, what a server of that backend warms at start (search/warmup.py), untimed: pgvector's graphs
+    then tables within shared_buffers; FAISS's saved index loaded afresh (its files read, checksummed and mapped),
+    in a new FaissStore as a starting server has. Exact scans get nothing."""
+    if backend == "pgvector":
+        with db.session() as session:
+            prewarm_search_relations(session, model_id)
+    elif backend == "faiss":
+        runtime.faiss = SearchRuntime.create(runtime.settings).faiss
+        with db.session() as session:
+            model = session.get(EmbeddingModel, model_id)
+            assert model is not None
+            runtime.faiss.get(session, model)
+
+
 def rotated(methods: list[T], i: int) -> list[T]:
     """The methods for query i, starting at a different one each query. In one fixed order, the first method
     to walk a query's part of a graph read its pages from the OS cache and the next found them in shared_buffers
@@ -453,6 +481,8 @@ def measure(
     cat_of = dict(zip(ids.tolist(), cats.tolist(), strict=True))
     label_of = dict(zip(ids.tolist(), labels.tolist(), strict=True))
     runtime = SearchRuntime.create(settings)
+    with db.session() as session:
+        model_id = int(runtime.service(session).model(None).id)
     # The FAISS index builds (or loads) on first use, like in the server: not part of any timed query.
     started = time.perf_counter()
     service_call(db, runtime, int(ids[rows[0]]), "ann", "faiss")
@@ -492,6 +522,7 @@ def measure(
         modes.setdefault(label, set()).add(mode)
 
     for group in passes(methods):
+        warm_pass(db, runtime, model_id, group[0][2])
         for warm in rows[:5]:  # plans, caches, the FAISS index in memory; not measured
             for _, mode, backend, rt in group:
                 service_call(db, rt, int(ids[warm]), mode, backend)
@@ -528,7 +559,6 @@ def measure(
     }
     out["stage1_rules"] = measure_rules(db, settings, ids, rows, truths, cat_of, label_of)
     with db.session() as session:
-        model_id = int(runtime.service(session).model(None).id)
         out["calibration"] = SearchStateRepository(session).get(state_key(model_id))
         out["walks"] = SearchStateRepository(session).get(walks_key(model_id))  # each category's calibrated width
         out["ann_walk"] = SearchStateRepository(session).get(ann_key(model_id))  # the model's own graph's width
@@ -541,25 +571,27 @@ def measure(
     out["faiss_first_use_s"] = round(faiss_first_s, 2)
     out["sql"] = measure_sql(settings.database_url, settings, ids, rows, truths, service_ids, exact_n)
     if args.http:
-        http = Http(
-            server_url,
-            data_dir,
-            {"IMSRC_INFERENCE": args.inference, "IMSRC_SEARCH_EF_SEARCH": str(settings.search_ef_search)},
-        )
-        try:
-            out["http_health_s"] = round(http.health_s, 2)
-            first = time.perf_counter()
-            http.similar(int(ids[rows[0]]), "two_stage", "faiss")  # the server loads its FAISS index
-            out["http_first_faiss_query_s"] = round(time.perf_counter() - first, 2)
-            http_methods = [(label, mode, backend) for label, mode, backend in METHODS]
-            hl: dict[str, list[float]] = {}
-            hr: dict[str, list[float]] = {}
-            hm: dict[str, set[str]] = {}
-            il: dict[str, list[float]] = {}
-            im: dict[str, set[str]] = {}
-            embed_ms: list[float] = []
-            for hgroup in passes(http_methods):
-                images = pngs is not None and hgroup[0][2] == "pgvector"  # image queries go with their backend
+        http_methods = [(label, mode, backend) for label, mode, backend in METHODS]
+        hl: dict[str, list[float]] = {}
+        hr: dict[str, list[float]] = {}
+        hm: dict[str, set[str]] = {}
+        il: dict[str, list[float]] = {}
+        im: dict[str, set[str]] = {}
+        embed_ms: list[float] = []
+        for hgroup in passes(http_methods):
+            # Each pass against a server configured for its backend, timed once its warm-up is done: FAISS's
+            # loads the saved index and leaves pgvector's pages alone (search/warmup.py).
+            backend = hgroup[0][2]
+            env = {"IMSRC_INFERENCE": args.inference, "IMSRC_SEARCH_EF_SEARCH": str(settings.search_ef_search)}
+            if backend == "faiss":
+                env["IMSRC_SEARCH_BACKEND"] = "faiss"
+            http = Http(server_url, data_dir, env)
+            try:
+                warm_s = http.wait_warm()
+                if "http_health_s" not in out:
+                    out["http_health_s"] = round(http.health_s, 2)
+                out.setdefault("http_warm_s", {})[backend or "exact"] = round(warm_s, 2)
+                images = pngs is not None and backend == "pgvector"  # image queries go with their backend
                 for warm in rows[:5]:
                     for _, mode, backend in hgroup:
                         http.similar(int(ids[warm]), mode, backend)
@@ -582,6 +614,9 @@ def measure(
                             il.setdefault(label, []).append(took)
                             im.setdefault(label, set()).add(body["mode"])
                             embed_ms.append(body["timings_ms"]["embed"])
+            finally:
+                http.close()
+        if hl:
             out["http"] = {
                 label: {
                     **summary(hl[label]),
@@ -593,8 +628,6 @@ def measure(
             out["http_image"] = {label: {**summary(il[label]), "response_mode": sorted(im[label])} for label in il}
             if embed_ms:
                 out["http_image_embed_p50_ms"] = round(statistics.median(embed_ms), 2)
-        finally:
-            http.close()
     return out
 
 
@@ -774,11 +807,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.reuse:
             # The kept catalog as this code would have left it: its migrations, then search sync (what a
             # deployment upgraded in place gets); the same seeds give the same vectors, so the same queries.
-            model, ids, cats, build = reuse(db, settings, model_name)
+            _model, ids, cats, build = reuse(db, settings, model_name)
             build = {**kept.get("build_s", {}), **build}
             picked.append(pick_queries(held.pop(), ids, args))
         else:
-            model, build, ids, cats = load(
+            _model, build, ids, cats = load(
                 db,
                 settings,
                 held,
@@ -793,10 +826,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 kept = {"data_args": data_args(args), "commit": commit(), "build_s": build, "built_at": time.time()}
                 (args.keep / KEPT).write_text(json.dumps(kept, indent=1) + "\n")
         queries = picked[0]
-        # What the server's warm-up does at start (search/warmup.py): the graphs first, in shared_buffers while
-        # they fit, the rest into the OS page cache.
-        with db.session() as session:
-            prewarm_search_relations(session, model.id)
         result = measure(db, settings, scratch / "data", db_url, queries, labels, ids, cats, args, pngs, start_timing)
         engine.dispose()
         if args.http:
