@@ -4,13 +4,14 @@ narrowest width reaching the target, read the same way by the service and by the
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import vector_literal
 from imsrc.config import Settings
 from imsrc.search.pg_queries import NeighbourRepository, WalkWidth, branch_plan, category_ef_search
-from imsrc.search.repository import SearchStateRepository, VectorRepository
+from imsrc.search.repository import SearchStateRepository, VectorRepository, copy_batches
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime
 from imsrc.search.sync import refresh_derived, sync_search
@@ -20,6 +21,7 @@ from imsrc.search.walks import (
     LIMIT,
     SAMPLES,
     K,
+    _stale,
     ann_key,
     ann_samples,
     exact_top,
@@ -251,3 +253,46 @@ def test_the_streamed_exact_answers_match_the_sql_exact_scan(session: Session) -
     # A copy and its original score the same: ordered by id, both in the answer.
     first = got[-1]
     assert [i for i, _ in first[:2]] == sorted([ids[0], int(cat.image_ids[0])])
+
+
+def test_a_global_fit_is_redone_for_too_few_samples_not_for_every_thousand_rows() -> None:
+    fit = {"ef": 16, "rows": 100_000, "recall": 0.995, "samples": 100, "target": 0.99}
+    # Growth within DRIFT keeps the fit, although a graph of today's size would now be sampled more.
+    assert not _stale(fit, 100_999, 0.99, ann_samples)
+    assert not _stale(fit, 180_000, 0.99, ann_samples)
+    assert _stale(fit, 200_001, 0.99, ann_samples)  # DRIFT
+    # A fit made on fewer members than its own rows called for (an earlier release's 40 at 100k) is redone.
+    assert _stale({**fit, "samples": 40}, 100_000, 0.99, ann_samples)
+    assert not _stale({**fit, "samples": 40}, 100_000, 0.99)  # per-category fits: no sample rule
+    small = {"ef": 16, "rows": 30, "recall": 1.0, "samples": 30, "target": 0.99}
+    assert not _stale(small, 30, 0.99, ann_samples)  # every member of a tiny graph was sampled
+
+
+def _binary_copy(ids: np.ndarray, vectors: np.ndarray) -> bytes:
+    """What COPY (image_id, embedding) TO STDOUT (FORMAT BINARY) sends for these rows."""
+    d = vectors.shape[1]
+    out = bytearray(b"PGCOPY\n\xff\r\n\x00" + bytes(8))
+    for i, v in zip(ids.tolist(), vectors, strict=True):
+        out += (2).to_bytes(2, "big", signed=True) + (8).to_bytes(4, "big") + int(i).to_bytes(8, "big", signed=True)
+        out += (4 + 4 * d).to_bytes(4, "big") + d.to_bytes(2, "big") + bytes(2) + v.astype(">f4").tobytes()
+    return bytes(out + b"\xff\xff")
+
+
+def test_the_copy_stream_is_parsed_whatever_its_chunks() -> None:
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 5, 17, 100):
+        ids = rng.integers(1, 2**40, n)
+        vectors = rng.standard_normal((n, 6)).astype(np.float32)
+        stream = _binary_copy(ids, vectors)
+        for _ in range(5):
+            cuts = sorted(rng.choice(np.arange(1, len(stream)), size=min(40, len(stream) - 1), replace=False))
+            chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+            got = list(copy_batches(chunks, 6, batch_rows=4))
+            assert all(len(i) for i, _ in got)
+            assert np.concatenate([i for i, _ in got] or [np.zeros(0, np.int64)]).tolist() == ids.tolist()
+            if n:
+                assert np.array_equal(np.concatenate([v for _, v in got]), vectors)
+    with pytest.raises(ValueError, match="cut short"):
+        list(copy_batches([_binary_copy(np.arange(3), np.ones((3, 6), np.float32))[:-7]], 6, 4))
+    with pytest.raises(ValueError, match="6-dimensional"):
+        list(copy_batches([_binary_copy(np.arange(3), np.ones((3, 5), np.float32))], 6, 1))

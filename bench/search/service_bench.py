@@ -19,6 +19,7 @@ recall@10 reaches two-stage pgvector's on a calibration set of separate queries.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
@@ -158,14 +159,22 @@ class Http:
         self.health_s = time.perf_counter() - started
 
     def wait_warm(self, timeout_s: float = 900) -> float:
-        """Seconds from start until /health/ready said the search warm-up was done on ten answers in a row (each
-        worker warms up on its own, and an answer comes from either)."""
+        """Seconds from start until /health/ready said the search warm-up was done on ten answers in a row, each
+        on a new connection: each worker warms up on its own, and a kept-alive connection would ask one only."""
+        import httpx
+
         started = time.perf_counter()
         in_a_row = 0
         while in_a_row < 10:
             if time.perf_counter() - started > timeout_s:
                 raise SystemExit(f"the server's search warm-up did not finish within {timeout_s:.0f} s")
-            warm = self.client.get("/health/ready").json().get("search_warm")
+            if self.proc.poll() is not None:
+                raise SystemExit(f"imsrc serve exited during its warm-up (see {self.log})")
+            ready = f"http://127.0.0.1:{self.port}/health/ready"
+            answer = httpx.get(ready, headers={"Connection": "close"}, timeout=60)
+            warm = answer.json().get("search_warm")
+            if warm is None:
+                raise SystemExit("imsrc serve runs no search warm-up (IMSRC_SEARCH_WARMUP is off)")
             in_a_row = in_a_row + 1 if warm else 0
             time.sleep(0.05 if warm else 0.5)
         return self.health_s + time.perf_counter() - started
@@ -398,7 +407,16 @@ def passes(methods: list[M]) -> list[list[M]]:
     return [g for g in order if g]
 
 
-def warm_pass(db: Database, runtime: SearchRuntime, model_id: int, backend: str | None) -> None:
+def fresh_faiss(runtimes: Sequence[SearchRuntime]) -> None:
+    """A new, empty FaissStore shared by `runtimes`, the old one let go: an index built in memory on first use
+    (a fresh catalog: 5 GB at 1M x 1280) would otherwise stay resident beside the mapped files of its save."""
+    store = SearchRuntime.create(runtimes[0].settings).faiss
+    for rt in runtimes:
+        rt.faiss = store
+    gc.collect()
+
+
+def warm_pass(db: Database, runtimes: Sequence[SearchRuntime], model_id: int, backend: str | None) -> None:
     """Before a pass, what a server of that backend warms at start (search/warmup.py), untimed: pgvector's graphs
     then tables within shared_buffers; FAISS's saved index loaded afresh (its files read, checksummed and mapped),
     in a new FaissStore as a starting server has. Exact scans get nothing."""
@@ -406,11 +424,11 @@ def warm_pass(db: Database, runtime: SearchRuntime, model_id: int, backend: str 
         with db.session() as session:
             prewarm_search_relations(session, model_id)
     elif backend == "faiss":
-        runtime.faiss = SearchRuntime.create(runtime.settings).faiss
+        fresh_faiss(runtimes)
         with db.session() as session:
             model = session.get(EmbeddingModel, model_id)
             assert model is not None
-            runtime.faiss.get(session, model)
+            runtimes[0].faiss.get(session, model)
 
 
 def rotated(methods: list[T], i: int) -> list[T]:
@@ -503,6 +521,7 @@ def measure(
     forced = SearchRuntime.create(settings.model_copy(update={"search_two_stage_min_rows": 0}))
     forced.faiss = runtime.faiss
     methods.insert(4, (FORCED, "two_stage", "pgvector", forced))
+    fresh_faiss([runtime, tuned, forced])  # the index built by the first use: saved, to be mapped by the FAISS pass
     lat: dict[str, list[float]] = {}
     rec: dict[str, list[float]] = {}
     prec: dict[str, list[float]] = {}
@@ -522,7 +541,7 @@ def measure(
         modes.setdefault(label, set()).add(mode)
 
     for group in passes(methods):
-        warm_pass(db, runtime, model_id, group[0][2])
+        warm_pass(db, [runtime, tuned, forced], model_id, group[0][2])
         for warm in rows[:5]:  # plans, caches, the FAISS index in memory; not measured
             for _, mode, backend, rt in group:
                 service_call(db, rt, int(ids[warm]), mode, backend)
@@ -582,7 +601,11 @@ def measure(
             # Each pass against a server configured for its backend, timed once its warm-up is done: FAISS's
             # loads the saved index and leaves pgvector's pages alone (search/warmup.py).
             backend = hgroup[0][2]
-            env = {"IMSRC_INFERENCE": args.inference, "IMSRC_SEARCH_EF_SEARCH": str(settings.search_ef_search)}
+            env = {
+                "IMSRC_INFERENCE": args.inference,
+                "IMSRC_SEARCH_EF_SEARCH": str(settings.search_ef_search),
+                "IMSRC_SEARCH_WARMUP": "true",
+            }
             if backend == "faiss":
                 env["IMSRC_SEARCH_BACKEND"] = "faiss"
             http = Http(server_url, data_dir, env)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,54 @@ def vector_from_send(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=">f4", offset=4).astype(np.float32)
 
 
+def copy_batches(
+    chunks: Iterable[bytes | bytearray | memoryview], dimension: int, batch_rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, float32 vectors) batches of a COPY (image_id int8, embedding vector) TO STDOUT (FORMAT BINARY) stream
+    given in chunks cut anywhere: each batch holds the whole rows received so far once there are `batch_rows`."""
+    row = np.dtype(
+        [
+            ("nf", ">i2"),
+            ("l1", ">i4"),
+            ("id", ">i8"),
+            ("l2", ">i4"),
+            ("dim", ">i2"),
+            ("unused", ">i2"),
+            ("vec", ">f4", (dimension,)),
+        ]
+    )
+    buf = bytearray()
+    header = False
+
+    def take(n: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.frombuffer(bytes(buf[: n * row.itemsize]), dtype=row)
+        del buf[: n * row.itemsize]
+        if (rows["nf"] != 2).any() or (rows["dim"] != dimension).any():
+            raise ValueError(f"vectors are not all {dimension}-dimensional")
+        return rows["id"].astype(np.int64), rows["vec"].astype(np.float32)
+
+    for chunk in chunks:
+        buf += chunk
+        if not header:
+            if len(buf) < _HEADER:
+                continue
+            if not buf.startswith(_COPY_SIGNATURE):
+                raise ValueError("not a binary COPY stream")
+            del buf[:_HEADER]
+            header = True
+        if len(buf) >= batch_rows * row.itemsize + 2:  # never the trailer alone left behind
+            yield take((len(buf) - 2) // row.itemsize)
+    if not header:
+        if buf:
+            raise ValueError("not a binary COPY stream")
+        return
+    if buf[-2:] != b"\xff\xff" or (len(buf) - 2) % row.itemsize:
+        raise ValueError(f"vectors are not all {dimension}-dimensional (or the stream was cut short)")
+    del buf[-2:]
+    if buf:
+        yield take(len(buf) // row.itemsize)
+
+
 class VectorRepository:
     """Bulk reads of stored embeddings, through binary COPY (fast, no per-row Python objects)."""
 
@@ -127,51 +175,14 @@ class VectorRepository:
         """(image ids, float32 vectors) of every vector of the model, in batches of about `batch_rows`, through one
         binary COPY: memory stays a batch whatever the catalog's size (fetch() holds all of it: 5 GB at 1M x
         1280)."""
-        row = np.dtype(
-            [
-                ("nf", ">i2"),
-                ("l1", ">i4"),
-                ("id", ">i8"),
-                ("l2", ">i4"),
-                ("dim", ">i2"),
-                ("unused", ">i2"),
-                ("vec", ">f4", (dimension,)),
-            ]
-        )
         sql = (
             f"COPY (SELECT image_id, embedding FROM embeddings WHERE model_id = {int(model_id)}) "
             "TO STDOUT (FORMAT BINARY)"
         )
         raw = self.session.connection().connection.driver_connection
         assert raw is not None
-        buf = bytearray()
-        header = False
-
-        def take(n: int) -> tuple[np.ndarray, np.ndarray]:
-            rows = np.frombuffer(bytes(buf[: n * row.itemsize]), dtype=row)
-            del buf[: n * row.itemsize]
-            if (rows["dim"] != dimension).any():
-                raise ValueError(f"vectors are not all {dimension}-dimensional")
-            return rows["id"].astype(np.int64), rows["vec"].astype(np.float32)
-
         with raw.cursor() as cur, cur.copy(sql) as copy:
-            for chunk in copy:
-                buf += chunk
-                if not header:
-                    if len(buf) < _HEADER:
-                        continue
-                    if not buf.startswith(_COPY_SIGNATURE):
-                        raise ValueError("not a binary COPY stream")
-                    del buf[:_HEADER]
-                    header = True
-                if len(buf) >= batch_rows * row.itemsize:
-                    yield take(len(buf) // row.itemsize)
-        if header:
-            del buf[-2:]  # trailer: int16 -1
-            if len(buf) % row.itemsize:
-                raise ValueError(f"vectors are not all {dimension}-dimensional")
-            if buf:
-                yield take(len(buf) // row.itemsize)
+            yield from copy_batches(copy, dimension, batch_rows)
 
     def _vector_in(self, model_id: int, image_id: int, category_id: int | None) -> np.ndarray | None:
         """On Citus: the image's vector, read from its category's shard alone."""

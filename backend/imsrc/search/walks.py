@@ -122,15 +122,18 @@ def _entries(stored: Mapping[str, Any]) -> dict[int, Mapping[str, Any]]:
     return {int(key): value for key, value in stored.items() if str(key).isdigit() and isinstance(value, Mapping)}
 
 
-def _stale(entry: Mapping[str, Any] | None, rows: int, target: float, samples: int = 0) -> bool:
+def _stale(
+    entry: Mapping[str, Any] | None, rows: int, target: float, samples: Callable[[int], int] | None = None
+) -> bool:
     """Whether a stored fit is to be made again: none, another target, rows grown or shrunk by DRIFT, or (with
-    `samples`) measured on fewer members than a fit now takes where the rows allow (a width fitted by an earlier
-    release on 40 members of the model)."""
+    `samples`, members wanted for a graph of n rows) measured on fewer members than this release would have taken
+    for the rows it was fitted on (a width an earlier release fitted on 40 members of a 1M graph). Judged on the
+    fit's own rows, not today's: growth alone is DRIFT's to judge, or every thousand new rows would refit."""
     try:
         if not entry or "ef" not in entry or float(entry.get("target", -1)) != target:
             return True
         then = max(int(entry.get("rows", 0)), 1)
-        if int(entry.get("samples", 0)) < min(samples, rows):
+        if samples is not None and int(entry.get("samples", 0)) < min(samples(then), then):
             return True
     except (TypeError, ValueError):
         return True
@@ -143,7 +146,7 @@ def ann_due(session: Session, settings: Settings, model: EmbeddingModel) -> bool
     rows = NeighbourRepository(session).global_index_rows(model.id)
     if settings.search_walk_recall <= 0 or rows is None:
         return bool(stored)
-    return _stale(stored, rows, settings.search_walk_recall, ann_samples(rows))
+    return _stale(stored, rows, settings.search_walk_recall, ann_samples)
 
 
 def due(session: Session, settings: Settings, model: EmbeddingModel) -> list[int]:
@@ -203,7 +206,7 @@ def calibrate_ann(session: Session, settings: Settings, model: EmbeddingModel) -
         if stored:
             state.put(ann_key(model.id), {})
         return None
-    if not _stale(stored, rows, settings.search_walk_recall, ann_samples(rows)):
+    if not _stale(stored, rows, settings.search_walk_recall, ann_samples):
         return None
     with _reader(session) as (neighbours, in_session):
         if not in_session and neighbours.global_index_rows(model.id) is None:

@@ -96,11 +96,28 @@ def _relations(session: Session, model_id: int, *, heap: bool) -> list[tuple[int
         order = "c.relname = :g"
     rows = session.execute(
         text(
-            f"SELECT c.oid, pg_relation_size(c.oid) / {BLOCK} FROM pg_class c WHERE {where} ORDER BY {order}, c.relname"
+            # length first: ..._c9 before ..._c10, categories in id order
+            f"SELECT c.oid, pg_relation_size(c.oid) / {BLOCK} FROM pg_class c WHERE {where} "
+            f"ORDER BY {order}, length(c.relname), c.relname"
         ),
         {"p": f"{INDEX_PREFIX}_m{int(model_id)}\\_c%", "g": global_index_name(model_id)},
     ).all()
     return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def _prewarm_range(session: Session, oid: int, mode: str, first: int, last: int) -> int:
+    """pg_prewarm of blocks first..last of a relation, clamped to its size now (a VACUUM may have truncated it
+    since it was measured); blocks read."""
+    return int(
+        session.execute(
+            text(
+                f"SELECT coalesce(sum(pg_prewarm({_OID}, :mode, 'main', CAST(:f AS bigint),"
+                f" LEAST(CAST(:l AS bigint), n - 1))), 0) FROM (SELECT pg_relation_size({_OID}) / {BLOCK} AS n) s"
+                " WHERE LEAST(CAST(:l AS bigint), n - 1) >= CAST(:f AS bigint)"
+            ),
+            {"o": oid, "mode": mode, "f": first, "l": last},
+        ).scalar_one()
+    )
 
 
 def prewarm(session: Session, model_id: int, *, heap: bool, budget: PrewarmBudget | None = None) -> int:
@@ -114,16 +131,11 @@ def prewarm(session: Session, model_id: int, *, heap: bool, budget: PrewarmBudge
     for oid, blocks in _relations(session, model_id, heap=heap):
         cached = min(blocks, budget.blocks)
         if cached:
-            sql = f"SELECT pg_prewarm({_OID}, 'buffer', 'main', 0, CAST(:l AS bigint))"
-            session.execute(text(sql), {"o": oid, "l": cached - 1})
+            read += _prewarm_range(session, oid, "buffer", 0, cached - 1)
             budget.blocks -= cached
         if cached < blocks:
-            session.execute(
-                text(f"SELECT pg_prewarm({_OID}, 'read', 'main', CAST(:f AS bigint), CAST(:l AS bigint))"),
-                {"o": oid, "f": cached, "l": blocks - 1},
-            )
-        read += blocks * BLOCK
-    return read
+            read += _prewarm_range(session, oid, "read", cached, blocks - 1)
+    return read * BLOCK
 
 
 def prewarm_search_relations(session: Session, model_id: int) -> int:
