@@ -681,12 +681,7 @@ def cold_restart(
     try:
         rng = np.random.default_rng(11)
         queries = [int(i) for i in rng.choice(ids, 21, replace=False)]
-        waited = time.perf_counter()
-        while wait_warm and not http.client.get("/health/ready").json().get("search_warm"):
-            if time.perf_counter() - waited > 300:
-                raise SystemExit("the search warm-up did not finish within 300 s")
-            time.sleep(0.1)
-        warm_wait_s = time.perf_counter() - waited
+        warm_wait_s = http.wait_warm(timeout_s=300) - http.health_s if wait_warm else 0.0
         first_ms, _ = http.similar(queries[0], "two_stage", None)
         time.sleep(10)
         later = [http.similar(q, "two_stage", None)[0] for q in queries[1:]]

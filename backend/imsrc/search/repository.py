@@ -39,6 +39,16 @@ class VectorBatch:
         return len(self.image_ids)
 
 
+def _copy_row(dimension: int, *int8_columns: str) -> np.dtype:
+    """One row of a binary COPY of int8 columns then a `dimension`-d vector: the field count, each field's length
+    before it, and pgvector's binary vector (int16 dimension, int16 unused, big-endian float4s)."""
+    fields: list[tuple[Any, ...]] = [("nf", ">i2")]
+    for n, name in enumerate(int8_columns, start=1):
+        fields += [(f"l{n}", ">i4"), (name, ">i8")]
+    fields += [(f"l{len(int8_columns) + 1}", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f4", (dimension,))]
+    return np.dtype(fields)
+
+
 def _parse_binary_copy(data: bytes, dimension: int) -> VectorBatch:
     """Parse COPY (image_id int8, category_id int8 NOT NULL, embedding vector) TO STDOUT (FORMAT BINARY).
 
@@ -48,19 +58,7 @@ def _parse_binary_copy(data: bytes, dimension: int) -> VectorBatch:
     if not data.startswith(_COPY_SIGNATURE):
         raise ValueError("not a binary COPY stream")
     body = memoryview(data)[_HEADER : len(data) - 2]  # trailer: int16 -1
-    row = np.dtype(
-        [
-            ("nf", ">i2"),
-            ("l1", ">i4"),
-            ("id", ">i8"),
-            ("l2", ">i4"),
-            ("cat", ">i8"),
-            ("l3", ">i4"),
-            ("dim", ">i2"),
-            ("unused", ">i2"),
-            ("vec", ">f4", (dimension,)),
-        ]
-    )
+    row = _copy_row(dimension, "id", "cat")
     if len(body) % row.itemsize:
         raise ValueError(f"vectors are not all {dimension}-dimensional")
     rows = np.frombuffer(body, dtype=row)
@@ -88,17 +86,7 @@ def copy_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, float32 vectors) batches of a COPY (image_id int8, embedding vector) TO STDOUT (FORMAT BINARY) stream
     given in chunks cut anywhere: each batch holds the whole rows received so far once there are `batch_rows`."""
-    row = np.dtype(
-        [
-            ("nf", ">i2"),
-            ("l1", ">i4"),
-            ("id", ">i8"),
-            ("l2", ">i4"),
-            ("dim", ">i2"),
-            ("unused", ">i2"),
-            ("vec", ">f4", (dimension,)),
-        ]
-    )
+    row = _copy_row(dimension, "id")
     buf = bytearray()
     header = False
 
