@@ -73,8 +73,8 @@ def test_two_models_of_different_dimensions_live_side_by_side(session: Session) 
         text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'embeddings' AND indexdef LIKE '%hnsw%'")
     ).all()
     defs = {r.indexname: r.indexdef for r in indexes}
-    assert "vector(4)" in defs[f"ix_embeddings_hnsw_m{small.id}"]
-    assert "halfvec(2048)" in defs[f"ix_embeddings_hnsw_m{wide.id}"]  # vector HNSW stops at 2,000 dims
+    assert "halfvec(4)" in defs[f"ix_embeddings_hnsw_m{small.id}"]  # half precision at every dimension
+    assert "halfvec(2048)" in defs[f"ix_embeddings_hnsw_m{wide.id}"]
     assert models.register(name="test-a", dimension=4, family="test", params={}, supports_text=False).id == small.id
     views = session.execute(text("SELECT embedded_models FROM catalog_images WHERE id = :i"), {"i": image_id})
     assert views.scalar_one() == ["test-a", "test-b"]

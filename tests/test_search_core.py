@@ -10,8 +10,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from imsrc.catalog.repository import ModelRepository, vector_literal
 from imsrc.config import Settings
 from imsrc.search.faiss_store import FaissStore
+from imsrc.search.pg_queries import NeighbourRepository
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime, SearchService
 from imsrc.search.sync import sync_search
@@ -285,6 +287,55 @@ def test_sync_replaces_full_precision_category_indexes_with_halfvec_ones(session
     )
     assert legacy not in names
     assert {f"ix_embeddings_hv_m{cat.model.id}_c{i}" for i in cat.category_ids} <= names
+
+
+def test_sync_rebuilds_a_full_precision_global_graph_on_halfvec(session: Session, settings: Settings) -> None:
+    """Catalogs indexed before the switch have the model's graph over every image on embedding::vector(d): mode
+    `ann` (service and SQL) walks it as it is until search sync rebuilds it on halfvec with the same m, and the
+    scores stay full precision either way."""
+    cat = make_catalog(session, n_categories=2, per_category=40, dimension=8, name="legacy-global")
+    name = f"ix_embeddings_hnsw_m{cat.model.id}"
+    session.execute(text(f"DROP INDEX {name}"))
+    session.execute(
+        text(
+            f"CREATE INDEX {name} ON embeddings USING hnsw ((embedding::vector(8)) vector_cosine_ops) "
+            f"WITH (m = 8) WHERE model_id = {cat.model.id}"
+        )
+    )
+    models = ModelRepository(session)
+    q = _queries(cat, 1)[0]
+    truth = brute_force(cat.vectors, cat.image_ids, q, 5)
+    exact = {int(i): float(s) for i, s in zip(cat.image_ids, cat.vectors @ q, strict=True)}
+
+    def check() -> None:
+        got = SearchService(session, _runtime(settings)).search_vector(cat.model, q, SearchOptions(k=5, mode="ann"))
+        assert got.mode == "ann" and _ids(got) == truth
+        assert all(abs(h.score - exact[h.id]) < 1e-6 for h in got.results)
+        sql = session.execute(
+            text("SELECT image_id, score FROM imsrc.search(CAST(:q AS vector), 5, NULL, 'ann', :m)"),
+            {"q": vector_literal(q), "m": cat.model.name},
+        ).all()
+        assert [int(r[0]) for r in sql] == truth
+        assert all(abs(float(r[1]) - exact[int(r[0])]) < 1e-6 for r in sql)
+
+    neighbours = NeighbourRepository(session)
+    walks = [neighbours.global_walks_index(cat.model.id, 8, vector_literal(q), 15, half=h) for h in (False, True)]
+    assert walks == [True, False]  # the walk is written in the legacy graph's expression, or it is an exact sort
+    assert models.global_index_half(cat.model.id) is False
+    assert session.execute(text("SELECT imsrc._global_type(:m, 8)"), {"m": cat.model.id}).scalar() == "vector(8)"
+    check()
+    assert not sync_search(session, settings, model_id=cat.model.id).global_rebuilt  # an upload's or a delete's
+    check()
+    report = sync_search(session, settings, model_id=cat.model.id, rebuild_global=True)
+    assert report.global_rebuilt and report.ann_calibrated
+    assert models.global_index_half(cat.model.id) is True
+    assert session.execute(text("SELECT imsrc._global_type(:m, 8)"), {"m": cat.model.id}).scalar() == "halfvec(8)"
+    options = session.execute(text("SELECT reloptions FROM pg_class WHERE relname = :n"), {"n": name}).scalar()
+    assert options == ["m=8"]
+    walks = [neighbours.global_walks_index(cat.model.id, 8, vector_literal(q), 15, half=h) for h in (False, True)]
+    assert walks == [False, True]
+    check()
+    assert not sync_search(session, settings, model_id=cat.model.id, rebuild_global=True).global_rebuilt
 
 
 def test_a_small_catalog_answers_two_stage_as_ann_and_says_so(

@@ -142,8 +142,8 @@ def test_similar_matches_the_api_two_stage_path(catalog: Catalog, mode: str, cat
         assert [r[0] for r in rows] == [h["id"] for h in api["results"]]
         assert [r[2] for r in rows] == [h["category"] for h in api["results"]]
         assert [r[3] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) == 10
-        # Full-precision scores on both sides (the API's per-category re-sort once used a half-precision query:
-        # 1.4e-5 off, near-ties in another order).
+        # The same scores on both sides (the API's per-category re-sort once used a half-precision query where the
+        # SQL used a full-precision one: 1.4e-5 apart, near-ties in another order).
         assert [round(r[1], 6) for r in rows] == pytest.approx([h["score"] for h in api["results"]], abs=1.5e-6)
         truth = dict(
             _reader(
@@ -153,7 +153,10 @@ def test_similar_matches_the_api_two_stage_path(catalog: Catalog, mode: str, cat
                 (image,),
             )
         )
-        assert [h["score"] for h in api["results"]] == pytest.approx([truth[r[0]] for r in rows], abs=1.5e-6)
+        # A walked category is scored from its partition's half-precision copy (pg_queries._union); `ann` and
+        # `exact` score the full-precision row.
+        tolerance = 5e-5 if mode == "two_stage" else 1.5e-6
+        assert [h["score"] for h in api["results"]] == pytest.approx([truth[r[0]] for r in rows], abs=tolerance)
         assert not set(catalog.duplicates) & {r[0] for r in rows}
         if name == "cats-4.png":
             assert rows[0][0] == catalog.ids["maps-6.png"] and api["results"][0]["match_type"] == "duplicate"

@@ -192,7 +192,7 @@ def profile(db: Database, model: Any, queries: np.ndarray, repeats: int = 10) ->
     the same plan), and the shard's query sent to its worker directly. Three categories (the three largest): the
     same three reads one after another, at once as the service runs them (_citus_reads), and the merge of their
     rows; the stage-2 pool's checkout alone."""
-    from imsrc.catalog.repository import embedding_expr, vector_literal
+    from imsrc.catalog.repository import vector_literal
     from imsrc.db.engine import side_engine
     from imsrc.search import pg_queries
     from imsrc.search.pg_queries import citus_category_read, citus_read, walk_settings
@@ -212,13 +212,12 @@ def profile(db: Database, model: Any, queries: np.ndarray, repeats: int = 10) ->
             " get_shard_id_for_distribution_column('embeddings', %s)",
             (biggest[0],),
         ).fetchone() or (None, None, None)
-    expr = embedding_expr(dim)
 
     def sql(category: int, table: str = "embeddings") -> str:
         q = f"CAST(CAST(%(q)s AS text) AS vector({dim}))"
         half = f"CAST(CAST(%(q)s AS text) AS halfvec({dim}))"
         return (
-            f"SELECT image_id, 1 - ({expr} <=> {q}) AS score FROM {table} WHERE model_id = {int(model.id)} AND"
+            f"SELECT image_id, 1 - (embedding <=> {q}) AS score FROM {table} WHERE model_id = {int(model.id)} AND"
             f" category_id = {category} ORDER BY (embedding::halfvec({dim})) <#> {half} LIMIT 15"
         )
 

@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
 from bench.bench_common import check_resources, database_url  # noqa: E402
 from bench.search.load import load, make_mixture, start_server  # noqa: E402
 
-from imsrc.catalog.repository import ModelRepository, embedding_expr, opclass  # noqa: E402
+from imsrc.catalog.repository import GLOBAL_OPCLASS, ModelRepository, embedding_expr  # noqa: E402
 from imsrc.config import Settings  # noqa: E402
 from imsrc.db.engine import make_engine, upgrade  # noqa: E402
 from imsrc.db.session import Database  # noqa: E402
@@ -110,7 +110,7 @@ def measure(url: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]
                     lambda: session.execute(
                         text(
                             f"CREATE INDEX bench_global_dense ON embeddings USING hnsw "
-                            f"({embedding_expr(dim)} {opclass(dim)}) WITH (m = {HNSW_M}, "
+                            f"({embedding_expr(dim)} {GLOBAL_OPCLASS}) WITH (m = {HNSW_M}, "
                             f"ef_construction = {HNSW_EF_CONSTRUCTION}) WHERE model_id = {model.id}"
                         )
                     )

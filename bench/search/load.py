@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import EmbeddingModel
-from imsrc.catalog.repository import ModelRepository, embedding_expr, opclass
+from imsrc.catalog.repository import GLOBAL_OPCLASS, ModelRepository, embedding_expr
 from imsrc.config import Settings
 from imsrc.db.embedded import EmbeddedServer
 from imsrc.db.session import Database
@@ -236,7 +236,7 @@ def load(
                 session.execute(
                     text(
                         f"CREATE INDEX ix_embeddings_hnsw_m{model.id} ON embeddings USING hnsw "
-                        f"({embedding_expr(dim)} {opclass(dim)}) WITH (m = {int(global_graph[0])}, "
+                        f"({embedding_expr(dim)} {GLOBAL_OPCLASS}) WITH (m = {int(global_graph[0])}, "
                         f"ef_construction = {int(global_graph[1])}) WHERE model_id = {model.id}"
                     )
                 )

@@ -69,7 +69,7 @@ def plain_filter(session: Any, model_id: int, dim: int, q: str, cats: list[int],
     rows = session.execute(
         text(
             f"SELECT image_id FROM embeddings WHERE model_id = {model_id} AND category_id = ANY(:c) "
-            f"ORDER BY {expr} <=> CAST(:q AS vector({dim})) LIMIT {K}"
+            f"ORDER BY {expr} <=> CAST(:q AS halfvec({dim})) LIMIT {K}"
         ),
         {"q": q, "c": cats},
     ).all()

@@ -16,15 +16,28 @@ from imsrc.catalog.reader import CATEGORIES_SQL, COUNTS_SQL, MODELS_SQL
 from imsrc.db.citus import sequential_shard_commands
 from imsrc.errors import ConflictError, NotFoundError
 
-# HNSW indexes `vector` up to 2,000 dimensions and `halfvec` up to 4,000: wider models index a halfvec cast.
+# HNSW indexes `vector` up to 2,000 dimensions and `halfvec` up to 4,000.
 HNSW_MAX_VECTOR_DIM = 2000
 
 
 def embedding_expr(dimension: int) -> str:
-    """The SQL expression every per-model index and query uses, so the planner can match them."""
+    """The expression of a model's graph over every image (mode `ann`), as a query must write it to walk that
+    graph: half precision at every dimension. A walk reads one graph element per visited neighbour, and the graph
+    is the biggest thing a 1M-image catalog holds besides the vectors themselves (1280-d: 7.8 GB on vector,
+    ~3.9 GB on halfvec), so halving it keeps twice as much of it in memory; the walk only ranks, scores are
+    computed from the full-precision row (legacy_global_expr: catalogs indexed before this)."""
+    return f"(embedding::halfvec({int(dimension)}))"
+
+
+def legacy_global_expr(dimension: int) -> str:
+    """What the graph over every image was built on before it was half precision everywhere (full precision up to
+    HNSW_MAX_VECTOR_DIM dimensions); search sync rebuilds such a graph on embedding_expr."""
     if dimension <= HNSW_MAX_VECTOR_DIM:
         return f"(embedding::vector({int(dimension)}))"
-    return f"(embedding::halfvec({int(dimension)}))"
+    return embedding_expr(dimension)
+
+
+GLOBAL_OPCLASS = "halfvec_cosine_ops"
 
 
 def global_index_name(model_id: int) -> str:
@@ -45,10 +58,6 @@ def vector_literal(vector: np.ndarray) -> str:
 @lru_cache(maxsize=16)
 def _literal_format(dimension: int) -> str:
     return "[" + ",".join(["%.9g"] * dimension) + "]"
-
-
-def opclass(dimension: int) -> str:
-    return "vector_cosine_ops" if dimension <= HNSW_MAX_VECTOR_DIM else "halfvec_cosine_ops"
 
 
 class CategoryRepository:
@@ -248,7 +257,7 @@ class ModelRepository:
         self.session.execute(
             text(
                 f"CREATE INDEX IF NOT EXISTS {name} ON embeddings "
-                f"USING hnsw ({embedding_expr(model.dimension)} {opclass(model.dimension)}) "
+                f"USING hnsw ({embedding_expr(model.dimension)} {GLOBAL_OPCLASS}) "
                 f"WHERE model_id = {int(model.id)}"
             )
         )
@@ -278,6 +287,39 @@ class ModelRepository:
                 {"n": global_index_name(model_id)},
             ).scalar()
         )
+
+    def global_index_half(self, model_id: int) -> bool | None:
+        """Whether the model's catalog-wide graph is on halfvec (embedding_expr), False for a legacy one on
+        full-precision vectors (legacy_global_expr), None without one."""
+        definition = self.session.execute(
+            text("SELECT indexdef FROM pg_indexes WHERE tablename = 'embeddings' AND indexname = :n"),
+            {"n": global_index_name(model_id)},
+        ).scalar()
+        return None if definition is None else "halfvec" in str(definition)
+
+    def rebuild_legacy_global_index(self, model: EmbeddingModel) -> bool:
+        """Rebuild a legacy full-precision catalog-wide graph on embedding_expr, with the same storage options
+        (m, ef_construction), under a new name, then drop the old one and take its name; whether one was rebuilt.
+        Searches meanwhile walk the old one (the build holds a SHARE lock on embeddings: writes wait for it)."""
+        if self.global_index_half(model.id) is not False:
+            return False
+        name = global_index_name(model.id)
+        options = self.session.execute(
+            text("SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE relname = :n AND relkind = 'i'"),
+            {"n": name},
+        ).scalar()
+        with_options = f" WITH ({options})" if options else ""
+        sequential_shard_commands(self.session)
+        self.session.execute(text(f"DROP INDEX IF EXISTS {name}_half"))
+        self.session.execute(
+            text(
+                f"CREATE INDEX {name}_half ON embeddings USING hnsw ({embedding_expr(model.dimension)} "
+                f"{GLOBAL_OPCLASS}){with_options} WHERE model_id = {int(model.id)}"
+            )
+        )
+        self.session.execute(text(f"DROP INDEX {name}"))
+        self.session.execute(text(f"ALTER INDEX {name}_half RENAME TO {name}"))
+        return True
 
     def embedded_count(self, model_id: int) -> int:
         return int(

@@ -400,7 +400,13 @@ def categories_sync(
     from imsrc.search.sync import sync_search
 
     with ctx.obj.database().session() as session:
-        report = sync_search(session, ctx.obj.settings, embedders=_service(ctx).embedder_factory, force_regroup=regroup)
+        report = sync_search(
+            session,
+            ctx.obj.settings,
+            embedders=_service(ctx).embedder_factory,
+            force_regroup=regroup,
+            rebuild_global=True,
+        )
     if as_json:
         print_json(report.as_dict())
     else:

@@ -40,7 +40,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.locks import WriteLocks
-from imsrc.catalog.repository import embedding_expr, global_index_name
+from imsrc.catalog.repository import embedding_expr, global_index_name, legacy_global_expr
 from imsrc.db.citus import (
     category_partitions,
     category_read_delegated,
@@ -155,7 +155,8 @@ def partition_name(category_id: int) -> str:
 def category_index_expr(dimension: int) -> str:
     """Per-category graphs hold half-precision copies: a walk reads one element per visited neighbour, and at
     1M rows (100 categories, 512-d) halving those reads took a 10,000-row category from ~7 to ~5.5 ms at the
-    same recall (bench/search). The outer query re-sorts the few rows found by their full-precision vectors."""
+    same recall (bench/search). A walk on a partition is scored from the partition's row (half precision, see
+    _union); elsewhere (Citus, legacy indexes) the outer query scores the few rows found at full precision."""
     return f"(embedding::halfvec({int(dimension)}))"
 
 
@@ -583,14 +584,14 @@ class NeighbourRepository:
             return None
         return sum(self.member_counts(model_id).values())
 
-    def global_walks_index(self, model_id: int, dimension: int, query: str, limit: int) -> bool:
+    def global_walks_index(self, model_id: int, dimension: int, query: str, limit: int, *, half: bool = True) -> bool:
         """Whether global_ann walks the model's HNSW graph in this session (see walks_index). On Citus global_ann
         reads on connections of its own, which see the committed indexes of every shard: nothing to ask. (An
         EXPLAIN of it through the calibration's session, its settings sent to the workers, failed there with
         "failure on connection marked as essential" in tests/test_citus.py.)"""
         if distributed(self.session):
             return True
-        sql, settings = self._global_ann_sql(model_id, dimension, limit, limit)
+        sql, settings = self._global_ann_sql(model_id, dimension, limit, limit, half)
         return self._plan_walks(sql, settings, query, global_index_name(model_id))
 
     def walks_index(self, model_id: int, dimension: int, category_id: int, query: str, limit: int) -> bool:
@@ -636,11 +637,11 @@ class NeighbourRepository:
     ) -> tuple[str, str, str, list[str]]:
         """The one statement over the chosen categories: (sql, full-precision expression, query cast, each
         branch's ORDER BY)."""
-        expr = embedding_expr(dimension)
+        expr = f"(embedding::vector({int(dimension)}))"
         # :q is bound as text on purpose. Left untyped, PostgreSQL gives the parameter the type of the first cast
         # it analyses, the halfvec one inside FROM, and the full-precision re-sort then used a half-precision
         # query (scores off by up to ~1e-5, near-ties in another order than exact: issue 19's SQL comparison).
-        q = f"CAST(CAST(:q AS text) AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
+        q = f"CAST(CAST(:q AS text) AS vector({int(dimension)}))"
         half = f"CAST(CAST(:q AS text) AS {_halfvec(dimension)})"
         orders = [
             f"{category_index_expr(dimension)} <#> {half}" if indexed else f"({expr} <=> {q}) + 0"
@@ -650,19 +651,24 @@ class NeighbourRepository:
         partitions = self.partitions()
         for (category_id, indexed), order in zip(categories, orders, strict=True):
             if indexed and partitions:
-                # The walk on the category's partition, then the full-precision vectors of the rows it found.
+                # The walk on the category's partition, scored from the partition's own half-precision row (its
+                # page is read anyway). A JOIN to embeddings for the full-precision vector read one more page per
+                # row found, mostly from outside PostgreSQL's cache at 1M rows: 6.7 -> 4.4 ms for one category,
+                # 11.1 -> 8.7 for three (fresh queries on the 1M real-calibrated catalog), for scores that move
+                # by ~1e-5.
                 branches.append(
-                    f"(SELECT image_id, {expr} AS e FROM (SELECT image_id FROM category_vectors WHERE model_id = "
-                    f"{int(model_id)} AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)}) v "
-                    f"JOIN embeddings USING (image_id) WHERE embeddings.model_id = {int(model_id)})"
+                    f"(SELECT image_id, 1 - ({category_index_expr(dimension)} <=> {half}) AS score "
+                    f"FROM category_vectors WHERE model_id = {int(model_id)} AND category_id = {int(category_id)} "
+                    f"ORDER BY {order} LIMIT {int(limit)})"
                 )
                 continue
             branches.append(
-                f"(SELECT image_id, {expr} AS e FROM embeddings WHERE model_id = {int(model_id)} "
-                f"AND category_id = {int(category_id)} ORDER BY {order} LIMIT {int(limit)})"
+                f"(SELECT image_id, 1 - (e <=> {q}) AS score FROM (SELECT image_id, {expr} AS e FROM embeddings "
+                f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)} "
+                f"ORDER BY {order} LIMIT {int(limit)}) x)"
             )
         sql = (
-            f"SELECT image_id, 1 - (e <=> {q}) AS score FROM ({' UNION ALL '.join(branches)}) s "
+            f"SELECT image_id, score FROM ({' UNION ALL '.join(branches)}) s "
             f"ORDER BY score DESC, image_id LIMIT {int(limit)}"
         )
         return sql, expr, q, orders
@@ -706,18 +712,27 @@ class NeighbourRepository:
             ).scalar_one()
         )
 
-    def _global_ann_sql(self, model_id: int, dimension: int, limit: int, ef_search: int) -> tuple[str, dict[str, str]]:
-        expr = embedding_expr(dimension)
-        q = f"CAST(:q AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
+    def _global_ann_sql(
+        self, model_id: int, dimension: int, limit: int, ef_search: int, half: bool = True
+    ) -> tuple[str, dict[str, str]]:
+        """The walk of the model's graph over every image: ordered by the graph's own expression (`half`: on
+        halfvec, embedding_expr; else a legacy graph, legacy_global_expr), scored from the row's full-precision
+        vector. :q is bound as text and cast twice (see _union)."""
+        expr = embedding_expr(dimension) if half else legacy_global_expr(dimension)
+        kind = "halfvec" if "halfvec" in expr else "vector"
         sql = (
-            f"SELECT image_id, 1 - ({expr} <=> {q}) AS score FROM embeddings WHERE model_id = {int(model_id)} "
-            f"ORDER BY {expr} <=> {q} LIMIT {int(limit)}"
+            f"SELECT image_id, 1 - (embedding <=> CAST(CAST(:q AS text) AS vector)) AS score FROM embeddings "
+            f"WHERE model_id = {int(model_id)} "
+            f"ORDER BY {expr} <=> CAST(CAST(:q AS text) AS {kind}({int(dimension)})) LIMIT {int(limit)}"
         )
         return sql, walk_settings(ef_search, limit)
 
-    def global_ann(self, model_id: int, dimension: int, query: str, limit: int, ef_search: int) -> list[Hit]:
-        """The per-model cosine HNSW index over every image (mode `ann` without a category filter)."""
-        sql, settings = self._global_ann_sql(model_id, dimension, limit, ef_search)
+    def global_ann(
+        self, model_id: int, dimension: int, query: str, limit: int, ef_search: int, *, half: bool = True
+    ) -> list[Hit]:
+        """The per-model cosine HNSW index over every image (mode `ann` without a category filter); `half`: the
+        graph is on halfvec (ModelRepository.global_index_half)."""
+        sql, settings = self._global_ann_sql(model_id, dimension, limit, ef_search, half)
         engine = self.session.get_bind()
         rows: Sequence[Any]
         if isinstance(engine, Engine) and distributed(self.session):
@@ -727,15 +742,15 @@ class NeighbourRepository:
         return sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda h: (-h[1], h[0]))
 
     def global_ann_hydrated(
-        self, model_id: int, dimension: int, query: str, limit: int, ef_search: int
+        self, model_id: int, dimension: int, query: str, limit: int, ef_search: int, *, half: bool = True
     ) -> tuple[list[Hit], dict[int, HitInfo]]:
         """global_ann() and hydrate() of its hits in one statement (one round trip fewer per search): the same walk
         as a subquery (its LIMIT keeps it one, planned as before), the hits' rows joined to it. On Citus, the two
         reads."""
         if distributed(self.session):
-            hits = self.global_ann(model_id, dimension, query, limit, ef_search)
+            hits = self.global_ann(model_id, dimension, query, limit, ef_search, half=half)
             return hits, self.hydrate([h[0] for h in hits])
-        walk, settings = self._global_ann_sql(model_id, dimension, limit, ef_search)
+        walk, settings = self._global_ann_sql(model_id, dimension, limit, ef_search, half)
         sql = (
             f"SELECT n.image_id, n.score, {HYDRATE_COLUMNS} FROM ({walk}) n"
             f" LEFT JOIN {HYDRATE_FROM} ON i.id = n.image_id"

@@ -128,6 +128,13 @@ class SearchRuntime:
         an exact scan."""
         return self._cached("indexes", model_id, lambda: NeighbourRepository(session).category_indexes(model_id))
 
+    def global_half(self, session: Session, model_id: int) -> bool:
+        """Whether the model's graph over every image is on halfvec (a legacy one on vector until search sync
+        rebuilds it): the walk must be written in the graph's own expression."""
+        return self._cached(
+            "global_half", model_id, lambda: ModelRepository(session).global_index_half(model_id) is not False
+        )
+
     def walk_widths(self, session: Session, model_id: int) -> dict[int, WalkWidth]:
         """The categories' calibrated walk widths (search/walks.py); a stale width is still one that was
         measured."""
@@ -742,7 +749,8 @@ class SearchService:
         query = vector_literal(vector)
         if chosen is None:
             ef = self.runtime.ann_ef(self.session, model.id)
-            return neighbours.global_ann_hydrated(model.id, model.dimension, query, limit, ef)
+            half = self.runtime.global_half(self.session, model.id)
+            return neighbours.global_ann_hydrated(model.id, model.dimension, query, limit, ef, half=half)
         indexed = self.runtime.category_indexes(self.session, model.id)
         branches, ef = branch_plan(indexed, chosen, plan.near, ef, self.runtime.walk_widths(self.session, model.id))
         hits, info = neighbours.per_category_hydrated(model.id, model.dimension, query, branches, limit, ef)

@@ -26,7 +26,7 @@ from imsrc.search.calibration import calibrate, needs_calibration
 from imsrc.search.pg_queries import HALFVEC_MAX_DIM, NeighbourRepository
 from imsrc.search.prototypes import predict, refresh_prototypes, stale_categories, text_prototype_rows
 from imsrc.search.repository import SearchStateRepository, VectorRepository
-from imsrc.search.walks import ann_due, calibrate_ann, calibrate_walks
+from imsrc.search.walks import ann_due, ann_key, calibrate_ann, calibrate_walks
 from imsrc.search.walks import due as walks_due
 from imsrc.timings import stage
 
@@ -60,6 +60,7 @@ class SyncReport:
     stage1_temperature: float | None = None  # set when this sync (re)calibrated stage 1
     walks_calibrated: list[int] = field(default_factory=list)  # categories whose walk width was (re)fitted
     ann_calibrated: bool = False  # the model's own graph's walk width was (re)fitted
+    global_rebuilt: bool = False  # a legacy full-precision graph over every image was rebuilt on halfvec
     # defer_derived: the calibration or the predicted labels of earlier images are out of date (refresh_derived)
     derived_due: bool = False
 
@@ -77,6 +78,7 @@ def sync_search(
     autogroup_images: bool = True,
     force_regroup: bool = False,
     defer_derived: bool = False,
+    rebuild_global: bool = False,
 ) -> SyncReport:
     """Bring prototypes, automatic categories, indexes and predictions up to date after a change.
 
@@ -90,6 +92,8 @@ def sync_search(
     upload into a named category changes that category's prototype, which re-labelled every uncategorised image
     and held the per-model predictions lock to the commit, so concurrent uploads took turns there; and several
     at once re-fitted the same calibration and queued on its row.
+    rebuild_global: rebuild a legacy full-precision graph over every image on halfvec (rebuild_legacy_global_index:
+    ~20 minutes at 1M rows, writes wait meanwhile); `imsrc categories sync` asks for it, an upload or a delete not.
     """
     models = ModelRepository(session)
     model = models.active() if model_id is None else session.get(EmbeddingModel, model_id)
@@ -141,6 +145,8 @@ def sync_search(
             fitted = calibrate(session, settings, model)
             report.stage1_temperature = None if fitted is None else fitted.temperature
     with stage("category_indexes"):
+        if rebuild_global:
+            report.global_rebuilt = rebuild_legacy_global_index(session, model)
         report.indexes_created, report.indexes_dropped = ensure_category_indexes(session, settings, model)
     with stage("walks"):
         # Derived like the stage-1 calibration: an upload under load leaves it to the background refresher.
@@ -196,6 +202,20 @@ def _refresh_text_prototypes(session: Session, model_id: int, embedder: Any) -> 
         protos.replace(model_id, row.category_id, ("text",), [row])
     state.put(key, {str(c): n for c, n in names.items()})
     return sorted(todo)
+
+
+def rebuild_legacy_global_index(session: Session, model: EmbeddingModel) -> bool:
+    """A catalog indexed before the model's graph over every image was half precision (catalog.repository.
+    embedding_expr) gets it rebuilt here, once; its calibrated width belonged to the old graph and is fitted again
+    (an empty entry is a missing one to walks._stale and to imsrc._ann_ef)."""
+    models = ModelRepository(session)
+    if models.global_index_half(model.id) is not False:
+        return False
+    WriteLocks(session).indexes(model.id)
+    if not models.rebuild_legacy_global_index(model):
+        return False  # rebuilt by the sync this one waited for
+    SearchStateRepository(session).put(ann_key(model.id), {})
+    return True
 
 
 def ensure_category_indexes(session: Session, settings: Settings, model: EmbeddingModel) -> tuple[list[int], list[int]]:

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from imsrc.catalog.locks import WriteLocks
 from imsrc.catalog.models import EmbeddingModel
+from imsrc.catalog.repository import ModelRepository
 from imsrc.config import Settings
 from imsrc.db.citus import distributed
 from imsrc.db.engine import side_engine
@@ -267,14 +268,17 @@ def fit_ann(neighbours: NeighbourRepository, model: EmbeddingModel, rows: int, t
     """The narrowest ladder width at which the model's own graph reaches `target` on sampled members of the
     whole model, against the exact top K over every image (global_ann, the statement mode `ann` runs)."""
     members = neighbours.sample_members(model.id, None, ann_samples(rows))
-    if len(members) < 2 or not neighbours.global_walks_index(model.id, model.dimension, members[0][1], LIMIT):
+    half = ModelRepository(neighbours.session).global_index_half(model.id) is not False
+    if len(members) < 2 or not neighbours.global_walks_index(
+        model.id, model.dimension, members[0][1], LIMIT, half=half
+    ):
         return None
     queries = np.array([json.loads(query) for _, query in members], dtype=np.float32)
     truths = exact_top(VectorRepository(neighbours.session).stream(model.id, model.dimension), queries, LIMIT)
     return _fit(
         members,
         truths,
-        lambda query, ef: neighbours.global_ann(model.id, model.dimension, query, LIMIT, ef),
+        lambda query, ef: neighbours.global_ann(model.id, model.dimension, query, LIMIT, ef, half=half),
         rows,
         target,
     )

@@ -1,0 +1,120 @@
+"""The SQL functions walk the model's graph over every image on halfvec, and score a category's partition from its
+own half-precision row, as the service does.
+
+Revision ID: 0018_halfvec_walks
+Revises: 0017_fallback_categories
+Create Date: 2026-12-07 15:00
+
+Why: at 1M real-calibrated 1280-d vectors the catalog (22 GB) did not fit in the bench machine's 24 GB, and a fresh
+query paid a page read per visited graph element or scored row from outside PostgreSQL's cache.
+- The model's graph over every image (mode `ann`, ix_embeddings_hnsw_m<model>) was on full-precision vectors up to
+  2,000 dimensions (7.8 GB at 1M x 1280-d); it is now on halfvec at every dimension (catalog.repository.
+  embedding_expr), about half the pages. The walk orders by the graph's own expression and the score is computed
+  from the row's full-precision vector. A catalog indexed before keeps its graph until `imsrc search sync`
+  rebuilds it (search.sync.rebuild_legacy_global_index): imsrc._global_type says which one the model has, so the
+  functions walk whichever exists.
+- A category walked on its partition of category_vectors was joined to embeddings for its full-precision vectors,
+  one more page per row found; it is now scored from the partition's row, read by the walk anyway (scores move by
+  ~1e-5; the service does the same: search.pg_queries._union). Categories scanned exactly, legacy indexes on
+  embeddings and a Citus coordinator (no partitions) keep full-precision scores.
+imsrc._neighbours is taken as the database holds it and only those two parts are replaced.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from alembic import op
+from sqlalchemy import text
+
+revision: str = "0018_halfvec_walks"
+down_revision: str | None = "0017_fallback_categories"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+NEIGHBOURS = "imsrc._neighbours(integer, integer, vector, integer, bigint[], bigint[], text)"
+
+GLOBAL_TYPE = """
+CREATE FUNCTION imsrc._global_type(p_model_id int, p_dimension int) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_indexes
+                              WHERE tablename = 'embeddings'
+                                AND indexname = format('ix_embeddings_hnsw_m%s', p_model_id)
+                                AND indexdef NOT LIKE '%halfvec%')
+                THEN format('vector(%s)', p_dimension) ELSE format('halfvec(%s)', p_dimension) END
+$$;
+"""
+
+GLOBAL_OLD = """\
+            'SELECT image_id, 1 - (%1$s <=> %2$s) FROM embeddings WHERE model_id = %3$s'
+            ' ORDER BY %1$s <=> %2$s LIMIT %4$s', e, q, p_model_id, p_limit)"""
+GLOBAL_NEW = """\
+            'SELECT image_id, 1 - (embedding <=> $1) FROM embeddings WHERE model_id = %3$s'
+            ' ORDER BY %1$s <=> %2$s LIMIT %4$s',
+            format('(embedding::%s)', imsrc._global_type(p_model_id, p_dimension)),
+            format('$1::%s', imsrc._global_type(p_model_id, p_dimension)), p_model_id, p_limit)"""
+
+BRANCH_OLD = """\
+    SELECT array_agg(CASE WHEN walk AND imsrc._category_partition(category_id) IS NOT NULL THEN format(
+               '(SELECT image_id, %1$s AS e FROM (SELECT image_id FROM category_vectors WHERE model_id = %2$s'
+               ' AND category_id = %3$s ORDER BY (embedding::halfvec(%4$s)) <#> %5$s LIMIT %6$s) v'
+               ' JOIN embeddings USING (image_id) WHERE embeddings.model_id = %2$s)',
+               e, p_model_id, category_id, p_dimension, h, p_limit)
+           ELSE format(
+               '(SELECT image_id, %1$s AS e FROM embeddings WHERE model_id = %2$s AND category_id = %3$s'
+               ' ORDER BY %4$s LIMIT %5$s)', e, p_model_id, category_id,
+               CASE WHEN walk THEN format('(embedding::halfvec(%s)) <#> %s', p_dimension, h)
+                    ELSE format('(%s <=> %s) + 0', e, q) END, p_limit) END),"""
+BRANCH_NEW = """\
+    SELECT array_agg(CASE WHEN walk AND imsrc._category_partition(category_id) IS NOT NULL THEN format(
+               '(SELECT image_id, 1 - ((embedding::halfvec(%3$s)) <=> %4$s) AS score FROM category_vectors'
+               ' WHERE model_id = %1$s AND category_id = %2$s ORDER BY (embedding::halfvec(%3$s)) <#> %4$s'
+               ' LIMIT %5$s)', p_model_id, category_id, p_dimension, h, p_limit)
+           ELSE format(
+               '(SELECT image_id, 1 - (e <=> %6$s) AS score FROM (SELECT image_id, %1$s AS e FROM embeddings'
+               ' WHERE model_id = %2$s AND category_id = %3$s ORDER BY %4$s LIMIT %5$s) x)', e, p_model_id,
+               category_id, CASE WHEN walk THEN format('(embedding::halfvec(%s)) <#> %s', p_dimension, h)
+                                 ELSE format('(%s <=> %s) + 0', e, q) END, p_limit, q) END),"""
+OUTER_OLD = """\
+    sql := format('SELECT image_id, 1 - (e <=> %s) AS score FROM (%s) s ORDER BY score DESC, image_id LIMIT %s',
+                  q, array_to_string(branches, ' UNION ALL '), p_limit);"""
+OUTER_NEW = """\
+    sql := format('SELECT image_id, score FROM (%s) s ORDER BY score DESC, image_id LIMIT %s',
+                  array_to_string(branches, ' UNION ALL '), p_limit);"""
+
+
+def _migration_0016() -> ModuleType:
+    path = Path(__file__).with_name("2026_12_07_1300-ann_width.py")
+    spec = importlib.util.spec_from_file_location("m0016", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _partitioned() -> bool:
+    """Whether imsrc._neighbours walks partitions (plain PostgreSQL since 0013; not a Citus coordinator)."""
+    definition = op.get_bind().execute(text(f"SELECT pg_get_functiondef('{NEIGHBOURS}'::regprocedure)")).scalar()
+    return "FROM category_vectors" in str(definition)
+
+
+def upgrade() -> None:
+    m0016 = _migration_0016()
+    op.execute(GLOBAL_TYPE)
+    m0016.swap(NEIGHBOURS, GLOBAL_OLD, GLOBAL_NEW)
+    if _partitioned():
+        m0016.swap(NEIGHBOURS, BRANCH_OLD, BRANCH_NEW)
+        m0016.swap(NEIGHBOURS, OUTER_OLD, OUTER_NEW)
+    m0016.grant("imsrc._global_type(integer, integer)")
+
+
+def downgrade() -> None:
+    m0016 = _migration_0016()
+    if _partitioned():
+        m0016.swap(NEIGHBOURS, OUTER_NEW, OUTER_OLD)
+        m0016.swap(NEIGHBOURS, BRANCH_NEW, BRANCH_OLD)
+    m0016.swap(NEIGHBOURS, GLOBAL_NEW, GLOBAL_OLD)
+    op.execute("DROP FUNCTION imsrc._global_type(integer, integer)")
