@@ -14,9 +14,12 @@ from imsrc.catalog.repository import ModelRepository, vector_literal
 from imsrc.config import Settings
 from imsrc.search.faiss_store import FaissStore
 from imsrc.search.pg_queries import NeighbourRepository
+from imsrc.search.repository import SearchStateRepository
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime, SearchService
-from imsrc.search.sync import sync_search
+from imsrc.search.sync import rebuild_legacy_graphs, sync_search
+from imsrc.search.walks import ann_key
+from tests.fixtures.database import database_for
 from tests.search_data import Synthetic, brute_force, gaussian_mixture, insert_images, make_catalog
 
 
@@ -289,53 +292,65 @@ def test_sync_replaces_full_precision_category_indexes_with_halfvec_ones(session
     assert {f"ix_embeddings_hv_m{cat.model.id}_c{i}" for i in cat.category_ids} <= names
 
 
-def test_sync_rebuilds_a_full_precision_global_graph_on_halfvec(session: Session, settings: Settings) -> None:
+def test_categories_sync_rebuilds_a_full_precision_global_graph_on_halfvec(create_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Catalogs indexed before the switch have the model's graph over every image on embedding::vector(d): mode
-    `ann` (service and SQL) walks it as it is until search sync rebuilds it on halfvec with the same m, and the
-    scores stay full precision either way."""
-    cat = make_catalog(session, n_categories=2, per_category=40, dimension=8, name="legacy-global")
-    name = f"ix_embeddings_hnsw_m{cat.model.id}"
-    session.execute(text(f"DROP INDEX {name}"))
-    session.execute(
-        text(
-            f"CREATE INDEX {name} ON embeddings USING hnsw ((embedding::vector(8)) vector_cosine_ops) "
-            f"WITH (m = 8) WHERE model_id = {cat.model.id}"
-        )
-    )
-    models = ModelRepository(session)
-    q = _queries(cat, 1)[0]
-    truth = brute_force(cat.vectors, cat.image_ids, q, 5)
-    exact = {int(i): float(s) for i, s in zip(cat.image_ids, cat.vectors @ q, strict=True)}
+    `ann` (service and SQL) walks it as it is until `imsrc categories sync` rebuilds it on halfvec, concurrently
+    and with the same m, and refits its width; scores stay full precision either way."""
+    settings = Settings(
+        database_url=create_database("imsrc_legacy_graph"), data_dir=tmp_path, search_warmup=False, _env_file=None
+    )  # type: ignore[call-arg]
+    database = database_for(settings)
+    try:
+        with database.session() as session:
+            cat = make_catalog(session, n_categories=2, per_category=40, dimension=8, name="legacy-global")
+            name = f"ix_embeddings_hnsw_m{cat.model.id}"
+            session.execute(text(f"DROP INDEX {name}"))
+            session.execute(
+                text(
+                    f"CREATE INDEX {name} ON embeddings USING hnsw ((embedding::vector(8)) vector_cosine_ops) "
+                    f"WITH (m = 8) WHERE model_id = {cat.model.id}"
+                )
+            )
+            sync_search(session, settings, model_id=cat.model.id)
+        q = _queries(cat, 1)[0]
+        truth = brute_force(cat.vectors, cat.image_ids, q, 5)
+        exact = {int(i): float(s) for i, s in zip(cat.image_ids, cat.vectors @ q, strict=True)}
 
-    def check() -> None:
-        got = SearchService(session, _runtime(settings)).search_vector(cat.model, q, SearchOptions(k=5, mode="ann"))
-        assert got.mode == "ann" and _ids(got) == truth
-        assert all(abs(h.score - exact[h.id]) < 1e-6 for h in got.results)
-        sql = session.execute(
-            text("SELECT image_id, score FROM imsrc.search(CAST(:q AS vector), 5, NULL, 'ann', :m)"),
-            {"q": vector_literal(q), "m": cat.model.name},
-        ).all()
-        assert [int(r[0]) for r in sql] == truth
-        assert all(abs(float(r[1]) - exact[int(r[0])]) < 1e-6 for r in sql)
+        def check(half: bool) -> None:
+            with database.session() as session:
+                neighbours = NeighbourRepository(session)
+                walks = [
+                    neighbours.global_walks_index(cat.model.id, 8, vector_literal(q), 15, half=h) for h in (False, True)
+                ]
+                # written in the graph's own expression, or the walk would be an exact sort of every row
+                assert walks == [not half, half]
+                assert ModelRepository(session).global_index_half(cat.model.id) is half
+                kind = session.execute(text("SELECT imsrc._global_type(:m, 8)"), {"m": cat.model.id}).scalar()
+                assert kind == ("halfvec(8)" if half else "vector(8)")
+                service = SearchService(session, _runtime(settings))
+                got = service.search_vector(cat.model, q, SearchOptions(k=5, mode="ann"))
+                assert got.mode == "ann" and _ids(got) == truth
+                assert all(abs(h.score - exact[h.id]) < 1e-6 for h in got.results)
+                sql = session.execute(
+                    text("SELECT image_id, score FROM imsrc.search(CAST(:q AS vector), 5, NULL, 'ann', :m)"),
+                    {"q": vector_literal(q), "m": cat.model.name},
+                ).all()
+                assert [int(r[0]) for r in sql] == truth
+                assert all(abs(float(r[1]) - exact[int(r[0])]) < 1e-6 for r in sql)
 
-    neighbours = NeighbourRepository(session)
-    walks = [neighbours.global_walks_index(cat.model.id, 8, vector_literal(q), 15, half=h) for h in (False, True)]
-    assert walks == [True, False]  # the walk is written in the legacy graph's expression, or it is an exact sort
-    assert models.global_index_half(cat.model.id) is False
-    assert session.execute(text("SELECT imsrc._global_type(:m, 8)"), {"m": cat.model.id}).scalar() == "vector(8)"
-    check()
-    assert not sync_search(session, settings, model_id=cat.model.id).global_rebuilt  # an upload's or a delete's
-    check()
-    report = sync_search(session, settings, model_id=cat.model.id, rebuild_global=True)
-    assert report.global_rebuilt and report.ann_calibrated
-    assert models.global_index_half(cat.model.id) is True
-    assert session.execute(text("SELECT imsrc._global_type(:m, 8)"), {"m": cat.model.id}).scalar() == "halfvec(8)"
-    options = session.execute(text("SELECT reloptions FROM pg_class WHERE relname = :n"), {"n": name}).scalar()
-    assert options == ["m=8"]
-    walks = [neighbours.global_walks_index(cat.model.id, 8, vector_literal(q), 15, half=h) for h in (False, True)]
-    assert walks == [False, True]
-    check()
-    assert not sync_search(session, settings, model_id=cat.model.id, rebuild_global=True).global_rebuilt
+        check(half=False)
+        assert rebuild_legacy_graphs(database, settle_s=0) == ["legacy-global"]
+        with database.session() as session:
+            options = session.execute(text("SELECT reloptions FROM pg_class WHERE relname = :n"), {"n": name}).scalar()
+            assert options == ["m=8"]
+            left = session.execute(text("SELECT count(*) FROM pg_class WHERE relname LIKE :p"), {"p": f"{name}_%"})
+            assert left.scalar() == 0  # no _half or _legacy copy stays behind
+            assert SearchStateRepository(session).get(ann_key(cat.model.id)) == {}  # the old graph's width is gone
+            assert sync_search(session, settings, model_id=cat.model.id).ann_calibrated
+        check(half=True)
+        assert rebuild_legacy_graphs(database, settle_s=0) == []
+    finally:
+        database.dispose()
 
 
 def test_a_small_catalog_answers_two_stage_as_ann_and_says_so(

@@ -323,6 +323,9 @@ def reuse(
     import json
     from pathlib import Path
 
+    from imsrc.search.sync import rebuild_legacy_graphs
+
+    rebuild_legacy_graphs(database)  # a catalog kept by older code: walk the graph the service now builds
     with database.session() as session:
         model = ModelRepository(session).by_name(MODEL)
         if model is None:

@@ -64,6 +64,7 @@ from imsrc.search.pg_queries import HNSW_EF_CONSTRUCTION, HNSW_M  # noqa: E402
 from imsrc.search.repository import SearchStateRepository  # noqa: E402
 from imsrc.search.schemas import SearchOptions, SearchResponse  # noqa: E402
 from imsrc.search.service import SearchRuntime  # noqa: E402
+from imsrc.search.sync import rebuild_legacy_graphs  # noqa: E402
 from imsrc.search.walks import (  # noqa: E402
     ann_key,
 )
@@ -457,7 +458,11 @@ def reuse(
         model = ModelRepository(session).by_name(model_name)
         if model is None:
             raise SystemExit(f"no {model_name} model in the kept catalog")
-    build = {f"reuse_{key}": took for key, took in calibrate_and_sync(db, settings, model).items()}
+    started = time.perf_counter()
+    # A catalog kept by older code has its graph over every image on full-precision vectors: rebuilt as
+    # `imsrc categories sync` does, so the service walks (and this sizes) the graph it now builds.
+    rebuilt = {"reuse_global_rebuild_s": time.perf_counter() - started} if rebuild_legacy_graphs(db) else {}
+    build = rebuilt | {f"reuse_{key}": took for key, took in calibrate_and_sync(db, settings, model).items()}
     with db.session() as session:
         model = ModelRepository(session).by_name(model_name)
         assert model is not None

@@ -59,7 +59,8 @@ def upgrade() -> None:
         sa.Column("source_path", sa.Text),
         sa.Column("caption", sa.Text),
         sa.Column("category_id", sa.BigInteger, sa.ForeignKey("categories.id", ondelete="SET NULL")),
-        sa.Column("predicted_category_id", sa.BigInteger, sa.ForeignKey("categories.id", ondelete="SET NULL")),
+        sa.Column("predicted_category_id", sa.BigInteger,
+                  sa.ForeignKey("categories.id", ondelete="SET NULL")),
         sa.Column("predicted_score", sa.Float),
         sa.Column("canonical_id", sa.BigInteger, sa.ForeignKey("images.id", ondelete="SET NULL")),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=NOW),
@@ -100,17 +101,13 @@ def upgrade() -> None:
         sa.CheckConstraint("dimension > 0 AND dimension <= 16000", name="dimension_range"),
     )
     # At most one active model per catalog.
-    op.create_index(
-        "uq_embedding_models_active",
-        "embedding_models",
-        ["is_active"],
-        unique=True,
-        postgresql_where=sa.text("is_active"),
-    )
+    op.create_index("uq_embedding_models_active", "embedding_models", ["is_active"], unique=True,
+                    postgresql_where=sa.text("is_active"))
 
     op.create_table(
         "embeddings",
-        sa.Column("model_id", sa.Integer, sa.ForeignKey("embedding_models.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("model_id", sa.Integer, sa.ForeignKey("embedding_models.id", ondelete="CASCADE"),
+                  primary_key=True),
         sa.Column("image_id", sa.BigInteger, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("category_id", sa.BigInteger),
         sa.Column("embedding", VECTOR(), nullable=False),
@@ -143,8 +140,10 @@ def upgrade() -> None:
     op.create_table(
         "category_prototypes",
         sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-        sa.Column("category_id", sa.BigInteger, sa.ForeignKey("categories.id", ondelete="CASCADE"), nullable=False),
-        sa.Column("model_id", sa.Integer, sa.ForeignKey("embedding_models.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("category_id", sa.BigInteger, sa.ForeignKey("categories.id", ondelete="CASCADE"),
+                  nullable=False),
+        sa.Column("model_id", sa.Integer, sa.ForeignKey("embedding_models.id", ondelete="CASCADE"),
+                  nullable=False),
         sa.Column("kind", sa.Text, nullable=False, server_default="mean"),
         sa.Column("ordinal", sa.Integer, nullable=False, server_default="0"),
         sa.Column("vector", VECTOR(), nullable=False),

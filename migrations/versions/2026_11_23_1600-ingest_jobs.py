@@ -72,9 +72,8 @@ def upgrade() -> None:
         sa.CheckConstraint("outcome IN ('new', 'duplicate', 'linked', 'skipped', 'failed')", name="outcome_known"),
     )
     # `imsrc jobs show` lists failures; most rows are not failures.
-    op.create_index(
-        "ix_ingest_files_failed", "ingest_files", ["job_id"], postgresql_where=sa.text("outcome = 'failed'")
-    )
+    op.create_index("ix_ingest_files_failed", "ingest_files", ["job_id"],
+                    postgresql_where=sa.text("outcome = 'failed'"))
     op.create_index("ix_ingest_files_image_id", "ingest_files", ["image_id"])
 
     op.create_table(

@@ -37,10 +37,8 @@ def upgrade() -> None:
     op.execute(f"ALTER TABLE embeddings SET (toast_tuple_target = {TOAST_TARGET_MAX})")
     op.execute("ALTER TABLE embeddings DISABLE TRIGGER USER")
     # real[] round trip: a fresh, uncompressed value (an unchanged one would be stored compressed again).
-    op.execute(
-        "UPDATE embeddings SET embedding = CAST(CAST(embedding AS real[]) AS vector) "
-        "WHERE pg_column_compression(embedding) IS NOT NULL AND vector_dims(embedding) <= 2000"
-    )
+    op.execute("UPDATE embeddings SET embedding = CAST(CAST(embedding AS real[]) AS vector) "
+               "WHERE pg_column_compression(embedding) IS NOT NULL AND vector_dims(embedding) <= 2000")
     op.execute("ALTER TABLE embeddings ENABLE TRIGGER USER")
 
 

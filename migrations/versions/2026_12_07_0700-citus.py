@@ -154,15 +154,13 @@ def upgrade() -> None:
     if not citus_wanted(conn):
         return
     op.execute("CREATE EXTENSION IF NOT EXISTS citus")
-    nodes = conn.execute(
-        text("SELECT count(*) FROM pg_dist_node WHERE isactive AND noderole = 'primary' AND shouldhaveshards")
-    ).scalar()
+    nodes = conn.execute(text("SELECT count(*) FROM pg_dist_node WHERE isactive AND noderole = 'primary'"
+                              " AND shouldhaveshards")).scalar()
     if not nodes:
         raise RuntimeError(
             "this database is a Citus coordinator without nodes for shards: add the workers first "
             "(SELECT citus_set_coordinator_host(...); SELECT citus_add_node(host, port) for each worker), "
-            "then run imsrc migrate again"
-        )
+            "then run imsrc migrate again")
     for statement in RESHAPE.split(";"):
         if statement.strip():
             op.execute(statement)
@@ -174,10 +172,8 @@ def upgrade() -> None:
     op.execute("SELECT create_distributed_table('embeddings', 'category_id', colocate_with => 'none')")
     # Rows that existed before (a catalog moved onto Citus) were copied to the shards; free the coordinator's copy.
     op.execute("SELECT truncate_local_data_after_distributing_table('embeddings')")
-    op.execute(
-        "ALTER TABLE embeddings ADD CONSTRAINT fk_embeddings_model_id_embedding_models"
-        " FOREIGN KEY (model_id) REFERENCES embedding_models(id) ON DELETE CASCADE"
-    )
+    op.execute("ALTER TABLE embeddings ADD CONSTRAINT fk_embeddings_model_id_embedding_models"
+               " FOREIGN KEY (model_id) REFERENCES embedding_models(id) ON DELETE CASCADE")
     # One statement at a time: Citus passes DDL on tables in its metadata to their shards by the statement's
     # text, and refuses a text that holds several commands.
     for statement in (TRIGGERS + "---" + VIEWS).split("---"):
@@ -212,7 +208,5 @@ def downgrade() -> None:
         return
     if not conn.execute(text("SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'embeddings'::regclass")).first():
         return
-    raise RuntimeError(
-        "a catalog distributed on Citus cannot be migrated below 0010_citus here: undistribute it "
-        "with undistribute_table('embeddings') and the reference tables first"
-    )
+    raise RuntimeError("a catalog distributed on Citus cannot be migrated below 0010_citus here: undistribute it "
+                       "with undistribute_table('embeddings') and the reference tables first")

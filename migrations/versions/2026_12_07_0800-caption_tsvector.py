@@ -133,10 +133,8 @@ EXPRESSION = "to_tsvector('english'::regconfig, coalesce(i.caption, ''))"
 
 
 def upgrade() -> None:
-    op.execute(
-        "ALTER TABLE images ADD COLUMN caption_tsv tsvector "
-        "GENERATED ALWAYS AS (to_tsvector('english'::regconfig, coalesce(caption, ''))) STORED"
-    )
+    op.execute("ALTER TABLE images ADD COLUMN caption_tsv tsvector "
+               "GENERATED ALWAYS AS (to_tsvector('english'::regconfig, coalesce(caption, ''))) STORED")
     op.execute("CREATE INDEX ix_images_caption_tsv ON images USING gin (caption_tsv)")
     op.execute("DROP INDEX IF EXISTS ix_images_caption_fts")
     op.execute(FUNCTIONS.format(tsv=STORED))
@@ -144,9 +142,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute(FUNCTIONS.format(tsv=EXPRESSION))
-    op.execute(
-        "CREATE INDEX ix_images_caption_fts ON images USING gin "
-        "(to_tsvector('english'::regconfig, coalesce(caption, '')))"
-    )
+    op.execute("CREATE INDEX ix_images_caption_fts ON images USING gin "
+               "(to_tsvector('english'::regconfig, coalesce(caption, '')))")
     op.execute("DROP INDEX IF EXISTS ix_images_caption_tsv")
     op.execute("ALTER TABLE images DROP COLUMN caption_tsv")

@@ -108,19 +108,12 @@ def _search_and_stage1(calibrated: bool) -> str:
     stage1 = _block(sql, "CREATE FUNCTION imsrc.stage1(")
     if not calibrated:
         return search + stage1
-    search = _swap(
-        search,
-        "imsrc._pick_count(ranked_scores, NULL)",
-        "imsrc._pick_count(ranked_scores, NULL, imsrc._temperature(p_model_id))",
-    )
-    search = _swap(
-        search,
-        "imsrc._pick_count(ranked_scores, p_requested)",
-        "imsrc._pick_count(ranked_scores, p_requested, imsrc._temperature(p_model_id))",
-    )
-    stage1 = _swap(
-        stage1, "stage1.categories)", "stage1.categories,\n        imsrc._temperature((imsrc._model(model)).id))"
-    )
+    search = _swap(search, "imsrc._pick_count(ranked_scores, NULL)",
+                   "imsrc._pick_count(ranked_scores, NULL, imsrc._temperature(p_model_id))")
+    search = _swap(search, "imsrc._pick_count(ranked_scores, p_requested)",
+                   "imsrc._pick_count(ranked_scores, p_requested, imsrc._temperature(p_model_id))")
+    stage1 = _swap(stage1, "stage1.categories)",
+                   "stage1.categories,\n        imsrc._temperature((imsrc._model(model)).id))")
     return search + stage1
 
 
@@ -134,9 +127,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP FUNCTION imsrc._pick_count(double precision[], int, double precision)")
     op.execute("DROP FUNCTION imsrc._temperature(int)")
-    op.execute(
-        _block(_functions_0005(), "CREATE FUNCTION imsrc._pick_count(").replace(
-            "CREATE OR REPLACE FUNCTION", "CREATE FUNCTION"
-        )
-    )
+    op.execute(_block(_functions_0005(), "CREATE FUNCTION imsrc._pick_count(").replace(
+        "CREATE OR REPLACE FUNCTION", "CREATE FUNCTION"))
     op.execute(_search_and_stage1(calibrated=False))

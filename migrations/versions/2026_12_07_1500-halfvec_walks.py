@@ -10,9 +10,10 @@ query paid a page read per visited graph element or scored row from outside Post
 - The model's graph over every image (mode `ann`, ix_embeddings_hnsw_m<model>) was on full-precision vectors up to
   2,000 dimensions (7.8 GB at 1M x 1280-d); it is now on halfvec at every dimension (catalog.repository.
   embedding_expr), about half the pages. The walk orders by the graph's own expression and the score is computed
-  from the row's full-precision vector. A catalog indexed before keeps its graph until `imsrc search sync`
-  rebuilds it (search.sync.rebuild_legacy_global_index): imsrc._global_type says which one the model has, so the
-  functions walk whichever exists.
+  from the row's full-precision vector. A catalog indexed before keeps its graph until `imsrc categories sync`
+  rebuilds it (search.sync.rebuild_legacy_graphs, concurrently): imsrc._global_type says which one the model has,
+  so the functions walk whichever exists. A downgrade rebuilds such graphs on full-precision vectors again (up to
+  2,000 dimensions), in its own transaction: the code of 0017 writes only that expression.
 - A category walked on its partition of category_vectors was joined to embeddings for its full-precision vectors,
   one more page per row found; it is now scored from the partition's row, read by the walk anyway (scores move by
   ~1e-5; the service does the same: search.pg_queries._union). Categories scanned exactly, legacy indexes on
@@ -111,7 +112,24 @@ def upgrade() -> None:
     m0016.grant("imsrc._global_type(integer, integer)")
 
 
+LEGACY_MODELS = """
+SELECT m.id, m.dimension, array_to_string(c.reloptions, ', ')
+  FROM embedding_models m JOIN pg_class c ON c.relname = 'ix_embeddings_hnsw_m' || m.id AND c.relkind = 'i'
+  JOIN pg_indexes x ON x.indexname = c.relname AND x.tablename = 'embeddings'
+ WHERE m.dimension <= 2000 AND x.indexdef LIKE '%halfvec%'
+"""
+
+
 def downgrade() -> None:
+    conn = op.get_bind()
+    for model_id, dimension, options in conn.execute(text(LEGACY_MODELS)).all():
+        name = f"ix_embeddings_hnsw_m{int(model_id)}"
+        op.execute(f"DROP INDEX {name}")
+        op.execute(
+            f"CREATE INDEX {name} ON embeddings USING hnsw ((embedding::vector({int(dimension)})) vector_cosine_ops)"
+            + (f" WITH ({options})" if options else "")
+            + f" WHERE model_id = {int(model_id)}"
+        )
     m0016 = _migration_0016()
     if _partitioned():
         m0016.swap(NEIGHBOURS, OUTER_NEW, OUTER_OLD)

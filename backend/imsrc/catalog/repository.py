@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -297,30 +298,6 @@ class ModelRepository:
         ).scalar()
         return None if definition is None else "halfvec" in str(definition)
 
-    def rebuild_legacy_global_index(self, model: EmbeddingModel) -> bool:
-        """Rebuild a legacy full-precision catalog-wide graph on embedding_expr, with the same storage options
-        (m, ef_construction), under a new name, then drop the old one and take its name; whether one was rebuilt.
-        Searches meanwhile walk the old one (the build holds a SHARE lock on embeddings: writes wait for it)."""
-        if self.global_index_half(model.id) is not False:
-            return False
-        name = global_index_name(model.id)
-        options = self.session.execute(
-            text("SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE relname = :n AND relkind = 'i'"),
-            {"n": name},
-        ).scalar()
-        with_options = f" WITH ({options})" if options else ""
-        sequential_shard_commands(self.session)
-        self.session.execute(text(f"DROP INDEX IF EXISTS {name}_half"))
-        self.session.execute(
-            text(
-                f"CREATE INDEX {name}_half ON embeddings USING hnsw ({embedding_expr(model.dimension)} "
-                f"{GLOBAL_OPCLASS}){with_options} WHERE model_id = {int(model.id)}"
-            )
-        )
-        self.session.execute(text(f"DROP INDEX {name}"))
-        self.session.execute(text(f"ALTER INDEX {name}_half RENAME TO {name}"))
-        return True
-
     def embedded_count(self, model_id: int) -> int:
         return int(
             self.session.execute(
@@ -359,3 +336,45 @@ def _json(value: dict[str, Any]) -> str:
     import json
 
     return json.dumps(value, sort_keys=True, default=str)
+
+
+def rebuild_legacy_global_index(engine: Engine, model_id: int, dimension: int, *, settle_s: float) -> bool:
+    """Rebuild a model's legacy full-precision graph over every image (legacy_global_expr) on embedding_expr, with
+    the same storage options (m, ef_construction); whether one was rebuilt. On a connection of its own, in
+    autocommit: CREATE INDEX CONCURRENTLY, so uploads and searches go on meanwhile (about 20 minutes at 1M 1280-d
+    rows on 2 cores). The new graph then takes the name and the old one is kept `settle_s` longer under another
+    name before it is dropped: a server that read "legacy" just before (SearchRuntime caches it for a few seconds)
+    still finds a graph in the expression it writes. Plain PostgreSQL only: the caller leaves a Citus coordinator
+    alone (its distributed DDL is rebuilt by hand there, db/README.md). An interrupted rebuild leaves <name>_half
+    (perhaps INVALID), dropped by the next one. DDL that commits as it goes, unlike the repositories above."""
+    name = global_index_name(model_id)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("SELECT pg_advisory_lock(hashtext(:n))"), {"n": f"rebuild {name}"})  # one rebuild at a time
+        try:
+            definition = conn.execute(
+                text("SELECT indexdef FROM pg_indexes WHERE tablename = 'embeddings' AND indexname = :n"), {"n": name}
+            ).scalar()
+            if definition is None or "halfvec" in str(definition):
+                return False
+            options = conn.execute(
+                text("SELECT reloptions FROM pg_class WHERE relname = :n AND relkind = 'i'"), {"n": name}
+            ).scalar()
+            pairs = [str(o).split("=", 1) for o in options or []]
+            if any(len(p) != 2 or not p[0].isidentifier() or not p[1].replace(".", "").isalnum() for p in pairs):
+                raise ValueError(f"unexpected storage options on {name}: {options!r}")
+            with_options = f" WITH ({', '.join(f'{k} = {v}' for k, v in pairs)})" if pairs else ""
+            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}_half"))
+            conn.execute(
+                text(
+                    f"CREATE INDEX CONCURRENTLY {name}_half ON embeddings USING hnsw "
+                    f"({embedding_expr(dimension)} {GLOBAL_OPCLASS}){with_options} WHERE model_id = {int(model_id)}"
+                )
+            )
+            conn.execute(text(f"DROP INDEX IF EXISTS {name}_legacy"))
+            conn.execute(text(f"ALTER INDEX {name} RENAME TO {name}_legacy"))
+            conn.execute(text(f"ALTER INDEX {name}_half RENAME TO {name}"))
+            time.sleep(settle_s)
+            conn.execute(text(f"DROP INDEX CONCURRENTLY {name}_legacy"))
+            return True
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(hashtext(:n))"), {"n": f"rebuild {name}"})

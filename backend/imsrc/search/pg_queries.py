@@ -12,12 +12,13 @@ Where the per-category indexes live (migration 0013_category_vectors): PostgreSQ
 not, by reading its whole table, so a partial index on `embeddings` cost O(catalog) per category. On plain
 PostgreSQL each indexed category's vectors are also kept (half precision, by a trigger on embeddings) in its own
 partition of `category_vectors`, and its index is built there: O(that category's rows). A walk reads the
-partition's index, then the full-precision vectors of the rows it found from embeddings. On Citus, embeddings is
+partition's index and scores the rows it found from the partition (half precision, see _union). On Citus, embeddings is
 already split by category into shards, and the partial index on embeddings is built per shard.
 
 The per-category indexes hold half-precision copies (category_index_expr) with the inner-product opclass
-(vectors are unit length, so the order equals cosine order); results are re-sorted at full precision. The
-per-model index uses cosine, so it can never serve a per-category `<#>` ordering: the plan is decided by
+(vectors are unit length, so the order equals cosine order); a partition's rows are scored at half precision,
+other branches at full precision (see _union). The per-model index (halfvec too, catalog.repository.embedding_expr)
+uses cosine, so it can never serve a per-category `<#>` ordering: the plan is decided by
 construction, not by the planner's cost guess. Exact branches order by `(... <=> q) + 0`, which no index
 can serve. enable_sort/enable_seqscan are switched off (locally) so each branch takes its index.
 """
@@ -548,13 +549,15 @@ class NeighbourRepository:
         ef_search: int,
         *,
         in_session: bool = False,
+        full_scores: bool = False,
     ) -> list[Hit]:
         """Top `limit` over the union of categories; each (category_id, indexed) says which branch to use.
         in_session: on Citus too, read through this session's transaction (search/walks.py calibrates an index
-        its own unit of work may have just built, which other connections cannot see yet)."""
+        its own unit of work may have just built, which other connections cannot see yet). full_scores: see
+        _union."""
         if not categories:
             return []
-        sql, expr, q, orders = self._union(model_id, dimension, categories, limit)
+        sql, expr, q, orders = self._union(model_id, dimension, categories, limit, full_scores=full_scores)
         settings = walk_settings(ef_search, limit)
         engine = self.session.get_bind()
         if isinstance(engine, Engine) and distributed(self.session) and not in_session:
@@ -633,15 +636,24 @@ class NeighbourRepository:
         return [(int(r[0]), float(r[1])) for r in rows], {int(r[0]): _hit_info(r[2:]) for r in rows if r[2] is not None}
 
     def _union(
-        self, model_id: int, dimension: int, categories: Sequence[tuple[int, bool]], limit: int
+        self,
+        model_id: int,
+        dimension: int,
+        categories: Sequence[tuple[int, bool]],
+        limit: int,
+        *,
+        full_scores: bool = False,
     ) -> tuple[str, str, str, list[str]]:
-        """The one statement over the chosen categories: (sql, full-precision expression, query cast, each
-        branch's ORDER BY)."""
-        expr = f"(embedding::vector({int(dimension)}))"
+        """The one statement over the chosen categories: (sql, scoring expression, query cast, each branch's
+        ORDER BY). full_scores: score a partition's walk from embeddings too (the same rows, one more read each),
+        for a calibration that compares scores with exact ones."""
+        # The scoring expression as imsrc._neighbours writes it (imsrc._expr): full precision up to 2,000
+        # dimensions, the same numbers from the service and the SQL functions.
+        expr = legacy_global_expr(dimension)
         # :q is bound as text on purpose. Left untyped, PostgreSQL gives the parameter the type of the first cast
         # it analyses, the halfvec one inside FROM, and the full-precision re-sort then used a half-precision
         # query (scores off by up to ~1e-5, near-ties in another order than exact: issue 19's SQL comparison).
-        q = f"CAST(CAST(:q AS text) AS vector({int(dimension)}))"
+        q = f"CAST(CAST(:q AS text) AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
         half = f"CAST(CAST(:q AS text) AS {_halfvec(dimension)})"
         orders = [
             f"{category_index_expr(dimension)} <#> {half}" if indexed else f"({expr} <=> {q}) + 0"
@@ -650,6 +662,14 @@ class NeighbourRepository:
         branches = []
         partitions = self.partitions()
         for (category_id, indexed), order in zip(categories, orders, strict=True):
+            if indexed and partitions and full_scores:
+                branches.append(
+                    f"(SELECT image_id, 1 - (e <=> {q}) AS score FROM (SELECT image_id, {expr} AS e FROM (SELECT "
+                    f"image_id FROM category_vectors WHERE model_id = {int(model_id)} AND category_id = "
+                    f"{int(category_id)} ORDER BY {order} LIMIT {int(limit)}) v JOIN embeddings USING (image_id) "
+                    f"WHERE embeddings.model_id = {int(model_id)}) x)"
+                )
+                continue
             if indexed and partitions:
                 # The walk on the category's partition, scored from the partition's own half-precision row (its
                 # page is read anyway). A JOIN to embeddings for the full-precision vector read one more page per

@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session
 from imsrc.catalog.locks import WriteLocks
 from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.prototypes import PrototypeRepository
-from imsrc.catalog.repository import CategoryRepository, ModelRepository
+from imsrc.catalog.repository import CategoryRepository, ModelRepository, rebuild_legacy_global_index
 from imsrc.config import Settings
+from imsrc.db.citus import distributed
 from imsrc.search.autogroup import autogroup, plan
 from imsrc.search.calibration import calibrate, needs_calibration
 from imsrc.search.pg_queries import HALFVEC_MAX_DIM, NeighbourRepository
@@ -31,6 +32,7 @@ from imsrc.search.walks import due as walks_due
 from imsrc.timings import stage
 
 if TYPE_CHECKING:
+    from imsrc.db.session import Database
     from imsrc.embeddings.base import Embedder
 
 # Softmax scales turning cosine scores into a confidence: CLIP's own for text prototypes; image prototypes
@@ -60,7 +62,6 @@ class SyncReport:
     stage1_temperature: float | None = None  # set when this sync (re)calibrated stage 1
     walks_calibrated: list[int] = field(default_factory=list)  # categories whose walk width was (re)fitted
     ann_calibrated: bool = False  # the model's own graph's walk width was (re)fitted
-    global_rebuilt: bool = False  # a legacy full-precision graph over every image was rebuilt on halfvec
     # defer_derived: the calibration or the predicted labels of earlier images are out of date (refresh_derived)
     derived_due: bool = False
 
@@ -78,7 +79,6 @@ def sync_search(
     autogroup_images: bool = True,
     force_regroup: bool = False,
     defer_derived: bool = False,
-    rebuild_global: bool = False,
 ) -> SyncReport:
     """Bring prototypes, automatic categories, indexes and predictions up to date after a change.
 
@@ -92,8 +92,6 @@ def sync_search(
     upload into a named category changes that category's prototype, which re-labelled every uncategorised image
     and held the per-model predictions lock to the commit, so concurrent uploads took turns there; and several
     at once re-fitted the same calibration and queued on its row.
-    rebuild_global: rebuild a legacy full-precision graph over every image on halfvec (rebuild_legacy_global_index:
-    ~20 minutes at 1M rows, writes wait meanwhile); `imsrc categories sync` asks for it, an upload or a delete not.
     """
     models = ModelRepository(session)
     model = models.active() if model_id is None else session.get(EmbeddingModel, model_id)
@@ -145,8 +143,6 @@ def sync_search(
             fitted = calibrate(session, settings, model)
             report.stage1_temperature = None if fitted is None else fitted.temperature
     with stage("category_indexes"):
-        if rebuild_global:
-            report.global_rebuilt = rebuild_legacy_global_index(session, model)
         report.indexes_created, report.indexes_dropped = ensure_category_indexes(session, settings, model)
     with stage("walks"):
         # Derived like the stage-1 calibration: an upload under load leaves it to the background refresher.
@@ -204,18 +200,34 @@ def _refresh_text_prototypes(session: Session, model_id: int, embedder: Any) -> 
     return sorted(todo)
 
 
-def rebuild_legacy_global_index(session: Session, model: EmbeddingModel) -> bool:
-    """A catalog indexed before the model's graph over every image was half precision (catalog.repository.
-    embedding_expr) gets it rebuilt here, once; its calibrated width belonged to the old graph and is fitted again
-    (an empty entry is a missing one to walks._stale and to imsrc._ann_ef)."""
-    models = ModelRepository(session)
-    if models.global_index_half(model.id) is not False:
-        return False
-    WriteLocks(session).indexes(model.id)
-    if not models.rebuild_legacy_global_index(model):
-        return False  # rebuilt by the sync this one waited for
-    SearchStateRepository(session).put(ann_key(model.id), {})
-    return True
+# How long a rebuilt model's old graph is kept after the swap: longer than a server caches which graph a model has
+# (search.service.INDEX_CACHE_SECONDS, 10 s).
+LEGACY_GRAPH_SETTLE_S = 15.0
+
+
+def rebuild_legacy_graphs(database: Database, *, settle_s: float = LEGACY_GRAPH_SETTLE_S) -> list[str]:
+    """Rebuild every model's legacy full-precision graph over every image on halfvec (catalog.repository.
+    rebuild_legacy_global_index: concurrently, on a connection of its own), and mark its calibrated width missing
+    (an empty entry, to walks._stale and imsrc._ann_ef) so the sync that follows fits it again on the new graph;
+    the names of the models rebuilt. `imsrc categories sync` runs it first; nothing else does (at 1M rows it takes
+    ~20 minutes). Not on Citus (see rebuild_legacy_global_index)."""
+    with database.session() as session:
+        if distributed(session):
+            return []
+        models = ModelRepository(session)
+        legacy = [(m.id, m.name, m.dimension) for m in models.list() if models.global_index_half(m.id) is False]
+    rebuilt = []
+    for model_id, name, dimension in legacy:
+        if rebuild_legacy_global_index(
+            database.engine,
+            model_id,
+            dimension,
+            settle_s=settle_s,
+        ):
+            with database.session() as session:
+                SearchStateRepository(session).put(ann_key(model_id), {})
+            rebuilt.append(name)
+    return rebuilt
 
 
 def ensure_category_indexes(session: Session, settings: Settings, model: EmbeddingModel) -> tuple[list[int], list[int]]:

@@ -257,8 +257,10 @@ def fit_category(
         )
 
     def walk(query: str, ef: int) -> list[Hit]:
+        # Full-precision scores (the walk's rows, scored as exact() scores them): overlap() counts a row outside
+        # the exact answer as found only when tied with its k-th, which half-precision scores (~5e-5 off) fake.
         return neighbours.per_category(
-            model.id, model.dimension, query, [(category_id, True)], LIMIT, ef, in_session=in_session
+            model.id, model.dimension, query, [(category_id, True)], LIMIT, ef, in_session=in_session, full_scores=True
         )
 
     return _fit(members, [exact(query) for _, query in members], walk, rows, target)

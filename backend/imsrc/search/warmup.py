@@ -80,8 +80,8 @@ class PrewarmBudget:
 def _relations(session: Session, model_id: int, *, heap: bool) -> list[tuple[int, int]]:
     """(oid, blocks) of what a search of the model reads, most used first. Indexes: the per-category graphs (every
     two-stage search walks some), then the model's graph over all its rows (`ann`, and stage 1's fallback).
-    Heap: the partitions the walks find rows in (category_vectors, migration 0013), then embeddings (the
-    full-precision re-score of the few rows found, and exact scans)."""
+    Heap: the partitions the walks find and score rows in (category_vectors, migration 0013), then embeddings (the
+    rows `ann` finds, the query vector of `similar`, and exact scans)."""
     if heap:
         where = (
             "(c.oid = 'embeddings'::regclass OR c.oid IN (SELECT inhrelid FROM pg_inherits "
