@@ -262,9 +262,13 @@ def test_category_indexes_are_per_shard_and_one_category_is_a_router_query(catal
 
 
 def test_sql_functions_on_citus(catalogs: Catalogs) -> None:
-    sql = "SELECT image_id, round(score::numeric, 5) FROM imsrc.similar(%s, 6)"
+    sql = "SELECT image_id, score FROM imsrc.similar(%s, 6)"
     for image_id in (2, 15):
-        assert _query(catalogs.citus_url, sql, (image_id,)) == _query(catalogs.plain_url, sql, (image_id,))
+        citus, plain = _query(catalogs.citus_url, sql, (image_id,)), _query(catalogs.plain_url, sql, (image_id,))
+        assert [r[0] for r in citus] == [r[0] for r in plain]
+        # One node scores a walked category from its partition's half-precision copy (~5e-5 at most from the full
+        # precision score; migration 0018), the Citus functions from embeddings.
+        assert [r[1] for r in citus] == pytest.approx([r[1] for r in plain], abs=1e-4)
 
 
 # Run on the shard: the walk's settings as the worker sees them, e.g. 321.111 (ef_search 321, then 1 for each of

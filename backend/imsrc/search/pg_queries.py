@@ -562,16 +562,25 @@ class NeighbourRepository:
         engine = self.session.get_bind()
         if isinstance(engine, Engine) and distributed(self.session) and not in_session:
             # One router query per category, each on its own connection (citus_read), merged here in the
-            # order the UNION below sorts by: the same rows, at full precision, in the same order. Flat (no
+            # order the UNION below sorts by: the same rows, the same scores, in the same order. Flat (no
             # subquery) so that Citus plans it on its fast path for single-shard queries.
+            # A walked category is scored as on one node, from the half-precision copy its graph holds (the same
+            # numbers as a partition's row, so the same order); exact branches at full precision.
+            half = f"CAST(CAST(%(q)s AS text) AS {_halfvec(dimension)})"
+            scores = [
+                f"1 - ({category_index_expr(dimension)} <=> {half})"
+                if indexed and not full_scores
+                else f"1 - ({expr} <=> {_psycopg(q)})"
+                for _, indexed in categories
+            ]
             statements = [
                 (
                     category_id,
-                    f"SELECT image_id, 1 - ({expr} <=> {_psycopg(q)}) AS score FROM embeddings "
+                    f"SELECT image_id, {score} AS score FROM embeddings "
                     f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)} "
                     f"ORDER BY {_psycopg(order)} LIMIT {int(limit)}",
                 )
-                for (category_id, _), order in zip(categories, orders, strict=True)
+                for (category_id, _), order, score in zip(categories, orders, scores, strict=True)
             ]
             found = _citus_reads(engine, statements, query, settings, category_read_delegated(self.session))
             return sorted(((int(r[0]), float(r[1])) for r in found), key=lambda h: (-h[1], h[0]))[:limit]
