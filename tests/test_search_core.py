@@ -3,6 +3,7 @@ pgvector and FAISS stage-2 backends (also with filters far from the query), k ro
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +293,19 @@ def test_sync_replaces_full_precision_category_indexes_with_halfvec_ones(session
     assert {f"ix_embeddings_hv_m{cat.model.id}_c{i}" for i in cat.category_ids} <= names
 
 
-def test_categories_sync_rebuilds_a_full_precision_global_graph_on_halfvec(create_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def _warns_of_a_legacy_graph(database, settings: Settings, caplog: pytest.LogCaptureFixture) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the server's start-up warm-up says the active model's graph is to be rebuilt."""
+    from imsrc.search.warmup import WarmReport, warm
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imsrc.search.warmup"):
+        warm(database, _runtime(settings), WarmReport())
+    return any("imsrc categories sync" in r.getMessage() for r in caplog.records)
+
+
+def test_categories_sync_rebuilds_a_full_precision_global_graph_on_halfvec(
+    create_database, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
     """Catalogs indexed before the switch have the model's graph over every image on embedding::vector(d): mode
     `ann` (service and SQL) walks it as it is until `imsrc categories sync` rebuilds it on halfvec, concurrently
     and with the same m, and refits its width; scores stay full precision either way."""
@@ -339,7 +352,9 @@ def test_categories_sync_rebuilds_a_full_precision_global_graph_on_halfvec(creat
                 assert all(abs(float(r[1]) - exact[int(r[0])]) < 1e-6 for r in sql)
 
         check(half=False)
+        assert _warns_of_a_legacy_graph(database, settings, caplog)
         assert rebuild_legacy_graphs(database, settle_s=0) == ["legacy-global"]
+        assert not _warns_of_a_legacy_graph(database, settings, caplog)
         with database.session() as session:
             options = session.execute(text("SELECT reloptions FROM pg_class WHERE relname = :n"), {"n": name}).scalar()
             assert options == ["m=8"]

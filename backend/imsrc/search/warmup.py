@@ -170,6 +170,12 @@ def warm(database: Database, runtime: SearchRuntime, report: WarmReport) -> None
                 return
             report.model = model.name
             model_id, name = model.id, model.name
+            if ModelRepository(session).global_index_half(model.id) is False:
+                log.warning(
+                    "model %s's HNSW graph over every image is on full-precision vectors (made before schema "
+                    "revision 0018): run `imsrc categories sync` once to rebuild it on halfvec, half the pages",
+                    name,
+                )
             runtime.prototypes.get(session, model.id)
             if runtime.settings.search_backend == "faiss":
                 runtime.faiss.get(session, model)
