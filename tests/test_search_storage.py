@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from imsrc.catalog.repository import ModelRepository, vector_literal
+from imsrc.catalog.repository import ModelRepository, global_index_name, vector_literal
 from imsrc.search.pg_queries import NeighbourRepository
 from imsrc.search.repository import VectorRepository, vector_from_send
 
@@ -22,10 +22,12 @@ def _sparse(n: int, dim: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _insert(session: Session, dim: int, vectors: np.ndarray) -> tuple[int, list[int]]:
+def _insert(session: Session, dim: int, vectors: np.ndarray, *, graph: bool = True) -> tuple[int, list[int]]:
     model = ModelRepository(session).register(
         name=f"storage-test-{dim}", dimension=dim, family="test", params={}, supports_text=False
     )
+    if not graph:  # without the model's graph over every image (on halfvec: no component beyond 65504)
+        session.execute(text(f"DROP INDEX {global_index_name(model.id)}"))
     ids = []
     for i, v in enumerate(vectors):
         image_id = int(
@@ -76,7 +78,9 @@ def test_a_stored_vector_is_read_back_in_binary_bit_for_bit(session: Session) ->
     # "More like this" reads its source vector with vector_send: the very float32 values stored, any dimension.
     vectors = _sparse(3, 1280, seed=2)
     vectors[1, :4] = [1e-30, -3.4e38, 1.17549435e-38, 0.1]
-    _, ids = _insert(session, 1280, vectors)
+    # -3.4e38 is beyond halfvec's range, which the model's graph indexes (migration 0018): such a row could not be
+    # indexed. Every embedder stores unit-length vectors; this test is about the row and its binary read.
+    _, ids = _insert(session, 1280, vectors, graph=False)
     for i, image_id in enumerate(ids):
         _, exists, got, _, _ = VectorRepository(session).similar_source("storage-test-1280", image_id)
         assert exists and got is not None
