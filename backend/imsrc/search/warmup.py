@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import ModelRepository, global_index_name
+from imsrc.db.citus import distributed
 from imsrc.db.session import Database
 from imsrc.search.pg_queries import INDEX_PREFIX, ON_VECTOR_TABLES
 from imsrc.search.service import SearchRuntime
@@ -173,8 +174,11 @@ def warm(database: Database, runtime: SearchRuntime, report: WarmReport) -> None
             if ModelRepository(session).global_index_half(model.id) is False:
                 log.warning(
                     "model %s's HNSW graph over every image is on full-precision vectors (made before schema "
-                    "revision 0018): run `imsrc categories sync` once to rebuild it on halfvec, half the pages",
+                    "revision 0018): %s to rebuild it on halfvec, half the pages",
                     name,
+                    "on Citus, rebuild it by hand (db/README.md)"
+                    if distributed(session)
+                    else "run `imsrc categories sync` once",
                 )
             runtime.prototypes.get(session, model.id)
             if runtime.settings.search_backend == "faiss":
