@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.models import EmbeddingModel
-from imsrc.catalog.repository import GLOBAL_OPCLASS, ModelRepository, embedding_expr
+from imsrc.catalog.repository import ModelRepository, global_index_ddl
 from imsrc.config import Settings
 from imsrc.db.embedded import EmbeddedServer
 from imsrc.db.session import Database
@@ -232,14 +232,8 @@ def load(
             _maintenance(session)
             started = time.perf_counter()
             if global_graph is not None:  # same name as the service's index, so mode `ann` walks this one
-                dim = dimension
-                session.execute(
-                    text(
-                        f"CREATE INDEX ix_embeddings_hnsw_m{model.id} ON embeddings USING hnsw "
-                        f"({embedding_expr(dim)} {GLOBAL_OPCLASS}) WITH (m = {int(global_graph[0])}, "
-                        f"ef_construction = {int(global_graph[1])}) WHERE model_id = {model.id}"
-                    )
-                )
+                storage = f"m = {int(global_graph[0])}, ef_construction = {int(global_graph[1])}"
+                session.execute(text(global_index_ddl(model.id, dimension, options=storage)))
             ModelRepository(session).ensure_index(model)
             timings["hnsw_global_build_s"] = time.perf_counter() - started
 

@@ -58,17 +58,6 @@ GLOBAL_NEW = """\
             format('(embedding::%s)', imsrc._global_type(p_model_id, p_dimension)),
             format('$1::%s', imsrc._global_type(p_model_id, p_dimension)), p_model_id, p_limit)"""
 
-BRANCH_OLD = """\
-    SELECT array_agg(CASE WHEN walk AND imsrc._category_partition(category_id) IS NOT NULL THEN format(
-               '(SELECT image_id, %1$s AS e FROM (SELECT image_id FROM category_vectors WHERE model_id = %2$s'
-               ' AND category_id = %3$s ORDER BY (embedding::halfvec(%4$s)) <#> %5$s LIMIT %6$s) v'
-               ' JOIN embeddings USING (image_id) WHERE embeddings.model_id = %2$s)',
-               e, p_model_id, category_id, p_dimension, h, p_limit)
-           ELSE format(
-               '(SELECT image_id, %1$s AS e FROM embeddings WHERE model_id = %2$s AND category_id = %3$s'
-               ' ORDER BY %4$s LIMIT %5$s)', e, p_model_id, category_id,
-               CASE WHEN walk THEN format('(embedding::halfvec(%s)) <#> %s', p_dimension, h)
-                    ELSE format('(%s <=> %s) + 0', e, q) END, p_limit) END),"""
 BRANCH_NEW = """\
     SELECT array_agg(CASE WHEN walk AND imsrc._category_partition(category_id) IS NOT NULL THEN format(
                '(SELECT image_id, 1 - ((embedding::halfvec(%3$s)) <=> %4$s) AS score FROM category_vectors'
@@ -87,13 +76,22 @@ OUTER_NEW = """\
                   array_to_string(branches, ' UNION ALL '), p_limit);"""
 
 
-def _migration_0016() -> ModuleType:
-    path = Path(__file__).with_name("2026_12_07_1300-ann_width.py")
-    spec = importlib.util.spec_from_file_location("m0016", path)
+def _revision(filename: str) -> ModuleType:
+    """An earlier revision's module (its helpers and the texts it wrote), loaded from this folder."""
+    spec = importlib.util.spec_from_file_location(filename.removesuffix(".py"), Path(__file__).with_name(filename))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _migration_0016() -> ModuleType:
+    return _revision("2026_12_07_1300-ann_width.py")
+
+
+def _branch_old() -> str:
+    """The walked-branch text 0013 wrote into imsrc._neighbours (its NEW_BRANCH), replaced here."""
+    return str(_revision("2026_12_07_1000-category_vectors.py").NEW_BRANCH)
 
 
 def _partitioned() -> bool:
@@ -107,7 +105,7 @@ def upgrade() -> None:
     op.execute(GLOBAL_TYPE)
     m0016.swap(NEIGHBOURS, GLOBAL_OLD, GLOBAL_NEW)
     if _partitioned():
-        m0016.swap(NEIGHBOURS, BRANCH_OLD, BRANCH_NEW)
+        m0016.swap(NEIGHBOURS, _branch_old(), BRANCH_NEW)
         m0016.swap(NEIGHBOURS, OUTER_OLD, OUTER_NEW)
     m0016.grant("imsrc._global_type(integer, integer)")
 
@@ -133,6 +131,6 @@ def downgrade() -> None:
     m0016 = _migration_0016()
     if _partitioned():
         m0016.swap(NEIGHBOURS, OUTER_NEW, OUTER_OLD)
-        m0016.swap(NEIGHBOURS, BRANCH_NEW, BRANCH_OLD)
+        m0016.swap(NEIGHBOURS, BRANCH_NEW, _branch_old())
     m0016.swap(NEIGHBOURS, GLOBAL_NEW, GLOBAL_OLD)
     op.execute("DROP FUNCTION imsrc._global_type(integer, integer)")

@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -39,6 +39,35 @@ def legacy_global_expr(dimension: int) -> str:
 
 
 GLOBAL_OPCLASS = "halfvec_cosine_ops"
+
+
+def global_index_ddl(
+    model_id: int,
+    dimension: int,
+    *,
+    name: str | None = None,
+    options: str = "",
+    concurrently: bool = False,
+    if_not_exists: bool = False,
+) -> str:
+    """CREATE INDEX of a model's graph over every image on embedding_expr (`name`: default global_index_name;
+    `options`: a storage clause such as "m = 32, ef_construction = 80"), for ModelRepository.ensure_index,
+    rebuild_legacy_global_index and the benchmarks' builds alike."""
+    return (
+        f"CREATE INDEX {'CONCURRENTLY ' if concurrently else ''}{'IF NOT EXISTS ' if if_not_exists else ''}"
+        f"{name or global_index_name(model_id)} ON embeddings "
+        f"USING hnsw ({embedding_expr(dimension)} {GLOBAL_OPCLASS}){f' WITH ({options})' if options else ''} "
+        f"WHERE model_id = {int(model_id)}"
+    )
+
+
+_GLOBAL_INDEXDEF = "SELECT indexdef FROM pg_indexes WHERE tablename = 'embeddings' AND indexname = :n"
+
+
+def _global_index_half(conn: Session | Connection, model_id: int) -> bool | None:
+    """ModelRepository.global_index_half on a session or a connection."""
+    definition = conn.execute(text(_GLOBAL_INDEXDEF), {"n": global_index_name(model_id)}).scalar()
+    return None if definition is None else "halfvec" in str(definition)
 
 
 def global_index_name(model_id: int) -> str:
@@ -255,13 +284,7 @@ class ModelRepository:
         if self.session.execute(text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
             return  # created by the transaction we waited for
         sequential_shard_commands(self.session)
-        self.session.execute(
-            text(
-                f"CREATE INDEX IF NOT EXISTS {name} ON embeddings "
-                f"USING hnsw ({embedding_expr(model.dimension)} {GLOBAL_OPCLASS}) "
-                f"WHERE model_id = {int(model.id)}"
-            )
-        )
+        self.session.execute(text(global_index_ddl(model.id, model.dimension, if_not_exists=True)))
 
     def set_active(self, model: EmbeddingModel) -> None:
         self.session.execute(
@@ -292,11 +315,7 @@ class ModelRepository:
     def global_index_half(self, model_id: int) -> bool | None:
         """Whether the model's catalog-wide graph is on halfvec (embedding_expr), False for a legacy one on
         full-precision vectors (legacy_global_expr), None without one."""
-        definition = self.session.execute(
-            text("SELECT indexdef FROM pg_indexes WHERE tablename = 'embeddings' AND indexname = :n"),
-            {"n": global_index_name(model_id)},
-        ).scalar()
-        return None if definition is None else "halfvec" in str(definition)
+        return _global_index_half(self.session, model_id)
 
     def embedded_count(self, model_id: int) -> int:
         return int(
@@ -351,10 +370,7 @@ def rebuild_legacy_global_index(engine: Engine, model_id: int, dimension: int, *
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("SELECT pg_advisory_lock(hashtext(:n))"), {"n": f"rebuild {name}"})  # one rebuild at a time
         try:
-            definition = conn.execute(
-                text("SELECT indexdef FROM pg_indexes WHERE tablename = 'embeddings' AND indexname = :n"), {"n": name}
-            ).scalar()
-            if definition is None or "halfvec" in str(definition):
+            if _global_index_half(conn, model_id) is not False:
                 return False
             options = conn.execute(
                 text("SELECT reloptions FROM pg_class WHERE relname = :n AND relkind = 'i'"), {"n": name}
@@ -362,13 +378,10 @@ def rebuild_legacy_global_index(engine: Engine, model_id: int, dimension: int, *
             pairs = [str(o).split("=", 1) for o in options or []]
             if any(len(p) != 2 or not p[0].isidentifier() or not p[1].replace(".", "").isalnum() for p in pairs):
                 raise ValueError(f"unexpected storage options on {name}: {options!r}")
-            with_options = f" WITH ({', '.join(f'{k} = {v}' for k, v in pairs)})" if pairs else ""
+            storage = ", ".join(f"{k} = {v}" for k, v in pairs)
             conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}_half"))
             conn.execute(
-                text(
-                    f"CREATE INDEX CONCURRENTLY {name}_half ON embeddings USING hnsw "
-                    f"({embedding_expr(dimension)} {GLOBAL_OPCLASS}){with_options} WHERE model_id = {int(model_id)}"
-                )
+                text(global_index_ddl(model_id, dimension, name=f"{name}_half", options=storage, concurrently=True))
             )
             conn.execute(text(f"DROP INDEX IF EXISTS {name}_legacy"))
             conn.execute(text(f"ALTER INDEX {name} RENAME TO {name}_legacy"))

@@ -165,6 +165,12 @@ def _halfvec(dimension: int) -> str:
     return f"halfvec({int(dimension)})"
 
 
+def _half_score(dimension: int) -> str:
+    """A walked category's score from the half-precision copy its graph holds (a partition's row, or on Citus the
+    cast of the row's vector: the same numbers), the query :q bound as text (see NeighbourRepository._union)."""
+    return f"1 - ({category_index_expr(dimension)} <=> CAST(CAST(:q AS text) AS {_halfvec(dimension)}))"
+
+
 def _psycopg(sql: str) -> str:
     """The statements here bind the query vector as :q (SQLAlchemy); citus_read hands them to psycopg."""
     return sql.replace(":q", "%(q)s")
@@ -566,11 +572,8 @@ class NeighbourRepository:
             # subquery) so that Citus plans it on its fast path for single-shard queries.
             # A walked category is scored as on one node, from the half-precision copy its graph holds (the same
             # numbers as a partition's row, so the same order); exact branches at full precision.
-            half = f"CAST(CAST(%(q)s AS text) AS {_halfvec(dimension)})"
             scores = [
-                f"1 - ({category_index_expr(dimension)} <=> {half})"
-                if indexed and not full_scores
-                else f"1 - ({expr} <=> {_psycopg(q)})"
+                _psycopg(_half_score(dimension)) if indexed and not full_scores else f"1 - ({expr} <=> {_psycopg(q)})"
                 for _, indexed in categories
             ]
             statements = [
@@ -671,30 +674,31 @@ class NeighbourRepository:
         branches = []
         partitions = self.partitions()
         for (category_id, indexed), order in zip(categories, orders, strict=True):
-            if indexed and partitions and full_scores:
-                branches.append(
-                    f"(SELECT image_id, 1 - (e <=> {q}) AS score FROM (SELECT image_id, {expr} AS e FROM (SELECT "
-                    f"image_id FROM category_vectors WHERE model_id = {int(model_id)} AND category_id = "
-                    f"{int(category_id)} ORDER BY {order} LIMIT {int(limit)}) v JOIN embeddings USING (image_id) "
-                    f"WHERE embeddings.model_id = {int(model_id)}) x)"
-                )
-                continue
-            if indexed and partitions:
+            if indexed and partitions and not full_scores:
                 # The walk on the category's partition, scored from the partition's own half-precision row (its
                 # page is read anyway). A JOIN to embeddings for the full-precision vector read one more page per
                 # row found, mostly from outside PostgreSQL's cache at 1M rows: 6.7 -> 4.4 ms for one category,
                 # 11.1 -> 8.7 for three (fresh queries on the 1M real-calibrated catalog), for scores that move
                 # by ~1e-5.
                 branches.append(
-                    f"(SELECT image_id, 1 - ({category_index_expr(dimension)} <=> {half}) AS score "
+                    f"(SELECT image_id, {_half_score(dimension)} AS score "
                     f"FROM category_vectors WHERE model_id = {int(model_id)} AND category_id = {int(category_id)} "
                     f"ORDER BY {order} LIMIT {int(limit)})"
                 )
                 continue
+            if indexed and partitions:  # full_scores: the partition's walk, its rows' vectors from embeddings
+                rows = (
+                    f"(SELECT image_id FROM category_vectors WHERE model_id = {int(model_id)} AND category_id = "
+                    f"{int(category_id)} ORDER BY {order} LIMIT {int(limit)}) v JOIN embeddings USING (image_id) "
+                    f"WHERE embeddings.model_id = {int(model_id)}"
+                )
+            else:
+                rows = (
+                    f"embeddings WHERE model_id = {int(model_id)} AND category_id = {int(category_id)} "
+                    f"ORDER BY {order} LIMIT {int(limit)}"
+                )
             branches.append(
-                f"(SELECT image_id, 1 - (e <=> {q}) AS score FROM (SELECT image_id, {expr} AS e FROM embeddings "
-                f"WHERE model_id = {int(model_id)} AND category_id = {int(category_id)} "
-                f"ORDER BY {order} LIMIT {int(limit)}) x)"
+                f"(SELECT image_id, 1 - (e <=> {q}) AS score FROM (SELECT image_id, {expr} AS e FROM {rows}) x)"
             )
         sql = (
             f"SELECT image_id, score FROM ({' UNION ALL '.join(branches)}) s "
