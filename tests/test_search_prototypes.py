@@ -15,6 +15,7 @@ from imsrc.config import Settings
 from imsrc.embeddings import get_embedder
 from imsrc.search.kmeans import normalise
 from imsrc.search.prototypes import compute_prototypes
+from imsrc.search.repository import STATE_KEY_PREFIX, SearchStateRepository, VectorRepository
 from imsrc.search.schemas import SearchOptions
 from imsrc.search.service import SearchRuntime, SearchService
 from imsrc.search.stage1 import PrototypeCache
@@ -181,3 +182,37 @@ def test_text_prototypes_and_text_search_with_tiny_clip(session: Session, settin
     query = embedder.encode_texts(["a lighthouse at dusk"])[0]
     best = cat.image_ids[np.argsort(-(cat.vectors @ query), kind="stable")[:5]]
     assert [r.id for r in got.results] == best.tolist() and got.model == "open_clip-tiny-test"
+
+
+def test_search_source_reads_what_the_repositories_read(session: Session, settings: Settings) -> None:
+    """imsrc._search_source (migration 0019) answers a search's first read: it must give the model row, the image's
+    vector and pHash, and the very version text PrototypeRepository.version gives (the stage-1 cache compares them),
+    through renames and a rewritten calibration."""
+    cat = make_catalog(session, n_categories=3, per_category=20, dimension=16, name="source-a")
+    other = make_catalog(session, n_categories=2, per_category=10, dimension=8, name="source-b")  # now active
+    sync_search(session, settings, model_id=cat.model.id)
+    image = int(cat.image_ids[7])
+    session.execute(text("UPDATE images SET phash = CAST(-5 AS bit(64)) WHERE id = :i"), {"i": image})
+    vectors = VectorRepository(session)
+    protos = PrototypeRepository(session)
+    for change in ("none", "rename", "calibration"):
+        if change == "rename":
+            _rename(session, cat.category_ids[1], "source-renamed")
+        elif change == "calibration":
+            SearchStateRepository(session).put(f"{STATE_KEY_PREFIX}{cat.model.id}", {"temperature": 0.07})
+        model, exists, vector, phash, version = vectors.similar_source("source-a", image, prototype_version=True)
+        assert model is not None and (model.id, model.name, model.dimension) == (cat.model.id, "source-a", 16)
+        assert exists and phash == -5
+        assert vector is not None and np.allclose(vector, cat.vectors[7], atol=1e-6)
+        assert version == protos.version(cat.model.id, f"{STATE_KEY_PREFIX}{cat.model.id}"), change
+        assert version is not None and version[0] is not None
+    seen = {version[0] for version in [vectors.model_and_version("source-a", prototype_version=True)[1]] if version}
+    _rename(session, cat.category_ids[0], "source-renamed-again")
+    after = vectors.model_and_version("source-a", prototype_version=True)[1]
+    assert after is not None and after[0] not in seen  # the version moves with a category's name
+    # No name: the active model; an image of another model, or none at all.
+    active, exists, vector, _, version = vectors.similar_source(None, image, prototype_version=False)
+    assert active is not None and active.id == other.model.id and exists and vector is None and version is None
+    assert vectors.similar_source(None, 10**12)[1:3] == (False, None)
+    assert vectors.similar_source("no-such-model", image) == (None, False, None, None, None)
+    assert vectors.model_and_version("no-such-model", prototype_version=True) == (None, None)

@@ -103,16 +103,14 @@ def embed(n: int, inference: str = "auto", batch: int = 64) -> tuple[np.ndarray,
         out[:done], _, earlier = _cached(done)  # type: ignore[misc]
     embedder = load_embedder(MODEL, Settings(inference=inference, _env_file=None))  # type: ignore[call-arg]
     started = time.perf_counter()
-    import torch
-
     start = done
     while start < n:
         end = min(start + batch, n, (start // CHECKPOINT + 1) * CHECKPOINT)
-        tensors = [
-            embedder.preprocess(model_image(Image.fromarray(a)))  # type: ignore[attr-defined]
-            for a in raw[start:end]
-        ]
-        got = np.asarray(embedder.encode_images(torch.stack(tensors)), dtype=np.float32)
+        # np.stack: the ONNX engine's preprocessing gives arrays, torch's gives tensors; both engines take an array.
+        batch_arrays = np.stack(
+            [np.asarray(embedder.preprocess(model_image(Image.fromarray(a)))) for a in raw[start:end]]  # type: ignore[attr-defined]
+        )
+        got = np.asarray(embedder.encode_images(batch_arrays), dtype=np.float32)
         out[start:end] = got / np.linalg.norm(got, axis=1, keepdims=True)
         if end % CHECKPOINT == 0 and end < n:
             _save(out[:end], labels[:end], earlier + time.perf_counter() - started)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import BigInteger, cast, column, exists, func, literal_column, select, text
+from sqlalchemy import BigInteger, cast, column, exists, literal_column, select, text
 from sqlalchemy import table as table_clause
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
-from imsrc.catalog.models import Embedding, EmbeddingModel, Image
+from imsrc.catalog.models import EmbeddingModel, Image
 from imsrc.catalog.prototypes import prototype_version_sql
 from imsrc.db.citus import UNCATEGORISED, distributed, local_relations, uncategorised_condition
 
@@ -186,42 +186,43 @@ class VectorRepository:
     def similar_source(
         self, model_name: str | None, image_id: int, *, prototype_version: bool = False
     ) -> tuple[EmbeddingModel | None, bool, np.ndarray | None, int | None, tuple[Any, ...] | None]:
-        """What "more like this" needs, in one statement instead of three or four (the model row, the image's
-        vector, its pHash, the model's prototype version for stage 1): (the named model, or the active one with no
-        name; whether the image exists; its vector of that model; its stored pHash as a signed 64-bit integer;
-        with `prototype_version`, PrototypeRepository.version of the model). On Citus two: the same statement
-        with the image's category instead of its vector, on the coordinator's own shards (read-only units of
-        work: db.citus.local_relations), then the vector from the one shard that category names."""
-        citus = distributed(self.session)
+        """What "more like this" needs, in one statement (the model row, the image's vector, its pHash, the model's
+        prototype version for stage 1): (the named model, or the active one with no name; whether the image
+        exists; its vector of that model; its stored pHash as a signed 64-bit integer; with `prototype_version`,
+        PrototypeRepository.version of the model). On one node the function imsrc._search_source reads them (its
+        plan is kept per connection: migration 0019). On Citus two statements: the same reads with the image's
+        category instead of its vector, on the coordinator's own shards (read-only units of work:
+        db.citus.local_relations), then the vector from the one shard that category names."""
+        if not distributed(self.session):
+            row = self._source(model_name, image_id, prototype_version)
+            if row is None:
+                return None, False, None, None, None
+            value = row.vector
+            return (
+                _model_of(row),
+                bool(row.image_exists),
+                None if value is None else vector_from_send(bytes(value)),
+                None if row.phash is None else int(row.phash),
+                (row.version,) if prototype_version else None,
+            )
         local = local_relations(self.session)
         models, images = _local_entity(EmbeddingModel, local), _local_entity(Image, local)
-        if citus:
-            # The category as a constant for the vector's statement (Citus prunes to one shard only on values it
-            # knows when planning); the image's row is read once, in the same snapshot as the model.
-            source: Any = select(images.category_id).where(images.id == image_id).scalar_subquery()
-        else:
-            source = (
-                select(func.vector_send(Embedding.embedding))
-                .where(Embedding.model_id == models.id, Embedding.image_id == image_id)
-                .scalar_subquery()
-            )
+        # The category as a constant for the vector's statement (Citus prunes to one shard only on values it knows
+        # when planning); the image's row is read once, in the same snapshot as the model.
+        category = select(images.category_id).where(images.id == image_id).scalar_subquery()
         phash = select(cast(images.phash, BigInteger)).where(images.id == image_id).scalar_subquery()
         found = exists().where(images.id == image_id)
         version = _version_column(prototype_version, local)
-        row = self.session.execute(
-            select(models, found, source, phash, version).where(_chosen(models, model_name))
+        found_row = self.session.execute(
+            select(models, found, category, phash, version).where(_chosen(models, model_name))
         ).first()
-        if row is None:
+        if found_row is None:
             return None, False, None, None, None
-        model, image_exists, value, stored, stamp = row
-        if citus:
-            vector = self._vector_in(model.id, image_id, value) if image_exists else None
-        else:
-            vector = None if value is None else vector_from_send(bytes(value))
+        model, image_exists, category_id, stored, stamp = found_row
         return (
             model,
             bool(image_exists),
-            vector,
+            self._vector_in(model.id, image_id, category_id) if image_exists else None,
             None if stored is None else int(stored),
             (stamp,) if prototype_version else None,
         )
@@ -232,14 +233,24 @@ class VectorRepository:
         """The named model (or the active one with no name) and, with `prototype_version`, its
         PrototypeRepository.version, in one statement (a two-stage search by image or text read them in two). On
         Citus from the coordinator's own shards (read-only units of work: db.citus.local_relations)."""
+        if not distributed(self.session):
+            row = self._source(model_name, None, prototype_version)
+            if row is None:
+                return None, None
+            return _model_of(row), (row.version,) if prototype_version else None
         local = local_relations(self.session)
         models = _local_entity(EmbeddingModel, local)
-        row = self.session.execute(
+        found = self.session.execute(
             select(models, _version_column(prototype_version, local)).where(_chosen(models, model_name))
         ).first()
-        if row is None:
+        if found is None:
             return None, None
-        return row[0], (row[1],) if prototype_version else None
+        return found[0], (found[1],) if prototype_version else None
+
+    def _source(self, model_name: str | None, image_id: int | None, prototype_version: bool) -> Any:
+        return self.session.execute(
+            _SEARCH_SOURCE, {"m": model_name or None, "i": image_id, "v": prototype_version}
+        ).first()
 
     def has_unlabelled(self, model_id: int, *, unpredicted: bool) -> bool:
         """Whether there is an uncategorised image or a member of an automatic category (with unpredicted: one
@@ -272,6 +283,16 @@ class VectorRepository:
             {"m": model_id},
         )
         return {(None if r[0] is None else int(r[0])): int(r[1]) for r in rows}
+
+
+# Bound as a text() statement built once: building the ORM select per search cost more than the read itself.
+_SEARCH_SOURCE = text("SELECT * FROM imsrc._search_source(CAST(:m AS text), CAST(:i AS bigint), CAST(:v AS boolean))")
+_MODEL_COLUMNS = ("id", "name", "dimension", "family", "params", "supports_text", "is_active", "created_at")
+
+
+def _model_of(row: Any) -> EmbeddingModel:
+    """The model of an imsrc._search_source row, as an object of no session (searches only read its columns)."""
+    return EmbeddingModel(**{name: getattr(row, name) for name in _MODEL_COLUMNS})
 
 
 def _chosen(models: Any, model_name: str | None) -> ColumnElement[bool]:
