@@ -9,10 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from imsrc.catalog.repository import ModelRepository, global_index_name, vector_literal
-from imsrc.search.pg_queries import NeighbourRepository
+from imsrc.db.vectors import QueryVector
+from imsrc.search.pg_queries import NeighbourRepository, query_as
 from imsrc.search.repository import VectorRepository, vector_from_send
 
 
@@ -95,3 +97,23 @@ def test_a_binary_vector_of_the_wrong_length_is_refused() -> None:
     with pytest.raises(ValueError, match="3 dimensions"):
         vector_from_send(raw)
     assert vector_from_send(raw + np.array([3], dtype=">f4").tobytes()).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_a_query_vector_binds_in_binary_as_the_same_vector_as_its_text(session: Session) -> None:
+    """QueryVector (db.vectors) skips formatting and parsing the text form; PostgreSQL must read the very same
+    vector and halfvec from it, through query_as's casts, at any scale, and refuse a wrong dimension."""
+    rng = np.random.default_rng(11)
+    for scale in (1e-8, 1e-3, 1.0, 1e4):
+        v = (rng.standard_normal(1280) * scale).astype(np.float32)
+        same = session.execute(
+            text(
+                f"SELECT {query_as('vector', 1280)}::text = CAST(CAST(:t AS text) AS vector(1280))::text,"
+                f" {query_as('halfvec', 1280)}::text = CAST(CAST(:t AS text) AS halfvec(1280))::text,"
+                f" {query_as('vector')} <=> CAST(CAST(:t AS text) AS vector)"
+            ),
+            {"q": QueryVector(v), "t": vector_literal(v)},
+        ).one()
+        assert same[0] and same[1] and abs(same[2]) < 1e-12, scale
+    assert QueryVector(v).text == vector_literal(v)
+    with pytest.raises(DBAPIError, match="expected 3 dimensions, not 1280"):
+        session.execute(text(f"SELECT {query_as('vector', 3)}"), {"q": QueryVector(v)})

@@ -15,6 +15,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, Operat
 from sqlalchemy.orm import Session
 
 from imsrc.config import Settings
+from imsrc.db import vectors
 from imsrc.db.revisions import MIN_PGVECTOR, PGVECTOR_VERSION_SQL, linear_head, parse_version
 from imsrc.errors import ConfigurationError, DatabaseUnavailableError, SchemaNotReadyError
 from imsrc.resources import alembic_ini, migrations_dir
@@ -63,6 +64,7 @@ PING_AFTER_IDLE_S = 1.0
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    vectors.register()  # before any connection: each copies psycopg's adapters when it is made
     engine = create_engine(
         _sqlalchemy_url(url),
         pool_size=pool_size,

@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.db.citus import UNCATEGORISED, distributed, local_relations
+from imsrc.db.vectors import QueryVector, query_text
 
 BANDS = 4
 PHASH_MASK = (1 << 64) - 1  # a pHash as the unsigned 64 bits stored in bit(64)
@@ -83,7 +84,7 @@ class DuplicateSearchRepository:
         threshold: int,
         *,
         model_id: int,
-        query: str,
+        query: str | QueryVector,
         limit: int,
         categories: Sequence[int] | None = None,
         exclude: int | None = None,
@@ -96,7 +97,7 @@ class DuplicateSearchRepository:
         params.update({"m": model_id, "q": query, "x": exclude if exclude is not None else 0})
         target = "id" if include_duplicates else "coalesce(canonical_id, id)"
         if distributed(self.session):
-            return self._near_citus(where, params, target, limit, categories)
+            return self._near_citus(where, params, query, target, limit, categories)
         in_categories = ""
         if categories is not None:
             in_categories = f" AND e.category_id IN ({','.join(str(int(c)) for c in categories) or 'NULL'})"
@@ -111,7 +112,13 @@ class DuplicateSearchRepository:
         return [NearDuplicate(int(r[0]), int(r[1]), float(r[2])) for r in rows]
 
     def _near_citus(
-        self, where: str, params: dict[str, object], target: str, limit: int, categories: Sequence[int] | None
+        self,
+        where: str,
+        params: dict[str, object],
+        query: str | QueryVector,
+        target: str,
+        limit: int,
+        categories: Sequence[int] | None,
     ) -> list[NearDuplicate]:
         """near() on Citus, in two steps: the candidates from the images (on the coordinator), then the vectors
         of just those, from the shards of their categories only. One join would ask every shard, so a search
@@ -139,7 +146,7 @@ class DuplicateSearchRepository:
                 "SELECT image_id, 1 - (embedding <=> CAST(:q AS vector)) FROM embeddings WHERE model_id = :m"
                 f" AND category_id IN ({shards}) AND image_id = ANY(:ids)"
             ),
-            {"q": params["q"], "m": params["m"], "ids": sorted(found)},
+            {"q": query_text(query), "m": params["m"], "ids": sorted(found)},
         ).all()
         hits = sorted(
             ((int(i), found[int(i)][0], float(score)) for i, score in rows), key=lambda h: (h[1], -h[2], h[0])

@@ -52,6 +52,7 @@ from imsrc.db.citus import (
     worker_unreachable,
 )
 from imsrc.db.engine import side_engine
+from imsrc.db.vectors import QueryVector, query_text
 
 Hit = tuple[int, float]  # (image_id, cosine similarity)
 # Denser graphs than pgvector's default (m 16, ef_construction 64): inside one category the true neighbours are
@@ -165,10 +166,25 @@ def _halfvec(dimension: int) -> str:
     return f"halfvec({int(dimension)})"
 
 
+def query_as(kind: str, dimension: int | None = None) -> str:
+    """The query vector :q in a statement, as `kind` (vector or halfvec). Bound untyped, a parameter takes the type
+    of the first cast PostgreSQL analyses: every use here casts it to vector first, so it is read once per
+    statement (a 1280-d text parsed once, not once per use: ~0.09 ms each; a walk over 3 categories had six) and a
+    halfvec is that vector rounded, the same numbers as the halfvec the text gave (600 vectors of scales 1e-8 to
+    1e4 compared in PostgreSQL). Before, :q was cast to text first, for the same reason: the halfvec cast inside
+    FROM was analysed first and the full-precision re-sort used a half-precision query."""
+    vector = f"CAST(:q AS vector({int(dimension)}))" if dimension else "CAST(:q AS vector)"
+    if kind == "vector":
+        return vector
+    if dimension is None:
+        raise ValueError("a halfvec query needs its dimension")
+    return f"CAST({vector} AS {_halfvec(dimension)})"
+
+
 def _half_score(dimension: int) -> str:
     """A walked category's score from the half-precision copy its graph holds (a partition's row, or on Citus the
-    cast of the row's vector: the same numbers), the query :q bound as text (see NeighbourRepository._union)."""
-    return f"1 - ({category_index_expr(dimension)} <=> CAST(CAST(:q AS text) AS {_halfvec(dimension)}))"
+    cast of the row's vector: the same numbers), the query as query_as gives it."""
+    return f"1 - ({category_index_expr(dimension)} <=> {query_as('halfvec', dimension)})"
 
 
 def _psycopg(sql: str) -> str:
@@ -549,7 +565,7 @@ class NeighbourRepository:
         self,
         model_id: int,
         dimension: int,
-        query: str,
+        query: str | QueryVector,
         categories: Sequence[tuple[int, bool]],
         limit: int,
         ef_search: int,
@@ -585,7 +601,7 @@ class NeighbourRepository:
                 )
                 for (category_id, _), order, score in zip(categories, orders, scores, strict=True)
             ]
-            found = _citus_reads(engine, statements, query, settings, category_read_delegated(self.session))
+            found = _citus_reads(engine, statements, query_text(query), settings, category_read_delegated(self.session))
             return sorted(((int(r[0]), float(r[1])) for r in found), key=lambda h: (-h[1], h[0]))[:limit]
         rows = read_with_settings(self.session, sql, {"q": query}, settings)  # one round trip, not three
         return [(int(r[0]), float(r[1])) for r in rows]
@@ -627,7 +643,7 @@ class NeighbourRepository:
         self,
         model_id: int,
         dimension: int,
-        query: str,
+        query: str | QueryVector,
         categories: Sequence[tuple[int, bool]],
         limit: int,
         ef_search: int,
@@ -662,11 +678,10 @@ class NeighbourRepository:
         # The scoring expression as imsrc._neighbours writes it (imsrc._expr): full precision up to 2,000
         # dimensions, the same numbers from the service and the SQL functions.
         expr = legacy_global_expr(dimension)
-        # :q is bound as text on purpose. Left untyped, PostgreSQL gives the parameter the type of the first cast
-        # it analyses, the halfvec one inside FROM, and the full-precision re-sort then used a half-precision
-        # query (scores off by up to ~1e-5, near-ties in another order than exact: issue 19's SQL comparison).
-        q = f"CAST(CAST(:q AS text) AS {'vector' if 'vector(' in expr else 'halfvec'}({int(dimension)}))"
-        half = f"CAST(CAST(:q AS text) AS {_halfvec(dimension)})"
+        # The query read once, as full precision first (query_as): a half-precision query in the re-sort put
+        # scores off by up to ~1e-5 and near-ties in another order than exact (issue 19's SQL comparison).
+        q = query_as("vector" if "vector(" in expr else "halfvec", dimension)
+        half = query_as("halfvec", dimension)
         orders = [
             f"{category_index_expr(dimension)} <#> {half}" if indexed else f"({expr} <=> {q}) + 0"
             for _, indexed in categories
@@ -750,18 +765,18 @@ class NeighbourRepository:
     ) -> tuple[str, dict[str, str]]:
         """The walk of the model's graph over every image: ordered by the graph's own expression (`half`: on
         halfvec, embedding_expr; else a legacy graph, legacy_global_expr), scored from the row's full-precision
-        vector. :q is bound as text and cast twice (see _union)."""
+        vector. The query as query_as gives it."""
         expr = embedding_expr(dimension) if half else legacy_global_expr(dimension)
         kind = "halfvec" if "halfvec" in expr else "vector"
         sql = (
-            f"SELECT image_id, 1 - (embedding <=> CAST(CAST(:q AS text) AS vector)) AS score FROM embeddings "
+            f"SELECT image_id, 1 - (embedding <=> {query_as('vector')}) AS score FROM embeddings "
             f"WHERE model_id = {int(model_id)} "
-            f"ORDER BY {expr} <=> CAST(CAST(:q AS text) AS {kind}({int(dimension)})) LIMIT {int(limit)}"
+            f"ORDER BY {expr} <=> {query_as(kind, dimension)} LIMIT {int(limit)}"
         )
         return sql, walk_settings(ef_search, limit)
 
     def global_ann(
-        self, model_id: int, dimension: int, query: str, limit: int, ef_search: int, *, half: bool = True
+        self, model_id: int, dimension: int, query: str | QueryVector, limit: int, ef_search: int, *, half: bool = True
     ) -> list[Hit]:
         """The per-model cosine HNSW index over every image (mode `ann` without a category filter); `half`: the
         graph is on halfvec (ModelRepository.global_index_half)."""
@@ -769,13 +784,13 @@ class NeighbourRepository:
         engine = self.session.get_bind()
         rows: Sequence[Any]
         if isinstance(engine, Engine) and distributed(self.session):
-            rows = citus_read(engine, _psycopg(sql), {"q": query}, settings)
+            rows = citus_read(engine, _psycopg(sql), {"q": query_text(query)}, settings)
         else:
             rows = read_with_settings(self.session, sql, {"q": query}, settings)
         return sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda h: (-h[1], h[0]))
 
     def global_ann_hydrated(
-        self, model_id: int, dimension: int, query: str, limit: int, ef_search: int, *, half: bool = True
+        self, model_id: int, dimension: int, query: str | QueryVector, limit: int, ef_search: int, *, half: bool = True
     ) -> tuple[list[Hit], dict[int, HitInfo]]:
         """global_ann() and hydrate() of its hits in one statement (one round trip fewer per search): the same walk
         as a subquery (its LIMIT keeps it one, planned as before), the hits' rows joined to it. On Citus, the two
@@ -804,18 +819,20 @@ class NeighbourRepository:
             f"ORDER BY distance, image_id LIMIT {int(limit)}"
         )
 
-    def exact(self, model_id: int, query: str, limit: int, category_ids: Sequence[int] | None) -> list[Hit]:
+    def exact(
+        self, model_id: int, query: str | QueryVector, limit: int, category_ids: Sequence[int] | None
+    ) -> list[Hit]:
         """Brute force over the model's vectors (optionally within categories): the ground truth."""
         rows = self.session.execute(text(self._exact_sql(model_id, limit, category_ids)), {"q": query}).all()
         return [(int(r[0]), 1.0 - float(r[1])) for r in rows]
 
     def exact_hydrated(
-        self, model_id: int, query: str, limit: int, category_ids: Sequence[int] | None
+        self, model_id: int, query: str | QueryVector, limit: int, category_ids: Sequence[int] | None
     ) -> tuple[list[Hit], dict[int, HitInfo]]:
         """exact() and hydrate() of its hits in one statement (one round trip fewer per search): the same scan as
         a subquery (its LIMIT keeps it one), the hits' rows joined to it. On Citus, the two statements."""
-        if distributed(self.session):
-            hits = self.exact(model_id, query, limit, category_ids)
+        if distributed(self.session):  # through the coordinator: the text form (QueryVector)
+            hits = self.exact(model_id, query_text(query), limit, category_ids)
             return hits, self.hydrate([h[0] for h in hits])
         sql = (
             f"SELECT n.image_id, n.distance, {HYDRATE_COLUMNS} FROM ({self._exact_sql(model_id, limit, category_ids)})"

@@ -26,7 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from imsrc.errors import ConflictError
-from imsrc.search.pg_queries import EF_SEARCH_MAX, HNSW_EF_CONSTRUCTION, HNSW_M, local_settings
+from imsrc.search.pg_queries import EF_SEARCH_MAX, HNSW_EF_CONSTRUCTION, HNSW_M, local_settings, query_as
 
 Box = tuple[float, float, float, float]
 # Windows are cut from a copy at most this many pixels a side: a 1/3 window is then still >= 224 px wide.
@@ -234,9 +234,9 @@ class RegionRepository:
     # ------------------------------------------------------------------ queries
     def ann(self, model_id: int, dimension: int, query: str, limit: int, ef_search: int) -> list[RegionHit]:
         """The `limit` nearest windows through the model's graph, re-scored at full precision."""
-        half = f"CAST(CAST(:q AS text) AS {_halfvec(dimension)})"
+        half = query_as("halfvec", dimension)
         sql = (
-            f"SELECT image_id, x0, y0, x1, y1, 1 - (embedding <=> CAST(CAST(:q AS text) AS vector)) FROM "
+            f"SELECT image_id, x0, y0, x1, y1, 1 - (embedding <=> {query_as('vector')}) FROM "
             f"(SELECT image_id, x0, y0, x1, y1, embedding FROM region_embeddings WHERE model_id = "
             f"{int(model_id)} ORDER BY (embedding::{_halfvec(dimension)}) <#> {half} LIMIT {int(limit)}) s"
         )

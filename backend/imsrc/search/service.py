@@ -22,6 +22,7 @@ from imsrc.catalog.models import EmbeddingModel
 from imsrc.catalog.repository import CategoryRepository, ModelRepository, vector_literal
 from imsrc.catalog.schemas import image_thumbnail_url
 from imsrc.config import Settings
+from imsrc.db.vectors import QueryVector
 from imsrc.errors import InvalidInputError, NotFoundError
 from imsrc.imaging import DecodeGate
 from imsrc.search import rerank
@@ -639,7 +640,7 @@ class SearchService:
             phash,
             self.settings.duplicate_threshold,
             model_id=model.id,
-            query=vector_literal(vector),
+            query=QueryVector(vector),
             limit=k,
             categories=categories,
             exclude=exclude,
@@ -743,10 +744,10 @@ class SearchService:
         chosen = plan.categories
         ef = self.settings.search_ef_search
         if plan.mode == "exact":
-            return neighbours.exact_hydrated(model.id, vector_literal(vector), limit, chosen)
+            return neighbours.exact_hydrated(model.id, QueryVector(vector), limit, chosen)
         if plan.backend == "faiss":
             return self.runtime.faiss.get(self.session, model).search(vector, chosen, limit), None
-        query = vector_literal(vector)
+        query = QueryVector(vector)
         if chosen is None:
             ef = self.runtime.ann_ef(self.session, model.id)
             half = self.runtime.global_half(self.session, model.id)
