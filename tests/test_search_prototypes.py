@@ -216,3 +216,20 @@ def test_search_source_reads_what_the_repositories_read(session: Session, settin
     assert vectors.similar_source(None, 10**12)[1:3] == (False, None)
     assert vectors.similar_source("no-such-model", image) == (None, False, None, None, None)
     assert vectors.model_and_version("no-such-model", prototype_version=True) == (None, None)
+
+
+def test_search_source_spells_the_version_as_the_repository_does() -> None:
+    """A later change to prototype_version_sql must change migration 0019's function too (or a new migration):
+    the stage-1 cache compares the two reads' text."""
+    import importlib.util
+
+    from imsrc.catalog.prototypes import prototype_version_sql
+    from imsrc.resources import migrations_dir
+
+    path = next((migrations_dir() / "versions").glob("*search_source.py"))
+    spec = importlib.util.spec_from_file_location("search_source_migration", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    squash = " ".join  # whitespace aside
+    assert squash(prototype_version_sql("m.id", "'stage1:m' || m.id").split()) in squash(module.SEARCH_SOURCE.split())

@@ -195,7 +195,7 @@ def profile(db: Database, model: Any, queries: np.ndarray, repeats: int = 10) ->
     from imsrc.catalog.repository import vector_literal
     from imsrc.db.engine import side_engine
     from imsrc.search import pg_queries
-    from imsrc.search.pg_queries import citus_category_read, citus_read, walk_settings
+    from imsrc.search.pg_queries import citus_category_read, citus_read, query_as, walk_settings
 
     settings = walk_settings(100, 15)
     url = db.url.replace("postgresql+psycopg://", "postgresql://")
@@ -214,8 +214,8 @@ def profile(db: Database, model: Any, queries: np.ndarray, repeats: int = 10) ->
         ).fetchone() or (None, None, None)
 
     def sql(category: int, table: str = "embeddings") -> str:
-        q = f"CAST(CAST(%(q)s AS text) AS vector({dim}))"
-        half = f"CAST(CAST(%(q)s AS text) AS halfvec({dim}))"
+        q = query_as("vector", dim).replace(":q", "%(q)s")  # as the service casts the query
+        half = query_as("halfvec", dim).replace(":q", "%(q)s")
         return (
             f"SELECT image_id, 1 - (embedding <=> {q}) AS score FROM {table} WHERE model_id = {int(model.id)} AND"
             f" category_id = {category} ORDER BY (embedding::halfvec({dim})) <#> {half} LIMIT 15"
