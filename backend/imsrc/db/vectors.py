@@ -61,9 +61,7 @@ class _QueryVectorDumper(Dumper):
 
 
 def register() -> None:
-    """psycopg's default adapters bind QueryVector from now on, for every connection made after (db.engine calls
-    this before making an engine; a connection made before it could not bind one)."""
+    """psycopg's default adapters bind QueryVector from now on, for every connection made after: db.engine.
+    make_engine calls this first (a connection copies the adapters when it is made, so one made before could not
+    bind one). Registering again replaces the same dumper."""
     psycopg.adapters.register_dumper(QueryVector, _QueryVectorDumper)
-
-
-register()
